@@ -1,0 +1,156 @@
+//! The admin listener, kept off the data path on the control thread:
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /status`: JSON view of pools and backends (health, ejection, in-flight, EWMA).
+//! - `GET /healthz`: liveness, 200 while the process serves.
+//! - `GET /ready`: readiness, 503 while draining or when no route can reach a backend.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::state::{now_ms, Shared};
+
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = crate::stopped(&mut shutdown) => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            update_gauges(shared);
+            let body = crate::metrics::install().render();
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4".parse().expect("static"),
+            );
+            r
+        }
+        "/status" => {
+            let mut r = Response::new(Full::new(Bytes::from(status_json(shared).to_string())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "application/json".parse().expect("static"),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/ready" => {
+            if shared
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if !any_backend_available(shared) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "endpoints: /metrics /status /healthz /ready\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain".parse().expect("static"));
+    r
+}
+
+fn any_backend_available(shared: &Shared) -> bool {
+    let now = now_ms();
+    let snap = shared.snapshot.load();
+    snap.pools
+        .iter()
+        .any(|p| p.backends.iter().any(|b| b.state.is_available(now)))
+}
+
+fn update_gauges(shared: &Shared) {
+    let now = now_ms();
+    let snap = shared.snapshot.load();
+    for p in &snap.pools {
+        for b in &p.backends {
+            let labels = [("pool", p.name.clone()), ("backend", b.name.clone())];
+            metrics::gauge!(crate::metrics::BACKEND_HEALTHY, &labels)
+                .set(b.state.is_healthy() as u8 as f64);
+            metrics::gauge!(crate::metrics::BACKEND_EJECTED, &labels)
+                .set(b.state.is_ejected(now) as u8 as f64);
+            metrics::gauge!(crate::metrics::BACKEND_IN_FLIGHT, &labels)
+                .set(b.state.in_flight() as f64);
+        }
+    }
+}
+
+pub fn status_json(shared: &Shared) -> serde_json::Value {
+    let now = now_ms();
+    let snap = shared.snapshot.load();
+    let pools: Vec<_> = snap
+        .pools
+        .iter()
+        .map(|p| {
+            let backends: Vec<_> = p
+                .backends
+                .iter()
+                .map(|b| {
+                    let until = b.state.ejected_until.load(std::sync::atomic::Ordering::Relaxed);
+                    serde_json::json!({
+                        "addr": b.name,
+                        "weight": b.weight,
+                        "healthy": b.state.is_healthy(),
+                        "ejected": b.state.is_ejected(now),
+                        "ejected_for_ms": until.saturating_sub(now),
+                        "in_flight": b.state.in_flight(),
+                        "ewma_ms": b.state.ewma() / 1e6,
+                    })
+                })
+                .collect();
+            serde_json::json!({ "name": p.name, "balancer": p.balancer.kind(), "backends": backends })
+        })
+        .collect();
+    serde_json::json!({
+        "draining": shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed),
+        "pools": pools,
+    })
+}

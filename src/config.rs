@@ -1,0 +1,1128 @@
+//! Configuration: the raw TOML form (`File*` structs, serde with `deny_unknown_fields`
+//! and humantime durations) and its validation into the typed [`Config`].
+//!
+//! Validation never stops at the first problem: every section is deserialized on its
+//! own and every semantic check runs, so `rampart check` prints every error with its
+//! field path at once, the way `nginx -t` does. This module owns defaults (each a named
+//! constant with its reason) and cross-field checks. It does not own live state: that
+//! is `state.rs`, built from a validated `Config`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+// ---- defaults, each with its reason -------------------------------------------------
+
+/// Shutdown waits this long for in-flight requests, like Kubernetes' default grace period.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Per-worker cap on client connections; enough for 10k idle keep-alive clients per worker.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Slowloris defence, and (as in HAProxy's `timeout http-request`) the idle wait for the
+/// next request on a keep-alive connection.
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Total request header bytes before 431; nginx's large_client_header_buffers is 4×8k.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Request target length before 414, nginx's one large header buffer.
+pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
+/// Header count before 431; HAProxy's tune.http.maxhdr is 101.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// HTTP/2 streams per client connection, the value most servers advertise.
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
+/// Listen backlog; the kernel clamps it to net.core.somaxconn.
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Backends are on the same network; a connect slower than this is a dead host.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time to response headers; nginx's proxy_read_timeout is 60s, Envoy's route timeout 15s.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Below Node.js's, Apache's and uvicorn's 5s keep-alive, so we never reuse a
+/// connection the backend is about to close.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Idle upstream connections kept per backend per worker (nginx `keepalive 32` is common).
+pub const DEFAULT_MAX_IDLE_PER_BACKEND: usize = 64;
+/// Health-check period: TCP connect once a second is cheap and finds a dead host fast.
+pub const DEFAULT_HC_INTERVAL: Duration = Duration::from_secs(1);
+/// A probe slower than this counts as a failure.
+pub const DEFAULT_HC_TIMEOUT: Duration = Duration::from_millis(500);
+/// Successes in a row before a down backend is up again (HAProxy's rise is 2).
+pub const DEFAULT_HC_RISE: u32 = 2;
+/// Failures in a row before an up backend is down (fast: passive ejection covers blips).
+pub const DEFAULT_HC_FALL: u32 = 2;
+/// A backend with no weight gets this weight.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Weights above this are rejected: they only make the round-robin table large.
+pub const MAX_WEIGHT: u32 = 1000;
+
+// ---- the typed, validated config ------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, for error messages and reloads.
+    pub path: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// In file order; routes refer to pools by index.
+    pub pools: Vec<PoolConfig>,
+    /// Custom error pages by status code.
+    pub error_pages: HashMap<u16, ErrorPage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub workers: usize,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub client_header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    pub max_headers: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub bind: SocketAddr,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Lower-cased host without port.
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`: any subdomain, not the apex.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: Option<HostMatch>,
+    pub path_prefix: String,
+    pub pool: usize,
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    RoundRobin,
+    LeastRequest,
+    PeakEwma,
+    ConsistentHash,
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    ClientIp,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// As written in the file, for logs and metrics labels.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub backends: Vec<BackendConfig>,
+    pub balancer: BalancerKind,
+    pub hash_key: HashKey,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_backend: usize,
+    pub health_check: HealthCheckConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    Tcp,
+    Http,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    pub path: String,
+    pub method: String,
+    pub host: Option<String>,
+    /// Inclusive ranges of statuses that pass.
+    pub expect_status: Vec<(u16, u16)>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub jitter: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            kind: HealthCheckKind::Tcp,
+            path: "/".into(),
+            method: "GET".into(),
+            host: None,
+            expect_status: vec![(200, 399)],
+            interval: DEFAULT_HC_INTERVAL,
+            timeout: DEFAULT_HC_TIMEOUT,
+            jitter: DEFAULT_HC_INTERVAL / 10,
+            rise: DEFAULT_HC_RISE,
+            fall: DEFAULT_HC_FALL,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ErrorPage {
+    pub content_type: &'static str,
+    pub body: bytes::Bytes,
+}
+
+// ---- errors --------------------------------------------------------------------------
+
+/// One problem in a config file, with the field path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if e.path.is_empty() {
+                write!(f, "{}: {}", self.file, e.message)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file, e.path, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+// ---- the raw file form ---------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    workers: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_grace: Option<Duration>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    client_header_timeout: Option<Duration>,
+    max_header_bytes: Option<usize>,
+    max_uri_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    h2_max_concurrent_streams: Option<u32>,
+    access_log: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    bind: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    bind: String,
+    backlog: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    pool: String,
+    max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    addr: String,
+    weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
+    backends: Vec<toml::Value>,
+    balancer: Option<BalancerKind>,
+    hash_key: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    response_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    max_idle_per_backend: Option<usize>,
+    health_check: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealthCheck {
+    #[serde(rename = "type")]
+    kind: Option<HealthCheckKind>,
+    path: Option<String>,
+    method: Option<String>,
+    host: Option<String>,
+    expect_status: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    jitter: Option<Duration>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "server",
+    "admin",
+    "listeners",
+    "routes",
+    "pools",
+    "error_pages",
+];
+
+// ---- loading -------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates a file. Every error names the file and the field.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            errors: vec![FieldError {
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut cfg = Config::parse_with_base(&text, &file, &base)?;
+        cfg.path = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Validates TOML text; `name` is used in error messages, relative error-page
+    /// files are resolved against the current directory.
+    pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_base(text, name, Path::new("."))
+    }
+
+    fn parse_with_base(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
+        let fail = |errors| ConfigError {
+            file: name.to_string(),
+            errors,
+        };
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(fail(vec![FieldError {
+                    path: String::new(),
+                    message: format!("invalid TOML: {}", e.to_string().trim_end()),
+                }]))
+            }
+        };
+        let mut errs = Errors::default();
+        let cfg = validate(&table, base, &mut errs);
+        if errs.0.is_empty() {
+            cfg.ok_or_else(|| fail(vec![]))
+        } else {
+            Err(fail(errs.0))
+        }
+    }
+}
+
+/// Deserializes one section, recording the error under `path` (plus the inner path).
+fn section<T: DeserializeOwned>(value: &toml::Value, path: &str, errs: &mut Errors) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let full = match (path.is_empty(), inner == ".") {
+                (_, true) => path.to_string(),
+                (true, false) => inner,
+                (false, false) => format!("{path}.{inner}"),
+            };
+            errs.push(full, e.into_inner().to_string().trim_end().to_string());
+            None
+        }
+    }
+}
+
+fn array_items<'a>(table: &'a toml::Table, key: &str, errs: &mut Errors) -> &'a [toml::Value] {
+    match table.get(key) {
+        None => &[],
+        Some(toml::Value::Array(items)) => items,
+        Some(_) => {
+            errs.push(key, format!("must be an array of tables ([[{key}]])"));
+            &[]
+        }
+    }
+}
+
+fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Config> {
+    for key in table.keys() {
+        if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+            errs.push(
+                "",
+                format!(
+                    "unknown field `{key}`, expected one of `{}`",
+                    TOP_LEVEL_KEYS.join("`, `")
+                ),
+            );
+        }
+    }
+
+    let server = validate_server(table, errs);
+
+    let admin = table.get("admin").and_then(|v| {
+        let raw: FileAdmin = section(v, "admin", errs)?;
+        parse_bind(&raw.bind, "admin.bind", errs).map(|bind| AdminConfig { bind })
+    });
+
+    let mut listeners = Vec::new();
+    for (i, item) in array_items(table, "listeners", errs).iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        let Some(raw) = section::<FileListener>(item, &path, errs) else {
+            continue;
+        };
+        let Some(bind) = parse_bind(&raw.bind, &format!("{path}.bind"), errs) else {
+            continue;
+        };
+        if let Some(j) = listeners
+            .iter()
+            .position(|l: &ListenerConfig| l.bind == bind && bind.port() != 0)
+        {
+            errs.push(
+                format!("{path}.bind"),
+                format!("{bind} is already bound by listeners[{j}]"),
+            );
+        }
+        if admin
+            .as_ref()
+            .is_some_and(|a| a.bind == bind && bind.port() != 0)
+        {
+            errs.push(
+                format!("{path}.bind"),
+                format!("{bind} is already bound by admin.bind"),
+            );
+        }
+        listeners.push(ListenerConfig {
+            bind,
+            backlog: raw.backlog.unwrap_or(DEFAULT_BACKLOG),
+        });
+    }
+    if listeners.is_empty() && !table.contains_key("listeners") {
+        errs.push(
+            "listeners",
+            "at least one [[listeners]] with a bind address is required",
+        );
+    }
+
+    // Pools before routes, so routes can be checked against pool names.
+    let mut pools = Vec::new();
+    let mut pool_names_seen = Vec::new();
+    match table.get("pools") {
+        None => errs.push("pools", "at least one pool is required ([pools.NAME])"),
+        Some(toml::Value::Table(t)) => {
+            // BTreeMap order is the file's order only by accident; sort for stable output.
+            let sorted: BTreeMap<_, _> = t.iter().collect();
+            for (name, value) in sorted {
+                pool_names_seen.push(name.clone());
+                if let Some(p) = validate_pool(name, value, errs) {
+                    pools.push(p);
+                }
+            }
+        }
+        Some(_) => errs.push("pools", "must be a table of pools ([pools.NAME])"),
+    }
+
+    let mut routes = Vec::new();
+    let route_items = array_items(table, "routes", errs);
+    if route_items.is_empty() && !table.contains_key("routes") {
+        errs.push("routes", "at least one [[routes]] is required");
+    }
+    for (i, item) in route_items.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(raw) = section::<FileRoute>(item, &path, errs) else {
+            continue;
+        };
+        let host = raw
+            .host
+            .as_deref()
+            .and_then(|h| parse_host(h, &format!("{path}.host"), errs));
+        let path_prefix = raw.path_prefix.unwrap_or_else(|| "/".to_string());
+        if !path_prefix.starts_with('/') {
+            errs.push(
+                format!("{path}.path_prefix"),
+                format!("must start with '/', got {path_prefix:?}"),
+            );
+        }
+        if raw.max_body_bytes == Some(0) {
+            errs.push(
+                format!("{path}.max_body_bytes"),
+                "must be greater than 0 (omit it for no limit)",
+            );
+        }
+        let pool = pools.iter().position(|p: &PoolConfig| p.name == raw.pool);
+        match pool {
+            Some(pool) => routes.push(RouteConfig {
+                host,
+                path_prefix,
+                pool,
+                max_body_bytes: raw.max_body_bytes,
+            }),
+            None if pool_names_seen.contains(&raw.pool) => {} // the pool itself had errors
+            None => {
+                let known = if pool_names_seen.is_empty() {
+                    "no pools are defined".to_string()
+                } else {
+                    format!("defined pools: {}", pool_names_seen.join(", "))
+                };
+                errs.push(
+                    format!("{path}.pool"),
+                    format!("unknown pool '{}' ({known})", raw.pool),
+                );
+            }
+        }
+    }
+    for (i, a) in routes.iter().enumerate() {
+        if let Some(j) = routes[..i]
+            .iter()
+            .position(|b| b.host == a.host && b.path_prefix == a.path_prefix)
+        {
+            errs.push(
+                format!("routes[{i}]"),
+                format!("matches exactly what routes[{j}] matches; it can never be chosen"),
+            );
+        }
+    }
+
+    let error_pages = validate_error_pages(table, base, errs);
+
+    Some(Config {
+        path: None,
+        server: server?,
+        admin,
+        listeners,
+        routes,
+        pools,
+        error_pages,
+    })
+}
+
+fn validate_server(table: &toml::Table, errs: &mut Errors) -> Option<ServerConfig> {
+    let raw: FileServer = match table.get("server") {
+        None => FileServer::default(),
+        Some(v) => section(v, "server", errs)?,
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let workers = raw.workers.unwrap_or(cpus);
+    if workers == 0 || workers > 1024 {
+        errs.push(
+            "server.workers",
+            format!("must be between 1 and 1024, got {workers}"),
+        );
+    }
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        errs.push("server.max_connections", "must be greater than 0");
+    }
+    let client_header_timeout = raw
+        .client_header_timeout
+        .unwrap_or(DEFAULT_CLIENT_HEADER_TIMEOUT);
+    if client_header_timeout.is_zero() {
+        errs.push("server.client_header_timeout", "must be greater than 0");
+    }
+    let max_header_bytes = raw.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+        errs.push(
+            "server.max_header_bytes",
+            format!("must be between 1024 and 1048576, got {max_header_bytes}"),
+        );
+    }
+    let max_uri_bytes = raw.max_uri_bytes.unwrap_or(DEFAULT_MAX_URI_BYTES);
+    if !(256..=1024 * 1024).contains(&max_uri_bytes) {
+        errs.push(
+            "server.max_uri_bytes",
+            format!("must be between 256 and 1048576, got {max_uri_bytes}"),
+        );
+    }
+    let max_headers = raw.max_headers.unwrap_or(DEFAULT_MAX_HEADERS);
+    if !(8..=1000).contains(&max_headers) {
+        errs.push(
+            "server.max_headers",
+            format!("must be between 8 and 1000, got {max_headers}"),
+        );
+    }
+    let h2_max_concurrent_streams = raw
+        .h2_max_concurrent_streams
+        .unwrap_or(DEFAULT_H2_MAX_STREAMS);
+    if h2_max_concurrent_streams == 0 {
+        errs.push("server.h2_max_concurrent_streams", "must be greater than 0");
+    }
+    Some(ServerConfig {
+        workers,
+        shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        max_connections,
+        client_header_timeout,
+        max_header_bytes,
+        max_uri_bytes,
+        max_headers,
+        h2_max_concurrent_streams,
+        access_log: raw.access_log.unwrap_or(false),
+    })
+}
+
+fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<PoolConfig> {
+    let path = format!("pools.{name}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        errs.push(
+            &path,
+            "pool names may use only letters, digits, '_', '-' and '.'",
+        );
+    }
+    let raw: FilePool = section(value, &path, errs)?;
+    let before = errs.0.len();
+    let mut backends = Vec::new();
+    for (i, b) in raw.backends.iter().enumerate() {
+        let bpath = format!("{path}.backends[{i}]");
+        let (addr_text, weight) = match b {
+            toml::Value::String(s) => (s.clone(), DEFAULT_WEIGHT),
+            toml::Value::Table(_) => {
+                let Some(fb) = section::<FileBackend>(b, &bpath, errs) else {
+                    continue;
+                };
+                (fb.addr, fb.weight.unwrap_or(DEFAULT_WEIGHT))
+            }
+            other => {
+                errs.push(
+                    &bpath,
+                    format!(
+                        "expected \"host:port\" or {{ addr, weight }}, got {}",
+                        other.type_str()
+                    ),
+                );
+                continue;
+            }
+        };
+        if weight == 0 || weight > MAX_WEIGHT {
+            errs.push(
+                format!("{bpath}.weight"),
+                format!("must be between 1 and {MAX_WEIGHT}, got {weight}"),
+            );
+        }
+        let Some(addr) = resolve_backend(&addr_text, &bpath, errs) else {
+            continue;
+        };
+        if let Some(j) = backends.iter().position(|x: &BackendConfig| x.addr == addr) {
+            errs.push(
+                &bpath,
+                format!("{addr} is listed twice (also backends[{j}]); use weight instead"),
+            );
+            continue;
+        }
+        backends.push(BackendConfig {
+            name: addr_text,
+            addr,
+            weight,
+        });
+    }
+    if raw.backends.is_empty() {
+        errs.push(
+            format!("{path}.backends"),
+            "a pool needs at least one backend",
+        );
+    }
+    let hash_key = match raw.hash_key.as_deref() {
+        None | Some("client_ip") => HashKey::ClientIp,
+        Some(s) if s.starts_with("header:") => {
+            match http::HeaderName::from_bytes(s[7..].trim().as_bytes()) {
+                Ok(h) => HashKey::Header(h),
+                Err(_) => {
+                    errs.push(
+                        format!("{path}.hash_key"),
+                        format!("invalid header name in {s:?}"),
+                    );
+                    HashKey::ClientIp
+                }
+            }
+        }
+        Some(s) if s.starts_with("cookie:") && s.len() > 7 => {
+            HashKey::Cookie(s[7..].trim().to_string())
+        }
+        Some(s) => {
+            errs.push(
+                format!("{path}.hash_key"),
+                format!("expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got {s:?}"),
+            );
+            HashKey::ClientIp
+        }
+    };
+    let balancer = raw.balancer.unwrap_or(BalancerKind::PeakEwma);
+    if raw.hash_key.is_some() && balancer != BalancerKind::ConsistentHash {
+        errs.push(
+            format!("{path}.hash_key"),
+            "only used with balancer = \"consistent_hash\"",
+        );
+    }
+    let connect_timeout = raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let response_timeout = raw.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT);
+    let idle_timeout = raw.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    for (field, d) in [
+        ("connect_timeout", connect_timeout),
+        ("response_timeout", response_timeout),
+        ("idle_timeout", idle_timeout),
+    ] {
+        if d.is_zero() {
+            errs.push(format!("{path}.{field}"), "must be greater than 0");
+        }
+    }
+    let health_check = validate_health(
+        raw.health_check.as_ref(),
+        &format!("{path}.health_check"),
+        errs,
+    );
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(PoolConfig {
+        name: name.to_string(),
+        backends,
+        balancer,
+        hash_key,
+        connect_timeout,
+        response_timeout,
+        idle_timeout,
+        max_idle_per_backend: raw
+            .max_idle_per_backend
+            .unwrap_or(DEFAULT_MAX_IDLE_PER_BACKEND),
+        health_check: health_check.unwrap_or_default(),
+    })
+}
+
+fn validate_health(
+    value: Option<&toml::Value>,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<HealthCheckConfig> {
+    let raw: FileHealthCheck = match value {
+        None => FileHealthCheck::default(),
+        Some(v) => section(v, path, errs)?,
+    };
+    let d = HealthCheckConfig::default();
+    let interval = raw.interval.unwrap_or(d.interval);
+    let timeout = raw.timeout.unwrap_or(d.timeout.min(interval));
+    let kind = raw.kind.unwrap_or(if raw.path.is_some() {
+        HealthCheckKind::Http
+    } else {
+        HealthCheckKind::Tcp
+    });
+    if interval < Duration::from_millis(10) {
+        errs.push(format!("{path}.interval"), "must be at least 10ms");
+    }
+    if timeout.is_zero() || timeout > interval {
+        errs.push(
+            format!("{path}.timeout"),
+            format!("must be greater than 0 and at most interval ({interval:?})"),
+        );
+    }
+    let rise = raw.rise.unwrap_or(d.rise);
+    let fall = raw.fall.unwrap_or(d.fall);
+    if rise == 0 || rise > 100 {
+        errs.push(format!("{path}.rise"), "must be between 1 and 100");
+    }
+    if fall == 0 || fall > 100 {
+        errs.push(format!("{path}.fall"), "must be between 1 and 100");
+    }
+    let health_path = raw.path.unwrap_or(d.path);
+    if !health_path.starts_with('/') || health_path.contains(char::is_whitespace) {
+        errs.push(
+            format!("{path}.path"),
+            "must start with '/' and contain no spaces",
+        );
+    }
+    let method = raw.method.unwrap_or(d.method).to_ascii_uppercase();
+    if !method.chars().all(|c| c.is_ascii_uppercase()) || method.is_empty() {
+        errs.push(
+            format!("{path}.method"),
+            format!("invalid method {method:?}"),
+        );
+    }
+    let expect_status = match raw.expect_status {
+        None => d.expect_status,
+        Some(s) => match parse_status_ranges(&s) {
+            Some(r) => r,
+            None => {
+                errs.push(
+                    format!("{path}.expect_status"),
+                    format!("expected e.g. \"200-399\" or \"200,204\", got {s:?}"),
+                );
+                d.expect_status
+            }
+        },
+    };
+    let jitter = raw.jitter.unwrap_or(interval / 10);
+    if jitter >= interval {
+        errs.push(format!("{path}.jitter"), "must be less than interval");
+    }
+    Some(HealthCheckConfig {
+        kind,
+        path: health_path,
+        method,
+        host: raw.host,
+        expect_status,
+        interval,
+        timeout,
+        jitter,
+        rise,
+        fall,
+    })
+}
+
+fn parse_status_ranges(s: &str) -> Option<Vec<(u16, u16)>> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+            None => {
+                let v: u16 = part.parse().ok()?;
+                (v, v)
+            }
+        };
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return None;
+        }
+        out.push((lo, hi));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn validate_error_pages(
+    table: &toml::Table,
+    base: &Path,
+    errs: &mut Errors,
+) -> HashMap<u16, ErrorPage> {
+    let mut pages = HashMap::new();
+    let Some(v) = table.get("error_pages") else {
+        return pages;
+    };
+    let Some(t) = v.as_table() else {
+        errs.push("error_pages", "must be a table of \"STATUS\" = \"file\"");
+        return pages;
+    };
+    for (k, v) in t {
+        let path = format!("error_pages.{k}");
+        let status = match k.parse::<u16>() {
+            Ok(s) if (400..=599).contains(&s) => s,
+            _ => {
+                errs.push(
+                    &path,
+                    "key must be an HTTP error status between 400 and 599",
+                );
+                continue;
+            }
+        };
+        let Some(file) = v.as_str() else {
+            errs.push(&path, "must be a file path string");
+            continue;
+        };
+        let full = base.join(file);
+        match std::fs::read(&full) {
+            Ok(body) => {
+                let content_type = match full.extension().and_then(|e| e.to_str()) {
+                    Some("html" | "htm") => "text/html; charset=utf-8",
+                    Some("json") => "application/json",
+                    _ => "text/plain; charset=utf-8",
+                };
+                pages.insert(
+                    status,
+                    ErrorPage {
+                        content_type,
+                        body: body.into(),
+                    },
+                );
+            }
+            Err(e) => errs.push(&path, format!("cannot read {}: {e}", full.display())),
+        }
+    }
+    pages
+}
+
+/// Parses `host:port` for a local bind, naming the bad part.
+fn parse_bind(text: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        errs.push(path, format!("expected \"ip:port\", got {text:?}"));
+        return None;
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) => p,
+        Err(_) => {
+            errs.push(path, format!("invalid port {port}"));
+            return None;
+        }
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = if host.is_empty() || host == "*" {
+        std::net::IpAddr::from([0, 0, 0, 0])
+    } else if host == "localhost" {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        match host.parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                errs.push(
+                    path,
+                    format!("invalid IP address {host:?} (bind addresses must be IPs)"),
+                );
+                return None;
+            }
+        }
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Backends may be IPs or host names; names resolve once, when the config loads.
+fn resolve_backend(text: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            errs.push(path, "port 0 is not a valid backend port");
+            return None;
+        }
+        return Some(a);
+    }
+    let Some((_, port)) = text.rsplit_once(':') else {
+        errs.push(path, format!("expected \"host:port\", got {text:?}"));
+        return None;
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => {
+            errs.push(path, format!("invalid port {port}"));
+            return None;
+        }
+        Ok(_) => {}
+    }
+    match text.to_socket_addrs() {
+        Ok(mut it) => match it.next() {
+            Some(a) => Some(a),
+            None => {
+                errs.push(path, format!("{text} resolved to no address"));
+                None
+            }
+        },
+        Err(e) => {
+            errs.push(path, format!("cannot resolve {text}: {e}"));
+            None
+        }
+    }
+}
+
+fn parse_host(text: &str, path: &str, errs: &mut Errors) -> Option<HostMatch> {
+    let h = text.trim().to_ascii_lowercase();
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    if let Some(rest) = h.strip_prefix("*.") {
+        if valid(rest) {
+            return Some(HostMatch::Suffix(format!(".{rest}")));
+        }
+    } else if valid(&h) {
+        return Some(HostMatch::Exact(h));
+    }
+    errs.push(
+        path,
+        format!("expected a host name or \"*.suffix\" (no port), got {text:?}"),
+    );
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+workers = 1
+
+[admin]
+bind = "127.0.0.1:9901"
+
+[[listeners]]
+bind = "127.0.0.1:8080"
+
+[[routes]]
+pool = "app"
+
+[pools.app]
+backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+"#;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match Config::parse(text, "t.toml") {
+            Ok(_) => vec![],
+            Err(e) => e
+                .errors
+                .iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_sane_defaults() {
+        let c = Config::parse(MINIMAL, "t.toml").expect("valid");
+        assert_eq!(c.server.workers, 1);
+        assert_eq!(c.pools[0].balancer, BalancerKind::PeakEwma);
+        assert_eq!(c.pools[0].backends.len(), 3);
+        assert_eq!(c.pools[0].idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert!(c.routes[0].host.is_none());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_field_path() {
+        let text = r#"
+colour = "blue"
+[server]
+workers = 0
+[[listeners]]
+bind = "127.0.0.1:99999"
+[[listeners]]
+bind = "127.0.0.1:8080"
+nope = 1
+[[routes]]
+pool = "missing"
+[pools.app]
+backends = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 0 }]
+connect_timeout = "soon"
+"#;
+        let errs = errors_of(text);
+        let joined = errs.join("\n");
+        assert!(joined.contains("unknown field `colour`"), "{joined}");
+        assert!(
+            joined.contains("server.workers: must be between 1 and 1024"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("listeners[0].bind: invalid port 99999"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("listeners[1]: unknown field `nope`"),
+            "{joined}"
+        );
+        assert!(joined.contains("pools.app.connect_timeout"), "{joined}");
+        assert!(errs.len() >= 5, "{joined}");
+    }
+
+    #[test]
+    fn route_to_unknown_pool_names_the_known_ones() {
+        let text = MINIMAL.replace("pool = \"app\"", "pool = \"web\"");
+        let errs = errors_of(&text).join("\n");
+        assert!(
+            errs.contains("routes[0].pool: unknown pool 'web' (defined pools: app)"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn zero_weight_and_duplicate_backends_are_rejected() {
+        let text = MINIMAL.replace(
+            r#"backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]"#,
+            r#"backends = ["127.0.0.1:9001", "127.0.0.1:9001", { addr = "127.0.0.1:9003", weight = 0 }]"#,
+        );
+        let errs = errors_of(&text).join("\n");
+        assert!(
+            errs.contains("pools.app.backends[1]: 127.0.0.1:9001 is listed twice"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("pools.app.backends[2].weight: must be between 1"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn wildcard_hosts_and_hash_keys_parse() {
+        let text = MINIMAL
+            .replace("pool = \"app\"", "pool = \"app\"\nhost = \"*.Example.com\"")
+            .replace(
+                "[pools.app]",
+                "[pools.app]\nbalancer = \"consistent_hash\"\nhash_key = \"header:x-user\"",
+            );
+        let c = Config::parse(&text, "t.toml").expect("valid");
+        assert_eq!(
+            c.routes[0].host,
+            Some(HostMatch::Suffix(".example.com".into()))
+        );
+        assert_eq!(
+            c.pools[0].hash_key,
+            HashKey::Header(http::HeaderName::from_static("x-user"))
+        );
+    }
+
+    #[test]
+    fn invalid_toml_is_one_clear_error() {
+        let errs = errors_of("[server\nworkers = 1");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].contains("invalid TOML"), "{errs:?}");
+    }
+}

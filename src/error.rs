@@ -1,0 +1,292 @@
+//! `ProxyError`: every way a proxied request can fail, mapped to exactly one status code
+//! in one place ([`ProxyError::status`]), with which side failed and whether a retry on
+//! another backend is safe. Also builds the small error pages (custom per status when
+//! the config names a file). Startup failures are `StartupError`; config problems are
+//! `config::ConfigError`.
+
+use std::io;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::config::ErrorPage;
+
+/// Which side of the proxy a failure belongs to, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Internal,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this host and path")]
+    NoRoute,
+    #[error("no healthy backend in pool '{pool}'")]
+    NoHealthyBackend { pool: String },
+    #[error("connect to {backend} failed: {source}")]
+    Connect {
+        backend: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connect to {backend} timed out")]
+    ConnectTimeout { backend: SocketAddr },
+    #[error("{backend} sent no response headers within the response timeout")]
+    ResponseTimeout { backend: SocketAddr },
+    #[error("{backend} closed or reset the connection before a response: {source}")]
+    UpstreamClosed {
+        backend: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("invalid response from {backend}: {source}")]
+    BadResponse {
+        backend: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{backend} answered {status}")]
+    BadStatus { backend: SocketAddr, status: u16 },
+    #[error("circuit breaker open for pool '{pool}': {limit}")]
+    CircuitOpen { pool: String, limit: &'static str },
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("request target exceeds {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("request headers exceed {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("client closed or failed while sending the request body: {0}")]
+    ClientBody(hyper::Error),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    /// The one place a failure becomes a status code.
+    pub fn status(&self) -> StatusCode {
+        use ProxyError::*;
+        match self {
+            NoRoute => StatusCode::NOT_FOUND,
+            NoHealthyBackend { .. }
+            | Connect { .. }
+            | ConnectTimeout { .. }
+            | CircuitOpen { .. }
+            | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamClosed { .. } | BadResponse { .. } => StatusCode::BAD_GATEWAY,
+            BadStatus { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            BadRequest(_) | ClientBody(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        use ProxyError::*;
+        match self {
+            NoRoute
+            | BodyTooLarge { .. }
+            | UriTooLong { .. }
+            | HeadersTooLarge { .. }
+            | BadRequest(_)
+            | ClientBody(_) => Side::Client,
+            NoHealthyBackend { .. } | CircuitOpen { .. } | ShuttingDown => Side::Internal,
+            Connect { .. }
+            | ConnectTimeout { .. }
+            | ResponseTimeout { .. }
+            | UpstreamClosed { .. }
+            | BadResponse { .. }
+            | BadStatus { .. } => Side::Upstream,
+        }
+    }
+
+    /// The failure never reached the application, so any method may go to another backend.
+    pub fn is_retryable_any_method(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
+        )
+    }
+
+    /// The application may have seen the request; only idempotent methods may be retried.
+    pub fn is_retryable_idempotent(&self) -> bool {
+        self.is_retryable_any_method()
+            || matches!(
+                self,
+                ProxyError::ResponseTimeout { .. }
+                    | ProxyError::UpstreamClosed { .. }
+                    | ProxyError::BadResponse { .. }
+                    | ProxyError::BadStatus { .. }
+            )
+    }
+
+    /// Counts against the backend for passive health (outlier ejection).
+    pub fn is_backend_failure(&self) -> bool {
+        self.side() == Side::Upstream
+    }
+
+    /// A short label for metrics and access logs.
+    pub fn kind(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            NoRoute => "no_route",
+            NoHealthyBackend { .. } => "no_healthy_backend",
+            Connect { .. } => "connect_failed",
+            ConnectTimeout { .. } => "connect_timeout",
+            ResponseTimeout { .. } => "response_timeout",
+            UpstreamClosed { .. } => "upstream_closed",
+            BadResponse { .. } => "bad_response",
+            BadStatus { .. } => "bad_status",
+            CircuitOpen { .. } => "circuit_open",
+            BodyTooLarge { .. } => "body_too_large",
+            UriTooLong { .. } => "uri_too_long",
+            HeadersTooLarge { .. } => "headers_too_large",
+            BadRequest(_) => "bad_request",
+            ClientBody(_) => "client_body",
+            ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Whether the client connection should close after the error page.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BodyTooLarge { .. }
+                | ProxyError::ClientBody(_)
+                | ProxyError::BadRequest(_)
+                | ProxyError::ShuttingDown
+        )
+    }
+}
+
+/// Seconds a client should wait before retrying a 503; short, because ejection and
+/// health checks restore capacity within seconds.
+pub const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
+
+/// Builds the error response: a custom page when configured, otherwise a small text page.
+/// Both carry the request id, in the body and in `x-request-id`.
+pub fn error_response<B: From<Bytes>>(
+    err: &ProxyError,
+    request_id: &HeaderValue,
+    custom: Option<&ErrorPage>,
+) -> Response<B> {
+    let status = err.status();
+    let id = request_id.to_str().unwrap_or("-");
+    let (content_type, body) = match custom {
+        Some(page) => {
+            // `{request_id}` in a custom page is replaced; the page is read at load time.
+            let text = String::from_utf8_lossy(&page.body);
+            let body = if text.contains("{request_id}") {
+                Bytes::from(text.replace("{request_id}", id))
+            } else {
+                page.body.clone()
+            };
+            (page.content_type, body)
+        }
+        None => (
+            "text/plain; charset=utf-8",
+            Bytes::from(format!(
+                "{} {}\nrequest-id: {}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or(""),
+                id
+            )),
+        ),
+    };
+    let mut resp = Response::new(B::from(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(crate::proxy::X_REQUEST_ID, request_id.clone());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        h.insert(header::RETRY_AFTER, RETRY_AFTER_SECS);
+    }
+    if err.closes_connection() {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Failures that stop rampart from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start worker thread: {0}")]
+    Thread(#[source] io::Error),
+    #[error("cannot build runtime: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_its_documented_status() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let cases = [
+            (ProxyError::NoRoute, 404),
+            (ProxyError::NoHealthyBackend { pool: "p".into() }, 503),
+            (
+                ProxyError::Connect {
+                    backend: addr,
+                    source: io::ErrorKind::ConnectionRefused.into(),
+                },
+                503,
+            ),
+            (ProxyError::ConnectTimeout { backend: addr }, 503),
+            (ProxyError::ResponseTimeout { backend: addr }, 504),
+            (
+                ProxyError::CircuitOpen {
+                    pool: "p".into(),
+                    limit: "max_requests",
+                },
+                503,
+            ),
+            (ProxyError::BodyTooLarge { limit: 1 }, 413),
+            (ProxyError::UriTooLong { limit: 1 }, 414),
+            (ProxyError::HeadersTooLarge { limit: 1 }, 431),
+            (ProxyError::BadRequest("x"), 400),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+        }
+    }
+
+    #[test]
+    fn unavailable_pages_carry_retry_after_and_request_id() {
+        let id = HeaderValue::from_static("abc123");
+        let r: Response<http_body_util::Full<Bytes>> = error_response(
+            &ProxyError::NoHealthyBackend { pool: "p".into() },
+            &id,
+            None,
+        );
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(r.headers()["x-request-id"], "abc123");
+    }
+}

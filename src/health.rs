@@ -1,0 +1,157 @@
+//! Active health checks, run once per process on the control thread (not per worker).
+//! One task per backend probes at `interval` ± `jitter`, TCP connect or an HTTP request,
+//! and flips the backend's `healthy` atomic after `fall` failures or `rise` successes
+//! in a row. Workers only read the atomic. When a reload installs a new snapshot the
+//! tasks restart against it; the verdicts carry over with the backend state.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{HealthCheckConfig, HealthCheckKind};
+use crate::state::{Pool, Shared};
+
+/// How often the control loop looks for a new snapshot.
+const RELOAD_POLL: Duration = Duration::from_millis(200);
+
+pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let snap = shared.snapshot.load_full();
+        let mut tasks = JoinSet::new();
+        for pool in &snap.pools {
+            if pool.config.health_check.kind == HealthCheckKind::None {
+                continue;
+            }
+            for bi in 0..pool.backends.len() {
+                tasks.spawn(check_loop(pool.clone(), bi));
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = crate::stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep(RELOAD_POLL) => {}
+            }
+            if !Arc::ptr_eq(&shared.snapshot.load(), &snap) {
+                break;
+            }
+        }
+        tasks.abort_all();
+    }
+}
+
+async fn check_loop(pool: Arc<Pool>, bi: usize) {
+    let cfg = &pool.config.health_check;
+    let backend = &pool.backends[bi];
+    let (mut ok_run, mut fail_run) = (0u32, 0u32);
+    // Spread the first probes over one interval so backends are not probed in lockstep.
+    tokio::time::sleep(jittered(
+        cfg.interval.min(Duration::from_millis(100)),
+        cfg.jitter,
+    ))
+    .await;
+    loop {
+        let result = probe(cfg, backend.addr).await;
+        let healthy = backend.state.is_healthy();
+        match result {
+            Ok(()) => {
+                fail_run = 0;
+                ok_run += 1;
+                if !healthy && ok_run >= cfg.rise {
+                    backend.state.healthy.store(true, Ordering::Relaxed);
+                    tracing::info!(pool = %pool.name, backend = %backend.name, "health check passing: backend up");
+                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "up").increment(1);
+                }
+            }
+            Err(reason) => {
+                ok_run = 0;
+                fail_run += 1;
+                if healthy && fail_run >= cfg.fall {
+                    backend.state.healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failing: backend down");
+                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "down").increment(1);
+                } else {
+                    tracing::debug!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failed");
+                }
+            }
+        }
+        tokio::time::sleep(jittered(cfg.interval, cfg.jitter)).await;
+    }
+}
+
+fn jittered(base: Duration, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return base;
+    }
+    let j = jitter.as_micros() as u64;
+    let offset = fastrand::u64(..=2 * j);
+    (base + Duration::from_micros(offset)).saturating_sub(jitter)
+}
+
+/// One probe within the check timeout.
+pub async fn probe(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), String> {
+    match tokio::time::timeout(cfg.timeout, probe_inner(cfg, addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {:?}", cfg.timeout)),
+    }
+}
+
+async fn probe_inner(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    if cfg.kind != HealthCheckKind::Http {
+        return Ok(());
+    }
+    let _ = stream.set_nodelay(true);
+    let host = cfg.host.clone().unwrap_or_else(|| addr.to_string());
+    let req = format!(
+        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rampart-health-check\r\nConnection: close\r\n\r\n",
+        cfg.method, cfg.path, host
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    // Only the status line matters; read until it is complete.
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed before a status line".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 4096 {
+            return Err("status line too long".into());
+        }
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "malformed status line {:?}",
+                line.lines().next().unwrap_or("")
+            )
+        })?;
+    if cfg
+        .expect_status
+        .iter()
+        .any(|(lo, hi)| (*lo..=*hi).contains(&status))
+    {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
+    }
+}

@@ -1,0 +1,185 @@
+//! rampart: an HTTP (L7) load balancer that ejects a failing backend before any client
+//! sees a 502. This file holds the module list and [`Server`], which starts workers,
+//! the admin listener and the control loop, so tests and `main.rs` drive the same code.
+//!
+//! Threads: `workers` data-path threads (each a current-thread runtime with its own
+//! `SO_REUSEPORT` sockets and upstream pools), plus one control thread for the admin
+//! listener and active health checks, which run once per process, not per worker.
+
+pub mod admin;
+pub mod balancer;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod health;
+pub mod listener;
+pub mod metrics;
+pub mod outlier;
+pub mod proxy;
+pub mod retry;
+pub mod router;
+pub mod state;
+pub mod upstream;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use error::StartupError;
+use state::Shared;
+
+/// A running rampart. Dropping it starts a graceful shutdown without waiting.
+pub struct Server {
+    shared: Arc<Shared>,
+    addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds every socket (so bind errors surface here), then starts the threads.
+    pub fn start(config: Config) -> Result<Server, StartupError> {
+        metrics::install();
+        raise_fd_limit();
+        let workers = config.server.workers;
+        let (per_worker, addrs) = listener::bind_all(&config.listeners, workers)?;
+        let admin = match &config.admin {
+            Some(a) => {
+                let l = listener::bind(a.bind, 128).map_err(|e| StartupError::Bind {
+                    addr: a.bind,
+                    source: e,
+                })?;
+                let addr = l.local_addr().map_err(|e| StartupError::Bind {
+                    addr: a.bind,
+                    source: e,
+                })?;
+                Some((l, addr))
+            }
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|(_, a)| *a);
+        let shared = Arc::new(Shared::new(Arc::new(config)));
+        let (tx, rx) = watch::channel(false);
+
+        let mut threads = Vec::new();
+        for (i, listeners) in per_worker.into_iter().enumerate() {
+            threads.push(worker::spawn(i, shared.clone(), listeners, rx.clone())?);
+        }
+        threads.push(spawn_control(shared.clone(), admin.map(|(l, _)| l), rx)?);
+        tracing::info!(listen = ?addrs, admin = ?admin_addr, workers, "rampart started");
+        Ok(Server {
+            shared,
+            addrs,
+            admin_addr,
+            shutdown: tx,
+            threads,
+        })
+    }
+
+    /// The bound listener addresses, in config order (port 0 resolved).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Installs a new, already validated config. Routes, pools, backends and limits
+    /// applied per request take effect at once; listeners, workers and `[server]`
+    /// connection settings need a restart, and a warning says so.
+    pub fn reload(&self, config: Config) {
+        let old = self.shared.snapshot.load_full();
+        let binds = |c: &Config| c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>();
+        if binds(&old.config) != binds(&config)
+            || old.config.server.workers != config.server.workers
+        {
+            tracing::warn!("listeners or workers changed: these take effect on restart only");
+        }
+        self.shared.swap(Arc::new(config));
+        ::metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1);
+        tracing::info!("config reloaded");
+    }
+
+    /// Stops accepting and lets in-flight requests finish within `shutdown_grace`.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Shuts down and waits for every thread to finish.
+    pub fn join(mut self) {
+        self.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn_control(
+    shared: Arc<Shared>,
+    admin: Option<std::net::TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, StartupError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartupError::Runtime)?;
+    std::thread::Builder::new()
+        .name("rampart-control".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                if let Some(l) = admin {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tokio::spawn(admin::serve(l, shared.clone(), shutdown.clone()));
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+                    }
+                }
+                tokio::spawn(health::run(shared.clone(), shutdown.clone()));
+                let mut shutdown = shutdown;
+                stopped(&mut shutdown).await;
+            });
+        })
+        .map_err(StartupError::Thread)
+}
+
+/// Resolves once shutdown has been signalled. (Wraps `wait_for` so no borrow guard
+/// is held across an await, which would make the future `!Send`.)
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Raises the soft open-files limit to the hard limit, as Go's runtime does: every
+/// client and backend connection is a descriptor, and 1024 is far too few.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

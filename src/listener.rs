@@ -1,0 +1,208 @@
+//! Client-facing sockets: socket2 binding (`SO_REUSEPORT`, backlog, `TCP_NODELAY`), the
+//! accept loop with its per-worker connection cap, the hyper connection builder
+//! (HTTP/1.1 and h2c, limits, header timeout), and graceful drain of each connection.
+//!
+//! Every worker binds its own socket to each listen address; the kernel spreads new
+//! connections across them, so no worker wakes another.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{ListenerConfig, ServerConfig};
+use crate::error::StartupError;
+use crate::proxy::{self, ConnInfo};
+use crate::worker::WorkerCtx;
+
+/// Spawns hyper's HTTP/2 stream tasks on the worker's `LocalSet`, so request futures
+/// may hold worker-local (`Rc`) state.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+pub type HttpBuilder = auto::Builder<LocalExec>;
+
+/// Binds one listening socket. `SO_REUSEPORT` lets every worker bind the same address.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY on Linux: one syscall saved per connection.
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Binds each configured listener once per worker. Returns the sockets per worker and
+/// the bound addresses (port 0 resolved to the real port).
+pub fn bind_all(
+    listeners: &[ListenerConfig],
+    workers: usize,
+) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>), StartupError> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for l in listeners {
+        let first = bind(l.bind, l.backlog).map_err(|e| StartupError::Bind {
+            addr: l.bind,
+            source: e,
+        })?;
+        let addr = first.local_addr().map_err(|e| StartupError::Bind {
+            addr: l.bind,
+            source: e,
+        })?;
+        per_worker[0].push(first);
+        for w in per_worker.iter_mut().skip(1) {
+            w.push(bind(addr, l.backlog).map_err(|e| StartupError::Bind { addr, source: e })?);
+        }
+        addrs.push(addr);
+    }
+    Ok((per_worker, addrs))
+}
+
+/// The connection builder, with limits from `[server]`.
+pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
+    let mut b = auto::Builder::new(LocalExec);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.client_header_timeout)
+        .max_headers(cfg.max_headers)
+        // hyper answers 431 itself past this; our own, exact checks run below it.
+        .max_buf_size((cfg.max_header_bytes + cfg.max_uri_bytes + 1024).max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Counts a worker's open client connections, for the cap and for drain.
+#[derive(Default)]
+pub struct ConnTracker {
+    active: Cell<usize>,
+    changed: Notify,
+}
+
+impl ConnTracker {
+    pub fn active(&self) -> usize {
+        self.active.get()
+    }
+
+    fn enter(self: &Rc<Self>) -> ConnGuard {
+        self.active.set(self.active.get() + 1);
+        ConnGuard(self.clone())
+    }
+
+    /// Waits until fewer than `limit` connections are open.
+    async fn below(&self, limit: usize) {
+        while self.active.get() >= limit {
+            self.changed.notified().await;
+        }
+    }
+
+    pub async fn drained(&self) {
+        self.below(1).await
+    }
+}
+
+struct ConnGuard(Rc<ConnTracker>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Accepts until shutdown, at most `max_connections` open at once; past the cap the
+/// kernel backlog holds new connections (as nginx and HAProxy do), nothing is dropped.
+pub async fn accept_loop(
+    ctx: Rc<WorkerCtx>,
+    builder: Rc<HttpBuilder>,
+    tracker: Rc<ConnTracker>,
+    listener: TcpListener,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = crate::stopped(&mut shutdown) => break,
+            _ = tracker.below(max_connections) => {}
+        }
+        let accepted = tokio::select! {
+            biased;
+            _ = crate::stopped(&mut shutdown) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let guard = tracker.enter();
+                tokio::task::spawn_local(serve(
+                    ctx.clone(),
+                    builder.clone(),
+                    stream,
+                    peer,
+                    shutdown.clone(),
+                    guard,
+                ));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn serve(
+    ctx: Rc<WorkerCtx>,
+    builder: Rc<HttpBuilder>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    _guard: ConnGuard,
+) {
+    let info = Rc::new(ConnInfo::new(peer, false));
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(ctx, info, req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = crate::stopped(&mut shutdown) => {
+            // Finish in-flight requests; idle keep-alive connections close now.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "client connection ended with error");
+    }
+}

@@ -1,0 +1,186 @@
+//! The `rampart` command: CLI, logging setup and signals. Nothing else lives here.
+//!
+//! - `rampart --config FILE`: run. SIGTERM/SIGINT drain and exit 0; SIGHUP reloads
+//!   the file (a bad file keeps the running config).
+//! - `rampart check --config FILE`: validate, print every error, exit 0 or 1.
+//! - `rampart demo`: three demo origins plus rampart in front of them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rampart::{Config, Server};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    name = "rampart",
+    version,
+    about = "HTTP load balancer that ejects failing backends before clients see a 502"
+)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/rampart/rampart.toml"
+    )]
+    config: PathBuf,
+    /// Log filter, e.g. "info" or "rampart=debug,rampart::access=info" (RUST_LOG wins).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config file and print every error; exit 1 if any.
+    Check,
+    /// Start three demo origins on 127.0.0.1:9001-9003 and rampart on 127.0.0.1:8080.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check) => match Config::load(&cli.config) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} listener(s), {} route(s), {} pool(s))",
+                    cli.config.display(),
+                    c.listeners.len(),
+                    c.routes.len(),
+                    c.pools.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{}: {} error(s)", cli.config.display(), e.errors.len());
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Demo) => {
+            init_logging(&cli.log_level);
+            report(run_demo())
+        }
+        None => {
+            init_logging(&cli.log_level);
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            report(run(config, Some(cli.config)))
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("rampart: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .init();
+}
+
+/// Runs until SIGTERM or SIGINT; SIGHUP reloads `path`.
+fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let server = Server::start(config).context("startup failed")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => match &path {
+                    Some(p) => match Config::load(p) {
+                        Ok(c) => server.reload(c),
+                        Err(e) => {
+                            metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
+                            tracing::error!("reload rejected, keeping the running config:\n{e}");
+                        }
+                    },
+                    None => tracing::warn!("SIGHUP ignored: no config file"),
+                },
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    tracing::info!("shutting down: draining in-flight requests");
+    server.join();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+const DEMO_CONFIG: &str = r#"
+[server]
+workers = 1
+
+[admin]
+bind = "127.0.0.1:9901"
+
+[[listeners]]
+bind = "127.0.0.1:8080"
+
+[[routes]]
+pool = "app"
+
+[pools.app]
+backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+"#;
+
+fn run_demo() -> anyhow::Result<()> {
+    let config = Config::parse(DEMO_CONFIG, "demo config").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let addrs: Vec<std::net::SocketAddr> =
+        config.pools[0].backends.iter().map(|b| b.addr).collect();
+    std::thread::Builder::new()
+        .name("demo-origins".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return eprintln!("demo origins: {e}"),
+            };
+            rt.block_on(async move {
+                let mut set = tokio::task::JoinSet::new();
+                for (i, a) in addrs.into_iter().enumerate() {
+                    set.spawn(rampart::demo::origin(a, format!("origin {}", i + 1)));
+                }
+                while let Some(r) = set.join_next().await {
+                    if let Ok(Err(e)) = r {
+                        eprintln!("demo origin failed: {e}");
+                    }
+                }
+            });
+        })?;
+    println!("demo: origins on 127.0.0.1:9001-9003, rampart on http://127.0.0.1:8080, admin on http://127.0.0.1:9901/status");
+    println!("try:  curl -s http://127.0.0.1:8080/   (Ctrl-C to stop)");
+    run(config, None)
+}

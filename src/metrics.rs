@@ -1,0 +1,89 @@
+//! Metric names, in one place, and the Prometheus recorder. Hot-path metrics are
+//! pre-registered handles built once per config load (`PoolMetrics`), so recording is
+//! an atomic add with no label hashing per request. Cold-path events (errors,
+//! ejections, retries) use the macros with labels.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "rampart_requests_total";
+pub const REQUEST_DURATION: &str = "rampart_request_duration_seconds";
+pub const UPSTREAM_ERRORS: &str = "rampart_upstream_errors_total";
+pub const PROXY_ERRORS: &str = "rampart_proxy_errors_total";
+pub const UPSTREAM_CONNECTS: &str = "rampart_upstream_connections_opened_total";
+pub const BACKEND_HEALTHY: &str = "rampart_backend_healthy";
+pub const BACKEND_EJECTED: &str = "rampart_backend_ejected";
+pub const BACKEND_IN_FLIGHT: &str = "rampart_backend_in_flight";
+pub const CONFIG_RELOADS: &str = "rampart_config_reloads_total";
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Installs the global recorder once per process and returns its handle.
+pub fn install() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(DURATION_BUCKETS)
+            .expect("static bucket list is non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only when another recorder is installed (an embedding program's); then
+        // our handle renders nothing, which is the embedder's choice.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "Requests answered, by pool and status class");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request to response headers, by pool"
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "Failed attempts to a backend, by pool, backend and kind"
+    );
+    describe_counter!(PROXY_ERRORS, "Error responses rampart generated, by kind");
+    describe_counter!(UPSTREAM_CONNECTS, "New connections opened to backends");
+    describe_gauge!(
+        BACKEND_HEALTHY,
+        "1 when the backend passes active health checks"
+    );
+    describe_gauge!(
+        BACKEND_EJECTED,
+        "1 while the backend is ejected by outlier detection"
+    );
+    describe_gauge!(BACKEND_IN_FLIGHT, "Requests in flight to the backend");
+    describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
+}
+
+/// Pre-registered per-pool handles for the hot path.
+#[derive(Debug)]
+pub struct PoolMetrics {
+    /// Index 0 is "other", 1..=5 are 1xx..5xx.
+    by_class: [Counter; 6],
+    pub duration: Histogram,
+}
+
+impl PoolMetrics {
+    pub fn new(pool: &str) -> PoolMetrics {
+        let c = |class: &'static str| metrics::counter!(REQUESTS, "pool" => pool.to_string(), "class" => class);
+        PoolMetrics {
+            by_class: [c("other"), c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            duration: metrics::histogram!(REQUEST_DURATION, "pool" => pool.to_string()),
+        }
+    }
+
+    pub fn record(&self, status: u16, elapsed: std::time::Duration) {
+        let class = (status / 100) as usize;
+        self.by_class[if (1..=5).contains(&class) { class } else { 0 }].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}

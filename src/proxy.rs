@@ -1,0 +1,685 @@
+//! One request, start to finish: `handle()` turns `handle_inner()`'s `Result` into a
+//! response (the error page, metrics and logs live here, once), and `handle_inner()`
+//! checks limits, routes, rewrites headers and forwards through `forward()`, which
+//! owns the attempt loop over backends. Header rewriting (hop-by-hop removal,
+//! `X-Forwarded-*`, `Via`, `x-request-id`) lives here too.
+//!
+//! Retry *policy* (what is safe, the budget) is `retry.rs`; passive health is
+//! `outlier.rs`; connection reuse is `upstream.rs`.
+
+use std::cell::Cell;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::balancer::{hash64, Balancer};
+use crate::body::{ReqBody, ReqBodyError, RespBody};
+use crate::config::HashKey;
+use crate::error::{error_response, ProxyError};
+use crate::outlier;
+use crate::retry::{self, Attempts};
+use crate::router::host_without_port;
+use crate::state::{Pool, Snapshot};
+use crate::worker::WorkerCtx;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1, plus the legacy ones Go's ReverseProxy drops).
+/// `Upgrade` is handled separately so tunnels keep it.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+const VIA_10: HeaderValue = HeaderValue::from_static("1.0 rampart");
+const VIA_11: HeaderValue = HeaderValue::from_static("1.1 rampart");
+const VIA_2: HeaderValue = HeaderValue::from_static("2.0 rampart");
+const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// Facts about one client connection, computed once per connection.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The peer IP, pre-rendered for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
+    /// `X-Forwarded-Proto`.
+    pub proto: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = canonical_ip(peer.ip());
+        ConnInfo {
+            peer,
+            peer_ip: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+        }
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Generates request ids: a random per-worker prefix and a counter, 24 hex digits.
+pub struct RequestIds {
+    prefix: u32,
+    counter: Cell<u64>,
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        RequestIds {
+            prefix: fastrand::u32(..),
+            counter: Cell::new(fastrand::u64(..) >> 16),
+        }
+    }
+
+    pub fn next(&self) -> HeaderValue {
+        let n = self.counter.get().wrapping_add(1);
+        self.counter.set(n);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 24];
+        for (i, b) in buf[..8].iter_mut().enumerate() {
+            *b = HEX[((self.prefix >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        for (i, b) in buf[8..].iter_mut().enumerate() {
+            *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A successful exchange and what it needs for the log line.
+struct Forwarded {
+    response: Response<RespBody>,
+    backend: SocketAddr,
+}
+
+/// Entry point from the connection's service: never fails, always answers.
+pub async fn handle(
+    ctx: Rc<WorkerCtx>,
+    conn: Rc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let start = Instant::now();
+    // One snapshot for the whole request; `load_full` because it lives across awaits.
+    let snap = ctx.shared.snapshot.load_full();
+    let request_id = match req.headers().get(X_REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+        _ => ctx.ids.next(),
+    };
+    let method = req.method().clone();
+    let access_path = snap
+        .config
+        .server
+        .access_log
+        .then(|| req.uri().path().to_string());
+    let mut pool_idx = None;
+    let result = handle_inner(&ctx, &conn, &snap, req, &request_id, &mut pool_idx).await;
+    let pool = pool_idx.map(|i| &snap.pools[i]);
+    let (mut response, backend) = match result {
+        Ok(f) => (f.response, Some(f.backend)),
+        Err(e) => {
+            log_failure(&e, &method, pool.map(|p| p.name.as_str()), &request_id);
+            metrics::counter!(crate::metrics::PROXY_ERRORS, "kind" => e.kind()).increment(1);
+            let custom = snap.config.error_pages.get(&e.status().as_u16());
+            (error_response(&e, &request_id, custom), None)
+        }
+    };
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, request_id.clone());
+    let elapsed = start.elapsed();
+    if let Some(p) = pool {
+        p.metrics.record(response.status().as_u16(), elapsed);
+    }
+    if let Some(path) = access_path {
+        tracing::info!(
+            target: "rampart::access",
+            client = %conn.peer.ip(),
+            method = %method,
+            path = %path,
+            status = response.status().as_u16(),
+            pool = pool.map_or("-", |p| p.name.as_str()),
+            backend = %backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = request_id.to_str().unwrap_or("-"),
+        );
+    }
+    response
+}
+
+fn log_failure(e: &ProxyError, method: &Method, pool: Option<&str>, request_id: &HeaderValue) {
+    let id = request_id.to_str().unwrap_or("-");
+    if e.status().is_server_error() {
+        tracing::error!(request_id = id, method = %method, pool = pool.unwrap_or("-"), status = e.status().as_u16(), error = %e, "request failed");
+    } else {
+        tracing::debug!(request_id = id, method = %method, status = e.status().as_u16(), error = %e, "request rejected");
+    }
+}
+
+async fn handle_inner(
+    ctx: &Rc<WorkerCtx>,
+    conn: &ConnInfo,
+    snap: &Arc<Snapshot>,
+    mut req: Request<Incoming>,
+    request_id: &HeaderValue,
+    pool_out: &mut Option<usize>,
+) -> Result<Forwarded, ProxyError> {
+    let server = &snap.config.server;
+    if let Some(pq) = req.uri().path_and_query() {
+        if pq.as_str().len() > server.max_uri_bytes {
+            return Err(ProxyError::UriTooLong {
+                limit: server.max_uri_bytes,
+            });
+        }
+    }
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > server.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge {
+            limit: server.max_header_bytes,
+        });
+    }
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported"));
+    }
+
+    // The authority (h2, absolute-form) wins over Host, as RFC 9112 §3.2.2 says.
+    let host_value: Option<HeaderValue> = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    };
+    if host_value.is_none() && req.version() == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("missing Host header"));
+    }
+    let host = match &host_value {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
+        ),
+        None => None,
+    };
+    let route_idx = snap
+        .router
+        .find(host.map(host_without_port), req.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    let route = &snap.routes[route_idx];
+    *pool_out = Some(route.pool);
+    let pool = &snap.pools[route.pool];
+
+    let content_length = content_length(req.headers())?;
+    if let (Some(limit), Some(len)) = (route.max_body_bytes, content_length) {
+        if len > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+    }
+
+    let hash = match pool.balancer {
+        Balancer::ConsistentHash { .. } => hash_key(&pool.config.hash_key, req.headers(), conn),
+        _ => None,
+    };
+
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, incoming) = req.into_parts();
+    rewrite_request_headers(
+        &mut parts.headers,
+        conn,
+        parts.version,
+        host_value,
+        request_id,
+        upgrade,
+    );
+    parts.uri = origin_form(&parts.uri);
+    parts.version = Version::HTTP_11;
+
+    let idempotent = retry::is_idempotent(&parts.method);
+    let body = retry::prepare_body(
+        incoming,
+        content_length,
+        route.max_body_bytes,
+        idempotent,
+        &pool.config,
+    )
+    .await?;
+    let req = Request::from_parts(parts, body);
+
+    let mut fwd = forward(ctx, pool, req, hash).await?;
+    if let Some(client_upgrade) = client_upgrade {
+        if fwd.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_upgrade = hyper::upgrade::on(&mut fwd.response);
+            tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade, fwd.backend));
+        }
+    }
+    Ok(fwd)
+}
+
+/// The attempt loop: pick a backend, get a connection, send, and on a failure that is
+/// safe to retry, try a *different* backend while the policy allows.
+async fn forward(
+    ctx: &Rc<WorkerCtx>,
+    pool: &Arc<Pool>,
+    req: Request<ReqBody>,
+    hash: Option<u64>,
+) -> Result<Forwarded, ProxyError> {
+    let cfg = &pool.config;
+    let mut attempts = Attempts::new(pool, &req);
+    let mut req = Some(req);
+    loop {
+        let Some(bi) = pool.pick(hash, attempts.tried()) else {
+            return Err(attempts.into_error(pool));
+        };
+        let backend = &pool.backends[bi];
+        let Some(request) = req.take().or_else(|| attempts.replay()) else {
+            return Err(attempts.into_error(pool));
+        };
+        let (mut tx, reused) = match ctx.conns.checkout(backend.state.id) {
+            Some(tx) => (tx, true),
+            None => match crate::upstream::connect(backend.addr, cfg.connect_timeout).await {
+                Ok(tx) => (tx, false),
+                Err(e) => {
+                    outlier::on_failure(pool, bi, &e);
+                    req = Some(request);
+                    if !attempts.failed(bi, e, true) {
+                        return Err(attempts.into_error(pool));
+                    }
+                    continue;
+                }
+            },
+        };
+        let in_flight = backend.state.start_request();
+        let sent_at = Instant::now();
+        let outcome =
+            tokio::time::timeout(cfg.response_timeout, tx.try_send_request(request)).await;
+        let err = match outcome {
+            Ok(Ok(response)) => {
+                let elapsed = sent_at.elapsed();
+                backend.state.observe_latency(elapsed);
+                if let Some(e) = outlier::on_response(pool, bi, response.status()) {
+                    if attempts.should_retry_status(bi, e) {
+                        drop(response);
+                        continue;
+                    }
+                }
+                let mut response = response;
+                let status = response.status();
+                rewrite_response_headers(response.headers_mut(), status);
+                let release = crate::upstream::Release {
+                    pool: ctx.conns.clone(),
+                    backend: backend.state.id,
+                    tx,
+                    idle_timeout: cfg.idle_timeout,
+                    max_idle: cfg.max_idle_per_backend,
+                };
+                let (parts, incoming) = response.into_parts();
+                let body = RespBody::upstream(incoming, release, in_flight);
+                return Ok(Forwarded {
+                    response: Response::from_parts(parts, body),
+                    backend: backend.addr,
+                });
+            }
+            Ok(Err(mut e)) => {
+                if let Some(unsent) = e.take_message() {
+                    // Never written: a pooled connection the backend had closed. Safe for
+                    // any method; a stale connection says nothing about the backend.
+                    if reused && attempts.stale_retry() {
+                        req = Some(unsent);
+                        continue;
+                    }
+                    req = Some(unsent);
+                }
+                classify_send_error(backend.addr, e.into_error())?
+            }
+            Err(_) => ProxyError::ResponseTimeout {
+                backend: backend.addr,
+            },
+        };
+        drop(in_flight);
+        outlier::on_failure(pool, bi, &err);
+        if !attempts.failed(bi, err, req.is_some()) {
+            return Err(attempts.into_error(pool));
+        }
+    }
+}
+
+/// Separates client-side body failures (not the backend's fault) from upstream ones.
+fn classify_send_error(backend: SocketAddr, e: hyper::Error) -> Result<ProxyError, ProxyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(b) = s.downcast_ref::<ReqBodyError>() {
+            return Err(match b {
+                ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
+                ReqBodyError::Client(_) => ProxyError::BadRequest("client request body failed"),
+            });
+        }
+        source = s.source();
+    }
+    if e.is_parse() || e.is_parse_status() {
+        Ok(ProxyError::BadResponse { backend, source: e })
+    } else {
+        Ok(ProxyError::UpstreamClosed { backend, source: e })
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and backend until either closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    backend: SocketAddr,
+) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            tracing::debug!(backend = %backend, client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or(ProxyError::BadRequest("invalid Content-Length")),
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has_token(req.headers(), "upgrade")
+}
+
+fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes every field named in `Connection` and the fixed hop-by-hop list.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Prepares client request headers for the backend.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    conn: &ConnInfo,
+    version: Version,
+    host: Option<HeaderValue>,
+    request_id: &HeaderValue,
+    upgrade: bool,
+) {
+    let upgrade_value = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    remove_hop_by_hop(headers);
+    headers.remove(header::UPGRADE);
+    // hyper already answered `100-continue` to the client when we read the body.
+    headers.remove(header::EXPECT);
+    if let Some(u) = upgrade_value {
+        headers.insert(header::CONNECTION, UPGRADE_TOKEN);
+        headers.insert(header::UPGRADE, u);
+    }
+
+    match headers.get_mut(X_FORWARDED_FOR) {
+        None => {
+            headers.insert(X_FORWARDED_FOR, conn.peer_ip.clone());
+        }
+        Some(_) => {
+            // Several XFF fields fold into one list, then our hop is appended.
+            let mut joined = Vec::with_capacity(64);
+            for v in headers.get_all(X_FORWARDED_FOR) {
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b", ");
+                }
+                joined.extend_from_slice(v.as_bytes());
+            }
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(conn.peer_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, conn.proto.clone());
+    if let Some(h) = host {
+        headers.insert(X_FORWARDED_HOST, h.clone());
+        if !headers.contains_key(header::HOST) {
+            // h2 clients send :authority instead of Host; HTTP/1.1 backends need Host.
+            headers.insert(header::HOST, h);
+        }
+    }
+    let via = match version {
+        Version::HTTP_2 => VIA_2,
+        Version::HTTP_10 => VIA_10,
+        _ => VIA_11,
+    };
+    match headers.get(header::VIA) {
+        None => {
+            headers.insert(header::VIA, via);
+        }
+        Some(existing) => {
+            let mut v = existing.as_bytes().to_vec();
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(via.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(v)) {
+                headers.insert(header::VIA, v);
+            }
+        }
+    }
+    if !headers.contains_key(X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID, request_id.clone());
+    }
+}
+
+/// Prepares backend response headers for the client.
+pub fn rewrite_response_headers(headers: &mut HeaderMap, status: StatusCode) {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let upgrade = headers.get(header::UPGRADE).cloned();
+        remove_hop_by_hop(headers);
+        if let Some(u) = upgrade {
+            headers.insert(header::CONNECTION, UPGRADE_TOKEN);
+            headers.insert(header::UPGRADE, u);
+        }
+    } else {
+        remove_hop_by_hop(headers);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The request target in origin form (`/path?query`), reusing the parsed bytes.
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> {
+    match key {
+        HashKey::ClientIp => Some(hash64(conn.peer_ip.as_bytes())),
+        HashKey::Header(name) => headers.get(name).map(|v| hash64(v.as_bytes())),
+        HashKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| hash64(v.as_bytes())),
+    }
+}
+
+/// Reads a whole small body (used for retry buffering); fails past `limit`.
+pub async fn collect_limited(
+    body: &mut Incoming,
+    limit: usize,
+) -> Result<Option<Bytes>, ProxyError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ProxyError::ClientBody)?;
+        if let Some(d) = frame.data_ref() {
+            if buf.len() + d.len() > limit {
+                return Ok(None);
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    Ok(Some(buf.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> ConnInfo {
+        ConnInfo::new("10.1.2.3:5555".parse().unwrap(), false)
+    }
+
+    #[test]
+    fn connection_listed_fields_and_hop_by_hop_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret, x-other"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        let id = HeaderValue::from_static("rid");
+        rewrite_request_headers(
+            &mut h,
+            &conn(),
+            Version::HTTP_11,
+            Some(HeaderValue::from_static("a.test")),
+            &id,
+            false,
+        );
+        for gone in [
+            "connection",
+            "x-secret",
+            "x-other",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be removed");
+        }
+        assert_eq!(h["x-kept"], "1");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "a.test");
+        assert_eq!(h["via"], "1.1 rampart");
+        assert_eq!(h["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn forwarded_for_and_via_append() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        h.insert(header::VIA, HeaderValue::from_static("1.1 edge"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("theirs"));
+        let id = HeaderValue::from_static("ours");
+        rewrite_request_headers(&mut h, &conn(), Version::HTTP_2, None, &id, false);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
+        assert_eq!(h["via"], "1.1 edge, 2.0 rampart");
+        assert_eq!(h["x-request-id"], "theirs");
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_fixed_width() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 24);
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let u: Uri = "http://example.com:8080/a/b?c=d".parse().unwrap();
+        assert_eq!(origin_form(&u), "/a/b?c=d");
+        let u: Uri = "/x".parse().unwrap();
+        assert_eq!(origin_form(&u), "/x");
+    }
+}

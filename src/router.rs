@@ -1,0 +1,152 @@
+//! Compiled host and path matching. Built once per config load; a lookup is one hash
+//! probe for exact hosts plus a scan of prefixes sorted longest first.
+//!
+//! Order: the most specific host wins (exact, then the longest `*.suffix`, then routes
+//! without a host); within a host group, the longest `path_prefix` wins. When a host
+//! group has no matching prefix the lookup falls through to the less specific groups,
+//! so a catch-all route still catches. Prefixes are plain string prefixes, as in nginx
+//! `location /api` and Envoy `prefix`.
+
+use std::collections::HashMap;
+
+use crate::config::{HostMatch, RouteConfig};
+
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<String, Vec<Entry>>,
+    /// `(".example.com", entries)`, longest suffix first.
+    suffix: Vec<(String, Vec<Entry>)>,
+    any_host: Vec<Entry>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    prefix: String,
+    route: usize,
+}
+
+impl Router {
+    pub fn new(routes: &[RouteConfig]) -> Router {
+        let mut r = Router::default();
+        for (i, route) in routes.iter().enumerate() {
+            let e = Entry {
+                prefix: route.path_prefix.clone(),
+                route: i,
+            };
+            match &route.host {
+                None => r.any_host.push(e),
+                Some(HostMatch::Exact(h)) => r.exact.entry(h.clone()).or_default().push(e),
+                Some(HostMatch::Suffix(s)) => match r.suffix.iter_mut().find(|(x, _)| x == s) {
+                    Some((_, v)) => v.push(e),
+                    None => r.suffix.push((s.clone(), vec![e])),
+                },
+            }
+        }
+        let sort = |v: &mut Vec<Entry>| {
+            v.sort_by(|a, b| {
+                b.prefix
+                    .len()
+                    .cmp(&a.prefix.len())
+                    .then(a.route.cmp(&b.route))
+            })
+        };
+        r.exact.values_mut().for_each(sort);
+        r.suffix.iter_mut().for_each(|(_, v)| sort(v));
+        sort(&mut r.any_host);
+        r.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        r
+    }
+
+    /// `host` is the request's host without port, any case. Returns the route index.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        let first = |entries: &[Entry]| {
+            entries
+                .iter()
+                .find(|e| path.starts_with(&e.prefix))
+                .map(|e| e.route)
+        };
+        if let Some(host) = host.filter(|_| !self.exact.is_empty() || !self.suffix.is_empty()) {
+            let lowered;
+            let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                lowered = host.to_ascii_lowercase();
+                lowered.as_str()
+            } else {
+                host
+            };
+            let host = host.strip_suffix('.').unwrap_or(host);
+            if let Some(r) = self.exact.get(host).and_then(|v| first(v)) {
+                return Some(r);
+            }
+            for (suffix, entries) in &self.suffix {
+                if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                    if let Some(r) = first(entries) {
+                        return Some(r);
+                    }
+                }
+            }
+        }
+        first(&self.any_host)
+    }
+}
+
+/// Splits `host[:port]` (or `[v6]:port`) and returns the host part.
+pub fn host_without_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: Option<HostMatch>, prefix: &str) -> RouteConfig {
+        RouteConfig {
+            host,
+            path_prefix: prefix.into(),
+            pool: 0,
+            max_body_bytes: None,
+        }
+    }
+
+    #[test]
+    fn most_specific_host_then_longest_prefix_wins() {
+        let routes = vec![
+            route(None, "/"),
+            route(None, "/api"),
+            route(Some(HostMatch::Exact("a.example.com".into())), "/"),
+            route(Some(HostMatch::Suffix(".example.com".into())), "/"),
+            route(Some(HostMatch::Exact("a.example.com".into())), "/api/v2"),
+        ];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(None, "/x"), Some(0));
+        assert_eq!(r.find(None, "/api/x"), Some(1));
+        assert_eq!(r.find(Some("A.Example.com"), "/x"), Some(2));
+        assert_eq!(r.find(Some("a.example.com"), "/api/v2/z"), Some(4));
+        assert_eq!(r.find(Some("b.example.com"), "/api"), Some(3));
+        assert_eq!(
+            r.find(Some("example.com"), "/api"),
+            Some(1),
+            "apex is not a subdomain"
+        );
+        assert_eq!(r.find(Some("other.org"), "/"), Some(0));
+    }
+
+    #[test]
+    fn no_match_without_catch_all() {
+        let r = Router::new(&[route(Some(HostMatch::Exact("a".into())), "/only")]);
+        assert_eq!(r.find(Some("a"), "/other"), None);
+        assert_eq!(r.find(Some("b"), "/only"), None);
+    }
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(host_without_port("example.com:8080"), "example.com");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+    }
+}

@@ -1,0 +1,104 @@
+//! One worker: a thread with its own current-thread tokio runtime and `LocalSet`, its
+//! own listening sockets and its own upstream connection pool. Workers share only the
+//! read-mostly `Shared` state (config snapshot, backend atomics).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::LocalSet;
+
+use crate::error::StartupError;
+use crate::listener::{self, ConnTracker};
+use crate::proxy::RequestIds;
+use crate::state::Shared;
+use crate::upstream::ConnPool;
+
+/// How often idle upstream connections are checked for expiry.
+const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Everything a request handler on this worker may use.
+pub struct WorkerCtx {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    pub conns: Rc<ConnPool>,
+    pub ids: RequestIds,
+}
+
+pub fn spawn(
+    index: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, StartupError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartupError::Runtime)?;
+    std::thread::Builder::new()
+        .name(format!("rampart-w{index}"))
+        .spawn(move || {
+            let local = LocalSet::new();
+            local.block_on(&rt, run(index, shared, listeners, shutdown));
+        })
+        .map_err(StartupError::Thread)
+}
+
+async fn run(
+    index: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let server = shared.snapshot.load().config.server.clone();
+    let ctx = Rc::new(WorkerCtx {
+        index,
+        shared,
+        conns: ConnPool::new(),
+        ids: RequestIds::new(),
+    });
+    let builder = Rc::new(listener::http_builder(&server));
+    let tracker = Rc::new(ConnTracker::default());
+    for l in listeners {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                tokio::task::spawn_local(listener::accept_loop(
+                    ctx.clone(),
+                    builder.clone(),
+                    tracker.clone(),
+                    l,
+                    server.max_connections,
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => tracing::error!(worker = index, error = %e, "cannot register listener"),
+        }
+    }
+    let conns = ctx.conns.clone();
+    let sweeper = tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(POOL_SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            conns.sweep();
+        }
+    });
+
+    crate::stopped(&mut shutdown).await;
+    let open = tracker.active();
+    tracing::info!(worker = index, open_connections = open, "draining");
+    if tokio::time::timeout(server.shutdown_grace, tracker.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            worker = index,
+            open_connections = tracker.active(),
+            "shutdown grace expired; closing the rest"
+        );
+    }
+    sweeper.abort();
+    ctx.conns.clear();
+}
