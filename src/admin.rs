@@ -18,11 +18,7 @@ use tokio::sync::watch;
 
 use crate::state::{now_ms, Shared};
 
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (stream, _) = tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
@@ -65,18 +61,13 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/status" => {
             let mut r = Response::new(Full::new(Bytes::from(status_json(shared).to_string())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                "application/json".parse().expect("static"),
-            );
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
-            if shared
-                .shutting_down
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
+            if shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if !any_backend_available(shared) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n")
@@ -84,10 +75,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n")
             }
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "endpoints: /metrics /status /healthz /ready\n",
-        ),
+        _ => text(StatusCode::NOT_FOUND, "endpoints: /metrics /status /healthz /ready\n"),
     }
 }
 
@@ -113,12 +101,9 @@ fn update_gauges(shared: &Shared) {
     for p in &snap.pools {
         for b in &p.backends {
             let labels = [("pool", p.name.clone()), ("backend", b.name.clone())];
-            metrics::gauge!(crate::metrics::BACKEND_HEALTHY, &labels)
-                .set(b.state.is_healthy() as u8 as f64);
-            metrics::gauge!(crate::metrics::BACKEND_EJECTED, &labels)
-                .set(b.state.is_ejected(now) as u8 as f64);
-            metrics::gauge!(crate::metrics::BACKEND_IN_FLIGHT, &labels)
-                .set(b.state.in_flight() as f64);
+            metrics::gauge!(crate::metrics::BACKEND_HEALTHY, &labels).set(b.state.is_healthy() as u8 as f64);
+            metrics::gauge!(crate::metrics::BACKEND_EJECTED, &labels).set(b.state.is_ejected(now) as u8 as f64);
+            metrics::gauge!(crate::metrics::BACKEND_IN_FLIGHT, &labels).set(b.state.in_flight() as f64);
         }
     }
 }

@@ -60,12 +60,7 @@ impl Balancer {
 
     /// Picks a backend index for which `ok(i)` holds. `hash` is the request's hash key
     /// (consistent hashing only; without one a random backend is chosen, as Envoy does).
-    pub fn pick(
-        &self,
-        backends: &[Backend],
-        hash: Option<u64>,
-        ok: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
+    pub fn pick(&self, backends: &[Backend], hash: Option<u64>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
         let n = backends.len();
         if n == 0 {
             return None;
@@ -74,14 +69,27 @@ impl Balancer {
             Balancer::RoundRobin { seq, next } => {
                 let len = seq.len();
                 let start = next.fetch_add(1, Ordering::Relaxed);
-                (0..len)
-                    .map(|k| seq[(start + k) % len] as usize)
-                    .find(|&i| ok(i))
+                (0..len).map(|k| seq[(start + k) % len] as usize).find(|&i| ok(i))
             }
-            Balancer::LeastRequest => p2c(backends, ok, |b| {
-                b.state.in_flight() as f64 / b.weight as f64
+            Balancer::LeastRequest => p2c(backends, ok, |a, b| {
+                (
+                    a.state.in_flight() as f64 / a.weight as f64,
+                    b.state.in_flight() as f64 / b.weight as f64,
+                )
             }),
-            Balancer::PeakEwma => p2c(backends, ok, |b| b.state.ewma_cost() / b.weight as f64),
+            Balancer::PeakEwma => p2c(backends, ok, |a, b| {
+                // A backend with no sample yet borrows its rival's latency, so the
+                // choice falls to in-flight load and a new backend gets tried.
+                let (la, lb) = match (a.state.has_latency_sample(), b.state.has_latency_sample()) {
+                    (true, false) => (a.state.ewma(), a.state.ewma()),
+                    (false, true) => (b.state.ewma(), b.state.ewma()),
+                    _ => (a.state.ewma(), b.state.ewma()),
+                };
+                (
+                    a.state.ewma_cost(la) / a.weight as f64,
+                    b.state.ewma_cost(lb) / b.weight as f64,
+                )
+            }),
             Balancer::ConsistentHash { ring } => match hash {
                 Some(h) => ring_lookup(ring, h, ok),
                 None => random_weighted(backends, total(backends), ok),
@@ -108,29 +116,27 @@ fn random_available(n: usize, ok: &dyn Fn(usize) -> bool, not: Option<usize>) ->
     (0..n).map(|k| (start + k) % n).find(|&i| good(i))
 }
 
-/// Power of two choices: two distinct random candidates, the lower cost wins.
+/// Power of two choices: two distinct random candidates, the lower cost wins (a tie
+/// goes to the first, itself random). `costs` returns both candidates' costs.
 fn p2c(
     backends: &[Backend],
     ok: &dyn Fn(usize) -> bool,
-    cost: impl Fn(&Backend) -> f64,
+    costs: impl Fn(&Backend, &Backend) -> (f64, f64),
 ) -> Option<usize> {
     let n = backends.len();
     let a = random_available(n, ok, None)?;
     let Some(b) = random_available(n, ok, Some(a)) else {
         return Some(a);
     };
-    if cost(&backends[b]) < cost(&backends[a]) {
+    let (ca, cb) = costs(&backends[a], &backends[b]);
+    if cb < ca {
         Some(b)
     } else {
         Some(a)
     }
 }
 
-fn random_weighted(
-    backends: &[Backend],
-    total_weight: u32,
-    ok: &dyn Fn(usize) -> bool,
-) -> Option<usize> {
+fn random_weighted(backends: &[Backend], total_weight: u32, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
     for _ in 0..3 {
         let mut r = fastrand::u32(..total_weight.max(1));
         let i = backends

@@ -323,14 +323,7 @@ struct FileHealthCheck {
     fall: Option<u32>,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &[
-    "server",
-    "admin",
-    "listeners",
-    "routes",
-    "pools",
-    "error_pages",
-];
+const TOP_LEVEL_KEYS: &[&str] = &["server", "admin", "listeners", "routes", "pools", "error_pages"];
 
 // ---- loading -------------------------------------------------------------------------
 
@@ -392,7 +385,9 @@ fn section<T: DeserializeOwned>(value: &toml::Value, path: &str, errs: &mut Erro
                 (true, false) => inner,
                 (false, false) => format!("{path}.{inner}"),
             };
-            errs.push(full, e.into_inner().to_string().trim_end().to_string());
+            // toml appends "in `key`" on a second line; the path already says where.
+            let msg = e.into_inner().to_string();
+            errs.push(full, msg.lines().next().unwrap_or("").trim_end().to_string());
             None
         }
     }
@@ -447,14 +442,8 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 format!("{bind} is already bound by listeners[{j}]"),
             );
         }
-        if admin
-            .as_ref()
-            .is_some_and(|a| a.bind == bind && bind.port() != 0)
-        {
-            errs.push(
-                format!("{path}.bind"),
-                format!("{bind} is already bound by admin.bind"),
-            );
+        if admin.as_ref().is_some_and(|a| a.bind == bind && bind.port() != 0) {
+            errs.push(format!("{path}.bind"), format!("{bind} is already bound by admin.bind"));
         }
         listeners.push(ListenerConfig {
             bind,
@@ -528,10 +517,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 } else {
                     format!("defined pools: {}", pool_names_seen.join(", "))
                 };
-                errs.push(
-                    format!("{path}.pool"),
-                    format!("unknown pool '{}' ({known})", raw.pool),
-                );
+                errs.push(format!("{path}.pool"), format!("unknown pool '{}' ({known})", raw.pool));
             }
         }
     }
@@ -565,23 +551,16 @@ fn validate_server(table: &toml::Table, errs: &mut Errors) -> Option<ServerConfi
         None => FileServer::default(),
         Some(v) => section(v, "server", errs)?,
     };
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let workers = raw.workers.unwrap_or(cpus);
     if workers == 0 || workers > 1024 {
-        errs.push(
-            "server.workers",
-            format!("must be between 1 and 1024, got {workers}"),
-        );
+        errs.push("server.workers", format!("must be between 1 and 1024, got {workers}"));
     }
     let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if max_connections == 0 {
         errs.push("server.max_connections", "must be greater than 0");
     }
-    let client_header_timeout = raw
-        .client_header_timeout
-        .unwrap_or(DEFAULT_CLIENT_HEADER_TIMEOUT);
+    let client_header_timeout = raw.client_header_timeout.unwrap_or(DEFAULT_CLIENT_HEADER_TIMEOUT);
     if client_header_timeout.is_zero() {
         errs.push("server.client_header_timeout", "must be greater than 0");
     }
@@ -606,9 +585,7 @@ fn validate_server(table: &toml::Table, errs: &mut Errors) -> Option<ServerConfi
             format!("must be between 8 and 1000, got {max_headers}"),
         );
     }
-    let h2_max_concurrent_streams = raw
-        .h2_max_concurrent_streams
-        .unwrap_or(DEFAULT_H2_MAX_STREAMS);
+    let h2_max_concurrent_streams = raw.h2_max_concurrent_streams.unwrap_or(DEFAULT_H2_MAX_STREAMS);
     if h2_max_concurrent_streams == 0 {
         errs.push("server.h2_max_concurrent_streams", "must be greater than 0");
     }
@@ -632,10 +609,7 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
     {
-        errs.push(
-            &path,
-            "pool names may use only letters, digits, '_', '-' and '.'",
-        );
+        errs.push(&path, "pool names may use only letters, digits, '_', '-' and '.'");
     }
     let raw: FilePool = section(value, &path, errs)?;
     let before = errs.0.len();
@@ -653,10 +627,7 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
             other => {
                 errs.push(
                     &bpath,
-                    format!(
-                        "expected \"host:port\" or {{ addr, weight }}, got {}",
-                        other.type_str()
-                    ),
+                    format!("expected \"host:port\" or {{ addr, weight }}, got {}", other.type_str()),
                 );
                 continue;
             }
@@ -684,28 +655,18 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
         });
     }
     if raw.backends.is_empty() {
-        errs.push(
-            format!("{path}.backends"),
-            "a pool needs at least one backend",
-        );
+        errs.push(format!("{path}.backends"), "a pool needs at least one backend");
     }
     let hash_key = match raw.hash_key.as_deref() {
         None | Some("client_ip") => HashKey::ClientIp,
-        Some(s) if s.starts_with("header:") => {
-            match http::HeaderName::from_bytes(s[7..].trim().as_bytes()) {
-                Ok(h) => HashKey::Header(h),
-                Err(_) => {
-                    errs.push(
-                        format!("{path}.hash_key"),
-                        format!("invalid header name in {s:?}"),
-                    );
-                    HashKey::ClientIp
-                }
+        Some(s) if s.starts_with("header:") => match http::HeaderName::from_bytes(s[7..].trim().as_bytes()) {
+            Ok(h) => HashKey::Header(h),
+            Err(_) => {
+                errs.push(format!("{path}.hash_key"), format!("invalid header name in {s:?}"));
+                HashKey::ClientIp
             }
-        }
-        Some(s) if s.starts_with("cookie:") && s.len() > 7 => {
-            HashKey::Cookie(s[7..].trim().to_string())
-        }
+        },
+        Some(s) if s.starts_with("cookie:") && s.len() > 7 => HashKey::Cookie(s[7..].trim().to_string()),
         Some(s) => {
             errs.push(
                 format!("{path}.hash_key"),
@@ -733,11 +694,7 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
             errs.push(format!("{path}.{field}"), "must be greater than 0");
         }
     }
-    let health_check = validate_health(
-        raw.health_check.as_ref(),
-        &format!("{path}.health_check"),
-        errs,
-    );
+    let health_check = validate_health(raw.health_check.as_ref(), &format!("{path}.health_check"), errs);
     if errs.0.len() > before {
         return None;
     }
@@ -749,18 +706,12 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
         connect_timeout,
         response_timeout,
         idle_timeout,
-        max_idle_per_backend: raw
-            .max_idle_per_backend
-            .unwrap_or(DEFAULT_MAX_IDLE_PER_BACKEND),
+        max_idle_per_backend: raw.max_idle_per_backend.unwrap_or(DEFAULT_MAX_IDLE_PER_BACKEND),
         health_check: health_check.unwrap_or_default(),
     })
 }
 
-fn validate_health(
-    value: Option<&toml::Value>,
-    path: &str,
-    errs: &mut Errors,
-) -> Option<HealthCheckConfig> {
+fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -> Option<HealthCheckConfig> {
     let raw: FileHealthCheck = match value {
         None => FileHealthCheck::default(),
         Some(v) => section(v, path, errs)?,
@@ -792,17 +743,11 @@ fn validate_health(
     }
     let health_path = raw.path.unwrap_or(d.path);
     if !health_path.starts_with('/') || health_path.contains(char::is_whitespace) {
-        errs.push(
-            format!("{path}.path"),
-            "must start with '/' and contain no spaces",
-        );
+        errs.push(format!("{path}.path"), "must start with '/' and contain no spaces");
     }
     let method = raw.method.unwrap_or(d.method).to_ascii_uppercase();
     if !method.chars().all(|c| c.is_ascii_uppercase()) || method.is_empty() {
-        errs.push(
-            format!("{path}.method"),
-            format!("invalid method {method:?}"),
-        );
+        errs.push(format!("{path}.method"), format!("invalid method {method:?}"));
     }
     let expect_status = match raw.expect_status {
         None => d.expect_status,
@@ -854,11 +799,7 @@ fn parse_status_ranges(s: &str) -> Option<Vec<(u16, u16)>> {
     (!out.is_empty()).then_some(out)
 }
 
-fn validate_error_pages(
-    table: &toml::Table,
-    base: &Path,
-    errs: &mut Errors,
-) -> HashMap<u16, ErrorPage> {
+fn validate_error_pages(table: &toml::Table, base: &Path, errs: &mut Errors) -> HashMap<u16, ErrorPage> {
     let mut pages = HashMap::new();
     let Some(v) = table.get("error_pages") else {
         return pages;
@@ -872,10 +813,7 @@ fn validate_error_pages(
         let status = match k.parse::<u16>() {
             Ok(s) if (400..=599).contains(&s) => s,
             _ => {
-                errs.push(
-                    &path,
-                    "key must be an HTTP error status between 400 and 599",
-                );
+                errs.push(&path, "key must be an HTTP error status between 400 and 599");
                 continue;
             }
         };
@@ -975,11 +913,7 @@ fn resolve_backend(text: &str, path: &str, errs: &mut Errors) -> Option<SocketAd
 
 fn parse_host(text: &str, path: &str, errs: &mut Errors) -> Option<HostMatch> {
     let h = text.trim().to_ascii_lowercase();
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-    };
+    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
     if let Some(rest) = h.strip_prefix("*.") {
         if valid(rest) {
             return Some(HostMatch::Suffix(format!(".{rest}")));
@@ -1018,11 +952,7 @@ backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
     fn errors_of(text: &str) -> Vec<String> {
         match Config::parse(text, "t.toml") {
             Ok(_) => vec![],
-            Err(e) => e
-                .errors
-                .iter()
-                .map(|e| format!("{}: {}", e.path, e.message))
-                .collect(),
+            Err(e) => e.errors.iter().map(|e| format!("{}: {}", e.path, e.message)).collect(),
         }
     }
 
@@ -1061,14 +991,8 @@ connect_timeout = "soon"
             joined.contains("server.workers: must be between 1 and 1024"),
             "{joined}"
         );
-        assert!(
-            joined.contains("listeners[0].bind: invalid port 99999"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("listeners[1]: unknown field `nope`"),
-            "{joined}"
-        );
+        assert!(joined.contains("listeners[0].bind: invalid port 99999"), "{joined}");
+        assert!(joined.contains("listeners[1].nope: unknown field `nope`"), "{joined}");
         assert!(joined.contains("pools.app.connect_timeout"), "{joined}");
         assert!(errs.len() >= 5, "{joined}");
     }
@@ -1109,10 +1033,7 @@ connect_timeout = "soon"
                 "[pools.app]\nbalancer = \"consistent_hash\"\nhash_key = \"header:x-user\"",
             );
         let c = Config::parse(&text, "t.toml").expect("valid");
-        assert_eq!(
-            c.routes[0].host,
-            Some(HostMatch::Suffix(".example.com".into()))
-        );
+        assert_eq!(c.routes[0].host, Some(HostMatch::Suffix(".example.com".into())));
         assert_eq!(
             c.pools[0].hash_key,
             HashKey::Header(http::HeaderName::from_static("x-user"))

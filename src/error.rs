@@ -82,16 +82,12 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => StatusCode::NOT_FOUND,
-            NoHealthyBackend { .. }
-            | Connect { .. }
-            | ConnectTimeout { .. }
-            | CircuitOpen { .. }
-            | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            NoHealthyBackend { .. } | Connect { .. } | ConnectTimeout { .. } | CircuitOpen { .. } | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamClosed { .. } | BadResponse { .. } => StatusCode::BAD_GATEWAY,
-            BadStatus { status, .. } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
-            }
+            BadStatus { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -120,10 +116,7 @@ impl ProxyError {
 
     /// The failure never reached the application, so any method may go to another backend.
     pub fn is_retryable_any_method(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
-        )
+        matches!(self, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. })
     }
 
     /// The application may have seen the request; only idempotent methods may be retried.
@@ -280,11 +273,8 @@ mod tests {
     #[test]
     fn unavailable_pages_carry_retry_after_and_request_id() {
         let id = HeaderValue::from_static("abc123");
-        let r: Response<http_body_util::Full<Bytes>> = error_response(
-            &ProxyError::NoHealthyBackend { pool: "p".into() },
-            &id,
-            None,
-        );
+        let r: Response<http_body_util::Full<Bytes>> =
+            error_response(&ProxyError::NoHealthyBackend { pool: "p".into() }, &id, None);
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         assert_eq!(r.headers()["x-request-id"], "abc123");

@@ -50,11 +50,7 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
     let backend = &pool.backends[bi];
     let (mut ok_run, mut fail_run) = (0u32, 0u32);
     // Spread the first probes over one interval so backends are not probed in lockstep.
-    tokio::time::sleep(jittered(
-        cfg.interval.min(Duration::from_millis(100)),
-        cfg.jitter,
-    ))
-    .await;
+    tokio::time::sleep(jittered(cfg.interval.min(Duration::from_millis(100)), cfg.jitter)).await;
     loop {
         let result = probe(cfg, backend.addr).await;
         let healthy = backend.state.is_healthy();
@@ -65,7 +61,8 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
                 if !healthy && ok_run >= cfg.rise {
                     backend.state.healthy.store(true, Ordering::Relaxed);
                     tracing::info!(pool = %pool.name, backend = %backend.name, "health check passing: backend up");
-                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "up").increment(1);
+                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "up")
+                        .increment(1);
                 }
             }
             Err(reason) => {
@@ -74,7 +71,8 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
                 if healthy && fail_run >= cfg.fall {
                     backend.state.healthy.store(false, Ordering::Relaxed);
                     tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failing: backend down");
-                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "down").increment(1);
+                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "down")
+                        .increment(1);
                 } else {
                     tracing::debug!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failed");
                 }
@@ -102,9 +100,7 @@ pub async fn probe(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), Stri
 }
 
 async fn probe_inner(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     if cfg.kind != HealthCheckKind::Http {
         return Ok(());
     }
@@ -122,10 +118,7 @@ async fn probe_inner(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), St
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.windows(2).any(|w| w == b"\r\n") {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        let n = stream.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("closed before a status line".into());
         }
@@ -139,17 +132,8 @@ async fn probe_inner(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), St
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "malformed status line {:?}",
-                line.lines().next().unwrap_or("")
-            )
-        })?;
-    if cfg
-        .expect_status
-        .iter()
-        .any(|(lo, hi)| (*lo..=*hi).contains(&status))
-    {
+        .ok_or_else(|| format!("malformed status line {:?}", line.lines().next().unwrap_or("")))?;
+    if cfg.expect_status.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status)) {
         Ok(())
     } else {
         Err(format!("status {status}"))

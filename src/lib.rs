@@ -102,9 +102,7 @@ impl Server {
     pub fn reload(&self, config: Config) {
         let old = self.shared.snapshot.load_full();
         let binds = |c: &Config| c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>();
-        if binds(&old.config) != binds(&config)
-            || old.config.server.workers != config.server.workers
-        {
+        if binds(&old.config) != binds(&config) || old.config.server.workers != config.server.workers {
             tracing::warn!("listeners or workers changed: these take effect on restart only");
         }
         self.shared.swap(Arc::new(config));

@@ -60,8 +60,7 @@ pub fn bind_all(
     listeners: &[ListenerConfig],
     workers: usize,
 ) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>), StartupError> {
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
-        (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
     for l in listeners {
         let first = bind(l.bind, l.backlog).map_err(|e| StartupError::Bind {

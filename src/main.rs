@@ -21,12 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 )]
 struct Cli {
     /// Config file (TOML).
-    #[arg(
-        long,
-        short,
-        global = true,
-        default_value = "/etc/rampart/rampart.toml"
-    )]
+    #[arg(long, short, global = true, default_value = "/etc/rampart/rampart.toml")]
     config: PathBuf,
     /// Log filter, e.g. "info" or "rampart=debug,rampart::access=info" (RUST_LOG wins).
     #[arg(long, global = true, default_value = "info")]
@@ -156,31 +151,27 @@ backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
 
 fn run_demo() -> anyhow::Result<()> {
     let config = Config::parse(DEMO_CONFIG, "demo config").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let addrs: Vec<std::net::SocketAddr> =
-        config.pools[0].backends.iter().map(|b| b.addr).collect();
-    std::thread::Builder::new()
-        .name("demo-origins".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return eprintln!("demo origins: {e}"),
-            };
-            rt.block_on(async move {
-                let mut set = tokio::task::JoinSet::new();
-                for (i, a) in addrs.into_iter().enumerate() {
-                    set.spawn(rampart::demo::origin(a, format!("origin {}", i + 1)));
+    let addrs: Vec<std::net::SocketAddr> = config.pools[0].backends.iter().map(|b| b.addr).collect();
+    std::thread::Builder::new().name("demo-origins".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => return eprintln!("demo origins: {e}"),
+        };
+        rt.block_on(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, a) in addrs.into_iter().enumerate() {
+                set.spawn(rampart::demo::origin(a, format!("origin {}", i + 1)));
+            }
+            while let Some(r) = set.join_next().await {
+                if let Ok(Err(e)) = r {
+                    eprintln!("demo origin failed: {e}");
                 }
-                while let Some(r) = set.join_next().await {
-                    if let Ok(Err(e)) = r {
-                        eprintln!("demo origin failed: {e}");
-                    }
-                }
-            });
-        })?;
-    println!("demo: origins on 127.0.0.1:9001-9003, rampart on http://127.0.0.1:8080, admin on http://127.0.0.1:9901/status");
+            }
+        });
+    })?;
+    println!(
+        "demo: origins on 127.0.0.1:9001-9003, rampart on http://127.0.0.1:8080, admin on http://127.0.0.1:9901/status"
+    );
     println!("try:  curl -s http://127.0.0.1:8080/   (Ctrl-C to stop)");
     run(config, None)
 }

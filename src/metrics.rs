@@ -52,14 +52,8 @@ fn describe() {
     );
     describe_counter!(PROXY_ERRORS, "Error responses rampart generated, by kind");
     describe_counter!(UPSTREAM_CONNECTS, "New connections opened to backends");
-    describe_gauge!(
-        BACKEND_HEALTHY,
-        "1 when the backend passes active health checks"
-    );
-    describe_gauge!(
-        BACKEND_EJECTED,
-        "1 while the backend is ejected by outlier detection"
-    );
+    describe_gauge!(BACKEND_HEALTHY, "1 when the backend passes active health checks");
+    describe_gauge!(BACKEND_EJECTED, "1 while the backend is ejected by outlier detection");
     describe_gauge!(BACKEND_IN_FLIGHT, "Requests in flight to the backend");
     describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
 }

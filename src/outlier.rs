@@ -31,11 +31,7 @@ pub fn on_failure(pool: &Pool, bi: usize, err: &ProxyError) {
     }
     let backend = &pool.backends[bi];
     metrics::counter!(crate::metrics::UPSTREAM_ERRORS, "pool" => pool.name.clone(), "backend" => backend.name.clone(), "kind" => err.kind()).increment(1);
-    let n = backend
-        .state
-        .consecutive_failures
-        .fetch_add(1, Ordering::Relaxed)
-        + 1;
+    let n = backend.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
     if n >= CONSECUTIVE_FAILURES {
         try_eject(pool, bi, err.kind());
     }
@@ -71,11 +67,7 @@ fn try_eject(pool: &Pool, bi: usize, reason: &'static str) {
     if st.is_ejected(now) {
         return;
     }
-    let ejected = pool
-        .backends
-        .iter()
-        .filter(|b| b.state.is_ejected(now))
-        .count();
+    let ejected = pool.backends.iter().filter(|b| b.state.is_ejected(now)).count();
     if (ejected + 1) * 100 > pool.backends.len() * MAX_EJECTED_PERCENT.max(1) && ejected + 1 > 1 {
         tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, "not ejecting: max ejected share reached");
         return;

@@ -70,8 +70,7 @@ impl ConnInfo {
         let ip = canonical_ip(peer.ip());
         ConnInfo {
             peer,
-            peer_ip: HeaderValue::from_str(&ip.to_string())
-                .unwrap_or(HeaderValue::from_static("unknown")),
+            peer_ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
         }
     }
@@ -79,10 +78,7 @@ impl ConnInfo {
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }
@@ -129,11 +125,7 @@ struct Forwarded {
 }
 
 /// Entry point from the connection's service: never fails, always answers.
-pub async fn handle(
-    ctx: Rc<WorkerCtx>,
-    conn: Rc<ConnInfo>,
-    req: Request<Incoming>,
-) -> Response<RespBody> {
+pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Response<RespBody> {
     let start = Instant::now();
     // One snapshot for the whole request; `load_full` because it lives across awaits.
     let snap = ctx.shared.snapshot.load_full();
@@ -142,11 +134,7 @@ pub async fn handle(
         _ => ctx.ids.next(),
     };
     let method = req.method().clone();
-    let access_path = snap
-        .config
-        .server
-        .access_log
-        .then(|| req.uri().path().to_string());
+    let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
     let mut pool_idx = None;
     let result = handle_inner(&ctx, &conn, &snap, req, &request_id, &mut pool_idx).await;
     let pool = pool_idx.map(|i| &snap.pools[i]);
@@ -159,9 +147,7 @@ pub async fn handle(
             (error_response(&e, &request_id, custom), None)
         }
     };
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID, request_id.clone());
+    response.headers_mut().insert(X_REQUEST_ID, request_id.clone());
     let elapsed = start.elapsed();
     if let Some(p) = pool {
         p.metrics.record(response.status().as_u16(), elapsed);
@@ -207,11 +193,7 @@ async fn handle_inner(
             });
         }
     }
-    let header_bytes: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
+    let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     if header_bytes > server.max_header_bytes {
         return Err(ProxyError::HeadersTooLarge {
             limit: server.max_header_bytes,
@@ -230,10 +212,7 @@ async fn handle_inner(
         return Err(ProxyError::BadRequest("missing Host header"));
     }
     let host = match &host_value {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
-        ),
+        Some(v) => Some(v.to_str().map_err(|_| ProxyError::BadRequest("invalid Host header"))?),
         None => None,
     };
     let route_idx = snap
@@ -260,26 +239,12 @@ async fn handle_inner(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, incoming) = req.into_parts();
-    rewrite_request_headers(
-        &mut parts.headers,
-        conn,
-        parts.version,
-        host_value,
-        request_id,
-        upgrade,
-    );
+    rewrite_request_headers(&mut parts.headers, conn, parts.version, host_value, request_id, upgrade);
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
 
     let idempotent = retry::is_idempotent(&parts.method);
-    let body = retry::prepare_body(
-        incoming,
-        content_length,
-        route.max_body_bytes,
-        idempotent,
-        &pool.config,
-    )
-    .await?;
+    let body = retry::prepare_body(incoming, content_length, route.max_body_bytes, idempotent, &pool.config).await?;
     let req = Request::from_parts(parts, body);
 
     let mut fwd = forward(ctx, pool, req, hash).await?;
@@ -327,8 +292,7 @@ async fn forward(
         };
         let in_flight = backend.state.start_request();
         let sent_at = Instant::now();
-        let outcome =
-            tokio::time::timeout(cfg.response_timeout, tx.try_send_request(request)).await;
+        let outcome = tokio::time::timeout(cfg.response_timeout, tx.try_send_request(request)).await;
         let err = match outcome {
             Ok(Ok(response)) => {
                 let elapsed = sent_at.elapsed();
@@ -368,9 +332,7 @@ async fn forward(
                 }
                 classify_send_error(backend.addr, e.into_error())?
             }
-            Err(_) => ProxyError::ResponseTimeout {
-                backend: backend.addr,
-            },
+            Err(_) => ProxyError::ResponseTimeout { backend: backend.addr },
         };
         drop(in_flight);
         outlier::on_failure(pool, bi, &err);
@@ -400,11 +362,7 @@ fn classify_send_error(backend: SocketAddr, e: hyper::Error) -> Result<ProxyErro
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either closes.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    backend: SocketAddr,
-) {
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, backend: SocketAddr) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
         (c, u) => {
@@ -584,10 +542,7 @@ fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> 
 }
 
 /// Reads a whole small body (used for retry buffering); fails past `limit`.
-pub async fn collect_limited(
-    body: &mut Incoming,
-    limit: usize,
-) -> Result<Option<Bytes>, ProxyError> {
+pub async fn collect_limited(body: &mut Incoming, limit: usize) -> Result<Option<Bytes>, ProxyError> {
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(ProxyError::ClientBody)?;
@@ -621,10 +576,7 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic x"),
-        );
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
         let id = HeaderValue::from_static("rid");
         rewrite_request_headers(
             &mut h,

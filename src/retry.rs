@@ -51,9 +51,7 @@ pub async fn prepare_body(
             if let Some(bytes) = crate::proxy::collect_limited(&mut incoming, cap).await? {
                 return Ok(ReqBody::Buffered(Some(bytes)));
             }
-            return Err(ProxyError::BadRequest(
-                "request body longer than its Content-Length",
-            ));
+            return Err(ProxyError::BadRequest("request body longer than its Content-Length"));
         }
     }
     Ok(ReqBody::Stream {
@@ -180,13 +178,7 @@ mod tests {
 
     #[test]
     fn idempotent_methods_follow_rfc_9110() {
-        for m in [
-            Method::GET,
-            Method::HEAD,
-            Method::PUT,
-            Method::DELETE,
-            Method::OPTIONS,
-        ] {
+        for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE, Method::OPTIONS] {
             assert!(is_idempotent(&m), "{m}");
         }
         for m in [Method::POST, Method::PATCH] {

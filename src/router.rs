@@ -42,29 +42,18 @@ impl Router {
                 },
             }
         }
-        let sort = |v: &mut Vec<Entry>| {
-            v.sort_by(|a, b| {
-                b.prefix
-                    .len()
-                    .cmp(&a.prefix.len())
-                    .then(a.route.cmp(&b.route))
-            })
-        };
+        let sort =
+            |v: &mut Vec<Entry>| v.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then(a.route.cmp(&b.route)));
         r.exact.values_mut().for_each(sort);
         r.suffix.iter_mut().for_each(|(_, v)| sort(v));
         sort(&mut r.any_host);
-        r.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        r.suffix.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         r
     }
 
     /// `host` is the request's host without port, any case. Returns the route index.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        let first = |entries: &[Entry]| {
-            entries
-                .iter()
-                .find(|e| path.starts_with(&e.prefix))
-                .map(|e| e.route)
-        };
+        let first = |entries: &[Entry]| entries.iter().find(|e| path.starts_with(&e.prefix)).map(|e| e.route);
         if let Some(host) = host.filter(|_| !self.exact.is_empty() || !self.suffix.is_empty()) {
             let lowered;
             let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -128,11 +117,7 @@ mod tests {
         assert_eq!(r.find(Some("A.Example.com"), "/x"), Some(2));
         assert_eq!(r.find(Some("a.example.com"), "/api/v2/z"), Some(4));
         assert_eq!(r.find(Some("b.example.com"), "/api"), Some(3));
-        assert_eq!(
-            r.find(Some("example.com"), "/api"),
-            Some(1),
-            "apex is not a subdomain"
-        );
+        assert_eq!(r.find(Some("example.com"), "/api"), Some(1), "apex is not a subdomain");
         assert_eq!(r.find(Some("other.org"), "/"), Some(0));
     }
 

@@ -91,7 +91,8 @@ impl BackendState {
         let rtt = rtt.as_nanos() as f64;
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let stamp = self.ewma_stamp_ns.swap(now, Ordering::Relaxed);
-        let next = if rtt > prev {
+        let next = if stamp == 0 || rtt > prev {
+            // The first sample replaces the default guess outright.
             rtt
         } else {
             let w = (-((now.saturating_sub(stamp)) as f64) / EWMA_DECAY_NS).exp();
@@ -112,8 +113,14 @@ impl BackendState {
         v * (-idle / EWMA_DECAY_NS).exp()
     }
 
-    pub fn ewma_cost(&self) -> f64 {
-        self.ewma() * (self.in_flight() as f64 + 1.0)
+    /// Whether any latency sample was recorded yet.
+    pub fn has_latency_sample(&self) -> bool {
+        self.ewma_stamp_ns.load(Ordering::Relaxed) != 0
+    }
+
+    /// Peak-EWMA cost: latency × (in-flight + 1).
+    pub fn ewma_cost(&self, latency: f64) -> f64 {
+        latency * (self.in_flight() as f64 + 1.0)
     }
 }
 
@@ -239,7 +246,6 @@ impl Shared {
     /// Installs a new config, carrying over backend state.
     pub fn swap(&self, config: Arc<Config>) {
         let prev = self.snapshot.load_full();
-        self.snapshot
-            .store(Arc::new(Snapshot::build(config, Some(&prev))));
+        self.snapshot.store(Arc::new(Snapshot::build(config, Some(&prev))));
     }
 }

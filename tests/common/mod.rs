@@ -1,0 +1,390 @@
+//! Test helpers: real origin servers with scripted behaviours, rampart started
+//! in-process on 127.0.0.1:0, and a small HTTP client over real sockets.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rampart::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Behavior {
+    /// 200 with "NAME" as the body. `/echo` streams the request body back.
+    Healthy,
+    /// Accepts and reads the request, never answers.
+    Freeze,
+    /// Answers after a delay.
+    Slow(Duration),
+    /// Answers with this status.
+    Status(u16),
+    /// Sends headers promising 1 MB, 64 KB of it, then aborts the connection.
+    ResetMidBody,
+    /// Reads the request and writes bytes that are not HTTP.
+    Garbage,
+    /// Reads the request and closes the connection without a response.
+    CloseBeforeResponse,
+}
+
+pub struct TestOrigin {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    conns: Arc<AtomicUsize>,
+    behavior: Arc<Mutex<Behavior>>,
+    pub seen_headers: Arc<Mutex<Vec<HeaderMap>>>,
+    tasks: Arc<Mutex<Option<JoinSet<()>>>>,
+}
+
+impl TestOrigin {
+    pub async fn start(name: &str, behavior: Behavior) -> TestOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().unwrap();
+        Self::serve(name, listener, addr, behavior)
+    }
+
+    /// Starts (again) on a given address, e.g. to bring a refused backend back.
+    pub async fn start_on(name: &str, addr: SocketAddr, behavior: Behavior) -> TestOrigin {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_reuse_address(true).unwrap();
+        sock.bind(&addr.into()).unwrap();
+        sock.listen(1024).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(sock.into()).unwrap();
+        Self::serve(name, listener, addr, behavior)
+    }
+
+    fn serve(name: &str, listener: TcpListener, addr: SocketAddr, behavior: Behavior) -> TestOrigin {
+        let o = TestOrigin {
+            name: name.to_string(),
+            addr,
+            hits: Arc::new(AtomicUsize::new(0)),
+            conns: Arc::new(AtomicUsize::new(0)),
+            behavior: Arc::new(Mutex::new(behavior)),
+            seen_headers: Arc::new(Mutex::new(Vec::new())),
+            tasks: Arc::new(Mutex::new(None)),
+        };
+        let mut set = JoinSet::new();
+        let conns = o.conns.clone();
+        let (hits, beh, seen, name2, tasks) = (
+            o.hits.clone(),
+            o.behavior.clone(),
+            o.seen_headers.clone(),
+            o.name.clone(),
+            o.tasks.clone(),
+        );
+        set.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (hits, beh, seen, name) = (hits.clone(), beh.clone(), seen.clone(), name2.clone());
+                let conn = async move { serve_conn(stream, name, hits, beh, seen).await };
+                if let Some(set) = tasks.lock().unwrap().as_mut() {
+                    set.spawn(conn);
+                }
+            }
+        });
+        *o.tasks.lock().unwrap() = Some(set);
+        o
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+
+    pub fn reset_hits(&self) {
+        self.hits.store(0, Ordering::SeqCst);
+    }
+
+    pub fn set(&self, b: Behavior) {
+        *self.behavior.lock().unwrap() = b;
+    }
+
+    /// Stops listening and drops every connection: the port now refuses.
+    pub fn stop(&self) {
+        if let Some(mut set) = self.tasks.lock().unwrap().take() {
+            set.abort_all();
+        }
+    }
+}
+
+impl Drop for TestOrigin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An address on which nothing listens: connections are refused.
+pub async fn refused_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    name: String,
+    hits: Arc<AtomicUsize>,
+    beh: Arc<Mutex<Behavior>>,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+) {
+    let current = beh.lock().unwrap().clone();
+    if matches!(
+        current,
+        Behavior::Garbage | Behavior::CloseBeforeResponse | Behavior::ResetMidBody
+    ) {
+        // Raw behaviours: read one request head, then misbehave.
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0;
+        while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(k) => n += k,
+            }
+        }
+        hits.fetch_add(1, Ordering::SeqCst);
+        match current {
+            Behavior::Garbage => {
+                let _ = stream.write_all(b"this is not http\r\n\r\n").await;
+            }
+            Behavior::ResetMidBody => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n")
+                    .await;
+                let _ = stream.write_all(&vec![b'x'; 65536]).await;
+                let _ = stream.flush().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let std = stream.into_std().unwrap();
+                let s2 = socket2::Socket::from(std);
+                let _ = s2.set_linger(Some(Duration::ZERO));
+                drop(s2);
+                return;
+            }
+            _ => {}
+        }
+        return;
+    }
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let (name, hits, beh, seen) = (name.clone(), hits.clone(), beh.clone(), seen.clone());
+        async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            seen.lock().unwrap().push(req.headers().clone());
+            let b = beh.lock().unwrap().clone();
+            let resp = match b {
+                Behavior::Freeze => {
+                    std::future::pending::<()>().await;
+                    unreachable!()
+                }
+                Behavior::Slow(d) => {
+                    tokio::time::sleep(d).await;
+                    healthy(&name, req).await
+                }
+                Behavior::Status(c) => {
+                    let mut r = text(&name);
+                    *r.status_mut() = StatusCode::from_u16(c).unwrap();
+                    r
+                }
+                _ => healthy(&name, req).await,
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades()
+        .await;
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn text(name: &str) -> Response<OriginBody> {
+    Response::new(Full::new(Bytes::from(name.to_string())).map_err(|e| match e {}).boxed())
+}
+
+async fn healthy(name: &str, mut req: Request<Incoming>) -> Response<OriginBody> {
+    match req.uri().path() {
+        "/echo" => {
+            // Stream the request body straight back.
+            let body = req.into_body();
+            Response::new(body.boxed())
+        }
+        "/ws" => {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+            r.headers_mut().insert("connection", "upgrade".parse().unwrap());
+            r
+        }
+        "/hop" => {
+            let mut r = text(name);
+            r.headers_mut().insert("connection", "x-internal".parse().unwrap());
+            r.headers_mut().insert("x-internal", "secret".parse().unwrap());
+            r.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
+            r
+        }
+        _ => text(name),
+    }
+}
+
+/// A streaming body of `n` bytes in 16 KB chunks.
+pub fn big_body(n: usize) -> StreamBody<impl futures_lite::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
+    let chunk = Bytes::from(vec![b'r'; 16 * 1024]);
+    let chunks = n.div_ceil(chunk.len());
+    let last = n - (chunks - 1) * chunk.len();
+    StreamBody::new(futures_lite::stream::iter((0..chunks).map(move |i| {
+        Ok(Frame::data(if i + 1 == chunks {
+            chunk.slice(..last)
+        } else {
+            chunk.clone()
+        }))
+    })))
+}
+
+/// Starts rampart with `toml` (listeners should bind 127.0.0.1:0).
+pub fn start_proxy(toml: &str) -> (Server, SocketAddr) {
+    let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    let server = Server::start(config).expect("start rampart");
+    let addr = server.listen_addrs()[0];
+    (server, addr)
+}
+
+/// A config with one pool of `backends`, with extra lines for the pool appended.
+pub fn pool_config(backends: &[SocketAddr], pool_extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"
+[server]
+workers = 1
+shutdown_grace = "5s"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "app"
+
+[pools.app]
+backends = [{}]
+{pool_extra}
+"#,
+        list.join(", ")
+    )
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a fresh HTTP/1.1 connection.
+pub async fn send<B>(addr: SocketAddr, req: Request<B>) -> Result<Reply, String>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    get_with(addr, path, &[]).await
+}
+
+pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        b = b.header("host", "test.local");
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(addr, b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// One request over HTTP/2 with prior knowledge (h2c).
+pub async fn get_h2(addr: SocketAddr, path: &str) -> Reply {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://test.local{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// Sends raw bytes and reads until the peer closes or `timeout` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Counts replies by body (the origin's name).
+pub fn tally(replies: &[Reply]) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::new();
+    for r in replies {
+        *m.entry(r.text()).or_insert(0) += 1;
+    }
+    m
+}

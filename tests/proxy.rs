@@ -1,0 +1,544 @@
+//! Core proxy behaviour over real sockets: routing, balancing, header rewriting,
+//! streaming, h2c, upgrades, error mapping, limits and graceful shutdown.
+
+mod common;
+
+/// For tests that count the origin's connections: TCP health checks would add some.
+const NO_HEALTH_CHECKS: &str = "health_check = { type = \"none\" }";
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimal_config_spreads_requests_across_the_pool() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    // The shipped minimal config, pointed at the test's origins.
+    let toml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/minimal.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace("127.0.0.1:9001", &a.addr.to_string())
+        .replace("127.0.0.1:9002", &b.addr.to_string())
+        .replace("127.0.0.1:9003", &c.addr.to_string());
+    let (_srv, addr) = start_proxy(&toml);
+    // Eight concurrent clients, as real traffic: peak-EWMA weighs in-flight load.
+    concurrent_load(addr, 240, 8).await;
+    for o in [&a, &b, &c] {
+        assert!(o.hits() >= 24, "{} got {} of 240", o.name, o.hits());
+    }
+    assert_eq!(a.hits() + b.hits() + c.hits(), 240);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_follows_weights_exactly() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let toml = pool_config(&[], "balancer = \"round_robin\"").replace(
+        "backends = []",
+        &format!(
+            "backends = [{{ addr = \"{}\", weight = 3 }}, \"{}\", \"{}\"]",
+            a.addr, b.addr, c.addr
+        ),
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    for _ in 0..100 {
+        get(addr, "/").await;
+    }
+    assert_eq!((a.hits(), b.hits(), c.hits()), (60, 20, 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_balancer_reaches_every_backend() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr, c.addr], "balancer = \"random\""));
+    for _ in 0..300 {
+        get(addr, "/").await;
+    }
+    for o in [&a, &b, &c] {
+        assert!((50..=150).contains(&o.hits()), "{} got {} of 300", o.name, o.hits());
+    }
+}
+
+/// Sends `total` requests with `concurrency` in flight and returns per-origin counts.
+async fn concurrent_load(addr: std::net::SocketAddr, total: usize, concurrency: usize) {
+    let per = total / concurrency;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        set.spawn(async move {
+            for _ in 0..per {
+                assert_eq!(get(addr, "/").await.status, 200);
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_sends_less_to_a_slow_backend() {
+    let fast1 = TestOrigin::start("fast1", Behavior::Healthy).await;
+    let fast2 = TestOrigin::start("fast2", Behavior::Healthy).await;
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(100))).await;
+    let (_srv, addr) = start_proxy(&pool_config(
+        &[fast1.addr, fast2.addr, slow.addr],
+        "balancer = \"least_request\"",
+    ));
+    concurrent_load(addr, 240, 8).await;
+    assert!(
+        slow.hits() * 4 < fast1.hits() + fast2.hits(),
+        "slow={} fast={}+{}",
+        slow.hits(),
+        fast1.hits(),
+        fast2.hits()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_avoids_a_slow_backend() {
+    let fast1 = TestOrigin::start("fast1", Behavior::Healthy).await;
+    let fast2 = TestOrigin::start("fast2", Behavior::Healthy).await;
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(50))).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[fast1.addr, fast2.addr, slow.addr], ""));
+    concurrent_load(addr, 240, 4).await;
+    assert!(
+        slow.hits() * 4 < fast1.hits() + fast2.hits(),
+        "slow={} fast={}+{}",
+        slow.hits(),
+        fast1.hits(),
+        fast2.hits()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_a_key_on_one_backend_and_spreads_keys() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(
+        &[a.addr, b.addr, c.addr],
+        "balancer = \"consistent_hash\"\nhash_key = \"header:x-user\"",
+    ));
+    let mut owners = std::collections::HashMap::new();
+    for user in 0..60 {
+        let u = format!("user-{user}");
+        let first = get_with(addr, "/", &[("x-user", &u)]).await.text();
+        for _ in 0..3 {
+            assert_eq!(get_with(addr, "/", &[("x-user", &u)]).await.text(), first, "{u} moved");
+        }
+        *owners.entry(first).or_insert(0) += 1;
+    }
+    assert_eq!(owners.len(), 3, "keys should spread over all backends: {owners:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_by_cookie_moves_only_a_removed_backends_keys() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let extra = "balancer = \"consistent_hash\"\nhash_key = \"cookie:sid\"";
+    let (srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr, c.addr], extra));
+    let mut before = Vec::new();
+    for k in 0..60 {
+        let cookie = format!("theme=dark; sid=s{k}");
+        before.push(get_with(addr, "/", &[("cookie", &cookie)]).await.text());
+    }
+    // Reload without b: only b's keys may move.
+    srv.reload(rampart::Config::parse(&pool_config(&[a.addr, c.addr], extra), "t").unwrap());
+    for (k, owner) in before.iter().enumerate() {
+        let cookie = format!("theme=dark; sid=s{k}");
+        let now = get_with(addr, "/", &[("cookie", &cookie)]).await.text();
+        if owner != "b" {
+            assert_eq!(&now, owner, "key s{k} moved although its backend stayed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_host_then_longest_prefix_and_unmatched_is_404() {
+    let api = TestOrigin::start("api", Behavior::Healthy).await;
+    let web = TestOrigin::start("web", Behavior::Healthy).await;
+    let admin = TestOrigin::start("admin", Behavior::Healthy).await;
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+host = "*.example.com"
+pool = "web"
+[[routes]]
+host = "*.example.com"
+path_prefix = "/api"
+pool = "api"
+[[routes]]
+host = "admin.example.com"
+pool = "admin"
+[pools.api]
+backends = ["{}"]
+[pools.web]
+backends = ["{}"]
+[pools.admin]
+backends = ["{}"]
+"#,
+        api.addr, web.addr, admin.addr
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    let host = |h: &'static str, p: &'static str| async move { get_with(addr, p, &[("host", h)]).await };
+    assert_eq!(host("www.example.com", "/").await.text(), "web");
+    assert_eq!(host("www.example.com:8080", "/api/users").await.text(), "api");
+    assert_eq!(host("ADMIN.example.com", "/api").await.text(), "admin");
+    let miss = host("other.org", "/").await;
+    assert_eq!(miss.status, 404);
+    assert!(miss.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_rewritten_both_ways() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let r = get_with(
+        addr,
+        "/hop",
+        &[
+            ("host", "shop.test"),
+            ("connection", "x-drop-me, keep-alive"),
+            ("x-drop-me", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("te", "trailers"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Response: backend's hop-by-hop and Connection-listed fields are gone.
+    assert!(!r.headers.contains_key("x-internal"), "{:?}", r.headers);
+    assert!(!r.headers.contains_key("keep-alive"));
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_string();
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["host"], "shop.test", "Host is preserved");
+    assert!(!seen.contains_key("x-drop-me"), "Connection-listed field forwarded");
+    assert!(!seen.contains_key("te"));
+    assert!(!seen.contains_key("keep-alive"));
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "shop.test");
+    assert_eq!(seen["via"], "1.1 rampart");
+    assert_eq!(seen["x-request-id"].to_str().unwrap(), rid);
+
+    // A client's own request id is kept.
+    get_with(addr, "/", &[("x-request-id", "client-id-1")]).await;
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-request-id"], "client-id-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_megabyte_bodies_stream_both_ways() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let n = 2 * 1024 * 1024;
+    for method in ["POST", "PUT"] {
+        // Chunked (no length): streams through.
+        let req = Request::builder()
+            .method(method)
+            .uri("/echo")
+            .header("host", "t")
+            .body(big_body(n))
+            .unwrap();
+        let r = send(addr, req).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), n, "{method}");
+        assert!(r.body.iter().all(|&b| b == b'r'));
+    }
+    // With Content-Length too.
+    let req = Request::post("/echo")
+        .header("host", "t")
+        .body(Full::new(Bytes::from(vec![b'z'; n])))
+        .unwrap();
+    let r = send(addr, req).await.unwrap();
+    assert_eq!(r.body.len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_proxied_to_http1_backends() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let r = get_h2(addr, "/x").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "o");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["host"], "test.local", "h2 :authority becomes Host");
+    assert_eq!(seen["via"], "2.0 rampart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_is_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        n += s.read(&mut buf[n..]).await.unwrap();
+    }
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["upgrade"], "websocket");
+    for msg in [&b"ping-1"[..], b"second message"] {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("echo through tunnel")
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_refusing_gives_a_fast_503_with_retry_after() {
+    let a = refused_addr().await;
+    let b = refused_addr().await;
+    let c = refused_addr().await;
+    let (_srv, addr) = start_proxy(&pool_config(&[a, b, c], ""));
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = get(addr, "/").await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.headers["retry-after"], "1");
+        let rid = r.headers["x-request-id"].to_str().unwrap().to_string();
+        assert!(r.text().contains(&rid), "error page carries the request id");
+        assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_backend_past_response_timeout_gives_504() {
+    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_secs(3))).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], "response_timeout = \"300ms\""));
+    let t = Instant::now();
+    let r = get(addr, "/").await;
+    assert_eq!(r.status, 504);
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_backend_gives_504_not_a_hang() {
+    let o = TestOrigin::start("o", Behavior::Freeze).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], "response_timeout = \"300ms\""));
+    let r = tokio::time::timeout(Duration::from_secs(5), get(addr, "/"))
+        .await
+        .expect("no hang");
+    assert_eq!(r.status, 504);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_upstream_response_gives_502() {
+    let o = TestOrigin::start("o", Behavior::Garbage).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let r = send(
+        addr,
+        Request::post("/")
+            .header("host", "t")
+            .body(Full::new(Bytes::from("x")))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 502);
+    let o2 = TestOrigin::start("o2", Behavior::CloseBeforeResponse).await;
+    let (_srv2, addr2) = start_proxy(&pool_config(&[o2.addr], ""));
+    let r = send(
+        addr2,
+        Request::post("/")
+            .header("host", "t")
+            .body(Full::new(Bytes::from("x")))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_mid_body_aborts_the_client_response_instead_of_truncating_silently() {
+    let o = TestOrigin::start("o", Behavior::ResetMidBody).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let res = send(
+        addr,
+        Request::get("/")
+            .header("host", "t")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    match res {
+        Err(e) => assert!(
+            e.starts_with("body"),
+            "headers should arrive, the body should fail: {e}"
+        ),
+        Ok(r) => panic!("a reset body must not look complete: {} bytes", r.body.len()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_get_413_414_and_431() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = pool_config(&[o.addr], "")
+        .replace("pool = \"app\"", "pool = \"app\"\nmax_body_bytes = 1000")
+        .replace(
+            "shutdown_grace",
+            "max_header_bytes = 4096\nmax_uri_bytes = 1024\nshutdown_grace",
+        );
+    let (_srv, addr) = start_proxy(&toml);
+    let long_uri = format!("/{}", "a".repeat(2000));
+    assert_eq!(get(addr, &long_uri).await.status, 414);
+    let big = "v".repeat(5000);
+    assert_eq!(get_with(addr, "/", &[("x-big", &big)]).await.status, 431);
+    // Declared too large: refused before touching a backend.
+    let r = send(
+        addr,
+        Request::post("/echo")
+            .header("host", "t")
+            .body(Full::new(Bytes::from(vec![1u8; 5000])))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(o.hits(), 0, "refused requests never reach the backend");
+    // Chunked and too large: caught while streaming (the client may see the 413 or a
+    // closed connection, depending on how far its upload got).
+    let r = send(
+        addr,
+        Request::post("/echo")
+            .header("host", "t")
+            .body(big_body(50_000))
+            .unwrap(),
+    )
+    .await;
+    if let Ok(r) = r {
+        assert_eq!(r.status, 413);
+    }
+    // Under the limit is fine.
+    let r = send(
+        addr,
+        Request::post("/echo")
+            .header("host", "t")
+            .body(Full::new(Bytes::from(vec![1u8; 900])))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let no_host = raw(addr, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(2)).await;
+    assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
+    let junk = raw(addr, b"NOT HTTP AT ALL\r\n\r\n", Duration::from_secs(2)).await;
+    assert!(junk.starts_with("HTTP/1.1 400"), "{junk}");
+    assert_eq!(o.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connection_is_closed_after_the_header_timeout() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml =
+        pool_config(&[o.addr], "").replace("shutdown_grace", "client_header_timeout = \"300ms\"\nshutdown_grace");
+    let (_srv, addr) = start_proxy(&toml);
+    let t = Instant::now();
+    let out = raw(addr, b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ", Duration::from_secs(5)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "connection held for {:?}",
+        t.elapsed()
+    );
+    assert!(!out.contains("200 OK"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_error_pages_are_served_with_the_request_id() {
+    let dir = std::env::temp_dir().join(format!("rampart-pages-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join("503.html");
+    std::fs::write(&page, "<h1>down for a moment</h1><p>ref {request_id}</p>").unwrap();
+    let dead = refused_addr().await;
+    let toml = format!(
+        "{}\n[error_pages]\n\"503\" = \"{}\"\n",
+        pool_config(&[dead], ""),
+        page.display()
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    let r = get(addr, "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["content-type"], "text/html; charset=utf-8");
+    let rid = r.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(r.text(), format!("<h1>down for a moment</h1><p>ref {rid}</p>"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_the_request_in_flight() {
+    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(700))).await;
+    let (srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let inflight = tokio::spawn(async move { get(addr, "/").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let joiner = std::thread::spawn(move || srv.join());
+    let r = inflight.await.unwrap();
+    assert_eq!(r.status, 200, "in-flight request must complete during drain");
+    assert_eq!(r.text(), "o");
+    tokio::task::spawn_blocking(move || joiner.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert_eq!(o.hits(), 20);
+    // Each client request used a fresh client connection; upstream, one was enough.
+    assert_eq!(o.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_expire_after_idle_timeout() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(
+        &[o.addr],
+        &format!("idle_timeout = \"200ms\"\n{NO_HEALTH_CHECKS}"),
+    ));
+    get(addr, "/").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    get(addr, "/").await;
+    assert_eq!(o.connections(), 2, "an expired idle connection must not be reused");
+}
