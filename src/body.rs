@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::breaker::Slot;
 use crate::state::InFlight;
 use crate::upstream::Release;
 
@@ -89,10 +90,14 @@ impl Body for ReqBody {
 pub enum RespBody {
     Full(Option<Bytes>),
     Upstream {
+        /// Bytes already read (while deciding whether a retry was needed), sent first.
+        prefix: Option<Bytes>,
         inner: Incoming,
         /// Returns the connection to the worker's pool once the body is fully read.
         release: Option<Release>,
-        _in_flight: Option<InFlight>,
+        /// The backend's in-flight count and the pool's request slot, held to the end.
+        in_flight: Option<InFlight>,
+        request_slot: Option<Slot>,
     },
 }
 
@@ -107,11 +112,13 @@ impl RespBody {
         RespBody::Full(None)
     }
 
-    pub fn upstream(inner: Incoming, release: Release, in_flight: InFlight) -> RespBody {
+    pub fn upstream(prefix: Option<Bytes>, inner: Incoming, release: Release, in_flight: InFlight) -> RespBody {
         RespBody::Upstream {
+            prefix: prefix.filter(|p| !p.is_empty()),
             inner,
             release: Some(release),
-            _in_flight: Some(in_flight),
+            in_flight: Some(in_flight),
+            request_slot: None,
         }
     }
 }
@@ -124,16 +131,22 @@ impl Body for RespBody {
         match self.get_mut() {
             RespBody::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
             RespBody::Upstream {
+                prefix,
                 inner,
                 release,
-                _in_flight,
+                in_flight,
+                request_slot,
             } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
                 let res = Pin::new(&mut *inner).poll_frame(cx);
                 if let Poll::Ready(None) = res {
                     if let Some(r) = release.take() {
                         r.reuse();
                     }
-                    _in_flight.take();
+                    in_flight.take();
+                    request_slot.take();
                 }
                 res
             }
@@ -143,14 +156,23 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RespBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            RespBody::Upstream { inner, .. } => inner.is_end_stream(),
+            RespBody::Upstream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RespBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            RespBody::Upstream { inner, .. } => inner.size_hint(),
+            RespBody::Upstream { prefix, inner, .. } => {
+                let p = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let h = inner.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(h.lower() + p);
+                if let Some(u) = h.upper() {
+                    out.set_upper(u + p);
+                }
+                out
+            }
         }
     }
 }

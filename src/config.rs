@@ -52,6 +52,38 @@ pub const DEFAULT_HC_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_HC_RISE: u32 = 2;
 /// Failures in a row before an up backend is down (fast: passive ejection covers blips).
 pub const DEFAULT_HC_FALL: u32 = 2;
+/// Consecutive failures that eject a backend (HAProxy's fall is 3; real traffic is
+/// evidence enough to act on quickly).
+pub const DEFAULT_OUTLIER_CONSECUTIVE: u32 = 3;
+/// First ejection; doubles with each ejection in a row. Short, because a returning
+/// backend is probed before it gets traffic again.
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(2);
+/// Longest ejection.
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(60);
+/// At most half a pool is ejected at once (Envoy's max_ejection_percent is 10; half
+/// still leaves capacity while shielding clients from a broken half).
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+/// Below this share of available backends, balance over all of them (Envoy's 50%).
+pub const DEFAULT_PANIC_THRESHOLD: u32 = 50;
+/// Tries per request including the first.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 3;
+/// Retries after a request was sent may add at most this share of load (Finagle/linkerd).
+pub const DEFAULT_BUDGET_PERCENT: u32 = 20;
+/// ...plus this many per second, so a quiet pool can still retry.
+pub const DEFAULT_BUDGET_MIN_PER_SEC: u32 = 10;
+/// Request bodies up to this size are buffered so an idempotent request can be replayed.
+pub const DEFAULT_MAX_REPLAY_BYTES: u64 = 64 * 1024;
+/// Responses to idempotent requests up to this size are read whole before the client
+/// sees a byte, so a backend that resets mid-body is retried instead of truncating.
+pub const DEFAULT_RESPONSE_BUFFER_BYTES: usize = 64 * 1024;
+/// Jittered exponential backoff between tries after a send: first step and cap.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(2);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(50);
+/// Circuit breakers per pool (Envoy's defaults are 1024; ours leave room for 10k clients).
+pub const DEFAULT_CB_MAX_CONNECTIONS: u32 = 10_000;
+pub const DEFAULT_MAX_PENDING: u32 = 1_024;
+pub const DEFAULT_MAX_REQUESTS: u32 = 10_000;
+pub const DEFAULT_MAX_RETRIES: u32 = 256;
 /// A backend with no weight gets this weight.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Weights above this are rejected: they only make the round-robin table large.
@@ -149,6 +181,49 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub max_idle_per_backend: usize,
     pub health_check: HealthCheckConfig,
+    pub outlier: OutlierConfig,
+    pub retry: RetryConfig,
+    pub circuit_breaker: BreakerConfig,
+    /// Ramp a recovered or newly added backend's share up over this window; 0 is off.
+    pub slow_start: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
+    pub panic_threshold: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeDelay {
+    /// From the pool's observed latency (its recent p95), clamped.
+    Auto,
+    Fixed(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub attempts: u32,
+    pub budget_percent: u32,
+    pub budget_min_per_sec: u32,
+    pub max_replay_bytes: u64,
+    pub response_buffer_bytes: usize,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub hedge: bool,
+    pub hedge_delay: HedgeDelay,
+}
+
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub max_connections: u32,
+    pub max_pending: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -302,6 +377,50 @@ struct FilePool {
     idle_timeout: Option<Duration>,
     max_idle_per_backend: Option<usize>,
     health_check: Option<toml::Value>,
+    outlier: Option<toml::Value>,
+    retry: Option<toml::Value>,
+    circuit_breaker: Option<toml::Value>,
+    #[serde(default, with = "humantime_serde")]
+    slow_start: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOutlier {
+    consecutive_failures: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    base_ejection: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_ejection: Option<Duration>,
+    max_ejected_percent: Option<u32>,
+    panic_threshold: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRetry {
+    attempts: Option<u32>,
+    budget_percent: Option<u32>,
+    budget_min_per_sec: Option<u32>,
+    max_replay_bytes: Option<u64>,
+    response_buffer_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    per_try_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    backoff_base: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    backoff_max: Option<Duration>,
+    hedge: Option<bool>,
+    hedge_delay: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBreaker {
+    max_connections: Option<u32>,
+    max_pending: Option<u32>,
+    max_requests: Option<u32>,
+    max_retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -695,6 +814,9 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
         }
     }
     let health_check = validate_health(raw.health_check.as_ref(), &format!("{path}.health_check"), errs);
+    let outlier = validate_outlier(raw.outlier.as_ref(), &format!("{path}.outlier"), errs);
+    let retry = validate_retry(raw.retry.as_ref(), &format!("{path}.retry"), response_timeout, errs);
+    let circuit_breaker = validate_breaker(raw.circuit_breaker.as_ref(), &format!("{path}.circuit_breaker"), errs);
     if errs.0.len() > before {
         return None;
     }
@@ -708,7 +830,139 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
         idle_timeout,
         max_idle_per_backend: raw.max_idle_per_backend.unwrap_or(DEFAULT_MAX_IDLE_PER_BACKEND),
         health_check: health_check.unwrap_or_default(),
+        outlier: outlier?,
+        retry: retry?,
+        circuit_breaker: circuit_breaker?,
+        slow_start: raw.slow_start.unwrap_or(Duration::ZERO),
     })
+}
+
+fn validate_outlier(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -> Option<OutlierConfig> {
+    let raw: FileOutlier = match value {
+        None => FileOutlier::default(),
+        Some(v) => section(v, path, errs)?,
+    };
+    let c = OutlierConfig {
+        consecutive_failures: raw.consecutive_failures.unwrap_or(DEFAULT_OUTLIER_CONSECUTIVE),
+        base_ejection: raw.base_ejection.unwrap_or(DEFAULT_BASE_EJECTION),
+        max_ejection: raw.max_ejection.unwrap_or(DEFAULT_MAX_EJECTION),
+        max_ejected_percent: raw.max_ejected_percent.unwrap_or(DEFAULT_MAX_EJECTED_PERCENT),
+        panic_threshold: raw.panic_threshold.unwrap_or(DEFAULT_PANIC_THRESHOLD),
+    };
+    if c.consecutive_failures == 0 {
+        errs.push(format!("{path}.consecutive_failures"), "must be at least 1");
+    }
+    if c.base_ejection.is_zero() {
+        errs.push(format!("{path}.base_ejection"), "must be greater than 0");
+    }
+    if c.max_ejection < c.base_ejection {
+        errs.push(
+            format!("{path}.max_ejection"),
+            format!("must be at least base_ejection ({:?})", c.base_ejection),
+        );
+    }
+    if c.max_ejected_percent > 100 {
+        errs.push(format!("{path}.max_ejected_percent"), "must be between 0 and 100");
+    }
+    if c.panic_threshold > 100 {
+        errs.push(format!("{path}.panic_threshold"), "must be between 0 and 100");
+    }
+    Some(c)
+}
+
+fn validate_retry(
+    value: Option<&toml::Value>,
+    path: &str,
+    response_timeout: Duration,
+    errs: &mut Errors,
+) -> Option<RetryConfig> {
+    let raw: FileRetry = match value {
+        None => FileRetry::default(),
+        Some(v) => section(v, path, errs)?,
+    };
+    let hedge_delay = match raw.hedge_delay.as_deref() {
+        None | Some("auto") => HedgeDelay::Auto,
+        Some(s) => match humantime::parse_duration(s) {
+            Ok(d) if !d.is_zero() => HedgeDelay::Fixed(d),
+            _ => {
+                errs.push(
+                    format!("{path}.hedge_delay"),
+                    format!("expected \"auto\" or a duration like \"50ms\", got {s:?}"),
+                );
+                HedgeDelay::Auto
+            }
+        },
+    };
+    let c = RetryConfig {
+        attempts: raw.attempts.unwrap_or(DEFAULT_RETRY_ATTEMPTS),
+        budget_percent: raw.budget_percent.unwrap_or(DEFAULT_BUDGET_PERCENT),
+        budget_min_per_sec: raw.budget_min_per_sec.unwrap_or(DEFAULT_BUDGET_MIN_PER_SEC),
+        max_replay_bytes: raw.max_replay_bytes.unwrap_or(DEFAULT_MAX_REPLAY_BYTES),
+        response_buffer_bytes: raw.response_buffer_bytes.unwrap_or(DEFAULT_RESPONSE_BUFFER_BYTES),
+        per_try_timeout: raw.per_try_timeout,
+        backoff_base: raw.backoff_base.unwrap_or(DEFAULT_BACKOFF_BASE),
+        backoff_max: raw.backoff_max.unwrap_or(DEFAULT_BACKOFF_MAX),
+        hedge: raw.hedge.unwrap_or(true),
+        hedge_delay,
+    };
+    if c.attempts == 0 || c.attempts > 10 {
+        errs.push(
+            format!("{path}.attempts"),
+            "must be between 1 and 10 (1 disables retries)",
+        );
+    }
+    if c.budget_percent > 100 {
+        errs.push(format!("{path}.budget_percent"), "must be between 0 and 100");
+    }
+    if c.max_replay_bytes > 16 * 1024 * 1024 {
+        errs.push(format!("{path}.max_replay_bytes"), "must be at most 16 MiB");
+    }
+    if c.response_buffer_bytes > 16 * 1024 * 1024 {
+        errs.push(format!("{path}.response_buffer_bytes"), "must be at most 16 MiB");
+    }
+    if let Some(t) = c.per_try_timeout {
+        if t.is_zero() || t > response_timeout {
+            errs.push(
+                format!("{path}.per_try_timeout"),
+                format!("must be greater than 0 and at most the pool's response_timeout ({response_timeout:?})"),
+            );
+        }
+    }
+    if c.backoff_max < c.backoff_base {
+        errs.push(format!("{path}.backoff_max"), "must be at least backoff_base");
+    }
+    if let HedgeDelay::Fixed(d) = c.hedge_delay {
+        if d >= response_timeout {
+            errs.push(
+                format!("{path}.hedge_delay"),
+                "must be shorter than the pool's response_timeout",
+            );
+        }
+    }
+    Some(c)
+}
+
+fn validate_breaker(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -> Option<BreakerConfig> {
+    let raw: FileBreaker = match value {
+        None => FileBreaker::default(),
+        Some(v) => section(v, path, errs)?,
+    };
+    let c = BreakerConfig {
+        max_connections: raw.max_connections.unwrap_or(DEFAULT_CB_MAX_CONNECTIONS),
+        max_pending: raw.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
+        max_requests: raw.max_requests.unwrap_or(DEFAULT_MAX_REQUESTS),
+        max_retries: raw.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+    };
+    for (field, v) in [
+        ("max_connections", c.max_connections),
+        ("max_pending", c.max_pending),
+        ("max_requests", c.max_requests),
+    ] {
+        if v == 0 {
+            errs.push(format!("{path}.{field}"), "must be at least 1");
+        }
+    }
+    Some(c)
 }
 
 fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -> Option<HealthCheckConfig> {

@@ -3,6 +3,10 @@
 //! and flips the backend's `healthy` atomic after `fall` failures or `rise` successes
 //! in a row. Workers only read the atomic. When a reload installs a new snapshot the
 //! tasks restart against it; the verdicts carry over with the backend state.
+//!
+//! The same loop probes a backend whose outlier ejection has just ended (probation)
+//! and restores or re-ejects it; with `type = "none"` that probe is a TCP connect.
+//! The control loop here also refreshes each pool's hedge delay and retry budget.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -15,27 +19,33 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{HealthCheckConfig, HealthCheckKind};
-use crate::state::{Pool, Shared};
+use crate::outlier;
+use crate::state::{now_ms, Pool, Shared};
 
-/// How often the control loop looks for a new snapshot.
-const RELOAD_POLL: Duration = Duration::from_millis(200);
+/// How often the control loop looks for a new snapshot, refreshes hedge delays and
+/// refills retry budgets.
+const CONTROL_TICK: Duration = Duration::from_millis(200);
 
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let snap = shared.snapshot.load_full();
         let mut tasks = JoinSet::new();
         for pool in &snap.pools {
-            if pool.config.health_check.kind == HealthCheckKind::None {
-                continue;
-            }
             for bi in 0..pool.backends.len() {
                 tasks.spawn(check_loop(pool.clone(), bi));
             }
         }
+        let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = crate::stopped(&mut shutdown) => return,
-                _ = tokio::time::sleep(RELOAD_POLL) => {}
+                _ = tokio::time::sleep(CONTROL_TICK) => {}
+            }
+            let elapsed = last.elapsed();
+            last = tokio::time::Instant::now();
+            for pool in &snap.pools {
+                pool.latency.update();
+                pool.budget.refill(elapsed);
             }
             if !Arc::ptr_eq(&shared.snapshot.load(), &snap) {
                 break;
@@ -49,9 +59,26 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
     let cfg = &pool.config.health_check;
     let backend = &pool.backends[bi];
     let (mut ok_run, mut fail_run) = (0u32, 0u32);
+    let active = cfg.kind != HealthCheckKind::None;
     // Spread the first probes over one interval so backends are not probed in lockstep.
     tokio::time::sleep(jittered(cfg.interval.min(Duration::from_millis(100)), cfg.jitter)).await;
     loop {
+        // Probation first: an ejection that has ended is probed right away.
+        let now = now_ms();
+        let until = backend.state.ejected_until.load(Ordering::Relaxed);
+        if backend.state.probation.load(Ordering::Relaxed) && until <= now {
+            match probe(cfg, backend.addr).await {
+                Ok(()) => outlier::restore(&pool, bi),
+                Err(reason) => {
+                    tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "probation probe failed");
+                    outlier::try_eject(&pool, bi, "probation probe failed");
+                }
+            }
+        }
+        if !active {
+            tokio::time::sleep(next_wake(&pool, bi, cfg.interval)).await;
+            continue;
+        }
         let result = probe(cfg, backend.addr).await;
         let healthy = backend.state.is_healthy();
         match result {
@@ -60,6 +87,7 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
                 ok_run += 1;
                 if !healthy && ok_run >= cfg.rise {
                     backend.state.healthy.store(true, Ordering::Relaxed);
+                    backend.state.ramp_from.store(now_ms(), Ordering::Relaxed);
                     tracing::info!(pool = %pool.name, backend = %backend.name, "health check passing: backend up");
                     metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "up")
                         .increment(1);
@@ -78,8 +106,18 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
                 }
             }
         }
-        tokio::time::sleep(jittered(cfg.interval, cfg.jitter)).await;
+        tokio::time::sleep(next_wake(&pool, bi, jittered(cfg.interval, cfg.jitter))).await;
     }
+}
+
+/// Sleeps `normal`, or less when an ejection ends sooner, so probation is prompt.
+fn next_wake(pool: &Pool, bi: usize, normal: Duration) -> Duration {
+    let st = &pool.backends[bi].state;
+    if !st.probation.load(Ordering::Relaxed) {
+        return normal;
+    }
+    let until = st.ejected_until.load(Ordering::Relaxed);
+    normal.min(Duration::from_millis(until.saturating_sub(now_ms())))
 }
 
 fn jittered(base: Duration, jitter: Duration) -> Duration {
@@ -101,6 +139,7 @@ pub async fn probe(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), Stri
 
 async fn probe_inner(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    // Without an HTTP check configured, a probation probe is a TCP connect.
     if cfg.kind != HealthCheckKind::Http {
         return Ok(());
     }

@@ -9,9 +9,11 @@
 pub mod admin;
 pub mod balancer;
 pub mod body;
+pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod forward;
 pub mod health;
 pub mod listener;
 pub mod metrics;

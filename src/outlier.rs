@@ -1,11 +1,15 @@
 //! Passive outlier ejection: every real request's outcome is evidence about its backend.
-//! Consecutive connect failures, timeouts, resets and gateway errors (502/503/504) eject
-//! a backend for a time that doubles with each repeated ejection (with jitter, capped).
-//! A cap on the ejected share keeps ejection from emptying a pool.
+//! Consecutive connect failures, timeouts, resets and gateway errors (502/503/504), and
+//! being beaten by a hedge without answering at all, eject a backend for a time that
+//! doubles with each ejection in a row (±10% jitter, capped). A cap on the ejected
+//! share keeps ejection from emptying a pool; the panic threshold (`state::Pool::pick`)
+//! covers the rest.
 //!
-//! All state is atomics on `BackendState`; workers record outcomes without locks. When
-//! an ejection ends the backend is not trusted at once: the first failure after it
-//! returns ejects it again (the consecutive count is left one short of the threshold).
+//! An ejected backend is put on probation: when the ejection ends, the health loop
+//! probes it and only a passing probe gives it traffic again (`restore`). Even then it
+//! is one failure away from re-ejection until a success resets its backoff.
+//!
+//! All state is atomics on `BackendState`; workers record outcomes without locks.
 
 use std::sync::atomic::Ordering;
 
@@ -14,26 +18,25 @@ use http::StatusCode;
 use crate::error::ProxyError;
 use crate::state::{now_ms, Pool};
 
-/// Consecutive failures that eject a backend (HAProxy's fall is 3, Envoy's 5xx run 5;
-/// real traffic gives evidence fast, so 3).
-pub const CONSECUTIVE_FAILURES: u32 = 3;
-/// First ejection length; doubles for each ejection in a row.
-pub const BASE_EJECTION_MS: u64 = 2_000;
-/// Longest ejection.
-pub const MAX_EJECTION_MS: u64 = 60_000;
-/// At most this share of a pool is ejected at once (Envoy's max_ejection_percent).
-pub const MAX_EJECTED_PERCENT: usize = 50;
-
 /// Records a failed try. Only upstream failures count against the backend.
 pub fn on_failure(pool: &Pool, bi: usize, err: &ProxyError) {
     if !err.is_backend_failure() {
         return;
     }
+    record_failure(pool, bi, err.kind());
+}
+
+/// The backend had not even sent headers when a hedge to another backend answered.
+pub fn on_hedge_loss(pool: &Pool, bi: usize) {
+    record_failure(pool, bi, "hedge_lost");
+}
+
+fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
     let backend = &pool.backends[bi];
-    metrics::counter!(crate::metrics::UPSTREAM_ERRORS, "pool" => pool.name.clone(), "backend" => backend.name.clone(), "kind" => err.kind()).increment(1);
+    metrics::counter!(crate::metrics::UPSTREAM_ERRORS, "pool" => pool.name.clone(), "backend" => backend.name.clone(), "kind" => kind).increment(1);
     let n = backend.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-    if n >= CONSECUTIVE_FAILURES {
-        try_eject(pool, bi, err.kind());
+    if n >= pool.config.outlier.consecutive_failures {
+        try_eject(pool, bi, kind);
     }
 }
 
@@ -49,47 +52,70 @@ pub fn on_response(pool: &Pool, bi: usize, status: StatusCode) -> Option<ProxyEr
         on_failure(pool, bi, &err);
         Some(err)
     } else {
-        let st = &backend.state;
-        if st.consecutive_failures.load(Ordering::Relaxed) != 0 {
-            st.consecutive_failures.store(0, Ordering::Relaxed);
-        }
-        if st.ejections.load(Ordering::Relaxed) != 0 && !st.is_ejected(now_ms()) {
-            // A success after an ejection ended: the backend has recovered.
-            st.ejections.store(0, Ordering::Relaxed);
-        }
+        on_success(pool, bi);
         None
     }
 }
 
-fn try_eject(pool: &Pool, bi: usize, reason: &'static str) {
-    let now = now_ms();
+pub fn on_success(pool: &Pool, bi: usize) {
     let st = &pool.backends[bi].state;
-    if st.is_ejected(now) {
+    if st.consecutive_failures.load(Ordering::Relaxed) != 0 {
+        st.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+    if st.ejections.load(Ordering::Relaxed) != 0 && !st.is_ejected(now_ms()) {
+        // A success after an ejection ended: the backend has recovered.
+        st.ejections.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Ejects backend `bi` now (also used when a probation probe fails).
+pub fn try_eject(pool: &Pool, bi: usize, reason: &str) {
+    let now = now_ms();
+    let cfg = &pool.config.outlier;
+    let st = &pool.backends[bi].state;
+    let prev_until = st.ejected_until.load(Ordering::Relaxed);
+    if prev_until > now {
         return;
     }
-    let ejected = pool.backends.iter().filter(|b| b.state.is_ejected(now)).count();
-    if (ejected + 1) * 100 > pool.backends.len() * MAX_EJECTED_PERCENT.max(1) && ejected + 1 > 1 {
-        tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, "not ejecting: max ejected share reached");
+    let on_probation = st.probation.load(Ordering::Relaxed);
+    let ejected = pool
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| *i != bi && (b.state.is_ejected(now) || b.state.probation.load(Ordering::Relaxed)))
+        .count();
+    // The first ejection in a pool is always allowed; past that, respect the cap.
+    if !on_probation && ejected > 0 && (ejected + 1) * 100 > pool.backends.len() * cfg.max_ejected_percent as usize {
+        tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, "not ejecting: max_ejected_percent reached");
         return;
     }
     let k = st.ejections.fetch_add(1, Ordering::Relaxed).min(16);
-    let base = BASE_EJECTION_MS.saturating_mul(1 << k).min(MAX_EJECTION_MS);
+    let base = (cfg.base_ejection.as_millis() as u64)
+        .saturating_mul(1 << k)
+        .min(cfg.max_ejection.as_millis() as u64);
     // ±10% jitter so backends ejected together do not return together.
     let jitter = fastrand::u64(..=base / 5).saturating_sub(base / 10);
     let until = now + base + jitter;
     if st
         .ejected_until
-        .compare_exchange(
-            st.ejected_until.load(Ordering::Relaxed),
-            until,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        )
+        .compare_exchange(prev_until, until, Ordering::Relaxed, Ordering::Relaxed)
         .is_ok()
     {
-        // Back one short of the threshold: a single failure on return re-ejects.
+        st.probation.store(true, Ordering::Relaxed);
+        // One short of the threshold: a single failure after return re-ejects.
         st.consecutive_failures
-            .store(CONSECUTIVE_FAILURES - 1, Ordering::Relaxed);
-        tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, ejection_ms = until - now, "backend ejected");
+            .store(cfg.consecutive_failures.saturating_sub(1), Ordering::Relaxed);
+        tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, ejection_ms = until - now, ejections = k + 1, "backend ejected");
+        metrics::counter!("rampart_ejections_total", "pool" => pool.name.clone(), "backend" => pool.backends[bi].name.clone()).increment(1);
+    }
+}
+
+/// A probation probe passed after the ejection ended: traffic may return.
+pub fn restore(pool: &Pool, bi: usize) {
+    let st = &pool.backends[bi].state;
+    if st.probation.swap(false, Ordering::Relaxed) {
+        st.ramp_from.store(now_ms(), Ordering::Relaxed);
+        tracing::info!(pool = %pool.name, backend = %pool.backends[bi].name, "probe passed: backend restored");
+        metrics::counter!("rampart_restores_total", "pool" => pool.name.clone(), "backend" => pool.backends[bi].name.clone()).increment(1);
     }
 }

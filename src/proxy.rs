@@ -1,8 +1,8 @@
 //! One request, start to finish: `handle()` turns `handle_inner()`'s `Result` into a
 //! response (the error page, metrics and logs live here, once), and `handle_inner()`
-//! checks limits, routes, rewrites headers and forwards through `forward()`, which
-//! owns the attempt loop over backends. Header rewriting (hop-by-hop removal,
-//! `X-Forwarded-*`, `Via`, `x-request-id`) lives here too.
+//! checks limits, routes, rewrites headers and hands the request to
+//! `forward::forward`, which owns the attempt loop over backends. Header rewriting
+//! (hop-by-hop removal, `X-Forwarded-*`, `Via`, `x-request-id`) lives here too.
 //!
 //! Retry *policy* (what is safe, the budget) is `retry.rs`; passive health is
 //! `outlier.rs`; connection reuse is `upstream.rs`.
@@ -22,13 +22,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balancer::{hash64, Balancer};
-use crate::body::{ReqBody, ReqBodyError, RespBody};
+use crate::body::RespBody;
 use crate::config::HashKey;
 use crate::error::{error_response, ProxyError};
-use crate::outlier;
-use crate::retry::{self, Attempts};
+use crate::forward::Forwarded;
+use crate::retry;
 use crate::router::host_without_port;
-use crate::state::{Pool, Snapshot};
+use crate::state::Snapshot;
 use crate::worker::WorkerCtx;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -116,12 +116,6 @@ impl Default for RequestIds {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// A successful exchange and what it needs for the log line.
-struct Forwarded {
-    response: Response<RespBody>,
-    backend: SocketAddr,
 }
 
 /// Entry point from the connection's service: never fails, always answers.
@@ -247,7 +241,7 @@ async fn handle_inner(
     let body = retry::prepare_body(incoming, content_length, route.max_body_bytes, idempotent, &pool.config).await?;
     let req = Request::from_parts(parts, body);
 
-    let mut fwd = forward(ctx, pool, req, hash).await?;
+    let mut fwd = crate::forward::forward(ctx, pool, req, hash).await?;
     if let Some(client_upgrade) = client_upgrade {
         if fwd.response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut fwd.response);
@@ -255,110 +249,6 @@ async fn handle_inner(
         }
     }
     Ok(fwd)
-}
-
-/// The attempt loop: pick a backend, get a connection, send, and on a failure that is
-/// safe to retry, try a *different* backend while the policy allows.
-async fn forward(
-    ctx: &Rc<WorkerCtx>,
-    pool: &Arc<Pool>,
-    req: Request<ReqBody>,
-    hash: Option<u64>,
-) -> Result<Forwarded, ProxyError> {
-    let cfg = &pool.config;
-    let mut attempts = Attempts::new(pool, &req);
-    let mut req = Some(req);
-    loop {
-        let Some(bi) = pool.pick(hash, attempts.tried()) else {
-            return Err(attempts.into_error(pool));
-        };
-        let backend = &pool.backends[bi];
-        let Some(request) = req.take().or_else(|| attempts.replay()) else {
-            return Err(attempts.into_error(pool));
-        };
-        let (mut tx, reused) = match ctx.conns.checkout(backend.state.id) {
-            Some(tx) => (tx, true),
-            None => match crate::upstream::connect(backend.addr, cfg.connect_timeout).await {
-                Ok(tx) => (tx, false),
-                Err(e) => {
-                    outlier::on_failure(pool, bi, &e);
-                    req = Some(request);
-                    if !attempts.failed(bi, e, true) {
-                        return Err(attempts.into_error(pool));
-                    }
-                    continue;
-                }
-            },
-        };
-        let in_flight = backend.state.start_request();
-        let sent_at = Instant::now();
-        let outcome = tokio::time::timeout(cfg.response_timeout, tx.try_send_request(request)).await;
-        let err = match outcome {
-            Ok(Ok(response)) => {
-                let elapsed = sent_at.elapsed();
-                backend.state.observe_latency(elapsed);
-                if let Some(e) = outlier::on_response(pool, bi, response.status()) {
-                    if attempts.should_retry_status(bi, e) {
-                        drop(response);
-                        continue;
-                    }
-                }
-                let mut response = response;
-                let status = response.status();
-                rewrite_response_headers(response.headers_mut(), status);
-                let release = crate::upstream::Release {
-                    pool: ctx.conns.clone(),
-                    backend: backend.state.id,
-                    tx,
-                    idle_timeout: cfg.idle_timeout,
-                    max_idle: cfg.max_idle_per_backend,
-                };
-                let (parts, incoming) = response.into_parts();
-                let body = RespBody::upstream(incoming, release, in_flight);
-                return Ok(Forwarded {
-                    response: Response::from_parts(parts, body),
-                    backend: backend.addr,
-                });
-            }
-            Ok(Err(mut e)) => {
-                if let Some(unsent) = e.take_message() {
-                    // Never written: a pooled connection the backend had closed. Safe for
-                    // any method; a stale connection says nothing about the backend.
-                    if reused && attempts.stale_retry() {
-                        req = Some(unsent);
-                        continue;
-                    }
-                    req = Some(unsent);
-                }
-                classify_send_error(backend.addr, e.into_error())?
-            }
-            Err(_) => ProxyError::ResponseTimeout { backend: backend.addr },
-        };
-        drop(in_flight);
-        outlier::on_failure(pool, bi, &err);
-        if !attempts.failed(bi, err, req.is_some()) {
-            return Err(attempts.into_error(pool));
-        }
-    }
-}
-
-/// Separates client-side body failures (not the backend's fault) from upstream ones.
-fn classify_send_error(backend: SocketAddr, e: hyper::Error) -> Result<ProxyError, ProxyError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-    while let Some(s) = source {
-        if let Some(b) = s.downcast_ref::<ReqBodyError>() {
-            return Err(match b {
-                ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
-                ReqBodyError::Client(_) => ProxyError::BadRequest("client request body failed"),
-            });
-        }
-        source = s.source();
-    }
-    if e.is_parse() || e.is_parse_status() {
-        Ok(ProxyError::BadResponse { backend, source: e })
-    } else {
-        Ok(ProxyError::UpstreamClosed { backend, source: e })
-    }
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either closes.

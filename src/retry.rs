@@ -7,7 +7,14 @@
 //!   application may have seen the request. The body must be replayable: empty, or
 //!   buffered up front when it is no larger than `MAX_REPLAY_BYTES`.
 //!
-//! This module owns the decision; `proxy::forward` owns the loop.
+//! Also here: the retry budget (retries after a send and hedges may add at most
+//! `budget_percent` of load plus `budget_min_per_sec`), the adaptive hedge delay
+//! (the pool's recent p95 latency), and jittered backoff.
+//!
+//! This module owns the decision; `forward.rs` owns the loop.
+
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
@@ -19,10 +26,6 @@ use crate::config::PoolConfig;
 use crate::error::ProxyError;
 use crate::state::Pool;
 
-/// Bodies up to this size are buffered so an idempotent request can be replayed.
-pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
-/// Tries per request, the first included (Envoy and HAProxy default to a few).
-pub const MAX_TRIES: usize = 3;
 /// Retries of never-written requests on stale pooled connections.
 const MAX_STALE_RETRIES: u8 = 2;
 
@@ -40,13 +43,13 @@ pub async fn prepare_body(
     content_length: Option<u64>,
     limit: Option<u64>,
     idempotent: bool,
-    _pool: &PoolConfig,
+    pool: &PoolConfig,
 ) -> Result<ReqBody, ProxyError> {
     if incoming.is_end_stream() {
         return Ok(ReqBody::empty());
     }
-    if idempotent {
-        if let Some(len) = content_length.filter(|&l| l <= MAX_REPLAY_BYTES) {
+    if idempotent && pool.retry.attempts > 1 {
+        if let Some(len) = content_length.filter(|&l| l <= pool.retry.max_replay_bytes) {
             let cap = limit.map_or(len, |l| l.min(len)) as usize;
             if let Some(bytes) = crate::proxy::collect_limited(&mut incoming, cap).await? {
                 return Ok(ReqBody::Buffered(Some(bytes)));
@@ -82,7 +85,7 @@ pub struct Attempts {
 impl Attempts {
     pub fn new(pool: &Pool, req: &Request<ReqBody>) -> Attempts {
         let idempotent = is_idempotent(req.method());
-        let max_tries = MAX_TRIES.min(pool.backends.len());
+        let max_tries = (pool.config.retry.attempts as usize).min(pool.backends.len());
         let template = match req.body() {
             ReqBody::Buffered(b) if idempotent && max_tries > 1 => Some(Template {
                 method: req.method().clone(),
@@ -104,6 +107,32 @@ impl Attempts {
 
     pub fn tried(&self) -> &[usize] {
         &self.tried
+    }
+
+    /// How many tries have failed so far.
+    pub fn failures(&self) -> usize {
+        self.tried.len()
+    }
+
+    /// Whether the request can be sent again after it was written (replayable).
+    pub fn replayable(&self) -> bool {
+        self.template.is_some()
+    }
+
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// Marks a backend as used without a failure (a hedge's target).
+    pub fn mark_tried(&mut self, bi: usize) {
+        if !self.tried.contains(&bi) {
+            self.tried.push(bi);
+        }
+    }
+
+    /// Room for one more try after those recorded.
+    pub fn has_tries_left(&self) -> bool {
+        self.tried.len() < self.max_tries
     }
 
     /// A fresh copy of the request for another try, when it can be replayed.
@@ -130,7 +159,7 @@ impl Attempts {
     /// Records a failed try on backend `bi`. Returns whether another try is allowed;
     /// `have_request` says the original request is still in hand (not yet written).
     pub fn failed(&mut self, bi: usize, err: ProxyError, have_request: bool) -> bool {
-        self.tried.push(bi);
+        self.mark_tried(bi);
         let safe = if err.is_retryable_any_method() {
             have_request || self.template.is_some()
         } else {
@@ -144,20 +173,136 @@ impl Attempts {
         again
     }
 
-    /// A 502/503/504 from backend `bi`: retry on another backend when the request can
-    /// be replayed; otherwise the client gets the backend's own response.
-    pub fn should_retry_status(&mut self, bi: usize, err: ProxyError) -> bool {
-        if !(self.idempotent && self.template.is_some() && self.tried.len() + 1 < self.max_tries) {
-            return false;
-        }
-        self.failed(bi, err, false)
-    }
-
     pub fn into_error(self, pool: &Pool) -> ProxyError {
         self.last.unwrap_or_else(|| ProxyError::NoHealthyBackend {
             pool: pool.name.clone(),
         })
     }
+}
+
+/// A retry budget shared by all workers: each request deposits `percent`/100 of a
+/// token, each budgeted retry or hedge withdraws one; the control loop adds
+/// `min_per_sec` tokens a second. Balances are in thousandths of a token.
+#[derive(Debug)]
+pub struct RetryBudget {
+    balance: AtomicI64,
+    deposit: i64,
+    min_per_sec: i64,
+    cap: i64,
+}
+
+impl RetryBudget {
+    pub fn new(percent: u32, min_per_sec: u32) -> RetryBudget {
+        let cap = (min_per_sec as i64 * 10 + 100) * 1000;
+        RetryBudget {
+            balance: AtomicI64::new(min_per_sec as i64 * 1000),
+            deposit: percent as i64 * 10,
+            min_per_sec: min_per_sec as i64,
+            cap,
+        }
+    }
+
+    pub fn deposit(&self) {
+        if self.deposit > 0 && self.balance.load(Ordering::Relaxed) < self.cap {
+            self.balance.fetch_add(self.deposit, Ordering::Relaxed);
+        }
+    }
+
+    pub fn try_withdraw(&self) -> bool {
+        if self.balance.fetch_sub(1000, Ordering::Relaxed) >= 1000 {
+            true
+        } else {
+            self.balance.fetch_add(1000, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Called by the control loop; `elapsed` since the last refill.
+    pub fn refill(&self, elapsed: Duration) {
+        let add = (self.min_per_sec as f64 * 1000.0 * elapsed.as_secs_f64()) as i64;
+        if self.balance.load(Ordering::Relaxed) < self.cap {
+            self.balance.fetch_add(add, Ordering::Relaxed);
+        }
+    }
+
+    pub fn tokens(&self) -> f64 {
+        self.balance.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+}
+
+/// Hedge delay bounds for `hedge_delay = "auto"`: never hedge sooner than this (a
+/// hedge is extra load), and until there are samples, use the default.
+pub const HEDGE_MIN_DELAY: Duration = Duration::from_millis(25);
+pub const HEDGE_DEFAULT_DELAY: Duration = Duration::from_millis(50);
+const LATENCY_BUCKETS: usize = 32;
+
+/// Recent response latencies of a pool in log2 microsecond buckets, decayed by the
+/// control loop, which also publishes the p95 used as the adaptive hedge delay.
+#[derive(Debug)]
+pub struct LatencyTracker {
+    buckets: [AtomicU32; LATENCY_BUCKETS],
+    p95_us: AtomicU64,
+}
+
+impl Default for LatencyTracker {
+    fn default() -> Self {
+        LatencyTracker {
+            buckets: std::array::from_fn(|_| AtomicU32::new(0)),
+            p95_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LatencyTracker {
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = (64 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Recomputes the p95 (the upper edge of its bucket) and halves the counts, so
+    /// the estimate follows the last few seconds.
+    pub fn update(&self) {
+        let counts: Vec<u32> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().map(|&c| c as u64).sum();
+        if total >= 20 {
+            let target = (total * 95).div_ceil(100);
+            let mut seen = 0u64;
+            for (i, &c) in counts.iter().enumerate() {
+                seen += c as u64;
+                if seen >= target {
+                    self.p95_us.store(1u64 << i, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        for b in &self.buckets {
+            let v = b.load(Ordering::Relaxed);
+            b.fetch_sub(v - v / 2, Ordering::Relaxed);
+        }
+    }
+
+    pub fn p95(&self) -> Option<Duration> {
+        match self.p95_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// The adaptive hedge delay: the recent p95, at least `HEDGE_MIN_DELAY`, at most
+    /// half the response timeout.
+    pub fn hedge_delay(&self, response_timeout: Duration) -> Duration {
+        self.p95()
+            .unwrap_or(HEDGE_DEFAULT_DELAY)
+            .max(HEDGE_MIN_DELAY)
+            .min(response_timeout / 2)
+    }
+}
+
+/// Full-jitter exponential backoff before retry number `n` (1-based).
+pub fn backoff(base: Duration, max: Duration, n: usize) -> Duration {
+    let cap = base.saturating_mul(1u32 << (n.saturating_sub(1)).min(16)).min(max);
+    Duration::from_micros(fastrand::u64(..=cap.as_micros() as u64))
 }
 
 fn backend_of(e: &ProxyError) -> String {
@@ -175,6 +320,53 @@ fn backend_of(e: &ProxyError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_allows_its_share_and_refills() {
+        let b = RetryBudget::new(20, 0);
+        assert!(!b.try_withdraw(), "empty budget allows nothing");
+        for _ in 0..10 {
+            b.deposit();
+        }
+        assert!(b.try_withdraw(), "10 requests at 20% earn 2 retries");
+        assert!(b.try_withdraw());
+        assert!(!b.try_withdraw());
+        let m = RetryBudget::new(0, 10);
+        assert!((m.tokens() - 10.0).abs() < 1e-9);
+        m.refill(Duration::from_millis(500));
+        assert!((m.tokens() - 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn hedge_delay_follows_the_p95_within_bounds() {
+        let t = LatencyTracker::default();
+        let timeout = Duration::from_secs(30);
+        assert_eq!(t.hedge_delay(timeout), HEDGE_DEFAULT_DELAY);
+        for _ in 0..95 {
+            t.record(Duration::from_millis(1));
+        }
+        for _ in 0..5 {
+            t.record(Duration::from_millis(300));
+        }
+        t.update();
+        assert_eq!(t.hedge_delay(timeout), HEDGE_MIN_DELAY, "fast pool: floor");
+        for _ in 0..100 {
+            t.record(Duration::from_millis(100));
+        }
+        t.update();
+        let d = t.hedge_delay(timeout);
+        assert!(
+            d >= Duration::from_millis(100) && d <= Duration::from_millis(262),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        for n in 1..20 {
+            assert!(backoff(Duration::from_millis(2), Duration::from_millis(50), n) <= Duration::from_millis(50));
+        }
+    }
 
     #[test]
     fn idempotent_methods_follow_rfc_9110() {

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::balancer::Balancer;
-use crate::config::{Config, PoolConfig, RouteConfig};
+use crate::breaker::Breakers;
+use crate::config::{BalancerKind, Config, PoolConfig, RouteConfig};
 use crate::metrics::PoolMetrics;
+use crate::retry::{LatencyTracker, RetryBudget};
 use crate::router::Router;
 
 /// Milliseconds on a process-wide monotonic clock; 0 is process start.
@@ -42,6 +44,11 @@ pub struct BackendState {
     /// How many times in a row the backend has been ejected, for backoff.
     pub ejections: AtomicU32,
     pub consecutive_failures: AtomicU32,
+    /// Set on ejection; the health loop clears it after a successful probe once the
+    /// ejection ends, so a returning backend is probed before it gets traffic.
+    pub probation: AtomicBool,
+    /// Slow start: when the backend (re)gained traffic, on the `now_ms` clock; 0 = none.
+    pub ramp_from: AtomicU64,
     in_flight: AtomicU32,
     ewma_ns: AtomicU64,
     ewma_stamp_ns: AtomicU64,
@@ -56,6 +63,8 @@ impl BackendState {
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
+            probation: AtomicBool::new(false),
+            ramp_from: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
             ewma_stamp_ns: AtomicU64::new(0),
@@ -71,7 +80,18 @@ impl BackendState {
     }
 
     pub fn is_available(&self, now_ms: u64) -> bool {
-        self.is_healthy() && !self.is_ejected(now_ms)
+        self.is_healthy() && !self.is_ejected(now_ms) && !self.probation.load(Ordering::Relaxed)
+    }
+
+    /// Share of its weight the backend gets under slow start, in (0, 1].
+    pub fn ramp_factor(&self, now_ms: u64, window: Duration) -> f64 {
+        let from = self.ramp_from.load(Ordering::Relaxed);
+        let w = window.as_millis() as u64;
+        if from == 0 || w == 0 || now_ms >= from + w {
+            return 1.0;
+        }
+        // Envoy's min_weight_percent is 10: a ramping backend still gets some traffic.
+        ((now_ms.saturating_sub(from)) as f64 / w as f64).max(0.1)
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -161,14 +181,57 @@ pub struct Pool {
     pub balancer: Balancer,
     pub config: PoolConfig,
     pub metrics: PoolMetrics,
+    pub budget: RetryBudget,
+    pub breakers: Arc<Breakers>,
+    pub latency: LatencyTracker,
+    /// Set while fewer than `panic_threshold`% of backends are available.
+    pub panic: AtomicBool,
 }
 
 impl Pool {
-    /// Picks an available backend that is not in `exclude`.
+    /// Picks an available backend that is not in `exclude`. Below the panic threshold
+    /// every backend counts as available (Envoy's panic mode): better to try a backend
+    /// marked down than to fail every request.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         let now = now_ms();
-        let ok = |i: usize| !exclude.contains(&i) && self.backends[i].state.is_available(now);
-        self.balancer.pick(&self.backends, hash, &ok)
+        let total = self.backends.len();
+        let available = self.backends.iter().filter(|b| b.state.is_available(now)).count();
+        let panic = available * 100 < total * self.config.outlier.panic_threshold as usize;
+        if panic != self.panic.load(Ordering::Relaxed) {
+            self.panic.store(panic, Ordering::Relaxed);
+            if panic {
+                tracing::warn!(pool = %self.name, available, total, "panic mode: balancing over all backends");
+                metrics::counter!("rampart_panic_mode_total", "pool" => self.name.clone()).increment(1);
+            } else {
+                tracing::info!(pool = %self.name, available, total, "left panic mode");
+            }
+        }
+        let window = self.config.slow_start;
+        let ramping = !window.is_zero() && self.config.balancer != BalancerKind::ConsistentHash;
+        let ok = |i: usize| {
+            if exclude.contains(&i) {
+                return false;
+            }
+            let st = &self.backends[i].state;
+            if panic {
+                return true;
+            }
+            if !st.is_available(now) {
+                return false;
+            }
+            // Slow start: a ramping backend is passed over in proportion to its ramp.
+            !ramping || fastrand::f64() < st.ramp_factor(now, window)
+        };
+        self.balancer
+            .pick(&self.backends, hash, &ok)
+            // Slow start must never make a pool refuse: retry without the ramp.
+            .or_else(|| {
+                if !ramping {
+                    return None;
+                }
+                let plain = |i: usize| !exclude.contains(&i) && (panic || self.backends[i].state.is_available(now));
+                self.balancer.pick(&self.backends, hash, &plain)
+            })
     }
 }
 
@@ -193,6 +256,7 @@ impl Snapshot {
                 }
             }
         }
+        let now = now_ms();
         let pools = config
             .pools
             .iter()
@@ -204,10 +268,14 @@ impl Snapshot {
                         name: bc.name.clone(),
                         addr: bc.addr,
                         weight: bc.weight,
-                        state: carried
-                            .get(&(pc.name.as_str(), bc.addr))
-                            .cloned()
-                            .unwrap_or_else(|| Arc::new(BackendState::new())),
+                        state: carried.get(&(pc.name.as_str(), bc.addr)).cloned().unwrap_or_else(|| {
+                            let st = BackendState::new();
+                            if previous.is_some() {
+                                // Added by a reload: slow start applies (if configured).
+                                st.ramp_from.store(now, Ordering::Relaxed);
+                            }
+                            Arc::new(st)
+                        }),
                     })
                     .collect();
                 Arc::new(Pool {
@@ -216,6 +284,10 @@ impl Snapshot {
                     balancer: Balancer::new(pc.balancer, &pc.backends),
                     config: pc.clone(),
                     metrics: PoolMetrics::new(&pc.name),
+                    budget: RetryBudget::new(pc.retry.budget_percent, pc.retry.budget_min_per_sec),
+                    breakers: Arc::new(Breakers::default()),
+                    latency: LatencyTracker::default(),
+                    panic: AtomicBool::new(false),
                 })
             })
             .collect();

@@ -129,7 +129,8 @@ impl Release {
 }
 
 /// Opens a connection to `addr` and spawns its driver on the current `LocalSet`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ProxyError> {
+/// `slot` is the pool's connection breaker slot, held for the connection's life.
+pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::Slot) -> Result<Sender, ProxyError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ProxyError::ConnectTimeout { backend: addr }),
         Ok(Err(e)) => {
@@ -153,6 +154,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Prox
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(backend = %addr, error = %e, "upstream connection ended with error");
         }
+        drop(slot);
     });
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
     Ok(tx)

@@ -1,0 +1,401 @@
+//! The attempt loop: pick a backend, get a connection, send, and on a failure that is
+//! safe to retry, try a *different* backend while the policy (`retry.rs`), the retry
+//! budget and the circuit breakers allow. For idempotent requests a hedge goes to a
+//! second backend after the pool's adaptive delay, and the first answer wins.
+//!
+//! Small responses to replayable requests are read whole before the client sees a byte
+//! (`retry.response_buffer_bytes`), so a backend that resets mid-body is retried like
+//! one that failed before answering. Larger ones stream after that prefix.
+//!
+//! `proxy.rs` prepares the request and turns the result into the client's response.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use crate::body::{ReqBody, ReqBodyError, RespBody};
+use crate::breaker::Limit;
+use crate::config::HedgeDelay;
+use crate::error::ProxyError;
+use crate::outlier;
+use crate::retry::{self, Attempts};
+use crate::state::Pool;
+use crate::upstream::Release;
+use crate::worker::WorkerCtx;
+
+/// Never-written requests on stale pooled connections are resent this many times on
+/// the same backend (they say nothing about the backend).
+const MAX_STALE_RESENDS: u8 = 2;
+
+/// A successful exchange.
+pub struct Forwarded {
+    pub response: Response<RespBody>,
+    pub backend: SocketAddr,
+}
+
+/// How one try ended.
+enum Outcome {
+    Response(Forwarded),
+    /// 502/503/504 from the backend: retried when safe, else passed to the client.
+    Gateway(ProxyError, Forwarded),
+    /// Failed; `unsent` is the request when it was never written.
+    Failed(ProxyError, Option<Request<ReqBody>>),
+    /// The client's fault or a pool limit: no retry.
+    Fatal(ProxyError),
+}
+
+fn breaker_error(pool: &Pool, l: Limit) -> ProxyError {
+    metrics::counter!("rampart_circuit_open_total", "pool" => pool.name.clone(), "limit" => l.as_str()).increment(1);
+    ProxyError::CircuitOpen {
+        pool: pool.name.clone(),
+        limit: l.as_str(),
+    }
+}
+
+pub async fn forward(
+    ctx: &Rc<WorkerCtx>,
+    pool: &Arc<Pool>,
+    req: Request<ReqBody>,
+    hash: Option<u64>,
+) -> Result<Forwarded, ProxyError> {
+    let cfg = &pool.config;
+    let request_slot = pool
+        .breakers
+        .acquire(Limit::Requests, &cfg.circuit_breaker)
+        .map_err(|l| breaker_error(pool, l))?;
+    pool.budget.deposit();
+    let mut attempts = Attempts::new(pool, &req);
+    let try_timeout = cfg.retry.per_try_timeout.unwrap_or(cfg.response_timeout);
+    let retryable_after_send = attempts.replayable() && attempts.is_idempotent();
+    let buffer = if retryable_after_send {
+        cfg.retry.response_buffer_bytes
+    } else {
+        0
+    };
+    let hedge = cfg.retry.hedge && retryable_after_send && pool.backends.len() > 1;
+    let mut req = Some(req);
+    let mut gateway_reply: Option<Forwarded> = None;
+    loop {
+        let Some(bi) = pool.pick(hash, attempts.tried()) else {
+            break;
+        };
+        let Some(request) = req.take().or_else(|| attempts.replay()) else {
+            break;
+        };
+        let _retry_slot = if attempts.failures() > 0 {
+            match pool.breakers.acquire(Limit::Retries, &cfg.circuit_breaker) {
+                Ok(s) => Some(s),
+                Err(l) => {
+                    breaker_error(pool, l);
+                    break;
+                }
+            }
+        } else {
+            None
+        };
+        let (bi, outcome) = if hedge {
+            hedged(ctx, pool, hash, bi, request, &mut attempts, try_timeout, buffer).await
+        } else {
+            (bi, try_backend(ctx, pool, bi, request, try_timeout, buffer).await)
+        };
+        let (err, unsent) = match outcome {
+            Outcome::Response(mut fwd) => {
+                attach_slot(&mut fwd, request_slot);
+                return Ok(fwd);
+            }
+            Outcome::Fatal(e) => return Err(e),
+            Outcome::Gateway(err, mut fwd) => {
+                let another = pool.pick(hash, &[attempts.tried(), &[bi]].concat()).is_some();
+                if !(retryable_after_send && another && attempts.has_tries_left()) {
+                    attach_slot(&mut fwd, request_slot);
+                    return Ok(fwd);
+                }
+                // Keep the backend's answer in case no retry can happen after all.
+                gateway_reply = Some(fwd);
+                (err, None)
+            }
+            Outcome::Failed(err, unsent) => {
+                outlier::on_failure(pool, bi, &err);
+                (err, unsent)
+            }
+        };
+        req = unsent;
+        // Retrying what was never written costs the backends nothing; anything else
+        // spends the retry budget and backs off first.
+        let budgeted = req.is_none();
+        if !attempts.failed(bi, err, req.is_some()) {
+            break;
+        }
+        if budgeted {
+            if !pool.budget.try_withdraw() {
+                tracing::warn!(pool = %pool.name, "retry budget exhausted; not retrying");
+                metrics::counter!("rampart_retry_budget_exhausted_total", "pool" => pool.name.clone()).increment(1);
+                break;
+            }
+            tokio::time::sleep(retry::backoff(
+                cfg.retry.backoff_base,
+                cfg.retry.backoff_max,
+                attempts.failures(),
+            ))
+            .await;
+        }
+        metrics::counter!("rampart_retries_total", "pool" => pool.name.clone()).increment(1);
+    }
+    if let Some(mut fwd) = gateway_reply {
+        attach_slot(&mut fwd, request_slot);
+        return Ok(fwd);
+    }
+    Err(attempts.into_error(pool))
+}
+
+fn attach_slot(fwd: &mut Forwarded, slot: crate::breaker::Slot) {
+    if let RespBody::Upstream { request_slot, .. } = fwd.response.body_mut() {
+        *request_slot = Some(slot);
+    }
+}
+
+/// One try, and after the hedge delay a second try on another backend; the first
+/// usable answer wins and the other is cancelled.
+#[allow(clippy::too_many_arguments)]
+async fn hedged(
+    ctx: &Rc<WorkerCtx>,
+    pool: &Arc<Pool>,
+    hash: Option<u64>,
+    bi: usize,
+    request: Request<ReqBody>,
+    attempts: &mut Attempts,
+    try_timeout: Duration,
+    buffer: usize,
+) -> (usize, Outcome) {
+    let cfg = &pool.config;
+    let delay = match cfg.retry.hedge_delay {
+        HedgeDelay::Fixed(d) => d,
+        HedgeDelay::Auto => pool.latency.hedge_delay(cfg.response_timeout),
+    };
+    let first = try_backend(ctx, pool, bi, request, try_timeout, buffer);
+    tokio::pin!(first);
+    tokio::select! {
+        o = &mut first => return (bi, o),
+        _ = tokio::time::sleep(delay) => {}
+    }
+    let exclude = [attempts.tried(), &[bi]].concat();
+    let target = pool.pick(hash, &exclude);
+    let (Some(hb), Some(hreq)) = (target, attempts.replay()) else {
+        return (bi, first.await);
+    };
+    let Ok(_slot) = pool.breakers.acquire(Limit::Retries, &cfg.circuit_breaker) else {
+        return (bi, first.await);
+    };
+    if !pool.budget.try_withdraw() {
+        return (bi, first.await);
+    }
+    metrics::counter!("rampart_hedges_total", "pool" => pool.name.clone()).increment(1);
+    tracing::debug!(pool = %pool.name, slow = %pool.backends[bi].name, hedge = %pool.backends[hb].name, delay_ms = delay.as_millis() as u64, "hedging");
+    attempts.mark_tried(hb);
+    let second = try_backend(ctx, pool, hb, hreq, try_timeout, buffer);
+    tokio::pin!(second);
+    tokio::select! {
+        o = &mut first => match o {
+            Outcome::Response(_) | Outcome::Fatal(_) => (bi, o),
+            other => {
+                note_lost(pool, bi, &other);
+                (hb, second.await)
+            }
+        },
+        o = &mut second => match o {
+            Outcome::Response(_) | Outcome::Fatal(_) => {
+                // The first backend had not even answered: evidence it is stuck.
+                outlier::on_hedge_loss(pool, bi);
+                metrics::counter!("rampart_hedges_won_total", "pool" => pool.name.clone()).increment(1);
+                (hb, o)
+            }
+            other => {
+                note_lost(pool, hb, &other);
+                (bi, first.await)
+            }
+        },
+    }
+}
+
+/// Records the failure of the try that lost a hedged race (the winner's outcome is
+/// recorded by the caller).
+fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
+    if let Outcome::Failed(e, _) = o {
+        outlier::on_failure(pool, bi, e);
+    }
+}
+
+/// One try on backend `bi`: connection, send, response headers within `timeout`, and
+/// up to `buffer` bytes of body.
+async fn try_backend(
+    ctx: &Rc<WorkerCtx>,
+    pool: &Arc<Pool>,
+    bi: usize,
+    mut request: Request<ReqBody>,
+    timeout: Duration,
+    buffer: usize,
+) -> Outcome {
+    let cfg = &pool.config;
+    let backend = &pool.backends[bi];
+    let addr = backend.addr;
+    let deadline = Instant::now() + timeout;
+    let mut stale_left = MAX_STALE_RESENDS;
+    loop {
+        let (mut tx, reused) = match ctx.conns.checkout(backend.state.id) {
+            Some(tx) => (tx, true),
+            None => {
+                let pending = match pool.breakers.acquire(Limit::Pending, &cfg.circuit_breaker) {
+                    Ok(s) => s,
+                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                };
+                let conn_slot = match pool.breakers.acquire(Limit::Connections, &cfg.circuit_breaker) {
+                    Ok(s) => s,
+                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                };
+                let r = crate::upstream::connect(addr, cfg.connect_timeout, conn_slot).await;
+                drop(pending);
+                match r {
+                    Ok(tx) => (tx, false),
+                    Err(e) => return Outcome::Failed(e, Some(request)),
+                }
+            }
+        };
+        let in_flight = backend.state.start_request();
+        let sent_at = Instant::now();
+        let response = match tokio::time::timeout_at(deadline, tx.try_send_request(request)).await {
+            Err(_) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
+            Ok(Err(mut e)) => {
+                let unsent = e.take_message();
+                match classify_send_error(addr, e.into_error()) {
+                    Err(fatal) => return Outcome::Fatal(fatal),
+                    Ok(err) => match unsent {
+                        Some(r) if reused && stale_left > 0 => {
+                            // A pooled connection the backend had closed: resend on a new one.
+                            stale_left -= 1;
+                            request = r;
+                            continue;
+                        }
+                        unsent => return Outcome::Failed(err, unsent),
+                    },
+                }
+            }
+            Ok(Ok(r)) => r,
+        };
+        let ttfb = sent_at.elapsed();
+        backend.state.observe_latency(ttfb);
+        pool.latency.record(ttfb);
+        let status = response.status();
+        let gateway = outlier::on_response(pool, bi, status);
+        let (mut parts, mut incoming) = response.into_parts();
+        crate::proxy::rewrite_response_headers(&mut parts.headers, status);
+        let release = Release {
+            pool: ctx.conns.clone(),
+            backend: backend.state.id,
+            tx,
+            idle_timeout: cfg.idle_timeout,
+            max_idle: cfg.max_idle_per_backend,
+        };
+        let body = if buffer > 0 && status != StatusCode::SWITCHING_PROTOCOLS {
+            match read_prefix(&mut incoming, buffer, deadline).await {
+                Err(Some(e)) => {
+                    return Outcome::Failed(
+                        ProxyError::UpstreamClosed {
+                            backend: addr,
+                            source: e,
+                        },
+                        None,
+                    )
+                }
+                Err(None) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
+                Ok((whole, true)) => {
+                    // Complete: the connection can serve the next request right now.
+                    release.reuse();
+                    drop(in_flight);
+                    RespBody::Full(Some(whole))
+                }
+                Ok((prefix, false)) => RespBody::upstream(Some(prefix), incoming, release, in_flight),
+            }
+        } else {
+            RespBody::upstream(None, incoming, release, in_flight)
+        };
+        let fwd = Forwarded {
+            response: Response::from_parts(parts, body),
+            backend: addr,
+        };
+        return match gateway {
+            Some(err) => Outcome::Gateway(err, fwd),
+            None => Outcome::Response(fwd),
+        };
+    }
+}
+
+/// Reads body frames until the end or until more than `limit` bytes. Returns the
+/// bytes and whether the body is complete; `Err(None)` is the deadline passing.
+async fn read_prefix(
+    incoming: &mut hyper::body::Incoming,
+    limit: usize,
+    deadline: Instant,
+) -> Result<(Bytes, bool), Option<hyper::Error>> {
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<BytesMut> = None;
+    let mut len = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+            Err(_) => return Err(None),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Some(e)),
+            Ok(Some(Ok(f))) => f,
+        };
+        // Trailers are rare on HTTP/1.1 responses and dropped here, as hyper's HTTP/1
+        // server would not send them to most clients anyway.
+        let Ok(data) = frame.into_data() else { continue };
+        len += data.len();
+        match (&mut first, &mut more) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut m = BytesMut::with_capacity(f.len() + data.len());
+                m.extend_from_slice(f);
+                m.extend_from_slice(&data);
+                more = Some(m);
+            }
+            (_, Some(m)) => m.extend_from_slice(&data),
+        }
+        if len > limit {
+            return Ok((joined(first, more), false));
+        }
+    }
+    Ok((joined(first, more), true))
+}
+
+fn joined(first: Option<Bytes>, more: Option<BytesMut>) -> Bytes {
+    match (first, more) {
+        (_, Some(m)) => m.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    }
+}
+
+/// Separates client-side body failures (not the backend's fault) from upstream ones.
+fn classify_send_error(backend: SocketAddr, e: hyper::Error) -> Result<ProxyError, ProxyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(b) = s.downcast_ref::<ReqBodyError>() {
+            return Err(match b {
+                ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
+                ReqBodyError::Client(_) => ProxyError::BadRequest("client request body failed"),
+            });
+        }
+        source = s.source();
+    }
+    if e.is_parse() || e.is_parse_status() {
+        Ok(ProxyError::BadResponse { backend, source: e })
+    } else {
+        Ok(ProxyError::UpstreamClosed { backend, source: e })
+    }
+}
