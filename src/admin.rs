@@ -125,6 +125,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                         "weight": b.weight,
                         "healthy": b.state.is_healthy(),
                         "ejected": b.state.is_ejected(now),
+                        "probation": b.state.probation.load(std::sync::atomic::Ordering::Relaxed),
+                        "available": b.state.is_available(now),
                         "ejected_for_ms": until.saturating_sub(now),
                         "in_flight": b.state.in_flight(),
                         "ewma_ms": b.state.ewma() / 1e6,

@@ -273,6 +273,11 @@ pub fn big_body(n: usize) -> StreamBody<impl futures_lite::Stream<Item = Result<
 
 /// Starts rampart with `toml` (listeners should bind 127.0.0.1:0).
 pub fn start_proxy(toml: &str) -> (Server, SocketAddr) {
+    // RUST_LOG=rampart=debug cargo test ... shows the proxy's logs for a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
     let server = Server::start(config).expect("start rampart");
     let addr = server.listen_addrs()[0];

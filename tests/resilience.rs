@@ -1,0 +1,338 @@
+//! Zero-502 mechanisms, each provoked for real: killed, frozen, 503-serving and
+//! mid-body-resetting backends; health checks; probation; panic mode; breakers;
+//! the retry budget; slow start; and non-idempotent requests never sent twice.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+
+async fn status_of(srv: &rampart::Server) -> serde_json::Value {
+    rampart::admin::status_json(srv.shared())
+}
+
+fn backend_field(status: &serde_json::Value, addr: std::net::SocketAddr, field: &str) -> serde_json::Value {
+    status["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == addr.to_string())
+        .unwrap()[field]
+        .clone()
+}
+
+async fn post(addr: std::net::SocketAddr, body: &'static str) -> Reply {
+    send(
+        addr,
+        Request::post("/submit")
+            .header("host", "t")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_costs_no_request_get_or_post() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    // Round robin so the dead backend is certainly tried (peak-EWMA might avoid it).
+    let (srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr, c.addr], "balancer = \"round_robin\""));
+    // Warm pooled connections to every backend, then kill one.
+    for _ in 0..30 {
+        get(addr, "/").await;
+    }
+    b.stop();
+    for i in 0..60 {
+        let r = if i % 2 == 0 {
+            get(addr, "/").await
+        } else {
+            post(addr, "form=1").await
+        };
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_ne!(r.text(), "b");
+    }
+    let st = status_of(&srv).await;
+    assert_eq!(backend_field(&st, b.addr, "ejected"), true, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_may_have_reached_the_backend_is_never_sent_twice() {
+    let bad = TestOrigin::start("bad", Behavior::CloseBeforeResponse).await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    // Ejection off, so the bad backend keeps getting its share of requests; and a
+    // budget that covers retrying every GET (the default caps retries at ~20%).
+    let extra =
+        "balancer = \"round_robin\"\noutlier = { consecutive_failures = 1000 }\nretry = { budget_percent = 100 }";
+    let (_srv, addr) = start_proxy(&pool_config(&[bad.addr, good.addr], extra));
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..20 {
+        let r = post(addr, "pay=1").await;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            502 => failed += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(
+        bad.hits() + good.hits(),
+        20,
+        "every POST reached exactly one backend once"
+    );
+    assert_eq!(
+        failed,
+        bad.hits(),
+        "each POST the bad backend saw failed, none was retried"
+    );
+    assert_eq!(ok, good.hits());
+    assert!(failed > 0 && ok > 0);
+    // The same failure on a GET is retried on the other backend.
+    bad.reset_hits();
+    good.reset_hits();
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert!(bad.hits() > 0, "round robin sent some GETs to the bad backend");
+    assert_eq!(good.hits(), 20, "each of them was retried on the good one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_backend_is_hedged_then_ejected() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let frozen = TestOrigin::start("frozen", Behavior::Freeze).await;
+    let (srv, addr) = start_proxy(&pool_config(
+        &[a.addr, b.addr, frozen.addr],
+        "balancer = \"round_robin\"",
+    ));
+    let mut worst = Duration::ZERO;
+    for i in 0..30 {
+        let t = Instant::now();
+        let r = get(addr, "/").await;
+        worst = worst.max(t.elapsed());
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    // Generous bound; the 250 ms claim is measured by the chaos suite.
+    assert!(worst < Duration::from_secs(2), "worst {worst:?}");
+    assert!(frozen.hits() >= 1, "the frozen backend was tried");
+    assert!(
+        frozen.hits() <= 6,
+        "and ejected after a few hedge losses: {}",
+        frozen.hits()
+    );
+    let st = status_of(&srv).await;
+    assert_eq!(backend_field(&st, frozen.addr, "ejected"), true, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_serving_503s_is_retried_around_and_ejected() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let sick = TestOrigin::start("sick", Behavior::Status(503)).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&pool_config(&[a.addr, sick.addr, c.addr], "balancer = \"round_robin\""));
+    for i in 0..30 {
+        let r = get(addr, "/").await;
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    assert!(sick.hits() <= 4, "ejected after 3 failures, got {}", sick.hits());
+    let st = status_of(&srv).await;
+    assert_eq!(backend_field(&st, sick.addr, "ejected"), true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_passed_through_when_no_retry_is_possible() {
+    let sick = TestOrigin::start("sick", Behavior::Status(503)).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[sick.addr], ""));
+    let r = get(addr, "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.text(), "sick", "the backend's own answer, not an error page");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_mid_body_is_retried_for_get_and_the_client_sees_a_whole_body() {
+    let reset = TestOrigin::start("reset", Behavior::ResetMidBody).await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let extra = "balancer = \"round_robin\"\noutlier = { consecutive_failures = 1000 }";
+    let (_srv, addr) = start_proxy(&pool_config(&[reset.addr, good.addr], extra));
+    for i in 0..10 {
+        let r = get(addr, "/").await;
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.text(), "good");
+    }
+    assert!(reset.hits() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_take_a_backend_out_and_bring_it_back() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let hc = "health_check = { path = \"/healthz\", interval = \"50ms\", timeout = \"40ms\", rise = 2, fall = 2 }";
+    let (srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr], hc));
+    b.set(Behavior::Status(500));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend_field(&status_of(&srv).await, b.addr, "healthy") == true {
+        assert!(Instant::now() < deadline, "b never marked down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.reset_hits();
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").await.text(), "a");
+    }
+    b.set(Behavior::Healthy);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend_field(&status_of(&srv).await, b.addr, "healthy") == false {
+        assert!(Instant::now() < deadline, "b never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut saw_b = false;
+    for _ in 0..40 {
+        saw_b |= get(addr, "/").await.text() == "b";
+    }
+    assert!(saw_b, "a recovered backend gets traffic again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_backend_is_probed_before_it_gets_traffic_again() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let b_addr = b.addr;
+    let extra = "balancer = \"round_robin\"\nhealth_check = { type = \"none\" }\noutlier = { base_ejection = \"200ms\", max_ejection = \"200ms\" }";
+    let (srv, addr) = start_proxy(&pool_config(&[a.addr, b_addr], extra));
+    get(addr, "/").await;
+    b.stop();
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert_eq!(backend_field(&status_of(&srv).await, b_addr, "available"), false);
+    // Ejections end but b still refuses: each probe fails and b stays out.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let st = status_of(&srv).await;
+    assert_eq!(
+        backend_field(&st, b_addr, "available"),
+        false,
+        "a failing probe keeps b out: {st}"
+    );
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/").await.text(), "a");
+    }
+    // b comes back: the next probe restores it.
+    let b2 = TestOrigin::start_on("b", b_addr, Behavior::Healthy).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = status_of(&srv).await;
+        if backend_field(&st, b_addr, "available") == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never restored: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        get(addr, "/").await;
+    }
+    assert!(b2.hits() > 0, "restored backend gets traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_panic_threshold_traffic_goes_to_all_backends() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    // A health check nobody can pass marks every backend down.
+    let hc =
+        "health_check = { path = \"/\", expect_status = \"599\", interval = \"50ms\", timeout = \"40ms\", fall = 1 }";
+    let (srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr], hc));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend_field(&status_of(&srv).await, b.addr, "healthy") == true
+        || backend_field(&status_of(&srv).await, a.addr, "healthy") == true
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/").await.status, 200, "panic mode serves from all backends");
+    }
+    let no_panic = format!("{hc}\noutlier = {{ panic_threshold = 0 }}");
+    let (srv2, addr2) = start_proxy(&pool_config(&[a.addr, b.addr], &no_panic));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend_field(&status_of(&srv2).await, a.addr, "healthy") == true
+        || backend_field(&status_of(&srv2).await, b.addr, "healthy") == true
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = get(addr2, "/").await;
+    assert_eq!(r.status, 503, "without panic mode, no healthy backend means 503");
+    assert_eq!(r.headers["retry-after"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_sheds_excess_requests_with_a_fast_503() {
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(600))).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[slow.addr], "circuit_breaker = { max_requests = 2 }"));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        set.spawn(async move {
+            let t = Instant::now();
+            let r = get(addr, "/").await;
+            (r.status.as_u16(), r.headers.get("retry-after").is_some(), t.elapsed())
+        });
+    }
+    let mut ok = 0;
+    let mut shed = 0;
+    while let Some(r) = set.join_next().await {
+        let (status, retry_after, took) = r.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                shed += 1;
+                assert!(retry_after);
+                assert!(
+                    took < Duration::from_millis(500),
+                    "shed requests must not queue: {took:?}"
+                );
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, shed), (2, 4));
+    assert_eq!(slow.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_retry_budget_stops_retries() {
+    let sick = TestOrigin::start("sick", Behavior::Status(503)).await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let extra = "balancer = \"round_robin\"\noutlier = { consecutive_failures = 1000 }\n\
+                 retry = { budget_percent = 0, budget_min_per_sec = 0, hedge = false }";
+    let (_srv, addr) = start_proxy(&pool_config(&[sick.addr, good.addr], extra));
+    let mut passed_through = 0;
+    for _ in 0..10 {
+        if get(addr, "/").await.status == 503 {
+            passed_through += 1;
+        }
+    }
+    assert_eq!(passed_through, sick.hits(), "no budget: every 503 reached the client");
+    assert!(passed_through > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_up_a_backend_added_by_reload() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let extra = "balancer = \"round_robin\"\nslow_start = \"60s\"";
+    let (srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr], extra));
+    srv.reload(rampart::Config::parse(&pool_config(&[a.addr, b.addr, c.addr], extra), "t").unwrap());
+    for _ in 0..300 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    // Without slow start c would get 100; at the start of its ramp it gets about 10%
+    // of its share (about 10).
+    assert!(c.hits() < 40, "c got {} of 300", c.hits());
+    assert!(c.hits() > 0, "a ramping backend still gets some traffic");
+}
