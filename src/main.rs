@@ -132,25 +132,11 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-const DEMO_CONFIG: &str = r#"
-[server]
-workers = 1
-
-[admin]
-bind = "127.0.0.1:9901"
-
-[[listeners]]
-bind = "127.0.0.1:8080"
-
-[[routes]]
-pool = "app"
-
-[pools.app]
-backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
-"#;
+/// The demo runs the shipped minimal config, so what the README shows is what runs.
+const DEMO_CONFIG: &str = include_str!("../conf/minimal.toml");
 
 fn run_demo() -> anyhow::Result<()> {
-    let config = Config::parse(DEMO_CONFIG, "demo config").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = Config::parse(DEMO_CONFIG, "conf/minimal.toml").map_err(|e| anyhow::anyhow!("{e}"))?;
     let addrs: Vec<std::net::SocketAddr> = config.pools[0].backends.iter().map(|b| b.addr).collect();
     std::thread::Builder::new().name("demo-origins".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

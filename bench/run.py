@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: rampart vs nginx vs HAProxy, one worker each, same origins.
+
+Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick]
+
+Installs what is missing (nginx, haproxy, wrk, nghttp2-client from Debian; oha with
+cargo), builds rampart in release mode, starts three nginx origins and the three
+proxies with equivalent settings (bench/peers/), then runs, interleaved per round:
+
+  throughput   wrk -t1 -c64 for --duration s, 13-byte body      (median req/s)
+  64k          wrk -t1 -c64, 64 KiB body                         (median req/s)
+  h2           h2load -c16 -m8 (h2c prior knowledge)             (median req/s)
+  fixed rate   oha -q 8000 for --duration s: proxy CPU per request (µs, from
+               /proc utime+stime) and p99 latency
+  idle memory  10,000 idle keep-alive client connections: proxy RSS growth / conn
+
+and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy.
+Load goes to 127.0.0.1 only; every loop is bounded in time.
+"""
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "bench" / "peers"
+PROXIES = {
+    # name: (port for h1, port for h2c)
+    "rampart": (18080, 18080),
+    "nginx": (18081, 18091),
+    "haproxy": (18082, 18092),
+}
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, text=True, capture_output=True, **kw)
+
+
+def ensure_tools():
+    missing = [p for p, b in [("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"), ("nghttp2-client", "h2load")]
+               if shutil.which(b) is None]
+    if missing:
+        print(f"installing {' '.join(missing)} ...", flush=True)
+        subprocess.run("apt-get update -qq", shell=True, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if shutil.which("oha") is None and not (Path.home() / ".cargo/bin/oha").exists():
+        print("installing oha with cargo (a few minutes) ...", flush=True)
+        subprocess.run(["cargo", "install", "oha", "--locked"], check=True)
+    os.environ["PATH"] = f"{Path.home() / '.cargo/bin'}:{os.environ['PATH']}"
+    # Stop the system nginx/haproxy services if the install started them: they would
+    # compete for the CPU.
+    for svc in ("nginx", "haproxy"):
+        subprocess.run(["systemctl", "stop", svc], capture_output=True)
+
+
+def build_rampart():
+    print("building rampart (release) ...", flush=True)
+    subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
+    return ROOT / "target" / "release" / "rampart"
+
+
+def render(template: Path, run: Path) -> Path:
+    out = run / template.name
+    out.write_text(template.read_text().replace("{RUN}", str(run)))
+    return out
+
+
+def wait_port(port, timeout=10.0):
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+class Procs:
+    def __init__(self, run: Path, rampart: Path):
+        self.run = run
+        self.rampart = rampart
+        self.procs = {}
+
+    def start_all(self):
+        (self.run / "64k.bin").write_bytes(b"x" * 65536)
+        self.procs["origin"] = subprocess.Popen(
+            ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "origin-nginx.conf", self.run))])
+        self.procs["nginx"] = subprocess.Popen(
+            ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "nginx.conf", self.run))])
+        self.procs["haproxy"] = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(render(PEERS / "haproxy.cfg", self.run))])
+        self.procs["rampart"] = subprocess.Popen(
+            [str(self.rampart), "--config", str(PEERS / "rampart.toml"), "--log-level", "warn"])
+        for p in (19001, 19002, 19003, 18080, 18081, 18082):
+            wait_port(p)
+        time.sleep(0.5)
+
+    def pids(self, name):
+        """The PIDs whose CPU and memory count for `name` (nginx: the worker)."""
+        p = self.procs[name]
+        if name == "nginx":
+            out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+            return [int(x) for x in out] or [p.pid]
+        return [p.pid]
+
+    def stop_all(self):
+        for p in self.procs.values():
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def wrk(port, path, duration):
+    out = sh(["wrk", "-t1", "-c64", f"-d{duration}s", f"http://127.0.0.1:{port}{path}"]).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        print(f"   warning: {errors.group(1)} non-2xx responses", flush=True)
+    return float(m.group(1))
+
+
+def h2load(port, duration):
+    out = sh(["h2load", "-c16", "-m8", "-t1", f"-D{duration}", f"http://127.0.0.1:{port}/"]).stdout
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    return float(m.group(1))
+
+
+def fixed_rate(procs, name, port, duration, rate):
+    pids = procs.pids(name)
+    hz = os.sysconf("SC_CLK_TCK")
+    before = cpu_ticks(pids)
+    out = sh(["oha", "-z", f"{duration}s", "-c", "64", "-q", str(rate), "--no-tui", "--output-format", "json",
+              f"http://127.0.0.1:{port}/"]).stdout
+    after = cpu_ticks(pids)
+    data = json.loads(out)
+    ok = sum(v for k, v in data.get("statusCodeDistribution", {}).items() if k.startswith("2"))
+    cpu_us = (after - before) / hz * 1e6 / max(ok, 1)
+    p99 = data["latencyPercentiles"]["p99"] * 1000.0
+    return cpu_us, p99
+
+
+async def _idle_conns(port, n):
+    conns = []
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    for i in range(n):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(req)
+        conns.append((r, w))
+        if i % 500 == 499:
+            await asyncio.gather(*(c[0].read(200) for c in conns[-500:]))
+    await asyncio.sleep(1.0)
+    return conns
+
+
+def idle_memory(procs, name, port, n):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 1000)), hard))
+    pids = procs.pids(name)
+    before = rss_kib(pids)
+    loop = asyncio.new_event_loop()
+    conns = loop.run_until_complete(_idle_conns(port, n))
+    after = rss_kib(pids)
+    for _, w in conns:
+        w.close()
+    loop.run_until_complete(asyncio.sleep(0.5))
+    loop.close()
+    return (after - before) * 1024 / n
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    vers = {}
+    for tool, cmd in [("nginx", "nginx -v 2>&1"), ("haproxy", "haproxy -v | head -1"),
+                      ("wrk", "wrk --version 2>&1 | head -1"), ("oha", "oha --version")]:
+        vers[tool] = subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+    return cpu, vers
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=8000)
+    ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--quick", action="store_true", help="1 round of 3 s, 2000 idle connections")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.idle = 1, 3, 2000
+    ensure_tools()
+    rampart = build_rampart()
+    run = Path(tempfile.mkdtemp(prefix="rampart-bench-"))
+    procs = Procs(run, rampart)
+    results = {m: {p: [] for p in PROXIES} for m in ("rps", "rps64k", "h2", "cpu", "p99", "idle")}
+    try:
+        procs.start_all()
+        direct = wrk(19001, "/", args.duration)
+        print(f"direct to one origin: {direct:,.0f} req/s", flush=True)
+        for rnd in range(args.rounds):
+            order = list(PROXIES) if rnd % 2 == 0 else list(reversed(PROXIES))
+            for name in order:
+                port, h2port = PROXIES[name]
+                rps = wrk(port, "/", args.duration)
+                rps64 = wrk(port, "/64k", args.duration)
+                h2 = h2load(h2port, args.duration)
+                cpu, p99 = fixed_rate(procs, name, port, args.duration, args.rate)
+                for k, v in (("rps", rps), ("rps64k", rps64), ("h2", h2), ("cpu", cpu), ("p99", p99)):
+                    results[k][name].append(v)
+                print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s  64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
+                      f"cpu {cpu:5.1f} µs/req  p99 {p99:6.2f} ms", flush=True)
+        for name in PROXIES:
+            port, _ = PROXIES[name]
+            mem = idle_memory(procs, name, port, args.idle)
+            results["idle"][name].append(mem)
+            print(f"idle     {name:8} {mem:8.0f} bytes per idle connection ({args.idle} open)", flush=True)
+    finally:
+        procs.stop_all()
+    write_results(results, args, direct)
+
+
+def write_results(results, args, direct):
+    med = {m: {p: statistics.median(v) for p, v in d.items() if v} for m, d in results.items()}
+    higher_better = {"rps", "rps64k", "h2"}
+    rows = [
+        ("throughput, 13 B body (req/s, wrk -c64)", "rps"),
+        ("throughput, 64 KiB body (req/s)", "rps64k"),
+        ("HTTP/2 h2c clients (req/s, h2load -c16 -m8)", "h2"),
+        (f"CPU per request at {args.rate} req/s (µs)", "cpu"),
+        (f"p99 latency at {args.rate} req/s (ms)", "p99"),
+        (f"memory per idle client connection ({args.idle} open, bytes)", "idle"),
+    ]
+    cpu, vers = machine()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `python3 bench/run.py --rounds {args.rounds} --duration {args.duration}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        f"Machine: {os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}. "
+        f"Peers: {vers['nginx']}; {vers['haproxy']}. Load: {vers['wrk']}; {vers['oha']}; h2load.",
+        "One worker/thread per proxy, three nginx origins behind each, keep-alive upstream, logs off. "
+        f"Medians of {args.rounds} interleaved round(s). Direct to one origin: {direct:,.0f} req/s. "
+        "Absolute numbers on shared machines swing ±30%: read the ratios.",
+        "",
+        "| measurement | rampart | nginx | HAProxy | rampart vs best peer |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, key in rows:
+        r, n, h = med[key]["rampart"], med[key]["nginx"], med[key]["haproxy"]
+        if key in higher_better:
+            best = max(n, h)
+            ratio = f"{r / best:.2f}× (goal ≥ 1.2×)" if key == "rps" else f"{r / best:.2f}×"
+        else:
+            best = min(n, h)
+            goal = {"cpu": " (goal ≤ 0.8×)", "p99": " (goal ≤ 1.0×)", "idle": " (goal ≤ nginx)"}[key]
+            ratio = f"{r / best:.2f}×{goal}"
+        fmt = "{:,.0f}" if key in higher_better or key == "idle" else "{:.2f}"
+        lines.append(f"| {label} | {fmt.format(r)} | {fmt.format(n)} | {fmt.format(h)} | {ratio} |")
+    lines.append("")
+    text = "\n".join(lines)
+    (ROOT / "bench" / "RESULTS.md").write_text(text)
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Chaos suite: break backends under load behind rampart, nginx and HAProxy, in one run.
+
+Usage:  python3 loadtest/chaos.py [--scenarios killed,frozen,...] [--duration 12]
+
+Three origins (loadtest/origin.rs, 13-byte body) sit behind each proxy: rampart with
+the README's minimal config, nginx and HAProxy tuned for failover (loadtest/peers/).
+For each scenario and proxy, oha drives 32 keep-alive clients for --duration seconds;
+the fault starts at 1/4 and heals at 3/4 of the run. Client-visible failures are non-2xx
+responses plus transport errors; "max" is the slowest request. The table goes to stdout
+and loadtest/RESULTS.md. Load goes to 127.0.0.1 only; every run is bounded in time.
+"""
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "loadtest" / "peers"
+ORIGIN_PORTS = [29001, 29002, 29003]
+PROXIES = {"rampart": 28080, "nginx": 28081, "haproxy": 28082}
+SCENARIOS = ["steady", "killed", "killed_post", "frozen", "503s", "slow", "reset", "backlog", "flapping",
+             "rolling", "rolling_post", "all_down", "post_unsafe"]
+POST_BODY = "x" * 512
+
+
+def ensure_tools():
+    missing = [p for p, b in [("nginx", "nginx"), ("haproxy", "haproxy")] if shutil.which(b) is None]
+    if missing:
+        subprocess.run("apt-get update -qq", shell=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    os.environ["PATH"] = f"{Path.home() / '.cargo/bin'}:{os.environ['PATH']}"
+    if shutil.which("oha") is None:
+        print("installing oha with cargo (a few minutes) ...", flush=True)
+        subprocess.run(["cargo", "install", "oha", "--locked"], check=True)
+    for svc in ("nginx", "haproxy"):
+        subprocess.run(["systemctl", "stop", svc], capture_output=True)
+    print("building rampart and the chaos origin (release) ...", flush=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "--bin", "rampart", "--example", "chaos-origin"],
+                   cwd=ROOT, check=True)
+
+
+def wait_port(port, timeout=10.0):
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+class Origins:
+    def __init__(self):
+        self.bin = ROOT / "target" / "release" / "examples" / "chaos-origin"
+        self.procs = {}
+        self.ctl = {}
+
+    def start(self, port):
+        self.procs[port] = subprocess.Popen([str(self.bin), f"127.0.0.1:{port}"])
+        wait_port(port)
+        # A control connection opened now still works once the origin stops accepting.
+        self.ctl[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+
+    def start_all(self):
+        for p in ORIGIN_PORTS:
+            self.start(p)
+
+    def mode(self, port, mode):
+        c = self.ctl[port]
+        c.request("GET", f"/__mode/{mode}")
+        c.getresponse().read()
+
+    def posts(self, port):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        c.request("GET", "/__stats")
+        return json.loads(c.getresponse().read())["posts"]
+
+    def kill(self, port):
+        p = self.procs.pop(port, None)
+        if p:
+            p.kill()
+            p.wait()
+
+    def signal(self, port, sig):
+        self.procs[port].send_signal(sig)
+
+    def stop_all(self):
+        for port in list(self.procs):
+            try:
+                self.procs[port].send_signal(signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            self.kill(port)
+
+
+def start_proxy(name, run):
+    if name == "rampart":
+        cmd = [str(ROOT / "target/release/rampart"), "--config", str(PEERS / "rampart.toml"), "--log-level", "error"]
+    elif name == "nginx":
+        conf = run / "nginx.conf"
+        conf.write_text((PEERS / "nginx-tuned.conf").read_text().replace("{RUN}", str(run)))
+        cmd = ["nginx", "-g", "daemon off;", "-c", str(conf)]
+    else:
+        conf = run / "haproxy.cfg"
+        conf.write_text((PEERS / "haproxy-tuned.cfg").read_text().replace("{RUN}", str(run)))
+        cmd = ["haproxy", "-db", "-f", str(conf)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(PROXIES[name])
+    time.sleep(1.5)  # let health checks settle
+    return p
+
+
+def fault_plan(scenario, origins, d):
+    """Returns (break, heal) callables run at d/4 and 3d/4, or a timed list."""
+    o2 = ORIGIN_PORTS[1]
+    t0, t1 = d / 4, 3 * d / 4
+    if scenario in ("killed", "killed_post"):
+        return [(t0, lambda: origins.kill(o2)), (t1, lambda: origins.start(o2))]
+    if scenario == "frozen":
+        return [(t0, lambda: origins.signal(o2, signal.SIGSTOP)), (t1, lambda: origins.signal(o2, signal.SIGCONT))]
+    if scenario in ("503s", "slow", "reset", "backlog"):
+        mode = {"503s": "503", "slow": "slow", "reset": "reset", "backlog": "noaccept"}[scenario]
+        return [(t0, lambda: origins.mode(o2, mode)), (t1, lambda: origins.mode(o2, "ok"))]
+    if scenario == "post_unsafe":
+        return [(t0, lambda: origins.mode(o2, "closeb4")), (t1, lambda: origins.mode(o2, "ok"))]
+    if scenario == "flapping":
+        plan, t, down = [], t0, True
+        while t < t1:
+            plan.append((t, (lambda: origins.kill(o2)) if down else (lambda: origins.start(o2))))
+            t += 1.0
+            down = not down
+        plan.append((t1, lambda: (o2 in origins.procs) or origins.start(o2)))
+        return plan
+    if scenario in ("rolling", "rolling_post"):
+        plan = []
+        step = (t1 - t0) / 3
+        for i, port in enumerate(ORIGIN_PORTS):
+            plan.append((t0 + i * step, lambda p=port: origins.kill(p)))
+            plan.append((t0 + i * step + step / 2, lambda p=port: origins.start(p)))
+        return plan
+    if scenario == "all_down":
+        return [(t0, lambda: [origins.kill(p) for p in ORIGIN_PORTS]),
+                (t1, lambda: [origins.start(p) for p in ORIGIN_PORTS])]
+    return []
+
+
+def run_one(name, scenario, duration, run):
+    origins = Origins()
+    origins.start_all()
+    proxy = start_proxy(name, run)
+    post = scenario in ("killed_post", "rolling_post", "post_unsafe")
+    posts_before = sum(origins.posts(p) for p in ORIGIN_PORTS)
+    cmd = ["oha", "-z", f"{duration}s", "-c", "32", "--no-tui", "--output-format", "json",
+           "--wait-ongoing-requests-after-deadline", "-t", "10s"]
+    if post:
+        cmd += ["-m", "POST", "-d", POST_BODY, "-T", "application/x-www-form-urlencoded"]
+    cmd.append(f"http://127.0.0.1:{PROXIES[name]}/")
+    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    for at, action in fault_plan(scenario, origins, duration):
+        delay = at - (time.time() - start)
+        if delay > 0:
+            time.sleep(delay)
+        try:
+            action()
+        except Exception as e:  # a control call to a dead origin is expected in some plans
+            print(f"   ({scenario}: {e})", file=sys.stderr)
+    out, err = load.communicate(timeout=duration + 60)
+    data = json.loads(out)
+    statuses = {int(k): v for k, v in data.get("statusCodeDistribution", {}).items()}
+    errors = sum(data.get("errorDistribution", {}).values())
+    ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
+    total = sum(statuses.values()) + errors
+    result = {
+        "failures": total - ok,
+        "total": total,
+        "rps": data["summary"]["requestsPerSec"],
+        "max_ms": data["summary"]["slowest"] * 1000.0,
+        "statuses": {k: v for k, v in statuses.items() if not 200 <= k < 300},
+        "errors": data.get("errorDistribution", {}),
+    }
+    if post:
+        for p in ORIGIN_PORTS:
+            if p not in origins.procs:
+                origins.start(p)
+        received = sum(origins.posts(p) for p in ORIGIN_PORTS) - posts_before
+        result["duplicates"] = max(0, received - total)
+    proxy.send_signal(signal.SIGTERM)
+    try:
+        proxy.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proxy.kill()
+    origins.stop_all()
+    time.sleep(0.3)
+    return result
+
+
+def cell(r, scenario):
+    s = f"{r['failures']:,}"
+    if scenario in ("frozen", "slow", "backlog", "all_down") or r["max_ms"] > 1000:
+        s += f", max {r['max_ms']:.0f} ms"
+    if "duplicates" in r and r["duplicates"]:
+        s += f", {r['duplicates']} sent twice"
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--proxies", default=",".join(PROXIES))
+    ap.add_argument("--duration", type=int, default=12)
+    args = ap.parse_args()
+    scenarios = args.scenarios.split(",")
+    proxies = args.proxies.split(",")
+    ensure_tools()
+    run = Path(tempfile.mkdtemp(prefix="rampart-chaos-"))
+    results = {}
+    for sc in scenarios:
+        for px in proxies:
+            r = run_one(px, sc, args.duration, run)
+            results[(sc, px)] = r
+            print(f"{sc:13} {px:8} failures {r['failures']:7,} of {r['total']:8,}  {r['rps']:9,.0f} req/s  "
+                  f"max {r['max_ms']:7.0f} ms  {r['statuses'] or ''} {r['errors'] or ''}"
+                  + (f" dup={r['duplicates']}" if "duplicates" in r else ""), flush=True)
+    header = "| scenario | " + " | ".join(proxies) + " |"
+    lines = ["# Chaos suite results", "",
+             f"`python3 loadtest/chaos.py --duration {args.duration}`, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Backend 2 of 3 is broken from "
+             f"{args.duration / 4:.0f}s to {3 * args.duration / 4:.0f}s of each run (rolling: each backend "
+             "in turn; all_down: all three). 32 keep-alive clients. Cells: client-visible failures "
+             "(non-2xx + transport errors), slowest request where relevant. rampart runs the minimal "
+             "config; nginx and HAProxy run the tuned configs in loadtest/peers/.",
+             "", header, "|---|" + "---|" * len(proxies)]
+    for sc in scenarios:
+        lines.append(f"| {sc} | " + " | ".join(cell(results[(sc, px)], sc) for px in proxies) + " |")
+    lines += ["", "| scenario | " + " | ".join(f"{p} req/s" for p in proxies) + " |",
+              "|---|" + "---|" * len(proxies)]
+    for sc in scenarios:
+        lines.append(f"| {sc} | " + " | ".join(f"{results[(sc, px)]['rps']:,.0f}" for px in proxies) + " |")
+    text = "\n".join(lines) + "\n"
+    (ROOT / "loadtest" / "RESULTS.md").write_text(text)
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
