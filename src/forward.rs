@@ -81,10 +81,7 @@ pub async fn forward(
     let hedge = cfg.retry.hedge && retryable_after_send && pool.backends.len() > 1;
     let mut req = Some(req);
     let mut gateway_reply: Option<Forwarded> = None;
-    loop {
-        let Some(bi) = pool.pick(hash, attempts.tried()) else {
-            break;
-        };
+    while let Some(bi) = pool.pick(hash, attempts.tried()) {
         let Some(request) = req.take().or_else(|| attempts.replay()) else {
             break;
         };
