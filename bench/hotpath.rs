@@ -1,0 +1,113 @@
+//! Microbenchmarks of the hot-path pieces: balancer pick, route match, header rewrite.
+//! Run: `cargo bench --bench hotpath`. Use them to keep regressions out of the data
+//! path; whole-proxy figures come from `bench/run.py`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Version};
+use rampart::balancer::Balancer;
+use rampart::config::{BackendConfig, BalancerKind, HostMatch, RouteConfig};
+use rampart::proxy::{rewrite_request_headers, ConnInfo, RequestIds};
+use rampart::router::Router;
+use rampart::state::{Backend, BackendState};
+
+fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
+    let cfg: Vec<BackendConfig> = (0..n)
+        .map(|i| {
+            let addr: SocketAddr = format!("10.0.0.{}:80", i + 1).parse().unwrap();
+            BackendConfig {
+                name: addr.to_string(),
+                addr,
+                weight: 1,
+            }
+        })
+        .collect();
+    let live = cfg
+        .iter()
+        .map(|c| Backend {
+            name: c.name.clone(),
+            addr: c.addr,
+            weight: 1,
+            state: Arc::new(BackendState::new()),
+        })
+        .collect();
+    (cfg, live)
+}
+
+fn balancers(c: &mut Criterion) {
+    let (cfg, live) = backends(3);
+    let ok = |_: usize| true;
+    for kind in [
+        BalancerKind::RoundRobin,
+        BalancerKind::LeastRequest,
+        BalancerKind::PeakEwma,
+        BalancerKind::ConsistentHash,
+        BalancerKind::Random,
+    ] {
+        let b = Balancer::new(kind, &cfg);
+        c.bench_function(&format!("pick/{}", b.kind()), |bench| {
+            bench.iter(|| b.pick(black_box(&live), Some(0x1234_5678), &ok))
+        });
+    }
+}
+
+fn routes(c: &mut Criterion) {
+    let mut table = Vec::new();
+    for i in 0..20 {
+        table.push(RouteConfig {
+            host: Some(HostMatch::Exact(format!("svc{i}.example.com"))),
+            path_prefix: format!("/api/v{i}"),
+            pool: 0,
+            max_body_bytes: None,
+        });
+    }
+    table.push(RouteConfig {
+        host: Some(HostMatch::Suffix(".example.com".into())),
+        path_prefix: "/".into(),
+        pool: 0,
+        max_body_bytes: None,
+    });
+    table.push(RouteConfig {
+        host: None,
+        path_prefix: "/".into(),
+        pool: 0,
+        max_body_bytes: None,
+    });
+    let r = Router::new(&table);
+    c.bench_function("route/exact-host-prefix", |b| {
+        b.iter(|| r.find(black_box(Some("svc7.example.com")), black_box("/api/v7/users")))
+    });
+    c.bench_function("route/catch-all", |b| {
+        b.iter(|| r.find(black_box(Some("other.org")), black_box("/x")))
+    });
+}
+
+fn headers(c: &mut Criterion) {
+    let conn = ConnInfo::new("192.0.2.10:50000".parse().unwrap(), false);
+    let ids = RequestIds::new();
+    let mut base = HeaderMap::new();
+    base.insert("host", HeaderValue::from_static("shop.example.com"));
+    base.insert("user-agent", HeaderValue::from_static("wrk"));
+    base.insert("accept", HeaderValue::from_static("*/*"));
+    c.bench_function("headers/rewrite-request", |b| {
+        b.iter(|| {
+            let mut h = base.clone();
+            let id = ids.next();
+            rewrite_request_headers(
+                &mut h,
+                &conn,
+                Version::HTTP_11,
+                Some(HeaderValue::from_static("shop.example.com")),
+                &id,
+                false,
+            );
+            h
+        })
+    });
+    c.bench_function("headers/request-id", |b| b.iter(|| ids.next()));
+}
+
+criterion_group!(hot, balancers, routes, headers);
+criterion_main!(hot);
