@@ -93,6 +93,15 @@ class Origins:
             p.kill()
             p.wait()
 
+    def stop_graceful(self, port):
+        p = self.procs.pop(port, None)
+        if p:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=6)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
     def signal(self, port, sig):
         self.procs[port].send_signal(sig)
 
@@ -144,10 +153,12 @@ def fault_plan(scenario, origins, d):
         plan.append((t1, lambda: (o2 in origins.procs) or origins.start(o2)))
         return plan
     if scenario in ("rolling", "rolling_post"):
+        # A deploy: each backend in turn stops gracefully (SIGTERM: drains in-flight
+        # requests, closes idle keep-alive connections) and comes back.
         plan = []
         step = (t1 - t0) / 3
         for i, port in enumerate(ORIGIN_PORTS):
-            plan.append((t0 + i * step, lambda p=port: origins.kill(p)))
+            plan.append((t0 + i * step, lambda p=port: origins.stop_graceful(p)))
             plan.append((t0 + i * step + step / 2, lambda p=port: origins.start(p)))
         return plan
     if scenario == "all_down":

@@ -9,7 +9,9 @@
 //!   GET /__mode/noaccept  stop accepting (the backlog fills) and stop answering
 //!   GET /__stats          {"requests": N, "posts": N}
 //!
-//! Freezing (SIGSTOP) and killing (SIGKILL) are done from outside.
+//! Freezing (SIGSTOP) and killing (SIGKILL) are done from outside. SIGTERM is a
+//! graceful stop, as in a rolling deploy: stop accepting, close idle keep-alive
+//! connections, finish requests in flight, exit.
 //! Usage: chaos-origin 127.0.0.1:PORT
 
 use std::net::SocketAddr;
