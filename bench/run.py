@@ -105,7 +105,9 @@ class Procs:
             ["haproxy", "-db", "-f", str(render(PEERS / "haproxy.cfg", self.run))])
         self.procs["rampart"] = subprocess.Popen(
             [str(self.rampart), "--config", str(PEERS / "rampart.toml"), "--log-level", "warn"])
-        for p in (19001, 19002, 19003, 18080, 18081, 18082):
+        self.procs["rampart-2w"] = subprocess.Popen(
+            [str(self.rampart), "--config", str(PEERS / "rampart-2w.toml"), "--log-level", "warn"])
+        for p in (19001, 19002, 19003, 18080, 18081, 18082, 18083):
             wait_port(p)
         time.sleep(0.5)
 
@@ -253,6 +255,12 @@ def main():
                     results[k][name].append(v)
                 print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s  64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
                       f"cpu {cpu:5.1f} µs/req  p99 {p99:6.2f} ms", flush=True)
+        scaling = []
+        for rnd in range(args.rounds):
+            one, two = wrk(18080, "/", args.duration), wrk(18083, "/", args.duration)
+            scaling.append(two / one)
+            print(f"scaling  round {rnd + 1}: 1 worker {one:,.0f} req/s, 2 workers {two:,.0f} req/s", flush=True)
+        results["scaling"] = statistics.median(scaling)
         for name in PROXIES:
             port, _ = PROXIES[name]
             mem = idle_memory(procs, name, port, args.idle)
@@ -264,6 +272,7 @@ def main():
 
 
 def write_results(results, args, direct):
+    scaling = results.pop("scaling", None)
     med = {m: {p: statistics.median(v) for p, v in d.items() if v} for m, d in results.items()}
     higher_better = {"rps", "rps64k", "h2"}
     rows = [
@@ -301,6 +310,9 @@ def write_results(results, args, direct):
             ratio = f"{r / best:.2f}×{goal}"
         fmt = "{:,.0f}" if key in higher_better or key == "idle" else "{:.2f}"
         lines.append(f"| {label} | {fmt.format(r)} | {fmt.format(n)} | {fmt.format(h)} | {ratio} |")
+    if scaling is not None:
+        lines += ["", f"Scaling: rampart with 2 workers vs 1 worker, wrk -c64, same machine (wrk and the "
+                  f"origins share the 2 CPUs): {scaling:.2f}× (median of {args.rounds})."]
     lines.append("")
     text = "\n".join(lines)
     (ROOT / "bench" / "RESULTS.md").write_text(text)

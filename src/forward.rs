@@ -78,7 +78,9 @@ pub async fn forward(
     } else {
         0
     };
-    let hedge = cfg.retry.hedge && retryable_after_send && pool.backends.len() > 1;
+    // An upgrade (WebSocket) must reach one backend only: never hedged.
+    let upgrade = req.headers().contains_key(http::header::UPGRADE);
+    let hedge = cfg.retry.hedge && retryable_after_send && !upgrade && pool.backends.len() > 1;
     let mut req = Some(req);
     let mut gateway_reply: Option<Forwarded> = None;
     while let Some(bi) = pool.pick(hash, attempts.tried()) {

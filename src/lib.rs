@@ -136,30 +136,20 @@ impl Drop for Server {
 fn spawn_control(
     shared: Arc<Shared>,
     admin: Option<std::net::TcpListener>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, StartupError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartupError::Runtime)?;
-    std::thread::Builder::new()
-        .name("rampart-control".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                if let Some(l) = admin {
-                    match tokio::net::TcpListener::from_std(l) {
-                        Ok(l) => {
-                            tokio::spawn(admin::serve(l, shared.clone(), shutdown.clone()));
-                        }
-                        Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
-                    }
+    worker::spawn_runtime_thread("rampart-control".into(), move || async move {
+        if let Some(l) = admin {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => {
+                    tokio::spawn(admin::serve(l, shared.clone(), shutdown.clone()));
                 }
-                tokio::spawn(health::run(shared.clone(), shutdown.clone()));
-                let mut shutdown = shutdown;
-                stopped(&mut shutdown).await;
-            });
-        })
-        .map_err(StartupError::Thread)
+                Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+            }
+        }
+        tokio::spawn(health::run(shared.clone(), shutdown.clone()));
+        stopped(&mut shutdown).await;
+    })
 }
 
 /// Resolves once shutdown has been signalled. (Wraps `wait_for` so no borrow guard

@@ -36,6 +36,13 @@ pub fn is_idempotent(m: &Method) -> bool {
     )
 }
 
+/// Whether the request may be sent again after it was written: an idempotent method,
+/// or a client-supplied `Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header;
+/// Go's net/http honours it the same way), which says the server deduplicates.
+pub fn is_replay_safe(m: &Method, headers: &HeaderMap) -> bool {
+    is_idempotent(m) || headers.contains_key("idempotency-key")
+}
+
 /// Chooses how the body travels: replayable bytes when it is empty or small and the
 /// request may be retried after it was sent, otherwise a stream.
 pub async fn prepare_body(
@@ -84,7 +91,7 @@ pub struct Attempts {
 
 impl Attempts {
     pub fn new(pool: &Pool, req: &Request<ReqBody>) -> Attempts {
-        let idempotent = is_idempotent(req.method());
+        let idempotent = is_replay_safe(req.method(), req.headers());
         let max_tries = (pool.config.retry.attempts as usize).min(pool.backends.len());
         let template = match req.body() {
             ReqBody::Buffered(b) if idempotent && max_tries > 1 => Some(Template {
@@ -376,5 +383,15 @@ mod tests {
         for m in [Method::POST, Method::PATCH] {
             assert!(!is_idempotent(&m), "{m}");
         }
+        let mut h = HeaderMap::new();
+        assert!(!is_replay_safe(&Method::POST, &h));
+        h.insert(
+            "idempotency-key",
+            "8e03978e-40d5-43e8-bc93-6894a57f9324".parse().unwrap(),
+        );
+        assert!(
+            is_replay_safe(&Method::POST, &h),
+            "an Idempotency-Key makes a POST replayable"
+        );
     }
 }

@@ -34,16 +34,26 @@ pub fn spawn(
     listeners: Vec<std::net::TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, StartupError> {
+    spawn_runtime_thread(format!("rampart-w{index}"), move || {
+        run(index, shared, listeners, shutdown)
+    })
+}
+
+/// Starts a named thread running `main()` to completion on its own current-thread
+/// runtime, inside a `LocalSet` (so `spawn_local` works). The runtime is built first,
+/// so its failure is a startup error, not a panic in the thread.
+pub fn spawn_runtime_thread<F, Fut>(name: String, main: F) -> Result<JoinHandle<()>, StartupError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartupError::Runtime)?;
     std::thread::Builder::new()
-        .name(format!("rampart-w{index}"))
-        .spawn(move || {
-            let local = LocalSet::new();
-            local.block_on(&rt, run(index, shared, listeners, shutdown));
-        })
+        .name(name)
+        .spawn(move || LocalSet::new().block_on(&rt, main()))
         .map_err(StartupError::Thread)
 }
 

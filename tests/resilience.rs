@@ -92,6 +92,24 @@ async fn a_post_that_may_have_reached_the_backend_is_never_sent_twice() {
     );
     assert_eq!(ok, good.hits());
     assert!(failed > 0 && ok > 0);
+    // A POST with an Idempotency-Key is retried: the server deduplicates.
+    bad.reset_hits();
+    good.reset_hits();
+    for _ in 0..10 {
+        let r = send(
+            addr,
+            Request::post("/submit")
+                .header("host", "t")
+                .header("idempotency-key", "k-1")
+                .body(Full::new(Bytes::from("pay=1")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert!(bad.hits() > 0);
+    assert_eq!(good.hits(), 10);
     // The same failure on a GET is retried on the other backend.
     bad.reset_hits();
     good.reset_hits();
@@ -335,4 +353,44 @@ async fn slow_start_ramps_up_a_backend_added_by_reload() {
     // of its share (about 10).
     assert!(c.hits() < 40, "c got {} of 300", c.hits());
     assert!(c.hits() > 0, "a ramping backend still gets some traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_is_hedged_and_the_faster_backend_wins() {
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(800))).await;
+    let fast = TestOrigin::start("fast", Behavior::Healthy).await;
+    let extra = "balancer = \"round_robin\"\nretry = { hedge_delay = \"30ms\" }\nhealth_check = { type = \"none\" }";
+    let (_srv, addr) = start_proxy(&pool_config(&[slow.addr, fast.addr], extra));
+    for _ in 0..4 {
+        let t = Instant::now();
+        let r = get(addr, "/").await;
+        assert_eq!(r.text(), "fast");
+        assert!(
+            t.elapsed() < Duration::from_millis(700),
+            "hedge did not win: {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(slow.hits() >= 1, "the slow backend got the first try");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_never_hedged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = TestOrigin::start("a", Behavior::Slow(Duration::from_millis(300))).await;
+    let b = TestOrigin::start("b", Behavior::Slow(Duration::from_millis(300))).await;
+    let extra = "retry = { hedge_delay = \"20ms\" }\nhealth_check = { type = \"none\" }";
+    let (_srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr], extra));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(a.hits() + b.hits(), 1, "an upgrade must reach exactly one backend");
 }
