@@ -9,6 +9,7 @@
 //!
 //! `proxy.rs` prepares the request and turns the result into the client's response.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -101,7 +102,10 @@ pub async fn forward(
         let (bi, outcome) = if hedge {
             hedged(ctx, pool, hash, bi, request, &mut attempts, try_timeout, buffer).await
         } else {
-            (bi, try_backend(ctx, pool, bi, request, try_timeout, buffer).await)
+            (
+                bi,
+                try_backend(ctx.clone(), pool.clone(), bi, request, try_timeout, buffer).await,
+            )
         };
         let (err, unsent) = match outcome {
             Outcome::Response(mut fwd) => {
@@ -177,8 +181,8 @@ async fn hedged(
         HedgeDelay::Fixed(d) => d,
         HedgeDelay::Auto => pool.latency.hedge_delay(cfg.response_timeout),
     };
-    let first = try_backend(ctx, pool, bi, request, try_timeout, buffer);
-    tokio::pin!(first);
+    // Boxed so that, if the hedge wins, the first try can be handed to `watch_primary`.
+    let mut first = Box::pin(try_backend(ctx.clone(), pool.clone(), bi, request, try_timeout, buffer));
     tokio::select! {
         o = &mut first => return (bi, o),
         _ = tokio::time::sleep(delay) => {}
@@ -197,7 +201,7 @@ async fn hedged(
     metrics::counter!("rampart_hedges_total", "pool" => pool.name.clone()).increment(1);
     tracing::debug!(pool = %pool.name, slow = %pool.backends[bi].name, hedge = %pool.backends[hb].name, delay_ms = delay.as_millis() as u64, "hedging");
     attempts.mark_tried(hb);
-    let second = try_backend(ctx, pool, hb, hreq, try_timeout, buffer);
+    let second = try_backend(ctx.clone(), pool.clone(), hb, hreq, try_timeout, buffer);
     tokio::pin!(second);
     tokio::select! {
         o = &mut first => match o {
@@ -209,9 +213,8 @@ async fn hedged(
         },
         o = &mut second => match o {
             Outcome::Response(_) | Outcome::Fatal(_) => {
-                // The first backend had not even answered: evidence it is stuck.
-                outlier::on_hedge_loss(pool, bi);
                 metrics::counter!("rampart_hedges_won_total", "pool" => pool.name.clone()).increment(1);
+                watch_primary(pool.clone(), bi, first, delay);
                 (hb, o)
             }
             other => {
@@ -220,6 +223,29 @@ async fn hedged(
             }
         },
     }
+}
+
+/// After a hedge won, keeps waiting for the first try in the background. Only if it has
+/// still not answered after a grace period (4 × the hedge delay, at least 250 ms) does
+/// it count against its backend. Losing a race alone is no evidence: when rampart
+/// itself is saturated every answer is late, and counting each lost race ejected
+/// healthy backends. While it waits the try holds its in-flight count, so peak-EWMA and
+/// least-request already steer new requests away from a stuck backend.
+fn watch_primary(
+    pool: Arc<Pool>,
+    bi: usize,
+    first: std::pin::Pin<Box<impl Future<Output = Outcome> + 'static>>,
+    delay: Duration,
+) {
+    let grace = (delay * 4).max(Duration::from_millis(250));
+    tokio::task::spawn_local(async move {
+        match tokio::time::timeout(grace, first).await {
+            Err(_) => outlier::on_hedge_loss(&pool, bi),
+            Ok(Outcome::Failed(e, _)) => outlier::on_failure(&pool, bi, &e),
+            // It answered (success or 5xx, both already recorded): the answer is dropped.
+            Ok(_) => {}
+        }
+    });
 }
 
 /// Records the failure of the try that lost a hedged race (the winner's outcome is
@@ -233,13 +259,15 @@ fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
 /// One try on backend `bi`: connection, send, response headers within `timeout`, and
 /// up to `buffer` bytes of body.
 async fn try_backend(
-    ctx: &Rc<WorkerCtx>,
-    pool: &Arc<Pool>,
+    ctx: Rc<WorkerCtx>,
+    pool: Arc<Pool>,
     bi: usize,
     mut request: Request<ReqBody>,
     timeout: Duration,
     buffer: usize,
 ) -> Outcome {
+    // Owned handles, so a hedged-against try can outlive its request (`watch_primary`).
+    let (ctx, pool) = (&ctx, &pool);
     let cfg = &pool.config;
     let backend = &pool.backends[bi];
     let addr = backend.addr;

@@ -6,7 +6,8 @@
 //!
 //! The same loop probes a backend whose outlier ejection has just ended (probation)
 //! and restores or re-ejects it; with `type = "none"` that probe is a TCP connect.
-//! The control loop here also refreshes each pool's hedge delay and retry budget.
+//! The control loop here also refreshes each pool's hedge delay and retry budget, and
+//! drains the metrics exporter's pending histogram samples.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -25,6 +26,8 @@ use crate::state::{now_ms, Pool, Shared};
 /// How often the control loop looks for a new snapshot, refreshes hedge delays and
 /// refills retry budgets.
 const CONTROL_TICK: Duration = Duration::from_millis(200);
+/// Drain the metrics exporter's pending histogram samples every 5 s (25 ticks).
+const METRICS_UPKEEP_TICKS: u32 = 25;
 
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -36,6 +39,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             }
         }
         let mut last = tokio::time::Instant::now();
+        let mut upkeep_ticks = 0u32;
         loop {
             tokio::select! {
                 _ = crate::stopped(&mut shutdown) => return,
@@ -46,6 +50,12 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             for pool in &snap.pools {
                 pool.latency.update();
                 pool.budget.refill(elapsed);
+            }
+            upkeep_ticks += 1;
+            if upkeep_ticks % METRICS_UPKEEP_TICKS == 0 {
+                // The exporter keeps raw histogram samples until drained; with no
+                // scraper they would grow by a few bytes per request, forever.
+                crate::metrics::install().run_upkeep();
             }
             if !Arc::ptr_eq(&shared.snapshot.load(), &snap) {
                 break;

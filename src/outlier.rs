@@ -1,6 +1,6 @@
 //! Passive outlier ejection: every real request's outcome is evidence about its backend.
 //! Consecutive connect failures, timeouts, resets and gateway errors (502/503/504), and
-//! being beaten by a hedge without answering at all, eject a backend for a time that
+//! staying silent long after a hedge to another backend answered, eject a backend for a time that
 //! doubles with each ejection in a row (±10% jitter, capped). A cap on the ejected
 //! share keeps ejection from emptying a pool; the panic threshold (`state::Pool::pick`)
 //! covers the rest.
@@ -26,7 +26,8 @@ pub fn on_failure(pool: &Pool, bi: usize, err: &ProxyError) {
     record_failure(pool, bi, err.kind());
 }
 
-/// The backend had not even sent headers when a hedge to another backend answered.
+/// The backend still had not sent headers well after a hedge to another backend
+/// answered (see `forward::watch_primary`).
 pub fn on_hedge_loss(pool: &Pool, bi: usize) {
     record_failure(pool, bi, "hedge_lost");
 }
