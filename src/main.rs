@@ -13,6 +13,11 @@ use clap::{Parser, Subcommand};
 use rampart::{Config, Server};
 use tokio::signal::unix::{signal, SignalKind};
 
+/// mimalloc: glibc malloc/free were 14% of rampart's instructions per request under
+/// callgrind; a per-thread-heap allocator suits one-runtime-per-thread workers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rampart",

@@ -22,10 +22,6 @@ use crate::error::ProxyError;
 
 pub type Sender = http1::SendRequest<ReqBody>;
 
-/// Upper bound on how long a released connection may take to become ready before we
-/// give up on reusing it.
-const READY_WAIT: Duration = Duration::from_secs(1);
-
 struct Idle {
     tx: Sender,
     expires: Instant,
@@ -42,15 +38,22 @@ impl ConnPool {
         Rc::new(ConnPool::default())
     }
 
-    /// The most recently used live connection to `backend`, if any (LIFO keeps the
-    /// warmest connections busy and lets the rest expire).
+    /// The most recently used ready connection to `backend`, if any (LIFO keeps the
+    /// warmest connections busy and lets the rest expire). Dead and expired entries
+    /// are dropped; one that is alive but not ready yet (its connection task has not
+    /// yet seen the end of the last response) stays for a later request.
     pub fn checkout(&self, backend: u64) -> Option<Sender> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&backend)?;
         let now = Instant::now();
-        while let Some(c) = list.pop() {
-            if c.expires > now && c.tx.is_ready() {
-                return Some(c.tx);
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            let c = &list[i];
+            if c.expires <= now || c.tx.is_closed() {
+                list.remove(i);
+            } else if c.tx.is_ready() {
+                return Some(list.remove(i).tx);
             }
         }
         None
@@ -104,26 +107,13 @@ pub struct Release {
 }
 
 impl Release {
-    /// Returns the connection to the pool once hyper is ready to send on it again.
+    /// Returns the connection to the pool. It may not be ready yet (the connection task
+    /// runs after us); `checkout` only hands out ready ones, so no task is spawned and
+    /// no connection is thrown away for being a moment early.
     pub fn reuse(self) {
-        if self.tx.is_ready() {
+        if !self.tx.is_closed() {
             self.pool
                 .checkin(self.backend, self.tx, self.idle_timeout, self.max_idle);
-        } else if !self.tx.is_closed() {
-            // The connection task has not yet seen the end of the response; wait for it
-            // off the request path.
-            let Release {
-                pool,
-                backend,
-                mut tx,
-                idle_timeout,
-                max_idle,
-            } = self;
-            tokio::task::spawn_local(async move {
-                if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, tx.ready()).await {
-                    pool.checkin(backend, tx, idle_timeout, max_idle);
-                }
-            });
         }
     }
 }
