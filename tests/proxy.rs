@@ -534,3 +534,36 @@ async fn idle_upstream_connections_expire_after_idle_timeout() {
     get(addr, "/").await;
     assert_eq!(o.connections(), 2, "an expired idle connection must not be reused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_per_worker_cap_wait_until_a_slot_frees() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = pool_config(&[o.addr], "").replace("shutdown_grace", "max_connections = 2\nshutdown_grace");
+    let (_srv, addr) = start_proxy(&toml);
+    // Two keep-alive connections, each after one answered request, fill the cap.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third connection waits in the backlog, unserved, while the cap is reached.
+    let third = tokio::spawn(async move {
+        raw(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a connection past the cap was served");
+    // Closing one frees a slot: the waiting connection is served, not dropped.
+    drop(held.pop());
+    let out = third.await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
