@@ -130,7 +130,10 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Incomin
     let method = req.method().clone();
     let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
     let mut pool_idx = None;
-    let result = handle_inner(&ctx, &conn, &snap, req, &request_id, &mut pool_idx).await;
+    // Boxed: hyper keeps the service future inline in every connection's dispatcher,
+    // idle or not, so an unboxed state machine (forward, hedge, tries) would cost each
+    // idle keep-alive connection its full size. One allocation per request instead.
+    let result = Box::pin(handle_inner(&ctx, &conn, &snap, req, &request_id, &mut pool_idx)).await;
     let pool = pool_idx.map(|i| &snap.pools[i]);
     let (mut response, backend) = match result {
         Ok(f) => (f.response, Some(f.backend)),
