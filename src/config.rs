@@ -1186,22 +1186,8 @@ fn parse_host(text: &str, path: &str, errs: &mut Errors) -> Option<HostMatch> {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
-[server]
-workers = 1
-
-[admin]
-bind = "127.0.0.1:9901"
-
-[[listeners]]
-bind = "127.0.0.1:8080"
-
-[[routes]]
-pool = "app"
-
-[pools.app]
-backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
-"#;
+    /// The shipped minimal config, so the test and the file cannot drift apart.
+    const MINIMAL: &str = include_str!("../conf/minimal.toml");
 
     fn errors_of(text: &str) -> Vec<String> {
         match Config::parse(text, "t.toml") {

@@ -347,27 +347,11 @@ async fn frozen_backend_gives_504_not_a_hang() {
 async fn invalid_upstream_response_gives_502() {
     let o = TestOrigin::start("o", Behavior::Garbage).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
-    let r = send(
-        addr,
-        Request::post("/")
-            .header("host", "t")
-            .body(Full::new(Bytes::from("x")))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = post_bytes(addr, "/", Bytes::from("x")).await.unwrap();
     assert_eq!(r.status, 502);
     let o2 = TestOrigin::start("o2", Behavior::CloseBeforeResponse).await;
     let (_srv2, addr2) = start_proxy(&pool_config(&[o2.addr], ""));
-    let r = send(
-        addr2,
-        Request::post("/")
-            .header("host", "t")
-            .body(Full::new(Bytes::from("x")))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = post_bytes(addr2, "/", Bytes::from("x")).await.unwrap();
     assert_eq!(r.status, 502);
 }
 
@@ -407,15 +391,7 @@ async fn oversized_requests_get_413_414_and_431() {
     let big = "v".repeat(5000);
     assert_eq!(get_with(addr, "/", &[("x-big", &big)]).await.status, 431);
     // Declared too large: refused before touching a backend.
-    let r = send(
-        addr,
-        Request::post("/echo")
-            .header("host", "t")
-            .body(Full::new(Bytes::from(vec![1u8; 5000])))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = post_bytes(addr, "/echo", Bytes::from(vec![1u8; 5000])).await.unwrap();
     assert_eq!(r.status, 413);
     assert_eq!(o.hits(), 0, "refused requests never reach the backend");
     // Chunked and too large: caught while streaming (the client may see the 413 or a
@@ -432,15 +408,7 @@ async fn oversized_requests_get_413_414_and_431() {
         assert_eq!(r.status, 413);
     }
     // Under the limit is fine.
-    let r = send(
-        addr,
-        Request::post("/echo")
-            .header("host", "t")
-            .body(Full::new(Bytes::from(vec![1u8; 900])))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = post_bytes(addr, "/echo", Bytes::from(vec![1u8; 900])).await.unwrap();
     assert_eq!(r.status, 200);
 }
 

@@ -26,15 +26,7 @@ fn backend_field(status: &serde_json::Value, addr: std::net::SocketAddr, field: 
 }
 
 async fn post(addr: std::net::SocketAddr, body: &'static str) -> Reply {
-    send(
-        addr,
-        Request::post("/submit")
-            .header("host", "t")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap(),
-    )
-    .await
-    .unwrap()
+    post_bytes(addr, "/submit", body).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -340,6 +340,18 @@ where
     })
 }
 
+/// A POST with a fixed body on a fresh connection.
+pub async fn post_bytes(addr: SocketAddr, path: &str, body: impl Into<Bytes>) -> Result<Reply, String> {
+    send(
+        addr,
+        Request::post(path)
+            .header("host", "t")
+            .body(Full::new(body.into()))
+            .unwrap(),
+    )
+    .await
+}
+
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     get_with(addr, path, &[]).await
 }
