@@ -136,6 +136,20 @@ impl ProxyError {
         self.side() == Side::Upstream
     }
 
+    /// The backend the failure happened on, when there was one.
+    pub fn backend(&self) -> Option<SocketAddr> {
+        use ProxyError::*;
+        match self {
+            Connect { backend, .. }
+            | ConnectTimeout { backend }
+            | ResponseTimeout { backend }
+            | UpstreamClosed { backend, .. }
+            | BadResponse { backend, .. }
+            | BadStatus { backend, .. } => Some(*backend),
+            _ => None,
+        }
+    }
+
     /// A short label for metrics and access logs.
     pub fn kind(&self) -> &'static str {
         use ProxyError::*;

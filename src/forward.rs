@@ -73,7 +73,8 @@ pub async fn forward(
     pool.budget.deposit();
     let mut attempts = Attempts::new(pool, &req);
     let try_timeout = cfg.retry.per_try_timeout.unwrap_or(cfg.response_timeout);
-    let retryable_after_send = attempts.replayable() && attempts.is_idempotent();
+    // A replay template exists only for replay-safe (idempotent) requests.
+    let retryable_after_send = attempts.replayable();
     let buffer = if retryable_after_send {
         cfg.retry.response_buffer_bytes
     } else {

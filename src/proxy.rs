@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -445,21 +444,6 @@ fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> 
             .find(|(k, _)| k == name)
             .map(|(_, v)| hash64(v.as_bytes())),
     }
-}
-
-/// Reads a whole small body (used for retry buffering); fails past `limit`.
-pub async fn collect_limited(body: &mut Incoming, limit: usize) -> Result<Option<Bytes>, ProxyError> {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(ProxyError::ClientBody)?;
-        if let Some(d) = frame.data_ref() {
-            if buf.len() + d.len() > limit {
-                return Ok(None);
-            }
-            buf.extend_from_slice(d);
-        }
-    }
-    Ok(Some(buf.freeze()))
 }
 
 #[cfg(test)]

@@ -19,15 +19,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body::Body;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::body::ReqBody;
 use crate::config::PoolConfig;
 use crate::error::ProxyError;
 use crate::state::Pool;
-
-/// Retries of never-written requests on stale pooled connections.
-const MAX_STALE_RETRIES: u8 = 2;
 
 pub fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -58,7 +56,7 @@ pub async fn prepare_body(
     if idempotent && pool.retry.attempts > 1 {
         if let Some(len) = content_length.filter(|&l| l <= pool.retry.max_replay_bytes) {
             let cap = limit.map_or(len, |l| l.min(len)) as usize;
-            if let Some(bytes) = crate::proxy::collect_limited(&mut incoming, cap).await? {
+            if let Some(bytes) = collect_limited(&mut incoming, cap).await? {
                 return Ok(ReqBody::Buffered(Some(bytes)));
             }
             return Err(ProxyError::BadRequest("request body longer than its Content-Length"));
@@ -69,6 +67,21 @@ pub async fn prepare_body(
         limit,
         seen: 0,
     })
+}
+
+/// Reads a whole small body for replay; `None` when it is longer than `limit`.
+async fn collect_limited(body: &mut Incoming, limit: usize) -> Result<Option<Bytes>, ProxyError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ProxyError::ClientBody)?;
+        if let Some(d) = frame.data_ref() {
+            if buf.len() + d.len() > limit {
+                return Ok(None);
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    Ok(Some(buf.freeze()))
 }
 
 /// What a replay needs: the request head and its buffered body.
@@ -86,7 +99,6 @@ pub struct Attempts {
     template: Option<Template>,
     idempotent: bool,
     max_tries: usize,
-    stale_left: u8,
 }
 
 impl Attempts {
@@ -108,7 +120,6 @@ impl Attempts {
             template,
             idempotent,
             max_tries,
-            stale_left: MAX_STALE_RETRIES,
         }
     }
 
@@ -124,10 +135,6 @@ impl Attempts {
     /// Whether the request can be sent again after it was written (replayable).
     pub fn replayable(&self) -> bool {
         self.template.is_some()
-    }
-
-    pub fn is_idempotent(&self) -> bool {
-        self.idempotent
     }
 
     /// Marks a backend as used without a failure (a hedge's target).
@@ -153,16 +160,6 @@ impl Attempts {
         Some(r)
     }
 
-    /// A never-written request on a stale pooled connection: try again, not counted
-    /// as a failure of the backend.
-    pub fn stale_retry(&mut self) -> bool {
-        if self.stale_left == 0 {
-            return false;
-        }
-        self.stale_left -= 1;
-        true
-    }
-
     /// Records a failed try on backend `bi`. Returns whether another try is allowed;
     /// `have_request` says the original request is still in hand (not yet written).
     pub fn failed(&mut self, bi: usize, err: ProxyError, have_request: bool) -> bool {
@@ -174,7 +171,7 @@ impl Attempts {
         };
         let again = safe && self.tried.len() < self.max_tries;
         if again {
-            tracing::warn!(backend = %backend_of(&err), error = %err, "attempt failed; retrying on another backend");
+            tracing::warn!(backend = %err.backend().map_or_else(|| "-".to_string(), |b| b.to_string()), error = %err, "attempt failed; retrying on another backend");
         }
         self.last = Some(err);
         again
@@ -310,18 +307,6 @@ impl LatencyTracker {
 pub fn backoff(base: Duration, max: Duration, n: usize) -> Duration {
     let cap = base.saturating_mul(1u32 << (n.saturating_sub(1)).min(16)).min(max);
     Duration::from_micros(fastrand::u64(..=cap.as_micros() as u64))
-}
-
-fn backend_of(e: &ProxyError) -> String {
-    match e {
-        ProxyError::Connect { backend, .. }
-        | ProxyError::ConnectTimeout { backend }
-        | ProxyError::ResponseTimeout { backend }
-        | ProxyError::UpstreamClosed { backend, .. }
-        | ProxyError::BadResponse { backend, .. }
-        | ProxyError::BadStatus { backend, .. } => backend.to_string(),
-        _ => "-".to_string(),
-    }
 }
 
 #[cfg(test)]

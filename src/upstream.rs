@@ -86,11 +86,6 @@ impl ConnPool {
         });
     }
 
-    /// Idle connections held, for tests and status.
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
-    }
-
     /// Drops every idle connection (shutdown).
     pub fn clear(&self) {
         self.idle.borrow_mut().clear();
