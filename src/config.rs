@@ -22,9 +22,12 @@ use serde::Deserialize;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Per-worker cap on client connections; enough for 10k idle keep-alive clients per worker.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
-/// Slowloris defence, and (as in HAProxy's `timeout http-request`) the idle wait for the
-/// next request on a keep-alive connection.
+/// Slowloris defence: time to send complete request headers, and for a new connection
+/// to send its first byte (HAProxy's `timeout http-request`).
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle wait for the next request on a client keep-alive connection: nginx's
+/// `keepalive_timeout` default. An idle connection holds no buffers, so this is cheap.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 /// Total request header bytes before 431; nginx's large_client_header_buffers is 4×8k.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Request target length before 414, nginx's one large header buffer.
@@ -111,6 +114,7 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub client_header_timeout: Duration,
+    pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     pub max_headers: usize,
@@ -327,6 +331,8 @@ struct FileServer {
     max_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     client_header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_timeout: Option<Duration>,
     max_header_bytes: Option<usize>,
     max_uri_bytes: Option<usize>,
     max_headers: Option<usize>,
@@ -683,6 +689,10 @@ fn validate_server(table: &toml::Table, errs: &mut Errors) -> Option<ServerConfi
     if client_header_timeout.is_zero() {
         errs.push("server.client_header_timeout", "must be greater than 0");
     }
+    let keepalive_timeout = raw.keepalive_timeout.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
+    if keepalive_timeout.is_zero() {
+        errs.push("server.keepalive_timeout", "must be greater than 0");
+    }
     let max_header_bytes = raw.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
     if !(1024..=1024 * 1024).contains(&max_header_bytes) {
         errs.push(
@@ -713,6 +723,7 @@ fn validate_server(table: &toml::Table, errs: &mut Errors) -> Option<ServerConfi
         shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
         max_connections,
         client_header_timeout,
+        keepalive_timeout,
         max_header_bytes,
         max_uri_bytes,
         max_headers,

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod health;
+pub mod idle;
 pub mod listener;
 pub mod metrics;
 pub mod outlier;

@@ -1,19 +1,19 @@
 //! Client-facing sockets: socket2 binding (`SO_REUSEPORT`, backlog, `TCP_NODELAY`), the
-//! accept loop with its per-worker connection cap, the hyper connection builder
-//! (HTTP/1.1 and h2c, limits, header timeout), and graceful drain of each connection.
+//! accept loop with its per-worker connection cap, the hyper connection builders
+//! (HTTP/1.1 and h2c, limits, header timeout), protocol detection, and graceful drain
+//! of h2c connections. HTTP/1.1 connections are served by `idle::serve_h1`.
 //!
 //! Every worker binds its own socket to each listen address; the kernel spreads new
 //! connections across them, so no worker wakes another.
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -22,7 +22,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::error::StartupError;
-use crate::proxy::{self, ConnInfo};
+use crate::idle::{self, IdleWaits, Svc};
+use crate::proxy::ConnInfo;
 use crate::worker::WorkerCtx;
 
 /// Spawns hyper's HTTP/2 stream tasks on the worker's `LocalSet`, so request futures
@@ -39,7 +40,14 @@ where
     }
 }
 
-pub type HttpBuilder = auto::Builder<LocalExec>;
+/// The connection builders and idle waits, from `[server]`, shared by a worker's
+/// connections.
+pub struct HttpBuilder {
+    /// Detects h2c prior knowledge; used for connections that start like the preface.
+    auto: auto::Builder<LocalExec>,
+    h1: http1::Builder,
+    waits: IdleWaits,
+}
 
 /// Binds one listening socket. `SO_REUSEPORT` lets every worker bind the same address.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -80,21 +88,34 @@ pub fn bind_all(
     Ok((per_worker, addrs))
 }
 
-/// The connection builder, with limits from `[server]`.
+/// The connection builders, with limits from `[server]`.
 pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
-    let mut b = auto::Builder::new(LocalExec);
-    b.http1()
+    // hyper answers 431 itself past this; our own, exact checks run below it.
+    let max_buf = (cfg.max_header_bytes + cfg.max_uri_bytes + 1024).max(8192);
+    let mut auto = auto::Builder::new(LocalExec);
+    auto.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.client_header_timeout)
         .max_headers(cfg.max_headers)
-        // hyper answers 431 itself past this; our own, exact checks run below it.
-        .max_buf_size((cfg.max_header_bytes + cfg.max_uri_bytes + 1024).max(8192));
-    b.http2()
+        .max_buf_size(max_buf);
+    auto.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(cfg.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    b
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(cfg.client_header_timeout)
+        .max_headers(cfg.max_headers)
+        .max_buf_size(max_buf);
+    HttpBuilder {
+        auto,
+        h1,
+        waits: IdleWaits {
+            first: cfg.client_header_timeout,
+            keepalive: cfg.keepalive_timeout,
+        },
+    }
 }
 
 /// Counts a worker's open client connections, for the cap and for drain.
@@ -177,6 +198,9 @@ pub async fn accept_loop(
     }
 }
 
+/// The HTTP/2 connection preface a prior-knowledge h2c client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 async fn serve(
     ctx: Rc<WorkerCtx>,
     builder: Rc<HttpBuilder>,
@@ -185,18 +209,34 @@ async fn serve(
     mut shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
-    let info = Rc::new(ConnInfo::new(peer, false));
-    let svc = service_fn(move |req| {
-        let ctx = ctx.clone();
-        let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(ctx, info, req).await) }
-    });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
+    // Wait for the first bytes before choosing a protocol: a connection that sends
+    // nothing holds no hyper state, and closes after `client_header_timeout`.
+    let mut head = [0u8; H2_PREFACE.len()];
+    let peeked = tokio::select! {
+        biased;
+        _ = crate::stopped(&mut shutdown) => return,
+        r = tokio::time::timeout(builder.waits.first, idle::peek_request(&stream, &mut head)) => r,
+    };
+    let n = match peeked {
+        Ok(Ok(n)) if n > 0 => n,
+        // Timed out, closed without a byte, or a socket error.
+        _ => return,
+    };
+    // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
+    let looks_h2 = H2_PREFACE.starts_with(&head[..n]);
+    if !looks_h2 {
+        return idle::serve_h1(ctx, &builder.h1, &builder.waits, stream, peer, &mut shutdown).await;
+    }
+    let svc = Svc {
+        ctx,
+        info: Rc::new(ConnInfo::new(peer, false)),
+    };
+    // Boxed: inline, it would size every connection's task, h1 ones included.
+    let mut conn = Box::pin(builder.auto.serve_connection_with_upgrades(TokioIo::new(stream), svc));
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = crate::stopped(&mut shutdown) => {
-            // Finish in-flight requests; idle keep-alive connections close now.
+            // Finish in-flight requests; idle connections close now.
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -19,12 +19,14 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
 use crate::balancer::{hash64, Balancer};
 use crate::body::RespBody;
 use crate::config::HashKey;
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
+use crate::idle::ParkState;
 use crate::retry;
 use crate::router::host_without_port;
 use crate::state::Snapshot;
@@ -62,6 +64,9 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// `X-Forwarded-Proto`.
     pub proto: HeaderValue,
+    /// Set for HTTP/1.1 connections served by `idle::serve_h1`, which completes
+    /// upgrades by hand.
+    pub park: Option<Rc<ParkState>>,
 }
 
 impl ConnInfo {
@@ -71,7 +76,13 @@ impl ConnInfo {
             peer,
             peer_ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            park: None,
         }
+    }
+
+    pub fn with_park(mut self, park: Rc<ParkState>) -> ConnInfo {
+        self.park = Some(park);
+        self
     }
 }
 
@@ -129,10 +140,8 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Incomin
     let method = req.method().clone();
     let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
     let mut pool_idx = None;
-    // Boxed: hyper keeps the service future inline in every connection's dispatcher,
-    // idle or not, so an unboxed state machine (forward, hedge, tries) would cost each
-    // idle keep-alive connection its full size. One allocation per request instead.
-    let result = Box::pin(handle_inner(&ctx, &conn, &snap, req, &request_id, &mut pool_idx)).await;
+    // (The service boxes this whole future: see `idle::Svc`.)
+    let result = handle_inner(&ctx, &conn, &snap, req, &request_id, &mut pool_idx).await;
     let pool = pool_idx.map(|i| &snap.pools[i]);
     let (mut response, backend) = match result {
         Ok(f) => (f.response, Some(f.backend)),
@@ -232,7 +241,10 @@ async fn handle_inner(
     };
 
     let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| match &conn.park {
+        Some(park) => ClientUpgrade::Manual(park.clone()),
+        None => ClientUpgrade::Hyper(hyper::upgrade::on(&mut req)),
+    });
 
     let (mut parts, incoming) = req.into_parts();
     rewrite_request_headers(&mut parts.headers, conn, parts.version, host_value, request_id, upgrade);
@@ -247,24 +259,63 @@ async fn handle_inner(
     if let Some(client_upgrade) = client_upgrade {
         if fwd.response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut fwd.response);
-            tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade, fwd.backend));
+            let client = match client_upgrade {
+                ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
+                ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
+            };
+            tokio::task::spawn_local(tunnel(client, upstream_upgrade, fwd.backend));
         }
     }
     Ok(fwd)
 }
 
+enum ClientUpgrade {
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// `idle::serve_h1` hands the socket over once the 101 is written.
+    Manual(Rc<ParkState>),
+}
+
+enum ClientSide {
+    Hyper(hyper::upgrade::OnUpgrade),
+    Manual(tokio::sync::oneshot::Receiver<crate::idle::Upgraded>),
+}
+
 /// Copies bytes both ways between an upgraded client and backend until either closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, backend: SocketAddr) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (c, u) => {
-            tracing::debug!(backend = %backend, client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade failed");
+async fn tunnel(client: ClientSide, upstream: hyper::upgrade::OnUpgrade, backend: SocketAddr) {
+    let upstream = match upstream.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(backend = %backend, error = %e, "backend upgrade failed");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let result = match client {
+        ClientSide::Hyper(on) => match on.await {
+            Ok(c) => tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut upstream).await,
+            Err(e) => {
+                tracing::debug!(backend = %backend, error = %e, "client upgrade failed");
+                return;
+            }
+        },
+        ClientSide::Manual(rx) => match rx.await {
+            Ok((mut stream, early)) => {
+                // Bytes the client sent right behind its upgrade request go first.
+                if !early.is_empty() {
+                    if let Err(e) = upstream.write_all(&early).await {
+                        tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
+                        return;
+                    }
+                }
+                tokio::io::copy_bidirectional(&mut stream, &mut upstream).await
+            }
+            Err(_) => {
+                tracing::debug!(backend = %backend, "client connection closed before the upgrade");
+                return;
+            }
+        },
+    };
+    if let Err(e) = result {
         tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
     }
 }

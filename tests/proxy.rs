@@ -535,3 +535,106 @@ async fn connections_past_the_per_worker_cap_wait_until_a_slot_frees() {
     let out = third.await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
+
+/// Reads `n` HTTP/1.1 responses (Content-Length framed) off a raw connection and returns
+/// each one's `x-request-id`.
+async fn read_response_ids(s: &mut tokio::net::TcpStream, n: usize) -> Vec<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut ids = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while ids.len() < n {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let field = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                    .unwrap_or_default()
+            };
+            let len: usize = field("content-length:").parse().unwrap();
+            if buf.len() >= end + 4 + len {
+                ids.push(field("x-request-id:"));
+                buf.drain(..end + 4 + len);
+                continue;
+            }
+        }
+        let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(got > 0, "connection closed after {} responses", ids.len());
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_survives_idle_gaps_pipelining_and_split_requests() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    let req = |id: &str| format!("GET /{id} HTTP/1.1\r\nHost: t\r\nx-request-id: {id}\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Idle gaps: between requests the connection parks with no hyper state.
+    for id in ["r1", "r2"] {
+        s.write_all(req(id).as_bytes()).await.unwrap();
+        assert_eq!(read_response_ids(&mut s, 1).await, [id]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pipelined: three requests in one write, answered in order.
+    s.write_all(format!("{}{}{}", req("r3"), req("r4"), req("r5")).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response_ids(&mut s, 3).await, ["r3", "r4", "r5"]);
+    // A whole request plus the first half of the next, then a pause: the half must
+    // survive the park and be completed by the rest.
+    let (r6, r7) = (req("r6"), req("r7"));
+    s.write_all(format!("{r6}{}", &r7[..20]).as_bytes()).await.unwrap();
+    assert_eq!(read_response_ids(&mut s, 1).await, ["r6"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&r7.as_bytes()[20..]).await.unwrap();
+    assert_eq!(read_response_ids(&mut s, 1).await, ["r7"]);
+    assert_eq!(o.hits(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_after_keepalive_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = pool_config(&[o.addr], "").replace("shutdown_grace", "keepalive_timeout = \"300ms\"\nshutdown_grace");
+    let (_srv, addr) = start_proxy(&toml);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nx-request-id: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response_ids(&mut s, 1).await, ["a"]);
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("idle connection closed by the proxy")
+        .unwrap();
+    assert_eq!(n, 0, "no bytes after the response");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_closes_after_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml =
+        pool_config(&[o.addr], "").replace("shutdown_grace", "client_header_timeout = \"300ms\"\nshutdown_grace");
+    let (_srv, addr) = start_proxy(&toml);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("silent connection closed by the proxy")
+        .unwrap();
+    assert!(rest.is_empty());
+}
