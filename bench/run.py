@@ -12,7 +12,8 @@ proxies with equivalent settings (bench/peers/), then runs, interleaved per roun
   h2           h2load -c16 -m8 (h2c prior knowledge)             (median req/s)
   fixed rate   oha -q 8000 for --duration s: proxy CPU per request (µs, from
                /proc utime+stime) and p99 latency
-  idle memory  9,000 idle keep-alive client connections: proxy RSS growth / conn
+  idle memory  9,000 idle keep-alive client connections (one request each, then idle
+               for IDLE_SETTLE s): proxy RSS growth / conn
 
 and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy.
 Load goes to 127.0.0.1 only; every loop is bounded in time.
@@ -192,6 +193,12 @@ def fixed_rate(procs, name, port, duration, rate):
     return cpu_us, p99
 
 
+# Seconds the connections sit idle before RSS is read, the same for every proxy. rampart
+# frees a connection's buffers after 250 ms idle, and its allocator returns the pages
+# to the OS about a second or two later; nginx and HAProxy are flat by then.
+IDLE_SETTLE = 5.0
+
+
 async def _idle_conns(port, n):
     conns = []
     req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -201,7 +208,7 @@ async def _idle_conns(port, n):
         conns.append((r, w))
         if i % 500 == 499:
             await asyncio.gather(*(c[0].read(200) for c in conns[-500:]))
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(IDLE_SETTLE)
     return conns
 
 

@@ -167,18 +167,51 @@ def fault_plan(scenario, origins, d):
     return []
 
 
+PROBE_CLIENTS = 2
+
+
+def timeline(csv_text, duration):
+    """Per-second successful responses of the probe clients: the mean over the fault
+    window [d/4, 3d/4) and its worst second, each as a ratio to the seconds before the
+    fault (skipping the first, warm-up, second)."""
+    per_sec = [0] * (duration + 2)
+    for line in csv_text.splitlines()[1:]:
+        f = line.split(",")
+        try:
+            end, status = float(f[0]) + float(f[4]), int(f[6])
+        except (IndexError, ValueError):
+            continue
+        if 200 <= status < 300 and int(end) < len(per_sec):
+            per_sec[int(end)] += 1
+    t0, t1 = int(duration / 4), int(3 * duration / 4)
+    before = per_sec[1:t0] or [0]
+    during = per_sec[t0:t1] or [0]
+    steady = sum(before) / len(before)
+    if steady == 0:
+        return {"fault_ratio": 0.0, "worst_ratio": 0.0}
+    return {"fault_ratio": sum(during) / len(during) / steady, "worst_ratio": min(during) / steady}
+
+
 def run_one(name, scenario, duration, run):
     origins = Origins()
     origins.start_all()
     proxy = start_proxy(name, run)
     post = scenario in ("killed_post", "rolling_post", "post_unsafe")
     posts_before = sum(origins.posts(p) for p in ORIGIN_PORTS)
-    cmd = ["oha", "-z", f"{duration}s", "-c", "32", "--no-tui", "--output-format", "json",
-           "--wait-ongoing-requests-after-deadline", "-t", "10s"]
-    if post:
-        cmd += ["-m", "POST", "-d", POST_BODY, "-T", "application/x-www-form-urlencoded"]
-    cmd.append(f"http://127.0.0.1:{PROXIES[name]}/")
+
+    def oha(clients, fmt):
+        cmd = ["oha", "-z", f"{duration}s", "-c", str(clients), "--no-tui", "--output-format", fmt,
+               "--wait-ongoing-requests-after-deadline", "-t", "10s"]
+        if post:
+            cmd += ["-m", "POST", "-d", POST_BODY, "-T", "application/x-www-form-urlencoded"]
+        return cmd + [f"http://127.0.0.1:{PROXIES[name]}/"]
+
+    cmd = oha(32, "json")
     load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Two more clients whose every request is timestamped (oha's CSV leaves out transport
+    # errors, so they are not counted as failures): their per-second throughput is the
+    # timeline of the run.
+    probe = subprocess.Popen(oha(PROBE_CLIENTS, "csv"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     start = time.time()
     for at, action in fault_plan(scenario, origins, duration):
         delay = at - (time.time() - start)
@@ -189,6 +222,7 @@ def run_one(name, scenario, duration, run):
         except Exception as e:  # a control call to a dead origin is expected in some plans
             print(f"   ({scenario}: {e})", file=sys.stderr)
     out, err = load.communicate(timeout=duration + 60)
+    probe_out, _ = probe.communicate(timeout=duration + 60)
     data = json.loads(out)
     statuses = {int(k): v for k, v in data.get("statusCodeDistribution", {}).items()}
     errors = sum(data.get("errorDistribution", {}).values())
@@ -202,6 +236,7 @@ def run_one(name, scenario, duration, run):
         "statuses": {k: v for k, v in statuses.items() if not 200 <= k < 300},
         "errors": data.get("errorDistribution", {}),
     }
+    result.update(timeline(probe_out, duration))
     if post:
         for p in ORIGIN_PORTS:
             if p not in origins.procs:
@@ -244,7 +279,8 @@ def main():
             results[(sc, px)] = r
             print(f"{sc:13} {px:8} failures {r['failures']:7,} of {r['total']:8,}  {r['rps']:9,.0f} req/s  "
                   f"max {r['max_ms']:7.0f} ms  {r['statuses'] or ''} {r['errors'] or ''}"
-                  + (f" dup={r['duplicates']}" if "duplicates" in r else ""), flush=True)
+                  + (f" dup={r['duplicates']}" if "duplicates" in r else "")
+                  + f"  fault/steady {r['fault_ratio']:.2f} (worst second {r['worst_ratio']:.2f})", flush=True)
     header = "| scenario | " + " | ".join(proxies) + " |"
     lines = ["# Chaos suite results", "",
              f"`python3 loadtest/chaos.py --duration {args.duration}`, "
@@ -260,6 +296,12 @@ def main():
               "|---|" + "---|" * len(proxies)]
     for sc in scenarios:
         lines.append(f"| {sc} | " + " | ".join(f"{results[(sc, px)]['rps']:,.0f}" for px in proxies) + " |")
+    lines += ["", f"Throughput during the fault as a share of before it, from {PROBE_CLIENTS} extra probe clients "
+              "timed per request: mean over the fault window, and (in brackets) its worst second.", "",
+              "| scenario | " + " | ".join(proxies) + " |", "|---|" + "---|" * len(proxies)]
+    for sc in scenarios:
+        lines.append(f"| {sc} | " + " | ".join(
+            f"{results[(sc, px)]['fault_ratio']:.2f} ({results[(sc, px)]['worst_ratio']:.2f})" for px in proxies) + " |")
     text = "\n".join(lines) + "\n"
     (ROOT / "loadtest" / "RESULTS.md").write_text(text)
     print()

@@ -3,19 +3,23 @@
 //! hyper keeps a connection's read buffer, write buffer and parser state for as long
 //! as the connection is open, idle or not: about 30 KB per idle keep-alive client.
 //! nginx instead frees its buffers between requests (`ngx_http_set_keepalive`). This
-//! module does the same around hyper: each request (or pipelined run of requests) is
-//! served by a fresh, boxed hyper connection over `ParkIo`; when the response has been
-//! fully flushed and the socket has nothing more to read, `ParkIo` reports end of
-//! stream to hyper ("parks"), hyper finishes cleanly without closing the socket, and
-//! the connection waits for readability with nothing but the socket and a timer.
+//! module does the same around hyper: a connection is served by a boxed hyper
+//! connection over `ParkIo`; once it has been idle for `PARK_AFTER` (response flushed,
+//! no new byte), `ParkIo` reports end of stream to hyper ("parks"), hyper finishes
+//! cleanly without closing the socket, and the connection waits for its next request
+//! holding nothing but the socket and a timer. Busy connections never park, so the
+//! hot path keeps hyper's per-connection reuse (header map, buffers).
 //!
-//! Three signals make parking safe: `ClientBody`'s drop (the response body is done),
-//! `ParkIo::poll_flush` completing after that (hyper flushes only once its write
-//! buffer is empty), and a read that would block. Bytes that arrive in between (a
-//! pipelined request) cancel the park; a partial request that hyper had already
+//! `ParkIo` also owns the request-header deadline (`client_header_timeout`, from the
+//! first byte of a request to its complete head), replacing hyper's own header timer,
+//! which fires even while a response is still being flushed to a slow client.
+//!
+//! What makes parking safe: `ClientBody`'s drop (the response is done), hyper's
+//! `poll_flush` after that (hyper flushes the socket only once its write buffer is
+//! empty), and a read that would block. A partial pipelined request hyper had already
 //! buffered comes back in `Parts::read_buf` and is replayed to the next connection.
 //! Upgrades (WebSocket) are completed by hand: hyper hands back the socket and the
-//! proxy's tunnel receives it through `ParkState::upgrade`.
+//! proxy's tunnel receives it through `ParkState::take_upgrade`.
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
@@ -24,7 +28,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -36,33 +40,88 @@ use hyper::server::conn::http1;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
 
 use crate::body::RespBody;
 use crate::proxy::{self, ConnInfo};
 use crate::worker::WorkerCtx;
+
+/// How long a keep-alive connection stays idle before it gives its buffers back.
+/// Short enough that idle clients cost almost nothing; long enough that a client
+/// sending back-to-back requests never pays for a new hyper connection.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// What a tunnel gets when hyper hands an upgraded connection back: the socket and
 /// any bytes the client sent after its request.
 pub type Upgraded = (TcpStream, Bytes);
 
 /// Shared between a connection's `ParkIo`, its service and its response bodies.
-#[derive(Default)]
 pub struct ParkState {
-    /// The last response body has been dropped by hyper (written in full or aborted).
-    response_done: Cell<bool>,
-    /// hyper flushed its write buffer after `response_done`.
+    /// No request in progress: before the first, or since the last response body was
+    /// dropped by hyper (written in full or aborted).
+    waiting: Cell<bool>,
+    /// hyper flushed its write buffer since the last response ended.
     flushed: Cell<bool>,
+    /// Requests started on this connection; `ParkIo` notices a new one by it.
+    requests: Cell<u64>,
     /// `ParkIo` reported end of stream to hyper so the connection can park.
     parked: Cell<bool>,
     /// Set by the proxy when it answers 101: the tunnel waiting for the socket.
     upgrade: RefCell<Option<oneshot::Sender<Upgraded>>>,
+    /// When the last response ended (the idle wait began).
+    idle_since: Cell<Option<Instant>>,
+    /// One timer for the park and header deadlines; dropped when the connection parks.
+    timer: RefCell<Option<Pin<Box<Sleep>>>>,
+    armed: Cell<Option<Instant>>,
+    /// The connection task, to re-poll hyper when a response ends without a poll
+    /// context at hand (an empty body).
+    waker: RefCell<Option<Waker>>,
 }
 
 impl ParkState {
-    fn reset(&self) {
-        self.response_done.set(false);
+    fn new() -> ParkState {
+        ParkState {
+            waiting: Cell::new(true),
+            flushed: Cell::new(true),
+            requests: Cell::new(0),
+            parked: Cell::new(false),
+            upgrade: RefCell::new(None),
+            idle_since: Cell::new(None),
+            timer: RefCell::new(None),
+            armed: Cell::new(None),
+            waker: RefCell::new(None),
+        }
+    }
+
+    /// Polls the shared deadline timer, (re)arming it for `deadline`.
+    fn deadline_passed(&self, cx: &mut Context<'_>, deadline: Instant) -> bool {
+        let mut slot = self.timer.borrow_mut();
+        let timer = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if self.armed.get() != Some(deadline) {
+            timer.as_mut().reset(deadline);
+            self.armed.set(Some(deadline));
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// The response is complete: start the idle wait. With a poll context the park
+    /// timer is armed at once; without one, hyper is re-polled so its next (idle)
+    /// read arms it.
+    fn response_done(&self, cx: Option<&mut Context<'_>>) {
+        let now = Instant::now();
+        self.waiting.set(true);
         self.flushed.set(false);
-        self.parked.set(false);
+        self.idle_since.set(Some(now));
+        match cx {
+            Some(cx) => {
+                let _ = self.deadline_passed(cx, now + PARK_AFTER);
+            }
+            None => {
+                if let Some(w) = self.waker.borrow().as_ref() {
+                    w.wake_by_ref();
+                }
+            }
+        }
     }
 
     /// Called by the proxy once the backend agreed to switch protocols.
@@ -73,15 +132,34 @@ impl ParkState {
     }
 }
 
-/// The client socket as hyper sees it, with the park signal and replayed bytes.
+/// The client socket as hyper sees it, with the park signal, the header deadline and
+/// replayed bytes.
 pub struct ParkIo {
     stream: TcpStream,
     /// Bytes read by an earlier hyper connection but not yet parsed.
     replay: Bytes,
     state: Rc<ParkState>,
+    header_timeout: Duration,
+    /// `state.requests` when the fields below were last reset.
+    seen_requests: u64,
+    /// When the first byte of the next request head arrived.
+    head_started: Option<Instant>,
 }
 
 impl ParkIo {
+    fn new(stream: TcpStream, replay: Bytes, state: Rc<ParkState>, header_timeout: Duration) -> ParkIo {
+        // The caller saw the first byte of a request (or has replayed bytes).
+        let now = Instant::now();
+        ParkIo {
+            stream,
+            replay,
+            seen_requests: state.requests.get(),
+            state,
+            header_timeout,
+            head_started: Some(now),
+        }
+    }
+
     fn read_socket(&mut self, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<usize>> {
         // SAFETY: as in hyper-util's `TokioIo`: tokio's `ReadBuf` only writes into the
         // uninitialised tail and reports how much it filled; we advance by exactly that.
@@ -97,6 +175,53 @@ impl ParkIo {
         unsafe { buf.advance(n) };
         Poll::Ready(Ok(n))
     }
+
+    /// A new request started since we last looked: forget the old wait.
+    fn sync(&mut self) {
+        let requests = self.state.requests.get();
+        if requests != self.seen_requests {
+            self.seen_requests = requests;
+            self.head_started = None;
+        }
+    }
+
+    /// The read would block while no request is in progress: park, time out a slow
+    /// request head, or keep waiting.
+    fn blocked_while_waiting(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let state = &*self.state;
+        if let Some(started) = self.head_started {
+            if state.deadline_passed(cx, started + self.header_timeout) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client_header_timeout: request head incomplete",
+                )));
+            }
+            return Poll::Pending;
+        }
+        let since = match state.idle_since.get() {
+            Some(t) => t,
+            None => {
+                let now = Instant::now();
+                state.idle_since.set(Some(now));
+                now
+            }
+        };
+        if state.deadline_passed(cx, since + PARK_AFTER) {
+            if state.flushed.get() {
+                // Idle: let hyper end this connection as if the client had closed.
+                state.parked.set(true);
+                state.timer.borrow_mut().take();
+                state.armed.set(None);
+                return Poll::Ready(Ok(()));
+            }
+            // Still flushing to a slow reader: look again later.
+            let now = Instant::now();
+            state.idle_since.set(Some(now));
+            // Not yet due, so this only arms the timer (and registers the waker).
+            let _ = state.deadline_passed(cx, now + PARK_AFTER);
+        }
+        Poll::Pending
+    }
 }
 
 impl Read for ParkIo {
@@ -110,20 +235,26 @@ impl Read for ParkIo {
         }
         match this.read_socket(cx, buf) {
             Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    // A new request is arriving: not idle.
-                    this.state.response_done.set(false);
-                    this.state.flushed.set(false);
+                if n > 0 && this.state.waiting.get() {
+                    this.sync();
+                    this.head_started.get_or_insert_with(Instant::now);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending if this.state.response_done.get() && this.state.flushed.get() => {
-                // Idle: let hyper end this connection as if the client had closed.
-                this.state.parked.set(true);
-                Poll::Ready(Ok(()))
+            Poll::Pending if this.state.waiting.get() => {
+                this.sync();
+                this.blocked_while_waiting(cx)
             }
-            Poll::Pending => Poll::Pending,
+            // A request is in progress (hyper is reading its body, or watching for the
+            // client going away while the response is produced): no deadline of ours.
+            Poll::Pending => {
+                let mut w = this.state.waker.borrow_mut();
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -145,15 +276,9 @@ impl Write for ParkIo {
         true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // hyper calls this only once its write buffer is empty.
-        if this.state.response_done.get() && !this.state.flushed.get() {
-            this.state.flushed.set(true);
-            // hyper polled its read side before this flush; poll again so the idle
-            // read happens now rather than when the next request arrives.
-            cx.waker().wake_by_ref();
-        }
+        self.state.flushed.set(true);
         Poll::Ready(Ok(()))
     }
 
@@ -162,10 +287,24 @@ impl Write for ParkIo {
     }
 }
 
-/// The response body as hyper sees it: marks the response done when dropped.
+/// The response body as hyper sees it: tells `ParkState` the moment the response is
+/// complete. That must happen before hyper's next read (which it does right after the
+/// last frame, before dropping the body), so the idle timer is armed by that read.
 pub struct ClientBody {
     inner: RespBody,
     state: Option<Rc<ParkState>>,
+    done: Cell<bool>,
+}
+
+impl ClientBody {
+    fn mark_done(&self, cx: Option<&mut Context<'_>>) {
+        if self.done.replace(true) {
+            return;
+        }
+        if let Some(s) = &self.state {
+            s.response_done(cx);
+        }
+    }
 }
 
 impl Body for ClientBody {
@@ -173,11 +312,22 @@ impl Body for ClientBody {
     type Error = hyper::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(None) => this.mark_done(Some(cx)),
+            Poll::Ready(Some(_)) if this.inner.is_end_stream() => this.mark_done(Some(cx)),
+            _ => {}
+        }
+        res
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end {
+            self.mark_done(None);
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -187,9 +337,7 @@ impl Body for ClientBody {
 
 impl Drop for ClientBody {
     fn drop(&mut self) {
-        if let Some(s) = &self.state {
-            s.response_done.set(true);
-        }
+        self.mark_done(None);
     }
 }
 
@@ -212,13 +360,18 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
         let ctx = self.ctx.clone();
         let info = self.info.clone();
         if let Some(s) = &info.park {
-            s.response_done.set(false);
-            s.flushed.set(false);
+            s.waiting.set(false);
+            s.idle_since.set(None);
+            s.requests.set(s.requests.get() + 1);
         }
         Box::pin(async move {
             let state = info.park.clone();
             let resp = proxy::handle(ctx, info, req).await;
-            Ok(resp.map(|inner| ClientBody { inner, state }))
+            Ok(resp.map(|inner| ClientBody {
+                inner,
+                state,
+                done: Cell::new(false),
+            }))
         })
     }
 }
@@ -258,17 +411,17 @@ fn nonempty(buf: Bytes) -> Bytes {
     }
 }
 
-/// Timeouts for the idle waits between requests.
+/// Timeouts for the waits between requests.
 pub struct IdleWaits {
-    /// Until the first request byte of a new connection.
-    pub first: Duration,
-    /// Between requests on a keep-alive connection.
+    /// Until the first request byte of a new connection, and from the first byte of a
+    /// request to its complete head (`client_header_timeout`).
+    pub header: Duration,
+    /// Between requests on a keep-alive connection (`keepalive_timeout`).
     pub keepalive: Duration,
 }
 
 /// Serves an HTTP/1.1 connection until the client closes, a wait times out, hyper
-/// closes it, or shutdown. Each request gets a fresh hyper connection; between
-/// requests the task holds only the socket.
+/// closes it, or shutdown. Between bursts of requests the task holds only the socket.
 pub async fn serve_h1(
     ctx: Rc<WorkerCtx>,
     builder: &http1::Builder,
@@ -277,19 +430,23 @@ pub async fn serve_h1(
     peer: SocketAddr,
     shutdown: &mut watch::Receiver<bool>,
 ) {
-    let state = Rc::new(ParkState::default());
+    let state = Rc::new(ParkState::new());
     let svc = Svc {
         ctx,
         info: Rc::new(ConnInfo::new(peer, false).with_park(state.clone())),
     };
+    // One shutdown future for the connection's whole life (it is never polled again
+    // once it has fired: every branch that sees it returns).
+    let stop = crate::stopped(shutdown);
+    tokio::pin!(stop);
     let mut replay = Bytes::new();
-    let mut wait = waits.first;
+    let mut wait = waits.header;
     loop {
         if replay.is_empty() {
             let mut one = [0u8; 1];
             let ready = tokio::select! {
                 biased;
-                _ = crate::stopped(shutdown) => return,
+                _ = &mut stop => return,
                 r = tokio::time::timeout(wait, peek_request(&stream, &mut one)) => r,
             };
             // Timed out, closed by the client, or a socket error: nothing to answer.
@@ -297,19 +454,21 @@ pub async fn serve_h1(
                 return;
             }
         }
-        wait = waits.keepalive;
-        state.reset();
-        let io = ParkIo {
-            stream,
-            replay: std::mem::take(&mut replay),
-            state: state.clone(),
-        };
+        // Parking already spent `PARK_AFTER` of the keep-alive wait.
+        wait = waits.keepalive.saturating_sub(PARK_AFTER).max(Duration::from_millis(1));
+        state.waiting.set(true);
+        state.flushed.set(true);
+        state.parked.set(false);
+        state.idle_since.set(None);
+        let io = ParkIo::new(stream, std::mem::take(&mut replay), state.clone(), waits.header);
         // Boxed so it is freed while the connection is parked.
         let mut conn = Box::new(builder.serve_connection(io, svc.clone()));
+        let mut stopping = false;
         let result = tokio::select! {
             r = poll_fn(|cx| conn.poll_without_shutdown(cx)) => r,
-            _ = crate::stopped(shutdown) => {
+            _ = &mut stop => {
                 // Finish the request in flight; hyper then closes.
+                stopping = true;
                 Pin::new(&mut *conn).graceful_shutdown();
                 poll_fn(|cx| conn.poll_without_shutdown(cx)).await
             }
@@ -325,10 +484,10 @@ pub async fn serve_h1(
                 return;
             }
             // An empty `read_buf` still pins hyper's whole read buffer: drop it.
-            Ok(()) if state.parked.get() && !*shutdown.borrow() => replay = nonempty(parts.read_buf),
-            // The client sent part of a pipelined request just as we parked: hyper saw
-            // "end of stream" mid-request, but nothing was written; replay its bytes.
-            Err(e) if state.parked.get() && e.is_incomplete_message() && !parts.read_buf.is_empty() => {
+            Ok(()) if state.parked.get() && !stopping => replay = nonempty(parts.read_buf),
+            // The client had sent part of a pipelined request when we parked: hyper saw
+            // "end of stream" mid-request, but wrote nothing; replay its bytes.
+            Err(e) if state.parked.get() && !stopping && e.is_incomplete_message() && !parts.read_buf.is_empty() => {
                 replay = nonempty(parts.read_buf);
             }
             Ok(()) => {

@@ -103,16 +103,15 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(cfg.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
+    // No hyper header timer here: `idle::ParkIo` keeps that deadline (hyper's also
+    // fires while a response is still being flushed to a slow reader).
     let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(cfg.client_header_timeout)
-        .max_headers(cfg.max_headers)
-        .max_buf_size(max_buf);
+    h1.max_headers(cfg.max_headers).max_buf_size(max_buf);
     HttpBuilder {
         auto,
         h1,
         waits: IdleWaits {
-            first: cfg.client_header_timeout,
+            header: cfg.client_header_timeout,
             keepalive: cfg.keepalive_timeout,
         },
     }
@@ -215,7 +214,7 @@ async fn serve(
     let peeked = tokio::select! {
         biased;
         _ = crate::stopped(&mut shutdown) => return,
-        r = tokio::time::timeout(builder.waits.first, idle::peek_request(&stream, &mut head)) => r,
+        r = tokio::time::timeout(builder.waits.header, idle::peek_request(&stream, &mut head)) => r,
     };
     let n = match peeked {
         Ok(Ok(n)) if n > 0 => n,

@@ -93,6 +93,7 @@ async fn run(
         loop {
             tick.tick().await;
             conns.sweep();
+            crate::trim_allocator();
         }
     });
 

@@ -580,7 +580,8 @@ async fn keep_alive_survives_idle_gaps_pipelining_and_split_requests() {
     for id in ["r1", "r2"] {
         s.write_all(req(id).as_bytes()).await.unwrap();
         assert_eq!(read_response_ids(&mut s, 1).await, [id]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Longer than `PARK_AFTER`.
+        tokio::time::sleep(Duration::from_millis(600)).await;
     }
     // Pipelined: three requests in one write, answered in order.
     s.write_all(format!("{}{}{}", req("r3"), req("r4"), req("r5")).as_bytes())
@@ -592,7 +593,7 @@ async fn keep_alive_survives_idle_gaps_pipelining_and_split_requests() {
     let (r6, r7) = (req("r6"), req("r7"));
     s.write_all(format!("{r6}{}", &r7[..20]).as_bytes()).await.unwrap();
     assert_eq!(read_response_ids(&mut s, 1).await, ["r6"]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     s.write_all(&r7.as_bytes()[20..]).await.unwrap();
     assert_eq!(read_response_ids(&mut s, 1).await, ["r7"]);
     assert_eq!(o.hits(), 7);
