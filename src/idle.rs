@@ -349,7 +349,27 @@ pub struct Svc {
     pub info: Rc<ConnInfo>,
 }
 
-type SvcFuture = Pin<Box<dyn Future<Output = Result<Response<ClientBody>, Infallible>>>>;
+/// The service's future: the boxed request future (boxed once, so the large state
+/// machine is copied into the heap once), then the response wrapped in `ClientBody`.
+pub struct SvcFuture {
+    inner: Pin<Box<dyn Future<Output = Response<RespBody>>>>,
+    state: Option<Rc<ParkState>>,
+}
+
+impl Future for SvcFuture {
+    type Output = Result<Response<ClientBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let resp = std::task::ready!(this.inner.as_mut().poll(cx));
+        let state = this.state.take();
+        Poll::Ready(Ok(resp.map(|inner| ClientBody {
+            inner,
+            state,
+            done: Cell::new(false),
+        })))
+    }
+}
 
 impl hyper::service::Service<Request<Incoming>> for Svc {
     type Response = Response<ClientBody>;
@@ -357,22 +377,16 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
     type Future = SvcFuture;
 
     fn call(&self, req: Request<Incoming>) -> SvcFuture {
-        let ctx = self.ctx.clone();
-        let info = self.info.clone();
-        if let Some(s) = &info.park {
+        let state = self.info.park.clone();
+        if let Some(s) = &state {
             s.waiting.set(false);
             s.idle_since.set(None);
             s.requests.set(s.requests.get() + 1);
         }
-        Box::pin(async move {
-            let state = info.park.clone();
-            let resp = proxy::handle(ctx, info, req).await;
-            Ok(resp.map(|inner| ClientBody {
-                inner,
-                state,
-                done: Cell::new(false),
-            }))
-        })
+        SvcFuture {
+            inner: Box::pin(proxy::handle(self.ctx.clone(), self.info.clone(), req)),
+            state,
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -348,7 +348,8 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Removes every field named in `Connection` and the fixed hop-by-hop list (and
-/// `Upgrade`, which callers put back for tunnels). One pass over the names present:
+/// `Upgrade`, which callers put back for tunnels, and `Expect`, which is meaningless
+/// past the hop that answered it and never sent in responses). One pass over the names present:
 /// most messages carry none of these, and a `remove` per listed name cost ten hash
 /// lookups per request (about 2,900 instructions under callgrind).
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -371,7 +372,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    let is_hop = |n: &HeaderName| *n == header::UPGRADE || HOP_BY_HOP.contains(n);
+    let is_hop = |n: &HeaderName| *n == header::UPGRADE || *n == header::EXPECT || HOP_BY_HOP.contains(n);
     if headers.keys().any(is_hop) {
         let present: Vec<HeaderName> = headers.keys().filter(|n| is_hop(n)).cloned().collect();
         for name in present {
@@ -394,23 +395,22 @@ pub fn rewrite_request_headers(
     } else {
         None
     };
+    // Also drops `Upgrade` and `Expect` (hyper already answered `100-continue`).
     remove_hop_by_hop(headers);
-    headers.remove(header::UPGRADE);
-    // hyper already answered `100-continue` to the client when we read the body.
-    headers.remove(header::EXPECT);
     if let Some(u) = upgrade_value {
         headers.insert(header::CONNECTION, UPGRADE_TOKEN);
         headers.insert(header::UPGRADE, u);
     }
 
-    match headers.get_mut(X_FORWARDED_FOR) {
-        None => {
-            headers.insert(X_FORWARDED_FOR, conn.peer_ip.clone());
+    // `entry`: one hash lookup per field instead of a `get` and an `insert`.
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(v) => {
+            v.insert(conn.peer_ip.clone());
         }
-        Some(_) => {
+        Entry::Occupied(mut o) => {
             // Several XFF fields fold into one list, then our hop is appended.
             let mut joined = Vec::with_capacity(64);
-            for v in headers.get_all(X_FORWARDED_FOR) {
+            for v in o.iter() {
                 if !joined.is_empty() {
                     joined.extend_from_slice(b", ");
                 }
@@ -419,7 +419,7 @@ pub fn rewrite_request_headers(
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(conn.peer_ip.as_bytes());
             if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
-                headers.insert(X_FORWARDED_FOR, v);
+                o.insert(v);
             }
         }
     }
@@ -436,22 +436,20 @@ pub fn rewrite_request_headers(
         Version::HTTP_10 => VIA_10,
         _ => VIA_11,
     };
-    match headers.get(header::VIA) {
-        None => {
-            headers.insert(header::VIA, via);
+    match headers.entry(header::VIA) {
+        Entry::Vacant(v) => {
+            v.insert(via);
         }
-        Some(existing) => {
-            let mut v = existing.as_bytes().to_vec();
+        Entry::Occupied(mut o) => {
+            let mut v = o.get().as_bytes().to_vec();
             v.extend_from_slice(b", ");
             v.extend_from_slice(via.as_bytes());
             if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(v)) {
-                headers.insert(header::VIA, v);
+                o.insert(v);
             }
         }
     }
-    if !headers.contains_key(X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID, request_id.clone());
-    }
+    headers.entry(X_REQUEST_ID).or_insert_with(|| request_id.clone());
 }
 
 /// Prepares backend response headers for the client.
