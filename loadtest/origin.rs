@@ -70,22 +70,47 @@ async fn run(addr: SocketAddr) {
     sock.set_nonblocking(true).unwrap();
     let listener = TcpListener::from_std(sock.into()).unwrap();
     let state = Arc::new(State::default());
+    // SIGTERM: stop accepting, let every connection finish its request in flight and
+    // close (idle keep-alive ones close at once), then exit: a deploy's rolling stop.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         while state.mode.load(Ordering::Relaxed) == NOACCEPT {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = tokio::select! {
+            _ = term.recv() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        tokio::spawn(async move {
+        let mut stop = stop_rx.clone();
+        conns.spawn(async move {
             let svc = service_fn(move |req| handle(state.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let stopping = tokio::select! {
+                _ = conn.as_mut() => false,
+                r = stop.wait_for(|s| *s) => r.is_ok(),
+            };
+            if stopping {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
         });
+        // Reap finished connections as we go.
+        while conns.try_join_next().is_some() {}
     }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {

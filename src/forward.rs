@@ -34,6 +34,15 @@ use crate::worker::WorkerCtx;
 /// the same backend (they say nothing about the backend).
 const MAX_STALE_RESENDS: u8 = 2;
 
+/// What every try of one request shares.
+#[derive(Clone, Copy)]
+struct TryOpts {
+    /// Per-try deadline for the response head (and the buffered body prefix).
+    timeout: Duration,
+    /// Body bytes read before the client sees any (0: stream at once).
+    buffer: usize,
+}
+
 /// A successful exchange.
 pub struct Forwarded {
     pub response: Response<RespBody>,
@@ -75,10 +84,13 @@ pub async fn forward(
     let try_timeout = cfg.retry.per_try_timeout.unwrap_or(cfg.response_timeout);
     // A replay template exists only for replay-safe (idempotent) requests.
     let retryable_after_send = attempts.replayable();
-    let buffer = if retryable_after_send {
-        cfg.retry.response_buffer_bytes
-    } else {
-        0
+    let opts = TryOpts {
+        timeout: try_timeout,
+        buffer: if retryable_after_send {
+            cfg.retry.response_buffer_bytes
+        } else {
+            0
+        },
     };
     // An upgrade (WebSocket) must reach one backend only: never hedged.
     let upgrade = req.headers().contains_key(http::header::UPGRADE);
@@ -101,12 +113,9 @@ pub async fn forward(
             None
         };
         let (bi, outcome) = if hedge {
-            hedged(ctx, pool, hash, bi, request, &mut attempts, try_timeout, buffer).await
+            hedged(ctx, pool, hash, bi, request, &mut attempts, opts).await
         } else {
-            (
-                bi,
-                try_backend(ctx.clone(), pool.clone(), bi, request, try_timeout, buffer).await,
-            )
+            (bi, try_backend(ctx.clone(), pool.clone(), bi, request, opts).await)
         };
         let (err, unsent) = match outcome {
             Outcome::Response(mut fwd) => {
@@ -166,7 +175,6 @@ fn attach_slot(fwd: &mut Forwarded, slot: crate::breaker::Slot) {
 
 /// One try, and after the hedge delay a second try on another backend; the first
 /// usable answer wins and the other is cancelled.
-#[allow(clippy::too_many_arguments)]
 async fn hedged(
     ctx: &Rc<WorkerCtx>,
     pool: &Arc<Pool>,
@@ -174,8 +182,7 @@ async fn hedged(
     bi: usize,
     request: Request<ReqBody>,
     attempts: &mut Attempts,
-    try_timeout: Duration,
-    buffer: usize,
+    opts: TryOpts,
 ) -> (usize, Outcome) {
     let cfg = &pool.config;
     let delay = match cfg.retry.hedge_delay {
@@ -183,7 +190,7 @@ async fn hedged(
         HedgeDelay::Auto => pool.latency.hedge_delay(cfg.response_timeout),
     };
     // Boxed so that, if the hedge wins, the first try can be handed to `watch_primary`.
-    let mut first = Box::pin(try_backend(ctx.clone(), pool.clone(), bi, request, try_timeout, buffer));
+    let mut first = Box::pin(try_backend(ctx.clone(), pool.clone(), bi, request, opts));
     tokio::select! {
         o = &mut first => return (bi, o),
         _ = tokio::time::sleep(delay) => {}
@@ -202,7 +209,7 @@ async fn hedged(
     metrics::counter!("rampart_hedges_total", "pool" => pool.name.clone()).increment(1);
     tracing::debug!(pool = %pool.name, slow = %pool.backends[bi].name, hedge = %pool.backends[hb].name, delay_ms = delay.as_millis() as u64, "hedging");
     attempts.mark_tried(hb);
-    let second = try_backend(ctx.clone(), pool.clone(), hb, hreq, try_timeout, buffer);
+    let second = try_backend(ctx.clone(), pool.clone(), hb, hreq, opts);
     tokio::pin!(second);
     tokio::select! {
         o = &mut first => match o {
@@ -264,9 +271,9 @@ async fn try_backend(
     pool: Arc<Pool>,
     bi: usize,
     mut request: Request<ReqBody>,
-    timeout: Duration,
-    buffer: usize,
+    opts: TryOpts,
 ) -> Outcome {
+    let TryOpts { timeout, buffer } = opts;
     // Owned handles, so a hedged-against try can outlive its request (`watch_primary`).
     let (ctx, pool) = (&ctx, &pool);
     let cfg = &pool.config;
