@@ -39,7 +39,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::RespBody;
@@ -93,15 +93,21 @@ impl ParkState {
         }
     }
 
-    /// Polls the shared deadline timer, (re)arming it for `deadline`.
+    /// Polls the shared deadline timer for `deadline`. A timer already set to fire
+    /// earlier is left alone (it wakes the connection early, and the reader then sets
+    /// it again), so a busy connection does not reset its timer on every response.
     fn deadline_passed(&self, cx: &mut Context<'_>, deadline: Instant) -> bool {
         let mut slot = self.timer.borrow_mut();
         let timer = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if self.armed.get() != Some(deadline) {
-            timer.as_mut().reset(deadline);
-            self.armed.set(Some(deadline));
+        match self.armed.get() {
+            Some(at) if at == deadline => {}
+            Some(at) if at < deadline && at > Instant::now() => {}
+            _ => {
+                timer.as_mut().reset(deadline);
+                self.armed.set(Some(deadline));
+            }
         }
-        timer.as_mut().poll(cx).is_ready()
+        timer.as_mut().poll(cx).is_ready() && Instant::now() >= deadline
     }
 
     /// The response is complete: start the idle wait. With a poll context the park
@@ -442,7 +448,7 @@ pub async fn serve_h1(
     waits: &IdleWaits,
     mut stream: TcpStream,
     peer: SocketAddr,
-    shutdown: &mut watch::Receiver<bool>,
+    tracker: &crate::listener::ConnTracker,
 ) {
     let state = Rc::new(ParkState::new());
     let svc = Svc {
@@ -451,7 +457,7 @@ pub async fn serve_h1(
     };
     // One shutdown future for the connection's whole life (it is never polled again
     // once it has fired: every branch that sees it returns).
-    let stop = crate::stopped(shutdown);
+    let stop = tracker.stopped();
     tokio::pin!(stop);
     let mut replay = Bytes::new();
     let mut wait = waits.header;

@@ -117,14 +117,40 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
     }
 }
 
-/// Counts a worker's open client connections, for the cap and for drain.
+/// Counts a worker's open client connections, for the cap and for drain, and tells
+/// them when the worker stops. (A flag and a `Notify` rather than each connection
+/// polling a `watch` receiver: a connection's stop future is polled every time its
+/// task wakes, and `watch::Receiver::wait_for` re-registers on every poll.)
 #[derive(Default)]
 pub struct ConnTracker {
     active: Cell<usize>,
     changed: Notify,
+    stopping: Cell<bool>,
+    stop: Notify,
 }
 
 impl ConnTracker {
+    /// Tells every connection to finish: idle ones close, busy ones drain.
+    pub fn stop(&self) {
+        self.stopping.set(true);
+        self.stop.notify_waiters();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    /// Resolves once `stop` has been called.
+    pub async fn stopped(&self) {
+        let notified = self.stop.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.stopping.get() {
+            return;
+        }
+        notified.await
+    }
+
     pub fn active(&self) -> usize {
         self.active.get()
     }
@@ -146,7 +172,13 @@ impl ConnTracker {
     }
 }
 
-struct ConnGuard(Rc<ConnTracker>);
+pub struct ConnGuard(Rc<ConnTracker>);
+
+impl ConnGuard {
+    pub fn tracker(&self) -> &ConnTracker {
+        &self.0
+    }
+}
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -179,14 +211,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let guard = tracker.enter();
-                tokio::task::spawn_local(serve(
-                    ctx.clone(),
-                    builder.clone(),
-                    stream,
-                    peer,
-                    shutdown.clone(),
-                    guard,
-                ));
+                tokio::task::spawn_local(serve(ctx.clone(), builder.clone(), stream, peer, guard));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -205,15 +230,15 @@ async fn serve(
     builder: Rc<HttpBuilder>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
-    _guard: ConnGuard,
+    guard: ConnGuard,
 ) {
+    let tracker = guard.tracker();
     // Wait for the first bytes before choosing a protocol: a connection that sends
     // nothing holds no hyper state, and closes after `client_header_timeout`.
     let mut head = [0u8; H2_PREFACE.len()];
     let peeked = tokio::select! {
         biased;
-        _ = crate::stopped(&mut shutdown) => return,
+        _ = tracker.stopped() => return,
         r = tokio::time::timeout(builder.waits.header, idle::peek_request(&stream, &mut head)) => r,
     };
     let n = match peeked {
@@ -224,7 +249,7 @@ async fn serve(
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     let looks_h2 = H2_PREFACE.starts_with(&head[..n]);
     if !looks_h2 {
-        return idle::serve_h1(ctx, &builder.h1, &builder.waits, stream, peer, &mut shutdown).await;
+        return idle::serve_h1(ctx, &builder.h1, &builder.waits, stream, peer, tracker).await;
     }
     let svc = Svc {
         ctx,
@@ -234,7 +259,7 @@ async fn serve(
     let mut conn = Box::pin(builder.auto.serve_connection_with_upgrades(TokioIo::new(stream), svc));
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = crate::stopped(&mut shutdown) => {
+        _ = tracker.stopped() => {
             // Finish in-flight requests; idle connections close now.
             conn.as_mut().graceful_shutdown();
             conn.await

@@ -98,6 +98,7 @@ async fn run(
     });
 
     crate::stopped(&mut shutdown).await;
+    tracker.stop();
     let open = tracker.active();
     tracing::info!(worker = index, open_connections = open, "draining");
     if tokio::time::timeout(server.shutdown_grace, tracker.drained())
