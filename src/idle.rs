@@ -37,12 +37,13 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::RespBody;
+use crate::listener::ConnTracker;
 use crate::proxy::{self, ConnInfo};
 use crate::worker::WorkerCtx;
 
@@ -153,7 +154,7 @@ pub struct ParkIo {
 }
 
 impl ParkIo {
-    fn new(stream: TcpStream, replay: Bytes, state: Rc<ParkState>, header_timeout: Duration) -> ParkIo {
+    pub fn new(stream: TcpStream, replay: Bytes, state: Rc<ParkState>, header_timeout: Duration) -> ParkIo {
         // The caller saw the first byte of a request (or has replayed bytes).
         let now = Instant::now();
         ParkIo {
@@ -347,6 +348,16 @@ impl Drop for ClientBody {
     }
 }
 
+impl Svc {
+    /// The service of an HTTP/1.1 connection served through `ParkIo`, and the park
+    /// state they share.
+    pub fn h1(ctx: Rc<WorkerCtx>, peer: SocketAddr) -> (Svc, Rc<ParkState>) {
+        let state = Rc::new(ParkState::new());
+        let info = Rc::new(ConnInfo::new(peer, false).with_park(state.clone()));
+        (Svc { ctx, info }, state)
+    }
+}
+
 /// The per-connection service. Its future is boxed: hyper keeps the service future
 /// inline in the dispatcher, and the request's state machine (tries, hedges) is large.
 #[derive(Clone)]
@@ -398,27 +409,10 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
 
 /// Waits until the client has sent something (or closed), and copies up to
 /// `buf.len()` of its first bytes into `buf` without consuming them. Returns 0 on end
-/// of stream. `readable()` may wake without data; this keeps waiting then, so an idle
-/// connection never builds hyper state it does not need.
-pub async fn peek_request(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        let mut raw = [std::mem::MaybeUninit::<u8>::uninit(); 32];
-        let len = buf.len().min(raw.len());
-        match stream.try_io(Interest::READABLE, || {
-            socket2::SockRef::from(stream).peek(&mut raw[..len])
-        }) {
-            Ok(n) => {
-                for (dst, src) in buf.iter_mut().zip(&raw[..n]) {
-                    // SAFETY: the kernel initialised the first `n` bytes.
-                    *dst = unsafe { src.assume_init() };
-                }
-                return Ok(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
+/// of stream. A `poll_fn` over `poll_peek` stores no readiness future, so the wait
+/// that every idle connection sits in stays small.
+pub fn peek_request<'a>(stream: &'a TcpStream, buf: &'a mut [u8]) -> impl Future<Output = io::Result<usize>> + 'a {
+    poll_fn(move |cx| stream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut *buf)))
 }
 
 /// Copies what is left unparsed, so the parked connection does not keep hyper's read
@@ -440,85 +434,74 @@ pub struct IdleWaits {
     pub keepalive: Duration,
 }
 
-/// Serves an HTTP/1.1 connection until the client closes, a wait times out, hyper
-/// closes it, or shutdown. Between bursts of requests the task holds only the socket.
-pub async fn serve_h1(
-    ctx: Rc<WorkerCtx>,
+/// Waits, holding no buffer, until the client sends its next bytes. `None`: timed
+/// out, closed by the client, a socket error, or the worker is stopping.
+pub async fn wait_for_request(
+    stream: &TcpStream,
+    tracker: &ConnTracker,
+    wait: Duration,
+    buf: &mut [u8],
+) -> Option<usize> {
+    tokio::select! {
+        biased;
+        _ = tracker.stopped() => None,
+        r = tokio::time::timeout(wait, peek_request(stream, buf)) => match r {
+            Ok(Ok(n)) if n > 0 => Some(n),
+            _ => None,
+        },
+    }
+}
+
+/// One busy period of an HTTP/1.1 connection: a hyper connection until it parks
+/// (returns the socket and any unparsed bytes) or ends (`None`). The caller boxes this
+/// future: it holds hyper's connection, which must not size the idle task.
+pub async fn run_h1(
     builder: &http1::Builder,
-    waits: &IdleWaits,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    tracker: &crate::listener::ConnTracker,
-) {
-    let state = Rc::new(ParkState::new());
-    let svc = Svc {
-        ctx,
-        info: Rc::new(ConnInfo::new(peer, false).with_park(state.clone())),
-    };
-    // One shutdown future for the connection's whole life (it is never polled again
-    // once it has fired: every branch that sees it returns).
-    let stop = tracker.stopped();
-    tokio::pin!(stop);
-    let mut replay = Bytes::new();
-    let mut wait = waits.header;
-    loop {
-        if replay.is_empty() {
-            let mut one = [0u8; 1];
-            let ready = tokio::select! {
-                biased;
-                _ = &mut stop => return,
-                r = tokio::time::timeout(wait, peek_request(&stream, &mut one)) => r,
-            };
-            // Timed out, closed by the client, or a socket error: nothing to answer.
-            if !matches!(ready, Ok(Ok(n)) if n > 0) {
-                return;
-            }
+    io: ParkIo,
+    svc: &Svc,
+    tracker: &ConnTracker,
+) -> Option<(TcpStream, Bytes)> {
+    let state = io.state.clone();
+    state.waiting.set(true);
+    state.flushed.set(true);
+    state.parked.set(false);
+    state.idle_since.set(None);
+    let mut conn = builder.serve_connection(io, svc.clone());
+    let mut stopping = false;
+    let result = tokio::select! {
+        r = poll_fn(|cx| conn.poll_without_shutdown(cx)) => r,
+        _ = tracker.stopped() => {
+            // Finish the request in flight; hyper then closes.
+            stopping = true;
+            Pin::new(&mut conn).graceful_shutdown();
+            poll_fn(|cx| conn.poll_without_shutdown(cx)).await
         }
-        // Parking already spent `PARK_AFTER` of the keep-alive wait.
-        wait = waits.keepalive.saturating_sub(PARK_AFTER).max(Duration::from_millis(1));
-        state.waiting.set(true);
-        state.flushed.set(true);
-        state.parked.set(false);
-        state.idle_since.set(None);
-        let io = ParkIo::new(stream, std::mem::take(&mut replay), state.clone(), waits.header);
-        // Boxed so it is freed while the connection is parked.
-        let mut conn = Box::new(builder.serve_connection(io, svc.clone()));
-        let mut stopping = false;
-        let result = tokio::select! {
-            r = poll_fn(|cx| conn.poll_without_shutdown(cx)) => r,
-            _ = &mut stop => {
-                // Finish the request in flight; hyper then closes.
-                stopping = true;
-                Pin::new(&mut *conn).graceful_shutdown();
-                poll_fn(|cx| conn.poll_without_shutdown(cx)).await
+    };
+    let parts = conn.into_parts();
+    let mut stream = parts.io.stream;
+    let upgrade = state.upgrade.borrow_mut().take();
+    match result {
+        Ok(()) if upgrade.is_some() => {
+            if let Some(tx) = upgrade {
+                let _ = tx.send((stream, parts.read_buf));
             }
-        };
-        let parts = conn.into_parts();
-        stream = parts.io.stream;
-        let upgrade = state.upgrade.borrow_mut().take();
-        match result {
-            Ok(()) if upgrade.is_some() => {
-                if let Some(tx) = upgrade {
-                    let _ = tx.send((stream, parts.read_buf));
-                }
-                return;
-            }
-            // An empty `read_buf` still pins hyper's whole read buffer: drop it.
-            Ok(()) if state.parked.get() && !stopping => replay = nonempty(parts.read_buf),
-            // The client had sent part of a pipelined request when we parked: hyper saw
-            // "end of stream" mid-request, but wrote nothing; replay its bytes.
-            Err(e) if state.parked.get() && !stopping && e.is_incomplete_message() && !parts.read_buf.is_empty() => {
-                replay = nonempty(parts.read_buf);
-            }
-            Ok(()) => {
-                // hyper ended the connection (Connection: close, shutdown, client EOF).
-                let _ = stream.shutdown().await;
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(client = %peer, error = %e, "client connection ended with error");
-                return;
-            }
+            None
+        }
+        // An empty `read_buf` still pins hyper's whole read buffer: drop it.
+        Ok(()) if state.parked.get() && !stopping => Some((stream, nonempty(parts.read_buf))),
+        // The client had sent part of a pipelined request when we parked: hyper saw
+        // "end of stream" mid-request, but wrote nothing; replay its bytes.
+        Err(e) if state.parked.get() && !stopping && e.is_incomplete_message() && !parts.read_buf.is_empty() => {
+            Some((stream, nonempty(parts.read_buf)))
+        }
+        Ok(()) => {
+            // hyper ended the connection (Connection: close, shutdown, client EOF).
+            let _ = stream.shutdown().await;
+            None
+        }
+        Err(e) => {
+            tracing::debug!(client = %svc.info.peer, error = %e, "client connection ended with error");
+            None
         }
     }
 }

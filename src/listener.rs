@@ -17,7 +17,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{ListenerConfig, ServerConfig};
@@ -25,6 +25,7 @@ use crate::error::StartupError;
 use crate::idle::{self, IdleWaits, Svc};
 use crate::proxy::ConnInfo;
 use crate::worker::WorkerCtx;
+use bytes::Bytes;
 
 /// Spawns hyper's HTTP/2 stream tasks on the worker's `LocalSet`, so request futures
 /// may hold worker-local (`Rc`) state.
@@ -225,38 +226,63 @@ pub async fn accept_loop(
 /// The HTTP/2 connection preface a prior-knowledge h2c client starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// A client connection's task. Its own state is what an idle keep-alive connection
+/// costs, so everything busy (hyper's connection, h2) is boxed and awaited.
 async fn serve(
     ctx: Rc<WorkerCtx>,
     builder: Rc<HttpBuilder>,
-    stream: tokio::net::TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     guard: ConnGuard,
 ) {
-    let tracker = guard.tracker();
     // Wait for the first bytes before choosing a protocol: a connection that sends
     // nothing holds no hyper state, and closes after `client_header_timeout`.
+    let tracker = guard.tracker();
     let mut head = [0u8; H2_PREFACE.len()];
-    let peeked = tokio::select! {
-        biased;
-        _ = tracker.stopped() => return,
-        r = tokio::time::timeout(builder.waits.header, idle::peek_request(&stream, &mut head)) => r,
-    };
-    let n = match peeked {
-        Ok(Ok(n)) if n > 0 => n,
-        // Timed out, closed without a byte, or a socket error.
-        _ => return,
+    let Some(n) = idle::wait_for_request(&stream, tracker, builder.waits.header, &mut head).await else {
+        return;
     };
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
-    let looks_h2 = H2_PREFACE.starts_with(&head[..n]);
-    if !looks_h2 {
-        return idle::serve_h1(ctx, &builder.h1, &builder.waits, stream, peer, tracker).await;
+    if H2_PREFACE.starts_with(&head[..n]) {
+        return Box::pin(serve_h2(ctx, &builder, stream, peer, tracker)).await;
     }
+    let (svc, state) = Svc::h1(ctx, peer);
+    // Parking spends `PARK_AFTER` of the keep-alive wait.
+    let keepalive = builder
+        .waits
+        .keepalive
+        .saturating_sub(idle::PARK_AFTER)
+        .max(Duration::from_millis(1));
+    let mut replay = Bytes::new();
+    loop {
+        let io = idle::ParkIo::new(stream, replay, state.clone(), builder.waits.header);
+        (stream, replay) = match Box::pin(idle::run_h1(&builder.h1, io, &svc, tracker)).await {
+            Some(parked) => parked,
+            None => return,
+        };
+        if replay.is_empty()
+            && idle::wait_for_request(&stream, tracker, keepalive, &mut [0u8; 1])
+                .await
+                .is_none()
+        {
+            return;
+        }
+    }
+}
+
+async fn serve_h2(
+    ctx: Rc<WorkerCtx>,
+    builder: &HttpBuilder,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tracker: &ConnTracker,
+) {
     let svc = Svc {
         ctx,
         info: Rc::new(ConnInfo::new(peer, false)),
     };
-    // Boxed: inline, it would size every connection's task, h1 ones included.
-    let mut conn = Box::pin(builder.auto.serve_connection_with_upgrades(TokioIo::new(stream), svc));
+    let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = tracker.stopped() => {
