@@ -11,8 +11,9 @@
 //! hot path keeps hyper's per-connection reuse (header map, buffers).
 //!
 //! `ParkIo` also owns the request-header deadline (`client_header_timeout`, from the
-//! first byte of a request to its complete head), replacing hyper's own header timer,
-//! which fires even while a response is still being flushed to a slow client.
+//! first byte of a request to its complete head), replacing hyper's own header timer:
+//! one timer per connection serves both deadlines, where hyper allocated a fresh
+//! `Sleep` for every request.
 //!
 //! What makes parking safe: `ClientBody`'s drop (the response is done), hyper's
 //! `poll_flush` after that (hyper flushes the socket only once its write buffer is

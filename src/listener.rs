@@ -104,8 +104,8 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(cfg.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    // No hyper header timer here: `idle::ParkIo` keeps that deadline (hyper's also
-    // fires while a response is still being flushed to a slow reader).
+    // No hyper header timer here: `idle::ParkIo` keeps that deadline with the timer it
+    // already has for parking (hyper's allocated a `Sleep` per request).
     let mut h1 = http1::Builder::new();
     h1.max_headers(cfg.max_headers).max_buf_size(max_buf);
     HttpBuilder {
