@@ -481,26 +481,24 @@ pub async fn run_h1(
     let parts = conn.into_parts();
     let mut stream = parts.io.stream;
     let upgrade = state.upgrade.borrow_mut().take();
-    match result {
-        Ok(()) if upgrade.is_some() => {
-            if let Some(tx) = upgrade {
-                let _ = tx.send((stream, parts.read_buf));
-            }
+    match (result, upgrade) {
+        (Ok(()), Some(tx)) => {
+            let _ = tx.send((stream, parts.read_buf));
             None
         }
         // An empty `read_buf` still pins hyper's whole read buffer: drop it.
-        Ok(()) if state.parked.get() && !stopping => Some((stream, nonempty(parts.read_buf))),
+        (Ok(()), None) if state.parked.get() && !stopping => Some((stream, nonempty(parts.read_buf))),
         // The client had sent part of a pipelined request when we parked: hyper saw
         // "end of stream" mid-request, but wrote nothing; replay its bytes.
-        Err(e) if state.parked.get() && !stopping && e.is_incomplete_message() && !parts.read_buf.is_empty() => {
+        (Err(e), _) if state.parked.get() && !stopping && e.is_incomplete_message() && !parts.read_buf.is_empty() => {
             Some((stream, nonempty(parts.read_buf)))
         }
-        Ok(()) => {
+        (Ok(()), None) => {
             // hyper ended the connection (Connection: close, shutdown, client EOF).
             let _ = stream.shutdown().await;
             None
         }
-        Err(e) => {
+        (Err(e), _) => {
             tracing::debug!(client = %svc.info.peer, error = %e, "client connection ended with error");
             None
         }

@@ -1,7 +1,8 @@
 //! Client-facing sockets: socket2 binding (`SO_REUSEPORT`, backlog, `TCP_NODELAY`), the
 //! accept loop with its per-worker connection cap, the hyper connection builders
 //! (HTTP/1.1 and h2c, limits, header timeout), protocol detection, and graceful drain
-//! of h2c connections. HTTP/1.1 connections are served by `idle::serve_h1`.
+//! of h2c connections. HTTP/1.1 connections are served by `serve`'s loop over
+//! `idle::run_h1`.
 //!
 //! Every worker binds its own socket to each listen address; the kernel spreads new
 //! connections across them, so no worker wakes another.
@@ -135,10 +136,6 @@ impl ConnTracker {
     pub fn stop(&self) {
         self.stopping.set(true);
         self.stop.notify_waiters();
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.get()
     }
 
     /// Resolves once `stop` has been called.

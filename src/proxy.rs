@@ -64,8 +64,8 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// `X-Forwarded-Proto`.
     pub proto: HeaderValue,
-    /// Set for HTTP/1.1 connections served by `idle::serve_h1`, which completes
-    /// upgrades by hand.
+    /// Set for HTTP/1.1 connections served through `idle::ParkIo`, whose upgrades
+    /// are completed by hand.
     pub park: Option<Rc<ParkState>>,
 }
 
@@ -271,7 +271,7 @@ async fn handle_inner(
 
 enum ClientUpgrade {
     Hyper(hyper::upgrade::OnUpgrade),
-    /// `idle::serve_h1` hands the socket over once the 101 is written.
+    /// `idle::run_h1` hands the socket over once the 101 is written.
     Manual(Rc<ParkState>),
 }
 

@@ -426,8 +426,7 @@ async fn malformed_requests_get_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connection_is_closed_after_the_header_timeout() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml =
-        pool_config(&[o.addr], "").replace("shutdown_grace", "client_header_timeout = \"300ms\"\nshutdown_grace");
+    let toml = with_server_setting(&pool_config(&[o.addr], ""), "client_header_timeout = \"300ms\"");
     let (_srv, addr) = start_proxy(&toml);
     let t = Instant::now();
     let out = raw(addr, b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ", Duration::from_secs(5)).await;
@@ -507,7 +506,7 @@ async fn idle_upstream_connections_expire_after_idle_timeout() {
 async fn connections_past_the_per_worker_cap_wait_until_a_slot_frees() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml = pool_config(&[o.addr], "").replace("shutdown_grace", "max_connections = 2\nshutdown_grace");
+    let toml = with_server_setting(&pool_config(&[o.addr], ""), "max_connections = 2");
     let (_srv, addr) = start_proxy(&toml);
     // Two keep-alive connections, each after one answered request, fill the cap.
     let mut held = Vec::new();
@@ -603,7 +602,7 @@ async fn keep_alive_survives_idle_gaps_pipelining_and_split_requests() {
 async fn idle_keep_alive_connections_close_after_keepalive_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml = pool_config(&[o.addr], "").replace("shutdown_grace", "keepalive_timeout = \"300ms\"\nshutdown_grace");
+    let toml = with_server_setting(&pool_config(&[o.addr], ""), "keepalive_timeout = \"300ms\"");
     let (_srv, addr) = start_proxy(&toml);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nx-request-id: a\r\n\r\n")
@@ -628,8 +627,7 @@ async fn idle_keep_alive_connections_close_after_keepalive_timeout() {
 async fn a_connection_that_sends_nothing_closes_after_the_header_timeout() {
     use tokio::io::AsyncReadExt;
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml =
-        pool_config(&[o.addr], "").replace("shutdown_grace", "client_header_timeout = \"300ms\"\nshutdown_grace");
+    let toml = with_server_setting(&pool_config(&[o.addr], ""), "client_header_timeout = \"300ms\"");
     let (_srv, addr) = start_proxy(&toml);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut rest = Vec::new();
