@@ -2,6 +2,7 @@
 """Chaos suite: break backends under load behind rampart, nginx and HAProxy, in one run.
 
 Usage:  python3 loadtest/chaos.py [--scenarios killed,frozen,...] [--duration 12]
+                                  [--logs DIR]
 
 Three origins (loadtest/origin.rs, 13-byte body) sit behind each proxy: rampart with
 the README's minimal config, nginx and HAProxy tuned for failover (loadtest/peers/).
@@ -9,6 +10,8 @@ For each scenario and proxy, oha drives 32 keep-alive clients for --duration sec
 the fault starts at 1/4 and heals at 3/4 of the run. Client-visible failures are non-2xx
 responses plus transport errors; "max" is the slowest request. The table goes to stdout
 and loadtest/RESULTS.md. Load goes to 127.0.0.1 only; every run is bounded in time.
+With --logs DIR, each proxy's output goes to DIR/<proxy>-<scenario>.log (rampart at
+log level warn: every retry and every failed request, with its reason).
 """
 import argparse
 import http.client
@@ -114,9 +117,10 @@ class Origins:
             self.kill(port)
 
 
-def start_proxy(name, run):
+def start_proxy(name, run, log):
     if name == "rampart":
-        cmd = [str(ROOT / "target/release/rampart"), "--config", str(PEERS / "rampart.toml"), "--log-level", "error"]
+        cmd = [str(ROOT / "target/release/rampart"), "--config", str(PEERS / "rampart.toml"),
+               "--log-level", "warn" if log else "error"]
     elif name == "nginx":
         conf = run / "nginx.conf"
         conf.write_text((PEERS / "nginx-tuned.conf").read_text().replace("{RUN}", str(run)))
@@ -125,7 +129,8 @@ def start_proxy(name, run):
         conf = run / "haproxy.cfg"
         conf.write_text((PEERS / "haproxy-tuned.cfg").read_text().replace("{RUN}", str(run)))
         cmd = ["haproxy", "-db", "-f", str(conf)]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "w") if log else subprocess.DEVNULL
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     wait_port(PROXIES[name])
     time.sleep(1.5)  # let health checks settle
     return p
@@ -192,10 +197,10 @@ def timeline(csv_text, duration):
     return {"fault_ratio": sum(during) / len(during) / steady, "worst_ratio": min(during) / steady}
 
 
-def run_one(name, scenario, duration, run):
+def run_one(name, scenario, duration, run, logs=None):
     origins = Origins()
     origins.start_all()
-    proxy = start_proxy(name, run)
+    proxy = start_proxy(name, run, logs / f"{name}-{scenario}.log" if logs else None)
     post = scenario in ("killed_post", "rolling_post", "post_unsafe")
     posts_before = sum(origins.posts(p) for p in ORIGIN_PORTS)
 
@@ -270,7 +275,10 @@ def main():
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--duration", type=int, default=12)
+    ap.add_argument("--logs", type=Path, help="keep each proxy's log in this directory")
     args = ap.parse_args()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     scenarios = args.scenarios.split(",")
     proxies = args.proxies.split(",")
     ensure_tools()
@@ -278,7 +286,7 @@ def main():
     results = {}
     for sc in scenarios:
         for px in proxies:
-            r = run_one(px, sc, args.duration, run)
+            r = run_one(px, sc, args.duration, run, args.logs)
             results[(sc, px)] = r
             print(f"{sc:13} {px:8} failures {r['failures']:7,} of {r['total']:8,}  {r['rps']:9,.0f} req/s  "
                   f"max {r['max_ms']:7.0f} ms  {r['statuses'] or ''} {r['errors'] or ''}"

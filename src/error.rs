@@ -52,6 +52,10 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// The keep-alive race: the backend closed the connection before any byte of the
+    /// request reached it (`upstream::UpIo`). No application saw the request.
+    #[error("{backend} closed the connection before receiving any of the request")]
+    NotReceived { backend: SocketAddr },
     #[error("invalid response from {backend}: {source}")]
     BadResponse {
         backend: SocketAddr,
@@ -86,7 +90,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamClosed { .. } | BadResponse { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamClosed { .. } | NotReceived { .. } | BadResponse { .. } => StatusCode::BAD_GATEWAY,
             BadStatus { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -109,6 +113,7 @@ impl ProxyError {
             | ConnectTimeout { .. }
             | ResponseTimeout { .. }
             | UpstreamClosed { .. }
+            | NotReceived { .. }
             | BadResponse { .. }
             | BadStatus { .. } => Side::Upstream,
         }
@@ -116,7 +121,10 @@ impl ProxyError {
 
     /// The failure never reached the application, so any method may go to another backend.
     pub fn is_retryable_any_method(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. })
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::NotReceived { .. }
+        )
     }
 
     /// The application may have seen the request; only idempotent methods may be retried.
@@ -131,9 +139,12 @@ impl ProxyError {
             )
     }
 
-    /// Counts against the backend for passive health (outlier ejection).
+    /// Counts against the backend for passive health (outlier ejection). Losing the
+    /// keep-alive race is not the backend failing: servers close idle connections on
+    /// their own timers (Node.js after 5 s), and a backend that is going away shows
+    /// up as refused connections right after.
     pub fn is_backend_failure(&self) -> bool {
-        self.side() == Side::Upstream
+        self.side() == Side::Upstream && !matches!(self, ProxyError::NotReceived { .. })
     }
 
     /// The backend the failure happened on, when there was one.
@@ -144,6 +155,7 @@ impl ProxyError {
             | ConnectTimeout { backend }
             | ResponseTimeout { backend }
             | UpstreamClosed { backend, .. }
+            | NotReceived { backend }
             | BadResponse { backend, .. }
             | BadStatus { backend, .. } => Some(*backend),
             _ => None,
@@ -160,6 +172,7 @@ impl ProxyError {
             ConnectTimeout { .. } => "connect_timeout",
             ResponseTimeout { .. } => "response_timeout",
             UpstreamClosed { .. } => "upstream_closed",
+            NotReceived { .. } => "upstream_closed_unread",
             BadResponse { .. } => "bad_response",
             BadStatus { .. } => "bad_status",
             CircuitOpen { .. } => "circuit_open",
@@ -267,6 +280,7 @@ mod tests {
             ),
             (ProxyError::ConnectTimeout { backend: addr }, 503),
             (ProxyError::ResponseTimeout { backend: addr }, 504),
+            (ProxyError::NotReceived { backend: addr }, 502),
             (
                 ProxyError::CircuitOpen {
                     pool: "p".into(),

@@ -135,6 +135,12 @@ pub async fn forward(
             }
             Outcome::Failed(err, unsent) => {
                 outlier::on_failure(pool, bi, &err);
+                // Written, but provably never received: send the kept copy, whatever
+                // the method, as if it had never been written.
+                let unsent = match (unsent, &err) {
+                    (None, ProxyError::NotReceived { .. }) => attempts.replay(),
+                    (unsent, _) => unsent,
+                };
                 (err, unsent)
             }
         };
@@ -303,12 +309,15 @@ async fn try_backend(
         };
         let in_flight = backend.state.start_request();
         let sent_at = Instant::now();
-        let response = match tokio::time::timeout_at(deadline, tx.try_send_request(request)).await {
+        let response = match tokio::time::timeout_at(deadline, tx.tx.try_send_request(request)).await {
             Err(_) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
             Ok(Err(mut e)) => {
                 let unsent = e.take_message();
                 match classify_send_error(addr, e.into_error()) {
                     Err(fatal) => return Outcome::Fatal(fatal),
+                    Ok(ProxyError::UpstreamClosed { .. }) if unsent.is_none() && tx.closed_unread() => {
+                        return Outcome::Failed(ProxyError::NotReceived { backend: addr }, None)
+                    }
                     Ok(err) => match unsent {
                         Some(r) if reused && stale_left > 0 => {
                             // A pooled connection the backend had closed: resend on a new one.

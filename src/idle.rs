@@ -38,7 +38,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
@@ -168,22 +168,6 @@ impl ParkIo {
         }
     }
 
-    fn read_socket(&mut self, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<usize>> {
-        // SAFETY: as in hyper-util's `TokioIo`: tokio's `ReadBuf` only writes into the
-        // uninitialised tail and reports how much it filled; we advance by exactly that.
-        let n = unsafe {
-            let mut tbuf = tokio::io::ReadBuf::uninit(buf.as_mut());
-            match Pin::new(&mut self.stream).poll_read(cx, &mut tbuf) {
-                Poll::Ready(Ok(())) => tbuf.filled().len(),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        };
-        // SAFETY: `n` bytes were just initialised by the read above.
-        unsafe { buf.advance(n) };
-        Poll::Ready(Ok(n))
-    }
-
     /// A new request started since we last looked: forget the old wait.
     fn sync(&mut self) {
         let requests = self.state.requests.get();
@@ -241,7 +225,7 @@ impl Read for ParkIo {
             this.replay.advance(n);
             return Poll::Ready(Ok(()));
         }
-        match this.read_socket(cx, buf) {
+        match crate::netio::poll_read_into(&mut this.stream, cx, buf) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 && this.state.waiting.get() {
                     this.sync();

@@ -18,6 +18,7 @@ pub mod health;
 pub mod idle;
 pub mod listener;
 pub mod metrics;
+pub mod netio;
 pub mod outlier;
 pub mod proxy;
 pub mod retry;

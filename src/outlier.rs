@@ -18,9 +18,14 @@ use http::StatusCode;
 use crate::error::ProxyError;
 use crate::state::{now_ms, Pool};
 
-/// Records a failed try. Only upstream failures count against the backend.
+/// Records a failed try. Only upstream failures count against the backend; a lost
+/// keep-alive race is counted in the metric but is no evidence against it.
 pub fn on_failure(pool: &Pool, bi: usize, err: &ProxyError) {
     if !err.is_backend_failure() {
+        if let ProxyError::NotReceived { .. } = err {
+            let backend = &pool.backends[bi];
+            metrics::counter!(crate::metrics::UPSTREAM_ERRORS, "pool" => pool.name.clone(), "backend" => backend.name.clone(), "kind" => err.kind()).increment(1);
+        }
         return;
     }
     record_failure(pool, bi, err.kind());

@@ -251,8 +251,7 @@ async fn handle_inner(
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
 
-    let idempotent = retry::is_replay_safe(&parts.method, &parts.headers);
-    let body = retry::prepare_body(incoming, content_length, route.max_body_bytes, idempotent, &pool.config).await?;
+    let body = retry::prepare_body(incoming, content_length, route.max_body_bytes, &pool.config).await?;
     let req = Request::from_parts(parts, body);
 
     let mut fwd = crate::forward::forward(ctx, pool, req, hash).await?;

@@ -1,11 +1,13 @@
 //! Retry policy: which failures are safe to retry, on which methods, how many tries, and
 //! the body replay limit. A retry always goes to a *different* backend.
 //!
-//! - Any method: connect failures and requests never written (a pooled connection the
-//!   backend had closed). Neither reached the application, and the body is untouched.
-//! - Idempotent methods only: resets, response timeouts and 502/503/504, because the
-//!   application may have seen the request. The body must be replayable: empty, or
-//!   buffered up front when it is no larger than `MAX_REPLAY_BYTES`.
+//! - Any method: connect failures, requests never written (a pooled connection the
+//!   backend had closed), and requests written onto a connection the backend closed
+//!   before receiving a byte of them (`ProxyError::NotReceived`). None reached the
+//!   application. The last needs the body again, so small bodies of every method are
+//!   buffered up front (`retry.max_replay_bytes`), as nginx does by default.
+//! - Idempotent methods (or `Idempotency-Key`) only: resets, response timeouts and
+//!   502/503/504, because the application may have seen the request.
 //!
 //! Also here: the retry budget (retries after a send and hedges may add at most
 //! `budget_percent` of load plus `budget_min_per_sec`), the adaptive hedge delay
@@ -41,19 +43,20 @@ pub fn is_replay_safe(m: &Method, headers: &HeaderMap) -> bool {
     is_idempotent(m) || headers.contains_key("idempotency-key")
 }
 
-/// Chooses how the body travels: replayable bytes when it is empty or small and the
-/// request may be retried after it was sent, otherwise a stream.
+/// Chooses how the body travels: replayable bytes when it is empty or small (so any
+/// request can be resent after a failure that provably did not reach the application,
+/// and an idempotent one after any retryable failure), otherwise a stream. A chunked
+/// body of unknown length streams.
 pub async fn prepare_body(
     mut incoming: Incoming,
     content_length: Option<u64>,
     limit: Option<u64>,
-    idempotent: bool,
     pool: &PoolConfig,
 ) -> Result<ReqBody, ProxyError> {
     if incoming.is_end_stream() {
         return Ok(ReqBody::empty());
     }
-    if idempotent && pool.retry.attempts > 1 {
+    if pool.retry.attempts > 1 {
         if let Some(len) = content_length.filter(|&l| l <= pool.retry.max_replay_bytes) {
             let cap = limit.map_or(len, |l| l.min(len)) as usize;
             if let Some(bytes) = collect_limited(&mut incoming, cap).await? {
@@ -106,7 +109,7 @@ impl Attempts {
         let idempotent = is_replay_safe(req.method(), req.headers());
         let max_tries = (pool.config.retry.attempts as usize).min(pool.backends.len());
         let template = match req.body() {
-            ReqBody::Buffered(b) if idempotent && max_tries > 1 => Some(Template {
+            ReqBody::Buffered(b) if max_tries > 1 => Some(Template {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 headers: req.headers().clone(),
@@ -132,9 +135,10 @@ impl Attempts {
         self.tried.len()
     }
 
-    /// Whether the request can be sent again after it was written (replayable).
+    /// Whether the request can be sent again after the application may have seen it:
+    /// replay-safe and its body kept.
     pub fn replayable(&self) -> bool {
-        self.template.is_some()
+        self.idempotent && self.template.is_some()
     }
 
     /// Marks a backend as used without a failure (a hedge's target).
@@ -149,7 +153,8 @@ impl Attempts {
         self.tried.len() < self.max_tries
     }
 
-    /// A fresh copy of the request for another try, when it can be replayed.
+    /// A fresh copy of the request for another try, when its body was kept. Whether
+    /// it may be sent is `failed`'s decision.
     pub fn replay(&self) -> Option<Request<ReqBody>> {
         let t = self.template.as_ref()?;
         let mut r = Request::new(ReqBody::Buffered(t.body.clone()));
@@ -312,6 +317,7 @@ pub fn backoff(base: Duration, max: Duration, n: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn budget_allows_its_share_and_refills() {
@@ -358,6 +364,46 @@ mod tests {
         for n in 1..20 {
             assert!(backoff(Duration::from_millis(2), Duration::from_millis(50), n) <= Duration::from_millis(50));
         }
+    }
+
+    fn pool() -> Arc<Pool> {
+        let text = include_str!("../conf/minimal.toml");
+        let config = crate::Config::parse(text, "minimal.toml").expect("valid");
+        crate::state::Snapshot::build(Arc::new(config), None).pools[0].clone()
+    }
+
+    fn post() -> Request<ReqBody> {
+        let mut r = Request::new(ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))));
+        *r.method_mut() = Method::POST;
+        r
+    }
+
+    #[test]
+    fn a_post_the_backend_never_received_is_resent_but_one_it_may_have_read_is_not() {
+        let pool = pool();
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let mut a = Attempts::new(&pool, &post());
+        assert!(!a.replayable(), "a POST is not replay-safe");
+        assert!(
+            a.failed(0, ProxyError::NotReceived { backend: addr }, false),
+            "never received: safe for any method"
+        );
+        let again = a.replay().expect("the small body was kept");
+        assert_eq!(again.method(), Method::POST);
+        assert_eq!(again.body().size_hint().exact(), Some(7));
+        assert!(
+            !a.failed(1, ProxyError::ResponseTimeout { backend: addr }, false),
+            "the backend may have read it: never sent twice"
+        );
+        let mut a = Attempts::new(&pool, &post());
+        assert!(!a.failed(
+            0,
+            ProxyError::BadStatus {
+                backend: addr,
+                status: 502
+            },
+            false
+        ));
     }
 
     #[test]

@@ -4,23 +4,171 @@
 //! thread. Connections are hyper's low-level `SendRequest`, with the connection driver
 //! spawned on the worker's `LocalSet`.
 //!
+//! Each connection's socket is wrapped in `UpIo`, which notices when the backend closed
+//! the connection before a single byte of the request reached it (the keep-alive race:
+//! the backend closes an idle connection just as we reuse it). Such a request never
+//! reached the application, so `forward` may send it to another backend whatever its
+//! method.
+//!
 //! This module does not decide which backend to use (`balancer`), nor whether to retry
 //! (`proxy`/`retry`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::body::ReqBody;
 use crate::error::ProxyError;
 
-pub type Sender = http1::SendRequest<ReqBody>;
+/// One backend connection as a request uses it.
+pub struct Sender {
+    pub tx: http1::SendRequest<ReqBody>,
+    unread: Arc<AtomicBool>,
+}
+
+impl Sender {
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.tx.is_ready()
+    }
+
+    /// The backend closed this connection without acknowledging any byte of the
+    /// request in flight: no application can have read it. Meaningful once a send
+    /// on it has failed.
+    pub fn closed_unread(&self) -> bool {
+        self.unread.load(Ordering::Relaxed)
+    }
+}
+
+/// The backend socket as hyper sees it. Counts the bytes written since the backend
+/// last sent anything. If the backend then closes the connection, it asks the kernel
+/// whether the close was a FIN followed by a reset: a socket resets after its FIN only
+/// when bytes reached it after it was closed, or were still unread when it closed.
+/// Either way the application did not read the whole request, so it cannot have
+/// acted on it, and any method may go to another backend. This is the keep-alive race:
+/// the backend closes an idle connection (a deploy draining, its idle timer) just as
+/// we reuse it.
+///
+/// Other closes prove nothing and are not treated as unread: a bare FIN (the
+/// application may have read the request, then died), a reset without a FIN (a
+/// server that read the request may abort with `SO_LINGER` 0), and a FIN that did not
+/// acknowledge the request (a half-closed server can still read it).
+struct UpIo {
+    stream: TcpStream,
+    unanswered: usize,
+    unread: Arc<AtomicBool>,
+    /// Waiting for the reset that may follow a FIN (it comes up to a round trip later).
+    reset_wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The longest wait for a reset after a FIN that cut off a request in flight. The wait
+/// is two smoothed round trips plus a millisecond, and happens only on that failure.
+const MAX_RESET_WAIT: Duration = Duration::from_millis(100);
+
+impl UpIo {
+    fn new(stream: TcpStream, unread: Arc<AtomicBool>) -> UpIo {
+        UpIo {
+            stream,
+            unanswered: 0,
+            unread,
+            reset_wait: None,
+        }
+    }
+
+    /// Whether the peer reset the connection after its FIN (`SO_ERROR` is `EPIPE`
+    /// for a reset received in CLOSE_WAIT). Reading clears the error.
+    fn reset_after_fin(&self) -> bool {
+        matches!(self.stream.take_error(), Ok(Some(e)) if e.raw_os_error() == Some(libc::EPIPE))
+    }
+
+    /// The EOF that cut off a request is held back until a reset arrives or the wait
+    /// ends; then the verdict is recorded and EOF goes on to hyper.
+    fn poll_reset_wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut reset = self.reset_after_fin();
+        if !reset {
+            if let Some(wait) = self.reset_wait.as_mut() {
+                std::task::ready!(wait.as_mut().poll(cx));
+            }
+            reset = self.reset_after_fin();
+        }
+        self.reset_wait = None;
+        self.unanswered = 0;
+        if reset {
+            self.unread.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Read for UpIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.reset_wait.is_some() {
+            std::task::ready!(this.poll_reset_wait(cx));
+            return Poll::Ready(Ok(()));
+        }
+        let n = std::task::ready!(crate::netio::poll_read_into(&mut this.stream, cx, buf))?;
+        if n > 0 {
+            this.unanswered = 0;
+        } else if this.unanswered > 0 {
+            // EOF with a request in flight: the reset, if any, comes within a round trip
+            // (at once on loopback).
+            let rtt = crate::netio::smoothed_rtt(&this.stream).unwrap_or_default();
+            let wait = (rtt * 2 + Duration::from_millis(1)).min(MAX_RESET_WAIT);
+            this.reset_wait = Some(Box::pin(tokio::time::sleep(wait)));
+            std::task::ready!(this.poll_reset_wait(cx));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Write for UpIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = std::task::ready!(Pin::new(&mut this.stream).poll_write(cx, buf))?;
+        this.unanswered += n;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = std::task::ready!(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))?;
+        this.unanswered += n;
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
 
 struct Idle {
     tx: Sender,
@@ -128,8 +276,11 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::
     };
     // Small requests and responses must not wait for Nagle.
     let _ = stream.set_nodelay(true);
+    // Shared with the connection task (an `Arc`: hyper needs `Send` I/O for upgrades).
+    let unread = Arc::new(AtomicBool::new(false));
+    let io = UpIo::new(stream, unread.clone());
     let (tx, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(|e| ProxyError::UpstreamClosed {
             backend: addr,
@@ -142,5 +293,121 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::
         drop(slot);
     });
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
-    Ok(tx)
+    Ok(Sender { tx, unread })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const REQUEST: &[u8] = b"POST /order HTTP/1.1\r\nhost: a\r\ncontent-length: 7\r\n\r\norder=1";
+
+    async fn pair() -> (UpIo, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let io = UpIo::new(client, Arc::new(AtomicBool::new(false)));
+        (io, server)
+    }
+
+    async fn write(io: &mut UpIo, bytes: &[u8]) {
+        let n = poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, bytes)).await.unwrap();
+        assert_eq!(n, bytes.len());
+    }
+
+    /// Reads once; returns how many bytes arrived (0: the backend closed).
+    async fn read(io: &mut UpIo) -> usize {
+        let mut storage = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+        let mut buf = hyper::rt::ReadBuf::uninit(&mut storage);
+        poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, buf.unfilled()))
+            .await
+            .unwrap();
+        buf.filled().len()
+    }
+
+    #[tokio::test]
+    async fn a_request_written_after_the_backend_closed_the_idle_connection_is_unread() {
+        let (mut io, mut server) = pair().await;
+        // One exchange first, as on a pooled keep-alive connection.
+        write(&mut io, REQUEST).await;
+        let mut got = vec![0u8; REQUEST.len()];
+        server.read_exact(&mut got).await.unwrap();
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read(&mut io).await > 0);
+        // The backend closes the idle connection; the next request crosses its FIN.
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        write(&mut io, REQUEST).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read(&mut io).await, 0, "EOF");
+        assert!(
+            io.unread.load(Ordering::Relaxed),
+            "none of the request was acknowledged"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_the_backend_read_before_closing_is_not_unread() {
+        let (mut io, mut server) = pair().await;
+        write(&mut io, REQUEST).await;
+        let mut got = vec![0u8; REQUEST.len()];
+        server.read_exact(&mut got).await.unwrap();
+        // The application has the request and dies without answering.
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read(&mut io).await, 0, "EOF");
+        assert!(!io.unread.load(Ordering::Relaxed), "the backend may have acted on it");
+    }
+
+    #[tokio::test]
+    async fn a_request_a_draining_backend_left_unread_is_unread() {
+        let (mut io, mut server) = pair().await;
+        // A draining server half-closes an idle connection (FIN), the request arrives
+        // and is acknowledged by its kernel, and the server closes without reading it.
+        server.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        write(&mut io, REQUEST).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read(&mut io).await, 0, "EOF");
+        assert!(io.unread.load(Ordering::Relaxed), "FIN then reset: never read");
+    }
+
+    #[tokio::test]
+    async fn a_request_a_half_closed_backend_read_is_not_unread() {
+        let (mut io, mut server) = pair().await;
+        // The FIN comes before the request, but the server still reads it: it may act.
+        server.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        write(&mut io, REQUEST).await;
+        let mut got = vec![0u8; REQUEST.len()];
+        server.read_exact(&mut got).await.unwrap();
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read(&mut io).await, 0, "EOF");
+        assert!(!io.unread.load(Ordering::Relaxed), "the backend read the request");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closing_is_not_a_lost_request() {
+        let (mut io, mut server) = pair().await;
+        write(&mut io, REQUEST).await;
+        let mut got = vec![0u8; REQUEST.len()];
+        server.read_exact(&mut got).await.unwrap();
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read(&mut io).await > 0);
+        drop(server);
+        assert_eq!(read(&mut io).await, 0, "EOF");
+        assert!(!io.unread.load(Ordering::Relaxed), "nothing was in flight");
+    }
 }
