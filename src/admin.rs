@@ -96,6 +96,8 @@ fn any_backend_available(shared: &Shared) -> bool {
 }
 
 fn update_gauges(shared: &Shared) {
+    metrics::gauge!(crate::metrics::DORMANT_CONNECTIONS)
+        .set(shared.dormant_connections.load(std::sync::atomic::Ordering::Relaxed) as f64);
     let now = now_ms();
     let snap = shared.snapshot.load();
     for p in &snap.pools {

@@ -12,6 +12,7 @@ pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod demo;
+pub mod dormant;
 pub mod error;
 pub mod forward;
 pub mod health;

@@ -138,6 +138,10 @@ impl ConnTracker {
         self.stop.notify_waiters();
     }
 
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
     /// Resolves once `stop` has been called.
     pub async fn stopped(&self) {
         let notified = self.stop.notified();
@@ -225,13 +229,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A client connection's task. Its own state is what an idle keep-alive connection
 /// costs, so everything busy (hyper's connection, h2) is boxed and awaited.
-async fn serve(
-    ctx: Rc<WorkerCtx>,
-    builder: Rc<HttpBuilder>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    guard: ConnGuard,
-) {
+async fn serve(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     // Wait for the first bytes before choosing a protocol: a connection that sends
     // nothing holds no hyper state, and closes after `client_header_timeout`.
     let tracker = guard.tracker();
@@ -243,6 +241,24 @@ async fn serve(
     if H2_PREFACE.starts_with(&head[..n]) {
         return Box::pin(serve_h2(ctx, &builder, stream, peer, tracker)).await;
     }
+    serve_h1(ctx, builder, stream, peer, guard).await
+}
+
+/// Serves a connection that was dormant (`dormant::Dormant`) and has bytes again.
+pub fn resume(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, w: crate::dormant::Woken) {
+    tokio::task::spawn_local(serve_h1(ctx, builder, w.stream, w.peer, w.guard));
+}
+
+/// HTTP/1.1 until the connection ends or goes dormant.
+async fn serve_h1(
+    ctx: Rc<WorkerCtx>,
+    builder: Rc<HttpBuilder>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+) {
+    let tracker = guard.tracker();
+    let dormant = ctx.dormant.clone();
     let (svc, state) = Svc::h1(ctx, peer);
     // Parking spends `PARK_AFTER` of the keep-alive wait.
     let keepalive = builder
@@ -257,10 +273,20 @@ async fn serve(
             Some(parked) => parked,
             None => return,
         };
-        if replay.is_empty()
-            && idle::wait_for_request(&stream, tracker, keepalive, &mut [0u8; 1])
-                .await
-                .is_none()
+        if !replay.is_empty() {
+            continue;
+        }
+        // Idle: hand the socket to the worker's dormant set and end this task.
+        if let Some(dormant) = &dormant {
+            if !tracker.is_stopping() {
+                drop((svc, state));
+                dormant.park(stream, peer, guard, keepalive);
+            }
+            return;
+        }
+        if idle::wait_for_request(&stream, tracker, keepalive, &mut [0u8; 1])
+            .await
+            .is_none()
         {
             return;
         }

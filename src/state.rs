@@ -305,6 +305,9 @@ impl Snapshot {
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub shutting_down: AtomicBool,
+    /// Keep-alive client connections waiting without a task, over all workers
+    /// (`dormant::Dormant`).
+    pub dormant_connections: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -312,6 +315,7 @@ impl Shared {
         Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             shutting_down: AtomicBool::new(false),
+            dormant_connections: Default::default(),
         }
     }
 

@@ -26,6 +26,9 @@ pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub conns: Rc<ConnPool>,
     pub ids: RequestIds,
+    /// Where idle keep-alive connections wait without a task (`None` if the worker
+    /// could not create its epoll set: they then wait in their own tasks).
+    pub dormant: Option<Rc<crate::dormant::Dormant>>,
 }
 
 pub fn spawn(
@@ -64,14 +67,28 @@ async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let server = shared.snapshot.load().config.server.clone();
+    let dormant = crate::dormant::Dormant::new(shared.clone());
     let ctx = Rc::new(WorkerCtx {
         index,
         shared,
         conns: ConnPool::new(),
         ids: RequestIds::new(),
+        dormant: match dormant {
+            Ok(d) => Some(Rc::new(d)),
+            Err(e) => {
+                tracing::warn!(worker = index, error = %e, "no dormant set; idle connections keep their tasks");
+                None
+            }
+        },
     });
     let builder = Rc::new(listener::http_builder(&server));
     let tracker = Rc::new(ConnTracker::default());
+    if let Some(dormant) = ctx.dormant.clone() {
+        let (ctx, builder) = (ctx.clone(), builder.clone());
+        tokio::task::spawn_local(crate::dormant::run(dormant, tracker.clone(), move |w| {
+            listener::resume(ctx.clone(), builder.clone(), w)
+        }));
+    }
     for l in listeners {
         match TcpListener::from_std(l) {
             Ok(l) => {

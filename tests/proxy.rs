@@ -598,6 +598,65 @@ async fn keep_alive_survives_idle_gaps_pipelining_and_split_requests() {
     assert_eq!(o.hits(), 7);
 }
 
+/// Polls `cond` for up to 5 s.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_go_dormant_wake_for_their_next_request_and_close_at_shutdown() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    let shared = srv.shared().clone();
+    let dormant = move || shared.dormant_connections.load(Ordering::Relaxed);
+    let req = |id: &str| format!("GET /{id} HTTP/1.1\r\nHost: t\r\nx-request-id: {id}\r\n\r\n");
+    let mut conns = Vec::new();
+    for i in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let id = format!("a{i}");
+        s.write_all(req(&id).as_bytes()).await.unwrap();
+        assert_eq!(read_response_ids(&mut s, 1).await, [id]);
+        conns.push(s);
+    }
+    assert!(
+        eventually(|| dormant() == 3).await,
+        "3 idle connections dormant, saw {}",
+        dormant()
+    );
+    // A dormant connection wakes for its next request and is served on the same socket.
+    conns[0].write_all(req("b0").as_bytes()).await.unwrap();
+    assert_eq!(read_response_ids(&mut conns[0], 1).await, ["b0"]);
+    assert!(eventually(|| dormant() == 3).await, "it went dormant again");
+    // A client closing a dormant connection frees its slot.
+    drop(conns.pop());
+    assert!(
+        eventually(|| dormant() == 2).await,
+        "closed by the client, saw {}",
+        dormant()
+    );
+    // Shutdown closes dormant connections at once: no wait for shutdown_grace (5 s).
+    let t = Instant::now();
+    tokio::task::spawn_blocking(move || srv.join()).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "drain took {:?}", t.elapsed());
+    for mut s in conns {
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without bytes");
+    }
+    assert_eq!(o.hits(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_close_after_keepalive_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

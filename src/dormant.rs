@@ -1,0 +1,270 @@
+//! Dormant client connections: HTTP/1.1 keep-alive connections that have parked
+//! (`idle::ParkIo`: no request for `PARK_AFTER`) and wait for their next request with
+//! no task, no hyper state and no tokio registration. Each costs one slot here (the
+//! socket, the peer address, its connection-count guard) and an entry in the worker's
+//! own epoll set, which tokio watches as a single file descriptor. This is how nginx
+//! keeps an idle keep-alive connection at a few hundred bytes.
+//!
+//! When bytes arrive, the socket goes back to tokio and a new connection task starts
+//! (`listener::resume`). A dormant connection closes when `keepalive_timeout` passes,
+//! or at once when the worker stops (it has nothing in flight).
+//!
+//! Owns: the epoll set, the slots and their deadlines (checked by a scan every
+//! `SCAN_EVERY`, so a dormant connection closes up to that much after its deadline,
+//! and memory stays one slot per connection), and the task that serves them.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::listener::{ConnGuard, ConnTracker};
+use crate::state::Shared;
+
+/// Readiness events taken per `epoll_wait`.
+const BATCH: usize = 64;
+
+/// How often deadlines are checked while any connection is dormant.
+const SCAN_EVERY: Duration = Duration::from_millis(250);
+
+struct Slot {
+    stream: Option<std::net::TcpStream>,
+    peer: SocketAddr,
+    guard: Option<ConnGuard>,
+    deadline: Instant,
+    /// Bumped on reuse, so stale events and deadlines for an old tenant are ignored.
+    generation: u32,
+}
+
+/// A connection handed back to a task: its socket (registered with tokio again), its
+/// peer and its guard.
+pub struct Woken {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub guard: ConnGuard,
+}
+
+pub struct Dormant {
+    epoll: AsyncFd<OwnedFd>,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    count: Cell<usize>,
+    /// Wakes the task when the first connection goes dormant.
+    armed: Notify,
+    shared: Arc<Shared>,
+}
+
+impl Dormant {
+    /// A worker's dormant set; must be created on the worker's runtime.
+    pub fn new(shared: Arc<Shared>) -> io::Result<Dormant> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Dormant {
+            // SAFETY: an `OwnedFd` stays open, and is the same descriptor, for as long
+            // as the `AsyncFd` owning it.
+            epoll: unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }.map_err(io::Error::from)?,
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            count: Cell::new(0),
+            armed: Notify::new(),
+            shared,
+        })
+    }
+
+    /// How many connections are dormant.
+    pub fn len(&self) -> usize {
+        self.count.get()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Puts a connection to sleep until its next byte or `wait` passes. On failure
+    /// the connection is simply closed (it was idle).
+    pub fn park(&self, stream: TcpStream, peer: SocketAddr, guard: ConnGuard, wait: Duration) {
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
+        let (idx, generation) = {
+            let mut slots = self.slots.borrow_mut();
+            let idx = match self.free.borrow_mut().pop() {
+                Some(i) => i,
+                None => {
+                    slots.push(Slot {
+                        stream: None,
+                        peer,
+                        guard: None,
+                        deadline: Instant::now(),
+                        generation: 0,
+                    });
+                    (slots.len() - 1) as u32
+                }
+            };
+            let slot = &mut slots[idx as usize];
+            slot.generation = slot.generation.wrapping_add(1);
+            (idx, slot.generation)
+        };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            u64: token(idx, generation),
+        };
+        // SAFETY: both descriptors are open; `ev` outlives the call.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, stream.as_raw_fd(), &mut ev) };
+        if rc != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "cannot park connection; closing it");
+            self.free.borrow_mut().push(idx);
+            return;
+        }
+        let slot = &mut self.slots.borrow_mut()[idx as usize];
+        slot.stream = Some(stream);
+        slot.peer = peer;
+        slot.guard = Some(guard);
+        slot.deadline = Instant::now() + wait;
+        self.count.set(self.count.get() + 1);
+        self.shared.dormant_connections.fetch_add(1, Ordering::Relaxed);
+        if self.count.get() == 1 {
+            self.armed.notify_one();
+        }
+    }
+
+    /// Takes the connection out of its slot, if `generation` is still its tenant.
+    fn take(&self, idx: u32, generation: u32) -> Option<(std::net::TcpStream, SocketAddr, ConnGuard)> {
+        let mut slots = self.slots.borrow_mut();
+        let slot = slots.get_mut(idx as usize)?;
+        if slot.generation != generation {
+            return None;
+        }
+        let stream = slot.stream.take()?;
+        let guard = slot.guard.take()?;
+        // SAFETY: both descriptors are open; DEL ignores the event argument.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                stream.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        self.free.borrow_mut().push(idx);
+        self.count.set(self.count.get() - 1);
+        self.shared.dormant_connections.fetch_sub(1, Ordering::Relaxed);
+        Some((stream, slot.peer, guard))
+    }
+
+    /// Connections whose socket became readable (a request, or the client closing).
+    /// Returns how many events there were.
+    fn ready(&self, out: &mut Vec<Woken>) -> usize {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        // SAFETY: `events` has room for BATCH entries; timeout 0 never blocks.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0) };
+        for ev in events.iter().take(n.max(0) as usize) {
+            let (idx, generation) = untoken(ev.u64);
+            let Some((stream, peer, guard)) = self.take(idx, generation) else {
+                continue;
+            };
+            match TcpStream::from_std(stream) {
+                Ok(stream) => out.push(Woken { stream, peer, guard }),
+                Err(e) => tracing::debug!(error = %e, "cannot resume connection"),
+            }
+        }
+        n.max(0) as usize
+    }
+
+    /// Closes the connections whose keep-alive wait has passed.
+    fn expire(&self, now: Instant) {
+        let due: Vec<(u32, u32)> = self
+            .slots
+            .borrow()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.stream.is_some() && s.deadline <= now)
+            .map(|(i, s)| (i as u32, s.generation))
+            .collect();
+        for (idx, generation) in due {
+            drop(self.take(idx, generation));
+        }
+    }
+
+    /// Closes every dormant connection (the worker is stopping).
+    fn close_all(&self) {
+        let tenants: Vec<(u32, u32)> = self
+            .slots
+            .borrow()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.stream.is_some())
+            .map(|(i, s)| (i as u32, s.generation))
+            .collect();
+        for (idx, generation) in tenants {
+            drop(self.take(idx, generation));
+        }
+    }
+}
+
+fn token(idx: u32, generation: u32) -> u64 {
+    (generation as u64) << 32 | idx as u64
+}
+
+fn untoken(t: u64) -> (u32, u32) {
+    (t as u32, (t >> 32) as u32)
+}
+
+/// The worker's dormant-connection task: wakes connections that have bytes to read
+/// (handing each to `resume`), closes those past their deadline, and closes all of
+/// them when the worker stops.
+pub async fn run(dormant: Rc<Dormant>, tracker: Rc<ConnTracker>, resume: impl Fn(Woken)) {
+    let mut woken = Vec::new();
+    let mut next_scan = Instant::now() + SCAN_EVERY;
+    loop {
+        let timer = async {
+            if dormant.is_empty() {
+                dormant.armed.notified().await;
+            } else {
+                tokio::time::sleep_until(next_scan).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = tracker.stopped() => {
+                dormant.close_all();
+                return;
+            }
+            r = dormant.epoll.readable() => {
+                let Ok(mut guard) = r else {
+                    // The epoll descriptor failed: nothing more can wake; close all.
+                    dormant.close_all();
+                    return;
+                };
+                if dormant.ready(&mut woken) < BATCH {
+                    guard.clear_ready();
+                }
+                for w in woken.drain(..) {
+                    resume(w);
+                }
+            }
+            _ = timer => {
+                let now = Instant::now();
+                if now >= next_scan {
+                    dormant.expire(now);
+                    next_scan = now + SCAN_EVERY;
+                }
+            }
+        }
+    }
+}
