@@ -9,9 +9,10 @@
 //! (`listener::resume`). A dormant connection closes when `keepalive_timeout` passes,
 //! or at once when the worker stops (it has nothing in flight).
 //!
-//! Owns: the epoll set, the slots and their deadlines (checked by a scan every
-//! `SCAN_EVERY`, so a dormant connection closes up to that much after its deadline,
-//! and memory stays one slot per connection), and the task that serves them.
+//! Owns: the epoll set, the slots (40 bytes each, allocated `CHUNK` at a time) and
+//! their deadlines (checked by a scan every `SCAN_EVERY`, so a dormant connection
+//! closes up to that much after its deadline, and memory stays one slot per
+//! connection), and the task that serves them.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -37,13 +38,59 @@ const BATCH: usize = 64;
 /// How often deadlines are checked while any connection is dormant.
 const SCAN_EVERY: Duration = Duration::from_millis(250);
 
+/// Slots are allocated this many at a time, so the table never holds more than one
+/// partly used chunk of spare room (a `Vec` doubling would hold up to 2x).
+const CHUNK: usize = 256;
+
+/// One dormant connection: 40 bytes.
 struct Slot {
     stream: Option<std::net::TcpStream>,
-    peer: SocketAddr,
-    guard: Option<ConnGuard>,
-    deadline: Instant,
-    /// Bumped on reuse, so stale events and deadlines for an old tenant are ignored.
+    /// Bumped on reuse, so stale events for an old tenant are ignored.
     generation: u32,
+    /// Milliseconds since `Dormant::epoch` (wrapping; waits are far below 24 days).
+    deadline_ms: u32,
+    peer: PeerAddr,
+    guard: Option<ConnGuard>,
+}
+
+/// A peer address in 19 bytes instead of `SocketAddr`'s 32 (IPv6 scope and flow
+/// label are not kept: the proxy only reports the address and port).
+#[derive(Clone, Copy)]
+struct PeerAddr {
+    ip: [u8; 16],
+    port: u16,
+    v4: bool,
+}
+
+impl PeerAddr {
+    const EMPTY: PeerAddr = PeerAddr {
+        ip: [0; 16],
+        port: 0,
+        v4: true,
+    };
+
+    fn new(a: SocketAddr) -> PeerAddr {
+        match a {
+            SocketAddr::V4(v4) => PeerAddr {
+                ip: v4.ip().to_ipv6_mapped().octets(),
+                port: v4.port(),
+                v4: true,
+            },
+            SocketAddr::V6(v6) => PeerAddr {
+                ip: v6.ip().octets(),
+                port: v6.port(),
+                v4: false,
+            },
+        }
+    }
+
+    fn get(self) -> SocketAddr {
+        let v6 = std::net::Ipv6Addr::from(self.ip);
+        match (self.v4, v6.to_ipv4_mapped()) {
+            (true, Some(v4)) => SocketAddr::from((v4, self.port)),
+            _ => SocketAddr::from((v6, self.port)),
+        }
+    }
 }
 
 /// A connection handed back to a task: its socket (registered with tokio again), its
@@ -56,9 +103,10 @@ pub struct Woken {
 
 pub struct Dormant {
     epoll: AsyncFd<OwnedFd>,
-    slots: RefCell<Vec<Slot>>,
+    chunks: RefCell<Vec<Box<[Slot]>>>,
     free: RefCell<Vec<u32>>,
     count: Cell<usize>,
+    epoch: Instant,
     /// Wakes the task when the first connection goes dormant.
     armed: Notify,
     shared: Arc<Shared>,
@@ -78,9 +126,10 @@ impl Dormant {
             // SAFETY: an `OwnedFd` stays open, and is the same descriptor, for as long
             // as the `AsyncFd` owning it.
             epoll: unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }.map_err(io::Error::from)?,
-            slots: RefCell::new(Vec::new()),
+            chunks: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             count: Cell::new(0),
+            epoch: Instant::now(),
             armed: Notify::new(),
             shared,
         })
@@ -95,30 +144,51 @@ impl Dormant {
         self.len() == 0
     }
 
+    fn now_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
+    }
+
+    /// A free slot's index, growing the table by a chunk when none is left.
+    fn vacant(&self) -> u32 {
+        let mut free = self.free.borrow_mut();
+        if free.is_empty() {
+            let mut chunks = self.chunks.borrow_mut();
+            let base = (chunks.len() * CHUNK) as u32;
+            chunks.push(
+                (0..CHUNK)
+                    .map(|_| Slot {
+                        stream: None,
+                        generation: 0,
+                        deadline_ms: 0,
+                        peer: PeerAddr::EMPTY,
+                        guard: None,
+                    })
+                    .collect(),
+            );
+            // Lowest index on top, so the first chunks fill first.
+            free.extend((base..base + CHUNK as u32).rev());
+        }
+        free.pop().unwrap_or_default()
+    }
+
+    fn with_slot<R>(&self, idx: u32, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        let mut chunks = self.chunks.borrow_mut();
+        let slot = chunks.get_mut(idx as usize / CHUNK)?.get_mut(idx as usize % CHUNK)?;
+        Some(f(slot))
+    }
+
     /// Puts a connection to sleep until its next byte or `wait` passes. On failure
     /// the connection is simply closed (it was idle).
     pub fn park(&self, stream: TcpStream, peer: SocketAddr, guard: ConnGuard, wait: Duration) {
         let Ok(stream) = stream.into_std() else {
             return;
         };
-        let (idx, generation) = {
-            let mut slots = self.slots.borrow_mut();
-            let idx = match self.free.borrow_mut().pop() {
-                Some(i) => i,
-                None => {
-                    slots.push(Slot {
-                        stream: None,
-                        peer,
-                        guard: None,
-                        deadline: Instant::now(),
-                        generation: 0,
-                    });
-                    (slots.len() - 1) as u32
-                }
-            };
-            let slot = &mut slots[idx as usize];
-            slot.generation = slot.generation.wrapping_add(1);
-            (idx, slot.generation)
+        let idx = self.vacant();
+        let Some(generation) = self.with_slot(idx, |s| {
+            s.generation = s.generation.wrapping_add(1);
+            s.generation
+        }) else {
+            return;
         };
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
@@ -131,11 +201,15 @@ impl Dormant {
             self.free.borrow_mut().push(idx);
             return;
         }
-        let slot = &mut self.slots.borrow_mut()[idx as usize];
-        slot.stream = Some(stream);
-        slot.peer = peer;
-        slot.guard = Some(guard);
-        slot.deadline = Instant::now() + wait;
+        let deadline_ms = self
+            .now_ms()
+            .wrapping_add(wait.as_millis().min(u32::MAX as u128 / 2) as u32);
+        self.with_slot(idx, |s| {
+            s.stream = Some(stream);
+            s.peer = PeerAddr::new(peer);
+            s.guard = Some(guard);
+            s.deadline_ms = deadline_ms;
+        });
         self.count.set(self.count.get() + 1);
         self.shared.dormant_connections.fetch_add(1, Ordering::Relaxed);
         if self.count.get() == 1 {
@@ -145,13 +219,12 @@ impl Dormant {
 
     /// Takes the connection out of its slot, if `generation` is still its tenant.
     fn take(&self, idx: u32, generation: u32) -> Option<(std::net::TcpStream, SocketAddr, ConnGuard)> {
-        let mut slots = self.slots.borrow_mut();
-        let slot = slots.get_mut(idx as usize)?;
-        if slot.generation != generation {
-            return None;
-        }
-        let stream = slot.stream.take()?;
-        let guard = slot.guard.take()?;
+        let (stream, peer, guard) = self.with_slot(idx, |s| {
+            if s.generation != generation {
+                return None;
+            }
+            Some((s.stream.take()?, s.peer.get(), s.guard.take()?))
+        })??;
         // SAFETY: both descriptors are open; DEL ignores the event argument.
         unsafe {
             libc::epoll_ctl(
@@ -164,7 +237,7 @@ impl Dormant {
         self.free.borrow_mut().push(idx);
         self.count.set(self.count.get() - 1);
         self.shared.dormant_connections.fetch_sub(1, Ordering::Relaxed);
-        Some((stream, slot.peer, guard))
+        Some((stream, peer, guard))
     }
 
     /// Connections whose socket became readable (a request, or the client closing).
@@ -186,32 +259,30 @@ impl Dormant {
         n.max(0) as usize
     }
 
-    /// Closes the connections whose keep-alive wait has passed.
-    fn expire(&self, now: Instant) {
-        let due: Vec<(u32, u32)> = self
-            .slots
-            .borrow()
+    /// The tenants matching `pred`, as (index, generation).
+    fn tenants(&self, pred: impl Fn(&Slot) -> bool) -> Vec<(u32, u32)> {
+        let chunks = self.chunks.borrow();
+        chunks
             .iter()
+            .flat_map(|c| c.iter())
             .enumerate()
-            .filter(|(_, s)| s.stream.is_some() && s.deadline <= now)
+            .filter(|(_, s)| s.stream.is_some() && pred(s))
             .map(|(i, s)| (i as u32, s.generation))
-            .collect();
-        for (idx, generation) in due {
+            .collect()
+    }
+
+    /// Closes the connections whose keep-alive wait has passed.
+    fn expire(&self) {
+        let now = self.now_ms();
+        // Wrapping: due when the deadline is not ahead of now.
+        for (idx, generation) in self.tenants(|s| (now.wrapping_sub(s.deadline_ms) as i32) >= 0) {
             drop(self.take(idx, generation));
         }
     }
 
     /// Closes every dormant connection (the worker is stopping).
     fn close_all(&self) {
-        let tenants: Vec<(u32, u32)> = self
-            .slots
-            .borrow()
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.stream.is_some())
-            .map(|(i, s)| (i as u32, s.generation))
-            .collect();
-        for (idx, generation) in tenants {
+        for (idx, generation) in self.tenants(|_| true) {
             drop(self.take(idx, generation));
         }
     }
@@ -261,10 +332,29 @@ pub async fn run(dormant: Rc<Dormant>, tracker: Rc<ConnTracker>, resume: impl Fn
             _ = timer => {
                 let now = Instant::now();
                 if now >= next_scan {
-                    dormant.expire(now);
+                    dormant.expire();
                     next_scan = now + SCAN_EVERY;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_small_and_keeps_the_peer_address() {
+        assert!(std::mem::size_of::<Slot>() <= 40, "{}", std::mem::size_of::<Slot>());
+        for a in [
+            "192.0.2.7:51000",
+            "[2001:db8::1]:443",
+            "[::ffff:192.0.2.7]:80",
+            "0.0.0.0:0",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(PeerAddr::new(a).get(), a);
         }
     }
 }

@@ -161,13 +161,16 @@ use mimalloc as _;
 
 /// Lets mimalloc give memory freed after a burst (parked connections' buffers) back to
 /// the OS on an idle worker: it purges freed pages only during later allocations, so a
-/// quiet worker would otherwise keep its peak. Called once a second per worker.
-pub fn trim_allocator() {
+/// quiet worker would otherwise keep its peak. Called once a second per worker; `all`
+/// (when the worker has nothing in flight) purges every free page at once. Measured
+/// with 9,000 idle clients: 447 B per connection 6 s after the burst with `all`,
+/// 907 B without (433 B only after ~30 s).
+pub fn trim_allocator(all: bool) {
     extern "C" {
         fn mi_collect(force: bool);
     }
     // SAFETY: mimalloc's C API; `mi_collect` only walks the calling thread's heap.
-    unsafe { mi_collect(false) }
+    unsafe { mi_collect(all) }
 }
 
 /// Resolves once shutdown has been signalled. (Wraps `wait_for` so no borrow guard

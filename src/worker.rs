@@ -105,12 +105,16 @@ async fn run(
         }
     }
     let conns = ctx.conns.clone();
+    let (dormant, open) = (ctx.dormant.clone(), tracker.clone());
     let sweeper = tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(POOL_SWEEP_INTERVAL);
         loop {
             tick.tick().await;
             conns.sweep();
-            crate::trim_allocator();
+            // Every open connection dormant: nothing is in flight, so give back all
+            // freed memory now rather than page by page over the next seconds.
+            let quiet = dormant.as_ref().is_some_and(|d| d.len() == open.active());
+            crate::trim_allocator(quiet);
         }
     });
 
