@@ -28,7 +28,7 @@ use crate::proxy::ConnInfo;
 use crate::worker::WorkerCtx;
 use bytes::Bytes;
 
-/// Spawns hyper's HTTP/2 stream tasks on the worker's `LocalSet`, so request futures
+/// Spawns hyper's HTTP/2 stream tasks on the worker's runtime, so request futures
 /// may hold worker-local (`Rc`) state.
 #[derive(Clone, Copy, Debug)]
 pub struct LocalExec;

@@ -2,7 +2,7 @@
 //! HTTP/1.1 keep-alive connections. The pool is worker-local (`Rc<RefCell<…>>` on a
 //! current-thread runtime), so checkout and checkin take no lock and wake no other
 //! thread. Connections are hyper's low-level `SendRequest`, with the connection driver
-//! spawned on the worker's `LocalSet`.
+//! spawned on the worker's runtime.
 //!
 //! Each connection's socket is wrapped in `UpIo`, which notices when the backend closed
 //! the connection before a single byte of the request reached it (the keep-alive race:
@@ -261,7 +261,7 @@ impl Release {
     }
 }
 
-/// Opens a connection to `addr` and spawns its driver on the current `LocalSet`.
+/// Opens a connection to `addr` and spawns its driver on the worker's runtime.
 /// `slot` is the pool's connection breaker slot, held for the connection's life.
 pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::Slot) -> Result<Sender, ProxyError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
