@@ -371,12 +371,11 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    let is_hop = |n: &HeaderName| *n == header::UPGRADE || *n == header::EXPECT || HOP_BY_HOP.contains(n);
-    if headers.keys().any(is_hop) {
-        let present: Vec<HeaderName> = headers.keys().filter(|n| is_hop(n)).cloned().collect();
-        for name in present {
-            headers.remove(name);
-        }
+    let is_hop = |n: &&HeaderName| **n == header::UPGRADE || **n == header::EXPECT || HOP_BY_HOP.contains(n);
+    // One scan per field removed, and no list: most messages carry one at most (a
+    // backend's `Connection: keep-alive`), and standard names clone for free.
+    while let Some(name) = headers.keys().find(is_hop).cloned() {
+        headers.remove(name);
     }
 }
 
