@@ -309,6 +309,7 @@ async fn try_backend(
         };
         let in_flight = backend.state.start_request();
         let sent_at = Instant::now();
+        tx.begin_request();
         let response = match tokio::time::timeout_at(deadline, tx.tx.try_send_request(request)).await {
             Err(_) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
             Ok(Err(mut e)) => {

@@ -20,7 +20,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -33,10 +33,18 @@ use tokio::net::TcpStream;
 use crate::body::ReqBody;
 use crate::error::ProxyError;
 
+/// Where the request in flight on a connection stands, shared by the `Sender` (which
+/// starts requests) and the connection's `UpIo` (which sees the bytes).
+const HEARD: u8 = 0;
+/// A request was started and nothing has been read from the backend since.
+const UNHEARD: u8 = 1;
+/// The backend closed with that request unread.
+const UNREAD: u8 = 2;
+
 /// One backend connection as a request uses it.
 pub struct Sender {
     pub tx: http1::SendRequest<ReqBody>,
-    unread: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
 impl Sender {
@@ -48,11 +56,17 @@ impl Sender {
         self.tx.is_ready()
     }
 
-    /// The backend closed this connection without acknowledging any byte of the
-    /// request in flight: no application can have read it. Meaningful once a send
-    /// on it has failed.
+    /// Marks the start of a request: until the backend sends a byte, a close with
+    /// the request unread means no application saw it.
+    pub fn begin_request(&self) {
+        self.state.store(UNHEARD, Ordering::Relaxed);
+    }
+
+    /// The backend closed this connection with the request in flight unread, before
+    /// sending anything for it: no application can have seen it. Meaningful once a
+    /// send on it has failed.
     pub fn closed_unread(&self) -> bool {
-        self.unread.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) == UNREAD
     }
 }
 
@@ -65,6 +79,9 @@ impl Sender {
 /// the backend closes an idle connection (a deploy draining, its idle timer) just as
 /// we reuse it.
 ///
+/// Anything read from the backend since the request began (a 1xx, say) also rules it
+/// out: the backend had seen the request head.
+///
 /// Other closes prove nothing and are not treated as unread: a bare FIN (the
 /// application may have read the request, then died), a reset without a FIN (a
 /// server that read the request may abort with `SO_LINGER` 0), and a FIN that did not
@@ -72,7 +89,7 @@ impl Sender {
 struct UpIo {
     stream: TcpStream,
     unanswered: usize,
-    unread: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
     /// Waiting for the reset that may follow a FIN (it comes up to a round trip later).
     reset_wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -82,11 +99,11 @@ struct UpIo {
 const MAX_RESET_WAIT: Duration = Duration::from_millis(100);
 
 impl UpIo {
-    fn new(stream: TcpStream, unread: Arc<AtomicBool>) -> UpIo {
+    fn new(stream: TcpStream, state: Arc<AtomicU8>) -> UpIo {
         UpIo {
             stream,
             unanswered: 0,
-            unread,
+            state,
             reset_wait: None,
         }
     }
@@ -109,8 +126,8 @@ impl UpIo {
         }
         self.reset_wait = None;
         self.unanswered = 0;
-        if reset {
-            self.unread.store(true, Ordering::Relaxed);
+        if reset && self.state.load(Ordering::Relaxed) == UNHEARD {
+            self.state.store(UNREAD, Ordering::Relaxed);
         }
         Poll::Ready(())
     }
@@ -126,6 +143,7 @@ impl Read for UpIo {
         let n = std::task::ready!(crate::netio::poll_read_into(&mut this.stream, cx, buf))?;
         if n > 0 {
             this.unanswered = 0;
+            this.state.store(HEARD, Ordering::Relaxed);
         } else if this.unanswered > 0 {
             // EOF with a request in flight: the reset, if any, comes within a round trip
             // (at once on loopback).
@@ -277,8 +295,8 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::
     // Small requests and responses must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     // Shared with the connection task (an `Arc`: hyper needs `Send` I/O for upgrades).
-    let unread = Arc::new(AtomicBool::new(false));
-    let io = UpIo::new(stream, unread.clone());
+    let state = Arc::new(AtomicU8::new(HEARD));
+    let io = UpIo::new(stream, state.clone());
     let (tx, conn) = http1::Builder::new()
         .handshake(io)
         .await
@@ -293,7 +311,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::
         drop(slot);
     });
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
-    Ok(Sender { tx, unread })
+    Ok(Sender { tx, state })
 }
 
 #[cfg(test)]
@@ -309,8 +327,18 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        let io = UpIo::new(client, Arc::new(AtomicBool::new(false)));
+        let io = UpIo::new(client, Arc::new(AtomicU8::new(HEARD)));
         (io, server)
+    }
+
+    /// Writes a whole request, as `Sender::begin_request` then hyper would.
+    async fn send(io: &mut UpIo, bytes: &[u8]) {
+        io.state.store(UNHEARD, Ordering::Relaxed);
+        write(io, bytes).await;
+    }
+
+    fn unread(io: &UpIo) -> bool {
+        io.state.load(Ordering::Relaxed) == UNREAD
     }
 
     async fn write(io: &mut UpIo, bytes: &[u8]) {
@@ -332,7 +360,7 @@ mod tests {
     async fn a_request_written_after_the_backend_closed_the_idle_connection_is_unread() {
         let (mut io, mut server) = pair().await;
         // One exchange first, as on a pooled keep-alive connection.
-        write(&mut io, REQUEST).await;
+        send(&mut io, REQUEST).await;
         let mut got = vec![0u8; REQUEST.len()];
         server.read_exact(&mut got).await.unwrap();
         server
@@ -343,26 +371,23 @@ mod tests {
         // The backend closes the idle connection; the next request crosses its FIN.
         drop(server);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        write(&mut io, REQUEST).await;
+        send(&mut io, REQUEST).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(
-            io.unread.load(Ordering::Relaxed),
-            "none of the request was acknowledged"
-        );
+        assert!(unread(&io), "none of the request was acknowledged");
     }
 
     #[tokio::test]
     async fn a_request_the_backend_read_before_closing_is_not_unread() {
         let (mut io, mut server) = pair().await;
-        write(&mut io, REQUEST).await;
+        send(&mut io, REQUEST).await;
         let mut got = vec![0u8; REQUEST.len()];
         server.read_exact(&mut got).await.unwrap();
         // The application has the request and dies without answering.
         drop(server);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(!io.unread.load(Ordering::Relaxed), "the backend may have acted on it");
+        assert!(!unread(&io), "the backend may have acted on it");
     }
 
     #[tokio::test]
@@ -372,12 +397,12 @@ mod tests {
         // and is acknowledged by its kernel, and the server closes without reading it.
         server.shutdown().await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        write(&mut io, REQUEST).await;
+        send(&mut io, REQUEST).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(server);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(io.unread.load(Ordering::Relaxed), "FIN then reset: never read");
+        assert!(unread(&io), "FIN then reset: never read");
     }
 
     #[tokio::test]
@@ -386,19 +411,42 @@ mod tests {
         // The FIN comes before the request, but the server still reads it: it may act.
         server.shutdown().await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        write(&mut io, REQUEST).await;
+        send(&mut io, REQUEST).await;
         let mut got = vec![0u8; REQUEST.len()];
         server.read_exact(&mut got).await.unwrap();
         drop(server);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(!io.unread.load(Ordering::Relaxed), "the backend read the request");
+        assert!(!unread(&io), "the backend read the request");
+    }
+
+    #[tokio::test]
+    async fn a_request_the_backend_answered_with_a_1xx_is_not_unread() {
+        let (mut io, mut server) = pair().await;
+        let head = &REQUEST[..REQUEST.len() - 7];
+        send(&mut io, head).await;
+        let mut got = vec![0u8; head.len()];
+        server.read_exact(&mut got).await.unwrap();
+        server
+            .write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read(&mut io).await > 0, "the 103");
+        // The body follows the 1xx; the backend closes with it unread (FIN, reset).
+        server.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        write(&mut io, b"order=1").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read(&mut io).await, 0, "EOF");
+        assert!(!unread(&io), "the backend answered 103: it had seen the request head");
     }
 
     #[tokio::test]
     async fn an_idle_connection_closing_is_not_a_lost_request() {
         let (mut io, mut server) = pair().await;
-        write(&mut io, REQUEST).await;
+        send(&mut io, REQUEST).await;
         let mut got = vec![0u8; REQUEST.len()];
         server.read_exact(&mut got).await.unwrap();
         server
@@ -408,6 +456,6 @@ mod tests {
         assert!(read(&mut io).await > 0);
         drop(server);
         assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(!io.unread.load(Ordering::Relaxed), "nothing was in flight");
+        assert!(!unread(&io), "nothing was in flight");
     }
 }
