@@ -242,14 +242,18 @@ impl ConnPool {
     }
 
     /// Closes expired and dead connections; run periodically so idle sockets to
-    /// backends do not linger past `idle_timeout`.
-    pub fn sweep(&self) {
+    /// backends do not linger past `idle_timeout`. Returns whether any were closed.
+    pub fn sweep(&self) -> bool {
         let now = Instant::now();
         let mut idle = self.idle.borrow_mut();
+        let mut closed = false;
         idle.retain(|_, list| {
+            let before = list.len();
             list.retain(|c| c.expires > now && !c.tx.is_closed());
+            closed |= list.len() < before;
             !list.is_empty()
         });
+        closed
     }
 
     /// Drops every idle connection (shutdown).
