@@ -14,7 +14,7 @@
 //! closes up to that much after its deadline, and memory stays one slot per
 //! connection), and the task that serves them.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -105,7 +105,6 @@ pub struct Dormant {
     epoll: AsyncFd<OwnedFd>,
     chunks: RefCell<Vec<Box<[Slot]>>>,
     free: RefCell<Vec<u32>>,
-    count: Cell<usize>,
     epoch: Instant,
     /// Wakes the task when the first connection goes dormant.
     armed: Notify,
@@ -128,7 +127,6 @@ impl Dormant {
             epoll: unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }.map_err(io::Error::from)?,
             chunks: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
-            count: Cell::new(0),
             epoch: Instant::now(),
             armed: Notify::new(),
             shared,
@@ -137,7 +135,7 @@ impl Dormant {
 
     /// How many connections are dormant.
     pub fn len(&self) -> usize {
-        self.count.get()
+        self.chunks.borrow().len() * CHUNK - self.free.borrow().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -210,9 +208,8 @@ impl Dormant {
             s.guard = Some(guard);
             s.deadline_ms = deadline_ms;
         });
-        self.count.set(self.count.get() + 1);
         self.shared.dormant_connections.fetch_add(1, Ordering::Relaxed);
-        if self.count.get() == 1 {
+        if self.len() == 1 {
             self.armed.notify_one();
         }
     }
@@ -235,7 +232,6 @@ impl Dormant {
             )
         };
         self.free.borrow_mut().push(idx);
-        self.count.set(self.count.get() - 1);
         self.shared.dormant_connections.fetch_sub(1, Ordering::Relaxed);
         Some((stream, peer, guard))
     }

@@ -23,8 +23,7 @@ use crate::state::{now_ms, Pool};
 pub fn on_failure(pool: &Pool, bi: usize, err: &ProxyError) {
     if !err.is_backend_failure() {
         if let ProxyError::NotReceived { .. } = err {
-            let backend = &pool.backends[bi];
-            metrics::counter!(crate::metrics::UPSTREAM_ERRORS, "pool" => pool.name.clone(), "backend" => backend.name.clone(), "kind" => err.kind()).increment(1);
+            count_error(pool, bi, err.kind());
         }
         return;
     }
@@ -37,9 +36,14 @@ pub fn on_hedge_loss(pool: &Pool, bi: usize) {
     record_failure(pool, bi, "hedge_lost");
 }
 
-fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
+fn count_error(pool: &Pool, bi: usize, kind: &'static str) {
     let backend = &pool.backends[bi];
     metrics::counter!(crate::metrics::UPSTREAM_ERRORS, "pool" => pool.name.clone(), "backend" => backend.name.clone(), "kind" => kind).increment(1);
+}
+
+fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
+    count_error(pool, bi, kind);
+    let backend = &pool.backends[bi];
     let n = backend.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
     if n >= pool.config.outlier.consecutive_failures {
         try_eject(pool, bi, kind);
