@@ -52,8 +52,8 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
-    /// The keep-alive race: the backend closed the connection before any byte of the
-    /// request reached it (`upstream::UpIo`). No application saw the request.
+    /// The keep-alive race: the backend closed the connection with the request unread
+    /// and nothing sent for it (`upstream::UpIo`). No application saw the request.
     #[error("{backend} closed the connection before receiving any of the request")]
     NotReceived { backend: SocketAddr },
     #[error("invalid response from {backend}: {source}")]

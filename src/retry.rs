@@ -3,7 +3,7 @@
 //!
 //! - Any method: connect failures, requests never written (a pooled connection the
 //!   backend had closed), and requests written onto a connection the backend closed
-//!   before receiving a byte of them (`ProxyError::NotReceived`). None reached the
+//!   with them unread (`ProxyError::NotReceived`). None reached the
 //!   application. The last needs the body again, so small bodies of every method are
 //!   buffered up front (`retry.max_replay_bytes`), as nginx does by default.
 //! - Idempotent methods (or `Idempotency-Key`) only: resets, response timeouts and

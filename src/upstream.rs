@@ -5,7 +5,7 @@
 //! spawned on the worker's runtime.
 //!
 //! Each connection's socket is wrapped in `UpIo`, which notices when the backend closed
-//! the connection before a single byte of the request reached it (the keep-alive race:
+//! the connection with the request in flight unread (the keep-alive race:
 //! the backend closes an idle connection just as we reuse it). Such a request never
 //! reached the application, so `forward` may send it to another backend whatever its
 //! method.
@@ -70,8 +70,8 @@ impl Sender {
     }
 }
 
-/// The backend socket as hyper sees it. Counts the bytes written since the backend
-/// last sent anything. If the backend then closes the connection, it asks the kernel
+/// The backend socket as hyper sees it. Notes whether anything was written since the
+/// backend last sent anything. If the backend then closes the connection, it asks the kernel
 /// whether the close was a FIN followed by a reset: a socket resets after its FIN only
 /// when bytes reached it after it was closed, or were still unread when it closed.
 /// Either way the application did not read the whole request, so it cannot have
@@ -88,7 +88,8 @@ impl Sender {
 /// acknowledge the request (a half-closed server can still read it).
 struct UpIo {
     stream: TcpStream,
-    unanswered: usize,
+    /// Bytes written since the backend last sent any.
+    unanswered: bool,
     state: Arc<AtomicU8>,
     /// Waiting for the reset that may follow a FIN (it comes up to a round trip later).
     reset_wait: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -102,7 +103,7 @@ impl UpIo {
     fn new(stream: TcpStream, state: Arc<AtomicU8>) -> UpIo {
         UpIo {
             stream,
-            unanswered: 0,
+            unanswered: false,
             state,
             reset_wait: None,
         }
@@ -125,7 +126,7 @@ impl UpIo {
             reset = self.reset_after_fin();
         }
         self.reset_wait = None;
-        self.unanswered = 0;
+        self.unanswered = false;
         if reset && self.state.load(Ordering::Relaxed) == UNHEARD {
             self.state.store(UNREAD, Ordering::Relaxed);
         }
@@ -142,9 +143,9 @@ impl Read for UpIo {
         }
         let n = std::task::ready!(crate::netio::poll_read_into(&mut this.stream, cx, buf))?;
         if n > 0 {
-            this.unanswered = 0;
+            this.unanswered = false;
             this.state.store(HEARD, Ordering::Relaxed);
-        } else if this.unanswered > 0 {
+        } else if this.unanswered {
             // EOF with a request in flight: the reset, if any, comes within a round trip
             // (at once on loopback).
             let rtt = crate::netio::smoothed_rtt(&this.stream).unwrap_or_default();
@@ -160,7 +161,7 @@ impl Write for UpIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let n = std::task::ready!(Pin::new(&mut this.stream).poll_write(cx, buf))?;
-        this.unanswered += n;
+        this.unanswered |= n > 0;
         Poll::Ready(Ok(n))
     }
 
@@ -171,7 +172,7 @@ impl Write for UpIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let n = std::task::ready!(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))?;
-        this.unanswered += n;
+        this.unanswered |= n > 0;
         Poll::Ready(Ok(n))
     }
 
@@ -341,6 +342,29 @@ mod tests {
         write(io, bytes).await;
     }
 
+    /// The backend reads exactly `bytes.len()` bytes (the request it was sent).
+    async fn backend_reads(server: &mut TcpStream, bytes: &[u8]) {
+        let mut got = vec![0u8; bytes.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, bytes);
+    }
+
+    /// One whole exchange, as on a pooled keep-alive connection before the test.
+    async fn exchange(io: &mut UpIo, server: &mut TcpStream) {
+        send(io, REQUEST).await;
+        backend_reads(server, REQUEST).await;
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read(io).await > 0);
+    }
+
+    /// Lets the packets of the last step cross loopback.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     fn unread(io: &UpIo) -> bool {
         io.state.load(Ordering::Relaxed) == UNREAD
     }
@@ -363,33 +387,24 @@ mod tests {
     #[tokio::test]
     async fn a_request_written_after_the_backend_closed_the_idle_connection_is_unread() {
         let (mut io, mut server) = pair().await;
-        // One exchange first, as on a pooled keep-alive connection.
-        send(&mut io, REQUEST).await;
-        let mut got = vec![0u8; REQUEST.len()];
-        server.read_exact(&mut got).await.unwrap();
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(read(&mut io).await > 0);
+        exchange(&mut io, &mut server).await;
         // The backend closes the idle connection; the next request crosses its FIN.
         drop(server);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         send(&mut io, REQUEST).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(unread(&io), "none of the request was acknowledged");
+        assert!(unread(&io), "FIN then reset: never read");
     }
 
     #[tokio::test]
     async fn a_request_the_backend_read_before_closing_is_not_unread() {
         let (mut io, mut server) = pair().await;
         send(&mut io, REQUEST).await;
-        let mut got = vec![0u8; REQUEST.len()];
-        server.read_exact(&mut got).await.unwrap();
+        backend_reads(&mut server, REQUEST).await;
         // The application has the request and dies without answering.
         drop(server);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert_eq!(read(&mut io).await, 0, "EOF");
         assert!(!unread(&io), "the backend may have acted on it");
     }
@@ -400,11 +415,11 @@ mod tests {
         // A draining server half-closes an idle connection (FIN), the request arrives
         // and is acknowledged by its kernel, and the server closes without reading it.
         server.shutdown().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         send(&mut io, REQUEST).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         drop(server);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert_eq!(read(&mut io).await, 0, "EOF");
         assert!(unread(&io), "FIN then reset: never read");
     }
@@ -414,12 +429,11 @@ mod tests {
         let (mut io, mut server) = pair().await;
         // The FIN comes before the request, but the server still reads it: it may act.
         server.shutdown().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         send(&mut io, REQUEST).await;
-        let mut got = vec![0u8; REQUEST.len()];
-        server.read_exact(&mut got).await.unwrap();
+        backend_reads(&mut server, REQUEST).await;
         drop(server);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert_eq!(read(&mut io).await, 0, "EOF");
         assert!(!unread(&io), "the backend read the request");
     }
@@ -429,8 +443,7 @@ mod tests {
         let (mut io, mut server) = pair().await;
         let head = &REQUEST[..REQUEST.len() - 7];
         send(&mut io, head).await;
-        let mut got = vec![0u8; head.len()];
-        server.read_exact(&mut got).await.unwrap();
+        backend_reads(&mut server, head).await;
         server
             .write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
             .await
@@ -438,11 +451,11 @@ mod tests {
         assert!(read(&mut io).await > 0, "the 103");
         // The body follows the 1xx; the backend closes with it unread (FIN, reset).
         server.shutdown().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         write(&mut io, b"order=1").await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         drop(server);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert_eq!(read(&mut io).await, 0, "EOF");
         assert!(!unread(&io), "the backend answered 103: it had seen the request head");
     }
@@ -450,14 +463,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_closing_is_not_a_lost_request() {
         let (mut io, mut server) = pair().await;
-        send(&mut io, REQUEST).await;
-        let mut got = vec![0u8; REQUEST.len()];
-        server.read_exact(&mut got).await.unwrap();
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(read(&mut io).await > 0);
+        exchange(&mut io, &mut server).await;
         drop(server);
         assert_eq!(read(&mut io).await, 0, "EOF");
         assert!(!unread(&io), "nothing was in flight");
