@@ -78,6 +78,9 @@ def ensure_tools():
 
 
 def build_rampart():
+    # RAMPART_BIN: measure another build (an older commit's, say) against the same peers.
+    if os.environ.get("RAMPART_BIN"):
+        return Path(os.environ["RAMPART_BIN"])
     print("building rampart (release) ...", flush=True)
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
     return ROOT / "target" / "release" / "rampart"

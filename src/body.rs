@@ -1,11 +1,13 @@
 //! The two body types that cross rampart, both streaming (never buffered whole):
 //! - `ReqBody`, what we send upstream: the client's body with an optional size limit,
 //!   or bytes already buffered for replay on retry.
-//! - `RespBody`, what we send the client: the backend's body, which returns its pooled
-//!   connection when it has been read to the end, or a small generated page.
+//! - `RespBody`, what we send the client: the backend's body (`upstream::UpBody`, which
+//!   returns its pooled connection when it has been read to the end), or a small
+//!   generated page.
 //!
 //! Enums rather than boxed trait objects: no allocation per request.
 
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -15,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::breaker::Slot;
 use crate::state::InFlight;
-use crate::upstream::Release;
+use crate::upstream::UpBody;
 
 /// Why the request body stopped.
 #[derive(Debug, thiserror::Error)]
@@ -92,9 +94,7 @@ pub enum RespBody {
     Upstream {
         /// Bytes already read (while deciding whether a retry was needed), sent first.
         prefix: Option<Bytes>,
-        inner: Incoming,
-        /// Returns the connection to the worker's pool once the body is fully read.
-        release: Option<Release>,
+        inner: UpBody,
         /// The backend's in-flight count and the pool's request slot, held to the end.
         in_flight: Option<InFlight>,
         request_slot: Option<Slot>,
@@ -112,11 +112,10 @@ impl RespBody {
         RespBody::Full(None)
     }
 
-    pub fn upstream(prefix: Option<Bytes>, inner: Incoming, release: Release, in_flight: InFlight) -> RespBody {
+    pub fn upstream(prefix: Option<Bytes>, inner: UpBody, in_flight: InFlight) -> RespBody {
         RespBody::Upstream {
             prefix: prefix.filter(|p| !p.is_empty()),
             inner,
-            release: Some(release),
             in_flight: Some(in_flight),
             request_slot: None,
         }
@@ -125,15 +124,14 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             RespBody::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
             RespBody::Upstream {
                 prefix,
                 inner,
-                release,
                 in_flight,
                 request_slot,
             } => {
@@ -142,9 +140,6 @@ impl Body for RespBody {
                 }
                 let res = Pin::new(&mut *inner).poll_frame(cx);
                 if let Poll::Ready(None) = res {
-                    if let Some(r) = release.take() {
-                        r.reuse();
-                    }
                     in_flight.take();
                     request_slot.take();
                 }
@@ -172,21 +167,6 @@ impl Body for RespBody {
                     out.set_upper(u + p);
                 }
                 out
-            }
-        }
-    }
-}
-
-impl Drop for RespBody {
-    fn drop(&mut self) {
-        // hyper may stop polling once `is_end_stream` is true, so a fully read body is
-        // also released here. A body dropped half-read leaves the connection in an
-        // unknown state: `Release` is dropped and the connection closes.
-        if let RespBody::Upstream { inner, release, .. } = self {
-            if inner.is_end_stream() {
-                if let Some(r) = release.take() {
-                    r.reuse();
-                }
             }
         }
     }

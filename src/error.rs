@@ -50,18 +50,14 @@ pub enum ProxyError {
     UpstreamClosed {
         backend: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: io::Error,
     },
     /// The keep-alive race: the backend closed the connection with the request unread
-    /// and nothing sent for it (`upstream::UpIo`). No application saw the request.
+    /// and nothing sent for it (`upstream::Conn::send`). No application saw the request.
     #[error("{backend} closed the connection before receiving any of the request")]
     NotReceived { backend: SocketAddr },
-    #[error("invalid response from {backend}: {source}")]
-    BadResponse {
-        backend: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
+    #[error("invalid response from {backend}: {reason}")]
+    BadResponse { backend: SocketAddr, reason: &'static str },
     #[error("{backend} answered {status}")]
     BadStatus { backend: SocketAddr, status: u16 },
     #[error("circuit breaker open for pool '{pool}': {limit}")]

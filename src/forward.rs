@@ -20,14 +20,14 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::body::{ReqBody, ReqBodyError, RespBody};
+use crate::body::{ReqBody, RespBody};
 use crate::breaker::Limit;
 use crate::config::HedgeDelay;
 use crate::error::ProxyError;
 use crate::outlier;
 use crate::retry::{self, Attempts};
 use crate::state::Pool;
-use crate::upstream::Release;
+use crate::upstream::{Home, SendError, UpBody};
 use crate::worker::WorkerCtx;
 
 /// Never-written requests on stale pooled connections are resent this many times on
@@ -47,6 +47,8 @@ struct TryOpts {
 pub struct Forwarded {
     pub response: Response<RespBody>,
     pub backend: SocketAddr,
+    /// For a 101: the backend socket and any bytes it sent after the 101.
+    pub upgraded: Option<(tokio::net::TcpStream, Bytes)>,
 }
 
 /// How one try ended.
@@ -288,8 +290,8 @@ async fn try_backend(
     let deadline = Instant::now() + timeout;
     let mut stale_left = MAX_STALE_RESENDS;
     loop {
-        let (mut tx, reused) = match ctx.conns.checkout(backend.state.id) {
-            Some(tx) => (tx, true),
+        let (mut conn, reused) = match ctx.conns.checkout(backend.state.id) {
+            Some(c) => (c, true),
             None => {
                 let pending = match pool.breakers.acquire(Limit::Pending, &cfg.circuit_breaker) {
                     Ok(s) => s,
@@ -302,76 +304,74 @@ async fn try_backend(
                 let r = crate::upstream::connect(addr, cfg.connect_timeout, conn_slot).await;
                 drop(pending);
                 match r {
-                    Ok(tx) => (tx, false),
+                    Ok(c) => (c, false),
                     Err(e) => return Outcome::Failed(e, Some(request)),
                 }
             }
         };
         let in_flight = backend.state.start_request();
         let sent_at = Instant::now();
-        tx.begin_request();
-        let response = match tokio::time::timeout_at(deadline, tx.tx.try_send_request(request)).await {
+        let mut head = match tokio::time::timeout_at(deadline, conn.send(&mut request)).await {
             Err(_) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
-            Ok(Err(mut e)) => {
-                let unsent = e.take_message();
-                match classify_send_error(addr, e.into_error()) {
-                    Err(fatal) => return Outcome::Fatal(fatal),
-                    Ok(ProxyError::UpstreamClosed { .. }) if unsent.is_none() && tx.closed_unread() => {
-                        return Outcome::Failed(ProxyError::NotReceived { backend: addr }, None)
-                    }
-                    Ok(err) => match unsent {
-                        Some(r) if reused && stale_left > 0 => {
-                            // A pooled connection the backend had closed: resend on a new one.
-                            stale_left -= 1;
-                            request = r;
-                            continue;
-                        }
-                        unsent => return Outcome::Failed(err, unsent),
-                    },
-                }
+            Ok(Err(SendError::Fatal(e))) => return Outcome::Fatal(e),
+            Ok(Err(SendError::Unsent(_))) if reused && stale_left > 0 => {
+                // A pooled connection the backend had reset: resend on a new one.
+                stale_left -= 1;
+                continue;
             }
-            Ok(Ok(r)) => r,
+            Ok(Err(SendError::Unsent(e))) => return Outcome::Failed(e, Some(request)),
+            Ok(Err(SendError::Failed(e))) => return Outcome::Failed(e, None),
+            Ok(Ok(h)) => h,
         };
         let ttfb = sent_at.elapsed();
         backend.state.observe_latency(ttfb);
         pool.latency.record(ttfb);
-        let status = response.status();
+        let status = head.status;
         let gateway = outlier::on_response(pool, bi, status);
-        let (mut parts, mut incoming) = response.into_parts();
-        crate::proxy::rewrite_response_headers(&mut parts.headers, status);
-        let release = Release {
-            pool: ctx.conns.clone(),
-            backend: backend.state.id,
-            tx,
-            idle_timeout: cfg.idle_timeout,
-            max_idle: cfg.max_idle_per_backend,
-        };
-        let body = if buffer > 0 && status != StatusCode::SWITCHING_PROTOCOLS {
-            match read_prefix(&mut incoming, buffer, deadline).await {
-                Err(Some(e)) => {
-                    return Outcome::Failed(
-                        ProxyError::UpstreamClosed {
-                            backend: addr,
-                            source: e,
-                        },
-                        None,
-                    )
-                }
-                Err(None) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
-                Ok((whole, true)) => {
-                    // Complete: the connection can serve the next request right now.
-                    release.reuse();
-                    drop(in_flight);
-                    RespBody::Full(Some(whole))
-                }
-                Ok((prefix, false)) => RespBody::upstream(Some(prefix), incoming, release, in_flight),
-            }
+        let mut response = Response::new(RespBody::empty());
+        *response.status_mut() = status;
+        *response.headers_mut() = std::mem::take(&mut head.headers);
+        crate::proxy::rewrite_response_headers(response.headers_mut(), status);
+        let mut upgraded = None;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection now belongs to the tunnel.
+            upgraded = Some((*conn).into_upgraded());
+            drop(in_flight);
         } else {
-            RespBody::upstream(None, incoming, release, in_flight)
-        };
+            let home = Home {
+                pool: ctx.conns.clone(),
+                backend: backend.state.id,
+                idle_timeout: cfg.idle_timeout,
+                max_idle: cfg.max_idle_per_backend,
+            };
+            let mut incoming = UpBody::new(conn, &head, home);
+            *response.body_mut() = if buffer > 0 {
+                match read_prefix(&mut incoming, buffer, deadline).await {
+                    Err(Some(e)) => {
+                        return Outcome::Failed(
+                            ProxyError::UpstreamClosed {
+                                backend: addr,
+                                source: e,
+                            },
+                            None,
+                        )
+                    }
+                    Err(None) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
+                    Ok((whole, true)) => {
+                        // Complete: the connection is back in the pool already.
+                        drop(in_flight);
+                        RespBody::Full(Some(whole))
+                    }
+                    Ok((prefix, false)) => RespBody::upstream(Some(prefix), incoming, in_flight),
+                }
+            } else {
+                RespBody::upstream(None, incoming, in_flight)
+            };
+        }
         let fwd = Forwarded {
-            response: Response::from_parts(parts, body),
+            response,
             backend: addr,
+            upgraded,
         };
         return match gateway {
             Some(err) => Outcome::Gateway(err, fwd),
@@ -383,10 +383,10 @@ async fn try_backend(
 /// Reads body frames until the end or until more than `limit` bytes. Returns the
 /// bytes and whether the body is complete; `Err(None)` is the deadline passing.
 async fn read_prefix(
-    incoming: &mut hyper::body::Incoming,
+    incoming: &mut UpBody,
     limit: usize,
     deadline: Instant,
-) -> Result<(Bytes, bool), Option<hyper::Error>> {
+) -> Result<(Bytes, bool), Option<std::io::Error>> {
     let mut first: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
     let mut len = 0usize;
@@ -423,24 +423,5 @@ fn joined(first: Option<Bytes>, more: Option<BytesMut>) -> Bytes {
         (_, Some(m)) => m.freeze(),
         (Some(f), None) => f,
         (None, None) => Bytes::new(),
-    }
-}
-
-/// Separates client-side body failures (not the backend's fault) from upstream ones.
-fn classify_send_error(backend: SocketAddr, e: hyper::Error) -> Result<ProxyError, ProxyError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-    while let Some(s) = source {
-        if let Some(b) = s.downcast_ref::<ReqBodyError>() {
-            return Err(match b {
-                ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
-                ReqBodyError::Client(_) => ProxyError::BadRequest("client request body failed"),
-            });
-        }
-        source = s.source();
-    }
-    if e.is_parse() || e.is_parse_status() {
-        Ok(ProxyError::BadResponse { backend, source: e })
-    } else {
-        Ok(ProxyError::UpstreamClosed { backend, source: e })
     }
 }

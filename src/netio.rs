@@ -1,6 +1,5 @@
-//! Socket helpers shared by the client-side (`idle::ParkIo`) and backend-side
-//! (`upstream::UpIo`) I/O adapters: reading a tokio socket into hyper's buffer, and
-//! the kernel's round-trip estimate for a connection.
+//! Socket helpers: reading a tokio socket into hyper's buffer (`idle::ParkIo`), and
+//! the kernel's round-trip estimate for a connection (`upstream::Conn`).
 
 use std::io;
 use std::pin::Pin;

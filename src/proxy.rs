@@ -20,6 +20,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::balancer::{hash64, Balancer};
 use crate::body::RespBody;
@@ -255,15 +256,12 @@ async fn handle_inner(
     let req = Request::from_parts(parts, body);
 
     let mut fwd = crate::forward::forward(ctx, pool, req, hash).await?;
-    if let Some(client_upgrade) = client_upgrade {
-        if fwd.response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream_upgrade = hyper::upgrade::on(&mut fwd.response);
-            let client = match client_upgrade {
-                ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
-                ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
-            };
-            tokio::task::spawn_local(tunnel(client, upstream_upgrade, fwd.backend));
-        }
+    if let (Some(client_upgrade), Some(upstream)) = (client_upgrade, fwd.upgraded.take()) {
+        let client = match client_upgrade {
+            ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
+            ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
+        };
+        tokio::task::spawn_local(tunnel(client, upstream, fwd.backend));
     }
     Ok(fwd)
 }
@@ -280,34 +278,20 @@ enum ClientSide {
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either closes.
-async fn tunnel(client: ClientSide, upstream: hyper::upgrade::OnUpgrade, backend: SocketAddr) {
-    let upstream = match upstream.await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(backend = %backend, error = %e, "backend upgrade failed");
-            return;
-        }
-    };
-    let mut upstream = TokioIo::new(upstream);
+/// `upstream` holds the backend socket and what it sent right after its 101.
+async fn tunnel(client: ClientSide, upstream: (TcpStream, Bytes), backend: SocketAddr) {
+    let (mut upstream, from_backend) = upstream;
     let result = match client {
         ClientSide::Hyper(on) => match on.await {
-            Ok(c) => tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut upstream).await,
+            Ok(c) => splice(&mut TokioIo::new(c), &mut upstream, &[], &from_backend).await,
             Err(e) => {
                 tracing::debug!(backend = %backend, error = %e, "client upgrade failed");
                 return;
             }
         },
         ClientSide::Manual(rx) => match rx.await {
-            Ok((mut stream, early)) => {
-                // Bytes the client sent right behind its upgrade request go first.
-                if !early.is_empty() {
-                    if let Err(e) = upstream.write_all(&early).await {
-                        tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
-                        return;
-                    }
-                }
-                tokio::io::copy_bidirectional(&mut stream, &mut upstream).await
-            }
+            // Bytes the client sent right behind its upgrade request go first.
+            Ok((mut stream, early)) => splice(&mut stream, &mut upstream, &early, &from_backend).await,
             Err(_) => {
                 tracing::debug!(backend = %backend, "client connection closed before the upgrade");
                 return;
@@ -317,6 +301,16 @@ async fn tunnel(client: ClientSide, upstream: hyper::upgrade::OnUpgrade, backend
     if let Err(e) = result {
         tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
     }
+}
+
+/// Delivers bytes each side sent early, then copies both ways.
+async fn splice<C>(client: &mut C, upstream: &mut TcpStream, to_backend: &[u8], to_client: &[u8]) -> std::io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    upstream.write_all(to_backend).await?;
+    client.write_all(to_client).await?;
+    tokio::io::copy_bidirectional(client, upstream).await.map(|_| ())
 }
 
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {

@@ -1,14 +1,16 @@
-//! Backend connections: connecting with a timeout, and each worker's own pool of idle
-//! HTTP/1.1 keep-alive connections. The pool is worker-local (`Rc<RefCell<…>>` on a
-//! current-thread runtime), so checkout and checkin take no lock and wake no other
-//! thread. Connections are hyper's low-level `SendRequest`, with the connection driver
-//! spawned on the worker's runtime.
+//! Backend connections: connecting with a timeout, sending one HTTP/1.1 request and
+//! reading its response head (`Conn::send`), streaming the response body
+//! (`UpBody`), and each worker's own pool of idle keep-alive connections. The pool
+//! is worker-local (`Rc<RefCell<…>>` on a current-thread runtime), so checkout and
+//! checkin take no lock and wake no other thread.
 //!
-//! Each connection's socket is wrapped in `UpIo`, which notices when the backend closed
-//! the connection with the request in flight unread (the keep-alive race:
-//! the backend closes an idle connection just as we reuse it). Such a request never
-//! reached the application, so `forward` may send it to another backend whatever its
-//! method.
+//! A connection is driven by the request task that uses it: no connection task, no
+//! channel, no wake-up of another task per request. The wire format lives in `codec`.
+//!
+//! `Conn::send` also notices when the backend closed the connection with the request
+//! in flight unread (the keep-alive race: the backend closes an idle connection just as
+//! we reuse it). Such a request never reached the application, so `forward` may send
+//! it to another backend whatever its method.
 //!
 //! This module does not decide which backend to use (`balancer`), nor whether to retry
 //! (`proxy`/`retry`).
@@ -16,181 +18,448 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use tokio::io::AsyncWrite;
+use bytes::{Bytes, BytesMut};
+use http::{Request, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::body::ReqBody;
+use crate::body::{ReqBody, ReqBodyError};
+use crate::breaker::Slot;
+use crate::codec::{self, Chunked, Decoded, Framing, Head, ReqFraming};
 use crate::error::ProxyError;
 
-/// Where the request in flight on a connection stands, shared by the `Sender` (which
-/// starts requests) and the connection's `UpIo` (which sees the bytes).
-const HEARD: u8 = 0;
-/// A request was started and nothing has been read from the backend since.
-const UNHEARD: u8 = 1;
-/// The backend closed with that request unread.
-const UNREAD: u8 = 2;
-
-/// One backend connection as a request uses it.
-pub struct Sender {
-    pub tx: http1::SendRequest<ReqBody>,
-    state: Arc<AtomicU8>,
-}
-
-impl Sender {
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.tx.is_ready()
-    }
-
-    /// Marks the start of a request: until the backend sends a byte, a close with
-    /// the request unread means no application saw it.
-    pub fn begin_request(&self) {
-        self.state.store(UNHEARD, Ordering::Relaxed);
-    }
-
-    /// The backend closed this connection with the request in flight unread, before
-    /// sending anything for it: no application can have seen it. Meaningful once a
-    /// send on it has failed.
-    pub fn closed_unread(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == UNREAD
-    }
-}
-
-/// The backend socket as hyper sees it. Notes whether anything was written since the
-/// backend last sent anything. If the backend then closes the connection, it asks the kernel
-/// whether the close was a FIN followed by a reset: a socket resets after its FIN only
-/// when bytes reached it after it was closed, or were still unread when it closed.
-/// Either way the application did not read the whole request, so it cannot have
-/// acted on it, and any method may go to another backend. This is the keep-alive race:
-/// the backend closes an idle connection (a deploy draining, its idle timer) just as
-/// we reuse it.
-///
-/// Anything read from the backend since the request began (a 1xx, say) also rules it
-/// out: the backend had seen the request head.
-///
-/// Other closes prove nothing and are not treated as unread: a bare FIN (the
-/// application may have read the request, then died), a reset without a FIN (a
-/// server that read the request may abort with `SO_LINGER` 0), and a FIN that did not
-/// acknowledge the request (a half-closed server can still read it).
-struct UpIo {
-    stream: TcpStream,
-    /// Bytes written since the backend last sent any.
-    unanswered: bool,
-    state: Arc<AtomicU8>,
-    /// Waiting for the reset that may follow a FIN (it comes up to a round trip later).
-    reset_wait: Option<Pin<Box<tokio::time::Sleep>>>,
-}
+/// Reads ask for at least this much free buffer, and grow it by `READ_CHUNK`.
+const MIN_READ: usize = 1024;
+const READ_CHUNK: usize = 8 * 1024;
+/// Reads of a long body grow the buffer up to this much at once.
+const MAX_READ: usize = 64 * 1024;
 
 /// The longest wait for a reset after a FIN that cut off a request in flight. The wait
 /// is two smoothed round trips plus a millisecond, and happens only on that failure.
 const MAX_RESET_WAIT: Duration = Duration::from_millis(100);
 
-impl UpIo {
-    fn new(stream: TcpStream, state: Arc<AtomicU8>) -> UpIo {
-        UpIo {
+/// One HTTP/1.1 connection to a backend. Boxed once when opened (`connect`), so
+/// that the pool, the request and the response body move a pointer, not the struct.
+pub struct Conn {
+    stream: TcpStream,
+    /// Bytes read and not yet consumed.
+    buf: BytesMut,
+    /// The request head being written, and response field positions (both kept for
+    /// their capacity).
+    head: Vec<u8>,
+    spans: Vec<codec::Span>,
+    addr: SocketAddr,
+    /// The pool's connection breaker slot, held for the connection's life.
+    _slot: Option<Slot>,
+}
+
+/// Why a send failed, as the retry logic needs to know it.
+#[derive(Debug)]
+pub enum SendError {
+    /// Not a byte of the request was written: it may go anywhere, any method.
+    Unsent(ProxyError),
+    /// Failed once the request was (partly) written.
+    Failed(ProxyError),
+    /// The client's request body failed: not the backend's fault, no retry.
+    Fatal(ProxyError),
+}
+
+impl Conn {
+    fn new(stream: TcpStream, addr: SocketAddr, slot: Option<Slot>) -> Conn {
+        Conn {
             stream,
-            unanswered: false,
-            state,
-            reset_wait: None,
+            buf: BytesMut::new(),
+            head: Vec::new(),
+            spans: Vec::new(),
+            addr,
+            _slot: slot,
         }
     }
 
-    /// Whether the peer reset the connection after its FIN (`SO_ERROR` is `EPIPE`
-    /// for a reset received in CLOSE_WAIT). Reading clears the error.
+    /// Whether an idle connection can take a request: the backend has neither closed
+    /// it nor sent anything unasked. tokio keeps the socket's readiness as epoll
+    /// reported it, so this costs no system call unless the socket looks readable.
+    fn is_usable(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readiness can be left over from the last read; only a read tells.
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends `req` and reads the response head, skipping interim (1xx) responses other
+    /// than 101. The request is only borrowed: when nothing of it was written
+    /// (`SendError::Unsent`) the caller still has it whole.
+    pub async fn send(&mut self, req: &mut Request<ReqBody>) -> Result<Head, SendError> {
+        let framing = match req.body() {
+            ReqBody::Buffered(Some(b)) if !b.is_empty() => ReqFraming::Length(b.len() as u64),
+            ReqBody::Stream { inner, .. }
+                if !inner.is_end_stream() && !req.headers().contains_key(http::header::CONTENT_LENGTH) =>
+            {
+                ReqFraming::Chunked
+            }
+            _ => ReqFraming::AsIs,
+        };
+        codec::encode_request_head(&mut self.head, req.method(), req.uri(), req.headers(), framing);
+        let head = std::mem::take(&mut self.head);
+        let written = match req.body() {
+            ReqBody::Buffered(Some(b)) => self.write_all(&mut [IoSlice::new(&head), IoSlice::new(b)]).await,
+            _ => self.write_all(&mut [IoSlice::new(&head)]).await,
+        };
+        self.head = head;
+        // The backend answering before it has the whole request (a 413, say) is read
+        // like any answer; the connection is not reused after it.
+        let mut write_failed = None;
+        match written {
+            Ok(()) => {}
+            Err((WriteStop::Failed(e), any)) => {
+                let err = self.closed(e);
+                return Err(if any {
+                    SendError::Failed(err)
+                } else {
+                    SendError::Unsent(err)
+                });
+            }
+            Err((WriteStop::Answered, _)) => write_failed = Some(answered_early()),
+        }
+        if let (ReqBody::Stream { .. }, None) = (req.body(), &write_failed) {
+            match self.write_body(req.body_mut(), framing).await {
+                Ok(()) => {}
+                Err(BodyWrite::Client(e)) => return Err(SendError::Fatal(e)),
+                Err(BodyWrite::Backend(WriteStop::Failed(e))) => write_failed = Some(e),
+                Err(BodyWrite::Backend(WriteStop::Answered)) => write_failed = Some(answered_early()),
+            }
+        }
+        let head_request = req.method() == http::Method::HEAD;
+        match (self.read_head(head_request).await, write_failed) {
+            (Ok(mut head), failed) => {
+                head.keep_alive &= failed.is_none();
+                Ok(head)
+            }
+            (Err(e @ SendError::Failed(ProxyError::NotReceived { .. })), _) | (Err(e), None) => Err(e),
+            (Err(_), Some(e)) => Err(SendError::Failed(self.closed(e))),
+        }
+    }
+
+    fn closed(&self, source: io::Error) -> ProxyError {
+        ProxyError::UpstreamClosed {
+            backend: self.addr,
+            source,
+        }
+    }
+
+    /// Writes every byte of `bufs`; on failure also says whether any were written.
+    /// While the backend is not taking bytes, it watches for an early answer: a
+    /// backend that rejects a request without reading its body would otherwise leave
+    /// us blocked on a full socket until the timeout.
+    async fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), (WriteStop, bool)> {
+        let mut any = false;
+        std::future::poll_fn(|cx| loop {
+            if bufs.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err((WriteStop::Failed(io::ErrorKind::WriteZero.into()), any)))
+                }
+                Poll::Ready(Ok(n)) => {
+                    any = true;
+                    IoSlice::advance_slices(&mut bufs, n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((WriteStop::Failed(e), any))),
+                Poll::Pending => {
+                    // A peek, not the readiness flag alone: that can be left over from
+                    // the last response.
+                    let mut byte = [0u8; 1];
+                    let mut peek = tokio::io::ReadBuf::new(&mut byte);
+                    return match self.stream.poll_peek(cx, &mut peek) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(_) => Poll::Ready(Err((WriteStop::Answered, any))),
+                    };
+                }
+            }
+        })
+        .await
+    }
+
+    async fn write_body(&mut self, body: &mut ReqBody, framing: ReqFraming) -> Result<(), BodyWrite> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                BodyWrite::Client(match e {
+                    ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit },
+                    ReqBodyError::Client(_) => ProxyError::BadRequest("client request body failed"),
+                })
+            })?;
+            // Trailers are dropped (HTTP/1.1 backends rarely accept them).
+            let Ok(data) = frame.into_data() else { continue };
+            if data.is_empty() {
+                continue;
+            }
+            let r = if framing == ReqFraming::Chunked {
+                let (size, n) = codec::chunk_header(data.len());
+                self.write_all(&mut [IoSlice::new(&size[..n]), IoSlice::new(&data), IoSlice::new(b"\r\n")])
+                    .await
+            } else {
+                self.write_all(&mut [IoSlice::new(&data)]).await
+            };
+            r.map_err(|(e, _)| BodyWrite::Backend(e))?;
+        }
+        if framing == ReqFraming::Chunked {
+            self.write_all(&mut [IoSlice::new(b"0\r\n\r\n")])
+                .await
+                .map_err(|(e, _)| BodyWrite::Backend(e))?;
+        }
+        Ok(())
+    }
+
+    async fn read_head(&mut self, head_request: bool) -> Result<Head, SendError> {
+        // Anything heard from the backend since the request began: it saw the request.
+        let mut heard = !self.buf.is_empty();
+        loop {
+            match codec::parse_response(&mut self.buf, head_request, &mut self.spans) {
+                Err(reason) => {
+                    return Err(SendError::Failed(ProxyError::BadResponse {
+                        backend: self.addr,
+                        reason,
+                    }))
+                }
+                // 100 Continue, 103 Early Hints: the final answer follows.
+                Ok(Some(h)) if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS => {}
+                Ok(Some(h)) => return Ok(h),
+                Ok(None) => {
+                    self.reserve(0);
+                    match self.stream.read_buf(&mut self.buf).await {
+                        Ok(0) if !heard && self.closed_unread().await => {
+                            return Err(SendError::Failed(ProxyError::NotReceived { backend: self.addr }))
+                        }
+                        Ok(0) => {
+                            return Err(SendError::Failed(self.closed(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "connection closed before a complete response head",
+                            ))))
+                        }
+                        Ok(_) => heard = true,
+                        Err(e) => return Err(SendError::Failed(self.closed(e))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The backend closed with our request in flight and nothing sent back. Did it
+    /// reset after its FIN? A socket resets after its FIN only when bytes reached it
+    /// after it was closed, or were still unread when it closed: either way the
+    /// application did not read the whole request, so it cannot have acted on it.
+    ///
+    /// Other closes prove nothing and are not treated as unread: a bare FIN (the
+    /// application may have read the request, then died), a reset without a FIN (a
+    /// server that read the request may abort with `SO_LINGER` 0), and a FIN that did
+    /// not acknowledge the request (a half-closed server can still read it).
+    ///
+    /// The reset can trail the FIN by a round trip, so this waits up to two smoothed
+    /// round trips plus a millisecond for it (only on this failure path).
+    async fn closed_unread(&self) -> bool {
+        if self.reset_after_fin() {
+            return true;
+        }
+        let rtt = crate::netio::smoothed_rtt(&self.stream).unwrap_or_default();
+        tokio::time::sleep((rtt * 2 + Duration::from_millis(1)).min(MAX_RESET_WAIT)).await;
+        self.reset_after_fin()
+    }
+
+    /// `SO_ERROR` is `EPIPE` for a reset received in CLOSE_WAIT. Reading clears it.
     fn reset_after_fin(&self) -> bool {
         matches!(self.stream.take_error(), Ok(Some(e)) if e.raw_os_error() == Some(libc::EPIPE))
     }
 
-    /// The EOF that cut off a request is held back until a reset arrives or the wait
-    /// ends; then the verdict is recorded and EOF goes on to hyper.
-    fn poll_reset_wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut reset = self.reset_after_fin();
-        if !reset {
-            if let Some(wait) = self.reset_wait.as_mut() {
-                std::task::ready!(wait.as_mut().poll(cx));
+    /// Makes room for a read: at least `MIN_READ` bytes, more for a long body.
+    fn reserve(&mut self, want: u64) {
+        if self.buf.capacity() - self.buf.len() < MIN_READ {
+            self.buf
+                .reserve(want.clamp(READ_CHUNK as u64, MAX_READ as u64) as usize);
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: u64) -> Poll<io::Result<usize>> {
+        self.reserve(want);
+        // `read_buf` keeps no state between polls, so a fresh one per poll is fine.
+        pin!(self.stream.read_buf(&mut self.buf)).poll(cx)
+    }
+
+    /// The socket and any bytes that followed a 101 response, for the tunnel.
+    pub fn into_upgraded(self) -> (TcpStream, Bytes) {
+        (self.stream, self.buf.freeze())
+    }
+}
+
+enum BodyWrite {
+    Client(ProxyError),
+    Backend(WriteStop),
+}
+
+/// Why a write to the backend stopped short.
+enum WriteStop {
+    Failed(io::Error),
+    /// The backend sent something (or closed) while not reading the request.
+    Answered,
+}
+
+fn answered_early() -> io::Error {
+    io::Error::other("the backend answered or closed before taking the whole request")
+}
+
+/// Where a response body's connection goes when the body is done.
+pub struct Home {
+    pub pool: Rc<ConnPool>,
+    pub backend: u64,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+/// A backend response body, read straight off its connection. Read to the end, it
+/// returns the connection to the pool (when the response allows reuse); dropped
+/// half-read, the connection closes.
+pub struct UpBody {
+    conn: Option<Box<Conn>>,
+    state: BodyState,
+    keep_alive: bool,
+    home: Home,
+}
+
+enum BodyState {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+impl UpBody {
+    pub fn new(conn: Box<Conn>, head: &Head, home: Home) -> UpBody {
+        UpBody {
+            conn: Some(conn),
+            state: match head.framing {
+                Framing::Empty => BodyState::Length(0),
+                Framing::Length(n) => BodyState::Length(n),
+                Framing::Chunked => BodyState::Chunked(Chunked::default()),
+                Framing::UntilClose => BodyState::UntilClose,
+            },
+            keep_alive: head.keep_alive,
+            home,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            // Bytes past the end of the response were never asked for: the
+            // connection's state is unknown, so it closes.
+            if self.keep_alive && conn.buf.is_empty() {
+                if conn.buf.capacity() > 2 * READ_CHUNK {
+                    // Do not keep a long body's buffer for an idle connection.
+                    conn.buf = BytesMut::new();
+                }
+                let h = &self.home;
+                h.pool.checkin(h.backend, conn, h.idle_timeout, h.max_idle);
             }
-            reset = self.reset_after_fin();
         }
-        self.reset_wait = None;
-        self.unanswered = false;
-        if reset && self.state.load(Ordering::Relaxed) == UNHEARD {
-            self.state.store(UNREAD, Ordering::Relaxed);
-        }
-        Poll::Ready(())
+    }
+
+    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
     }
 }
 
-impl Read for UpIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
-        if this.reset_wait.is_some() {
-            std::task::ready!(this.poll_reset_wait(cx));
-            return Poll::Ready(Ok(()));
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let step = match &mut this.state {
+                BodyState::Length(0) => Ok(Decoded::End),
+                BodyState::Length(_) | BodyState::UntilClose if conn.buf.is_empty() => Ok(Decoded::NeedMore),
+                BodyState::Length(left) => {
+                    let n = (*left).min(conn.buf.len() as u64);
+                    *left -= n;
+                    Ok(Decoded::Data(conn.buf.split_to(n as usize).freeze()))
+                }
+                BodyState::UntilClose => Ok(Decoded::Data(conn.buf.split().freeze())),
+                BodyState::Chunked(c) => c.decode(&mut conn.buf),
+            };
+            match step {
+                Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Err(reason) => return this.fail(io::Error::new(io::ErrorKind::InvalidData, reason)),
+                Ok(Decoded::NeedMore) => {
+                    let want = match this.state {
+                        BodyState::Length(left) => left,
+                        _ => 0,
+                    };
+                    match std::task::ready!(conn.poll_fill(cx, want)) {
+                        Ok(0) if matches!(this.state, BodyState::UntilClose) => {
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(0) => {
+                            return this.fail(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "backend closed the connection mid-body",
+                            ))
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            }
         }
-        let n = std::task::ready!(crate::netio::poll_read_into(&mut this.stream, cx, buf))?;
-        if n > 0 {
-            this.unanswered = false;
-            this.state.store(HEARD, Ordering::Relaxed);
-        } else if this.unanswered {
-            // EOF with a request in flight: the reset, if any, comes within a round trip
-            // (at once on loopback).
-            let rtt = crate::netio::smoothed_rtt(&this.stream).unwrap_or_default();
-            let wait = (rtt * 2 + Duration::from_millis(1)).min(MAX_RESET_WAIT);
-            this.reset_wait = Some(Box::pin(tokio::time::sleep(wait)));
-            std::task::ready!(this.poll_reset_wait(cx));
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || matches!(self.state, BodyState::Length(0) | BodyState::Chunked(Chunked::Done))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.conn, &self.state) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), BodyState::Length(n)) => SizeHint::with_exact(*n),
+            _ => SizeHint::default(),
         }
-        Poll::Ready(Ok(()))
     }
 }
 
-impl Write for UpIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let n = std::task::ready!(Pin::new(&mut this.stream).poll_write(cx, buf))?;
-        this.unanswered |= n > 0;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let n = std::task::ready!(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))?;
-        this.unanswered |= n > 0;
-        Poll::Ready(Ok(n))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+impl Drop for UpBody {
+    fn drop(&mut self) {
+        // hyper may stop polling once `is_end_stream` is true, so a fully read body is
+        // also released here. A body dropped half-read leaves the connection in an
+        // unknown state: it closes.
+        if matches!(self.state, BodyState::Length(0) | BodyState::Chunked(Chunked::Done)) {
+            self.finish();
+        }
     }
 }
 
 struct Idle {
-    tx: Sender,
+    conn: Box<Conn>,
     expires: Instant,
 }
 
@@ -205,29 +474,23 @@ impl ConnPool {
         Rc::new(ConnPool::default())
     }
 
-    /// The most recently used ready connection to `backend`, if any (LIFO keeps the
-    /// warmest connections busy and lets the rest expire). Dead and expired entries
-    /// are dropped; one that is alive but not ready yet (its connection task has not
-    /// yet seen the end of the last response) stays for a later request.
-    pub fn checkout(&self, backend: u64) -> Option<Sender> {
+    /// The most recently used usable connection to `backend`, if any (LIFO keeps the
+    /// warmest connections busy and lets the rest expire). Expired and closed ones met
+    /// on the way are dropped.
+    pub fn checkout(&self, backend: u64) -> Option<Box<Conn>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&backend)?;
         let now = Instant::now();
-        let mut i = list.len();
-        while i > 0 {
-            i -= 1;
-            let c = &list[i];
-            if c.expires <= now || c.tx.is_closed() {
-                list.remove(i);
-            } else if c.tx.is_ready() {
-                return Some(list.remove(i).tx);
+        while let Some(c) = list.pop() {
+            if c.expires > now && c.conn.is_usable() {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn checkin(&self, backend: u64, tx: Sender, idle_timeout: Duration, max_idle: usize) {
-        if max_idle == 0 || tx.is_closed() {
+    fn checkin(&self, backend: u64, conn: Box<Conn>, idle_timeout: Duration, max_idle: usize) {
+        if max_idle == 0 {
             return;
         }
         let mut idle = self.idle.borrow_mut();
@@ -237,24 +500,19 @@ impl ConnPool {
             list.remove(0);
         }
         list.push(Idle {
-            tx,
+            conn,
             expires: Instant::now() + idle_timeout,
         });
     }
 
-    /// Closes expired and dead connections; run periodically so idle sockets to
-    /// backends do not linger past `idle_timeout`. Returns whether any were closed.
-    pub fn sweep(&self) -> bool {
+    /// Closes expired connections and those the backend closed; run periodically so
+    /// idle sockets to backends do not linger past `idle_timeout`.
+    pub fn sweep(&self) {
         let now = Instant::now();
-        let mut idle = self.idle.borrow_mut();
-        let mut closed = false;
-        idle.retain(|_, list| {
-            let before = list.len();
-            list.retain(|c| c.expires > now && !c.tx.is_closed());
-            closed |= list.len() < before;
+        self.idle.borrow_mut().retain(|_, list| {
+            list.retain(|c| c.expires > now && c.conn.is_usable());
             !list.is_empty()
         });
-        closed
     }
 
     /// Drops every idle connection (shutdown).
@@ -263,30 +521,9 @@ impl ConnPool {
     }
 }
 
-/// A connection lent to one request; `reuse()` returns it to the pool.
-pub struct Release {
-    pub pool: Rc<ConnPool>,
-    pub backend: u64,
-    pub tx: Sender,
-    pub idle_timeout: Duration,
-    pub max_idle: usize,
-}
-
-impl Release {
-    /// Returns the connection to the pool. It may not be ready yet (the connection task
-    /// runs after us); `checkout` only hands out ready ones, so no task is spawned and
-    /// no connection is thrown away for being a moment early.
-    pub fn reuse(self) {
-        if !self.tx.is_closed() {
-            self.pool
-                .checkin(self.backend, self.tx, self.idle_timeout, self.max_idle);
-        }
-    }
-}
-
-/// Opens a connection to `addr` and spawns its driver on the worker's runtime.
-/// `slot` is the pool's connection breaker slot, held for the connection's life.
-pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::Slot) -> Result<Sender, ProxyError> {
+/// Opens a connection to `addr`. `slot` is the pool's connection breaker slot, held
+/// for the connection's life.
+pub async fn connect(addr: SocketAddr, timeout: Duration, slot: Slot) -> Result<Box<Conn>, ProxyError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ProxyError::ConnectTimeout { backend: addr }),
         Ok(Err(e)) => {
@@ -299,50 +536,41 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, slot: crate::breaker::
     };
     // Small requests and responses must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    // Shared with the connection task (an `Arc`: hyper needs `Send` I/O for upgrades).
-    let state = Arc::new(AtomicU8::new(HEARD));
-    let io = UpIo::new(stream, state.clone());
-    let (tx, conn) = http1::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|e| ProxyError::UpstreamClosed {
-            backend: addr,
-            source: e,
-        })?;
-    tokio::task::spawn_local(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with error");
-        }
-        drop(slot);
-    });
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
-    Ok(Sender { tx, state })
+    Ok(Box::new(Conn::new(stream, addr, Some(slot))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    const HEAD: &[u8] = b"POST /order HTTP/1.1\r\nhost: a\r\ncontent-length: 7\r\n\r\n";
     const REQUEST: &[u8] = b"POST /order HTTP/1.1\r\nhost: a\r\ncontent-length: 7\r\n\r\norder=1";
 
-    async fn pair() -> (UpIo, TcpStream) {
+    async fn pair() -> (Box<Conn>, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        let io = UpIo::new(client, Arc::new(AtomicU8::new(HEARD)));
-        (io, server)
+        (Box::new(Conn::new(client, addr, None)), server)
     }
 
-    /// Writes a whole request, as `Sender::begin_request` then hyper would.
-    async fn send(io: &mut UpIo, bytes: &[u8]) {
-        io.state.store(UNHEARD, Ordering::Relaxed);
-        write(io, bytes).await;
+    fn order() -> Request<ReqBody> {
+        Request::builder()
+            .method("POST")
+            .uri("/order")
+            .header("host", "a")
+            .body(ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))))
+            .unwrap()
     }
 
-    /// The backend reads exactly `bytes.len()` bytes (the request it was sent).
+    async fn send_order(conn: &mut Conn) -> Result<Head, SendError> {
+        conn.send(&mut order()).await
+    }
+
+    /// The backend reads exactly `bytes.len()` bytes.
     async fn backend_reads(server: &mut TcpStream, bytes: &[u8]) {
         let mut got = vec![0u8; bytes.len()];
         server.read_exact(&mut got).await.unwrap();
@@ -350,14 +578,16 @@ mod tests {
     }
 
     /// One whole exchange, as on a pooled keep-alive connection before the test.
-    async fn exchange(io: &mut UpIo, server: &mut TcpStream) {
-        send(io, REQUEST).await;
-        backend_reads(server, REQUEST).await;
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(read(io).await > 0);
+    async fn exchange(conn: &mut Conn, server: &mut TcpStream) {
+        let backend = async {
+            backend_reads(server, REQUEST).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        };
+        let (head, ()) = tokio::join!(send_order(conn), backend);
+        assert_eq!(head.unwrap().status, StatusCode::OK);
     }
 
     /// Lets the packets of the last step cross loopback.
@@ -365,107 +595,208 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    fn unread(io: &UpIo) -> bool {
-        io.state.load(Ordering::Relaxed) == UNREAD
-    }
-
-    async fn write(io: &mut UpIo, bytes: &[u8]) {
-        let n = poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, bytes)).await.unwrap();
-        assert_eq!(n, bytes.len());
-    }
-
-    /// Reads once; returns how many bytes arrived (0: the backend closed).
-    async fn read(io: &mut UpIo) -> usize {
-        let mut storage = [std::mem::MaybeUninit::<u8>::uninit(); 256];
-        let mut buf = hyper::rt::ReadBuf::uninit(&mut storage);
-        poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, buf.unfilled()))
-            .await
-            .unwrap();
-        buf.filled().len()
+    fn not_received(r: Result<Head, SendError>) -> bool {
+        match r {
+            Err(SendError::Failed(ProxyError::NotReceived { .. })) => true,
+            Err(SendError::Failed(ProxyError::UpstreamClosed { .. })) => false,
+            other => panic!("expected a close, got {other:?}"),
+        }
     }
 
     #[tokio::test]
-    async fn a_request_written_after_the_backend_closed_the_idle_connection_is_unread() {
-        let (mut io, mut server) = pair().await;
-        exchange(&mut io, &mut server).await;
+    async fn a_request_written_after_the_backend_closed_the_idle_connection_is_not_received() {
+        let (mut conn, mut server) = pair().await;
+        exchange(&mut conn, &mut server).await;
         // The backend closes the idle connection; the next request crosses its FIN.
         drop(server);
         settle().await;
-        send(&mut io, REQUEST).await;
-        settle().await;
-        assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(unread(&io), "FIN then reset: never read");
+        assert!(not_received(send_order(&mut conn).await), "FIN then reset: never read");
     }
 
     #[tokio::test]
-    async fn a_request_the_backend_read_before_closing_is_not_unread() {
-        let (mut io, mut server) = pair().await;
-        send(&mut io, REQUEST).await;
-        backend_reads(&mut server, REQUEST).await;
-        // The application has the request and dies without answering.
-        drop(server);
-        settle().await;
-        assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(!unread(&io), "the backend may have acted on it");
+    async fn a_request_the_backend_read_before_closing_may_have_been_received() {
+        let (mut conn, mut server) = pair().await;
+        let backend = async move {
+            backend_reads(&mut server, REQUEST).await;
+            // The application has the request and dies without answering.
+            drop(server);
+        };
+        let (r, ()) = tokio::join!(send_order(&mut conn), backend);
+        assert!(!not_received(r), "the backend may have acted on it");
     }
 
     #[tokio::test]
-    async fn a_request_a_draining_backend_left_unread_is_unread() {
-        let (mut io, mut server) = pair().await;
+    async fn a_request_a_draining_backend_left_unread_is_not_received() {
+        let (mut conn, mut server) = pair().await;
         // A draining server half-closes an idle connection (FIN), the request arrives
         // and is acknowledged by its kernel, and the server closes without reading it.
         server.shutdown().await.unwrap();
         settle().await;
-        send(&mut io, REQUEST).await;
-        settle().await;
-        drop(server);
-        settle().await;
-        assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(unread(&io), "FIN then reset: never read");
+        let backend = async move {
+            // Closes as soon as the request is in its socket, unread.
+            server.readable().await.unwrap();
+            drop(server);
+        };
+        let (r, ()) = tokio::join!(send_order(&mut conn), backend);
+        assert!(not_received(r), "FIN then reset: never read");
     }
 
     #[tokio::test]
-    async fn a_request_a_half_closed_backend_read_is_not_unread() {
-        let (mut io, mut server) = pair().await;
+    async fn a_request_a_half_closed_backend_read_may_have_been_received() {
+        let (mut conn, mut server) = pair().await;
         // The FIN comes before the request, but the server still reads it: it may act.
         server.shutdown().await.unwrap();
         settle().await;
-        send(&mut io, REQUEST).await;
-        backend_reads(&mut server, REQUEST).await;
-        drop(server);
-        settle().await;
-        assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(!unread(&io), "the backend read the request");
+        let backend = async move {
+            backend_reads(&mut server, REQUEST).await;
+            drop(server);
+        };
+        let (r, ()) = tokio::join!(send_order(&mut conn), backend);
+        assert!(!not_received(r), "the backend read the request");
     }
 
     #[tokio::test]
-    async fn a_request_the_backend_answered_with_a_1xx_is_not_unread() {
-        let (mut io, mut server) = pair().await;
-        let head = &REQUEST[..REQUEST.len() - 7];
-        send(&mut io, head).await;
-        backend_reads(&mut server, head).await;
-        server
-            .write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
-            .await
+    async fn a_request_the_backend_answered_with_a_1xx_may_have_been_received() {
+        let (mut conn, mut server) = pair().await;
+        let backend = async move {
+            // It reads the head only, answers 103, and closes with the body unread
+            // (FIN, then a reset for the unread bytes).
+            backend_reads(&mut server, HEAD).await;
+            server
+                .write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
+                .await
+                .unwrap();
+            server.shutdown().await.unwrap();
+            settle().await;
+            drop(server);
+        };
+        let (r, ()) = tokio::join!(send_order(&mut conn), backend);
+        assert!(
+            !not_received(r),
+            "the backend answered 103: it had seen the request head"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_backend_closed_is_not_usable() {
+        let (mut conn, mut server) = pair().await;
+        exchange(&mut conn, &mut server).await;
+        assert!(conn.is_usable());
+        settle().await;
+        assert!(conn.is_usable(), "a quiet connection stays usable");
+        drop(server);
+        settle().await;
+        assert!(!conn.is_usable(), "the backend's FIN is seen without a request");
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_to_a_reset_connection_is_unsent() {
+        let (mut conn, mut server) = pair().await;
+        exchange(&mut conn, &mut server).await;
+        // SO_LINGER 0: the backend resets the connection instead of closing it.
+        let std = server.into_std().unwrap();
+        socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(std);
+        settle().await;
+        let mut req = order();
+        match conn.send(&mut req).await {
+            Err(SendError::Unsent(_)) => {}
+            other => panic!("expected unsent, got {other:?}"),
+        }
+        assert_eq!(req.body().size_hint().exact(), Some(7), "the request is still whole");
+    }
+
+    #[tokio::test]
+    async fn bodies_stream_by_length_chunks_or_close_and_reuse_follows_the_framing() {
+        for (wire, want, reusable) in [
+            ("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", "hello", true),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+                "hello",
+                true,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\nhello", "hello", false),
+            (
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello",
+                "hello",
+                false,
+            ),
+        ] {
+            let (mut conn, mut server) = pair().await;
+            let backend = async {
+                backend_reads(&mut server, REQUEST).await;
+                server.write_all(wire.as_bytes()).await.unwrap();
+                if !reusable {
+                    server.shutdown().await.unwrap();
+                }
+            };
+            let (head, ()) = tokio::join!(send_order(&mut conn), backend);
+            let head = head.unwrap();
+            let pool = ConnPool::new();
+            let home = Home {
+                pool: pool.clone(),
+                backend: 1,
+                idle_timeout: Duration::from_secs(5),
+                max_idle: 4,
+            };
+            let body = UpBody::new(conn, &head, home).collect().await.unwrap().to_bytes();
+            assert_eq!(body, want.as_bytes(), "{wire}");
+            assert_eq!(pool.checkout(1).is_some(), reusable, "{wire}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_was_taken_is_read_not_waited_out() {
+        let (mut conn, mut server) = pair().await;
+        // 8 MiB: far more than the socket buffers hold while the backend reads nothing.
+        let big = Bytes::from(vec![b'x'; 8 << 20]);
+        let mut req = Request::builder()
+            .method("PUT")
+            .uri("/upload")
+            .header("host", "a")
+            .body(ReqBody::Buffered(Some(big)))
             .unwrap();
-        assert!(read(&mut io).await > 0, "the 103");
-        // The body follows the 1xx; the backend closes with it unread (FIN, reset).
-        server.shutdown().await.unwrap();
-        settle().await;
-        write(&mut io, b"order=1").await;
-        settle().await;
-        drop(server);
-        settle().await;
-        assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(!unread(&io), "the backend answered 103: it had seen the request head");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let backend = async move {
+            let mut head = vec![0u8; 256];
+            let n = server.read(&mut head).await.unwrap();
+            assert!(n > 0);
+            server
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            // Keeps the connection open, unread, until the client has its answer.
+            let _ = stopped.await;
+        };
+        let client = async {
+            let r = tokio::time::timeout(Duration::from_secs(10), conn.send(&mut req)).await;
+            let _ = stop.send(());
+            r
+        };
+        let (r, ()) = tokio::join!(client, backend);
+        let head = r.expect("the answer is read, not waited out").unwrap();
+        assert_eq!(head.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!head.keep_alive, "the rest of the body was never sent: not reusable");
     }
 
     #[tokio::test]
-    async fn an_idle_connection_closing_is_not_a_lost_request() {
-        let (mut io, mut server) = pair().await;
-        exchange(&mut io, &mut server).await;
-        drop(server);
-        assert_eq!(read(&mut io).await, 0, "EOF");
-        assert!(!unread(&io), "nothing was in flight");
+    async fn a_backend_closing_mid_body_is_an_error_not_a_short_body() {
+        let (mut conn, mut server) = pair().await;
+        let backend = async {
+            backend_reads(&mut server, REQUEST).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
+                .await
+                .unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let (head, ()) = tokio::join!(send_order(&mut conn), backend);
+        let home = Home {
+            pool: ConnPool::new(),
+            backend: 1,
+            idle_timeout: Duration::from_secs(5),
+            max_idle: 4,
+        };
+        assert!(UpBody::new(conn, &head.unwrap(), home).collect().await.is_err());
     }
 }

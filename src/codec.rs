@@ -1,0 +1,512 @@
+//! The HTTP/1.1 wire format on the backend side, as pure functions over buffers:
+//! encoding a request head, parsing a response head (with `httparse`, the parser
+//! hyper uses), deciding how the response body is framed (RFC 9112 §6.3), and
+//! decoding a chunked body. No sockets here: `upstream` does the I/O.
+//!
+//! rampart speaks HTTP/1.1 to backends itself rather than through hyper's client:
+//! hyper's client runs each connection as a separate task fed through a channel, which
+//! cost about a third of the proxy's instructions per request under callgrind. The
+//! server side (clients, HTTP/2) stays on hyper.
+
+use std::mem::MaybeUninit;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+
+/// The most header fields a backend response may carry (hyper's default too).
+pub const MAX_HEADERS: usize = 100;
+/// The largest response head accepted, status line to blank line.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The longest chunk-size line (with extensions) and the most trailer bytes accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// How a request body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqFraming {
+    /// No body, or one whose `Content-Length` header is sent as the client gave it.
+    AsIs,
+    /// A body of known length: `Content-Length` written here, the client's dropped.
+    Length(u64),
+    /// A body of unknown length: `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Writes the request line and header block for an origin-form request.
+pub fn encode_request_head(dst: &mut Vec<u8>, method: &Method, uri: &Uri, headers: &HeaderMap, framing: ReqFraming) {
+    dst.clear();
+    dst.extend_from_slice(method.as_str().as_bytes());
+    dst.push(b' ');
+    match uri.path_and_query() {
+        Some(pq) if !pq.as_str().is_empty() => dst.extend_from_slice(pq.as_str().as_bytes()),
+        _ => dst.push(b'/'),
+    }
+    dst.extend_from_slice(b" HTTP/1.1\r\n");
+    let skip_length = !matches!(framing, ReqFraming::AsIs);
+    for (name, value) in headers {
+        if (skip_length && name == header::CONTENT_LENGTH) || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::AsIs => {}
+        ReqFraming::Length(n) => {
+            dst.extend_from_slice(b"content-length: ");
+            push_decimal(dst, n);
+            dst.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => dst.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    dst.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(dst: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    dst.extend_from_slice(&digits[i..]);
+}
+
+/// The chunk-size line for `len` bytes of data: hex digits and CRLF.
+pub fn chunk_header(len: usize) -> ([u8; 18], usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 18];
+    let digits = ((usize::BITS - len.leading_zeros()).max(1)).div_ceil(4) as usize;
+    for (i, b) in out[..digits].iter_mut().enumerate() {
+        *b = HEX[(len >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    (out, digits + 2)
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    Empty,
+    /// `Content-Length`: this many bytes remain.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Neither: the body ends when the backend closes the connection.
+    UntilClose,
+}
+
+/// Where one header field lies in the head: name start and end, value start and end.
+pub type Span = (u32, u32, u32, u32);
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// Parses one response head from the front of `buf`. `Ok(None)`: incomplete, read
+/// more. On success the head's bytes are split off `buf` (the header values share
+/// them, uncopied), leaving whatever followed. `head_request`: the request was HEAD,
+/// so the response has no body whatever its headers say.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    head_request: bool,
+    spans: &mut Vec<Span>,
+) -> Result<Option<Head>, &'static str> {
+    // Each field's position in `buf`, so that the values become slices of the frozen
+    // head, as in hyper. `spans` is the caller's, kept for its capacity: a fresh array
+    // here was zeroed on every response.
+    spans.clear();
+    let (len, code, minor) = {
+        let mut raw = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut raw) {
+            Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => return Err("response head too large"),
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => return Err("response head too large"),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err("too many response header fields"),
+            Err(_) => return Err("malformed response head"),
+        };
+        let base = buf.as_ptr() as usize;
+        for h in resp.headers.iter() {
+            let n = (h.name.as_ptr() as usize - base) as u32;
+            let v = (h.value.as_ptr() as usize - base) as u32;
+            spans.push((n, n + h.name.len() as u32, v, v + h.value.len() as u32));
+        }
+        (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1))
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| "invalid status code")?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(ns, ne, vs, ve) in spans.iter() {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).map_err(|_| "invalid header name")?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
+    let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut keep_alive = match version {
+        Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive"),
+        _ => !has_token(&headers, header::CONNECTION, "close"),
+    };
+    let framing = if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, and a message
+        // with both may be an attack on some hop: never reuse that connection.
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            headers.remove(header::CONTENT_LENGTH);
+            keep_alive = false;
+        }
+        if last_coding_is_chunked(&headers) {
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        }
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        Framing::Length(content_length(&headers).ok_or("invalid Content-Length")?)
+    } else {
+        keep_alive = false;
+        Framing::UntilClose
+    };
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Every `Content-Length` value (and list element) must be the same number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().ok()?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = part.parse().ok()?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
+}
+
+/// What one step of body decoding produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// `buf` holds too little to go on: read more.
+    NeedMore,
+    /// The body is complete; `buf` holds only what followed it.
+    End,
+}
+
+/// Where a chunked body's decoding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Chunked {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+    Done,
+}
+
+impl Chunked {
+    /// Decodes from the front of `buf`, consuming what it uses.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
+        loop {
+            match *self {
+                Chunked::Size => {
+                    let Some(line) = take_line(buf, MAX_CHUNK_LINE, "chunk size line too long")? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    *self = if size == 0 {
+                        Chunked::Trailers(0)
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = left.min(buf.len() as u64);
+                    *self = if n == left {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left - n)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n as usize).freeze()));
+                }
+                Chunked::DataEnd => {
+                    let Some(line) = take_line(buf, 2, "missing CRLF after chunk data")? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    if !line.is_empty() {
+                        return Err("missing CRLF after chunk data");
+                    }
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers(seen) => {
+                    let Some(line) = take_line(buf, MAX_TRAILER_BYTES - seen, "trailers too large")? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    // Trailers are dropped: HTTP/1.1 clients rarely accept them.
+                    *self = if line.is_empty() {
+                        Chunked::Done
+                    } else {
+                        Chunked::Trailers(seen + line.len() + 2)
+                    };
+                }
+                Chunked::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// Takes one line (without its CRLF or bare LF) off the front of `buf`, if a whole one
+/// is there; a line longer than `max` is an error.
+fn take_line(buf: &mut BytesMut, max: usize, too_long: &'static str) -> Result<Option<BytesMut>, &'static str> {
+    match buf.iter().take(max + 2).position(|&b| b == b'\n') {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > max + 1 => Err(too_long),
+        None => Ok(None),
+    }
+}
+
+/// Hex digits, then optional whitespace and `;extensions`, which are ignored.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, &'static str> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err("invalid chunk size");
+    }
+    let rest = &line[digits..];
+    let rest = &rest[rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count()..];
+    if !(rest.is_empty() || rest[0] == b';') {
+        return Err("invalid chunk size");
+    }
+    let mut n = 0u64;
+    for &b in &line[..digits] {
+        n = n * 16 + (b as char).to_digit(16).unwrap_or(0) as u64;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str, head: bool) -> Result<Option<Head>, &'static str> {
+        parse_response(&mut BytesMut::from(raw), head, &mut Vec::new())
+    }
+
+    fn framing(raw: &str) -> (Framing, bool) {
+        let h = parse(raw, false).unwrap().unwrap();
+        (h.framing, h.keep_alive)
+    }
+
+    #[test]
+    fn request_heads_carry_the_framing_rampart_chose() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("a"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        let uri: Uri = "/p?q=1".parse().unwrap();
+        let mut out = Vec::new();
+        encode_request_head(&mut out, &Method::POST, &uri, &headers, ReqFraming::Length(3));
+        assert_eq!(out, b"POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n");
+        encode_request_head(&mut out, &Method::POST, &uri, &headers, ReqFraming::AsIs);
+        assert_eq!(out, b"POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n");
+        headers.remove(header::CONTENT_LENGTH);
+        encode_request_head(&mut out, &Method::PUT, &uri, &headers, ReqFraming::Chunked);
+        assert_eq!(
+            out,
+            b"PUT /p?q=1 HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let mut n = Vec::new();
+        push_decimal(&mut n, 0);
+        push_decimal(&mut n, 18446744073709551615);
+        assert_eq!(n, b"018446744073709551615");
+    }
+
+    #[test]
+    fn chunk_headers_are_lowercase_hex() {
+        for (len, want) in [(1usize, "1\r\n"), (15, "f\r\n"), (16, "10\r\n"), (65536, "10000\r\n")] {
+            let (buf, n) = chunk_header(len);
+            assert_eq!(&buf[..n], want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+            (Framing::Chunked, true)
+        );
+        // Both: chunked wins, Content-Length goes, and the connection is not reused.
+        let h = parse(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nserver: x\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(framing("HTTP/1.1 304 Not Modified\r\n\r\n"), (Framing::Empty, true));
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), true)
+        );
+        let h = parse("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Empty, "a HEAD response has no body");
+    }
+
+    #[test]
+    fn a_parsed_head_leaves_the_body_bytes_and_keeps_its_fields() {
+        let mut buf = BytesMut::from("HTTP/1.1 201 Created\r\nX-A: 1\r\nx-a: 2\r\nlocation: /n\r\n\r\nbody");
+        let h = parse_response(&mut buf, false, &mut Vec::new()).unwrap().unwrap();
+        assert_eq!(h.status, StatusCode::CREATED);
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(h.headers["location"], "/n");
+        assert_eq!(&buf[..], b"body");
+    }
+
+    #[test]
+    fn bad_or_incomplete_heads_are_told_apart() {
+        assert!(parse("HTTP/1.1 200 OK\r\ncontent-le", false).unwrap().is_none());
+        assert!(parse("garbage\r\n\r\n", false).is_err());
+        assert!(parse(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(parse("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false).is_err());
+        assert!(parse("HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\n", false).is_err());
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert!(parse(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"), false).is_err());
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert!(parse(&huge, false).is_err());
+    }
+
+    fn decode_all(chunks: &[&str]) -> Result<(Vec<u8>, BytesMut), &'static str> {
+        let mut state = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut feed = chunks.iter();
+        loop {
+            match state.decode(&mut buf)? {
+                Decoded::Data(d) => out.extend_from_slice(&d),
+                Decoded::End => return Ok((out, buf)),
+                Decoded::NeedMore => match feed.next() {
+                    Some(c) => buf.extend_from_slice(c.as_bytes()),
+                    None => return Err("ran out"),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire = "5;ext=1\r\nhello\r\nA \r\n, world!!!\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let (out, rest) = decode_all(&[wire]).unwrap();
+        assert_eq!(out, b"hello, world!!!");
+        assert_eq!(&rest[..], b"NEXT");
+        // Byte by byte: every state waits for more correctly.
+        let bytes: Vec<String> = wire.chars().map(String::from).collect();
+        let split: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        let (out, _) = decode_all(&split).unwrap();
+        assert_eq!(out, b"hello, world!!!");
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        assert!(decode_all(&["zz\r\n"]).is_err());
+        assert!(decode_all(&["5\r\nhelloXX0\r\n\r\n"]).is_err());
+        assert!(decode_all(&["ffffffffffffffff\r\n"]).is_err());
+        assert!(decode_all(&[&"1".repeat(MAX_CHUNK_LINE + 8)]).is_err());
+    }
+}
