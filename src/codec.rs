@@ -123,15 +123,21 @@ pub struct Head {
 /// more. On success the head's bytes are split off `buf` (the header values share
 /// them, uncopied), leaving whatever followed. `head_request`: the request was HEAD,
 /// so the response has no body whatever its headers say.
+///
+/// The framing fields are read as the fields go by, and the hop-by-hop ones
+/// (`Connection`, `Keep-Alive`, `Transfer-Encoding`, ...) never enter the map: they
+/// describe this connection, not the response, and the client side frames anew. A
+/// `Connection` that names other fields is kept, for `proxy` to remove those.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
     spans: &mut Vec<Span>,
 ) -> Result<Option<Head>, &'static str> {
-    // Each field's position in `buf`, so that the values become slices of the frozen
-    // head, as in hyper. `spans` is the caller's, kept for its capacity: a fresh array
-    // here was zeroed on every response.
+    // Each kept field's position in `buf`, so that the values become slices of the
+    // frozen head, as in hyper. `spans` is the caller's, kept for its capacity: a
+    // fresh array here was zeroed on every response.
     spans.clear();
+    let mut f = FramingFields::default();
     let (len, code, minor) = {
         let mut raw = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -145,6 +151,9 @@ pub fn parse_response(
         };
         let base = buf.as_ptr() as usize;
         for h in resp.headers.iter() {
+            if !f.note(h.name, h.value) {
+                continue;
+            }
             let n = (h.name.as_ptr() as usize - base) as u32;
             let v = (h.value.as_ptr() as usize - base) as u32;
             spans.push((n, n + h.name.len() as u32, v, v + h.value.len() as u32));
@@ -152,44 +161,47 @@ pub fn parse_response(
         (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1))
     };
     let status = StatusCode::from_u16(code).map_err(|_| "invalid status code")?;
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for &(ns, ne, vs, ve) in spans.iter() {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).map_err(|_| "invalid header name")?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).map_err(|_| "invalid header value")?;
-        headers.append(name, value);
-    }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
-    let mut keep_alive = match version {
-        Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive"),
-        _ => !has_token(&headers, header::CONNECTION, "close"),
-    };
+    let mut keep_alive = !f.close && (version == Version::HTTP_11 || f.keep_alive);
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Empty
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if f.transfer_encoding {
         // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, and a message
         // with both may be an attack on some hop: never reuse that connection.
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            headers.remove(header::CONTENT_LENGTH);
+        if f.content_length != LengthField::Absent {
             keep_alive = false;
         }
-        if last_coding_is_chunked(&headers) {
+        if f.chunked {
             Framing::Chunked
         } else {
             keep_alive = false;
             Framing::UntilClose
         }
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        Framing::Length(content_length(&headers).ok_or("invalid Content-Length")?)
     } else {
-        keep_alive = false;
-        Framing::UntilClose
+        match f.content_length {
+            LengthField::Absent => {
+                keep_alive = false;
+                Framing::UntilClose
+            }
+            LengthField::Invalid => return Err("invalid Content-Length"),
+            LengthField::Value(n) => Framing::Length(n),
+        }
     };
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(ns, ne, vs, ve) in spans.iter() {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).map_err(|_| "invalid header name")?;
+        if f.transfer_encoding && name == header::CONTENT_LENGTH {
+            continue;
+        }
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
     Ok(Some(Head {
         status,
         version,
@@ -199,40 +211,81 @@ pub fn parse_response(
     }))
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// What the framing and connection fields of a response head said.
+#[derive(Default)]
+struct FramingFields {
+    content_length: LengthField,
+    transfer_encoding: bool,
+    /// The last transfer coding is `chunked`.
+    chunked: bool,
+    close: bool,
+    keep_alive: bool,
 }
 
-fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum LengthField {
+    #[default]
+    Absent,
+    Value(u64),
+    /// Unparsable, or values that disagree.
+    Invalid,
 }
 
-/// Every `Content-Length` value (and list element) must be the same number.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut found = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().ok()?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
+impl FramingFields {
+    /// Notes one field; returns whether it belongs in the response's header map.
+    fn note(&mut self, name: &str, value: &[u8]) -> bool {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            14 if is("content-length") => {
+                self.content_length = match (self.content_length, parse_length(value)) {
+                    (LengthField::Absent, Some(n)) => LengthField::Value(n),
+                    (LengthField::Value(a), Some(b)) if a == b => LengthField::Value(a),
+                    _ => LengthField::Invalid,
+                };
+                true
             }
-            let n: u64 = part.parse().ok()?;
-            if found.is_some_and(|f| f != n) {
-                return None;
+            17 if is("transfer-encoding") => {
+                self.transfer_encoding = true;
+                self.chunked = value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                false
             }
-            found = Some(n);
+            10 if is("connection") => {
+                let mut other = false;
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+                        other = true;
+                    }
+                }
+                other
+            }
+            10 if is("keep-alive") => false,
+            16 if is("proxy-connection") => false,
+            2 if is("te") => false,
+            7 if is("trailer") => false,
+            _ => true,
         }
+    }
+}
+
+/// A `Content-Length` value: digits, or a comma list of equal numbers.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let mut found = None;
+    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + (d - b'0') as u64);
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
     }
     found
 }
@@ -414,6 +467,10 @@ mod tests {
         .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
         assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(
+            !h.headers.contains_key(header::TRANSFER_ENCODING),
+            "hop-by-hop: not passed on"
+        );
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
             (Framing::UntilClose, false)
@@ -453,6 +510,29 @@ mod tests {
         assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
         assert_eq!(h.headers["location"], "/n");
         assert_eq!(&buf[..], b"body");
+    }
+
+    #[test]
+    fn connection_fields_stay_out_of_the_map_unless_they_name_others() {
+        let h = parse(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nx: 1\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.keep_alive);
+        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
+        let h = parse(
+            "HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nx-secret: 1\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.keep_alive);
+        assert_eq!(
+            h.headers["connection"], "close, x-secret",
+            "kept so proxy drops x-secret"
+        );
     }
 
     #[test]
