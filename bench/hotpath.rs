@@ -1,4 +1,5 @@
-//! Microbenchmarks of the hot-path pieces: balancer pick, route match, header rewrite.
+//! Microbenchmarks of the hot-path pieces: balancer pick, route match, header rewrite,
+//! and the backend-side HTTP/1.1 codec (request head out, response head in, chunks).
 //! Run: `cargo bench --bench hotpath`. Use them to keep regressions out of the data
 //! path; whole-proxy figures come from `bench/run.py`.
 
@@ -109,5 +110,56 @@ fn headers(c: &mut Criterion) {
     c.bench_function("headers/request-id", |b| b.iter(|| ids.next()));
 }
 
-criterion_group!(hot, balancers, routes, headers);
+fn codec(c: &mut Criterion) {
+    use bytes::BytesMut;
+    use rampart::codec::{encode_request_head, parse_response, Chunked, ReqFraming};
+    let mut headers = HeaderMap::new();
+    for (k, v) in [
+        ("host", "shop.example.com"),
+        ("user-agent", "wrk"),
+        ("accept", "*/*"),
+        ("x-forwarded-for", "192.0.2.10"),
+        ("x-forwarded-proto", "http"),
+        ("via", "1.1 rampart"),
+        ("x-request-id", "0123456789abcdef01234567"),
+    ] {
+        headers.insert(k, HeaderValue::from_static(v));
+    }
+    let uri: http::Uri = "/products/42?ref=home".parse().unwrap();
+    let mut out = Vec::with_capacity(512);
+    c.bench_function("codec/encode-request-head", |b| {
+        b.iter(|| {
+            encode_request_head(&mut out, &http::Method::GET, &uri, &headers, ReqFraming::AsIs);
+            black_box(out.len())
+        })
+    });
+    // What nginx, as the bench's origin, sends for a 13-byte body.
+    let response: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 12:00:00 GMT\r\n\
+Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\nhello, world\n";
+    let mut spans = Vec::new();
+    c.bench_function("codec/parse-response-head", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(response);
+            black_box(parse_response(&mut buf, false, &mut spans).ok())
+        })
+    });
+    let chunked: &[u8] = b"400\r\n";
+    let data = vec![b'x'; 1024];
+    c.bench_function("codec/decode-chunked-1k", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::with_capacity(1100);
+            buf.extend_from_slice(chunked);
+            buf.extend_from_slice(&data);
+            buf.extend_from_slice(b"\r\n0\r\n\r\n");
+            let mut state = Chunked::default();
+            let mut n = 0;
+            while let Ok(rampart::codec::Decoded::Data(d)) = state.decode(&mut buf) {
+                n += d.len();
+            }
+            black_box(n)
+        })
+    });
+}
+
+criterion_group!(hot, balancers, routes, headers, codec);
 criterion_main!(hot);
