@@ -92,6 +92,19 @@ def render(template: Path, run: Path) -> Path:
     return out
 
 
+# Origins, then rampart, nginx, HAProxy and rampart with 2 workers.
+PORTS = (19001, 19002, 19003, 18080, 18081, 18082, 18083)
+
+
+def port_open(port):
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_port(port, timeout=10.0):
     import socket
     deadline = time.time() + timeout
@@ -111,6 +124,11 @@ class Procs:
         self.procs = {}
 
     def start_all(self):
+        # rampart binds with SO_REUSEPORT, so a leftover instance would silently take
+        # a share of the load, and the figures would be wrong without any error.
+        for p in PORTS:
+            if port_open(p):
+                raise RuntimeError(f"port {p} is already in use (a leftover proxy or origin?): stop it first")
         (self.run / "64k.bin").write_bytes(b"x" * 65536)
         self.procs["origin"] = subprocess.Popen(
             ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "origin-nginx.conf", self.run))])
@@ -122,7 +140,7 @@ class Procs:
             [str(self.rampart), "--config", str(PEERS / "rampart.toml"), "--log-level", "warn"])
         self.procs["rampart-2w"] = subprocess.Popen(
             [str(self.rampart), "--config", str(PEERS / "rampart-2w.toml"), "--log-level", "warn"])
-        for p in (19001, 19002, 19003, 18080, 18081, 18082, 18083):
+        for p in PORTS:
             wait_port(p)
         time.sleep(0.5)
 
