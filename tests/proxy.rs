@@ -490,6 +490,39 @@ async fn sequential_requests_reuse_one_upstream_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_answers_end_at_their_head_and_the_connection_is_reused() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    let plain = get(addr, "/").await;
+    assert_eq!(plain.status, 200);
+    assert!(!plain.body.is_empty());
+    // HEAD: the backend's Content-Length describes a body that is not sent.
+    let head = Request::head("/")
+        .header("host", "t")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), send(addr, head))
+        .await
+        .expect("a HEAD answer must not wait for a body")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    for code in [204, 304] {
+        o.set(Behavior::Status(code));
+        let r = tokio::time::timeout(Duration::from_secs(10), get(addr, "/"))
+            .await
+            .unwrap_or_else(|_| panic!("a {code} must not wait for a body"));
+        assert_eq!(r.status, code);
+        assert!(r.body.is_empty());
+    }
+    o.set(Behavior::Healthy);
+    assert_eq!(get(addr, "/").await.body, plain.body);
+    assert_eq!(o.hits(), 5);
+    // Each answer ended where its framing said, so one backend connection served all.
+    assert_eq!(o.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_expire_after_idle_timeout() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(
