@@ -134,14 +134,13 @@ impl Conn {
                     SendError::Unsent(err)
                 });
             }
-            Err((WriteStop::Answered, _)) => write_failed = Some(answered_early()),
+            Err((stop @ WriteStop::Answered, _)) => write_failed = Some(stop.into_error()),
         }
         if let (ReqBody::Stream { .. }, None) = (req.body(), &write_failed) {
             match self.write_body(req.body_mut(), framing).await {
                 Ok(()) => {}
                 Err(BodyWrite::Client(e)) => return Err(SendError::Fatal(e)),
-                Err(BodyWrite::Backend(WriteStop::Failed(e))) => write_failed = Some(e),
-                Err(BodyWrite::Backend(WriteStop::Answered)) => write_failed = Some(answered_early()),
+                Err(BodyWrite::Backend(stop)) => write_failed = Some(stop.into_error()),
             }
         }
         let head_request = req.method() == http::Method::HEAD;
@@ -318,8 +317,13 @@ enum WriteStop {
     Answered,
 }
 
-fn answered_early() -> io::Error {
-    io::Error::other("the backend answered or closed before taking the whole request")
+impl WriteStop {
+    fn into_error(self) -> io::Error {
+        match self {
+            WriteStop::Failed(e) => e,
+            WriteStop::Answered => io::Error::other("the backend answered or closed before taking the whole request"),
+        }
+    }
 }
 
 /// Where a response body's connection goes when the body is done.
@@ -374,6 +378,12 @@ impl UpBody {
                 h.pool.checkin(h.backend, conn, h.idle_timeout, h.max_idle);
             }
         }
+    }
+
+    /// The framing says the body is complete (a chunked body only once its last chunk
+    /// and trailers were read).
+    fn at_end(&self) -> bool {
+        matches!(self.state, BodyState::Length(0) | BodyState::Chunked(Chunked::Done))
     }
 
     fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
@@ -435,7 +445,7 @@ impl Body for UpBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || matches!(self.state, BodyState::Length(0) | BodyState::Chunked(Chunked::Done))
+        self.conn.is_none() || self.at_end()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -452,7 +462,7 @@ impl Drop for UpBody {
         // hyper may stop polling once `is_end_stream` is true, so a fully read body is
         // also released here. A body dropped half-read leaves the connection in an
         // unknown state: it closes.
-        if matches!(self.state, BodyState::Length(0) | BodyState::Chunked(Chunked::Done)) {
+        if self.at_end() {
             self.finish();
         }
     }
@@ -588,6 +598,16 @@ mod tests {
         };
         let (head, ()) = tokio::join!(send_order(conn), backend);
         assert_eq!(head.unwrap().status, StatusCode::OK);
+    }
+
+    /// Where test bodies return their connection: backend 1 of `pool`.
+    fn home(pool: &Rc<ConnPool>) -> Home {
+        Home {
+            pool: pool.clone(),
+            backend: 1,
+            idle_timeout: Duration::from_secs(5),
+            max_idle: 4,
+        }
     }
 
     /// Lets the packets of the last step cross loopback.
@@ -733,13 +753,11 @@ mod tests {
             let (head, ()) = tokio::join!(send_order(&mut conn), backend);
             let head = head.unwrap();
             let pool = ConnPool::new();
-            let home = Home {
-                pool: pool.clone(),
-                backend: 1,
-                idle_timeout: Duration::from_secs(5),
-                max_idle: 4,
-            };
-            let body = UpBody::new(conn, &head, home).collect().await.unwrap().to_bytes();
+            let body = UpBody::new(conn, &head, home(&pool))
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
             assert_eq!(body, want.as_bytes(), "{wire}");
             assert_eq!(pool.checkout(1).is_some(), reusable, "{wire}");
         }
@@ -791,12 +809,9 @@ mod tests {
             server.shutdown().await.unwrap();
         };
         let (head, ()) = tokio::join!(send_order(&mut conn), backend);
-        let home = Home {
-            pool: ConnPool::new(),
-            backend: 1,
-            idle_timeout: Duration::from_secs(5),
-            max_idle: 4,
-        };
-        assert!(UpBody::new(conn, &head.unwrap(), home).collect().await.is_err());
+        assert!(UpBody::new(conn, &head.unwrap(), home(&ConnPool::new()))
+            .collect()
+            .await
+            .is_err());
     }
 }
