@@ -96,7 +96,7 @@ fn headers(c: &mut Criterion) {
         b.iter(|| {
             let mut h = base.clone();
             let id = ids.next();
-            rewrite_request_headers(
+            let added = rewrite_request_headers(
                 &mut h,
                 &conn,
                 Version::HTTP_11,
@@ -104,7 +104,7 @@ fn headers(c: &mut Criterion) {
                 &id,
                 false,
             );
-            h
+            (h, added)
         })
     });
     c.bench_function("headers/request-id", |b| b.iter(|| ids.next()));
@@ -112,24 +112,31 @@ fn headers(c: &mut Criterion) {
 
 fn codec(c: &mut Criterion) {
     use bytes::BytesMut;
-    use rampart::codec::{encode_request_head, parse_response, Chunked, ReqFraming};
+    use rampart::codec::{encode_request_head, parse_response, AddedFields, Chunked, ReqFraming, UpHead};
     let mut headers = HeaderMap::new();
+    for (k, v) in [("host", "shop.example.com"), ("user-agent", "wrk"), ("accept", "*/*")] {
+        headers.insert(k, HeaderValue::from_static(v));
+    }
+    let mut added = AddedFields::default();
     for (k, v) in [
-        ("host", "shop.example.com"),
-        ("user-agent", "wrk"),
-        ("accept", "*/*"),
         ("x-forwarded-for", "192.0.2.10"),
         ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "shop.example.com"),
         ("via", "1.1 rampart"),
         ("x-request-id", "0123456789abcdef01234567"),
     ] {
-        headers.insert(k, HeaderValue::from_static(v));
+        added.push(k, HeaderValue::from_static(v));
     }
-    let uri: http::Uri = "/products/42?ref=home".parse().unwrap();
+    let head = UpHead {
+        method: http::Method::GET,
+        uri: "/products/42?ref=home".parse().unwrap(),
+        headers,
+        added,
+    };
     let mut out = Vec::with_capacity(512);
     c.bench_function("codec/encode-request-head", |b| {
         b.iter(|| {
-            encode_request_head(&mut out, &http::Method::GET, &uri, &headers, ReqFraming::AsIs);
+            encode_request_head(&mut out, &head, ReqFraming::AsIs);
             black_box(out.len())
         })
     });

@@ -16,18 +16,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::body::{ReqBody, RespBody};
+use crate::body::RespBody;
 use crate::breaker::Limit;
 use crate::config::HedgeDelay;
 use crate::error::ProxyError;
 use crate::outlier;
 use crate::retry::{self, Attempts};
 use crate::state::Pool;
-use crate::upstream::{Home, SendError, UpBody};
+use crate::upstream::{Home, SendError, UpBody, UpRequest};
 use crate::worker::WorkerCtx;
 
 /// Never-written requests on stale pooled connections are resent this many times on
@@ -57,7 +57,7 @@ enum Outcome {
     /// 502/503/504 from the backend: retried when safe, else passed to the client.
     Gateway(ProxyError, Forwarded),
     /// Failed; `unsent` is the request when it was never written.
-    Failed(ProxyError, Option<Request<ReqBody>>),
+    Failed(ProxyError, Option<UpRequest>),
     /// The client's fault or a pool limit: no retry.
     Fatal(ProxyError),
 }
@@ -73,7 +73,7 @@ fn breaker_error(pool: &Pool, l: Limit) -> ProxyError {
 pub async fn forward(
     ctx: &Rc<WorkerCtx>,
     pool: &Arc<Pool>,
-    req: Request<ReqBody>,
+    req: UpRequest,
     hash: Option<u64>,
 ) -> Result<Forwarded, ProxyError> {
     let cfg = &pool.config;
@@ -95,7 +95,7 @@ pub async fn forward(
         },
     };
     // An upgrade (WebSocket) must reach one backend only: never hedged.
-    let upgrade = req.headers().contains_key(http::header::UPGRADE);
+    let upgrade = req.head.headers.contains_key(http::header::UPGRADE);
     let hedge = cfg.retry.hedge && retryable_after_send && !upgrade && pool.backends.len() > 1;
     let mut req = Some(req);
     let mut gateway_reply: Option<Forwarded> = None;
@@ -188,7 +188,7 @@ async fn hedged(
     pool: &Arc<Pool>,
     hash: Option<u64>,
     bi: usize,
-    request: Request<ReqBody>,
+    request: UpRequest,
     attempts: &mut Attempts,
     opts: TryOpts,
 ) -> (usize, Outcome) {
@@ -274,13 +274,7 @@ fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
 
 /// One try on backend `bi`: connection, send, response headers within `timeout`, and
 /// up to `buffer` bytes of body.
-async fn try_backend(
-    ctx: Rc<WorkerCtx>,
-    pool: Arc<Pool>,
-    bi: usize,
-    mut request: Request<ReqBody>,
-    opts: TryOpts,
-) -> Outcome {
+async fn try_backend(ctx: Rc<WorkerCtx>, pool: Arc<Pool>, bi: usize, mut request: UpRequest, opts: TryOpts) -> Outcome {
     let TryOpts { timeout, buffer } = opts;
     // Owned handles, so a hedged-against try can outlive its request (`watch_primary`).
     let (ctx, pool) = (&ctx, &pool);

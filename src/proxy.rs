@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 
 use crate::balancer::{hash64, Balancer};
 use crate::body::RespBody;
+use crate::codec::{AddedFields, UpHead};
 use crate::config::HashKey;
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
@@ -31,6 +32,7 @@ use crate::idle::ParkState;
 use crate::retry;
 use crate::router::host_without_port;
 use crate::state::Snapshot;
+use crate::upstream::UpRequest;
 use crate::worker::WorkerCtx;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -247,13 +249,24 @@ async fn handle_inner(
         None => ClientUpgrade::Hyper(hyper::upgrade::on(&mut req)),
     });
 
-    let (mut parts, incoming) = req.into_parts();
-    rewrite_request_headers(&mut parts.headers, conn, parts.version, host_value, request_id, upgrade);
-    parts.uri = origin_form(&parts.uri);
-    parts.version = Version::HTTP_11;
+    let (parts, incoming) = req.into_parts();
+    let http::request::Parts {
+        method,
+        uri,
+        version,
+        mut headers,
+        ..
+    } = parts;
+    let added = rewrite_request_headers(&mut headers, conn, version, host_value, request_id, upgrade);
+    let head = Rc::new(UpHead {
+        method,
+        uri: origin_form(uri),
+        headers,
+        added,
+    });
 
     let body = retry::prepare_body(incoming, content_length, route.max_body_bytes, &pool.config).await?;
-    let req = Request::from_parts(parts, body);
+    let req = UpRequest { head, body };
 
     let mut fwd = crate::forward::forward(ctx, pool, req, hash).await?;
     if let (Some(client_upgrade), Some(upstream)) = (client_upgrade, fwd.upgraded.take()) {
@@ -365,15 +378,58 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    let is_hop = |n: &&HeaderName| **n == header::UPGRADE || **n == header::EXPECT || HOP_BY_HOP.contains(n);
     // One scan per field removed, and no list: most messages carry one at most (a
     // backend's `Connection: keep-alive`), and standard names clone for free.
-    while let Some(name) = headers.keys().find(is_hop).cloned() {
+    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
         headers.remove(name);
     }
 }
 
-/// Prepares client request headers for the backend.
+/// Which of the fields rampart rewrites a request carries, from one pass over its
+/// field names (a hash lookup per name cost more).
+#[derive(Default)]
+struct Present {
+    hop_by_hop: bool,
+    host: bool,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    forwarded_host: bool,
+    via: bool,
+    request_id: bool,
+}
+
+fn present(headers: &HeaderMap) -> Present {
+    let mut p = Present::default();
+    for name in headers.keys() {
+        if name == header::HOST {
+            p.host = true;
+        } else if name == header::VIA {
+            p.via = true;
+        } else if is_hop_by_hop(name) {
+            p.hop_by_hop = true;
+        } else {
+            match name.as_str() {
+                "x-forwarded-for" => p.forwarded_for = true,
+                "x-forwarded-proto" => p.forwarded_proto = true,
+                "x-forwarded-host" => p.forwarded_host = true,
+                "x-request-id" => p.request_id = true,
+                _ => {}
+            }
+        }
+    }
+    p
+}
+
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    *n == header::UPGRADE || *n == header::EXPECT || HOP_BY_HOP.contains(n)
+}
+
+/// Prepares client request headers for the backend: removes the hop-by-hop fields
+/// from `headers` and returns the fields rampart adds (`X-Forwarded-For`, `-Proto`,
+/// `-Host`, `Via`, `x-request-id`, and `Host` for HTTP/2 clients), which the codec
+/// writes after the client's. A field the client sent that rampart extends
+/// (`X-Forwarded-For`, `Via`) or replaces (`X-Forwarded-Proto`, `-Host`) moves out
+/// of `headers`, so each goes out once.
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     conn: &ConnInfo,
@@ -381,67 +437,73 @@ pub fn rewrite_request_headers(
     host: Option<HeaderValue>,
     request_id: &HeaderValue,
     upgrade: bool,
-) {
-    let upgrade_value = if upgrade {
-        headers.get(header::UPGRADE).cloned()
+) -> AddedFields {
+    let p = present(headers);
+    if p.hop_by_hop {
+        let upgrade_value = if upgrade {
+            headers.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
+        // Also drops `Upgrade` and `Expect` (hyper already answered `100-continue`).
+        remove_hop_by_hop(headers);
+        if let Some(u) = upgrade_value {
+            headers.insert(header::CONNECTION, UPGRADE_TOKEN);
+            headers.insert(header::UPGRADE, u);
+        }
+    }
+    let mut added = AddedFields::default();
+    let forwarded_for = if p.forwarded_for {
+        // Several fields fold into one list, then our hop is appended.
+        fold_out(headers, X_FORWARDED_FOR, &conn.peer_ip)
     } else {
-        None
+        conn.peer_ip.clone()
     };
-    // Also drops `Upgrade` and `Expect` (hyper already answered `100-continue`).
-    remove_hop_by_hop(headers);
-    if let Some(u) = upgrade_value {
-        headers.insert(header::CONNECTION, UPGRADE_TOKEN);
-        headers.insert(header::UPGRADE, u);
+    added.push("x-forwarded-for", forwarded_for);
+    if p.forwarded_proto {
+        headers.remove(X_FORWARDED_PROTO);
     }
-
-    // `entry`: one hash lookup per field instead of a `get` and an `insert`.
-    match headers.entry(X_FORWARDED_FOR) {
-        Entry::Vacant(v) => {
-            v.insert(conn.peer_ip.clone());
-        }
-        Entry::Occupied(mut o) => {
-            // Several XFF fields fold into one list, then our hop is appended.
-            let mut joined = Vec::with_capacity(64);
-            for v in o.iter() {
-                if !joined.is_empty() {
-                    joined.extend_from_slice(b", ");
-                }
-                joined.extend_from_slice(v.as_bytes());
-            }
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(conn.peer_ip.as_bytes());
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
-                o.insert(v);
-            }
-        }
-    }
-    headers.insert(X_FORWARDED_PROTO, conn.proto.clone());
+    added.push("x-forwarded-proto", conn.proto.clone());
     if let Some(h) = host {
-        headers.insert(X_FORWARDED_HOST, h.clone());
-        if !headers.contains_key(header::HOST) {
-            // h2 clients send :authority instead of Host; HTTP/1.1 backends need Host.
-            headers.insert(header::HOST, h);
+        if p.forwarded_host {
+            headers.remove(X_FORWARDED_HOST);
         }
+        if !p.host {
+            // h2 clients send :authority instead of Host; HTTP/1.1 backends need Host.
+            added.host = Some(h.clone());
+        }
+        added.push("x-forwarded-host", h);
     }
     let via = match version {
         Version::HTTP_2 => VIA_2,
         Version::HTTP_10 => VIA_10,
         _ => VIA_11,
     };
-    match headers.entry(header::VIA) {
-        Entry::Vacant(v) => {
-            v.insert(via);
-        }
-        Entry::Occupied(mut o) => {
-            let mut v = o.get().as_bytes().to_vec();
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(via.as_bytes());
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(v)) {
-                o.insert(v);
-            }
-        }
+    added.push(
+        "via",
+        if p.via {
+            fold_out(headers, header::VIA, &via)
+        } else {
+            via
+        },
+    );
+    if !p.request_id {
+        added.push("x-request-id", request_id.clone());
     }
-    headers.entry(X_REQUEST_ID).or_insert_with(|| request_id.clone());
+    added
+}
+
+/// Removes every `name` field from `headers` and returns their values and `ours` as
+/// one comma-separated list (RFC 9110 §5.3).
+fn fold_out(headers: &mut HeaderMap, name: HeaderName, ours: &HeaderValue) -> HeaderValue {
+    let mut joined = Vec::with_capacity(64);
+    for v in headers.get_all(&name) {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(ours.as_bytes());
+    headers.remove(&name);
+    HeaderValue::from_maybe_shared(Bytes::from(joined)).unwrap_or_else(|_| ours.clone())
 }
 
 /// Prepares backend response headers for the client.
@@ -459,9 +521,9 @@ pub fn rewrite_response_headers(headers: &mut HeaderMap, status: StatusCode) {
 }
 
 /// The request target in origin form (`/path?query`), reusing the parsed bytes.
-fn origin_form(uri: &Uri) -> Uri {
+fn origin_form(uri: Uri) -> Uri {
     if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri.clone();
+        return uri;
     }
     let pq = uri
         .path_and_query()
@@ -509,7 +571,7 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
         let id = HeaderValue::from_static("rid");
-        rewrite_request_headers(
+        let added = rewrite_request_headers(
             &mut h,
             &conn(),
             Version::HTTP_11,
@@ -528,11 +590,16 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
         assert_eq!(h["x-kept"], "1");
-        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "a.test");
-        assert_eq!(h["via"], "1.1 rampart");
-        assert_eq!(h["x-request-id"], "rid");
+        assert_eq!(added.get("x-forwarded-for").unwrap(), "10.1.2.3");
+        assert_eq!(added.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(added.get("x-forwarded-host").unwrap(), "a.test");
+        assert_eq!(added.get("via").unwrap(), "1.1 rampart");
+        assert_eq!(added.get("x-request-id").unwrap(), "rid");
+        assert_eq!(
+            added.host.as_ref().unwrap(),
+            "a.test",
+            "the map had no Host: it is added"
+        );
     }
 
     #[test]
@@ -541,12 +608,30 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         h.insert(header::VIA, HeaderValue::from_static("1.1 edge"));
+        h.append(header::VIA, HeaderValue::from_static("1.0 old"));
         h.insert(X_REQUEST_ID, HeaderValue::from_static("theirs"));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("spoofed"));
         let id = HeaderValue::from_static("ours");
-        rewrite_request_headers(&mut h, &conn(), Version::HTTP_2, None, &id, false);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
-        assert_eq!(h["via"], "1.1 edge, 2.0 rampart");
+        let added = rewrite_request_headers(&mut h, &conn(), Version::HTTP_2, None, &id, false);
+        assert_eq!(added.get("x-forwarded-for").unwrap(), "1.1.1.1, 2.2.2.2, 10.1.2.3");
+        assert_eq!(added.get("via").unwrap(), "1.1 edge, 1.0 old, 2.0 rampart");
+        assert_eq!(added.get("x-forwarded-proto").unwrap(), "http");
+        for moved in ["x-forwarded-for", "via", "x-forwarded-proto"] {
+            assert!(!h.contains_key(moved), "{moved} goes out once, from the added fields");
+        }
         assert_eq!(h["x-request-id"], "theirs");
+        assert!(added.get("x-request-id").is_none());
+    }
+
+    #[test]
+    fn an_h2_request_gets_a_host_field_from_its_authority() {
+        let mut h = HeaderMap::new();
+        let id = HeaderValue::from_static("rid");
+        let host = Some(HeaderValue::from_static("h2.test"));
+        let added = rewrite_request_headers(&mut h, &conn(), Version::HTTP_2, host, &id, false);
+        assert_eq!(added.host.as_ref().unwrap(), "h2.test");
+        assert_eq!(added.get("x-forwarded-host").unwrap(), "h2.test");
+        assert!(h.is_empty());
     }
 
     #[test]
@@ -561,8 +646,8 @@ mod tests {
     #[test]
     fn absolute_form_becomes_origin_form() {
         let u: Uri = "http://example.com:8080/a/b?c=d".parse().unwrap();
-        assert_eq!(origin_form(&u), "/a/b?c=d");
+        assert_eq!(origin_form(u), "/a/b?c=d");
         let u: Uri = "/x".parse().unwrap();
-        assert_eq!(origin_form(&u), "/x");
+        assert_eq!(origin_form(u), "/x");
     }
 }

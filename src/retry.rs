@@ -15,19 +15,22 @@
 //!
 //! This module owns the decision; `forward.rs` owns the loop.
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::{HeaderMap, Method};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::body::ReqBody;
+use crate::codec::UpHead;
 use crate::config::PoolConfig;
 use crate::error::ProxyError;
 use crate::state::Pool;
+use crate::upstream::UpRequest;
 
 pub fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -87,11 +90,9 @@ async fn collect_limited(body: &mut Incoming, limit: usize) -> Result<Option<Byt
     Ok(Some(buf.freeze()))
 }
 
-/// What a replay needs: the request head and its buffered body.
+/// What a replay needs: the shared request head and the buffered body.
 struct Template {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    head: Rc<UpHead>,
     body: Option<Bytes>,
 }
 
@@ -105,14 +106,12 @@ pub struct Attempts {
 }
 
 impl Attempts {
-    pub fn new(pool: &Pool, req: &Request<ReqBody>) -> Attempts {
-        let idempotent = is_replay_safe(req.method(), req.headers());
+    pub fn new(pool: &Pool, req: &UpRequest) -> Attempts {
+        let idempotent = is_replay_safe(&req.head.method, &req.head.headers);
         let max_tries = (pool.config.retry.attempts as usize).min(pool.backends.len());
-        let template = match req.body() {
+        let template = match &req.body {
             ReqBody::Buffered(b) if max_tries > 1 => Some(Template {
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                headers: req.headers().clone(),
+                head: req.head.clone(),
                 body: b.clone(),
             }),
             _ => None,
@@ -155,14 +154,12 @@ impl Attempts {
 
     /// A fresh copy of the request for another try, when its body was kept. Whether
     /// it may be sent is `failed`'s decision.
-    pub fn replay(&self) -> Option<Request<ReqBody>> {
+    pub fn replay(&self) -> Option<UpRequest> {
         let t = self.template.as_ref()?;
-        let mut r = Request::new(ReqBody::Buffered(t.body.clone()));
-        *r.method_mut() = t.method.clone();
-        *r.uri_mut() = t.uri.clone();
-        *r.version_mut() = Version::HTTP_11;
-        *r.headers_mut() = t.headers.clone();
-        Some(r)
+        Some(UpRequest {
+            head: t.head.clone(),
+            body: ReqBody::Buffered(t.body.clone()),
+        })
     }
 
     /// Records a failed try on backend `bi`. Returns whether another try is allowed;
@@ -317,6 +314,7 @@ pub fn backoff(base: Duration, max: Duration, n: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Uri;
     use std::sync::Arc;
 
     #[test]
@@ -372,10 +370,16 @@ mod tests {
         crate::state::Snapshot::build(Arc::new(config), None).pools[0].clone()
     }
 
-    fn post() -> Request<ReqBody> {
-        let mut r = Request::new(ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))));
-        *r.method_mut() = Method::POST;
-        r
+    fn post() -> UpRequest {
+        UpRequest {
+            head: Rc::new(UpHead {
+                method: Method::POST,
+                uri: Uri::from_static("/order"),
+                headers: HeaderMap::new(),
+                added: crate::codec::AddedFields::default(),
+            }),
+            body: ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))),
+        }
     }
 
     #[test]
@@ -389,8 +393,8 @@ mod tests {
             "never received: safe for any method"
         );
         let again = a.replay().expect("the small body was kept");
-        assert_eq!(again.method(), Method::POST);
-        assert_eq!(again.body().size_hint().exact(), Some(7));
+        assert_eq!(again.head.method, Method::POST);
+        assert_eq!(again.body.size_hint().exact(), Some(7));
         assert!(
             !a.failed(1, ProxyError::ResponseTimeout { backend: addr }, false),
             "the backend may have read it: never sent twice"

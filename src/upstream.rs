@@ -26,7 +26,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, StatusCode};
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWrite};
@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 
 use crate::body::{ReqBody, ReqBodyError};
 use crate::breaker::Slot;
-use crate::codec::{self, Chunked, Decoded, Framing, Head, ReqFraming};
+use crate::codec::{self, Chunked, Decoded, Framing, Head, ReqFraming, UpHead};
 use crate::error::ProxyError;
 
 /// Reads ask for at least this much free buffer, and grow it by `READ_CHUNK`.
@@ -60,6 +60,14 @@ pub struct Conn {
     addr: SocketAddr,
     /// The pool's connection breaker slot, held for the connection's life.
     _slot: Option<Slot>,
+}
+
+/// One try's request: the head every try of the request shares, and this try's body
+/// (buffered bytes are shared too; a streamed body belongs to one try).
+#[derive(Debug)]
+pub struct UpRequest {
+    pub head: Rc<UpHead>,
+    pub body: ReqBody,
 }
 
 /// Why a send failed, as the retry logic needs to know it.
@@ -104,19 +112,19 @@ impl Conn {
     /// Sends `req` and reads the response head, skipping interim (1xx) responses other
     /// than 101. The request is only borrowed: when nothing of it was written
     /// (`SendError::Unsent`) the caller still has it whole.
-    pub async fn send(&mut self, req: &mut Request<ReqBody>) -> Result<Head, SendError> {
-        let framing = match req.body() {
+    pub async fn send(&mut self, req: &mut UpRequest) -> Result<Head, SendError> {
+        let framing = match &req.body {
             ReqBody::Buffered(Some(b)) if !b.is_empty() => ReqFraming::Length(b.len() as u64),
             ReqBody::Stream { inner, .. }
-                if !inner.is_end_stream() && !req.headers().contains_key(http::header::CONTENT_LENGTH) =>
+                if !inner.is_end_stream() && !req.head.headers.contains_key(http::header::CONTENT_LENGTH) =>
             {
                 ReqFraming::Chunked
             }
             _ => ReqFraming::AsIs,
         };
-        codec::encode_request_head(&mut self.head, req.method(), req.uri(), req.headers(), framing);
+        codec::encode_request_head(&mut self.head, &req.head, framing);
         let head = std::mem::take(&mut self.head);
-        let written = match req.body() {
+        let written = match &req.body {
             ReqBody::Buffered(Some(b)) => self.write_all(&mut [IoSlice::new(&head), IoSlice::new(b)]).await,
             _ => self.write_all(&mut [IoSlice::new(&head)]).await,
         };
@@ -136,14 +144,14 @@ impl Conn {
             }
             Err((stop @ WriteStop::Answered, _)) => write_failed = Some(stop.into_error()),
         }
-        if let (ReqBody::Stream { .. }, None) = (req.body(), &write_failed) {
-            match self.write_body(req.body_mut(), framing).await {
+        if let (ReqBody::Stream { .. }, None) = (&req.body, &write_failed) {
+            match self.write_body(&mut req.body, framing).await {
                 Ok(()) => {}
                 Err(BodyWrite::Client(e)) => return Err(SendError::Fatal(e)),
                 Err(BodyWrite::Backend(stop)) => write_failed = Some(stop.into_error()),
             }
         }
-        let head_request = req.method() == http::Method::HEAD;
+        let head_request = req.head.method == http::Method::HEAD;
         match (self.read_head(head_request).await, write_failed) {
             (Ok(mut head), failed) => {
                 head.keep_alive &= failed.is_none();
@@ -567,13 +575,26 @@ mod tests {
         (Box::new(Conn::new(client, addr, None)), server)
     }
 
-    fn order() -> Request<ReqBody> {
-        Request::builder()
-            .method("POST")
-            .uri("/order")
-            .header("host", "a")
-            .body(ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))))
-            .unwrap()
+    fn request(method: http::Method, uri: &'static str, body: ReqBody) -> UpRequest {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static("a"));
+        UpRequest {
+            head: Rc::new(UpHead {
+                method,
+                uri: http::Uri::from_static(uri),
+                headers,
+                added: codec::AddedFields::default(),
+            }),
+            body,
+        }
+    }
+
+    fn order() -> UpRequest {
+        request(
+            http::Method::POST,
+            "/order",
+            ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))),
+        )
     }
 
     async fn send_order(conn: &mut Conn) -> Result<Head, SendError> {
@@ -723,7 +744,7 @@ mod tests {
             Err(SendError::Unsent(_)) => {}
             other => panic!("expected unsent, got {other:?}"),
         }
-        assert_eq!(req.body().size_hint().exact(), Some(7), "the request is still whole");
+        assert_eq!(req.body.size_hint().exact(), Some(7), "the request is still whole");
     }
 
     #[tokio::test]
@@ -768,12 +789,7 @@ mod tests {
         let (mut conn, mut server) = pair().await;
         // 8 MiB: far more than the socket buffers hold while the backend reads nothing.
         let big = Bytes::from(vec![b'x'; 8 << 20]);
-        let mut req = Request::builder()
-            .method("PUT")
-            .uri("/upload")
-            .header("host", "a")
-            .body(ReqBody::Buffered(Some(big)))
-            .unwrap();
+        let mut req = request(http::Method::PUT, "/upload", ReqBody::Buffered(Some(big)));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let backend = async move {
             let mut head = vec![0u8; 256];

@@ -208,6 +208,7 @@ async fn headers_are_rewritten_both_ways() {
             ("x-drop-me", "1"),
             ("keep-alive", "timeout=5"),
             ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
             ("te", "trailers"),
         ],
     )
@@ -227,6 +228,16 @@ async fn headers_are_rewritten_both_ways() {
     assert_eq!(seen["x-forwarded-host"], "shop.test");
     assert_eq!(seen["via"], "1.1 rampart");
     assert_eq!(seen["x-request-id"].to_str().unwrap(), rid);
+    for once in [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "via",
+        "x-request-id",
+    ] {
+        assert_eq!(seen.get_all(once).iter().count(), 1, "{once} is sent once: {seen:?}");
+    }
 
     // A client's own request id is kept.
     get_with(addr, "/", &[("x-request-id", "client-id-1")]).await;
