@@ -114,11 +114,7 @@ pub async fn forward(
         } else {
             None
         };
-        let (bi, outcome) = if hedge {
-            hedged(ctx, pool, hash, bi, request, &mut attempts, opts).await
-        } else {
-            (bi, try_backend(ctx.clone(), pool.clone(), bi, request, opts).await)
-        };
+        let (bi, outcome) = attempt(ctx, pool, hash, bi, request, &mut attempts, opts, hedge).await;
         let (err, unsent) = match outcome {
             Outcome::Response(mut fwd) => {
                 attach_slot(&mut fwd, request_slot);
@@ -181,9 +177,18 @@ fn attach_slot(fwd: &mut Forwarded, slot: crate::breaker::Slot) {
     }
 }
 
-/// One try, and after the hedge delay a second try on another backend; the first
-/// usable answer wins and the other is cancelled.
-async fn hedged(
+/// One try; with `hedge`, after the hedge delay a second try on another backend,
+/// and the first usable answer wins and the other is cancelled.
+///
+/// Each try is boxed, the hedge only once it is sent, so the futures of the
+/// request's whole call chain stay small: they are moved (copied whole) into place
+/// at each level, and a try's state machine is the largest of them.
+///
+/// A hedged first try keeps no timer of its own: one timer here fires at the hedge
+/// delay and is then moved to the try's deadline. A timer costs about as much as
+/// the rest of the attempt loop, and most requests need neither firing.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
     ctx: &Rc<WorkerCtx>,
     pool: &Arc<Pool>,
     hash: Option<u64>,
@@ -191,34 +196,64 @@ async fn hedged(
     request: UpRequest,
     attempts: &mut Attempts,
     opts: TryOpts,
+    hedge: bool,
 ) -> (usize, Outcome) {
+    let start = Instant::now();
+    let deadline = start + opts.timeout;
+    if !hedge {
+        let first = Box::pin(try_backend(
+            ctx.clone(),
+            pool.clone(),
+            bi,
+            request,
+            opts,
+            Some(deadline),
+        ));
+        return (bi, first.await);
+    }
+    // Boxed also so that, if the hedge wins, the first try can be handed to
+    // `watch_primary`.
+    let mut first = Box::pin(try_backend(ctx.clone(), pool.clone(), bi, request, opts, None));
     let cfg = &pool.config;
     let delay = match cfg.retry.hedge_delay {
         HedgeDelay::Fixed(d) => d,
         HedgeDelay::Auto => pool.latency.hedge_delay(cfg.response_timeout),
     };
-    // Boxed so that, if the hedge wins, the first try can be handed to `watch_primary`.
-    let mut first = Box::pin(try_backend(ctx.clone(), pool.clone(), bi, request, opts));
+    let timer = tokio::time::sleep_until((start + delay).min(deadline));
+    tokio::pin!(timer);
     tokio::select! {
         o = &mut first => return (bi, o),
-        _ = tokio::time::sleep(delay) => {}
+        _ = &mut timer => {}
     }
+    if Instant::now() >= deadline {
+        return (bi, timed_out(pool, bi));
+    }
+    timer.as_mut().reset(deadline);
     let exclude = [attempts.tried(), &[bi]].concat();
     let target = pool.pick(hash, &exclude);
     let (Some(hb), Some(hreq)) = (target, attempts.replay()) else {
-        return (bi, first.await);
+        return (bi, by_deadline(pool, bi, first, timer).await);
     };
     let Ok(_slot) = pool.breakers.acquire(Limit::Retries, &cfg.circuit_breaker) else {
-        return (bi, first.await);
+        return (bi, by_deadline(pool, bi, first, timer).await);
     };
     if !pool.budget.try_withdraw() {
-        return (bi, first.await);
+        return (bi, by_deadline(pool, bi, first, timer).await);
     }
     metrics::counter!("rampart_hedges_total", "pool" => pool.name.clone()).increment(1);
     tracing::debug!(pool = %pool.name, slow = %pool.backends[bi].name, hedge = %pool.backends[hb].name, delay_ms = delay.as_millis() as u64, "hedging");
+    // Both count as tried: whichever fails, a retry goes to a third backend.
+    attempts.mark_tried(bi);
     attempts.mark_tried(hb);
-    let second = try_backend(ctx.clone(), pool.clone(), hb, hreq, opts);
-    tokio::pin!(second);
+    let hedge_deadline = Instant::now() + opts.timeout;
+    let mut second = Box::pin(try_backend(
+        ctx.clone(),
+        pool.clone(),
+        hb,
+        hreq,
+        opts,
+        Some(hedge_deadline),
+    ));
     tokio::select! {
         o = &mut first => match o {
             Outcome::Response(_) | Outcome::Fatal(_) => (bi, o),
@@ -226,6 +261,10 @@ async fn hedged(
                 note_lost(pool, bi, &other);
                 (hb, second.await)
             }
+        },
+        _ = &mut timer => {
+            note_lost(pool, bi, &timed_out(pool, bi));
+            (hb, second.await)
         },
         o = &mut second => match o {
             Outcome::Response(_) | Outcome::Fatal(_) => {
@@ -235,9 +274,33 @@ async fn hedged(
             }
             other => {
                 note_lost(pool, hb, &other);
-                (bi, first.await)
+                (bi, by_deadline(pool, bi, first, timer).await)
             }
         },
+    }
+}
+
+/// A try that has not answered by its deadline.
+fn timed_out(pool: &Pool, bi: usize) -> Outcome {
+    Outcome::Failed(
+        ProxyError::ResponseTimeout {
+            backend: pool.backends[bi].addr,
+        },
+        None,
+    )
+}
+
+/// Finishes an untimed try on backend `bi` under `timer`, which is set to its
+/// deadline.
+async fn by_deadline(
+    pool: &Pool,
+    bi: usize,
+    try_: impl Future<Output = Outcome>,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Outcome {
+    tokio::select! {
+        o = try_ => o,
+        _ = timer => timed_out(pool, bi),
     }
 }
 
@@ -272,16 +335,22 @@ fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
     }
 }
 
-/// One try on backend `bi`: connection, send, response headers within `timeout`, and
-/// up to `buffer` bytes of body.
-async fn try_backend(ctx: Rc<WorkerCtx>, pool: Arc<Pool>, bi: usize, mut request: UpRequest, opts: TryOpts) -> Outcome {
-    let TryOpts { timeout, buffer } = opts;
+/// One try on backend `bi`: connection, send, response headers and up to `buffer`
+/// bytes of body, all by `deadline` (`None`: the caller keeps the deadline).
+async fn try_backend(
+    ctx: Rc<WorkerCtx>,
+    pool: Arc<Pool>,
+    bi: usize,
+    mut request: UpRequest,
+    opts: TryOpts,
+    deadline: Option<Instant>,
+) -> Outcome {
+    let buffer = opts.buffer;
     // Owned handles, so a hedged-against try can outlive its request (`watch_primary`).
     let (ctx, pool) = (&ctx, &pool);
     let cfg = &pool.config;
     let backend = &pool.backends[bi];
     let addr = backend.addr;
-    let deadline = Instant::now() + timeout;
     let mut stale_left = MAX_STALE_RESENDS;
     loop {
         let (mut conn, reused) = match ctx.conns.checkout(backend.state.id) {
@@ -305,7 +374,7 @@ async fn try_backend(ctx: Rc<WorkerCtx>, pool: Arc<Pool>, bi: usize, mut request
         };
         let in_flight = backend.state.start_request();
         let sent_at = Instant::now();
-        let mut head = match tokio::time::timeout_at(deadline, conn.send(&mut request)).await {
+        let mut head = match by(deadline, conn.send(&mut request)).await {
             Err(_) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
             Ok(Err(SendError::Fatal(e))) => return Outcome::Fatal(e),
             Ok(Err(SendError::Unsent(_))) if reused && stale_left > 0 => {
@@ -374,18 +443,26 @@ async fn try_backend(ctx: Rc<WorkerCtx>, pool: Arc<Pool>, bi: usize, mut request
     }
 }
 
+/// `f`, failing (`Err`) if `deadline` passes first; with no deadline, just `f`.
+async fn by<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, ()> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await.map_err(|_| ()),
+        None => Ok(f.await),
+    }
+}
+
 /// Reads body frames until the end or until more than `limit` bytes. Returns the
 /// bytes and whether the body is complete; `Err(None)` is the deadline passing.
 async fn read_prefix(
     incoming: &mut UpBody,
     limit: usize,
-    deadline: Instant,
+    deadline: Option<Instant>,
 ) -> Result<(Bytes, bool), Option<std::io::Error>> {
     let mut first: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
     let mut len = 0usize;
     loop {
-        let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+        let frame = match by(deadline, incoming.frame()).await {
             Err(_) => return Err(None),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(Some(e)),

@@ -409,3 +409,27 @@ async fn losing_hedge_races_while_still_answering_does_not_eject() {
     let st = status_of(&srv).await;
     assert_eq!(backend_field(&st, late.addr, "ejected"), false, "{st}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_tries_still_time_out_when_every_backend_is_frozen() {
+    let a = TestOrigin::start("a", Behavior::Freeze).await;
+    let b = TestOrigin::start("b", Behavior::Freeze).await;
+    // With budget, the hedge goes out and both tries run into their deadlines; with
+    // none, the first try alone is held to its deadline (and not retried).
+    for (budget, tries) in [
+        ("budget_percent = 100", 2),
+        ("budget_percent = 0, budget_min_per_sec = 0", 1),
+    ] {
+        let extra = format!(
+            "response_timeout = \"300ms\"\nretry = {{ hedge_delay = \"20ms\", {budget} }}\n\
+             health_check = {{ type = \"none\" }}\noutlier = {{ consecutive_failures = 1000 }}"
+        );
+        let (_srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr], &extra));
+        let before = a.hits() + b.hits();
+        let t = Instant::now();
+        let r = get(addr, "/").await;
+        assert_eq!(r.status, 504, "{budget}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{budget}: {:?}", t.elapsed());
+        assert_eq!(a.hits() + b.hits() - before, tries, "{budget}");
+    }
+}
