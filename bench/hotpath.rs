@@ -49,7 +49,7 @@ fn balancers(c: &mut Criterion) {
     ] {
         let b = Balancer::new(kind, &cfg);
         c.bench_function(&format!("pick/{}", b.kind()), |bench| {
-            bench.iter(|| b.pick(black_box(&live), Some(0x1234_5678), &ok))
+            bench.iter(|| b.pick(black_box(&live), Some(0x1234_5678), rampart::state::clock_ns(), &ok))
         });
     }
 }

@@ -60,7 +60,14 @@ impl Balancer {
 
     /// Picks a backend index for which `ok(i)` holds. `hash` is the request's hash key
     /// (consistent hashing only; without one a random backend is chosen, as Envoy does).
-    pub fn pick(&self, backends: &[Backend], hash: Option<u64>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+    /// `now_ns` is a `state::clock_ns()` reading, for peak-EWMA's decay.
+    pub fn pick(
+        &self,
+        backends: &[Backend],
+        hash: Option<u64>,
+        now_ns: u64,
+        ok: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
         let n = backends.len();
         if n == 0 {
             return None;
@@ -81,9 +88,15 @@ impl Balancer {
                 // A backend with no sample yet borrows its rival's latency, so the
                 // choice falls to in-flight load and a new backend gets tried.
                 let (la, lb) = match (a.state.has_latency_sample(), b.state.has_latency_sample()) {
-                    (true, false) => (a.state.ewma(), a.state.ewma()),
-                    (false, true) => (b.state.ewma(), b.state.ewma()),
-                    _ => (a.state.ewma(), b.state.ewma()),
+                    (true, false) => {
+                        let l = a.state.ewma_at(now_ns);
+                        (l, l)
+                    }
+                    (false, true) => {
+                        let l = b.state.ewma_at(now_ns);
+                        (l, l)
+                    }
+                    _ => (a.state.ewma_at(now_ns), b.state.ewma_at(now_ns)),
                 };
                 (
                     a.state.ewma_cost(la) / a.weight as f64,

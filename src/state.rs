@@ -21,10 +21,15 @@ use crate::metrics::PoolMetrics;
 use crate::retry::{LatencyTracker, RetryBudget};
 use crate::router::Router;
 
-/// Milliseconds on a process-wide monotonic clock; 0 is process start.
+/// Milliseconds on a process-wide monotonic clock; 1 is process start (0 means
+/// "never" in the timestamps kept in atomics).
 pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    ms_of(clock_ns())
+}
+
+/// `now_ms()` for a `clock_ns()` reading, so one clock read can serve both.
+pub fn ms_of(ns: u64) -> u64 {
+    (ns - 1) / 1_000_000 + 1
 }
 
 /// Latency assumed for a backend with no samples yet, so new backends get tried.
@@ -124,12 +129,17 @@ impl BackendState {
     /// The current latency estimate, decayed toward zero while there are no samples so
     /// that a backend that was slow once is tried again.
     pub fn ewma(&self) -> f64 {
+        self.ewma_at(clock_ns())
+    }
+
+    /// `ewma()` at `now_ns` (a `clock_ns()` reading).
+    pub fn ewma_at(&self, now_ns: u64) -> f64 {
         let v = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let stamp = self.ewma_stamp_ns.load(Ordering::Relaxed);
         if stamp == 0 {
             return v;
         }
-        let idle = clock_ns().saturating_sub(stamp) as f64;
+        let idle = now_ns.saturating_sub(stamp) as f64;
         v * (-idle / EWMA_DECAY_NS).exp()
     }
 
@@ -150,7 +160,8 @@ impl Default for BackendState {
     }
 }
 
-fn clock_ns() -> u64 {
+/// Nanoseconds on the process-wide monotonic clock; 1 is process start.
+pub fn clock_ns() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
@@ -193,7 +204,9 @@ impl Pool {
     /// every backend counts as available (Envoy's panic mode): better to try a backend
     /// marked down than to fail every request.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
-        let now = now_ms();
+        // One clock read per pick: it was three (availability, two EWMA decays).
+        let now_ns = clock_ns();
+        let now = ms_of(now_ns);
         let total = self.backends.len();
         let available = self.backends.iter().filter(|b| b.state.is_available(now)).count();
         let panic = available * 100 < total * self.config.outlier.panic_threshold as usize;
@@ -223,14 +236,14 @@ impl Pool {
             !ramping || fastrand::f64() < st.ramp_factor(now, window)
         };
         self.balancer
-            .pick(&self.backends, hash, &ok)
+            .pick(&self.backends, hash, now_ns, &ok)
             // Slow start must never make a pool refuse: retry without the ramp.
             .or_else(|| {
                 if !ramping {
                     return None;
                 }
                 let plain = |i: usize| !exclude.contains(&i) && (panic || self.backends[i].state.is_available(now));
-                self.balancer.pick(&self.backends, hash, &plain)
+                self.balancer.pick(&self.backends, hash, now_ns, &plain)
             })
     }
 }
