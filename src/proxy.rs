@@ -155,7 +155,12 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Incomin
             (error_response(&e, &request_id, custom), None)
         }
     };
-    response.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+    // Unique per response, so not worth a place in an HTTP/2 client's HPACK table:
+    // "never indexed" skips the table search and insert (and the eviction of fields
+    // that do repeat). HTTP/1.1 ignores the flag.
+    let mut id = request_id.clone();
+    id.set_sensitive(true);
+    response.headers_mut().insert(X_REQUEST_ID, id);
     let elapsed = start.elapsed();
     if let Some(p) = pool {
         p.metrics.record(response.status().as_u16(), elapsed);

@@ -282,6 +282,7 @@ async fn h2c_clients_are_proxied_to_http1_backends() {
     let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
     assert_eq!(seen["host"], "test.local", "h2 :authority becomes Host");
     assert_eq!(seen["via"], "2.0 rampart");
+    assert_eq!(r.headers["x-request-id"].len(), 24, "the request id reaches h2 clients");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
