@@ -444,10 +444,37 @@ async fn try_backend(
 }
 
 /// `f`, failing (`Err`) if `deadline` passes first; with no deadline, just `f`.
-async fn by<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, ()> {
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d, f).await.map_err(|_| ()),
-        None => Ok(f.await),
+/// A hand-written future rather than an `async fn` matching on `deadline`: the
+/// compiler gave each arm's future its own space, so the try's state machine held
+/// the send future twice.
+fn by<F: Future>(deadline: Option<Instant>, f: F) -> By<F> {
+    By {
+        f,
+        timer: deadline.map(tokio::time::sleep_until),
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct By<F> {
+        #[pin]
+        f: F,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<F: Future> Future for By<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(v) = this.f.poll(cx) {
+            return std::task::Poll::Ready(Ok(v));
+        }
+        match this.timer.as_pin_mut() {
+            Some(t) => t.poll(cx).map(|()| Err(())),
+            None => std::task::Poll::Pending,
+        }
     }
 }
 
