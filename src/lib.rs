@@ -7,6 +7,7 @@
 //! listener and active health checks, which run once per process, not per worker.
 
 pub mod admin;
+pub mod alloc;
 pub mod balancer;
 pub mod body;
 pub mod breaker;
@@ -156,9 +157,6 @@ fn spawn_control(
         stopped(&mut shutdown).await;
     })
 }
-
-// The binary's global allocator; linked here so `trim_allocator` resolves in tests too.
-use mimalloc as _;
 
 /// Lets mimalloc give memory freed after a burst (parked connections' buffers) back to
 /// the OS on an idle worker: it purges freed pages only during later allocations, so a

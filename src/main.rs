@@ -15,8 +15,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// mimalloc: glibc malloc/free were 14% of rampart's instructions per request under
 /// callgrind; a per-thread-heap allocator suits one-runtime-per-thread workers.
+/// (`rampart::alloc` says why not the `mimalloc` crate's own `GlobalAlloc`.)
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: rampart::alloc::MiMalloc = rampart::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
