@@ -31,13 +31,10 @@ pub enum ReqBodyError {
 /// The request body sent to a backend.
 #[derive(Debug)]
 pub enum ReqBody {
-    /// Streams from the client; `limit` enforces a route's `max_body_bytes`.
-    Stream {
-        inner: Incoming,
-        limit: Option<u64>,
-        seen: u64,
-    },
-    /// Fully buffered (for replay on retry). `None` once sent.
+    /// Streams from the client, to one try only.
+    Stream(StreamBody),
+    /// Fully buffered, so every try (and hedge) sends the same bytes; `Conn::send`
+    /// only borrows them. `None`: no body.
     Buffered(Option<Bytes>),
 }
 
@@ -47,44 +44,51 @@ impl ReqBody {
     }
 }
 
-impl Body for ReqBody {
+/// The client's body as it streams to a backend; `limit` enforces a route's
+/// `max_body_bytes` on bodies without a (small enough) `Content-Length`.
+#[derive(Debug)]
+pub struct StreamBody {
+    inner: Incoming,
+    limit: Option<u64>,
+    seen: u64,
+}
+
+impl StreamBody {
+    pub fn new(inner: Incoming, limit: Option<u64>) -> StreamBody {
+        StreamBody { inner, limit, seen: 0 }
+    }
+}
+
+impl Body for StreamBody {
     type Data = Bytes;
     type Error = ReqBodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ReqBodyError>>> {
-        match self.get_mut() {
-            ReqBody::Buffered(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
-            ReqBody::Stream { inner, limit, seen } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        *seen += d.len() as u64;
-                        if let Some(l) = *limit {
-                            if *seen > l {
-                                return Poll::Ready(Some(Err(ReqBodyError::TooLarge(l))));
-                            }
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.seen += d.len() as u64;
+                    if let Some(l) = this.limit {
+                        if this.seen > l {
+                            return Poll::Ready(Some(Err(ReqBodyError::TooLarge(l))));
                         }
                     }
-                    Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ReqBodyError::Client(e)))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ReqBodyError::Client(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ReqBody::Buffered(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            ReqBody::Stream { inner, .. } => inner.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ReqBody::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ReqBody::Stream { inner, .. } => inner.size_hint(),
-        }
+        self.inner.size_hint()
     }
 }
 
