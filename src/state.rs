@@ -356,8 +356,8 @@ mod tests {
 
     #[test]
     fn decay_matches_exp() {
-        for x in [0.0, 1e-9, 1e-6, 5e-4, 9.99e-4, 1e-3, 0.5, 3.0] {
-            let want = (-x as f64).exp();
+        for x in [0.0f64, 1e-9, 1e-6, 5e-4, 9.99e-4, 1e-3, 0.5, 3.0] {
+            let want = (-x).exp();
             assert!(
                 (decay(x) - want).abs() <= want * 1e-9,
                 "x = {x}: {} vs {want}",
