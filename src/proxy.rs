@@ -136,15 +136,16 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Incomin
     let start = Instant::now();
     // One snapshot for the whole request; `load_full` because it lives across awaits.
     let snap = ctx.shared.snapshot.load_full();
-    let request_id = match req.headers().get(X_REQUEST_ID) {
-        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+    let mut fields = scan(req.headers());
+    let request_id = match fields.request_id.take() {
+        Some(v) if !v.is_empty() && v.len() <= 200 => v,
         _ => ctx.ids.next(),
     };
     let method = req.method().clone();
     let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
     let mut pool_idx = None;
     // (The service boxes this whole future: see `idle::Svc`.)
-    let result = handle_inner(&ctx, &conn, &snap, req, &request_id, &mut pool_idx).await;
+    let result = handle_inner(&ctx, &conn, &snap, req, fields, &request_id, &mut pool_idx).await;
     let pool = pool_idx.map(|i| &snap.pools[i]);
     let (mut response, backend) = match result {
         Ok(f) => (f.response, Some(f.backend)),
@@ -195,6 +196,7 @@ async fn handle_inner(
     conn: &ConnInfo,
     snap: &Arc<Snapshot>,
     mut req: Request<Incoming>,
+    fields: Fields,
     request_id: &HeaderValue,
     pool_out: &mut Option<usize>,
 ) -> Result<Forwarded, ProxyError> {
@@ -206,8 +208,7 @@ async fn handle_inner(
             });
         }
     }
-    let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    if header_bytes > server.max_header_bytes {
+    if fields.bytes > server.max_header_bytes {
         return Err(ProxyError::HeadersTooLarge {
             limit: server.max_header_bytes,
         });
@@ -219,7 +220,7 @@ async fn handle_inner(
     // The authority (h2, absolute-form) wins over Host, as RFC 9112 §3.2.2 says.
     let host_value: Option<HeaderValue> = match req.uri().authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
+        None => fields.host,
     };
     if host_value.is_none() && req.version() == Version::HTTP_11 {
         return Err(ProxyError::BadRequest("missing Host header"));
@@ -236,7 +237,7 @@ async fn handle_inner(
     *pool_out = Some(route.pool);
     let pool = &snap.pools[route.pool];
 
-    let content_length = content_length(req.headers())?;
+    let content_length = content_length(fields.content_length.as_ref())?;
     if let (Some(limit), Some(len)) = (route.max_body_bytes, content_length) {
         if len > limit {
             return Err(ProxyError::BodyTooLarge { limit });
@@ -248,7 +249,7 @@ async fn handle_inner(
         _ => None,
     };
 
-    let upgrade = is_upgrade(&req);
+    let upgrade = fields.upgrade && is_upgrade(&req);
     let client_upgrade = upgrade.then(|| match &conn.park {
         Some(park) => ClientUpgrade::Manual(park.clone()),
         None => ClientUpgrade::Hyper(hyper::upgrade::on(&mut req)),
@@ -262,7 +263,15 @@ async fn handle_inner(
         mut headers,
         ..
     } = parts;
-    let added = rewrite_request_headers(&mut headers, conn, version, host_value, request_id, upgrade);
+    let added = rewrite_with(
+        &mut headers,
+        &fields.present,
+        conn,
+        version,
+        host_value,
+        request_id,
+        upgrade,
+    );
     let head = Rc::new(UpHead {
         method,
         uri: origin_form(uri),
@@ -331,8 +340,8 @@ where
     tokio::io::copy_bidirectional(client, upstream).await.map(|_| ())
 }
 
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {
-    match headers.get(header::CONTENT_LENGTH) {
+fn content_length(field: Option<&HeaderValue>) -> Result<Option<u64>, ProxyError> {
+    match field {
         None => Ok(None),
         Some(v) => v
             .to_str()
@@ -390,8 +399,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Which of the fields rampart rewrites a request carries, from one pass over its
-/// field names (a hash lookup per name cost more).
+/// Which of the fields rampart rewrites a request carries.
 #[derive(Default)]
 struct Present {
     hop_by_hop: bool,
@@ -403,26 +411,55 @@ struct Present {
     request_id: bool,
 }
 
-fn present(headers: &HeaderMap) -> Present {
-    let mut p = Present::default();
-    for name in headers.keys() {
+/// What handling a request needs from its header fields, from one pass over them:
+/// a `get` per field hashed its name each time, and most requests carry few fields.
+#[derive(Default)]
+struct Fields {
+    /// The header block's size as `max_header_bytes` counts it.
+    bytes: usize,
+    /// The first of each.
+    request_id: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+    content_length: Option<HeaderValue>,
+    /// An `Upgrade` field is present (`is_upgrade` decides the rest).
+    upgrade: bool,
+    present: Present,
+}
+
+fn scan(headers: &HeaderMap) -> Fields {
+    let mut f = Fields::default();
+    for (name, value) in headers {
+        f.bytes += name.as_str().len() + value.len() + 4;
         if name == header::HOST {
-            p.host = true;
+            if f.host.is_none() {
+                f.host = Some(value.clone());
+            }
+            f.present.host = true;
+        } else if name == header::CONTENT_LENGTH {
+            if f.content_length.is_none() {
+                f.content_length = Some(value.clone());
+            }
         } else if name == header::VIA {
-            p.via = true;
+            f.present.via = true;
         } else if is_hop_by_hop(name) {
-            p.hop_by_hop = true;
+            f.present.hop_by_hop = true;
+            f.upgrade |= name == header::UPGRADE;
         } else {
             match name.as_str() {
-                "x-forwarded-for" => p.forwarded_for = true,
-                "x-forwarded-proto" => p.forwarded_proto = true,
-                "x-forwarded-host" => p.forwarded_host = true,
-                "x-request-id" => p.request_id = true,
+                "x-forwarded-for" => f.present.forwarded_for = true,
+                "x-forwarded-proto" => f.present.forwarded_proto = true,
+                "x-forwarded-host" => f.present.forwarded_host = true,
+                "x-request-id" => {
+                    if f.request_id.is_none() {
+                        f.request_id = Some(value.clone());
+                    }
+                    f.present.request_id = true;
+                }
                 _ => {}
             }
         }
     }
-    p
+    f
 }
 
 fn is_hop_by_hop(n: &HeaderName) -> bool {
@@ -443,7 +480,20 @@ pub fn rewrite_request_headers(
     request_id: &HeaderValue,
     upgrade: bool,
 ) -> AddedFields {
-    let p = present(headers);
+    let present = scan(headers).present;
+    rewrite_with(headers, &present, conn, version, host, request_id, upgrade)
+}
+
+/// `rewrite_request_headers` with the fields present already known (`scan`).
+fn rewrite_with(
+    headers: &mut HeaderMap,
+    p: &Present,
+    conn: &ConnInfo,
+    version: Version,
+    host: Option<HeaderValue>,
+    request_id: &HeaderValue,
+    upgrade: bool,
+) -> AddedFields {
     if p.hop_by_hop {
         let upgrade_value = if upgrade {
             headers.get(header::UPGRADE).cloned()
