@@ -14,6 +14,8 @@ proxies with equivalent settings (bench/peers/), then runs, interleaved per roun
                /proc utime+stime) and p99 latency
   idle memory  9,000 idle keep-alive client connections (one request each, then idle
                for IDLE_SETTLE s, and again at IDLE_LONG s): proxy RSS growth / conn
+  floor        throughput and fixed-rate CPU of HAProxy in TCP mode (no HTTP parsing):
+               not a competitor, the floor any proxy hop costs on this machine
 
 and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy.
 Load goes to 127.0.0.1 only; every loop is bounded in time.
@@ -92,8 +94,10 @@ def render(template: Path, run: Path) -> Path:
     return out
 
 
-# Origins, then rampart, nginx, HAProxy and rampart with 2 workers.
-PORTS = (19001, 19002, 19003, 18080, 18081, 18082, 18083)
+# Origins, then rampart, nginx, HAProxy, rampart with 2 workers, HAProxy in TCP mode.
+PORTS = (19001, 19002, 19003, 18080, 18081, 18082, 18083, 18084)
+# HAProxy in TCP mode: the floor for a proxy hop (no HTTP parsing), not a competitor.
+FLOOR_PORT = 18084
 
 
 def port_open(port):
@@ -136,6 +140,8 @@ class Procs:
             ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "nginx.conf", self.run))])
         self.procs["haproxy"] = subprocess.Popen(
             ["haproxy", "-db", "-f", str(render(PEERS / "haproxy.cfg", self.run))])
+        self.procs["haproxy-tcp"] = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(render(PEERS / "haproxy-tcp.cfg", self.run))])
         self.procs["rampart"] = subprocess.Popen(
             [str(self.rampart), "--config", str(PEERS / "rampart.toml"), "--log-level", "warn"])
         self.procs["rampart-2w"] = subprocess.Popen(
@@ -290,6 +296,7 @@ def main():
     os.chmod(run, 0o755)
     procs = Procs(run, rampart)
     results = {m: {p: [] for p in PROXIES} for m in ("rps", "rps64k", "h2", "cpu", "p99", "idle", "idle15")}
+    floor = {"rps": [], "cpu": []}
     try:
         procs.start_all()
         direct = wrk(19001, "/", args.duration)
@@ -306,12 +313,18 @@ def main():
                     results[k][name].append(v)
                 print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s  64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
                       f"cpu {cpu:5.1f} µs/req  p99 {p99:6.2f} ms", flush=True)
+            rps = wrk(FLOOR_PORT, "/", args.duration)
+            cpu, _ = fixed_rate(procs, "haproxy-tcp", FLOOR_PORT, args.duration, args.rate)
+            floor["rps"].append(rps)
+            floor["cpu"].append(cpu)
+            print(f"round {rnd + 1} floor (HAProxy TCP mode) {rps:9,.0f} req/s  cpu {cpu:5.1f} µs/req", flush=True)
         scaling = []
         for rnd in range(args.rounds):
             one, two = wrk(18080, "/", args.duration), wrk(18083, "/", args.duration)
             scaling.append(two / one)
             print(f"scaling  round {rnd + 1}: 1 worker {one:,.0f} req/s, 2 workers {two:,.0f} req/s", flush=True)
         results["scaling"] = statistics.median(scaling)
+        results["floor"] = {k: statistics.median(v) for k, v in floor.items()}
         for name in PROXIES:
             port, _ = PROXIES[name]
             mem, settled = idle_memory(procs, name, port, args.idle)
@@ -336,6 +349,7 @@ def build_label():
 
 def write_results(results, args, direct):
     scaling = results.pop("scaling", None)
+    floor = results.pop("floor", None)
     med = {m: {p: statistics.median(v) for p, v in d.items() if v} for m, d in results.items()}
     higher_better = {"rps", "rps64k", "h2"}
     rows = [
@@ -379,6 +393,15 @@ def write_results(results, args, direct):
     if scaling is not None:
         lines += ["", f"Scaling: rampart with 2 workers vs 1 worker, wrk -c64, same machine (wrk and the "
                   f"origins share the 2 CPUs): {scaling:.2f}× (median of {args.rounds})."]
+    if floor:
+        best_rps = max(med["rps"]["nginx"], med["rps"]["haproxy"])
+        best_cpu = min(med["cpu"]["nginx"], med["cpu"]["haproxy"])
+        lines += ["", "Floor, for reading the goals: HAProxy in TCP mode (`bench/peers/haproxy-tcp.cfg`: "
+                  "bytes relayed without parsing HTTP, one backend connection per client) in the same "
+                  f"rounds: {floor['rps']:,.0f} req/s ({floor['rps'] / best_rps:.2f}× the better HTTP peer; "
+                  f"rampart {med['rps']['rampart'] / floor['rps']:.2f}× of it) and {floor['cpu']:.2f} µs of "
+                  f"CPU per request at {args.rate} req/s ({floor['cpu'] / best_cpu:.2f}× the better HTTP "
+                  f"peer; rampart {med['cpu']['rampart'] / floor['cpu']:.2f}× of it)."]
     lines.append("")
     text = "\n".join(lines)
     (ROOT / "bench" / "RESULTS.md").write_text(text)
