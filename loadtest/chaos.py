@@ -52,6 +52,14 @@ def ensure_tools():
                    cwd=ROOT, check=True)
 
 
+def build_label():
+    """The commit the build came from, and whether the tree had changes to the code."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "Cargo.toml", "Cargo.lock")
+    return f"at {commit}" + (" with uncommitted changes" if dirty else "")
+
+
 def wait_port(port, timeout=10.0):
     import socket
     deadline = time.time() + timeout
@@ -281,7 +289,12 @@ def main():
         args.logs.mkdir(parents=True, exist_ok=True)
     scenarios = args.scenarios.split(",")
     proxies = args.proxies.split(",")
+    label = build_label()
     ensure_tools()
+    if build_label() != label:
+        # The build picked up code that changed while it ran: the figures would not
+        # belong to any commit.
+        label += f", code changed during the build (now {build_label()})"
     run = Path(tempfile.mkdtemp(prefix="rampart-chaos-"))
     results = {}
     for sc in scenarios:
@@ -296,7 +309,8 @@ def main():
     header = "| scenario | " + " | ".join(proxies) + " |"
     lines = ["# Chaos suite results", "",
              f"`python3 loadtest/chaos.py --duration {args.duration}`, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Backend 2 of 3 is broken from "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, rampart {label}. "
+             f"Backend 2 of 3 is broken from "
              f"{args.duration / 4:.0f}s to {3 * args.duration / 4:.0f}s of each run (rolling: each backend "
              "in turn; all_down: all three). 32 keep-alive clients. Cells: client-visible failures "
              "(non-2xx + transport errors), slowest request where relevant. rampart runs the minimal "
