@@ -82,11 +82,16 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => StatusCode::NOT_FOUND,
-            NoHealthyBackend { .. } | Connect { .. } | ConnectTimeout { .. } | CircuitOpen { .. } | ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            // Also `NotReceived`: like a refused connect, no application saw the
+            // request, and a 503 with `Retry-After` tells the client a retry is safe.
+            NoHealthyBackend { .. }
+            | Connect { .. }
+            | ConnectTimeout { .. }
+            | NotReceived { .. }
+            | CircuitOpen { .. }
+            | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamClosed { .. } | NotReceived { .. } | BadResponse { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamClosed { .. } | BadResponse { .. } => StatusCode::BAD_GATEWAY,
             BadStatus { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -276,7 +281,7 @@ mod tests {
             ),
             (ProxyError::ConnectTimeout { backend: addr }, 503),
             (ProxyError::ResponseTimeout { backend: addr }, 504),
-            (ProxyError::NotReceived { backend: addr }, 502),
+            (ProxyError::NotReceived { backend: addr }, 503),
             (
                 ProxyError::CircuitOpen {
                     pool: "p".into(),
