@@ -64,6 +64,19 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// Whether some socket is already listening on `addr`: a probe without
+/// `SO_REUSEPORT` (but with `SO_REUSEADDR`, so leftover TIME_WAIT connections do not
+/// count) fails to bind only then.
+pub fn already_bound(addr: SocketAddr) -> bool {
+    let Ok(probe) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) else {
+        return false;
+    };
+    if probe.set_reuse_address(true).is_err() {
+        return false;
+    }
+    matches!(probe.bind(&addr.into()), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
+}
+
 /// Binds each configured listener once per worker. Returns the sockets per worker and
 /// the bound addresses (port 0 resolved to the real port).
 pub fn bind_all(
@@ -73,10 +86,21 @@ pub fn bind_all(
     let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
     for l in listeners {
+        let taken = l.bind.port() != 0 && already_bound(l.bind);
         let first = bind(l.bind, l.backlog).map_err(|e| StartupError::Bind {
             addr: l.bind,
             source: e,
         })?;
+        if taken {
+            // The holder also set SO_REUSEPORT (or our bind would have failed), so the
+            // kernel now splits new connections between it and rampart, silently.
+            tracing::warn!(
+                addr = %l.bind,
+                "another socket was already listening on this address, and the kernel will share \
+                 new connections between it and rampart (SO_REUSEPORT): expected only while a new \
+                 rampart takes over from an old one; otherwise stop the other process"
+            );
+        }
         let addr = first.local_addr().map_err(|e| StartupError::Bind {
             addr: l.bind,
             source: e,
@@ -316,5 +340,21 @@ async fn serve_h2(
     };
     if let Err(e) = result {
         tracing::debug!(client = %peer, error = %e, "client connection ended with error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_address_is_seen_as_taken_and_a_free_one_is_not() {
+        let held = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = held.local_addr().unwrap();
+        assert!(already_bound(addr), "a listener holds {addr}");
+        // rampart's own bind still succeeds alongside it (both set SO_REUSEPORT).
+        let shared = bind(addr, 16).unwrap();
+        drop((held, shared));
+        assert!(!already_bound(addr), "{addr} is free again");
     }
 }
