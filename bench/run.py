@@ -235,12 +235,15 @@ async def _idle_conns(port, n, conns):
     """Opens `n` more keep-alive connections (one request each, answer read) into `conns`."""
     req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
     fresh = []
+    answered = 0
     for i in range(n):
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(req)
         fresh.append((r, w))
-        if len(fresh) % 500 == 0 or i == n - 1:
-            await asyncio.gather(*(c[0].read(200) for c in fresh[-500:]))
+        if len(fresh) - answered == 500 or i == n - 1:
+            # Each connection's answer is read once: a second read would wait forever.
+            await asyncio.gather(*(c[0].read(200) for c in fresh[answered:]))
+            answered = len(fresh)
     conns.extend(fresh)
 
 
