@@ -136,7 +136,7 @@ fn codec(c: &mut Criterion) {
     let mut out = Vec::with_capacity(512);
     c.bench_function("codec/encode-request-head", |b| {
         b.iter(|| {
-            encode_request_head(&mut out, &head, ReqFraming::AsIs);
+            encode_request_head(&mut out, &head, ReqFraming::AsIs, "10.0.0.1:8080".parse().unwrap());
             black_box(out.len())
         })
     });

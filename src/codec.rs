@@ -9,6 +9,7 @@
 //! server side (clients, HTTP/2) stays on hyper.
 
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -41,6 +42,10 @@ pub struct AddedFields {
     /// `Host`, when the client sent none (HTTP/2 sends `:authority`): written first,
     /// as RFC 9112 §3.2 asks.
     pub host: Option<HeaderValue>,
+    /// The request names no host at all (HTTP/1.0 without `Host`): the backend's
+    /// address is written as `Host`, which HTTP/1.1 requires, as nginx writes its
+    /// upstream's name.
+    pub host_from_backend: bool,
     len: usize,
     fields: [(&'static str, Option<HeaderValue>); ADDED_MAX],
 }
@@ -87,8 +92,8 @@ pub struct UpHead {
     pub added: AddedFields,
 }
 
-/// Writes the request line and header block for an origin-form request.
-pub fn encode_request_head(dst: &mut Vec<u8>, head: &UpHead, framing: ReqFraming) {
+/// Writes the request line and header block for an origin-form request to `backend`.
+pub fn encode_request_head(dst: &mut Vec<u8>, head: &UpHead, framing: ReqFraming, backend: SocketAddr) {
     dst.clear();
     dst.extend_from_slice(head.method.as_str().as_bytes());
     dst.push(b' ');
@@ -99,6 +104,10 @@ pub fn encode_request_head(dst: &mut Vec<u8>, head: &UpHead, framing: ReqFraming
     dst.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = &head.added.host {
         push_field(dst, "host", host);
+    } else if head.added.host_from_backend {
+        use std::io::Write;
+        // Writing to a Vec cannot fail.
+        let _ = write!(dst, "host: {backend}\r\n");
     }
     let skip_length = !matches!(framing, ReqFraming::AsIs);
     for (name, value) in &head.headers {
@@ -491,6 +500,8 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, &'static str> {
 mod tests {
     use super::*;
 
+    const BACKEND: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8081));
+
     fn parse(raw: &str, head: bool) -> Result<Option<Head>, &'static str> {
         parse_response(&mut BytesMut::from(raw), head, &mut Vec::new())
     }
@@ -512,13 +523,13 @@ mod tests {
             added: AddedFields::default(),
         };
         let mut out = Vec::new();
-        encode_request_head(&mut out, &head, ReqFraming::Length(3));
+        encode_request_head(&mut out, &head, ReqFraming::Length(3), BACKEND);
         assert_eq!(out, b"POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n");
-        encode_request_head(&mut out, &head, ReqFraming::AsIs);
+        encode_request_head(&mut out, &head, ReqFraming::AsIs, BACKEND);
         assert_eq!(out, b"POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n");
         head.headers.remove(header::CONTENT_LENGTH);
         head.method = Method::PUT;
-        encode_request_head(&mut out, &head, ReqFraming::Chunked);
+        encode_request_head(&mut out, &head, ReqFraming::Chunked, BACKEND);
         assert_eq!(
             out,
             b"PUT /p?q=1 HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -546,7 +557,7 @@ mod tests {
             added,
         };
         let mut out = Vec::new();
-        encode_request_head(&mut out, &head, ReqFraming::AsIs);
+        encode_request_head(&mut out, &head, ReqFraming::AsIs, BACKEND);
         assert_eq!(
             out,
             b"GET / HTTP/1.1\r\nhost: h2.test\r\naccept: */*\r\nx-forwarded-for: 10.0.0.1\r\nvia: 2.0 rampart\r\n\r\n"

@@ -528,6 +528,8 @@ fn rewrite_with(
             added.host = Some(h.clone());
         }
         added.push("x-forwarded-host", h);
+    } else if !p.host {
+        added.host_from_backend = true;
     }
     let via = match version {
         Version::HTTP_2 => VIA_2,

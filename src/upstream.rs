@@ -122,7 +122,7 @@ impl Conn {
             }
             _ => ReqFraming::AsIs,
         };
-        codec::encode_request_head(&mut self.head, &req.head, framing);
+        codec::encode_request_head(&mut self.head, &req.head, framing, self.addr);
         let head = std::mem::take(&mut self.head);
         let written = match &req.body {
             ReqBody::Buffered(Some(b)) => self.write_all(&mut [IoSlice::new(&head), IoSlice::new(b)]).await,

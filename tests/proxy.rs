@@ -436,6 +436,19 @@ async fn malformed_requests_get_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_request_without_host_reaches_the_backend_with_one() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // HTTP/1.0 does not require Host, but rampart speaks HTTP/1.1 to backends, which
+    // does: it sends the backend's address, as nginx sends its upstream's name.
+    let r = raw(addr, b"GET /old HTTP/1.0\r\n\r\n", Duration::from_secs(2)).await;
+    assert!(r.contains(" 200 "), "{r}");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["host"], o.addr.to_string().as_str());
+    assert!(!seen.contains_key("x-forwarded-host"), "the client named no host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connection_is_closed_after_the_header_timeout() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let toml = with_server_setting(&pool_config(&[o.addr], ""), "client_header_timeout = \"300ms\"");
