@@ -60,6 +60,15 @@ def build_label():
     return f"at {commit}" + (" with uncommitted changes" if dirty else "")
 
 
+def code_version():
+    """What the build is made of: the committed trees of the code, plus any uncommitted
+    changes to them."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    paths = ["src", "Cargo.toml", "Cargo.lock", "loadtest/origin.rs"]
+    return (git("rev-parse", *[f"HEAD:{p}" for p in paths]),
+            git("diff", "HEAD", "--", *paths))
+
+
 def wait_port(port, timeout=10.0):
     import socket
     deadline = time.time() + timeout
@@ -289,11 +298,11 @@ def main():
         args.logs.mkdir(parents=True, exist_ok=True)
     scenarios = args.scenarios.split(",")
     proxies = args.proxies.split(",")
-    label = build_label()
+    label, code = build_label(), code_version()
     ensure_tools()
-    if build_label() != label:
+    if code_version() != code:
         # The build picked up code that changed while it ran: the figures would not
-        # belong to any commit.
+        # belong to any commit. (A commit that touches only docs does not count.)
         label += f", code changed during the build (now {build_label()})"
     run = Path(tempfile.mkdtemp(prefix="rampart-chaos-"))
     results = {}
