@@ -46,7 +46,7 @@ pub struct AddedFields {
     /// address is written as `Host`, which HTTP/1.1 requires, as nginx writes its
     /// upstream's name.
     pub host_from_backend: bool,
-    len: usize,
+    /// Filled from the front; the first `None` ends the list.
     fields: [(&'static str, Option<HeaderValue>); ADDED_MAX],
 }
 
@@ -57,18 +57,16 @@ impl AddedFields {
     /// Adds a field, written after the client's in the order added. `name` must be
     /// lowercase. Past capacity (a programming error) the field is dropped.
     pub fn push(&mut self, name: &'static str, value: HeaderValue) {
-        debug_assert!(self.len < ADDED_MAX, "AddedFields is full");
-        if let Some(slot) = self.fields.get_mut(self.len) {
+        let free = self.fields.iter_mut().find(|(_, v)| v.is_none());
+        debug_assert!(free.is_some(), "AddedFields is full");
+        if let Some(slot) = free {
             *slot = (name, Some(value));
-            self.len += 1;
         }
     }
 
     /// The fields after `Host`, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
-        self.fields[..self.len]
-            .iter()
-            .filter_map(|(n, v)| v.as_ref().map(|v| (*n, v)))
+        self.fields.iter().map_while(|(n, v)| v.as_ref().map(|v| (*n, v)))
     }
 
     /// The value of an added field (`host` included).
