@@ -375,7 +375,7 @@ async fn try_backend(
         let in_flight = backend.state.start_request();
         let sent_at = Instant::now();
         let mut head = match by(deadline, conn.send(&mut request)).await {
-            Err(_) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
+            Err(_) => return timed_out(pool, bi),
             Ok(Err(SendError::Fatal(e))) => return Outcome::Fatal(e),
             Ok(Err(SendError::Unsent(_))) if reused && stale_left > 0 => {
                 // A pooled connection the backend had reset: resend on a new one.
@@ -419,7 +419,7 @@ async fn try_backend(
                             None,
                         )
                     }
-                    Err(None) => return Outcome::Failed(ProxyError::ResponseTimeout { backend: addr }, None),
+                    Err(None) => return timed_out(pool, bi),
                     Ok((whole, true)) => {
                         // Complete: the connection is back in the pool already.
                         drop(in_flight);
