@@ -37,34 +37,40 @@ fn aligned(p: *mut c_void, align: usize) -> bool {
     (p as usize) & (align - 1) == 0
 }
 
+/// A block from `plain` (`mi_malloc` or `mi_zalloc`) when that alignment is
+/// guaranteed and the block meets it, otherwise from the `aligned` counterpart.
+///
+/// # Safety
+/// As `GlobalAlloc::alloc`: `layout` has a non-zero size.
+#[inline]
+unsafe fn allocate(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let align = layout.align();
+    if align <= PLAIN_ALIGN {
+        let p = plain(layout.size());
+        if p.is_null() || aligned(p, align) {
+            return p.cast();
+        }
+        mi_free(p);
+    }
+    aligned_call(layout.size(), align).cast()
+}
+
 // SAFETY: every block comes from mimalloc and goes back to `mi_free`, which takes
 // blocks from any of its allocation calls; each returned block is checked to meet
 // `layout.align()` (or comes from the aligned call, which guarantees it).
 unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let align = layout.align();
-        if align <= PLAIN_ALIGN {
-            let p = mi_malloc(layout.size());
-            if p.is_null() || aligned(p, align) {
-                return p.cast();
-            }
-            mi_free(p);
-        }
-        mi_malloc_aligned(layout.size(), align).cast()
+        allocate(layout, mi_malloc, mi_malloc_aligned)
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let align = layout.align();
-        if align <= PLAIN_ALIGN {
-            let p = mi_zalloc(layout.size());
-            if p.is_null() || aligned(p, align) {
-                return p.cast();
-            }
-            mi_free(p);
-        }
-        mi_zalloc_aligned(layout.size(), align).cast()
+        allocate(layout, mi_zalloc, mi_zalloc_aligned)
     }
 
     #[inline]
