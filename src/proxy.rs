@@ -431,14 +431,10 @@ fn scan(headers: &HeaderMap) -> Fields {
     for (name, value) in headers {
         f.bytes += name.as_str().len() + value.len() + 4;
         if name == header::HOST {
-            if f.host.is_none() {
-                f.host = Some(value.clone());
-            }
+            f.host.get_or_insert_with(|| value.clone());
             f.present.host = true;
         } else if name == header::CONTENT_LENGTH {
-            if f.content_length.is_none() {
-                f.content_length = Some(value.clone());
-            }
+            f.content_length.get_or_insert_with(|| value.clone());
         } else if name == header::VIA {
             f.present.via = true;
         } else if is_hop_by_hop(name) {
@@ -450,9 +446,7 @@ fn scan(headers: &HeaderMap) -> Fields {
                 "x-forwarded-proto" => f.present.forwarded_proto = true,
                 "x-forwarded-host" => f.present.forwarded_host = true,
                 "x-request-id" => {
-                    if f.request_id.is_none() {
-                        f.request_id = Some(value.clone());
-                    }
+                    f.request_id.get_or_insert_with(|| value.clone());
                     f.present.request_id = true;
                 }
                 _ => {}
