@@ -386,7 +386,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             s.requests.set(s.requests.get() + 1);
         }
         SvcFuture {
-            inner: Box::pin(proxy::handle(self.ctx.clone(), self.info.clone(), req)),
+            inner: Box::pin(proxy::handle(self.ctx.clone(), self.info.clone(), req.map(Some))),
             state,
         }
     }

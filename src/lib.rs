@@ -17,6 +17,7 @@ pub mod demo;
 pub mod dormant;
 pub mod error;
 pub mod forward;
+pub mod h1;
 pub mod health;
 pub mod idle;
 pub mod listener;

@@ -1,8 +1,8 @@
 //! Client-facing sockets: socket2 binding (`SO_REUSEPORT`, backlog, `TCP_NODELAY`), the
 //! accept loop with its per-worker connection cap, the hyper connection builders
 //! (HTTP/1.1 and h2c, limits, header timeout), protocol detection, and graceful drain
-//! of h2c connections. HTTP/1.1 connections are served by `serve`'s loop over
-//! `idle::run_h1`.
+//! of h2c connections. HTTP/1.1 connections are served by `serve_h1`'s loop over
+//! `h1::serve` (rampart's own path for the common request) and `idle::run_h1` (hyper).
 //!
 //! Every worker binds its own socket to each listen address; the kernel spreads new
 //! connections across them, so no worker wakes another.
@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::error::StartupError;
+use crate::h1::{self, Ended};
 use crate::idle::{self, IdleWaits, Svc};
 use crate::proxy::ConnInfo;
 use crate::worker::WorkerCtx;
@@ -48,6 +49,8 @@ pub struct HttpBuilder {
     /// Detects h2c prior knowledge; used for connections that start like the preface.
     auto: auto::Builder<LocalExec>,
     h1: http1::Builder,
+    /// rampart's own HTTP/1.1 path (`h1`), tried first on every busy period.
+    fast: h1::Limits,
     waits: IdleWaits,
 }
 
@@ -136,6 +139,11 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
     HttpBuilder {
         auto,
         h1,
+        fast: h1::Limits {
+            max_headers: cfg.max_headers,
+            max_buf,
+            header_timeout: cfg.client_header_timeout,
+        },
         waits: IdleWaits {
             header: cfg.client_header_timeout,
             keepalive: cfg.keepalive_timeout,
@@ -273,7 +281,9 @@ pub fn resume(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, w: crate::dormant::W
     tokio::task::spawn_local(serve_h1(ctx, builder, w.stream, w.peer, w.guard));
 }
 
-/// HTTP/1.1 until the connection ends or goes dormant.
+/// HTTP/1.1 until the connection ends or goes dormant. Each busy period starts on
+/// rampart's own path (`h1::serve`); a request it hands over runs on hyper until
+/// hyper's connection parks, and the next busy period starts on the own path again.
 async fn serve_h1(
     ctx: Rc<WorkerCtx>,
     builder: Rc<HttpBuilder>,
@@ -292,11 +302,20 @@ async fn serve_h1(
         .max(Duration::from_millis(1));
     let mut replay = Bytes::new();
     loop {
-        let io = idle::ParkIo::new(stream, replay, state.clone(), builder.waits.header);
-        (stream, replay) = match Box::pin(idle::run_h1(&builder.h1, io, &svc, tracker)).await {
-            Some(parked) => parked,
-            None => return,
+        // Boxed: the busy state (buffers, the request) must not size the idle task.
+        let (s, rest) = match Box::pin(h1::serve(&svc.ctx, &svc.info, builder.fast, tracker, stream, replay)).await {
+            Ended::Closed => return,
+            Ended::Idle(s) => (s, Bytes::new()),
+            Ended::Hyper(s, bytes) => {
+                let io = idle::ParkIo::new(s, bytes, state.clone(), builder.waits.header);
+                match Box::pin(idle::run_h1(&builder.h1, io, &svc, tracker)).await {
+                    Some(parked) => parked,
+                    None => return,
+                }
+            }
         };
+        stream = s;
+        replay = rest;
         if !replay.is_empty() {
             continue;
         }

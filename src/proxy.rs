@@ -131,8 +131,9 @@ impl Default for RequestIds {
     }
 }
 
-/// Entry point from the connection's service: never fails, always answers.
-pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Response<RespBody> {
+/// Entry point from the connection's service: never fails, always answers. A body of
+/// `None` is a request known to carry none (`h1`'s own parser serves only those).
+pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Option<Incoming>>) -> Response<RespBody> {
     let start = Instant::now();
     // One snapshot for the whole request; `load_full` because it lives across awaits.
     let snap = ctx.shared.snapshot.load_full();
@@ -195,7 +196,7 @@ async fn handle_inner(
     ctx: &Rc<WorkerCtx>,
     conn: &ConnInfo,
     snap: &Arc<Snapshot>,
-    mut req: Request<Incoming>,
+    mut req: Request<Option<Incoming>>,
     fields: Fields,
     request_id: &HeaderValue,
     pool_out: &mut Option<usize>,

@@ -51,14 +51,14 @@ pub fn is_replay_safe(m: &Method, headers: &HeaderMap) -> bool {
 /// and an idempotent one after any retryable failure), otherwise a stream. A chunked
 /// body of unknown length streams.
 pub async fn prepare_body(
-    mut incoming: Incoming,
+    incoming: Option<Incoming>,
     content_length: Option<u64>,
     limit: Option<u64>,
     pool: &PoolConfig,
 ) -> Result<ReqBody, ProxyError> {
-    if incoming.is_end_stream() {
+    let Some(mut incoming) = incoming.filter(|b| !b.is_end_stream()) else {
         return Ok(ReqBody::empty());
-    }
+    };
     if pool.retry.attempts > 1 {
         if let Some(len) = content_length.filter(|&l| l <= pool.retry.max_replay_bytes) {
             let cap = limit.map_or(len, |l| l.min(len)) as usize;

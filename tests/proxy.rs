@@ -754,3 +754,244 @@ async fn a_connection_that_sends_nothing_closes_after_the_header_timeout() {
         .unwrap();
     assert!(rest.is_empty());
 }
+
+// ---- rampart's own HTTP/1.1 path (src/h1.rs) and its hand-over to hyper ----
+
+/// Reads one response (head and body, by `Content-Length` or chunked framing) from
+/// `buf`/`s`; returns the lower-cased head and the decoded body. `head_only`: a
+/// response to HEAD, which has no body whatever its fields say.
+async fn read_one_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, head_only: bool) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    async fn more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed mid-response: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        more(s, buf).await;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    buf.drain(..end + 4);
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    let mut body = Vec::new();
+    if head_only {
+        return (head, body);
+    }
+    if let Some(len) = field("content-length:") {
+        let len: usize = len.parse().unwrap();
+        while buf.len() < len {
+            more(s, buf).await;
+        }
+        body.extend(buf.drain(..len));
+    } else if field("transfer-encoding:").as_deref() == Some("chunked") {
+        loop {
+            let line_end = loop {
+                if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break p;
+                }
+                more(s, buf).await;
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap(), 16).unwrap();
+            buf.drain(..line_end + 2);
+            while buf.len() < size + 2 {
+                more(s, buf).await;
+            }
+            body.extend(buf.drain(..size));
+            assert_eq!(buf.drain(..2).collect::<Vec<_>>(), b"\r\n");
+            if size == 0 {
+                break;
+            }
+        }
+    }
+    (head, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_mixes_bodiless_requests_and_bodies_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    let get = |id: &str| format!("GET /{id} HTTP/1.1\r\nHost: t\r\nx-request-id: {id}\r\n\r\n");
+    let post = |id: &str, body: &str| {
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nx-request-id: {id}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    // rampart's own path, then a body (hyper's), then, after hyper's connection
+    // parks, the own path again; then all three kinds pipelined in one write.
+    s.write_all(get("g1").as_bytes()).await.unwrap();
+    let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(h.starts_with("http/1.1 200") && h.contains("x-request-id: g1"), "{h}");
+    assert_eq!(b, b"o");
+    s.write_all(post("p1", "first body").as_bytes()).await.unwrap();
+    let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(h.contains("x-request-id: p1"), "{h}");
+    assert_eq!(b, b"first body");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(format!("{}{}{}", get("g2"), post("p2", "second"), get("g3")).as_bytes())
+        .await
+        .unwrap();
+    for (id, body) in [("g2", &b"o"[..]), ("p2", b"second"), ("g3", b"o")] {
+        let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+        assert!(h.contains(&format!("x-request-id: {id}")), "expected {id}: {h}");
+        assert_eq!(b, body, "{id}");
+    }
+    s.write_all(get("g4").as_bytes()).await.unwrap();
+    let (h, _) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(h.contains("x-request-id: g4"), "{h}");
+    assert_eq!(o.hits(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_clients_keep_the_connection_only_when_they_ask() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    // No keep-alive asked: an HTTP/1.0 response, then the connection closes.
+    let r = raw(addr, b"GET / HTTP/1.0\r\nHost: t\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(r.starts_with("HTTP/1.0 200 OK\r\n"), "{r}");
+    assert!(r.ends_with("\r\n\r\no"), "closed after the body: {r}");
+    // Asked: the answer says so, and a second request is served on the connection.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = b"GET / HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n";
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(req).await.unwrap();
+        let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+        assert!(
+            h.starts_with("http/1.0 200") && h.contains("connection: keep-alive"),
+            "{h}"
+        );
+        assert_eq!(b, b"o");
+    }
+    // An HTTP/1.1 client's `Connection: close` gets its response, then the close.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, _) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut [0u8; 16]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "closed after the response");
+    assert_eq!(o.hits(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_responses_end_at_their_head_and_keep_the_connection() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (h, _) = read_one_response(&mut s, &mut buf, true).await;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    // The GET's response follows the HEAD's head directly: no body bytes between.
+    let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    assert_eq!(b, b"o");
+}
+
+/// An origin that answers every request with a chunked body of unknown length.
+async fn chunked_origin() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let resp = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_unknown_length_is_chunked_for_http_1_1_and_close_delimited_for_1_0() {
+    use tokio::io::AsyncWriteExt;
+    let origin = chunked_origin().await;
+    let (_srv, addr) = start_proxy(&pool_config(&[origin], NO_HEALTH_CHECKS));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+        assert!(
+            h.contains("transfer-encoding: chunked") && !h.contains("content-length"),
+            "{h}"
+        );
+        assert_eq!(b, b"hello world");
+    }
+    // HTTP/1.0 knows no chunking: the body runs to the close, even when keep-alive
+    // was asked for.
+    let r = raw(
+        addr,
+        b"GET / HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.0 200 OK\r\n"), "{r}");
+    let lower = r.to_lowercase();
+    assert!(
+        !lower.contains("transfer-encoding") && !lower.contains("keep-alive"),
+        "{r}"
+    );
+    assert!(r.ends_with("\r\n\r\nhello world"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_request_cancels_the_backend_request() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Freeze).await;
+    let toml = pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\nresponse_timeout = \"60s\""));
+    let (srv, addr) = start_proxy(&toml);
+    let in_flight = || rampart::admin::status_json(srv.shared())["pools"][0]["backends"][0]["in_flight"].as_u64();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    assert!(
+        eventually(|| in_flight() == Some(1)).await,
+        "the request reached the frozen backend"
+    );
+    drop(s);
+    // Long before the 60 s response timeout: the client's close ended it.
+    assert!(
+        eventually(|| in_flight() == Some(0)).await,
+        "still in flight after the client left"
+    );
+}

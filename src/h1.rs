@@ -1,0 +1,697 @@
+//! rampart's own HTTP/1.1 server for the common request: a keep-alive `GET`-like
+//! request with no body, no upgrade and no `Expect`. It parses the head with
+//! httparse, runs `proxy::handle`, and writes the response head and body itself.
+//!
+//! hyper's server side was about 31% of the instructions rampart spends on such a
+//! request (callgrind): its dispatcher, a fresh 8 KiB read buffer per request, and
+//! its encoder's buffering. This path reads into one per-connection buffer, copies
+//! just the head out of it, and writes head and body with one `writev`.
+//!
+//! Everything else goes to hyper (`Ended::Hyper` hands over the socket with the bytes
+//! read so far): request bodies, `Transfer-Encoding`, `Expect`, upgrades, absolute-form
+//! targets, `CONNECT`, and every malformed or oversized head, so hyper keeps answering
+//! those with its 400/414/431. The connection comes back here once hyper's busy
+//! period parks (`listener::serve_h1`).
+//!
+//! Semantics follow hyper's server, so a client cannot tell the two apart: HTTP/1.0
+//! keep-alive only when asked (`Connection: keep-alive` echoed), `Connection: close`
+//! on the last response of a draining worker, `Date` added when the backend sent
+//! none, `Content-Length` from the body's exact size or the response's field, else
+//! chunked (HTTP/1.1) or close-delimited (HTTP/1.0); no body for `HEAD`, 204 and 304;
+//! a client that closes while its request is in flight cancels it.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RespBody;
+use crate::idle::PARK_AFTER;
+use crate::listener::ConnTracker;
+use crate::proxy::{self, ConnInfo};
+use crate::worker::WorkerCtx;
+
+/// Header fields the fast path parses on the stack; a request with more goes to hyper,
+/// which applies `max_headers` itself.
+const MAX_FAST_HEADERS: usize = 100;
+/// Initial read space; a head that needs more grows the buffer up to `Limits::max_buf`.
+const READ_CHUNK: usize = 4096;
+
+/// How a fast-path busy period ended.
+pub enum Ended {
+    /// Keep-alive, nothing buffered, and no new byte for `PARK_AFTER`.
+    Idle(TcpStream),
+    /// A request this path does not serve: hyper takes over with these bytes.
+    Hyper(TcpStream, Bytes),
+    /// The connection is done (closed, failed, timed out, or the worker stops).
+    Closed,
+}
+
+/// The limits the fast path needs from `[server]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_headers: usize,
+    /// The longest head the fast path waits for; hyper answers past it.
+    pub max_buf: usize,
+    pub header_timeout: Duration,
+}
+
+/// What the head says about the connection, beyond the request itself.
+struct HeadFacts {
+    keep_alive: bool,
+    version: Version,
+    head_request: bool,
+}
+
+// Returned once per request and unpacked at once: boxing the large variant would
+// cost an allocation per request to save a copy of ~280 bytes.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Partial,
+    Request(Request<Option<Incoming>>, HeadFacts, usize),
+    Hyper,
+}
+
+/// Serves requests on `stream` until it idles, needs hyper, or ends. `replay` holds
+/// bytes already read from the client (a pipelined request hyper left unparsed).
+pub async fn serve(
+    ctx: &Rc<WorkerCtx>,
+    info: &Rc<ConnInfo>,
+    limits: Limits,
+    tracker: &ConnTracker,
+    mut stream: TcpStream,
+    replay: Bytes,
+) -> Ended {
+    let mut rbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK.max(replay.len()));
+    rbuf.extend_from_slice(&replay);
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut scratch: Vec<[u32; 4]> = Vec::new();
+    // The caller saw the first byte of a request, or holds replayed bytes.
+    let mut head_started = Instant::now();
+    let mut idle_since = head_started;
+    let timer = tokio::time::sleep_until(head_started + limits.header_timeout);
+    tokio::pin!(timer);
+    // Registered once for the busy period, not once per wait.
+    let stopped = tracker.stopped();
+    tokio::pin!(stopped);
+    loop {
+        // 1. A complete request head.
+        let (req, facts) = loop {
+            if !rbuf.is_empty() {
+                match parse(&rbuf, limits.max_headers, &mut scratch) {
+                    Parsed::Request(req, facts, len) => {
+                        rbuf.drain(..len);
+                        break (req, facts);
+                    }
+                    Parsed::Partial if rbuf.len() < limits.max_buf => {}
+                    _ => return Ended::Hyper(stream, Bytes::from(rbuf)),
+                }
+            }
+            let was_empty = rbuf.is_empty();
+            let deadline = if was_empty {
+                idle_since + PARK_AFTER
+            } else {
+                head_started + limits.header_timeout
+            };
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if rbuf.capacity() - rbuf.len() < READ_CHUNK / 2 {
+                rbuf.reserve(READ_CHUNK.min(limits.max_buf));
+            }
+            tokio::select! {
+                biased;
+                r = poll_fn(|cx| poll_read_vec(&mut stream, cx, &mut rbuf)) => match r {
+                    Ok(n) if n > 0 => {
+                        if was_empty {
+                            head_started = Instant::now();
+                        }
+                    }
+                    // EOF or an error; hyper also closes quietly on both.
+                    _ => return Ended::Closed,
+                },
+                _ = stopped.as_mut() => return Ended::Closed,
+                _ = timer.as_mut() => {
+                    if was_empty {
+                        return Ended::Idle(stream);
+                    }
+                    tracing::debug!(client = %info.peer, "client_header_timeout: request head incomplete");
+                    return Ended::Closed;
+                }
+            }
+        };
+
+        // 2. The response; a client that goes away meanwhile cancels the request.
+        // Pinned in place, not boxed: this future is itself boxed once per busy
+        // period, and a box per request cost an allocation and a ~3.6 KB copy.
+        let fut = proxy::handle(ctx.clone(), info.clone(), req);
+        tokio::pin!(fut);
+        let Some(resp) = in_flight(fut, &mut stream, &mut rbuf).await else {
+            return Ended::Closed;
+        };
+
+        // 3. Write it.
+        let keep_alive = facts.keep_alive && !tracker.is_stopping();
+        let keep_alive = match write_response(&mut stream, &mut out, resp, &facts, keep_alive).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::debug!(client = %info.peer, error = %e, "client connection ended with error");
+                return Ended::Closed;
+            }
+        };
+        if !keep_alive {
+            let _ = stream.shutdown().await;
+            return Ended::Closed;
+        }
+        idle_since = Instant::now();
+        head_started = idle_since;
+    }
+}
+
+/// Reads into `buf`'s spare capacity through tokio's `AsyncRead`, which forgets the
+/// socket's readiness after a short read, so the next wait costs no extra `recvfrom`.
+fn poll_read_vec(stream: &mut TcpStream, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
+    let len = buf.len();
+    let n = {
+        let mut rb = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+        std::task::ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
+        rb.filled().len()
+    };
+    // SAFETY: the read above initialised `n` bytes of the spare capacity.
+    unsafe { buf.set_len(len + n) };
+    Poll::Ready(Ok(n))
+}
+
+/// Drives the request future. Meanwhile, with nothing pipelined yet, watches the
+/// client: end of stream or an error cancels the request (`None`), as hyper does;
+/// pipelined bytes are kept for the next request.
+async fn in_flight<F>(mut fut: Pin<&mut F>, stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> Option<Response<RespBody>>
+where
+    F: std::future::Future<Output = Response<RespBody>> + ?Sized,
+{
+    poll_fn(|cx| {
+        if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        // As hyper does, watch only while nothing is buffered: bytes of a next request
+        // are kept (up to the buffer's capacity) and read no further meanwhile.
+        while rbuf.is_empty() && rbuf.capacity() > 0 {
+            match poll_read_vec(stream, cx, rbuf) {
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                Poll::Ready(_) => return Poll::Ready(None),
+                Poll::Pending => break,
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Parses one request head from `buf`. Anything the fast path does not serve, or
+/// cannot parse, is `Hyper`.
+fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FAST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Hyper,
+    };
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Hyper;
+    };
+    if req.headers.len() > max_headers || !path.starts_with('/') {
+        return Parsed::Hyper;
+    }
+    let method = match method {
+        "GET" => Method::GET,
+        "HEAD" => Method::HEAD,
+        "POST" => Method::POST,
+        "PUT" => Method::PUT,
+        "DELETE" => Method::DELETE,
+        "OPTIONS" => Method::OPTIONS,
+        "PATCH" => Method::PATCH,
+        _ => return Parsed::Hyper,
+    };
+    let version = if version == 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut close = false;
+    let mut keep_alive_token = false;
+    let base = buf.as_ptr() as usize;
+    scratch.clear();
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        // Framing and protocol switches are hyper's: bodies, 100-continue, upgrades.
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if h.value != b"0" {
+                return Parsed::Hyper;
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"te")
+        {
+            return Parsed::Hyper;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        let n = name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        scratch.push([n as u32, (n + name.len()) as u32, v as u32, (v + h.value.len()) as u32]);
+    }
+    let path_start = path.as_ptr() as usize - base;
+    let path_end = path_start + path.len();
+
+    // One copy of the head: the request's values share it, and the read buffer is
+    // reused for the next request.
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_start..path_end)) else {
+        return Parsed::Hyper;
+    };
+    let mut headers = HeaderMap::with_capacity(scratch.len());
+    for &[ns, ne, vs, ve] in scratch.iter() {
+        let Ok(name) = HeaderName::from_bytes(&head[ns as usize..ne as usize]) else {
+            return Parsed::Hyper;
+        };
+        // SAFETY: httparse already rejected every byte a field value may not hold, so
+        // (as hyper does) the value skips a second scan.
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(vs as usize..ve as usize)) };
+        headers.append(name, value);
+    }
+    let head_request = method == Method::HEAD;
+    let mut request = Request::new(None);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
+    Parsed::Request(
+        request,
+        HeadFacts {
+            keep_alive,
+            version,
+            head_request,
+        },
+        len,
+    )
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 with no known length: the body ends when the connection closes.
+    Close,
+}
+
+/// Encodes the head into `out`; returns the framing and whether the connection stays
+/// open afterwards.
+fn encode_head(
+    out: &mut Vec<u8>,
+    resp: &Response<RespBody>,
+    facts: &HeadFacts,
+    mut keep_alive: bool,
+) -> (Framing, bool) {
+    let status = resp.status();
+    let body = resp.body();
+    // A 101 can only answer an upgrade, which hyper serves; from a backend that sends
+    // one anyway, the client gets the head and the connection closes.
+    let informational = status.is_informational();
+    let can_body = !(informational
+        || facts.head_request
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED);
+    let http10 = facts.version == Version::HTTP_10;
+    if http10 {
+        out.extend_from_slice(b"HTTP/1.0 ");
+    } else if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+    }
+    if http10 || status != StatusCode::OK {
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut wrote_date = false;
+    let mut declared: Option<u64> = None;
+    let mut response_close = false;
+    let mut response_keep_alive = false;
+    for (name, value) in resp.headers() {
+        match *name {
+            header::CONTENT_LENGTH => {
+                if declared.is_none() {
+                    declared = std::str::from_utf8(value.as_bytes())
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok());
+                }
+                continue;
+            }
+            header::TRANSFER_ENCODING => continue,
+            header::CONNECTION => {
+                for token in value.as_bytes().split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    response_close |= token.eq_ignore_ascii_case(b"close");
+                    response_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+            header::DATE => wrote_date = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    keep_alive &= !response_close && !informational;
+    let framing = if !can_body {
+        // HEAD keeps the length the backend declared; 204 and 304 carry none.
+        if facts.head_request {
+            if let Some(n) = declared {
+                write_length(out, n);
+            }
+        }
+        Framing::None
+    } else if body.is_end_stream() {
+        out.extend_from_slice(b"content-length: 0\r\n");
+        Framing::None
+    } else if let Some(n) = body.size_hint().exact().or(declared) {
+        write_length(out, n);
+        Framing::Length(n)
+    } else if http10 {
+        keep_alive = false;
+        Framing::Close
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if http10 {
+        if keep_alive && !response_keep_alive {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    } else if !keep_alive && !response_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        DATE.with(|d| d.borrow_mut().extend(out));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (framing, keep_alive)
+}
+
+fn write_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the response; returns whether the connection may carry another request.
+/// The head goes out with the first body bytes when they are ready at once (one
+/// `writev` for a small proxied response).
+async fn write_response(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    resp: Response<RespBody>,
+    facts: &HeadFacts,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    out.clear();
+    let (framing, keep_alive) = encode_head(out, &resp, facts, keep_alive);
+    let mut body = resp.into_body();
+    if framing == Framing::None {
+        write_all(stream, &mut [IoSlice::new(out)]).await?;
+        return Ok(keep_alive);
+    }
+    let mut head_pending = true;
+    let mut sent: u64 = 0;
+    loop {
+        let frame = if head_pending {
+            match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    // Nothing yet: the client gets the head now, the body as it comes.
+                    write_all(stream, &mut [IoSlice::new(out)]).await?;
+                    head_pending = false;
+                    body.frame().await
+                }
+            }
+        } else {
+            body.frame().await
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            // Trailers are dropped, as hyper drops them for clients that did not
+            // ask (`TE: trailers` requests go to hyper).
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) if !d.is_empty() => d,
+                _ => continue,
+            },
+        };
+        sent += data.len() as u64;
+        let head: &[u8] = if head_pending { out } else { &[] };
+        head_pending = false;
+        let last = body.is_end_stream();
+        match framing {
+            Framing::Chunked => {
+                let mut size = [0u8; 18];
+                let size = chunk_size_line(&mut size, data.len());
+                let tail: &[u8] = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
+                write_all(
+                    stream,
+                    &mut [
+                        IoSlice::new(head),
+                        IoSlice::new(size),
+                        IoSlice::new(&data),
+                        IoSlice::new(tail),
+                    ],
+                )
+                .await?;
+                if last {
+                    return Ok(keep_alive);
+                }
+            }
+            Framing::Length(n) if sent > n => {
+                return Err(io::Error::other("response body longer than its Content-Length"));
+            }
+            _ => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(&data)]).await?,
+        }
+    }
+    let head: &[u8] = if head_pending { out } else { &[] };
+    match framing {
+        Framing::Chunked => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")]).await?,
+        Framing::Length(n) if sent != n => {
+            return Err(io::Error::other("response body shorter than its Content-Length"));
+        }
+        _ => write_all(stream, &mut [IoSlice::new(head)]).await?,
+    }
+    Ok(keep_alive)
+}
+
+/// `{len:x}\r\n` into `buf`.
+fn chunk_size_line(buf: &mut [u8; 18], len: usize) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = ((usize::BITS - len.leading_zeros()).div_ceil(4)).max(1) as usize;
+    for i in 0..digits {
+        buf[digits - 1 - i] = HEX[(len >> (4 * i)) & 0xf];
+    }
+    buf[digits] = b'\r';
+    buf[digits + 1] = b'\n';
+    &buf[..digits + 2]
+}
+
+async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match stream.write_vectored(bufs).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => IoSlice::advance_slices(&mut bufs, n),
+        }
+    }
+    Ok(())
+}
+
+/// The `Date` value, formatted once per second per worker thread.
+struct DateCache {
+    second: u64,
+    value: [u8; 29],
+}
+
+impl DateCache {
+    fn extend(&mut self, out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second {
+            let s = httpdate::fmt_http_date(now);
+            if s.len() == self.value.len() {
+                self.value.copy_from_slice(s.as_bytes());
+                self.second = second;
+            }
+        }
+        out.extend_from_slice(&self.value);
+    }
+}
+
+thread_local! {
+    static DATE: RefCell<DateCache> = const {
+        RefCell::new(DateCache {
+            second: 0,
+            value: *b"Thu, 01 Jan 1970 00:00:00 GMT",
+        })
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size_line(&mut b, 0), b"0\r\n");
+        assert_eq!(chunk_size_line(&mut b, 15), b"f\r\n");
+        assert_eq!(chunk_size_line(&mut b, 16), b"10\r\n");
+        assert_eq!(chunk_size_line(&mut b, 65536), b"10000\r\n");
+        assert_eq!(chunk_size_line(&mut b, usize::MAX).len(), usize::BITS as usize / 4 + 2);
+    }
+
+    fn parsed(raw: &[u8]) -> Option<(Request<Option<Incoming>>, HeadFacts, usize)> {
+        match parse(raw, 100, &mut Vec::new()) {
+            Parsed::Request(r, f, n) => Some((r, f, n)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_simple_get_is_parsed_with_its_fields() {
+        let raw = b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\nGET";
+        let (req, facts, len) = parsed(raw).unwrap();
+        assert_eq!(len, raw.len() - 3);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()["host"], "x");
+        assert_eq!(req.headers().get_all("x-a").iter().count(), 2);
+        assert!(facts.keep_alive);
+        assert!(req.body().is_none());
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_tokens() {
+        let ka = |raw: &[u8]| parsed(raw).unwrap().1.keep_alive;
+        assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+        assert!(!ka(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n"));
+    }
+
+    #[test]
+    fn bodies_upgrades_and_odd_targets_go_to_hyper() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET http://x/ HTTP/1.1\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+            b"CONNECT x:443 HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            b"GE\x01T / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(raw, 100, &mut Vec::new()), Parsed::Hyper),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost", 100, &mut Vec::new()),
+            Parsed::Partial
+        ));
+        assert!(parsed(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").is_some());
+    }
+
+    fn head_of(
+        resp: Response<RespBody>,
+        version: Version,
+        head_request: bool,
+        keep_alive: bool,
+    ) -> (String, Framing, bool) {
+        let mut out = Vec::new();
+        let facts = HeadFacts {
+            keep_alive,
+            version,
+            head_request,
+        };
+        let (f, k) = encode_head(&mut out, &resp, &facts, keep_alive);
+        (String::from_utf8(out).unwrap(), f, k)
+    }
+
+    #[test]
+    fn response_heads_are_framed_like_hyper_frames_them() {
+        let r = Response::new(RespBody::from(Bytes::from_static(b"hello")));
+        let (h, f, k) = head_of(r, Version::HTTP_11, false, true);
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: "), "{h}");
+        assert!(h.ends_with(" GMT\r\n\r\n"));
+        assert_eq!((f, k), (Framing::Length(5), true));
+
+        let mut r = Response::new(RespBody::empty());
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r.headers_mut().insert(header::DATE, HeaderValue::from_static("x"));
+        let (h, f, _) = head_of(r, Version::HTTP_11, false, false);
+        assert_eq!(
+            h,
+            "HTTP/1.1 404 Not Found\r\ndate: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        assert_eq!(f, Framing::None);
+
+        // HTTP/1.0 keep-alive is echoed.
+        let r = Response::new(RespBody::from(Bytes::from_static(b"x")));
+        let (h, _, k) = head_of(r, Version::HTTP_10, false, true);
+        assert!(
+            h.starts_with("HTTP/1.0 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n"),
+            "{h}"
+        );
+        assert!(k);
+
+        // HEAD keeps the declared length and sends no body.
+        let mut r = Response::new(RespBody::empty());
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("42"));
+        let (h, f, _) = head_of(r, Version::HTTP_11, true, true);
+        assert!(h.contains("content-length: 42\r\n"), "{h}");
+        assert_eq!(f, Framing::None);
+
+        // A response that says close closes.
+        let mut r = Response::new(RespBody::empty());
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let (h, _, k) = head_of(r, Version::HTTP_11, false, true);
+        assert!(!k);
+        assert_eq!(h.matches("close").count(), 1, "{h}");
+    }
+}
