@@ -1,4 +1,5 @@
-//! The two body types that cross rampart, both streaming (never buffered whole):
+//! The body types that cross rampart, streaming unless small:
+//! - `InBody`, a request's body as it arrives from the client;
 //! - `ReqBody`, what we send upstream: the client's body with an optional size limit,
 //!   or bytes already buffered for replay on retry.
 //! - `RespBody`, what we send the client: the backend's body (`upstream::UpBody`, which
@@ -28,6 +29,17 @@ pub enum ReqBodyError {
     Client(#[source] hyper::Error),
 }
 
+/// A request's body as the client sent it.
+#[derive(Debug)]
+pub enum InBody {
+    /// None: no `Content-Length` (or 0) and no `Transfer-Encoding`.
+    Empty,
+    /// The whole body, read with the head by `h1` (it was already in the buffer).
+    Full(Bytes),
+    /// hyper's stream: HTTP/2, and the HTTP/1.1 requests `h1` hands to hyper.
+    Incoming(Incoming),
+}
+
 /// The request body sent to a backend.
 #[derive(Debug)]
 pub enum ReqBody {
@@ -44,18 +56,39 @@ impl ReqBody {
     }
 }
 
-/// The client's body as it streams to a backend; `limit` enforces a route's
-/// `max_body_bytes` on bodies without a (small enough) `Content-Length`.
+/// The client's body as it goes to one backend, not kept for a retry; `limit`
+/// enforces a route's `max_body_bytes` on bodies without a (small enough)
+/// `Content-Length`.
 #[derive(Debug)]
 pub struct StreamBody {
-    inner: Incoming,
+    inner: Source,
     limit: Option<u64>,
     seen: u64,
 }
 
+#[derive(Debug)]
+enum Source {
+    Incoming(Incoming),
+    /// Read whole already (`InBody::Full`), but not to be replayed.
+    Once(Option<Bytes>),
+}
+
 impl StreamBody {
     pub fn new(inner: Incoming, limit: Option<u64>) -> StreamBody {
-        StreamBody { inner, limit, seen: 0 }
+        StreamBody {
+            inner: Source::Incoming(inner),
+            limit,
+            seen: 0,
+        }
+    }
+
+    /// A body already in hand, sent once.
+    pub fn once(bytes: Bytes) -> StreamBody {
+        StreamBody {
+            inner: Source::Once(Some(bytes).filter(|b| !b.is_empty())),
+            limit: None,
+            seen: 0,
+        }
     }
 }
 
@@ -65,7 +98,11 @@ impl Body for StreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ReqBodyError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let inner = match &mut this.inner {
+            Source::Incoming(i) => i,
+            Source::Once(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
@@ -84,11 +121,17 @@ impl Body for StreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Incoming(i) => i.is_end_stream(),
+            Source::Once(b) => b.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Incoming(i) => i.size_hint(),
+            Source::Once(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }
 

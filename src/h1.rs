@@ -1,6 +1,7 @@
-//! rampart's own HTTP/1.1 server for the common request: a keep-alive `GET`-like
-//! request with no body, no upgrade and no `Expect`. It parses the head with
-//! httparse, runs `proxy::handle`, and writes the response head and body itself.
+//! rampart's own HTTP/1.1 server for the common request: no body, or a small body
+//! that arrived whole with its head (`Content-Length`), and no upgrade or `Expect`.
+//! It parses the head with httparse, runs `proxy::handle`, and writes the response
+//! head and body itself.
 //!
 //! hyper's server side was about 31% of the instructions rampart spends on such a
 //! request (callgrind): its dispatcher, a fresh 8 KiB read buffer per request, and
@@ -8,7 +9,7 @@
 //! just the head out of it, and writes head and body with one `writev`.
 //!
 //! Everything else goes to hyper (`Ended::Hyper` hands over the socket with the bytes
-//! read so far): request bodies, `Transfer-Encoding`, `Expect`, upgrades, absolute-form
+//! read so far): bodies still arriving, `Transfer-Encoding`, `Expect`, upgrades, absolute-form
 //! targets, `CONNECT`, and every malformed or oversized head, so hyper keeps answering
 //! those with its 400/414/431. The connection comes back here once hyper's busy
 //! period parks (`listener::serve_h1`).
@@ -34,12 +35,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RespBody;
+use crate::body::{InBody, RespBody};
 use crate::idle::PARK_AFTER;
 use crate::listener::ConnTracker;
 use crate::proxy::{self, ConnInfo};
@@ -82,7 +82,7 @@ struct HeadFacts {
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
     Partial,
-    Request(Request<Option<Incoming>>, HeadFacts, usize),
+    Request(Request<InBody>, HeadFacts, usize),
     Hyper,
 }
 
@@ -100,10 +100,12 @@ pub async fn serve(
     rbuf.extend_from_slice(&replay);
     let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut scratch: Vec<[u32; 4]> = Vec::new();
-    // The caller saw the first byte of a request, or holds replayed bytes.
-    let mut head_started = Instant::now();
-    let mut idle_since = head_started;
-    let timer = tokio::time::sleep_until(head_started + limits.header_timeout);
+    // The caller saw the first byte of a request, or holds replayed bytes. When a
+    // head began only matters once it is seen to be incomplete, so the clock is read
+    // then, not for every request.
+    let mut idle_since = Instant::now();
+    let mut head_started: Option<Instant> = None;
+    let timer = tokio::time::sleep_until(idle_since + limits.header_timeout);
     tokio::pin!(timer);
     // Registered once for the busy period, not once per wait.
     let stopped = tracker.stopped();
@@ -125,7 +127,7 @@ pub async fn serve(
             let deadline = if was_empty {
                 idle_since + PARK_AFTER
             } else {
-                head_started + limits.header_timeout
+                *head_started.get_or_insert_with(Instant::now) + limits.header_timeout
             };
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
@@ -136,11 +138,7 @@ pub async fn serve(
             tokio::select! {
                 biased;
                 r = poll_fn(|cx| poll_read_vec(&mut stream, cx, &mut rbuf)) => match r {
-                    Ok(n) if n > 0 => {
-                        if was_empty {
-                            head_started = Instant::now();
-                        }
-                    }
+                    Ok(n) if n > 0 => {}
                     // EOF or an error; hyper also closes quietly on both.
                     _ => return Ended::Closed,
                 },
@@ -178,7 +176,7 @@ pub async fn serve(
             return Ended::Closed;
         }
         idle_since = Instant::now();
-        head_started = idle_since;
+        head_started = None;
     }
 }
 
@@ -254,14 +252,18 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
     };
     let mut close = false;
     let mut keep_alive_token = false;
+    let mut content_length: Option<usize> = None;
     let base = buf.as_ptr() as usize;
     scratch.clear();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        // Framing and protocol switches are hyper's: bodies, 100-continue, upgrades.
+        // Framing and protocol switches beyond a plain length are hyper's: chunked
+        // bodies, 100-continue, upgrades.
         if name.eq_ignore_ascii_case(b"content-length") {
-            if h.value != b"0" {
-                return Parsed::Hyper;
+            match (content_length, digits(h.value)) {
+                (None, Some(n)) => content_length = Some(n),
+                // Repeated (even if equal) or not a plain number: hyper decides.
+                _ => return Parsed::Hyper,
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
@@ -280,12 +282,18 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
         let v = h.value.as_ptr() as usize - base;
         scratch.push([n as u32, (n + name.len()) as u32, v as u32, (v + h.value.len()) as u32]);
     }
+    // A body is served here only when it arrived whole with its head (a small POST
+    // usually does); one still on its way streams through hyper.
+    let body_len = content_length.unwrap_or(0);
+    let Some(total) = len.checked_add(body_len).filter(|&t| t <= buf.len()) else {
+        return Parsed::Hyper;
+    };
     let path_start = path.as_ptr() as usize - base;
     let path_end = path_start + path.len();
 
-    // One copy of the head: the request's values share it, and the read buffer is
-    // reused for the next request.
-    let head = Bytes::copy_from_slice(&buf[..len]);
+    // One copy of head and body: the request's values and body share it, and the read
+    // buffer is reused for the next request.
+    let head = Bytes::copy_from_slice(&buf[..total]);
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_start..path_end)) else {
         return Parsed::Hyper;
     };
@@ -300,7 +308,12 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
         headers.append(name, value);
     }
     let head_request = method == Method::HEAD;
-    let mut request = Request::new(None);
+    let body = if body_len == 0 {
+        InBody::Empty
+    } else {
+        InBody::Full(head.slice(len..total))
+    };
+    let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
@@ -313,8 +326,16 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
             version,
             head_request,
         },
-        len,
+        total,
     )
+}
+
+/// A `Content-Length` value: ASCII digits only, as RFC 9110 §8.6 allows.
+fn digits(v: &[u8]) -> Option<usize> {
+    if v.is_empty() || v.len() > 15 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, &d| n * 10 + (d - b'0') as usize))
 }
 
 /// How the response body is delimited on the wire.
@@ -582,7 +603,7 @@ mod tests {
         assert_eq!(chunk_size_line(&mut b, usize::MAX).len(), usize::BITS as usize / 4 + 2);
     }
 
-    fn parsed(raw: &[u8]) -> Option<(Request<Option<Incoming>>, HeadFacts, usize)> {
+    fn parsed(raw: &[u8]) -> Option<(Request<InBody>, HeadFacts, usize)> {
         match parse(raw, 100, &mut Vec::new()) {
             Parsed::Request(r, f, n) => Some((r, f, n)),
             _ => None,
@@ -598,7 +619,7 @@ mod tests {
         assert_eq!(req.headers()["host"], "x");
         assert_eq!(req.headers().get_all("x-a").iter().count(), 2);
         assert!(facts.keep_alive);
-        assert!(req.body().is_none());
+        assert!(matches!(req.body(), InBody::Empty));
     }
 
     #[test]
@@ -612,7 +633,9 @@ mod tests {
     #[test]
     fn bodies_upgrades_and_odd_targets_go_to_hyper() {
         for raw in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"[..],
+            &b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
@@ -632,7 +655,24 @@ mod tests {
             parse(b"GET / HTTP/1.1\r\nHost", 100, &mut Vec::new()),
             Parsed::Partial
         ));
-        assert!(parsed(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").is_some());
+        assert!(matches!(
+            parsed(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+                .unwrap()
+                .0
+                .body(),
+            InBody::Empty
+        ));
+    }
+
+    #[test]
+    fn a_body_that_arrived_with_its_head_is_taken_whole() {
+        let raw = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n";
+        let (req, _, len) = parsed(raw).unwrap();
+        assert_eq!(&raw[len..], b"GET / HTTP/1.1\r\n");
+        match req.body() {
+            InBody::Full(b) => assert_eq!(&b[..], b"abc"),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn head_of(

@@ -43,7 +43,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::RespBody;
+use crate::body::{InBody, RespBody};
 use crate::listener::ConnTracker;
 use crate::proxy::{self, ConnInfo};
 use crate::worker::WorkerCtx;
@@ -386,7 +386,11 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             s.requests.set(s.requests.get() + 1);
         }
         SvcFuture {
-            inner: Box::pin(proxy::handle(self.ctx.clone(), self.info.clone(), req.map(Some))),
+            inner: Box::pin(proxy::handle(
+                self.ctx.clone(),
+                self.info.clone(),
+                req.map(InBody::Incoming),
+            )),
             state,
         }
     }

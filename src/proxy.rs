@@ -17,13 +17,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::balancer::{hash64, Balancer};
-use crate::body::RespBody;
+use crate::body::{InBody, RespBody};
 use crate::codec::{AddedFields, UpHead};
 use crate::config::HashKey;
 use crate::error::{error_response, ProxyError};
@@ -131,9 +130,8 @@ impl Default for RequestIds {
     }
 }
 
-/// Entry point from the connection's service: never fails, always answers. A body of
-/// `None` is a request known to carry none (`h1`'s own parser serves only those).
-pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<Option<Incoming>>) -> Response<RespBody> {
+/// Entry point from the connection's service: never fails, always answers.
+pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>) -> Response<RespBody> {
     let start = Instant::now();
     // One snapshot for the whole request; `load_full` because it lives across awaits.
     let snap = ctx.shared.snapshot.load_full();
@@ -196,7 +194,7 @@ async fn handle_inner(
     ctx: &Rc<WorkerCtx>,
     conn: &ConnInfo,
     snap: &Arc<Snapshot>,
-    mut req: Request<Option<Incoming>>,
+    mut req: Request<InBody>,
     fields: Fields,
     request_id: &HeaderValue,
     pool_out: &mut Option<usize>,

@@ -25,7 +25,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::body::{ReqBody, StreamBody};
+use crate::body::{InBody, ReqBody, StreamBody};
 use crate::codec::UpHead;
 use crate::config::PoolConfig;
 use crate::error::ProxyError;
@@ -51,13 +51,21 @@ pub fn is_replay_safe(m: &Method, headers: &HeaderMap) -> bool {
 /// and an idempotent one after any retryable failure), otherwise a stream. A chunked
 /// body of unknown length streams.
 pub async fn prepare_body(
-    incoming: Option<Incoming>,
+    body: InBody,
     content_length: Option<u64>,
     limit: Option<u64>,
     pool: &PoolConfig,
 ) -> Result<ReqBody, ProxyError> {
-    let Some(mut incoming) = incoming.filter(|b| !b.is_end_stream()) else {
-        return Ok(ReqBody::empty());
+    let mut incoming = match body {
+        InBody::Empty => return Ok(ReqBody::empty()),
+        InBody::Full(b) if b.is_empty() => return Ok(ReqBody::empty()),
+        // Its length is its Content-Length, already checked against `limit`.
+        InBody::Full(b) if pool.retry.attempts > 1 && b.len() as u64 <= pool.retry.max_replay_bytes => {
+            return Ok(ReqBody::Buffered(Some(b)));
+        }
+        InBody::Full(b) => return Ok(ReqBody::Stream(StreamBody::once(b))),
+        InBody::Incoming(i) if i.is_end_stream() => return Ok(ReqBody::empty()),
+        InBody::Incoming(i) => i,
     };
     if pool.retry.attempts > 1 {
         if let Some(len) = content_length.filter(|&l| l <= pool.retry.max_replay_bytes) {

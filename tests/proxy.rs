@@ -832,23 +832,32 @@ async fn one_connection_mixes_bodiless_requests_and_bodies_in_order() {
             body.len()
         )
     };
+    let chunked = |id: &str| {
+        format!("POST /echo HTTP/1.1\r\nHost: t\r\nx-request-id: {id}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n0\r\n\r\n")
+    };
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
-    // rampart's own path, then a body (hyper's), then, after hyper's connection
-    // parks, the own path again; then all three kinds pipelined in one write.
+    // rampart's own path; then a body that arrives after its head, which hyper
+    // serves; then, after hyper's connection parks, the own path again.
     s.write_all(get("g1").as_bytes()).await.unwrap();
     let (h, b) = read_one_response(&mut s, &mut buf, false).await;
     assert!(h.starts_with("http/1.1 200") && h.contains("x-request-id: g1"), "{h}");
     assert_eq!(b, b"o");
-    s.write_all(post("p1", "first body").as_bytes()).await.unwrap();
+    let p1 = post("p1", "first body");
+    let (head, body) = p1.split_at(p1.len() - "first body".len());
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(body.as_bytes()).await.unwrap();
     let (h, b) = read_one_response(&mut s, &mut buf, false).await;
     assert!(h.contains("x-request-id: p1"), "{h}");
     assert_eq!(b, b"first body");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    s.write_all(format!("{}{}{}", get("g2"), post("p2", "second"), get("g3")).as_bytes())
+    // Pipelined in one write: bodiless, a whole small body (own path), a chunked body
+    // (hyper), bodiless again; answered in order.
+    s.write_all(format!("{}{}{}{}", get("g2"), post("p2", "second"), chunked("p3"), get("g3")).as_bytes())
         .await
         .unwrap();
-    for (id, body) in [("g2", &b"o"[..]), ("p2", b"second"), ("g3", b"o")] {
+    for (id, body) in [("g2", &b"o"[..]), ("p2", b"second"), ("p3", b"chunk"), ("g3", b"o")] {
         let (h, b) = read_one_response(&mut s, &mut buf, false).await;
         assert!(h.contains(&format!("x-request-id: {id}")), "expected {id}: {h}");
         assert_eq!(b, body, "{id}");
@@ -856,7 +865,7 @@ async fn one_connection_mixes_bodiless_requests_and_bodies_in_order() {
     s.write_all(get("g4").as_bytes()).await.unwrap();
     let (h, _) = read_one_response(&mut s, &mut buf, false).await;
     assert!(h.contains("x-request-id: g4"), "{h}");
-    assert_eq!(o.hits(), 6);
+    assert_eq!(o.hits(), 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -994,4 +1003,35 @@ async fn a_client_that_leaves_mid_request_cancels_the_backend_request() {
         eventually(|| in_flight() == Some(0)).await,
         "still in flight after the client left"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_body_sent_with_its_head_reaches_the_backend_whether_kept_for_replay_or_not() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    // Kept for replay (the default), never kept (attempts = 1), and too large to keep.
+    for extra in ["", "retry = { attempts = 1 }", "retry = { max_replay_bytes = 4 }"] {
+        let (_srv, addr) = start_proxy(&pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\n{extra}")));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let body = "0123456789";
+        let req = format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // Twice on one connection, the second pipelined behind a bodiless request.
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+        assert!(h.starts_with("http/1.1 200"), "{extra}: {h}");
+        assert_eq!(b, body.as_bytes(), "{extra}");
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: t\r\n\r\n{req}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(read_one_response(&mut s, &mut buf, false).await.1, b"o");
+        assert_eq!(
+            read_one_response(&mut s, &mut buf, false).await.1,
+            body.as_bytes(),
+            "{extra}"
+        );
+    }
 }
