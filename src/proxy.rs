@@ -132,6 +132,7 @@ impl Default for RequestIds {
 
 /// Entry point from the connection's service: never fails, always answers.
 pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>) -> Response<RespBody> {
+    ctx.timer_floor.request_started();
     let start = Instant::now();
     // One snapshot for the whole request; `load_full` because it lives across awaits.
     let snap = ctx.shared.snapshot.load_full();
