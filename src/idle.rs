@@ -1,4 +1,5 @@
-//! HTTP/1.1 client connections that hold no buffers while idle.
+//! HTTP/1.1 client connections that hold no buffers while idle, on hyper's path: the
+//! requests `h1` (rampart's own path, which frees its buffers the same way) hands over.
 //!
 //! hyper keeps a connection's read buffer, write buffer and parser state for as long
 //! as the connection is open, idle or not: about 30 KB per idle keep-alive client.
