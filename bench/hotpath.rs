@@ -1,5 +1,6 @@
 //! Microbenchmarks of the hot-path pieces: balancer pick, route match, header rewrite,
-//! and the backend-side HTTP/1.1 codec (request head out, response head in, chunks).
+//! the client-side HTTP/1.1 path (`h1`: request head in, response head out) and the
+//! backend-side codec (request head out, response head in, chunks).
 //! Run: `cargo bench --bench hotpath`. Use them to keep regressions out of the data
 //! path; whole-proxy figures come from `bench/run.py`.
 
@@ -168,5 +169,35 @@ Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\n
     });
 }
 
-criterion_group!(hot, balancers, routes, headers, codec);
+fn client_side(c: &mut Criterion) {
+    // A browser-like request and an nginx-like response.
+    let req = b"GET /static/app.js?v=3 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0\r\nAccept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\nReferer: https://www.example.com/\r\nConnection: keep-alive\r\nCookie: session=abcdef0123456789\r\n\r\n";
+    let mut scratch = Vec::new();
+    c.bench_function("h1/parse-request-head", |b| {
+        b.iter(|| rampart::h1::parse_for_bench(black_box(req), &mut scratch))
+    });
+    let mut resp = http::Response::new(rampart::body::RespBody::from(bytes::Bytes::from_static(
+        b"hello, world!",
+    )));
+    for (k, v) in [
+        ("server", "nginx/1.22.1"),
+        ("date", "Mon, 23 Nov 2026 16:00:00 GMT"),
+        ("content-type", "application/javascript"),
+        ("last-modified", "Mon, 23 Nov 2026 12:00:00 GMT"),
+        ("etag", "\"6741c0a0-d\""),
+        ("accept-ranges", "bytes"),
+        ("x-request-id", "0123456789abcdef01234567"),
+    ] {
+        resp.headers_mut().insert(k, HeaderValue::from_static(v));
+    }
+    let mut out = Vec::with_capacity(512);
+    c.bench_function("h1/encode-response-head", |b| {
+        b.iter(|| {
+            out.clear();
+            rampart::h1::encode_head_for_bench(&mut out, black_box(&resp));
+        })
+    });
+}
+
+criterion_group!(hot, balancers, routes, headers, codec, client_side);
 criterion_main!(hot);
