@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::{InBody, RespBody};
+use crate::codec;
 use crate::idle::PARK_AFTER;
 use crate::listener::ConnTracker;
 use crate::proxy::{self, ConnInfo};
@@ -299,7 +300,7 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
     };
     let mut headers = HeaderMap::with_capacity(scratch.len());
     for &[ns, ne, vs, ve] in scratch.iter() {
-        let Some(name) = header_name(&head[ns as usize..ne as usize]) else {
+        let Some(name) = codec::header_name(&head[ns as usize..ne as usize]) else {
             return Parsed::Hyper;
         };
         // SAFETY: httparse already rejected every byte a field value may not hold, so
@@ -328,33 +329,6 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
         },
         total,
     )
-}
-
-/// A field name as a `HeaderName`. The names browsers, curl and load tools send, spelled
-/// as they send them, are matched as they are: `HeaderName::from_bytes` lowercases the
-/// name and then looks it up (`cargo bench --bench hotpath -- h1/parse`: a browser's
-/// nine-field request head took 488 ns that way).
-fn header_name(raw: &[u8]) -> Option<HeaderName> {
-    Some(match raw {
-        b"Host" | b"host" => header::HOST,
-        b"User-Agent" | b"user-agent" => header::USER_AGENT,
-        b"Accept" | b"accept" => header::ACCEPT,
-        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
-        b"Accept-Language" | b"accept-language" => header::ACCEPT_LANGUAGE,
-        b"Connection" | b"connection" => header::CONNECTION,
-        b"Cookie" | b"cookie" => header::COOKIE,
-        b"Referer" | b"referer" => header::REFERER,
-        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
-        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"Authorization" | b"authorization" => header::AUTHORIZATION,
-        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
-        b"If-None-Match" | b"if-none-match" => header::IF_NONE_MATCH,
-        b"If-Modified-Since" | b"if-modified-since" => header::IF_MODIFIED_SINCE,
-        b"Origin" | b"origin" => header::ORIGIN,
-        b"Pragma" | b"pragma" => header::PRAGMA,
-        b"Upgrade-Insecure-Requests" | b"upgrade-insecure-requests" => header::UPGRADE_INSECURE_REQUESTS,
-        _ => return HeaderName::from_bytes(raw).ok(),
-    })
 }
 
 /// A `Content-Length` value: ASCII digits only, as RFC 9110 §8.6 allows.
@@ -710,23 +684,6 @@ mod tests {
                 .body(),
             InBody::Empty
         ));
-    }
-
-    #[test]
-    fn field_names_are_matched_in_either_spelling_and_others_fall_back() {
-        for raw in [
-            "Host",
-            "host",
-            "User-Agent",
-            "accept-encoding",
-            "Upgrade-Insecure-Requests",
-            "X-Custom",
-            "x-a",
-        ] {
-            let name = header_name(raw.as_bytes()).unwrap();
-            assert_eq!(name.as_str(), raw.to_ascii_lowercase(), "{raw}");
-        }
-        assert!(header_name(b"Bad Name").is_none());
     }
 
     #[test]
