@@ -22,12 +22,12 @@
 //! a client that closes while its request is in flight cancels it.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -35,7 +35,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -138,7 +138,9 @@ pub async fn serve(
             }
             tokio::select! {
                 biased;
-                r = poll_fn(|cx| poll_read_vec(&mut stream, cx, &mut rbuf)) => match r {
+                // `read_buf` goes through tokio's `AsyncRead`, which forgets the socket's
+                // readiness after a short read: the next wait costs no extra `recvfrom`.
+                r = stream.read_buf(&mut rbuf) => match r {
                     Ok(n) if n > 0 => {}
                     // EOF or an error; hyper also closes quietly on both.
                     _ => return Ended::Closed,
@@ -181,26 +183,12 @@ pub async fn serve(
     }
 }
 
-/// Reads into `buf`'s spare capacity through tokio's `AsyncRead`, which forgets the
-/// socket's readiness after a short read, so the next wait costs no extra `recvfrom`.
-fn poll_read_vec(stream: &mut TcpStream, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
-    let len = buf.len();
-    let n = {
-        let mut rb = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
-        std::task::ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
-        rb.filled().len()
-    };
-    // SAFETY: the read above initialised `n` bytes of the spare capacity.
-    unsafe { buf.set_len(len + n) };
-    Poll::Ready(Ok(n))
-}
-
 /// Drives the request future. Meanwhile, with nothing pipelined yet, watches the
 /// client: end of stream or an error cancels the request (`None`), as hyper does;
 /// pipelined bytes are kept for the next request.
 async fn in_flight<F>(mut fut: Pin<&mut F>, stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> Option<Response<RespBody>>
 where
-    F: std::future::Future<Output = Response<RespBody>> + ?Sized,
+    F: Future<Output = Response<RespBody>> + ?Sized,
 {
     poll_fn(|cx| {
         if let Poll::Ready(r) = fut.as_mut().poll(cx) {
@@ -208,8 +196,8 @@ where
         }
         // As hyper does, watch only while nothing is buffered: bytes of a next request
         // are kept (up to the buffer's capacity) and read no further meanwhile.
-        while rbuf.is_empty() && rbuf.capacity() > 0 {
-            match poll_read_vec(stream, cx, rbuf) {
+        while rbuf.is_empty() {
+            match std::pin::pin!(stream.read_buf(&mut *rbuf)).poll(cx) {
                 Poll::Ready(Ok(n)) if n > 0 => {}
                 Poll::Ready(_) => return Poll::Ready(None),
                 Poll::Pending => break,
