@@ -303,7 +303,7 @@ async fn serve_h1(
     let mut replay = Bytes::new();
     loop {
         // Boxed: the busy state (buffers, the request) must not size the idle task.
-        let (s, rest) = match Box::pin(h1::serve(&svc.ctx, &svc.info, builder.fast, tracker, stream, replay)).await {
+        (stream, replay) = match Box::pin(h1::serve(&svc.ctx, &svc.info, builder.fast, tracker, stream, replay)).await {
             Ended::Closed => return,
             Ended::Idle(s) => (s, Bytes::new()),
             Ended::Hyper(s, bytes) => {
@@ -314,8 +314,6 @@ async fn serve_h1(
                 }
             }
         };
-        stream = s;
-        replay = rest;
         if !replay.is_empty() {
             continue;
         }
