@@ -56,6 +56,14 @@ pub enum ProxyError {
     /// and nothing sent for it (`upstream::Conn::send`). No application saw the request.
     #[error("{backend} closed the connection before receiving any of the request")]
     NotReceived { backend: SocketAddr },
+    /// The backend reset the connection with the request in flight and nothing sent
+    /// for it, and its port then refused a connection: its process exited, and the
+    /// kernel reset the connection because the request was still unread
+    /// (`upstream::Conn::send`). No application saw the request.
+    #[error(
+        "{backend} reset the connection with the request unread, and now refuses connections (its process exited)"
+    )]
+    ExitedUnread { backend: SocketAddr },
     #[error("invalid response from {backend}: {reason}")]
     BadResponse { backend: SocketAddr, reason: &'static str },
     #[error("{backend} answered {status}")]
@@ -88,6 +96,7 @@ impl ProxyError {
             | Connect { .. }
             | ConnectTimeout { .. }
             | NotReceived { .. }
+            | ExitedUnread { .. }
             | CircuitOpen { .. }
             | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -115,6 +124,7 @@ impl ProxyError {
             | ResponseTimeout { .. }
             | UpstreamClosed { .. }
             | NotReceived { .. }
+            | ExitedUnread { .. }
             | BadResponse { .. }
             | BadStatus { .. } => Side::Upstream,
         }
@@ -122,10 +132,13 @@ impl ProxyError {
 
     /// The failure never reached the application, so any method may go to another backend.
     pub fn is_retryable_any_method(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::NotReceived { .. }
-        )
+        matches!(self, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) || self.never_read()
+    }
+
+    /// The request was written but provably never read: the kept copy may be resent,
+    /// whatever the method, as if it had never been written.
+    pub fn never_read(&self) -> bool {
+        matches!(self, ProxyError::NotReceived { .. } | ProxyError::ExitedUnread { .. })
     }
 
     /// The application may have seen the request; only idempotent methods may be retried.
@@ -157,6 +170,7 @@ impl ProxyError {
             | ResponseTimeout { backend }
             | UpstreamClosed { backend, .. }
             | NotReceived { backend }
+            | ExitedUnread { backend }
             | BadResponse { backend, .. }
             | BadStatus { backend, .. } => Some(*backend),
             _ => None,
@@ -174,6 +188,7 @@ impl ProxyError {
             ResponseTimeout { .. } => "response_timeout",
             UpstreamClosed { .. } => "upstream_closed",
             NotReceived { .. } => "upstream_closed_unread",
+            ExitedUnread { .. } => "upstream_exited_unread",
             BadResponse { .. } => "bad_response",
             BadStatus { .. } => "bad_status",
             CircuitOpen { .. } => "circuit_open",

@@ -136,7 +136,7 @@ pub async fn forward(
                 // Written, but provably never received: send the kept copy, whatever
                 // the method, as if it had never been written.
                 let unsent = match (unsent, &err) {
-                    (None, ProxyError::NotReceived { .. }) => attempts.replay(),
+                    (None, err) if err.never_read() => attempts.replay(),
                     (unsent, _) => unsent,
                 };
                 (err, unsent)

@@ -43,8 +43,9 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Reads of a long body grow the buffer up to this much at once.
 const MAX_READ: usize = 64 * 1024;
 
-/// The longest wait for a reset after a FIN that cut off a request in flight. The wait
-/// is two smoothed round trips plus a millisecond, and happens only on that failure.
+/// The longest wait for a reset after a FIN that cut off a request in flight (two
+/// smoothed round trips plus a millisecond), and for the connect that asks whether a
+/// backend that reset one is gone. Both happen only on those failures.
 const MAX_RESET_WAIT: Duration = Duration::from_millis(100);
 
 /// One HTTP/1.1 connection to a backend. Boxed once when opened (`connect`), so
@@ -157,7 +158,8 @@ impl Conn {
                 head.keep_alive &= failed.is_none();
                 Ok(head)
             }
-            (Err(e @ SendError::Failed(ProxyError::NotReceived { .. })), _) | (Err(e), None) => Err(e),
+            (Err(e), None) => Err(e),
+            (Err(SendError::Failed(e)), Some(_)) if e.never_read() => Err(SendError::Failed(e)),
             (Err(_), Some(e)) => Err(SendError::Failed(self.closed(e))),
         }
     }
@@ -260,6 +262,9 @@ impl Conn {
                             ))))
                         }
                         Ok(_) => heard = true,
+                        Err(e) if !heard && e.kind() == io::ErrorKind::ConnectionReset && self.exited().await => {
+                            return Err(SendError::Failed(ProxyError::ExitedUnread { backend: self.addr }))
+                        }
                         Err(e) => return Err(SendError::Failed(self.closed(e))),
                     }
                 }
@@ -286,6 +291,25 @@ impl Conn {
         let rtt = crate::netio::smoothed_rtt(&self.stream).unwrap_or_default();
         tokio::time::sleep((rtt * 2 + Duration::from_millis(1)).min(MAX_RESET_WAIT)).await;
         self.reset_after_fin()
+    }
+
+    /// The backend reset the connection, without a FIN, with our request in flight and
+    /// nothing sent back. A socket closes that way in two cases: it still held unread
+    /// bytes when its process closed it (or exited), or the application chose an
+    /// abortive close (`SO_LINGER` 0), perhaps after reading the request. Does its port
+    /// now refuse connections? Then the process that owned the connection is gone: a
+    /// process exits without aborting on purpose, so its kernel reset the connection
+    /// for the unread request (a process that read the whole request and then died
+    /// would have sent a FIN). A backend still accepting proves nothing, and neither
+    /// does a connect that hangs: both are treated as "may have been read".
+    ///
+    /// The probe is one connect, only on this failure path; a refusal comes back
+    /// within a round trip. A probe that connects is closed at once.
+    async fn exited(&self) -> bool {
+        matches!(
+            tokio::time::timeout(MAX_RESET_WAIT, TcpStream::connect(self.addr)).await,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused
+        )
     }
 
     /// `SO_ERROR` is `EPIPE` for a reset received in CLOSE_WAIT. Reading clears it.
@@ -570,11 +594,32 @@ mod tests {
     const REQUEST: &[u8] = b"POST /order HTTP/1.1\r\nhost: a\r\ncontent-length: 7\r\n\r\norder=1";
 
     async fn pair() -> (Box<Conn>, TcpStream) {
+        let (conn, server, _) = pair_listening().await;
+        (conn, server)
+    }
+
+    /// A connection, the backend's end of it, and the backend's listener.
+    async fn pair_listening() -> (Box<Conn>, TcpStream, TcpListener) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        (Box::new(Conn::new(client, addr, None)), server)
+        (Box::new(Conn::new(client, addr, None)), server, l)
+    }
+
+    /// Closes the backend's end with a reset and no FIN (`SO_LINGER` 0).
+    fn abort(server: TcpStream) {
+        let std = server.into_std().unwrap();
+        socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(std);
+    }
+
+    /// The failure's label, for a send that must fail.
+    fn failure(r: Result<Head, SendError>) -> &'static str {
+        match r {
+            Err(SendError::Failed(e)) => e.kind(),
+            other => panic!("expected a failure, got {other:?}"),
+        }
     }
 
     fn request(method: http::Method, uri: &'static str, body: ReqBody) -> UpRequest {
@@ -685,6 +730,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_whose_backend_exited_before_reading_it_was_never_received() {
+        let (mut conn, server, listener) = pair_listening().await;
+        // The process dies with the request in its socket: its kernel closes the
+        // listener, then resets the connection (unread bytes), with no FIN.
+        let backend = async move {
+            server.readable().await.unwrap();
+            drop(listener);
+            drop(server);
+        };
+        let (r, ()) = tokio::join!(send_order(&mut conn), backend);
+        assert_eq!(failure(r), "upstream_exited_unread");
+    }
+
+    #[tokio::test]
+    async fn a_reset_from_a_backend_that_still_accepts_may_have_been_received() {
+        for read_first in [true, false] {
+            let (mut conn, mut server, listener) = pair_listening().await;
+            // An abortive close by a live server (after reading the request, or not):
+            // the same reset on the wire, and its port still accepts.
+            let backend = async {
+                if read_first {
+                    backend_reads(&mut server, REQUEST).await;
+                } else {
+                    server.readable().await.unwrap();
+                }
+                abort(server);
+            };
+            let (r, ()) = tokio::join!(send_order(&mut conn), backend);
+            assert_eq!(failure(r), "upstream_closed", "read first: {read_first}");
+            drop(listener);
+        }
+    }
+
+    #[tokio::test]
     async fn a_request_a_half_closed_backend_read_may_have_been_received() {
         let (mut conn, mut server) = pair().await;
         // The FIN comes before the request, but the server still reads it: it may act.
@@ -737,9 +816,7 @@ mod tests {
         let (mut conn, mut server) = pair().await;
         exchange(&mut conn, &mut server).await;
         // SO_LINGER 0: the backend resets the connection instead of closing it.
-        let std = server.into_std().unwrap();
-        socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO)).unwrap();
-        drop(std);
+        abort(server);
         settle().await;
         let mut req = order();
         match conn.send(&mut req).await {

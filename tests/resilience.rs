@@ -55,6 +55,36 @@ async fn killed_backend_costs_no_request_get_or_post() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_left_unread_by_a_backend_that_died_goes_to_another() {
+    let dying = DyingOrigin::start(false).await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[dying.addr, good.addr], "balancer = \"round_robin\""));
+    for i in 0..6 {
+        let r = post(addr, "pay=1").await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.text(), "good");
+    }
+    assert_eq!(good.hits(), 6, "every POST reached the good backend once");
+    assert_eq!(dying.read.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_read_by_a_backend_that_died_is_not_sent_again() {
+    let dying = DyingOrigin::start(true).await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[dying.addr, good.addr], "balancer = \"round_robin\""));
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(post(addr, "pay=1").await.status.as_u16());
+    }
+    // The backend read one POST, then died with a FIN: it may have acted on it.
+    assert_eq!(dying.read.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(statuses.iter().filter(|s| **s == 502).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "{statuses:?}");
+    assert_eq!(good.hits(), 5, "the POST the dead backend read was not resent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_that_may_have_reached_the_backend_is_never_sent_twice() {
     let bad = TestOrigin::start("bad", Behavior::CloseBeforeResponse).await;
     let good = TestOrigin::start("good", Behavior::Healthy).await;

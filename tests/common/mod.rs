@@ -132,6 +132,49 @@ impl Drop for TestOrigin {
     }
 }
 
+/// A backend process that dies with the first request it gets, as under `kill -9`:
+/// its listener closes (the port refuses from then on), then the request's
+/// connection closes. Left unread (`read_first` false), the kernel resets that
+/// connection without a FIN; read first, it closes with a FIN.
+pub struct DyingOrigin {
+    pub addr: SocketAddr,
+    /// Requests it read before dying: 0 or 1.
+    pub read: Arc<AtomicUsize>,
+}
+
+impl DyingOrigin {
+    pub async fn start(read_first: bool) -> DyingOrigin {
+        let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.expect("bind origin"));
+        let addr = listener.local_addr().unwrap();
+        let read = Arc::new(AtomicUsize::new(0));
+        let read2 = read.clone();
+        tokio::spawn(async move {
+            // Ends once the listener is shut: accept then fails.
+            while let Ok((stream, _)) = listener.accept().await {
+                let (listener, read) = (listener.clone(), read2.clone());
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let mut first = [0u8; 1];
+                    // Health checks connect and close: wait for a request's first byte.
+                    if !matches!(stream.peek(&mut first).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                    if read_first {
+                        // Everything rampart wrote: a head and a small body, one write.
+                        let mut buf = vec![0u8; 65536];
+                        let _ = stream.read(&mut buf).await;
+                        read.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Linux stops a listener on shutdown(SHUT_RD), as on close.
+                    let _ = socket2::SockRef::from(&*listener).shutdown(std::net::Shutdown::Read);
+                    drop(stream);
+                });
+            }
+        });
+        DyingOrigin { addr, read }
+    }
+}
+
 /// An address on which nothing listens: connections are refused.
 pub async fn refused_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
