@@ -167,14 +167,14 @@ impl Attempts {
     }
 
     /// Records a failed try on backend `bi`. Returns whether another try is allowed;
-    /// `have_request` says the original request is still in hand (not yet written).
+    /// `have_request` says the request is in hand and no application saw it: nothing
+    /// of it was written (whatever the error, such as a connection reset before the
+    /// first byte), or it is the kept copy of one provably never read.
     pub fn failed(&mut self, bi: usize, err: ProxyError, have_request: bool) -> bool {
         self.mark_tried(bi);
-        let safe = if err.is_retryable_any_method() {
-            have_request || self.template.is_some()
-        } else {
-            self.idempotent && err.is_retryable_idempotent() && self.template.is_some()
-        };
+        let safe = have_request
+            || (self.template.is_some()
+                && (err.is_retryable_any_method() || (self.idempotent && err.is_retryable_idempotent())));
         let again = safe && self.tried.len() < self.max_tries;
         if again {
             tracing::warn!(backend = %err.backend().map_or_else(|| "-".to_string(), |b| b.to_string()), error = %err, "attempt failed; retrying on another backend");
@@ -402,6 +402,31 @@ mod tests {
         assert!(
             !a.failed(1, ProxyError::ResponseTimeout { backend: addr }, false),
             "the backend may have read it: never sent twice"
+        );
+        // Reset before a byte of it was written: the request is still in hand.
+        let mut a = Attempts::new(&pool, &post());
+        let reset = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(
+            a.failed(
+                0,
+                ProxyError::UpstreamClosed {
+                    backend: addr,
+                    source: reset()
+                },
+                true
+            ),
+            "unwritten: safe for any method"
+        );
+        assert!(
+            !a.failed(
+                1,
+                ProxyError::UpstreamClosed {
+                    backend: addr,
+                    source: reset()
+                },
+                false
+            ),
+            "written, may have been read: not sent twice"
         );
         let mut a = Attempts::new(&pool, &post());
         assert!(!a.failed(

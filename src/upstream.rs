@@ -44,9 +44,13 @@ const READ_CHUNK: usize = 8 * 1024;
 const MAX_READ: usize = 64 * 1024;
 
 /// The longest wait for a reset after a FIN that cut off a request in flight (two
-/// smoothed round trips plus a millisecond), and for the connect that asks whether a
-/// backend that reset one is gone. Both happen only on those failures.
+/// smoothed round trips plus a millisecond), and for the probe that asks whether a
+/// backend that reset one has exited. Both happen only on those failures.
 const MAX_RESET_WAIT: Duration = Duration::from_millis(100);
+/// How long, beyond two round trips, the exit probe gives a dying process's kernel
+/// to close its listener after it reset our connection. Closing sockets takes the
+/// kernel microseconds each; a process with thousands open takes milliseconds.
+const EXIT_WAIT: Duration = Duration::from_millis(10);
 
 /// One HTTP/1.1 connection to a backend. Boxed once when opened (`connect`), so
 /// that the pool, the request and the response body move a pointer, not the struct.
@@ -296,20 +300,35 @@ impl Conn {
     /// The backend reset the connection, without a FIN, with our request in flight and
     /// nothing sent back. A socket closes that way in two cases: it still held unread
     /// bytes when its process closed it (or exited), or the application chose an
-    /// abortive close (`SO_LINGER` 0), perhaps after reading the request. Does its port
-    /// now refuse connections? Then the process that owned the connection is gone: a
-    /// process exits without aborting on purpose, so its kernel reset the connection
-    /// for the unread request (a process that read the whole request and then died
-    /// would have sent a FIN). A backend still accepting proves nothing, and neither
-    /// does a connect that hangs: both are treated as "may have been read".
+    /// abortive close (`SO_LINGER` 0), perhaps after reading the request. Is its
+    /// listener gone? Then the process that owned the connection has exited: a process
+    /// exits without aborting on purpose, so its kernel reset the connection for the
+    /// unread request (a process that read the whole request and then died would have
+    /// sent a FIN). A backend still accepting proves nothing, and neither does a
+    /// connect that hangs: both are treated as "may have been read".
     ///
-    /// The probe is one connect, only on this failure path; a refusal comes back
-    /// within a round trip. A probe that connects is closed at once.
+    /// The probe is one connect, only on this failure path. A refusal says the
+    /// listener is closed. But an exiting process's sockets are released in no set
+    /// order (on Linux, last opened first), so the listener may close a moment after
+    /// the connection. A closing listener resets every connection still queued on it,
+    /// so a probe reset while connecting, or soon after, says the same. A live server
+    /// accepts the probe and waits for a request; the probe is then closed unused.
     async fn exited(&self) -> bool {
-        matches!(
-            tokio::time::timeout(MAX_RESET_WAIT, TcpStream::connect(self.addr)).await,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused
-        )
+        let rtt = crate::netio::smoothed_rtt(&self.stream).unwrap_or_default();
+        let wait = (rtt * 2 + EXIT_WAIT).min(MAX_RESET_WAIT);
+        let probe = async {
+            let reset = |e: &io::Error| e.kind() == io::ErrorKind::ConnectionReset;
+            match TcpStream::connect(self.addr).await {
+                // Refused: no listener. Reset: the handshake reached a listener that
+                // closed before accepting it.
+                Err(e) => e.kind() == io::ErrorKind::ConnectionRefused || reset(&e),
+                Ok(probe) => {
+                    let mut byte = [0u8; 1];
+                    matches!(probe.peek(&mut byte).await, Err(e) if reset(&e))
+                }
+            }
+        };
+        tokio::time::timeout(wait, probe).await.unwrap_or(false)
     }
 
     /// `SO_ERROR` is `EPIPE` for a reset received in CLOSE_WAIT. Reading clears it.
@@ -731,16 +750,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_whose_backend_exited_before_reading_it_was_never_received() {
-        let (mut conn, server, listener) = pair_listening().await;
-        // The process dies with the request in its socket: its kernel closes the
-        // listener, then resets the connection (unread bytes), with no FIN.
-        let backend = async move {
-            server.readable().await.unwrap();
-            drop(listener);
-            drop(server);
-        };
-        let (r, ()) = tokio::join!(send_order(&mut conn), backend);
-        assert_eq!(failure(r), "upstream_exited_unread");
+        for listener_first in [true, false] {
+            let (mut conn, server, listener) = pair_listening().await;
+            // The process dies with the request in its socket: its kernel resets the
+            // connection (unread bytes, no FIN) and closes the listener, in either
+            // order.
+            let backend = async move {
+                server.readable().await.unwrap();
+                if listener_first {
+                    drop(listener);
+                    drop(server);
+                } else {
+                    drop(server);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    drop(listener);
+                }
+            };
+            let (r, ()) = tokio::join!(send_order(&mut conn), backend);
+            assert_eq!(failure(r), "upstream_exited_unread", "listener first: {listener_first}");
+        }
     }
 
     #[tokio::test]

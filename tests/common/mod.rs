@@ -133,9 +133,11 @@ impl Drop for TestOrigin {
 }
 
 /// A backend process that dies with the first request it gets, as under `kill -9`:
-/// its listener closes (the port refuses from then on), then the request's
-/// connection closes. Left unread (`read_first` false), the kernel resets that
-/// connection without a FIN; read first, it closes with a FIN.
+/// it stops accepting, the request's connection closes, and 2 ms later its listener
+/// closes (a dying process's kernel releases its sockets last-opened first). Left
+/// unread (`read_first` false), the kernel resets that connection without a FIN;
+/// read first, it closes with a FIN. Connections queued on the listener meanwhile
+/// are reset when it closes, as the kernel does.
 pub struct DyingOrigin {
     pub addr: SocketAddr,
     /// Requests it read before dying: 0 or 1.
@@ -147,11 +149,18 @@ impl DyingOrigin {
         let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.expect("bind origin"));
         let addr = listener.local_addr().unwrap();
         let read = Arc::new(AtomicUsize::new(0));
-        let read2 = read.clone();
+        let dead = Arc::new(tokio::sync::Notify::new());
+        let (read2, dead2) = (read.clone(), dead.clone());
         tokio::spawn(async move {
-            // Ends once the listener is shut: accept then fails.
-            while let Ok((stream, _)) = listener.accept().await {
-                let (listener, read) = (listener.clone(), read2.clone());
+            loop {
+                let stream = tokio::select! {
+                    _ = dead2.notified() => return,
+                    r = listener.accept() => match r {
+                        Ok((stream, _)) => stream,
+                        Err(_) => return,
+                    },
+                };
+                let (listener, read, dead) = (listener.clone(), read2.clone(), dead2.clone());
                 tokio::spawn(async move {
                     let mut stream = stream;
                     let mut first = [0u8; 1];
@@ -165,9 +174,11 @@ impl DyingOrigin {
                         let _ = stream.read(&mut buf).await;
                         read.fetch_add(1, Ordering::SeqCst);
                     }
+                    dead.notify_one();
+                    drop(stream);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                     // Linux stops a listener on shutdown(SHUT_RD), as on close.
                     let _ = socket2::SockRef::from(&*listener).shutdown(std::net::Shutdown::Read);
-                    drop(stream);
                 });
             }
         });
