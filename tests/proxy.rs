@@ -29,12 +29,15 @@ async fn minimal_config_spreads_requests_across_the_pool() {
     let (_srv, addr) = start_proxy(&toml);
     // Eight concurrent clients, as real traffic: peak-EWMA weighs in-flight load.
     concurrent_load(addr, 240, 8).await;
-    // Peak-EWMA does not split evenly: one answer slowed by this machine's load (the
-    // tests run in parallel) raises that backend's cost for the EWMA's 10 s decay, and
-    // it then gets less (17 of 240 was seen). The spread still reaches every backend,
-    // and none takes the lion's share.
+    // Every backend of the shipped pool serves. Peak-EWMA does not split evenly, by
+    // design: one answer slowed by this machine's load (the tests run in parallel)
+    // raises that backend's cost for the EWMA's 10 s decay, and from then on it gets
+    // little, however early in the run that happens (17 of 240 was seen; so were
+    // failures of a 12..=144 bound, about 1 run in 80). Splitting by weight is tested
+    // with round robin (`round_robin_follows_weights_exactly`); avoiding a slow
+    // backend, in `peak_ewma_avoids_a_slow_backend`.
     for o in [&a, &b, &c] {
-        assert!((12..=144).contains(&o.hits()), "{} got {} of 240", o.name, o.hits());
+        assert!(o.hits() >= 1, "{} got none of 240", o.name);
     }
     assert_eq!(a.hits() + b.hits() + c.hits(), 240);
 }
