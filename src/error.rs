@@ -57,12 +57,10 @@ pub enum ProxyError {
     #[error("{backend} closed the connection before receiving any of the request")]
     NotReceived { backend: SocketAddr },
     /// The backend reset the connection with the request in flight and nothing sent
-    /// for it, and its port then refused a connection: its process exited, and the
-    /// kernel reset the connection because the request was still unread
-    /// (`upstream::Conn::send`). No application saw the request.
-    #[error(
-        "{backend} reset the connection with the request unread, and now refuses connections (its process exited)"
-    )]
+    /// for it, and its listener was then gone (`upstream::Conn::exited`): its process
+    /// exited, and the kernel reset the connection because the request was still
+    /// unread. No application saw the request.
+    #[error("{backend} reset the connection with the request unread, and its listener is gone (its process exited)")]
     ExitedUnread { backend: SocketAddr },
     #[error("invalid response from {backend}: {reason}")]
     BadResponse { backend: SocketAddr, reason: &'static str },
