@@ -169,9 +169,7 @@ impl DyingOrigin {
                         return;
                     }
                     if read_first {
-                        // Everything rampart wrote: a head and a small body, one write.
-                        let mut buf = vec![0u8; 65536];
-                        let _ = stream.read(&mut buf).await;
+                        read_request(&mut stream).await;
                         read.fetch_add(1, Ordering::SeqCst);
                     }
                     dead.notify_one();
@@ -183,6 +181,29 @@ impl DyingOrigin {
             }
         });
         DyingOrigin { addr, read }
+    }
+}
+
+/// Reads one request: its head and a `content-length` body.
+async fn read_request(stream: &mut TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return;
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
     }
 }
 
