@@ -640,10 +640,18 @@ mod tests {
 
     #[test]
     fn chunk_headers_are_lowercase_hex() {
-        for (len, want) in [(1usize, "1\r\n"), (15, "f\r\n"), (16, "10\r\n"), (65536, "10000\r\n")] {
+        for (len, want) in [
+            (0usize, "0\r\n"),
+            (1, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65536, "10000\r\n"),
+        ] {
             let (buf, n) = chunk_header(len);
             assert_eq!(&buf[..n], want.as_bytes());
         }
+        // The longest line still fits the buffer.
+        assert_eq!(chunk_header(usize::MAX).1, usize::BITS as usize / 4 + 2);
     }
 
     #[test]

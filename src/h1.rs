@@ -491,8 +491,8 @@ async fn write_response(
         let last = body.is_end_stream();
         match framing {
             Framing::Chunked => {
-                let mut size = [0u8; 18];
-                let size = chunk_size_line(&mut size, data.len());
+                let (size, n) = codec::chunk_header(data.len());
+                let size = &size[..n];
                 let tail: &[u8] = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
                 write_all(
                     stream,
@@ -546,18 +546,6 @@ pub fn encode_head_for_bench(out: &mut Vec<u8>, resp: &Response<RespBody>) {
     encode_head(out, resp, &facts, true);
 }
 
-/// `{len:x}\r\n` into `buf`.
-fn chunk_size_line(buf: &mut [u8; 18], len: usize) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digits = ((usize::BITS - len.leading_zeros()).div_ceil(4)).max(1) as usize;
-    for i in 0..digits {
-        buf[digits - 1 - i] = HEX[(len >> (4 * i)) & 0xf];
-    }
-    buf[digits] = b'\r';
-    buf[digits + 1] = b'\n';
-    &buf[..digits + 2]
-}
-
 async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
@@ -602,16 +590,6 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunk_size_lines_are_lowercase_hex() {
-        let mut b = [0u8; 18];
-        assert_eq!(chunk_size_line(&mut b, 0), b"0\r\n");
-        assert_eq!(chunk_size_line(&mut b, 15), b"f\r\n");
-        assert_eq!(chunk_size_line(&mut b, 16), b"10\r\n");
-        assert_eq!(chunk_size_line(&mut b, 65536), b"10000\r\n");
-        assert_eq!(chunk_size_line(&mut b, usize::MAX).len(), usize::BITS as usize / 4 + 2);
-    }
 
     fn parsed(raw: &[u8]) -> Option<(Request<InBody>, HeadFacts, usize)> {
         match parse(raw, 100, &mut Vec::new()) {
