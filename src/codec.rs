@@ -366,17 +366,10 @@ impl FramingFields {
                 false
             }
             10 if is("connection") => {
-                let mut other = false;
-                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        self.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        self.keep_alive = true;
-                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
-                        other = true;
-                    }
-                }
-                other
+                let t = connection_tokens(value);
+                self.close |= t.close;
+                self.keep_alive |= t.keep_alive;
+                t.other
             }
             10 if is("keep-alive") => false,
             16 if is("proxy-connection") => false,
@@ -385,6 +378,31 @@ impl FramingFields {
             _ => true,
         }
     }
+}
+
+/// What the tokens of one `Connection` field say.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct ConnectionTokens {
+    pub close: bool,
+    pub keep_alive: bool,
+    /// A token other than `close`, `keep-alive` and `upgrade`: a field it names is
+    /// hop-by-hop too.
+    pub other: bool,
+}
+
+/// Reads one `Connection` field's value, for requests (`h1`) and responses alike.
+pub(crate) fn connection_tokens(value: &[u8]) -> ConnectionTokens {
+    let mut t = ConnectionTokens::default();
+    for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if token.eq_ignore_ascii_case(b"close") {
+            t.close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            t.keep_alive = true;
+        } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+            t.other = true;
+        }
+    }
+    t
 }
 
 /// A `Content-Length` value: digits, or a comma list of equal numbers.

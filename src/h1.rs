@@ -261,11 +261,9 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
         {
             return Parsed::Hyper;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
+            let t = codec::connection_tokens(h.value);
+            close |= t.close;
+            keep_alive_token |= t.keep_alive;
         }
         let n = name.as_ptr() as usize - base;
         let v = h.value.as_ptr() as usize - base;
@@ -384,11 +382,9 @@ fn encode_head(
             }
             header::TRANSFER_ENCODING => continue,
             header::CONNECTION => {
-                for token in value.as_bytes().split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    response_close |= token.eq_ignore_ascii_case(b"close");
-                    response_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                }
+                let t = codec::connection_tokens(value.as_bytes());
+                response_close |= t.close;
+                response_keep_alive |= t.keep_alive;
             }
             header::DATE => wrote_date = true,
             _ => {}
