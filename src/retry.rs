@@ -56,25 +56,23 @@ pub async fn prepare_body(
     limit: Option<u64>,
     pool: &PoolConfig,
 ) -> Result<ReqBody, ProxyError> {
+    // A body is kept for replay when a retry may happen and it is small enough.
+    let kept = |len: u64| pool.retry.attempts > 1 && len <= pool.retry.max_replay_bytes;
     let mut incoming = match body {
         InBody::Empty => return Ok(ReqBody::empty()),
         InBody::Full(b) if b.is_empty() => return Ok(ReqBody::empty()),
         // Its length is its Content-Length, already checked against `limit`.
-        InBody::Full(b) if pool.retry.attempts > 1 && b.len() as u64 <= pool.retry.max_replay_bytes => {
-            return Ok(ReqBody::Buffered(Some(b)));
-        }
+        InBody::Full(b) if kept(b.len() as u64) => return Ok(ReqBody::Buffered(Some(b))),
         InBody::Full(b) => return Ok(ReqBody::Stream(StreamBody::once(b))),
         InBody::Incoming(i) if i.is_end_stream() => return Ok(ReqBody::empty()),
         InBody::Incoming(i) => i,
     };
-    if pool.retry.attempts > 1 {
-        if let Some(len) = content_length.filter(|&l| l <= pool.retry.max_replay_bytes) {
-            let cap = limit.map_or(len, |l| l.min(len)) as usize;
-            if let Some(bytes) = collect_limited(&mut incoming, cap).await? {
-                return Ok(ReqBody::Buffered(Some(bytes)));
-            }
-            return Err(ProxyError::BadRequest("request body longer than its Content-Length"));
+    if let Some(len) = content_length.filter(|&l| kept(l)) {
+        let cap = limit.map_or(len, |l| l.min(len)) as usize;
+        if let Some(bytes) = collect_limited(&mut incoming, cap).await? {
+            return Ok(ReqBody::Buffered(Some(bytes)));
         }
+        return Err(ProxyError::BadRequest("request body longer than its Content-Length"));
     }
     Ok(ReqBody::Stream(StreamBody::new(incoming, limit)))
 }
