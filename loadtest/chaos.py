@@ -52,9 +52,12 @@ def ensure_tools():
                    cwd=ROOT, check=True)
 
 
+def git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def build_label():
     """The commit the build came from, and whether the tree had changes to the code."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "Cargo.toml", "Cargo.lock")
     return f"at {commit}" + (" with uncommitted changes" if dirty else "")
@@ -63,7 +66,6 @@ def build_label():
 def code_version():
     """What the build is made of: the committed trees of the code, plus any uncommitted
     changes to them."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     paths = ["src", "Cargo.toml", "Cargo.lock", "loadtest/origin.rs"]
     return (git("rev-parse", *[f"HEAD:{p}" for p in paths]),
             git("diff", "HEAD", "--", *paths))
