@@ -292,8 +292,7 @@ impl Conn {
         if self.reset_after_fin() {
             return true;
         }
-        let rtt = crate::netio::smoothed_rtt(&self.stream).unwrap_or_default();
-        tokio::time::sleep((rtt * 2 + Duration::from_millis(1)).min(MAX_RESET_WAIT)).await;
+        tokio::time::sleep(self.failure_wait(Duration::from_millis(1))).await;
         self.reset_after_fin()
     }
 
@@ -314,8 +313,7 @@ impl Conn {
     /// so a probe reset while connecting, or soon after, says the same. A live server
     /// accepts the probe and waits for a request; the probe is then closed unused.
     async fn exited(&self) -> bool {
-        let rtt = crate::netio::smoothed_rtt(&self.stream).unwrap_or_default();
-        let wait = (rtt * 2 + EXIT_WAIT).min(MAX_RESET_WAIT);
+        let wait = self.failure_wait(EXIT_WAIT);
         let probe = async {
             let reset = |e: &io::Error| e.kind() == io::ErrorKind::ConnectionReset;
             match TcpStream::connect(self.addr).await {
@@ -329,6 +327,13 @@ impl Conn {
             }
         };
         tokio::time::timeout(wait, probe).await.unwrap_or(false)
+    }
+
+    /// How long a failure path waits to hear more from the backend's kernel: two
+    /// smoothed round trips plus `extra`, at most `MAX_RESET_WAIT`.
+    fn failure_wait(&self, extra: Duration) -> Duration {
+        let rtt = crate::netio::smoothed_rtt(&self.stream).unwrap_or_default();
+        (rtt * 2 + extra).min(MAX_RESET_WAIT)
     }
 
     /// `SO_ERROR` is `EPIPE` for a reset received in CLOSE_WAIT. Reading clears it.
