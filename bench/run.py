@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: rampart vs nginx vs HAProxy, one worker each, same origins.
 
-Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick]
+Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick] [--results bench/RESULTS.md]
 
 Installs what is missing (nginx, haproxy, wrk, nghttp2-client from Debian; oha with
 cargo), builds rampart in release mode, starts three nginx origins and the three
@@ -305,6 +305,7 @@ def main():
     # machines), HAProxy reserves two descriptors per maxconn and cannot hold 10,000.
     ap.add_argument("--idle", type=int, default=9000)
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s, 2000 idle connections")
+    ap.add_argument("--results", default="bench/RESULTS.md", help="where to write the table (default: %(default)s)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.idle = 1, 3, 2000
@@ -439,7 +440,7 @@ def write_results(results, args, direct):
                   f"HAProxy {med['user']['haproxy']:.2f}, the floor {floor['user']:.2f})."]
     lines.append("")
     text = "\n".join(lines)
-    (ROOT / "bench" / "RESULTS.md").write_text(text)
+    (ROOT / args.results).write_text(text)
     print()
     print(text)
 
