@@ -12,7 +12,6 @@ medians. A difference smaller than the rounds' spread is noise: on a shared 2-CP
 machine one 5 s sample of user time per request ranges over 2×.
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -36,15 +35,11 @@ def main():
     args = ap.parse_args()
     bench.raise_fd_limit()
     bench.ensure_tools()
-    for port in (19001, 19002, 19003, *PORTS.values()):
-        if bench.port_open(port):
-            raise RuntimeError(f"port {port} is already in use (a leftover proxy or origin?): stop it first")
+    bench.require_free((19001, 19002, 19003, *PORTS.values()))
     run = Path(tempfile.mkdtemp(prefix="rampart-ab-"))
     os.chmod(run, 0o755)  # nginx workers run as nobody
-    (run / "64k.bin").write_bytes(b"x" * 65536)
     config = (bench.PEERS / "rampart.toml").read_text()
-    procs = [subprocess.Popen(
-        ["nginx", "-g", "daemon off;", "-c", str(bench.render(bench.PEERS / "origin-nginx.conf", run))])]
+    procs = [bench.start_origins(run)]
     builds = {}
     for name, binary in (("A", args.a), ("B", args.b)):
         cfg = run / f"rampart-{name}.toml"
@@ -52,7 +47,6 @@ def main():
         p = subprocess.Popen([binary, "--config", str(cfg), "--log-level", "warn"])
         procs.append(p)
         builds[name] = p.pid
-    hz = os.sysconf("SC_CLK_TCK")
     rows = {name: [] for name in builds}
     try:
         for port in (19001, 19002, 19003, *PORTS.values()):
@@ -61,15 +55,8 @@ def main():
             bench.sh(["oha", "-z", "2s", "-c", "64", "-q", str(RATE), "--no-tui", f"http://127.0.0.1:{PORTS[name]}/"])
         for rnd in range(args.rounds):
             for name in (("A", "B") if rnd % 2 == 0 else ("B", "A")):
-                url = f"http://127.0.0.1:{PORTS[name]}/"
-                before = bench.cpu_ticks([builds[name]])
-                out = bench.sh(["oha", "-z", f"{args.duration}s", "-c", "64", "-q", str(RATE), "--no-tui",
-                                "--output-format", "json", url]).stdout
-                after = bench.cpu_ticks([builds[name]])
-                data = json.loads(out)
-                ok = max(sum(v for k, v in data.get("statusCodeDistribution", {}).items() if k.startswith("2")), 1)
-                user, kernel = ((a - b) / hz * 1e6 / ok for a, b in zip(after, before))
-                p99 = data["latencyPercentiles"]["p99"] * 1000.0
+                cpu, kernel, p99 = bench.fixed_rate([builds[name]], PORTS[name], args.duration, RATE)
+                user = cpu - kernel
                 rps = bench.wrk(PORTS[name], "/", args.duration)
                 rows[name].append((user, kernel, p99, rps))
                 print(f"round {rnd + 1:2} {name}: user {user:5.2f} µs/req  kernel {kernel:5.2f}  "

@@ -56,12 +56,8 @@ def cargo_build(target_dir: str, rustflags: str):
 
 def train(binary: Path, run: Path):
     """The bench's loads against `binary`, then SIGTERM so that it writes its profile."""
-    for port in (19001, 19002, 19003, 18080):
-        if bench.port_open(port):
-            raise RuntimeError(f"port {port} is already in use (a leftover proxy or origin?): stop it first")
-    (run / "64k.bin").write_bytes(b"x" * 65536)
-    origin = subprocess.Popen(
-        ["nginx", "-g", "daemon off;", "-c", str(bench.render(bench.PEERS / "origin-nginx.conf", run))])
+    bench.require_free((19001, 19002, 19003, 18080))
+    origin = bench.start_origins(run)
     rampart = subprocess.Popen([str(binary), "--config", str(bench.PEERS / "rampart.toml"), "--log-level", "warn"])
     try:
         for port in (19001, 19002, 19003, 18080):

@@ -122,6 +122,22 @@ def wait_port(port, timeout=10.0):
     raise RuntimeError(f"port {port} did not open")
 
 
+def require_free(ports):
+    """Stops with a clear error if any port is taken. rampart binds with SO_REUSEPORT,
+    so a leftover instance would silently take a share of the load, and the figures
+    would be wrong without any error."""
+    for p in ports:
+        if port_open(p):
+            raise RuntimeError(f"port {p} is already in use (a leftover proxy or origin?): stop it first")
+
+
+def start_origins(run: Path) -> subprocess.Popen:
+    """The three nginx origins (19001-19003) with the 64 KiB file, their files in `run`."""
+    (run / "64k.bin").write_bytes(b"x" * 65536)
+    return subprocess.Popen(
+        ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "origin-nginx.conf", run))])
+
+
 class Procs:
     def __init__(self, run: Path, rampart: Path):
         self.run = run
@@ -129,14 +145,8 @@ class Procs:
         self.procs = {}
 
     def start_all(self):
-        # rampart binds with SO_REUSEPORT, so a leftover instance would silently take
-        # a share of the load, and the figures would be wrong without any error.
-        for p in PORTS:
-            if port_open(p):
-                raise RuntimeError(f"port {p} is already in use (a leftover proxy or origin?): stop it first")
-        (self.run / "64k.bin").write_bytes(b"x" * 65536)
-        self.procs["origin"] = subprocess.Popen(
-            ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "origin-nginx.conf", self.run))])
+        require_free(PORTS)
+        self.procs["origin"] = start_origins(self.run)
         self.procs["nginx"] = subprocess.Popen(
             ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "nginx.conf", self.run))])
         self.procs["haproxy"] = subprocess.Popen(
@@ -209,8 +219,9 @@ def h2load(port, duration):
     return float(m.group(1))
 
 
-def fixed_rate(procs, name, port, duration, rate):
-    pids = procs.pids(name)
+def fixed_rate(pids, port, duration, rate):
+    """oha at `rate` req/s on `port`: (CPU µs per answered request, of which kernel, p99 ms)
+    for the processes `pids`."""
     hz = os.sysconf("SC_CLK_TCK")
     before = cpu_ticks(pids)
     out = sh(["oha", "-z", f"{duration}s", "-c", "64", "-q", str(rate), "--no-tui", "--output-format", "json",
@@ -330,14 +341,14 @@ def main():
                 rps = wrk(port, "/", args.duration)
                 rps64 = wrk(port, "/64k", args.duration)
                 h2 = h2load(h2port, args.duration)
-                cpu, kernel, p99 = fixed_rate(procs, name, port, args.duration, args.rate)
+                cpu, kernel, p99 = fixed_rate(procs.pids(name), port, args.duration, args.rate)
                 for k, v in (("rps", rps), ("rps64k", rps64), ("h2", h2), ("cpu", cpu), ("kernel", kernel),
                              ("user", cpu - kernel), ("p99", p99)):
                     results[k][name].append(v)
                 print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s  64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
                       f"cpu {cpu:5.1f} µs/req (kernel {kernel:5.1f})  p99 {p99:6.2f} ms", flush=True)
             rps = wrk(FLOOR_PORT, "/", args.duration)
-            cpu, kernel, _ = fixed_rate(procs, "haproxy-tcp", FLOOR_PORT, args.duration, args.rate)
+            cpu, kernel, _ = fixed_rate(procs.pids("haproxy-tcp"), FLOOR_PORT, args.duration, args.rate)
             floor["rps"].append(rps)
             floor["cpu"].append(cpu)
             floor["kernel"].append(kernel)
@@ -419,8 +430,8 @@ def write_results(results, args, direct):
             ratio = f"{r / best:.2f}× (goal ≥ 1.2×)" if key == "rps" else f"{r / best:.2f}×"
         else:
             best = min(n, h)
-            goal = {"cpu": " (goal ≤ 0.8×)", "kernel": "", "user": "", "p99": " (goal ≤ 1.0×)", "idle": " (goal ≤ nginx)",
-                    "idle15": " (goal ≤ nginx)"}[key]
+            goal = {"cpu": " (goal ≤ 0.8×)", "p99": " (goal ≤ 1.0×)", "idle": " (goal ≤ nginx)",
+                    "idle15": " (goal ≤ nginx)"}.get(key, "")
             # A peer can read 0 with few connections (preallocated, already resident).
             ratio = f"{r / best:.2f}×{goal}" if best > 0 else f"n/a{goal}"
         fmt = "{:,.0f}" if key in higher_better or key.startswith("idle") else "{:.2f}"
