@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Instructions per proxied request under callgrind: the repeatable measure.
+
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR]
+e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
+
+Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
+the number of instructions a proxy executes per request barely moves between runs, so
+this is how a hot-path change is judged before the wall-clock bench (bench/run.py).
+
+Each BINARY (default: target/release/rampart) runs under `valgrind --tool=callgrind`
+with bench/peers/rampart.toml, in front of the bench's three nginx origins; with
+--nginx, the bench's nginx proxy (one worker, master process off) runs the same way.
+wrk -t1 -c16 warms it for 4 s, the counters are zeroed, wrk runs 8 s more, and the
+counters are dumped. The result is the program's instructions (and, with --cache, its
+simulated I1/D1 misses) divided by the requests wrk completed in those 8 s. Valgrind
+slows the proxy about 50-fold, so the proxy is the bottleneck and wrk's 16 connections
+keep it busy: this is the cost per request under load, batching included.
+
+--keep DIR keeps the callgrind output files for `callgrind_annotate`.
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (bench/run.py: tools, configs and load helpers)
+
+PORT = {"rampart": 18080, "nginx": 18081}
+WARM, MEASURE = 4, 8
+
+
+def wrk_requests(port, seconds):
+    out = bench.sh(["wrk", "-t1", "-c16", f"-d{seconds}s", f"http://127.0.0.1:{port}/"]).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"error responses from port {port}: {out}")
+    return int(re.search(r"(\d+) requests in", out).group(1))
+
+
+def totals(outfile: Path):
+    """Event totals from a callgrind output file: {"Ir": n, ...}."""
+    events = summary = None
+    for line in outfile.read_text().splitlines():
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("summary:") or line.startswith("totals:"):
+            summary = [int(x) for x in line.split()[1:]]
+    return dict(zip(events, summary))
+
+
+def profile(name, cmd, port, out: Path, cache: bool):
+    vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    if cache:
+        vg.append("--cache-sim=yes")
+    log = open(out.with_suffix(".log"), "w")
+    p = subprocess.Popen(vg + cmd, stdout=log, stderr=log)
+    try:
+        bench.wait_port(port, timeout=60)
+        wrk_requests(port, WARM)
+        subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+        n = wrk_requests(port, MEASURE)
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
+        time.sleep(1)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    # The dump after zeroing is the file with the highest part number.
+    parts = sorted(out.parent.glob(out.name + ".*"), key=lambda f: int(f.suffix[1:]) if f.suffix[1:].isdigit() else -1)
+    dump = next((f for f in reversed(parts) if f.suffix[1:].isdigit()), None)
+    if dump is None:
+        raise RuntimeError(f"no callgrind dump for {name}: see {out.with_suffix('.log')}")
+    t = totals(dump)
+    row = {"requests": n, "Ir": t["Ir"] / n}
+    if cache:
+        row["I1 misses"] = t.get("I1mr", 0) / n
+        row["D1 misses"] = (t.get("D1mr", 0) + t.get("D1mw", 0)) / n
+    return row, dump
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binaries", nargs="*", default=[str(bench.ROOT / "target/release/rampart")])
+    ap.add_argument("--nginx", action="store_true", help="also profile the bench's nginx proxy")
+    ap.add_argument("--cache", action="store_true", help="simulate I1/D1 caches (slower)")
+    ap.add_argument("--keep", help="directory for the callgrind output files")
+    args = ap.parse_args()
+    bench.ensure_tools()
+    if shutil.which("valgrind") is None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    bench.require_free((19001, 19002, 19003, PORT["rampart"], PORT["nginx"]))
+    run = Path(tempfile.mkdtemp(prefix="rampart-cg-"))
+    os.chmod(run, 0o755)  # nginx workers run as nobody
+    keep = Path(args.keep) if args.keep else run
+    keep.mkdir(parents=True, exist_ok=True)
+    origins = bench.start_origins(run)
+    rows = []
+    try:
+        for port in (19001, 19002, 19003):
+            bench.wait_port(port)
+        targets = [(f"rampart {b}", [b, "--config", str(bench.PEERS / "rampart.toml"), "--log-level", "warn"],
+                    PORT["rampart"]) for b in args.binaries]
+        if args.nginx:
+            conf = bench.render(bench.PEERS / "nginx.conf", run)
+            targets.append(("nginx", ["nginx", "-c", str(conf), "-g", "daemon off; master_process off;"],
+                            PORT["nginx"]))
+        for i, (name, cmd, port) in enumerate(targets):
+            row, dump = profile(name, cmd, port, keep / f"callgrind-{i}.out", args.cache)
+            rows.append((name, row, dump))
+            print(f"{name}: " + ", ".join(f"{k} {v:,.0f}" for k, v in row.items()) + f"  ({dump})", flush=True)
+    finally:
+        origins.send_signal(signal.SIGTERM)
+        origins.wait(timeout=10)
+    print()
+    base = rows[0][1]["Ir"]
+    print(f"{'':50} {'instr/req':>10} {'vs first':>9}")
+    for name, row, _ in rows:
+        print(f"{name[-50:]:50} {row['Ir']:>10,.0f} {row['Ir'] / base:>8.3f}x")
+
+
+if __name__ == "__main__":
+    main()
