@@ -47,8 +47,9 @@ struct TryOpts {
 pub struct Forwarded {
     pub response: Response<RespBody>,
     pub backend: SocketAddr,
-    /// For a 101: the backend socket and any bytes it sent after the 101.
-    pub upgraded: Option<(tokio::net::TcpStream, Bytes)>,
+    /// For a 101: the backend socket and any bytes it sent after the 101. Boxed:
+    /// rare, and a `Forwarded` is moved several times per request.
+    pub upgraded: Option<Box<(tokio::net::TcpStream, Bytes)>>,
 }
 
 /// How one try ended.
@@ -398,7 +399,7 @@ async fn try_backend(
         let mut upgraded = None;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             // The connection now belongs to the tunnel.
-            upgraded = Some((*conn).into_upgraded());
+            upgraded = Some(Box::new((*conn).into_upgraded()));
             drop(in_flight);
         } else {
             let home = Home {

@@ -1,7 +1,7 @@
-//! One request, start to finish: `handle()` turns `handle_inner()`'s `Result` into a
-//! response (the error page, metrics and logs live here, once), and `handle_inner()`
-//! checks limits, routes, rewrites headers and hands the request to
-//! `forward::forward`, which owns the attempt loop over backends. Header rewriting
+//! One request, start to finish: `handle()` has `prepare()` check limits, route and
+//! rewrite the headers, hands the request to `forward::forward`, which owns the
+//! attempt loop over backends, and turns the `Result` into a response (the error
+//! page, metrics and logs live here, once). Header rewriting
 //! (hop-by-hop removal, `X-Forwarded-*`, `Via`, `x-request-id`) lives here too.
 //!
 //! Retry *policy* (what is safe, the budget) is `retry.rs`; passive health is
@@ -10,7 +10,6 @@
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -144,16 +143,48 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
     let method = req.method().clone();
     let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
     let mut pool_idx = None;
-    // (The service boxes this whole future: see `idle::Svc`.)
-    let result = handle_inner(&ctx, &conn, &snap, req, fields, &request_id, &mut pool_idx).await;
+    let mut backend = None;
+    // The awaits sit here, not in a nested `async fn`: every level of future nesting
+    // copies the request in and the response out, and holds its own copy of the
+    // locals. (The service boxes this whole future: see `idle::Svc`.)
+    let result = 'proxied: {
+        let p = match prepare(&conn, &snap, req, fields, &request_id) {
+            Ok(p) => p,
+            Err(e) => break 'proxied Err(e),
+        };
+        pool_idx = Some(p.pool);
+        let pool = &snap.pools[p.pool];
+        let body = match retry::prepare_body(p.body, p.content_length, p.max_body_bytes, &pool.config).await {
+            Ok(b) => b,
+            Err(e) => break 'proxied Err(e),
+        };
+        let req = UpRequest { head: p.head, body };
+        let Forwarded {
+            response,
+            backend: addr,
+            upgraded,
+        } = match crate::forward::forward(&ctx, pool, req, p.hash).await {
+            Ok(f) => f,
+            Err(e) => break 'proxied Err(e),
+        };
+        backend = Some(addr);
+        if let (Some(client_upgrade), Some(upstream)) = (p.client_upgrade, upgraded) {
+            let client = match client_upgrade {
+                ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
+                ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
+            };
+            tokio::task::spawn_local(tunnel(client, *upstream, addr));
+        }
+        Ok(response)
+    };
     let pool = pool_idx.map(|i| &snap.pools[i]);
-    let (mut response, backend) = match result {
-        Ok(f) => (f.response, Some(f.backend)),
+    let mut response = match result {
+        Ok(r) => r,
         Err(e) => {
             log_failure(&e, &method, pool.map(|p| p.name.as_str()), &request_id);
             metrics::counter!(crate::metrics::PROXY_ERRORS, "kind" => e.kind()).increment(1);
             let custom = snap.config.error_pages.get(&e.status().as_u16());
-            (error_response(&e, &request_id, custom), None)
+            error_response(&e, &request_id, custom)
         }
     };
     // Unique per response, so not worth a place in an HTTP/2 client's HPACK table:
@@ -191,15 +222,15 @@ fn log_failure(e: &ProxyError, method: &Method, pool: Option<&str>, request_id: 
     }
 }
 
-async fn handle_inner(
-    ctx: &Rc<WorkerCtx>,
+/// Everything about a request before its body is read and it goes out: limits,
+/// route, pool, the backend request head.
+fn prepare(
     conn: &ConnInfo,
-    snap: &Arc<Snapshot>,
+    snap: &Snapshot,
     mut req: Request<InBody>,
     fields: Fields,
     request_id: &HeaderValue,
-    pool_out: &mut Option<usize>,
-) -> Result<Forwarded, ProxyError> {
+) -> Result<Prepared, ProxyError> {
     let server = &snap.config.server;
     if let Some(pq) = req.uri().path_and_query() {
         if pq.as_str().len() > server.max_uri_bytes {
@@ -234,7 +265,6 @@ async fn handle_inner(
         .find(host.map(host_without_port), req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
     let route = &snap.routes[route_idx];
-    *pool_out = Some(route.pool);
     let pool = &snap.pools[route.pool];
 
     let content_length = content_length(fields.content_length.as_ref())?;
@@ -260,11 +290,19 @@ async fn handle_inner(
         method,
         uri,
         version,
-        mut headers,
+        headers,
         ..
     } = parts;
-    let added = rewrite_with(
-        &mut headers,
+    // Filled in place: `AddedFields` is a third of the head's size.
+    let mut head = UpHead {
+        method,
+        uri: origin_form(uri),
+        headers,
+        added: AddedFields::default(),
+    };
+    rewrite_with(
+        &mut head.headers,
+        &mut head.added,
         &fields.present,
         conn,
         version,
@@ -272,25 +310,28 @@ async fn handle_inner(
         request_id,
         upgrade,
     );
-    let head = Rc::new(UpHead {
-        method,
-        uri: origin_form(uri),
-        headers,
-        added,
-    });
+    let head = Rc::new(head);
 
-    let body = retry::prepare_body(incoming, content_length, route.max_body_bytes, &pool.config).await?;
-    let req = UpRequest { head, body };
+    Ok(Prepared {
+        pool: route.pool,
+        head,
+        body: incoming,
+        content_length,
+        max_body_bytes: route.max_body_bytes,
+        hash,
+        client_upgrade,
+    })
+}
 
-    let mut fwd = crate::forward::forward(ctx, pool, req, hash).await?;
-    if let (Some(client_upgrade), Some(upstream)) = (client_upgrade, fwd.upgraded.take()) {
-        let client = match client_upgrade {
-            ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
-            ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
-        };
-        tokio::task::spawn_local(tunnel(client, upstream, fwd.backend));
-    }
-    Ok(fwd)
+/// A request ready to go to `pool`, once its body is prepared for replay.
+struct Prepared {
+    pool: usize,
+    head: Rc<UpHead>,
+    body: InBody,
+    content_length: Option<u64>,
+    max_body_bytes: Option<u64>,
+    hash: Option<u64>,
+    client_upgrade: Option<ClientUpgrade>,
 }
 
 enum ClientUpgrade {
@@ -475,19 +516,24 @@ pub fn rewrite_request_headers(
     upgrade: bool,
 ) -> AddedFields {
     let present = scan(headers).present;
-    rewrite_with(headers, &present, conn, version, host, request_id, upgrade)
+    let mut added = AddedFields::default();
+    rewrite_with(headers, &mut added, &present, conn, version, host, request_id, upgrade);
+    added
 }
 
-/// `rewrite_request_headers` with the fields present already known (`scan`).
+/// `rewrite_request_headers` with the fields present already known (`scan`), adding
+/// to `added`, which starts empty.
+#[allow(clippy::too_many_arguments)]
 fn rewrite_with(
     headers: &mut HeaderMap,
+    added: &mut AddedFields,
     p: &Present,
     conn: &ConnInfo,
     version: Version,
     host: Option<HeaderValue>,
     request_id: &HeaderValue,
     upgrade: bool,
-) -> AddedFields {
+) {
     if p.hop_by_hop {
         let upgrade_value = if upgrade {
             headers.get(header::UPGRADE).cloned()
@@ -501,7 +547,6 @@ fn rewrite_with(
             headers.insert(header::UPGRADE, u);
         }
     }
-    let mut added = AddedFields::default();
     let forwarded_for = if p.forwarded_for {
         // Several fields fold into one list, then our hop is appended.
         fold_out(headers, X_FORWARDED_FOR, &conn.peer_ip)
@@ -541,7 +586,6 @@ fn rewrite_with(
     if !p.request_id {
         added.push("x-request-id", request_id.clone());
     }
-    added
 }
 
 /// Removes every `name` field from `headers` and returns their values and `ours` as
