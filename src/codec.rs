@@ -15,6 +15,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 
+use crate::rawfields::RawFields;
+
 /// The most header fields a backend response may carry (hyper's default too).
 pub const MAX_HEADERS: usize = 100;
 /// The largest response head accepted, status line to blank line.
@@ -184,10 +186,23 @@ pub type Span = (u32, u32, u32, u32);
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// The fields, when `raw` cannot carry them; else empty.
     pub headers: HeaderMap,
+    /// The fields as the backend wrote them, when they can pass that way.
+    pub raw: Option<RawFields>,
     pub framing: Framing,
     /// The connection may carry another request after this response.
     pub keep_alive: bool,
+}
+
+impl Head {
+    /// All the fields as one map, wherever they are kept.
+    pub fn header_map(&self) -> HeaderMap {
+        match &self.raw {
+            Some(raw) => raw.clone().into_header_map(self.headers.clone()),
+            None => self.headers.clone(),
+        }
+    }
 }
 
 /// Parses one response head from the front of `buf`. `Ok(None)`: incomplete, read
@@ -196,9 +211,11 @@ pub struct Head {
 /// so the response has no body whatever its headers say.
 ///
 /// The framing fields are read as the fields go by, and the hop-by-hop ones
-/// (`Connection`, `Keep-Alive`, `Transfer-Encoding`, ...) never enter the map: they
-/// describe this connection, not the response, and the client side frames anew. A
-/// `Connection` that names other fields is kept, for `proxy` to remove those.
+/// (`Connection`, `Keep-Alive`, `Transfer-Encoding`, ...) are dropped: they describe
+/// this connection, not the response, and the client side frames anew. The rest
+/// usually stay as the backend wrote them (`Head::raw`, see `rawfields`); a 101, a
+/// `Connection` that names other fields (kept, for `proxy` to remove those) or a head
+/// that `RawFields` cannot carry get a `HeaderMap` instead.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
@@ -263,6 +280,27 @@ pub fn parse_response(
         }
     };
     let head = buf.split_to(len).freeze();
+    // A `Connection` field that names others is kept for `proxy` to act on, and a 101
+    // is rewritten there too: both take the map.
+    let declared = match (f.transfer_encoding, f.content_length) {
+        (false, LengthField::Value(n)) => Some(n),
+        _ => None,
+    };
+    let raw = if f.names_others || status == StatusCode::SWITCHING_PROTOCOLS {
+        None
+    } else {
+        RawFields::build(&head, spans, declared)
+    };
+    if raw.is_some() {
+        return Ok(Some(Head {
+            status,
+            version,
+            headers: HeaderMap::new(),
+            raw,
+            framing,
+            keep_alive,
+        }));
+    }
     let mut headers = HeaderMap::with_capacity(spans.len());
     for &(ns, ne, vs, ve) in spans.iter() {
         let name = header_name(&head[ns as usize..ne as usize]).ok_or("invalid header name")?;
@@ -279,6 +317,7 @@ pub fn parse_response(
         status,
         version,
         headers,
+        raw: None,
         framing,
         keep_alive,
     }))
@@ -333,6 +372,8 @@ struct FramingFields {
     chunked: bool,
     close: bool,
     keep_alive: bool,
+    /// A `Connection` field names other fields (hop-by-hop too).
+    names_others: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -369,6 +410,7 @@ impl FramingFields {
                 let t = connection_tokens(value);
                 self.close |= t.close;
                 self.keep_alive |= t.keep_alive;
+                self.names_others |= t.other;
                 t.other
             }
             10 if is("keep-alive") => false,
@@ -608,7 +650,7 @@ mod tests {
         let h = parse_response(&mut BytesMut::from(&raw[..]), false, &mut Vec::new())
             .unwrap()
             .unwrap();
-        assert_eq!(h.headers["x-a"].as_bytes(), b"one\ttwo \xe9t\xe9");
+        assert_eq!(h.header_map()["x-a"].as_bytes(), b"one\ttwo \xe9t\xe9");
         for bad in [&b"\x01"[..], b"\x7f", b"\x00"] {
             let mut raw = b"HTTP/1.1 200 OK\r\nx-a: a".to_vec();
             raw.extend_from_slice(bad);
@@ -720,9 +762,9 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
-        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!h.header_map().contains_key(header::CONTENT_LENGTH));
         assert!(
-            !h.headers.contains_key(header::TRANSFER_ENCODING),
+            !h.header_map().contains_key(header::TRANSFER_ENCODING),
             "hop-by-hop: not passed on"
         );
         let h = parse("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true)
@@ -736,8 +778,10 @@ mod tests {
         let mut buf = BytesMut::from("HTTP/1.1 201 Created\r\nX-A: 1\r\nx-a: 2\r\nlocation: /n\r\n\r\nbody");
         let h = parse_response(&mut buf, false, &mut Vec::new()).unwrap().unwrap();
         assert_eq!(h.status, StatusCode::CREATED);
-        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
-        assert_eq!(h.headers["location"], "/n");
+        assert!(h.raw.is_some() && h.headers.is_empty(), "passed as written");
+        let map = h.header_map();
+        assert_eq!(map.get_all("x-a").iter().count(), 2);
+        assert_eq!(map["location"], "/n");
         assert_eq!(&buf[..], b"body");
     }
 
@@ -750,7 +794,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(h.keep_alive);
-        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
+        assert_eq!(h.header_map().len(), 2, "{:?}", h.header_map());
         let h = parse(
             "HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nx-secret: 1\r\ncontent-length: 0\r\n\r\n",
             false,
@@ -758,6 +802,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(!h.keep_alive);
+        assert!(h.raw.is_none(), "a Connection naming fields takes the map");
         assert_eq!(
             h.headers["connection"], "close, x-secret",
             "kept so proxy drops x-secret"

@@ -25,6 +25,7 @@ use crate::breaker::Limit;
 use crate::config::HedgeDelay;
 use crate::error::ProxyError;
 use crate::outlier;
+use crate::rawfields::RawFields;
 use crate::retry::{self, Attempts};
 use crate::state::Pool;
 use crate::upstream::{Home, SendError, UpBody, UpRequest};
@@ -50,6 +51,9 @@ pub struct Forwarded {
     /// For a 101: the backend socket and any bytes it sent after the 101. Boxed:
     /// rare, and a `Forwarded` is moved several times per request.
     pub upgraded: Option<Box<(tokio::net::TcpStream, Bytes)>>,
+    /// The response's fields as the backend wrote them (the response's map then
+    /// holds none of the backend's).
+    pub raw: Option<RawFields>,
 }
 
 /// How one try ended.
@@ -394,8 +398,11 @@ async fn try_backend(
         let gateway = outlier::on_response(pool, bi, status);
         let mut response = Response::new(RespBody::empty());
         *response.status_mut() = status;
-        *response.headers_mut() = std::mem::take(&mut head.headers);
-        crate::proxy::rewrite_response_headers(response.headers_mut(), status);
+        let raw = head.raw.take();
+        if raw.is_none() {
+            *response.headers_mut() = std::mem::take(&mut head.headers);
+            crate::proxy::rewrite_response_headers(response.headers_mut(), status);
+        }
         let mut upgraded = None;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             // The connection now belongs to the tunnel.
@@ -436,6 +443,7 @@ async fn try_backend(
             response,
             backend: addr,
             upgraded,
+            raw,
         };
         return match gateway {
             Some(err) => Outcome::Gateway(err, fwd),

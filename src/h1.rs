@@ -44,6 +44,7 @@ use crate::codec;
 use crate::idle::PARK_AFTER;
 use crate::listener::ConnTracker;
 use crate::proxy::{self, ConnInfo};
+use crate::rawfields::RawFields;
 use crate::worker::WorkerCtx;
 
 /// Header fields the fast path parses on the stack; a request with more goes to hyper,
@@ -161,13 +162,13 @@ pub async fn serve(
         // period, and a box per request cost an allocation and a ~3.6 KB copy.
         let fut = proxy::handle(ctx.clone(), info.clone(), req);
         tokio::pin!(fut);
-        let Some(resp) = in_flight(fut, &mut stream, &mut rbuf).await else {
+        let Some((resp, raw)) = in_flight(fut, &mut stream, &mut rbuf).await else {
             return Ended::Closed;
         };
 
         // 3. Write it.
         let keep_alive = facts.keep_alive && !tracker.is_stopping();
-        let keep_alive = match write_response(&mut stream, &mut out, resp, &facts, keep_alive).await {
+        let keep_alive = match write_response(&mut stream, &mut out, resp, raw.as_ref(), &facts, keep_alive).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::debug!(client = %info.peer, error = %e, "client connection ended with error");
@@ -186,9 +187,9 @@ pub async fn serve(
 /// Drives the request future. Meanwhile, with nothing pipelined yet, watches the
 /// client: end of stream or an error cancels the request (`None`), as hyper does;
 /// pipelined bytes are kept for the next request.
-async fn in_flight<F>(mut fut: Pin<&mut F>, stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> Option<Response<RespBody>>
+async fn in_flight<F, T>(mut fut: Pin<&mut F>, stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> Option<T>
 where
-    F: Future<Output = Response<RespBody>> + ?Sized,
+    F: Future<Output = T> + ?Sized,
 {
     poll_fn(|cx| {
         if let Poll::Ready(r) = fut.as_mut().poll(cx) {
@@ -340,6 +341,7 @@ enum Framing {
 fn encode_head(
     out: &mut Vec<u8>,
     resp: &Response<RespBody>,
+    raw: Option<&RawFields>,
     facts: &HeadFacts,
     mut keep_alive: bool,
 ) -> (Framing, bool) {
@@ -370,6 +372,13 @@ fn encode_head(
     let mut declared: Option<u64> = None;
     let mut response_close = false;
     let mut response_keep_alive = false;
+    // The backend's fields first, as it wrote them; they hold no framing or
+    // connection fields.
+    if let Some(raw) = raw {
+        raw.write_to(out);
+        wrote_date = raw.has_date;
+        declared = raw.declared;
+    }
     for (name, value) in resp.headers() {
         match *name {
             header::CONTENT_LENGTH => {
@@ -445,11 +454,12 @@ async fn write_response(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     resp: Response<RespBody>,
+    raw: Option<&RawFields>,
     facts: &HeadFacts,
     keep_alive: bool,
 ) -> io::Result<bool> {
     out.clear();
-    let (framing, keep_alive) = encode_head(out, &resp, facts, keep_alive);
+    let (framing, keep_alive) = encode_head(out, &resp, raw, facts, keep_alive);
     let mut body = resp.into_body();
     if framing == Framing::None {
         write_all(stream, &mut [IoSlice::new(out)]).await?;
@@ -539,7 +549,7 @@ pub fn encode_head_for_bench(out: &mut Vec<u8>, resp: &Response<RespBody>) {
         version: Version::HTTP_11,
         head_request: false,
     };
-    encode_head(out, resp, &facts, true);
+    encode_head(out, resp, None, &facts, true);
 }
 
 async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -671,8 +681,40 @@ mod tests {
             version,
             head_request,
         };
-        let (f, k) = encode_head(&mut out, &resp, &facts, keep_alive);
+        let (f, k) = encode_head(&mut out, &resp, None, &facts, keep_alive);
         (String::from_utf8(out).unwrap(), f, k)
+    }
+
+    #[test]
+    fn a_backends_fields_go_first_as_written_and_frame_nothing() {
+        let mut buf = bytes::BytesMut::from("HTTP/1.1 200 OK\r\nServer: o\r\nDate: d\r\nContent-Length: 42\r\n\r\n");
+        let head = codec::parse_response(&mut buf, false, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        let raw = head.raw.expect("passed as written");
+        let mut r = Response::new(RespBody::from(Bytes::from_static(b"hello")));
+        r.headers_mut().insert("x-request-id", HeaderValue::from_static("id"));
+        let facts = HeadFacts {
+            keep_alive: true,
+            version: Version::HTTP_11,
+            head_request: false,
+        };
+        let mut out = Vec::new();
+        let (f, k) = encode_head(&mut out, &r, Some(&raw), &facts, true);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nServer: o\r\nDate: d\r\nx-request-id: id\r\ncontent-length: 5\r\n\r\n",
+            "no second Date; the length is the body's"
+        );
+        assert_eq!((f, k), (Framing::Length(5), true));
+        // HEAD: the declared length goes out.
+        let facts = HeadFacts {
+            head_request: true,
+            ..facts
+        };
+        let mut out = Vec::new();
+        encode_head(&mut out, &Response::new(RespBody::empty()), Some(&raw), &facts, true);
+        assert!(String::from_utf8(out).unwrap().contains("content-length: 42\r\n"));
     }
 
     #[test]

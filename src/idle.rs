@@ -355,7 +355,7 @@ pub struct Svc {
 /// The service's future: the boxed request future (boxed once, so the large state
 /// machine is copied into the heap once), then the response wrapped in `ClientBody`.
 pub struct SvcFuture {
-    inner: Pin<Box<dyn Future<Output = Response<RespBody>>>>,
+    inner: Pin<Box<dyn Future<Output = proxy::Answer>>>,
     state: Option<Rc<ParkState>>,
 }
 
@@ -364,7 +364,11 @@ impl Future for SvcFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let resp = std::task::ready!(this.inner.as_mut().poll(cx));
+        let (mut resp, raw) = std::task::ready!(this.inner.as_mut().poll(cx));
+        if let Some(raw) = raw {
+            let own = std::mem::take(resp.headers_mut());
+            *resp.headers_mut() = raw.into_header_map(own);
+        }
         let state = this.state.take();
         Poll::Ready(Ok(resp.map(|inner| ClientBody {
             inner,

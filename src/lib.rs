@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod netio;
 pub mod outlier;
 pub mod proxy;
+pub mod rawfields;
 pub mod retry;
 pub mod router;
 pub mod state;

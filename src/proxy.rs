@@ -27,6 +27,7 @@ use crate::config::HashKey;
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
 use crate::idle::ParkState;
+use crate::rawfields::RawFields;
 use crate::retry;
 use crate::router::host_without_port;
 use crate::state::Snapshot;
@@ -129,8 +130,12 @@ impl Default for RequestIds {
     }
 }
 
+/// What `handle` answers: the response, and the backend's fields apart from it as the
+/// backend wrote them (`RawFields`), which go before the response's own.
+pub type Answer = (Response<RespBody>, Option<RawFields>);
+
 /// Entry point from the connection's service: never fails, always answers.
-pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>) -> Response<RespBody> {
+pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>) -> Answer {
     ctx.timer_floor.request_started();
     let start = Instant::now();
     // One snapshot for the whole request; `load_full` because it lives across awaits.
@@ -144,6 +149,7 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
     let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
     let mut pool_idx = None;
     let mut backend = None;
+    let mut raw = None;
     // The awaits sit here, not in a nested `async fn`: every level of future nesting
     // copies the request in and the response out, and holds its own copy of the
     // locals. (The service boxes this whole future: see `idle::Svc`.)
@@ -163,11 +169,13 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
             response,
             backend: addr,
             upgraded,
+            raw: fields,
         } = match crate::forward::forward(&ctx, pool, req, p.hash).await {
             Ok(f) => f,
             Err(e) => break 'proxied Err(e),
         };
         backend = Some(addr);
+        raw = fields;
         if let (Some(client_upgrade), Some(upstream)) = (p.client_upgrade, upgraded) {
             let client = match client_upgrade {
                 ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
@@ -210,7 +218,7 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
             request_id = request_id.to_str().unwrap_or("-"),
         );
     }
-    response
+    (response, raw)
 }
 
 fn log_failure(e: &ProxyError, method: &Method, pool: Option<&str>, request_id: &HeaderValue) {

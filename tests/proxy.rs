@@ -280,6 +280,52 @@ async fn two_megabyte_bodies_stream_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_response_fields_reach_http1_and_h2_clients_once_each() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // HTTP/1.1 (rampart's own writer), read as bytes.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /fields HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    let (head, body) = read_one_response(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(body, b"o");
+    let count = |name: &str| head.split("\r\n").filter(|l| l.starts_with(name)).count();
+    for (name, n) in [
+        ("set-cookie:", 2),
+        ("x-custom:", 1),
+        ("date:", 1),
+        ("content-length:", 1),
+        ("x-request-id:", 1),
+        ("keep-alive:", 0),
+    ] {
+        assert_eq!(count(name), n, "{name} in {head:?}");
+    }
+    assert!(
+        head.contains("set-cookie: a=1\r\nset-cookie: b=2\r\n"),
+        "in order: {head:?}"
+    );
+    assert!(
+        !head.contains("from-backend"),
+        "rampart's request id replaces the backend's"
+    );
+    // HTTP/2 (hyper's writer): the same fields.
+    let r = get_h2(addr, "/fields").await;
+    assert_eq!(r.text(), "o");
+    let cookies: Vec<_> = r
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(r.headers["x-custom"], "v");
+    assert_eq!(r.headers.get_all("date").iter().count(), 1);
+    assert_eq!(r.headers.get_all("x-request-id").iter().count(), 1);
+    assert_eq!(r.headers["x-request-id"].len(), 24);
+    assert!(!r.headers.contains_key("keep-alive"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_clients_are_proxied_to_http1_backends() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));

@@ -321,6 +321,16 @@ async fn healthy(name: &str, mut req: Request<Incoming>) -> Response<OriginBody>
             r.headers_mut().insert("connection", "upgrade".parse().unwrap());
             r
         }
+        "/fields" => {
+            let mut r = text(name);
+            let h = r.headers_mut();
+            h.append("set-cookie", "a=1".parse().unwrap());
+            h.append("set-cookie", "b=2".parse().unwrap());
+            h.insert("x-request-id", "from-backend".parse().unwrap());
+            h.insert("x-custom", "v".parse().unwrap());
+            h.insert("keep-alive", "timeout=5".parse().unwrap());
+            r
+        }
         "/hop" => {
             let mut r = text(name);
             r.headers_mut().insert("connection", "x-internal".parse().unwrap());
