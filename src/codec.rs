@@ -388,7 +388,7 @@ enum LengthField {
 impl FramingFields {
     /// Notes one field; returns whether it belongs in the response's header map.
     fn note(&mut self, name: &str, value: &[u8]) -> bool {
-        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        let is = |n: &str| eq_lower(name.as_bytes(), n.as_bytes());
         match name.len() {
             14 if is("content-length") => {
                 self.content_length = match (self.content_length, parse_length(value)) {
@@ -403,7 +403,7 @@ impl FramingFields {
                 self.chunked = value
                     .rsplit(|&b| b == b',')
                     .next()
-                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    .is_some_and(|t| eq_lower(t.trim_ascii(), b"chunked"));
                 false
             }
             10 if is("connection") => {
@@ -422,6 +422,29 @@ impl FramingFields {
     }
 }
 
+/// `name` equals `lower` ignoring ASCII case, where `lower` holds only lowercase
+/// letters, digits and `-`: eight bytes per step, not one. OR-ing 0x20 folds case,
+/// and maps nothing else onto those characters except CR and bytes 0x10-0x19, which
+/// httparse admits in neither names nor values. Field names and tokens are compared
+/// this way several times per message; byte by byte it was ~1.5% of a request.
+#[inline]
+pub(crate) fn eq_lower(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'));
+    if name.len() != lower.len() {
+        return false;
+    }
+    let (mut a, mut b) = (name, lower);
+    while let (Some((x, ra)), Some((y, rb))) = (a.split_first_chunk::<8>(), b.split_first_chunk::<8>()) {
+        if u64::from_ne_bytes(*x) | 0x2020_2020_2020_2020 != u64::from_ne_bytes(*y) {
+            return false;
+        }
+        (a, b) = (ra, rb);
+    }
+    a.iter().zip(b).all(|(x, y)| x | 0x20 == *y)
+}
+
 /// What the tokens of one `Connection` field say.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct ConnectionTokens {
@@ -436,11 +459,11 @@ pub(crate) struct ConnectionTokens {
 pub(crate) fn connection_tokens(value: &[u8]) -> ConnectionTokens {
     let mut t = ConnectionTokens::default();
     for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-        if token.eq_ignore_ascii_case(b"close") {
+        if eq_lower(token, b"close") {
             t.close = true;
-        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+        } else if eq_lower(token, b"keep-alive") {
             t.keep_alive = true;
-        } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+        } else if !token.is_empty() && !eq_lower(token, b"upgrade") {
             t.other = true;
         }
     }
@@ -696,6 +719,27 @@ mod tests {
         }
         assert_eq!(header_name(b"bad name"), None);
         assert_eq!(header_name(b"Bad Name"), None);
+    }
+
+    #[test]
+    fn names_compare_ignoring_case_only() {
+        for (name, lower, eq) in [
+            (&b"Content-Length"[..], &b"content-length"[..], true),
+            (b"CONTENT-LENGTH", b"content-length", true),
+            (b"Transfer-Encoding", b"transfer-encoding", true),
+            (b"Transfer-Encodinh", b"transfer-encoding", false),
+            (b"Transfer_Encoding", b"transfer-encoding", false),
+            (b"content-length", b"content-lengt", false),
+            (b"TE", b"te", true),
+            (b"Tf", b"te", false),
+            (b"Keep-Alive", b"keep-alive", true),
+            (b"keep-alivf", b"keep-alive", false),
+            (b"X-Request-Id", b"x-request-id", true),
+            (b"", b"", true),
+        ] {
+            assert_eq!(eq_lower(name, lower), eq, "{:?}", String::from_utf8_lossy(name));
+            assert_eq!(eq, name.eq_ignore_ascii_case(lower));
+        }
     }
 
     #[test]

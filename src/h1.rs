@@ -249,19 +249,19 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
         let name = h.name.as_bytes();
         // Framing and protocol switches beyond a plain length are hyper's: chunked
         // bodies, 100-continue, upgrades.
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if codec::eq_lower(name, b"content-length") {
             match (content_length, digits(h.value)) {
                 (None, Some(n)) => content_length = Some(n),
                 // Repeated (even if equal) or not a plain number: hyper decides.
                 _ => return Parsed::Hyper,
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"expect")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"te")
+        } else if codec::eq_lower(name, b"transfer-encoding")
+            || codec::eq_lower(name, b"expect")
+            || codec::eq_lower(name, b"upgrade")
+            || codec::eq_lower(name, b"te")
         {
             return Parsed::Hyper;
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if codec::eq_lower(name, b"connection") {
             let t = codec::connection_tokens(h.value);
             close |= t.close;
             keep_alive_token |= t.keep_alive;

@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH};
 
-use crate::codec::{header_name, Span};
+use crate::codec::{eq_lower, header_name, Span};
 
 /// Runs of adjacent field lines kept at most. A head whose kept lines fall into more
 /// runs (many dropped fields between them) goes into a `HeaderMap` as before.
@@ -46,10 +46,10 @@ impl RawFields {
         };
         for &(ns, ne, _, ve) in spans {
             let name = &head[ns as usize..ne as usize];
-            if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"x-request-id") {
+            if eq_lower(name, b"content-length") || eq_lower(name, b"x-request-id") {
                 continue;
             }
-            raw.has_date |= name.eq_ignore_ascii_case(b"date");
+            raw.has_date |= eq_lower(name, b"date");
             // httparse has trimmed the value: the line ends at the next LF.
             let end = ve as usize + head[ve as usize..].iter().position(|&b| b == b'\n')? + 1;
             if head[end - 2] != b'\r' {
