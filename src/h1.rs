@@ -43,7 +43,7 @@ use crate::body::{InBody, RespBody};
 use crate::codec;
 use crate::idle::PARK_AFTER;
 use crate::listener::ConnTracker;
-use crate::proxy::{self, ConnInfo};
+use crate::proxy::{self, Answer, ConnInfo};
 use crate::rawfields::RawFields;
 use crate::worker::WorkerCtx;
 
@@ -162,13 +162,13 @@ pub async fn serve(
         // period, and a box per request cost an allocation and a ~3.6 KB copy.
         let fut = proxy::handle(ctx.clone(), info.clone(), req);
         tokio::pin!(fut);
-        let Some((resp, raw)) = in_flight(fut, &mut stream, &mut rbuf).await else {
+        let Some(answer) = in_flight(fut, &mut stream, &mut rbuf).await else {
             return Ended::Closed;
         };
 
         // 3. Write it.
         let keep_alive = facts.keep_alive && !tracker.is_stopping();
-        let keep_alive = match write_response(&mut stream, &mut out, resp, raw.as_ref(), &facts, keep_alive).await {
+        let keep_alive = match write_response(&mut stream, &mut out, answer, &facts, keep_alive).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::debug!(client = %info.peer, error = %e, "client connection ended with error");
@@ -336,12 +336,21 @@ enum Framing {
     Close,
 }
 
+/// What a response head carries besides the response's own map (`proxy::Answer`).
+#[derive(Default, Clone, Copy)]
+struct Extra<'a> {
+    /// Written before the map's fields.
+    raw: Option<&'a RawFields>,
+    /// Written after them.
+    request_id: Option<&'a HeaderValue>,
+}
+
 /// Encodes the head into `out`; returns the framing and whether the connection stays
 /// open afterwards.
 fn encode_head(
     out: &mut Vec<u8>,
     resp: &Response<RespBody>,
-    raw: Option<&RawFields>,
+    extra: Extra<'_>,
     facts: &HeadFacts,
     mut keep_alive: bool,
 ) -> (Framing, bool) {
@@ -374,7 +383,7 @@ fn encode_head(
     let mut response_keep_alive = false;
     // The backend's fields first, as it wrote them; they hold no framing or
     // connection fields.
-    if let Some(raw) = raw {
+    if let Some(raw) = extra.raw {
         raw.write_to(out);
         wrote_date = raw.has_date;
         declared = raw.declared;
@@ -401,6 +410,11 @@ fn encode_head(
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(id) = extra.request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     keep_alive &= !response_close && !informational;
@@ -453,14 +467,17 @@ fn write_length(out: &mut Vec<u8>, n: u64) {
 async fn write_response(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
-    resp: Response<RespBody>,
-    raw: Option<&RawFields>,
+    answer: Answer,
     facts: &HeadFacts,
     keep_alive: bool,
 ) -> io::Result<bool> {
     out.clear();
-    let (framing, keep_alive) = encode_head(out, &resp, raw, facts, keep_alive);
-    let mut body = resp.into_body();
+    let extra = Extra {
+        raw: answer.raw.as_ref(),
+        request_id: Some(&answer.request_id),
+    };
+    let (framing, keep_alive) = encode_head(out, &answer.response, extra, facts, keep_alive);
+    let mut body = answer.response.into_body();
     if framing == Framing::None {
         write_all(stream, &mut [IoSlice::new(out)]).await?;
         return Ok(keep_alive);
@@ -549,7 +566,7 @@ pub fn encode_head_for_bench(out: &mut Vec<u8>, resp: &Response<RespBody>) {
         version: Version::HTTP_11,
         head_request: false,
     };
-    encode_head(out, resp, None, &facts, true);
+    encode_head(out, resp, Extra::default(), &facts, true);
 }
 
 async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -681,30 +698,35 @@ mod tests {
             version,
             head_request,
         };
-        let (f, k) = encode_head(&mut out, &resp, None, &facts, keep_alive);
+        let (f, k) = encode_head(&mut out, &resp, Extra::default(), &facts, keep_alive);
         (String::from_utf8(out).unwrap(), f, k)
     }
 
     #[test]
-    fn a_backends_fields_go_first_as_written_and_frame_nothing() {
+    fn the_backends_fields_go_first_as_written_and_the_request_id_last() {
         let mut buf = bytes::BytesMut::from("HTTP/1.1 200 OK\r\nServer: o\r\nDate: d\r\nContent-Length: 42\r\n\r\n");
         let head = codec::parse_response(&mut buf, false, &mut Vec::new())
             .unwrap()
             .unwrap();
         let raw = head.raw.expect("passed as written");
         let mut r = Response::new(RespBody::from(Bytes::from_static(b"hello")));
-        r.headers_mut().insert("x-request-id", HeaderValue::from_static("id"));
+        r.headers_mut().insert("x-own", HeaderValue::from_static("1"));
+        let id = HeaderValue::from_static("id");
+        let extra = Extra {
+            raw: Some(&raw),
+            request_id: Some(&id),
+        };
         let facts = HeadFacts {
             keep_alive: true,
             version: Version::HTTP_11,
             head_request: false,
         };
         let mut out = Vec::new();
-        let (f, k) = encode_head(&mut out, &r, Some(&raw), &facts, true);
+        let (f, k) = encode_head(&mut out, &r, extra, &facts, true);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "HTTP/1.1 200 OK\r\nServer: o\r\nDate: d\r\nx-request-id: id\r\ncontent-length: 5\r\n\r\n",
-            "no second Date; the length is the body's"
+            "HTTP/1.1 200 OK\r\nServer: o\r\nDate: d\r\nx-own: 1\r\nx-request-id: id\r\ncontent-length: 5\r\n\r\n",
+            "the backend's, ours, the id; no second Date; the length is the body's"
         );
         assert_eq!((f, k), (Framing::Length(5), true));
         // HEAD: the declared length goes out.
@@ -713,7 +735,7 @@ mod tests {
             ..facts
         };
         let mut out = Vec::new();
-        encode_head(&mut out, &Response::new(RespBody::empty()), Some(&raw), &facts, true);
+        encode_head(&mut out, &Response::new(RespBody::empty()), extra, &facts, true);
         assert!(String::from_utf8(out).unwrap().contains("content-length: 42\r\n"));
     }
 

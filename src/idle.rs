@@ -364,11 +364,7 @@ impl Future for SvcFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let (mut resp, raw) = std::task::ready!(this.inner.as_mut().poll(cx));
-        if let Some(raw) = raw {
-            let own = std::mem::take(resp.headers_mut());
-            *resp.headers_mut() = raw.into_header_map(own);
-        }
+        let resp = std::task::ready!(this.inner.as_mut().poll(cx)).into_response();
         let state = this.state.take();
         Poll::Ready(Ok(resp.map(|inner| ClientBody {
             inner,

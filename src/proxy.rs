@@ -130,9 +130,34 @@ impl Default for RequestIds {
     }
 }
 
-/// What `handle` answers: the response, and the backend's fields apart from it as the
-/// backend wrote them (`RawFields`), which go before the response's own.
-pub type Answer = (Response<RespBody>, Option<RawFields>);
+/// What `handle` answers. The head goes out as: the backend's fields as it wrote them
+/// (`raw`), then the response's own, then `x-request-id`. Kept apart, a proxied
+/// response to an HTTP/1.1 client needs no `HeaderMap` at all: allocating, filling and
+/// freeing one for the request id alone was ~2% of a request's instructions.
+pub struct Answer {
+    pub response: Response<RespBody>,
+    pub raw: Option<RawFields>,
+    /// The response's map holds no `x-request-id`.
+    pub request_id: HeaderValue,
+}
+
+impl Answer {
+    /// The response with all its fields in its map, for hyper.
+    pub fn into_response(self) -> Response<RespBody> {
+        let mut response = self.response;
+        if let Some(raw) = self.raw {
+            let own = std::mem::take(response.headers_mut());
+            *response.headers_mut() = raw.into_header_map(own);
+        }
+        // Unique per response, so not worth a place in an HTTP/2 client's HPACK
+        // table: "never indexed" skips the table search and insert (and the eviction
+        // of fields that do repeat). HTTP/1.1 ignores the flag.
+        let mut id = self.request_id;
+        id.set_sensitive(true);
+        response.headers_mut().insert(X_REQUEST_ID, id);
+        response
+    }
+}
 
 /// Entry point from the connection's service: never fails, always answers.
 pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>) -> Answer {
@@ -195,12 +220,11 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
             error_response(&e, &request_id, custom)
         }
     };
-    // Unique per response, so not worth a place in an HTTP/2 client's HPACK table:
-    // "never indexed" skips the table search and insert (and the eviction of fields
-    // that do repeat). HTTP/1.1 ignores the flag.
-    let mut id = request_id.clone();
-    id.set_sensitive(true);
-    response.headers_mut().insert(X_REQUEST_ID, id);
+    // The request id goes out last, as ours: a backend's (or an error page's) goes.
+    // A response passed as the backend wrote it has an empty, unallocated map.
+    if !response.headers().is_empty() {
+        response.headers_mut().remove(X_REQUEST_ID);
+    }
     let elapsed = start.elapsed();
     if let Some(p) = pool {
         p.metrics.record(response.status().as_u16(), elapsed);
@@ -218,7 +242,11 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
             request_id = request_id.to_str().unwrap_or("-"),
         );
     }
-    (response, raw)
+    Answer {
+        response,
+        raw,
+        request_id,
+    }
 }
 
 fn log_failure(e: &ProxyError, method: &Method, pool: Option<&str>, request_id: &HeaderValue) {

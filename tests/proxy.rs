@@ -533,6 +533,7 @@ async fn custom_error_pages_are_served_with_the_request_id() {
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["content-type"], "text/html; charset=utf-8");
     let rid = r.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(r.headers.get_all("x-request-id").iter().count(), 1);
     assert_eq!(r.text(), format!("<h1>down for a moment</h1><p>ref {rid}</p>"));
 }
 
