@@ -100,7 +100,7 @@ pub async fn forward(
         },
     };
     // An upgrade (WebSocket) must reach one backend only: never hedged.
-    let upgrade = req.head.headers.contains_key(http::header::UPGRADE);
+    let upgrade = req.head.added.upgrade;
     let hedge = cfg.retry.hedge && retryable_after_send && !upgrade && pool.backends.len() > 1;
     let mut req = Some(req);
     let mut gateway_reply: Option<Forwarded> = None;

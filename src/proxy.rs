@@ -581,6 +581,7 @@ fn rewrite_with(
         if let Some(u) = upgrade_value {
             headers.insert(header::CONNECTION, UPGRADE_TOKEN);
             headers.insert(header::UPGRADE, u);
+            added.upgrade = true;
         }
     }
     let forwarded_for = if p.forwarded_for {
