@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR] [--browser]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -17,7 +17,8 @@ simulated I1/D1 misses) divided by the requests wrk completed in those 8 s. Valg
 slows the proxy about 50-fold, so the proxy is the bottleneck and wrk's 16 connections
 keep it busy: this is the cost per request under load, batching included.
 
---keep DIR keeps the callgrind output files for `callgrind_annotate`.
+--keep DIR keeps the callgrind output files for `callgrind_annotate`. --browser sends
+the fields a browser sends with a page request (wrk alone sends only Host).
 """
 import argparse
 import os
@@ -35,10 +36,23 @@ import run as bench  # noqa: E402  (bench/run.py: tools, configs and load helper
 
 PORT = {"rampart": 18080, "nginx": 18081}
 WARM, MEASURE = 4, 8
+# What a desktop browser sends for a page, less cookies: eight fields besides Host.
+BROWSER = [
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    "Accept-Language: en-US,en;q=0.5",
+    "Accept-Encoding: gzip, deflate, br, zstd",
+    "Upgrade-Insecure-Requests: 1",
+    "Sec-Fetch-Dest: document",
+    "Sec-Fetch-Mode: navigate",
+    "Sec-Fetch-Site: none",
+]
+HEADERS = []
 
 
 def wrk_requests(port, seconds):
-    out = bench.sh(["wrk", "-t1", "-c16", f"-d{seconds}s", f"http://127.0.0.1:{port}/"]).stdout
+    flags = [f for h in HEADERS for f in ("-H", h)]
+    out = bench.sh(["wrk", "-t1", "-c16", f"-d{seconds}s", *flags, f"http://127.0.0.1:{port}/"]).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"error responses from port {port}: {out}")
     return int(re.search(r"(\d+) requests in", out).group(1))
@@ -93,7 +107,10 @@ def main():
     ap.add_argument("--nginx", action="store_true", help="also profile the bench's nginx proxy")
     ap.add_argument("--cache", action="store_true", help="simulate I1/D1 caches (slower)")
     ap.add_argument("--keep", help="directory for the callgrind output files")
+    ap.add_argument("--browser", action="store_true", help="send a browser's request fields")
     args = ap.parse_args()
+    if args.browser:
+        HEADERS.extend(BROWSER)
     bench.ensure_tools()
     if shutil.which("valgrind") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,

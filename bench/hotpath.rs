@@ -132,6 +132,7 @@ fn codec(c: &mut Criterion) {
         method: http::Method::GET,
         uri: "/products/42?ref=home".parse().unwrap(),
         headers,
+        raw: None,
         added,
     };
     let mut out = Vec::with_capacity(512);

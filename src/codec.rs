@@ -93,6 +93,9 @@ pub struct UpHead {
     pub uri: Uri,
     /// The client's fields, less the hop-by-hop ones.
     pub headers: HeaderMap,
+    /// Or the client's fields as it wrote them, whole CRLF lines, when none needed
+    /// rewriting (`rawfields::RawRequest`): no framing or hop-by-hop field among them.
+    pub raw: Option<Bytes>,
     pub added: AddedFields,
 }
 
@@ -112,6 +115,9 @@ pub fn encode_request_head(dst: &mut Vec<u8>, head: &UpHead, framing: ReqFraming
         use std::io::Write;
         // Writing to a Vec cannot fail.
         let _ = write!(dst, "host: {backend}\r\n");
+    }
+    if let Some(raw) = &head.raw {
+        dst.extend_from_slice(raw);
     }
     let skip_length = !matches!(framing, ReqFraming::AsIs);
     for (name, value) in &head.headers {
@@ -624,6 +630,7 @@ mod tests {
             method: Method::POST,
             uri: "/p?q=1".parse().unwrap(),
             headers,
+            raw: None,
             added: AddedFields::default(),
         };
         let mut out = Vec::new();
@@ -658,6 +665,7 @@ mod tests {
             method: Method::GET,
             uri: "/".parse().unwrap(),
             headers,
+            raw: None,
             added,
         };
         let mut out = Vec::new();

@@ -44,7 +44,7 @@ use crate::codec;
 use crate::idle::PARK_AFTER;
 use crate::listener::ConnTracker;
 use crate::proxy::{self, Answer, ConnInfo};
-use crate::rawfields::RawFields;
+use crate::rawfields::{self, RawFields, RawRequest};
 use crate::worker::WorkerCtx;
 
 /// Header fields the fast path parses on the stack; a request with more goes to hyper,
@@ -84,7 +84,9 @@ struct HeadFacts {
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
     Partial,
-    Request(Request<InBody>, HeadFacts, usize),
+    /// The request (its map empty when its fields come as written), those fields,
+    /// what the response needs to know, and the bytes it took.
+    Request(Request<InBody>, Option<RawRequest>, HeadFacts, usize),
     Hyper,
 }
 
@@ -114,12 +116,12 @@ pub async fn serve(
     tokio::pin!(stopped);
     loop {
         // 1. A complete request head.
-        let (req, facts) = loop {
+        let (req, raw, facts) = loop {
             if !rbuf.is_empty() {
                 match parse(&rbuf, limits.max_headers, &mut scratch) {
-                    Parsed::Request(req, facts, len) => {
+                    Parsed::Request(req, raw, facts, len) => {
                         rbuf.drain(..len);
-                        break (req, facts);
+                        break (req, raw, facts);
                     }
                     Parsed::Partial if rbuf.len() < limits.max_buf => {}
                     _ => return Ended::Hyper(stream, Bytes::from(rbuf)),
@@ -160,7 +162,7 @@ pub async fn serve(
         // 2. The response; a client that goes away meanwhile cancels the request.
         // Pinned in place, not boxed: this future is itself boxed once per busy
         // period, and a box per request cost an allocation and a ~3.6 KB copy.
-        let fut = proxy::handle(ctx.clone(), info.clone(), req);
+        let fut = proxy::handle(ctx.clone(), info.clone(), req, raw);
         tokio::pin!(fut);
         let Some(answer) = in_flight(fut, &mut stream, &mut rbuf).await else {
             return Ended::Closed;
@@ -245,8 +247,23 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
     let mut content_length: Option<usize> = None;
     let base = buf.as_ptr() as usize;
     scratch.clear();
+    // Whether the fields can go to the backend as written (`RawRequest`), and what
+    // `proxy` needs from them then.
+    let mut as_written = true;
+    let mut field_bytes = 0;
+    let (mut host, mut request_id) = (None, None);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        field_bytes += name.len() + h.value.len() + 4;
+        if as_written {
+            if !rawfields::request_field_passes(name) {
+                as_written = false;
+            } else if host.is_none() && codec::eq_lower(name, b"host") {
+                host = Some(h.value);
+            } else if request_id.is_none() && codec::eq_lower(name, b"x-request-id") {
+                request_id = Some(h.value);
+            }
+        }
         // Framing and protocol switches beyond a plain length are hyper's: chunked
         // bodies, 100-continue, upgrades.
         if codec::eq_lower(name, b"content-length") {
@@ -285,16 +302,39 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_start..path_end)) else {
         return Parsed::Hyper;
     };
-    let mut headers = HeaderMap::with_capacity(scratch.len());
-    for &[ns, ne, vs, ve] in scratch.iter() {
-        let Some(name) = codec::header_name(&head[ns as usize..ne as usize]) else {
-            return Parsed::Hyper;
-        };
-        // SAFETY: httparse already rejected every byte a field value may not hold, so
-        // (as hyper does) the value skips a second scan.
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(vs as usize..ve as usize)) };
-        headers.append(name, value);
-    }
+    // SAFETY (both uses): httparse already rejected every byte a field value may not
+    // hold, so (as hyper does) the value skips a second scan.
+    let value_at =
+        |start: usize, end: usize| unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(start..end)) };
+    let block = match as_written && body_len == 0 {
+        true => rawfields::field_block(&head[..len], scratch),
+        false => None,
+    };
+    let (headers, raw) = match block {
+        Some((start, end)) => {
+            let value_of = |v: &[u8]| {
+                let start = v.as_ptr() as usize - base;
+                value_at(start, start + v.len())
+            };
+            let raw = RawRequest {
+                block: head.slice(start..end),
+                host: host.map(value_of),
+                request_id: request_id.map(value_of),
+                bytes: field_bytes,
+            };
+            (HeaderMap::new(), Some(raw))
+        }
+        None => {
+            let mut headers = HeaderMap::with_capacity(scratch.len());
+            for &[ns, ne, vs, ve] in scratch.iter() {
+                let Some(name) = codec::header_name(&head[ns as usize..ne as usize]) else {
+                    return Parsed::Hyper;
+                };
+                headers.append(name, value_at(vs as usize, ve as usize));
+            }
+            (headers, None)
+        }
+    };
     let head_request = method == Method::HEAD;
     let body = if body_len == 0 {
         InBody::Empty
@@ -309,6 +349,7 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
     Parsed::Request(
         request,
+        raw,
         HeadFacts {
             keep_alive,
             version,
@@ -553,7 +594,7 @@ async fn write_response(
 #[doc(hidden)]
 pub fn parse_for_bench(buf: &[u8], scratch: &mut Vec<[u32; 4]>) -> Option<usize> {
     match parse(buf, MAX_FAST_HEADERS, scratch) {
-        Parsed::Request(_, _, len) => Some(len),
+        Parsed::Request(_, _, _, len) => Some(len),
         _ => None,
     }
 }
@@ -614,23 +655,56 @@ thread_local! {
 mod tests {
     use super::*;
 
-    fn parsed(raw: &[u8]) -> Option<(Request<InBody>, HeadFacts, usize)> {
+    fn parsed_raw(raw: &[u8]) -> Option<(Request<InBody>, Option<RawRequest>, HeadFacts, usize)> {
         match parse(raw, 100, &mut Vec::new()) {
-            Parsed::Request(r, f, n) => Some((r, f, n)),
+            Parsed::Request(r, w, f, n) => Some((r, w, f, n)),
             _ => None,
         }
     }
 
+    fn parsed(raw: &[u8]) -> Option<(Request<InBody>, HeadFacts, usize)> {
+        parsed_raw(raw).map(|(r, _, f, n)| (r, f, n))
+    }
+
     #[test]
-    fn a_simple_get_is_parsed_with_its_fields() {
-        let raw = b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\nGET";
-        let (req, facts, len) = parsed(raw).unwrap();
+    fn a_simple_get_is_parsed_with_its_fields_as_written() {
+        let raw = b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-request-id: r1 \r\nX-A: 2\r\n\r\nGET";
+        let (req, fields, facts, len) = parsed_raw(raw).unwrap();
         assert_eq!(len, raw.len() - 3);
         assert_eq!(req.uri(), "/a?b=1");
-        assert_eq!(req.headers()["host"], "x");
-        assert_eq!(req.headers().get_all("x-a").iter().count(), 2);
+        assert!(req.headers().is_empty(), "the fields pass as written");
+        let fields = fields.unwrap();
+        assert_eq!(
+            &fields.block[..],
+            b"Host: x\r\nX-A: 1\r\nx-request-id: r1 \r\nX-A: 2\r\n"
+        );
+        assert_eq!(fields.host.as_ref().unwrap(), "x");
+        assert_eq!(fields.request_id.as_ref().unwrap(), "r1");
+        assert_eq!(fields.bytes, (4 + 1) + (3 + 1) + (12 + 2) + (3 + 1) + 4 * 4);
+        assert_eq!(fields.header_map().get_all("x-a").iter().count(), 2);
         assert!(facts.keep_alive);
         assert!(matches!(req.body(), InBody::Empty));
+    }
+
+    #[test]
+    fn fields_that_are_rewritten_or_bodies_or_bare_lf_take_the_map() {
+        for raw in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nVia: 1.1 a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nx-forwarded-proto: https\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: y\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nKeep-Alive: 5\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nProxy-Authorization: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nTrailer: t\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na",
+            b"GET / HTTP/1.1\nHost: x\nX-A: 1\n\n",
+        ] {
+            let (req, fields, _, _) = parsed_raw(raw).unwrap();
+            assert!(fields.is_none(), "{}", String::from_utf8_lossy(raw));
+            assert_eq!(req.headers()["host"], "x");
+        }
     }
 
     #[test]

@@ -391,6 +391,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
                 self.ctx.clone(),
                 self.info.clone(),
                 req.map(InBody::Incoming),
+                None,
             )),
             state,
         }

@@ -27,7 +27,7 @@ use crate::config::HashKey;
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
 use crate::idle::ParkState;
-use crate::rawfields::RawFields;
+use crate::rawfields::{RawFields, RawRequest};
 use crate::retry;
 use crate::router::host_without_port;
 use crate::state::Snapshot;
@@ -160,12 +160,16 @@ impl Answer {
 }
 
 /// Entry point from the connection's service: never fails, always answers.
-pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>) -> Answer {
+/// `raw`: the request's fields as the client wrote them (`h1` only), its map then empty.
+pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>, raw: Option<RawRequest>) -> Answer {
     ctx.timer_floor.request_started();
     let start = Instant::now();
     // One snapshot for the whole request; `load_full` because it lives across awaits.
     let snap = ctx.shared.snapshot.load_full();
-    let mut fields = scan(req.headers());
+    let mut fields = match &raw {
+        Some(r) => Fields::of_raw(r),
+        None => scan(req.headers()),
+    };
     let request_id = match fields.request_id.take() {
         Some(v) if !v.is_empty() && v.len() <= 200 => v,
         _ => ctx.ids.next(),
@@ -174,12 +178,12 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
     let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
     let mut pool_idx = None;
     let mut backend = None;
-    let mut raw = None;
+    let mut backend_fields = None;
     // The awaits sit here, not in a nested `async fn`: every level of future nesting
     // copies the request in and the response out, and holds its own copy of the
     // locals. (The service boxes this whole future: see `idle::Svc`.)
     let result = 'proxied: {
-        let p = match prepare(&conn, &snap, req, fields, &request_id) {
+        let p = match prepare(&conn, &snap, req, raw, fields, &request_id) {
             Ok(p) => p,
             Err(e) => break 'proxied Err(e),
         };
@@ -200,7 +204,7 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
             Err(e) => break 'proxied Err(e),
         };
         backend = Some(addr);
-        raw = fields;
+        backend_fields = fields;
         if let (Some(client_upgrade), Some(upstream)) = (p.client_upgrade, upgraded) {
             let client = match client_upgrade {
                 ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
@@ -244,7 +248,7 @@ pub async fn handle(ctx: Rc<WorkerCtx>, conn: Rc<ConnInfo>, req: Request<InBody>
     }
     Answer {
         response,
-        raw,
+        raw: backend_fields,
         request_id,
     }
 }
@@ -264,6 +268,7 @@ fn prepare(
     conn: &ConnInfo,
     snap: &Snapshot,
     mut req: Request<InBody>,
+    raw: Option<RawRequest>,
     fields: Fields,
     request_id: &HeaderValue,
 ) -> Result<Prepared, ProxyError> {
@@ -310,8 +315,9 @@ fn prepare(
         }
     }
 
-    let hash = match pool.balancer {
-        Balancer::ConsistentHash { .. } => hash_key(&pool.config.hash_key, req.headers(), conn),
+    let hash = match (&pool.balancer, &raw) {
+        (Balancer::ConsistentHash { .. }, None) => hash_key(&pool.config.hash_key, req.headers(), conn),
+        (Balancer::ConsistentHash { .. }, Some(r)) => hash_key(&pool.config.hash_key, &r.header_map(), conn),
         _ => None,
     };
 
@@ -334,6 +340,7 @@ fn prepare(
         method,
         uri: origin_form(uri),
         headers,
+        raw: raw.map(|r| r.block),
         added: AddedFields::default(),
     };
     rewrite_with(
@@ -501,6 +508,24 @@ struct Fields {
     /// An `Upgrade` field is present (`is_upgrade` decides the rest).
     upgrade: bool,
     present: Present,
+}
+
+impl Fields {
+    /// What `scan` finds in fields that passed `rawfields::request_field_passes`.
+    fn of_raw(r: &RawRequest) -> Fields {
+        Fields {
+            bytes: r.bytes,
+            request_id: r.request_id.clone(),
+            host: r.host.clone(),
+            content_length: None,
+            upgrade: false,
+            present: Present {
+                host: r.host.is_some(),
+                request_id: r.request_id.is_some(),
+                ..Present::default()
+            },
+        }
+    }
 }
 
 fn scan(headers: &HeaderMap) -> Fields {
@@ -764,6 +789,31 @@ mod tests {
         assert_eq!(added.host.as_ref().unwrap(), "h2.test");
         assert_eq!(added.get("x-forwarded-host").unwrap(), "h2.test");
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn no_field_rampart_rewrites_passes_as_written() {
+        use crate::rawfields::request_field_passes;
+        let rewritten = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, header::VIA];
+        let framing = [header::CONTENT_LENGTH, header::UPGRADE, header::EXPECT];
+        for name in HOP_BY_HOP.iter().chain(&rewritten).chain(&framing) {
+            assert!(!request_field_passes(name.as_str().as_bytes()), "{name}");
+            assert!(
+                !request_field_passes(name.as_str().to_ascii_uppercase().as_bytes()),
+                "{name}"
+            );
+            assert!(is_hop_by_hop(name) || rewritten.contains(name) || framing.contains(name));
+        }
+        for name in [
+            "host",
+            "x-request-id",
+            "user-agent",
+            "cookie",
+            "x-forwarded-port",
+            "vias",
+        ] {
+            assert!(request_field_passes(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]

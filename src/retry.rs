@@ -378,6 +378,7 @@ mod tests {
                 method: Method::POST,
                 uri: Uri::from_static("/order"),
                 headers: HeaderMap::new(),
+                raw: None,
                 added: crate::codec::AddedFields::default(),
             }),
             body: ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))),

@@ -654,6 +654,7 @@ mod tests {
                 method,
                 uri: http::Uri::from_static(uri),
                 headers,
+                raw: None,
                 added: codec::AddedFields::default(),
             }),
             body,

@@ -6,6 +6,7 @@ mod common;
 /// For tests that count the origin's connections: TCP health checks would add some.
 const NO_HEALTH_CHECKS: &str = "health_check = { type = \"none\" }";
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -974,6 +975,112 @@ async fn head_responses_end_at_their_head_and_keep_the_connection() {
     let (h, b) = read_one_response(&mut s, &mut buf, false).await;
     assert!(h.starts_with("http/1.1 200"), "{h}");
     assert_eq!(b, b"o");
+}
+
+/// An origin that records each request head as the bytes it received and answers
+/// 200 with the body "o".
+async fn recording_origin() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&buf[..end + 2]).into_owned());
+                        buf.drain(..end + 4);
+                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\no")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_request_fields_reach_the_backend_as_written_and_rewritten_ones_are_folded() {
+    use tokio::io::AsyncWriteExt;
+    let (origin, heads) = recording_origin().await;
+    let (_srv, addr) = start_proxy(&pool_config(&[origin], ""));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    // Nothing to rewrite: the client's lines go out as written, rampart's after them.
+    s.write_all(
+        b"GET /r?q=1 HTTP/1.1\r\nHost: shop.test\r\nUser-Agent: t/1\r\nAccept: */*\r\n\
+          X-Mixed-Case: A  b\r\nx-request-id: client-7\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (h, b) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    assert_eq!(b, b"o");
+    assert!(h.contains("x-request-id: client-7"), "{h}");
+    let head = heads.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        head,
+        "GET /r?q=1 HTTP/1.1\r\nHost: shop.test\r\nUser-Agent: t/1\r\nAccept: */*\r\n\
+         X-Mixed-Case: A  b\r\nx-request-id: client-7\r\nx-forwarded-for: 127.0.0.1\r\n\
+         x-forwarded-proto: http\r\nx-forwarded-host: shop.test\r\nvia: 1.1 rampart\r\n"
+    );
+    // Fields rampart removes, extends or replaces, each alone in a request: each
+    // reaches the backend once, rewritten.
+    for (field, want) in [
+        ("Connection: keep-alive, x-drop\r\nx-drop: 1", None),
+        ("Keep-Alive: timeout=5", None),
+        ("Proxy-Authorization: Basic eA==", None),
+        (
+            "X-Forwarded-For: 203.0.113.9",
+            Some("x-forwarded-for: 203.0.113.9, 127.0.0.1"),
+        ),
+        ("Via: 1.0 edge", Some("via: 1.0 edge, 1.1 rampart")),
+        ("X-Forwarded-Proto: https", Some("x-forwarded-proto: http")),
+        ("X-Forwarded-Host: evil.test", Some("x-forwarded-host: shop.test")),
+    ] {
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: shop.test\r\n{field}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (h, _) = read_one_response(&mut s, &mut buf, false).await;
+        assert!(h.starts_with("http/1.1 200"), "{h}");
+        let head = heads.lock().unwrap().last().cloned().unwrap().to_ascii_lowercase();
+        let count = |name: &str| head.split("\r\n").filter(|l| l.starts_with(name)).count();
+        for name in [
+            "host:",
+            "x-forwarded-for:",
+            "via:",
+            "x-forwarded-proto:",
+            "x-forwarded-host:",
+            "x-request-id:",
+        ] {
+            assert_eq!(count(name), 1, "{name} after {field:?}: {head:?}");
+        }
+        for gone in ["connection:", "x-drop:", "keep-alive:", "proxy-authorization:"] {
+            assert_eq!(count(gone), 0, "{gone} after {field:?}: {head:?}");
+        }
+        if let Some(want) = want {
+            assert!(
+                head.contains(&format!("{want}\r\n")),
+                "{want} after {field:?}: {head:?}"
+            );
+        }
+    }
 }
 
 /// An origin that answers every request with a chunked body of unknown length.
