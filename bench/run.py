@@ -7,7 +7,9 @@ Installs what is missing (nginx, haproxy, wrk, nghttp2-client from Debian; oha w
 cargo), builds rampart in release mode, starts three nginx origins and the three
 proxies with equivalent settings (bench/peers/), then runs, interleaved per round:
 
-  throughput   wrk -t1 -c64 for --duration s, 13-byte body      (median req/s)
+  throughput   wrk -t1 -c64 for --duration s, 13-byte body      (median req/s), and
+               meanwhile the proxy's share of a CPU, its CPU per request, and how
+               often the scheduler switched it out while runnable (preemptions)
   64k          wrk -t1 -c64, 64 KiB body                         (median req/s)
   h2           h2load -c16 -m8 (h2c prior knowledge)             (median req/s)
   fixed rate   oha -q 8000 for --duration s: proxy CPU per request (µs, from
@@ -193,6 +195,32 @@ def cpu_ticks(pids):
     return user, kernel
 
 
+def preemptions(pids):
+    """Times the processes' threads were switched out while still runnable."""
+    total = 0
+    for pid in pids:
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            with open(status) as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    return total
+
+
+def saturated(pids, port, duration):
+    """wrk -c64 on `port` with the CPU the processes `pids` used meanwhile: (req/s, share
+    of one CPU they were running, CPU µs per request, preemptions per 1,000 requests).
+    Throughput alone mixes what a proxy costs with how much CPU the scheduler gave it
+    while wrk and the origins compete for the same 2 CPUs."""
+    hz = os.sysconf("SC_CLK_TCK")
+    before, pre, start = cpu_ticks(pids), preemptions(pids), time.monotonic()
+    rps = wrk(port, "/", duration)
+    used = sum(cpu_ticks(pids)) - sum(before)
+    wall, switched = time.monotonic() - start, preemptions(pids) - pre
+    n = max(rps * duration, 1)
+    return rps, used / hz / wall * 100.0, used / hz * 1e6 / n, switched * 1000.0 / n
+
+
 def rss_kib(pids):
     total = 0
     for pid in pids:
@@ -328,7 +356,8 @@ def main():
     os.chmod(run, 0o755)
     procs = Procs(run, rampart)
     results = {m: {p: [] for p in PROXIES}
-               for m in ("rps", "rps64k", "h2", "cpu", "kernel", "user", "p99", "idle", "idle15")}
+               for m in ("rps", "busy", "cpu_sat", "preempt", "rps64k", "h2", "cpu", "kernel", "user", "p99",
+                         "idle", "idle15")}
     floor = {"rps": [], "cpu": [], "kernel": [], "user": []}
     try:
         procs.start_all()
@@ -338,14 +367,16 @@ def main():
             order = list(PROXIES) if rnd % 2 == 0 else list(reversed(PROXIES))
             for name in order:
                 port, h2port = PROXIES[name]
-                rps = wrk(port, "/", args.duration)
+                rps, busy, cpu_sat, preempt = saturated(procs.pids(name), port, args.duration)
                 rps64 = wrk(port, "/64k", args.duration)
                 h2 = h2load(h2port, args.duration)
                 cpu, kernel, p99 = fixed_rate(procs.pids(name), port, args.duration, args.rate)
-                for k, v in (("rps", rps), ("rps64k", rps64), ("h2", h2), ("cpu", cpu), ("kernel", kernel),
+                for k, v in (("rps", rps), ("busy", busy), ("cpu_sat", cpu_sat), ("preempt", preempt),
+                             ("rps64k", rps64), ("h2", h2), ("cpu", cpu), ("kernel", kernel),
                              ("user", cpu - kernel), ("p99", p99)):
                     results[k][name].append(v)
-                print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s  64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
+                print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s ({busy:3.0f}% CPU, {cpu_sat:5.2f} µs/req, "
+                      f"{preempt:5.1f} preempted/1k)  64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
                       f"cpu {cpu:5.1f} µs/req (kernel {kernel:5.1f})  p99 {p99:6.2f} ms", flush=True)
             rps = wrk(FLOOR_PORT, "/", args.duration)
             cpu, kernel, _ = fixed_rate(procs.pids("haproxy-tcp"), FLOOR_PORT, args.duration, args.rate)
@@ -398,6 +429,9 @@ def write_results(results, args, direct):
     higher_better = {"rps", "rps64k", "h2"}
     rows = [
         ("throughput, 13 B body (req/s, wrk -c64)", "rps"),
+        ("… the proxy's share of one CPU meanwhile (%)", "busy"),
+        ("… its CPU per request meanwhile (µs)", "cpu_sat"),
+        ("… times it was preempted, per 1,000 requests", "preempt"),
         ("throughput, 64 KiB body (req/s)", "rps64k"),
         ("HTTP/2 h2c clients (req/s, h2load -c16 -m8)", "h2"),
         (f"CPU per request at {args.rate} req/s (µs)", "cpu"),
@@ -425,7 +459,9 @@ def write_results(results, args, direct):
     ]
     for label, key in rows:
         r, n, h = med[key]["rampart"], med[key]["nginx"], med[key]["haproxy"]
-        if key in higher_better:
+        if key == "busy":
+            ratio = "(context)"
+        elif key in higher_better:
             best = max(n, h)
             ratio = f"{r / best:.2f}× (goal ≥ 1.2×)" if key == "rps" else f"{r / best:.2f}×"
         else:
@@ -434,8 +470,19 @@ def write_results(results, args, direct):
                     "idle15": " (goal ≤ nginx)"}.get(key, "")
             # A peer can read 0 with few connections (preallocated, already resident).
             ratio = f"{r / best:.2f}×{goal}" if best > 0 else f"n/a{goal}"
-        fmt = "{:,.0f}" if key in higher_better or key.startswith("idle") else "{:.2f}"
+        fmt = "{:,.0f}" if key in higher_better or key.startswith("idle") or key == "busy" else "{:.2f}"
         lines.append(f"| {label} | {fmt.format(r)} | {fmt.format(n)} | {fmt.format(h)} | {ratio} |")
+    # Throughput here is what the proxy costs times the CPU the scheduler lets it have;
+    # say which of the two a throughput ratio comes from.
+    busy, sat = med["busy"], med["cpu_sat"]
+    lines += ["", "Reading the throughput row: with wrk and the origins on the same 2 CPUs, req/s is the "
+              "CPU the scheduler gives the proxy divided by its CPU per request. rampart ran "
+              f"{busy['rampart']:.0f}% of a CPU (nginx {busy['nginx']:.0f}%, HAProxy {busy['haproxy']:.0f}%) at "
+              f"{sat['rampart']:.2f} µs per request ({sat['rampart'] / min(sat['nginx'], sat['haproxy']):.2f}× the "
+              f"better peer's {min(sat['nginx'], sat['haproxy']):.2f}), and was preempted "
+              f"{med['preempt']['rampart']:.1f} times per 1,000 requests (nginx {med['preempt']['nginx']:.1f}, "
+              f"HAProxy {med['preempt']['haproxy']:.1f}); in `perf sched timehist` these are mostly an origin, woken by "
+              "the proxy's write onto the proxy's CPU, running before the proxy continues."]
     if scaling is not None:
         lines += ["", f"Scaling: rampart with 2 workers vs 1 worker, wrk -c64, same machine (wrk and the "
                   f"origins share the 2 CPUs): {scaling:.2f}× (median of {args.rounds})."]
