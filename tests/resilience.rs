@@ -402,6 +402,26 @@ async fn a_slow_answer_is_hedged_and_the_faster_backend_wins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_that_fails_leaves_the_slow_first_try_to_answer() {
+    // Every request meets both: the slow backend answers in 300 ms; the other closes
+    // each connection unanswered. Sent to the slow one first, a request is hedged to
+    // the failing one after 30 ms, which loses at once: the first try is still owed
+    // its answer. Sent to the failing one first, it is retried on the slow one.
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(300))).await;
+    let gone = TestOrigin::start("gone", Behavior::CloseBeforeResponse).await;
+    let extra = "balancer = \"round_robin\"\nretry = { hedge_delay = \"30ms\", budget_percent = 100 }\n\
+                 health_check = { type = \"none\" }\noutlier = { consecutive_failures = 1000 }";
+    let (_srv, addr) = start_proxy(&pool_config(&[slow.addr, gone.addr], extra));
+    for i in 0..4 {
+        let r = get(addr, "/").await;
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.text(), "slow", "request {i}");
+    }
+    assert_eq!(slow.hits(), 4, "each request answered by the slow backend, once");
+    assert_eq!(gone.hits(), 4, "each request also tried on the failing one, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_are_never_hedged() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = TestOrigin::start("a", Behavior::Slow(Duration::from_millis(300))).await;
