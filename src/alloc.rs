@@ -11,9 +11,12 @@
 //! `mi_malloc` returns 16-byte-aligned blocks for sizes that are multiples of 16,
 //! and size-aligned ones below (Rust sizes are multiples of their alignment). The
 //! result is checked anyway, and the aligned call is the fallback.
+//!
+//! Also `boxed`: a future built in its heap block rather than copied there.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
+use std::pin::Pin;
 
 /// mimalloc's guaranteed alignment (`MI_MAX_ALIGN_SIZE`).
 const PLAIN_ALIGN: usize = 16;
@@ -32,6 +35,17 @@ extern "C" {
 use mimalloc as _;
 
 pub struct MiMalloc;
+
+/// `Box::pin(make())`, with the value built in its box: `Box::pin` takes it built on
+/// the stack and copies it in, and the futures boxed on the request path are 1.8 to
+/// 3.4 KB (a try's cost ~200 instructions a copy under callgrind).
+pub fn boxed<T>(make: impl FnOnce() -> T) -> Pin<Box<T>> {
+    let mut slot = Box::new_uninit();
+    slot.write(make());
+    // SAFETY: written on the line above. (`Box::write` says the same without
+    // `unsafe`, but needs Rust 1.87; the MSRV is Debian 13's 1.85.)
+    Box::into_pin(unsafe { slot.assume_init() })
+}
 
 fn aligned(p: *mut c_void, align: usize) -> bool {
     (p as usize) & (align - 1) == 0

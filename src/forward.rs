@@ -11,7 +11,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,12 +206,12 @@ async fn attempt(
     let start = Instant::now();
     let deadline = start + opts.timeout;
     if !hedge {
-        let first = boxed(|| try_backend(ctx.clone(), pool.clone(), bi, request, opts, Some(deadline)));
+        let first = crate::alloc::boxed(|| try_backend(ctx.clone(), pool.clone(), bi, request, opts, Some(deadline)));
         return (bi, first.await);
     }
     // Boxed also so that, if the hedge wins, the first try can be handed to
     // `watch_primary`.
-    let mut first = boxed(|| try_backend(ctx.clone(), pool.clone(), bi, request, opts, None));
+    let mut first = crate::alloc::boxed(|| try_backend(ctx.clone(), pool.clone(), bi, request, opts, None));
     let cfg = &pool.config;
     let delay = match cfg.retry.hedge_delay {
         HedgeDelay::Fixed(d) => d,
@@ -245,7 +244,8 @@ async fn attempt(
     attempts.mark_tried(bi);
     attempts.mark_tried(hb);
     let hedge_deadline = Instant::now() + opts.timeout;
-    let mut second = boxed(|| try_backend(ctx.clone(), pool.clone(), hb, hreq, opts, Some(hedge_deadline)));
+    let mut second =
+        crate::alloc::boxed(|| try_backend(ctx.clone(), pool.clone(), hb, hreq, opts, Some(hedge_deadline)));
     // The race decides what is left to wait for; the waiting happens after it, so that
     // no lost try's outcome is held across that wait (it made this future 0.4 KB
     // larger, and the future is built and moved for every request, hedged or not).
@@ -283,16 +283,6 @@ async fn attempt(
 enum Left {
     First,
     Second,
-}
-
-/// `Box::pin(make())`, with the future built in its box: `Box::pin` took it built on
-/// the stack and copied it in (a try's future is 1.8 KB, ~200 instructions a copy).
-fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
-    let mut slot = Box::new_uninit();
-    slot.write(make());
-    // SAFETY: written on the line above. (`Box::write` says the same without
-    // `unsafe`, but needs Rust 1.87; the MSRV is Debian 13's 1.85.)
-    Box::into_pin(unsafe { slot.assume_init() })
 }
 
 /// A try that has not answered by its deadline.

@@ -387,12 +387,9 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             s.requests.set(s.requests.get() + 1);
         }
         SvcFuture {
-            inner: Box::pin(proxy::handle(
-                self.ctx.clone(),
-                self.info.clone(),
-                req.map(InBody::Incoming),
-                None,
-            )),
+            inner: crate::alloc::boxed(|| {
+                proxy::handle(self.ctx.clone(), self.info.clone(), req.map(InBody::Incoming), None)
+            }),
             state,
         }
     }

@@ -21,6 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use crate::alloc::boxed;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::error::StartupError;
 use crate::h1::{self, Ended};
@@ -271,7 +272,7 @@ async fn serve(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, stream: TcpStream, 
     };
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     if H2_PREFACE.starts_with(&head[..n]) {
-        return Box::pin(serve_h2(ctx, &builder, stream, peer, tracker)).await;
+        return boxed(|| serve_h2(ctx, &builder, stream, peer, tracker)).await;
     }
     serve_h1(ctx, builder, stream, peer, guard).await
 }
@@ -303,12 +304,12 @@ async fn serve_h1(
     let mut replay = Bytes::new();
     loop {
         // Boxed: the busy state (buffers, the request) must not size the idle task.
-        (stream, replay) = match Box::pin(h1::serve(&svc.ctx, &svc.info, builder.fast, tracker, stream, replay)).await {
+        (stream, replay) = match boxed(|| h1::serve(&svc.ctx, &svc.info, builder.fast, tracker, stream, replay)).await {
             Ended::Closed => return,
             Ended::Idle(s) => (s, Bytes::new()),
             Ended::Hyper(s, bytes) => {
                 let io = idle::ParkIo::new(s, bytes, state.clone(), builder.waits.header);
-                match Box::pin(idle::run_h1(&builder.h1, io, &svc, tracker)).await {
+                match boxed(|| idle::run_h1(&builder.h1, io, &svc, tracker)).await {
                     Some(parked) => parked,
                     None => return,
                 }
