@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR] [--browser]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR] [--browser] [--h2]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -18,7 +18,9 @@ slows the proxy about 50-fold, so the proxy is the bottleneck and wrk's 16 conne
 keep it busy: this is the cost per request under load, batching included.
 
 --keep DIR keeps the callgrind output files for `callgrind_annotate`. --browser sends
-the fields a browser sends with a page request (wrk alone sends only Host).
+the fields a browser sends with a page request (wrk alone sends only Host). --h2 loads
+with h2load -c16 -m8 (HTTP/2 over cleartext, prior knowledge) instead of wrk: the
+requests hyper serves.
 """
 import argparse
 import os
@@ -48,9 +50,14 @@ BROWSER = [
     "Sec-Fetch-Site: none",
 ]
 HEADERS = []
+# With --h2: h2load instead of wrk, on each proxy's h2c port (nginx has its own).
+H2 = []
+H2_PORT = {18081: 18091}
 
 
 def wrk_requests(port, seconds):
+    if H2:
+        return h2_requests(H2_PORT.get(port, port), seconds)
     flags = [f for h in HEADERS for f in ("-H", h)]
     out = bench.sh(["wrk", "-t1", "-c16", f"-d{seconds}s", *flags, f"http://127.0.0.1:{port}/"]).stdout
     if "Non-2xx" in out:
@@ -101,6 +108,14 @@ def profile(name, cmd, port, out: Path, cache: bool):
     return row, dump
 
 
+def h2_requests(port, seconds):
+    out = bench.sh(["h2load", "-c16", "-m8", "-D", str(seconds), f"http://127.0.0.1:{port}/"]).stdout
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
+    if m is None or int(m.group(2)):
+        raise RuntimeError(f"h2load failed on port {port}: {out}")
+    return int(m.group(1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binaries", nargs="*", default=[str(bench.ROOT / "target/release/rampart")])
@@ -108,9 +123,12 @@ def main():
     ap.add_argument("--cache", action="store_true", help="simulate I1/D1 caches (slower)")
     ap.add_argument("--keep", help="directory for the callgrind output files")
     ap.add_argument("--browser", action="store_true", help="send a browser's request fields")
+    ap.add_argument("--h2", action="store_true", help="h2load (h2c) instead of wrk")
     args = ap.parse_args()
     if args.browser:
         HEADERS.extend(BROWSER)
+    if args.h2:
+        H2.append(True)
     bench.ensure_tools()
     if shutil.which("valgrind") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,
