@@ -134,6 +134,7 @@ fn codec(c: &mut Criterion) {
         headers,
         raw: None,
         added,
+        raw_response: true,
     };
     let mut out = Vec::with_capacity(512);
     c.bench_function("codec/encode-request-head", |b| {
@@ -149,7 +150,7 @@ Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\n
     c.bench_function("codec/parse-response-head", |b| {
         b.iter(|| {
             let mut buf = BytesMut::from(response);
-            black_box(parse_response(&mut buf, false, &mut spans).ok())
+            black_box(parse_response(&mut buf, false, true, &mut spans).ok())
         })
     });
     let chunked: &[u8] = b"400\r\n";

@@ -97,6 +97,11 @@ pub struct UpHead {
     /// rewriting (`rawfields::RawRequest`): no framing or hop-by-hop field among them.
     pub raw: Option<Bytes>,
     pub added: AddedFields,
+    /// The response's fields may stay as the backend wrote them (`Head::raw`): its
+    /// client is written by `h1`, which copies them out. Hyper (HTTP/2 clients, and
+    /// the HTTP/1.1 requests `h1` hands over) takes a `HeaderMap`, so building one
+    /// straight from the head costs less than keeping the lines and converting them.
+    pub raw_response: bool,
 }
 
 /// Writes the request line and header block for an origin-form request to `backend`.
@@ -218,17 +223,19 @@ impl Head {
 /// Parses one response head from the front of `buf`. `Ok(None)`: incomplete, read
 /// more. On success the head's bytes are split off `buf` (the header values share
 /// them, uncopied), leaving whatever followed. `head_request`: the request was HEAD,
-/// so the response has no body whatever its headers say.
+/// so the response has no body whatever its headers say. `raw_ok`: the fields may stay
+/// as written (`UpHead::raw_response`).
 ///
 /// The framing fields are read as the fields go by, and the hop-by-hop ones
 /// (`Connection`, `Keep-Alive`, `Transfer-Encoding`, ...) are dropped: they describe
 /// this connection, not the response, and the client side frames anew. The rest
-/// usually stay as the backend wrote them (`Head::raw`, see `rawfields`); a 101, a
-/// `Connection` that names other fields (kept, for `proxy` to remove those) or a head
+/// usually stay as the backend wrote them (`Head::raw`, see `rawfields`); without
+/// `raw_ok`, a 101, a `Connection` that names other fields (kept, for `proxy` to remove those) or a head
 /// that `RawFields` cannot carry get a `HeaderMap` instead.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
+    raw_ok: bool,
     spans: &mut Vec<Span>,
 ) -> Result<Option<Head>, &'static str> {
     // Each kept field's position in `buf`, so that the values become slices of the
@@ -296,7 +303,7 @@ pub fn parse_response(
         (false, LengthField::Value(n)) => Some(n),
         _ => None,
     };
-    let raw = if f.names_others || status == StatusCode::SWITCHING_PROTOCOLS {
+    let raw = if !raw_ok || f.names_others || status == StatusCode::SWITCHING_PROTOCOLS {
         None
     } else {
         RawFields::build(&head, spans, declared)
@@ -613,7 +620,7 @@ mod tests {
     const BACKEND: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8081));
 
     fn parse(raw: &str, head: bool) -> Result<Option<Head>, &'static str> {
-        parse_response(&mut BytesMut::from(raw), head, &mut Vec::new())
+        parse_response(&mut BytesMut::from(raw), head, true, &mut Vec::new())
     }
 
     fn framing(raw: &str) -> (Framing, bool) {
@@ -632,6 +639,7 @@ mod tests {
             headers,
             raw: None,
             added: AddedFields::default(),
+            raw_response: true,
         };
         let mut out = Vec::new();
         encode_request_head(&mut out, &head, ReqFraming::Length(3), BACKEND);
@@ -667,6 +675,7 @@ mod tests {
             headers,
             raw: None,
             added,
+            raw_response: true,
         };
         let mut out = Vec::new();
         encode_request_head(&mut out, &head, ReqFraming::AsIs, BACKEND);
@@ -682,7 +691,7 @@ mod tests {
     #[test]
     fn header_values_keep_tabs_and_obs_text_and_control_bytes_are_refused() {
         let raw = b"HTTP/1.1 200 OK\r\nx-a: one\ttwo \xe9t\xe9\r\ncontent-length: 0\r\n\r\n";
-        let h = parse_response(&mut BytesMut::from(&raw[..]), false, &mut Vec::new())
+        let h = parse_response(&mut BytesMut::from(&raw[..]), false, true, &mut Vec::new())
             .unwrap()
             .unwrap();
         assert_eq!(h.header_map()["x-a"].as_bytes(), b"one\ttwo \xe9t\xe9");
@@ -691,7 +700,7 @@ mod tests {
             raw.extend_from_slice(bad);
             raw.extend_from_slice(b"b\r\ncontent-length: 0\r\n\r\n");
             assert_eq!(
-                parse_response(&mut BytesMut::from(&raw[..]), false, &mut Vec::new()).err(),
+                parse_response(&mut BytesMut::from(&raw[..]), false, true, &mut Vec::new()).err(),
                 Some("malformed response head"),
                 "{bad:?}"
             );
@@ -832,13 +841,24 @@ mod tests {
     #[test]
     fn a_parsed_head_leaves_the_body_bytes_and_keeps_its_fields() {
         let mut buf = BytesMut::from("HTTP/1.1 201 Created\r\nX-A: 1\r\nx-a: 2\r\nlocation: /n\r\n\r\nbody");
-        let h = parse_response(&mut buf, false, &mut Vec::new()).unwrap().unwrap();
+        let h = parse_response(&mut buf, false, true, &mut Vec::new()).unwrap().unwrap();
         assert_eq!(h.status, StatusCode::CREATED);
         assert!(h.raw.is_some() && h.headers.is_empty(), "passed as written");
         let map = h.header_map();
         assert_eq!(map.get_all("x-a").iter().count(), 2);
         assert_eq!(map["location"], "/n");
         assert_eq!(&buf[..], b"body");
+    }
+
+    #[test]
+    fn a_head_for_hyper_gets_a_map_even_when_its_fields_could_pass_as_written() {
+        let raw = "HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\ncontent-length: 4\r\n\r\nbody";
+        let h = parse_response(&mut BytesMut::from(raw), false, false, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        assert!(h.raw.is_none(), "no raw fields when the client side takes a map");
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(h.framing, Framing::Length(4));
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub async fn serve(
         // request future (2.4 KB). In a block of its own, so that its space is reused
         // for the write below: held to the end of the loop, it made this future 5.5 KB.
         let answer = {
-            let fut = std::pin::pin!(proxy::handle(ctx.clone(), info.clone(), req, raw));
+            let fut = std::pin::pin!(proxy::handle(ctx.clone(), info.clone(), req, raw, true));
             in_flight(fut, &mut stream, &mut rbuf).await
         };
         let Some(answer) = answer else {
@@ -798,7 +798,7 @@ mod tests {
     #[test]
     fn the_backends_fields_go_first_as_written_and_the_request_id_last() {
         let mut buf = bytes::BytesMut::from("HTTP/1.1 200 OK\r\nServer: o\r\nDate: d\r\nContent-Length: 42\r\n\r\n");
-        let head = codec::parse_response(&mut buf, false, &mut Vec::new())
+        let head = codec::parse_response(&mut buf, false, true, &mut Vec::new())
             .unwrap()
             .unwrap();
         let raw = head.raw.expect("passed as written");

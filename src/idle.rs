@@ -388,7 +388,13 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
         }
         SvcFuture {
             inner: crate::alloc::boxed(|| {
-                proxy::handle(self.ctx.clone(), self.info.clone(), req.map(InBody::Incoming), None)
+                proxy::handle(
+                    self.ctx.clone(),
+                    self.info.clone(),
+                    req.map(InBody::Incoming),
+                    None,
+                    false,
+                )
             }),
             state,
         }

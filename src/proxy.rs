@@ -162,6 +162,8 @@ impl Answer {
 
 /// Entry point from the connection's service: never fails, always answers.
 /// `raw`: the request's fields as the client wrote them (`h1` only), its map then empty.
+/// `h1_writer`: `h1` writes the answer, and takes the backend's fields as written
+/// (`codec::UpHead::raw_response`); hyper, for everything else, takes a map.
 ///
 /// A plain `fn` returning an `async move` block, not an `async fn`: an `async fn`
 /// moves its arguments into locals and keeps the space of both in its future, so the
@@ -173,6 +175,7 @@ pub fn handle(
     conn: Rc<ConnInfo>,
     req: Request<InBody>,
     raw: Option<RawRequest>,
+    h1_writer: bool,
 ) -> impl Future<Output = Answer> {
     async move {
         ctx.timer_floor.request_started();
@@ -196,7 +199,7 @@ pub fn handle(
         // copies the request in and the response out, and holds its own copy of the
         // locals. (The service boxes this whole future: see `idle::Svc`.)
         let result = 'proxied: {
-            let p = match prepare(&conn, &snap, req, raw, fields, &request_id) {
+            let p = match prepare(&conn, &snap, req, raw, fields, &request_id, h1_writer) {
                 Ok(p) => p,
                 Err(e) => break 'proxied Err(e),
             };
@@ -285,6 +288,7 @@ fn prepare(
     raw: Option<RawRequest>,
     fields: Fields,
     request_id: &HeaderValue,
+    h1_writer: bool,
 ) -> Result<Prepared, ProxyError> {
     let server = &snap.config.server;
     if let Some(pq) = req.uri().path_and_query() {
@@ -356,6 +360,7 @@ fn prepare(
         headers,
         raw: raw.map(|r| r.block),
         added: AddedFields::default(),
+        raw_response: h1_writer,
     };
     rewrite_with(
         &mut head.headers,

@@ -193,7 +193,7 @@ mod tests {
     use crate::codec::{parse_response, Head};
 
     fn head(raw: &str) -> Head {
-        parse_response(&mut BytesMut::from(raw), false, &mut Vec::new())
+        parse_response(&mut BytesMut::from(raw), false, true, &mut Vec::new())
             .unwrap()
             .unwrap()
     }

@@ -380,6 +380,7 @@ mod tests {
                 headers: HeaderMap::new(),
                 raw: None,
                 added: crate::codec::AddedFields::default(),
+                raw_response: true,
             }),
             body: ReqBody::Buffered(Some(Bytes::from_static(b"order=1"))),
         }

@@ -157,7 +157,7 @@ impl Conn {
             }
         }
         let head_request = req.head.method == http::Method::HEAD;
-        match (self.read_head(head_request).await, write_failed) {
+        match (self.read_head(head_request, req.head.raw_response).await, write_failed) {
             (Ok(mut head), failed) => {
                 head.keep_alive &= failed.is_none();
                 Ok(head)
@@ -239,11 +239,11 @@ impl Conn {
         Ok(())
     }
 
-    async fn read_head(&mut self, head_request: bool) -> Result<Head, SendError> {
+    async fn read_head(&mut self, head_request: bool, raw_ok: bool) -> Result<Head, SendError> {
         // Anything heard from the backend since the request began: it saw the request.
         let mut heard = !self.buf.is_empty();
         loop {
-            match codec::parse_response(&mut self.buf, head_request, &mut self.spans) {
+            match codec::parse_response(&mut self.buf, head_request, raw_ok, &mut self.spans) {
                 Err(reason) => {
                     return Err(SendError::Failed(ProxyError::BadResponse {
                         backend: self.addr,
@@ -656,6 +656,7 @@ mod tests {
                 headers,
                 raw: None,
                 added: codec::AddedFields::default(),
+                raw_response: true,
             }),
             body,
         }
