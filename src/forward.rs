@@ -203,7 +203,7 @@ async fn attempt(
     opts: TryOpts,
     hedge: bool,
 ) -> (usize, Outcome) {
-    let start = Instant::now();
+    let start = crate::clock::tokio_now();
     let deadline = start + opts.timeout;
     if !hedge {
         let first = crate::alloc::boxed(|| try_backend(ctx.clone(), pool.clone(), bi, request, opts, Some(deadline)));
@@ -223,7 +223,7 @@ async fn attempt(
         o = &mut first => return (bi, o),
         _ = &mut timer => {}
     }
-    if Instant::now() >= deadline {
+    if crate::clock::tokio_now() >= deadline {
         return (bi, timed_out(pool, bi));
     }
     timer.as_mut().reset(deadline);
@@ -243,7 +243,7 @@ async fn attempt(
     // Both count as tried: whichever fails, a retry goes to a third backend.
     attempts.mark_tried(bi);
     attempts.mark_tried(hb);
-    let hedge_deadline = Instant::now() + opts.timeout;
+    let hedge_deadline = crate::clock::tokio_now() + opts.timeout;
     let mut second =
         crate::alloc::boxed(|| try_backend(ctx.clone(), pool.clone(), hb, hreq, opts, Some(hedge_deadline)));
     // The race decides what is left to wait for; the waiting happens after it, so that
@@ -378,7 +378,7 @@ async fn try_backend(
             }
         };
         let in_flight = backend.state.start_request();
-        let sent_at = Instant::now();
+        let sent_at = crate::clock::tokio_now();
         let mut head = match by(deadline, conn.send(&mut request)).await {
             Err(_) => return timed_out(pool, bi),
             Ok(Err(SendError::Fatal(e))) => return Outcome::Fatal(e),
@@ -391,7 +391,7 @@ async fn try_backend(
             Ok(Err(SendError::Failed(e))) => return Outcome::Failed(e, None),
             Ok(Ok(h)) => h,
         };
-        let ttfb = sent_at.elapsed();
+        let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
         backend.state.observe_latency(ttfb);
         pool.latency.record(ttfb);
         let status = head.status;

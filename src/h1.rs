@@ -107,7 +107,7 @@ pub async fn serve(
     // The caller saw the first byte of a request, or holds replayed bytes. When a
     // head began only matters once it is seen to be incomplete, so the clock is read
     // then, not for every request.
-    let mut idle_since = Instant::now();
+    let mut idle_since = crate::clock::tokio_now();
     let mut head_started: Option<Instant> = None;
     let timer = tokio::time::sleep_until(idle_since + limits.header_timeout);
     tokio::pin!(timer);
@@ -131,7 +131,7 @@ pub async fn serve(
             let deadline = if was_empty {
                 idle_since + PARK_AFTER
             } else {
-                *head_started.get_or_insert_with(Instant::now) + limits.header_timeout
+                *head_started.get_or_insert_with(crate::clock::tokio_now) + limits.header_timeout
             };
             // Moved earlier at once, later only once it fires (below): the idle
             // deadline moves with every request, and resetting the timer each time
@@ -153,7 +153,7 @@ pub async fn serve(
                 },
                 _ = stopped.as_mut() => return Ended::Closed,
                 _ = timer.as_mut() => {
-                    if Instant::now() < deadline {
+                    if crate::clock::tokio_now() < deadline {
                         // An earlier deadline, since moved: wait for the real one.
                         timer.as_mut().reset(deadline);
                         continue;
@@ -196,7 +196,7 @@ pub async fn serve(
             let _ = stream.shutdown().await;
             return Ended::Closed;
         }
-        idle_since = Instant::now();
+        idle_since = crate::clock::tokio_now();
         head_started = None;
     }
 }

@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod balancer;
 pub mod body;
 pub mod breaker;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod demo;

@@ -40,7 +40,7 @@ where
     F: Future + 'static,
 {
     fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
+        tokio::task::spawn_local(crate::clock::Polled::new(fut));
     }
 }
 
@@ -246,7 +246,13 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let guard = tracker.enter();
-                tokio::task::spawn_local(serve(ctx.clone(), builder.clone(), stream, peer, guard));
+                tokio::task::spawn_local(crate::clock::Polled::new(serve(
+                    ctx.clone(),
+                    builder.clone(),
+                    stream,
+                    peer,
+                    guard,
+                )));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -279,7 +285,9 @@ async fn serve(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, stream: TcpStream, 
 
 /// Serves a connection that was dormant (`dormant::Dormant`) and has bytes again.
 pub fn resume(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, w: crate::dormant::Woken) {
-    tokio::task::spawn_local(serve_h1(ctx, builder, w.stream, w.peer, w.guard));
+    tokio::task::spawn_local(crate::clock::Polled::new(serve_h1(
+        ctx, builder, w.stream, w.peer, w.guard,
+    )));
 }
 
 /// HTTP/1.1 until the connection ends or goes dormant. Each busy period starts on

@@ -11,7 +11,6 @@ use std::cell::Cell;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -179,7 +178,7 @@ pub fn handle(
 ) -> impl Future<Output = Answer> {
     async move {
         ctx.timer_floor.request_started();
-        let start = Instant::now();
+        let start = crate::clock::now();
         // One snapshot for the whole request; `load_full` because it lives across awaits.
         let snap = ctx.shared.snapshot.load_full();
         let mut fields = match &raw {
@@ -245,7 +244,7 @@ pub fn handle(
         if !response.headers().is_empty() {
             response.headers_mut().remove(X_REQUEST_ID);
         }
-        let elapsed = start.elapsed();
+        let elapsed = crate::clock::now().saturating_duration_since(start);
         if let Some(p) = pool {
             p.metrics.record(response.status().as_u16(), elapsed);
         }

@@ -174,7 +174,8 @@ fn decay(x: f64) -> f64 {
 /// Nanoseconds on the process-wide monotonic clock; 1 is process start.
 pub fn clock_ns() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+    let now = crate::clock::now();
+    now.saturating_duration_since(*EPOCH.get_or_init(|| now)).as_nanos() as u64 + 1
 }
 
 /// Decrements the backend's in-flight count when dropped.

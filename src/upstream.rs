@@ -548,7 +548,7 @@ impl ConnPool {
     pub fn checkout(&self, backend: u64) -> Option<Box<Conn>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&backend)?;
-        let now = Instant::now();
+        let now = crate::clock::now();
         while let Some(c) = list.pop() {
             if c.expires > now && c.conn.is_usable() {
                 return Some(c.conn);
@@ -569,7 +569,7 @@ impl ConnPool {
         }
         list.push(Idle {
             conn,
-            expires: Instant::now() + idle_timeout,
+            expires: crate::clock::now() + idle_timeout,
         });
     }
 
