@@ -221,6 +221,44 @@ def saturated(pids, port, duration):
     return rps, used / hz / wall * 100.0, used / hz * 1e6 / n, switched * 1000.0 / n
 
 
+def threads_of(pid):
+    """`pid`, its child processes (nginx's workers), and all their threads."""
+    pids = [pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    return [int(t.name) for p in pids for t in Path(f"/proc/{p}/task").glob("*")]
+
+
+def set_affinity(tids, cpus):
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def pinned_saturated(procs, name, port, duration):
+    """`saturated()` with the proxy alone on the last CPU and wrk and the origins on the
+    others, as a proxy runs in production (its clients and origins are other machines):
+    req/s then measures what a request costs the proxy, not also how the scheduler
+    shares a CPU between it and the processes it wakes. Affinity is restored after."""
+    every = set(range(os.cpu_count()))
+    own = {max(every)}
+    rest = every - own
+    proxy, origins = threads_of(procs.procs[name].pid), threads_of(procs.procs["origin"].pid)
+    set_affinity(origins, rest)
+    set_affinity(proxy, own)
+    try:
+        # wrk inherits this process's affinity between fork and exec.
+        old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, rest)
+        try:
+            return saturated(procs.pids(name), port, duration)
+        finally:
+            os.sched_setaffinity(0, old)
+    finally:
+        set_affinity(proxy + origins, every)
+
+
 def rss_kib(pids):
     total = 0
     for pid in pids:
@@ -356,9 +394,9 @@ def main():
     os.chmod(run, 0o755)
     procs = Procs(run, rampart)
     results = {m: {p: [] for p in PROXIES}
-               for m in ("rps", "busy", "cpu_sat", "preempt", "rps64k", "h2", "cpu", "kernel", "user", "p99",
+               for m in ("rps", "busy", "cpu_sat", "preempt", "rps_pin", "busy_pin", "cpu_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99",
                          "idle", "idle15")}
-    floor = {"rps": [], "cpu": [], "kernel": [], "user": []}
+    floor = {"rps": [], "rps_pin": [], "cpu": [], "kernel": [], "user": []}
     try:
         procs.start_all()
         direct = wrk(19001, "/", args.duration)
@@ -368,23 +406,28 @@ def main():
             for name in order:
                 port, h2port = PROXIES[name]
                 rps, busy, cpu_sat, preempt = saturated(procs.pids(name), port, args.duration)
+                rps_pin, busy_pin, cpu_pin, _ = pinned_saturated(procs, name, port, args.duration)
                 rps64 = wrk(port, "/64k", args.duration)
                 h2 = h2load(h2port, args.duration)
                 cpu, kernel, p99 = fixed_rate(procs.pids(name), port, args.duration, args.rate)
                 for k, v in (("rps", rps), ("busy", busy), ("cpu_sat", cpu_sat), ("preempt", preempt),
+                             ("rps_pin", rps_pin), ("busy_pin", busy_pin), ("cpu_pin", cpu_pin),
                              ("rps64k", rps64), ("h2", h2), ("cpu", cpu), ("kernel", kernel),
                              ("user", cpu - kernel), ("p99", p99)):
                     results[k][name].append(v)
                 print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s ({busy:3.0f}% CPU, {cpu_sat:5.2f} µs/req, "
-                      f"{preempt:5.1f} preempted/1k)  64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
+                      f"{preempt:5.1f} preempted/1k)  own CPU {rps_pin:9,.0f} req/s ({cpu_pin:5.2f} µs/req)  "
+                      f"64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
                       f"cpu {cpu:5.1f} µs/req (kernel {kernel:5.1f})  p99 {p99:6.2f} ms", flush=True)
             rps = wrk(FLOOR_PORT, "/", args.duration)
+            rps_pin = pinned_saturated(procs, "haproxy-tcp", FLOOR_PORT, args.duration)[0]
             cpu, kernel, _ = fixed_rate(procs.pids("haproxy-tcp"), FLOOR_PORT, args.duration, args.rate)
             floor["rps"].append(rps)
+            floor["rps_pin"].append(rps_pin)
             floor["cpu"].append(cpu)
             floor["kernel"].append(kernel)
             floor["user"].append(cpu - kernel)
-            print(f"round {rnd + 1} floor (HAProxy TCP mode) {rps:9,.0f} req/s  cpu {cpu:5.1f} µs/req "
+            print(f"round {rnd + 1} floor (HAProxy TCP mode) {rps:9,.0f} req/s (own CPU {rps_pin:9,.0f})  cpu {cpu:5.1f} µs/req "
                   f"(kernel {kernel:5.1f})", flush=True)
         scaling = []
         for rnd in range(args.rounds):
@@ -426,12 +469,14 @@ def write_results(results, args, direct):
     scaling = results.pop("scaling", None)
     floor = results.pop("floor", None)
     med = {m: {p: statistics.median(v) for p, v in d.items() if v} for m, d in results.items()}
-    higher_better = {"rps", "rps64k", "h2"}
+    higher_better = {"rps", "rps_pin", "rps64k", "h2"}
     rows = [
         ("throughput, 13 B body (req/s, wrk -c64)", "rps"),
         ("… the proxy's share of one CPU meanwhile (%)", "busy"),
         ("… its CPU per request meanwhile (µs)", "cpu_sat"),
         ("… times it was preempted, per 1,000 requests", "preempt"),
+        ("throughput, 13 B body, the proxy alone on one CPU (wrk and the origins on the other)", "rps_pin"),
+        ("… its CPU per request meanwhile (µs)", "cpu_pin"),
         ("throughput, 64 KiB body (req/s)", "rps64k"),
         ("HTTP/2 h2c clients (req/s, h2load -c16 -m8)", "h2"),
         (f"CPU per request at {args.rate} req/s (µs)", "cpu"),
@@ -463,7 +508,7 @@ def write_results(results, args, direct):
             ratio = "(context)"
         elif key in higher_better:
             best = max(n, h)
-            ratio = f"{r / best:.2f}× (goal ≥ 1.2×)" if key == "rps" else f"{r / best:.2f}×"
+            ratio = f"{r / best:.2f}× (goal ≥ 1.2×)" if key in ("rps", "rps_pin") else f"{r / best:.2f}×"
         else:
             best = min(n, h)
             goal = {"cpu": " (goal ≤ 0.8×)", "p99": " (goal ≤ 1.0×)", "idle": " (goal ≤ nginx)",
@@ -482,17 +527,27 @@ def write_results(results, args, direct):
               f"better peer's {min(sat['nginx'], sat['haproxy']):.2f}), and was preempted "
               f"{med['preempt']['rampart']:.1f} times per 1,000 requests (nginx {med['preempt']['nginx']:.1f}, "
               f"HAProxy {med['preempt']['haproxy']:.1f}); in `perf sched timehist` these are mostly an origin, woken by "
-              "the proxy's write onto the proxy's CPU, running before the proxy continues."]
+              "the proxy's write onto the proxy's CPU, running before the proxy continues. "
+              "The next row takes the scheduler out: each proxy alone on one CPU, wrk and the origins "
+              f"on the other. There rampart ran {med['rps_pin']['rampart']:,.0f} req/s at "
+              f"{med['cpu_pin']['rampart']:.2f} µs per request (nginx {med['rps_pin']['nginx']:,.0f} at "
+              f"{med['cpu_pin']['nginx']:.2f}, HAProxy {med['rps_pin']['haproxy']:,.0f} at "
+              f"{med['cpu_pin']['haproxy']:.2f}), using {med['busy_pin']['rampart']:.0f}% of its CPU (nginx "
+              f"{med['busy_pin']['nginx']:.0f}%, HAProxy {med['busy_pin']['haproxy']:.0f}%): near 100% means "
+              "the proxy, not wrk or the origins, set the rate."]
     if scaling is not None:
         lines += ["", f"Scaling: rampart with 2 workers vs 1 worker, wrk -c64, same machine (wrk and the "
                   f"origins share the 2 CPUs): {scaling:.2f}× (median of {args.rounds})."]
     if floor:
         best_rps = max(med["rps"]["nginx"], med["rps"]["haproxy"])
+        best_pin = max(med["rps_pin"]["nginx"], med["rps_pin"]["haproxy"])
         best_cpu = min(med["cpu"]["nginx"], med["cpu"]["haproxy"])
         lines += ["", "Floor, for reading the goals: HAProxy in TCP mode (`bench/peers/haproxy-tcp.cfg`: "
                   "bytes relayed without parsing HTTP, one backend connection per client) in the same "
                   f"rounds: {floor['rps']:,.0f} req/s ({floor['rps'] / best_rps:.2f}× the better HTTP peer; "
-                  f"rampart {med['rps']['rampart'] / floor['rps']:.2f}× of it) and {floor['cpu']:.2f} µs of "
+                  f"rampart {med['rps']['rampart'] / floor['rps']:.2f}× of it), alone on one CPU "
+                  f"{floor['rps_pin']:,.0f} req/s ({floor['rps_pin'] / best_pin:.2f}× the better HTTP peer; "
+                  f"rampart {med['rps_pin']['rampart'] / floor['rps_pin']:.2f}× of it), and {floor['cpu']:.2f} µs of "
                   f"CPU per request at {args.rate} req/s ({floor['cpu'] / best_cpu:.2f}× the better HTTP "
                   f"peer; rampart {med['cpu']['rampart'] / floor['cpu']:.2f}× of it)."]
         # The CPU goal against what no proxy's code controls: the kernel's share of a hop.
