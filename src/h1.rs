@@ -31,7 +31,7 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -325,42 +325,43 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
         true => rawfields::field_block(&head[..len], scratch),
         false => None,
     };
-    let (headers, raw) = match block {
+    let body = if body_len == 0 {
+        InBody::Empty
+    } else {
+        InBody::Full(head.slice(len..total))
+    };
+    // Fields go into the request's own map: assigning a map built apart dropped the
+    // request's empty one (about 85 instructions, on every request).
+    let mut request = Request::new(body);
+    let raw = match block {
         Some((start, end)) => {
             let value_of = |v: &[u8]| {
                 let start = v.as_ptr() as usize - base;
                 value_at(start, start + v.len())
             };
-            let raw = RawRequest {
+            Some(RawRequest {
                 block: head.slice(start..end),
                 host: host.map(value_of),
                 request_id: request_id.map(value_of),
                 bytes: field_bytes,
-            };
-            (HeaderMap::new(), Some(raw))
+            })
         }
         None => {
-            let mut headers = HeaderMap::with_capacity(scratch.len());
+            let headers = request.headers_mut();
+            headers.reserve(scratch.len());
             for &[ns, ne, vs, ve] in scratch.iter() {
                 let Some(name) = codec::header_name(&head[ns as usize..ne as usize]) else {
                     return Parsed::Hyper;
                 };
                 headers.append(name, value_at(vs as usize, ve as usize));
             }
-            (headers, None)
+            None
         }
     };
     let head_request = method == Method::HEAD;
-    let body = if body_len == 0 {
-        InBody::Empty
-    } else {
-        InBody::Full(head.slice(len..total))
-    };
-    let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
-    *request.headers_mut() = headers;
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
     Parsed::Request(
         request,
