@@ -241,7 +241,10 @@ def pinned_saturated(procs, name, port, duration):
     others, as a proxy runs in production (its clients and origins are other machines):
     req/s then measures what a request costs the proxy, not also how the scheduler
     shares a CPU between it and the processes it wakes. Affinity is restored after."""
-    every = set(range(os.cpu_count()))
+    every = os.sched_getaffinity(0)
+    if len(every) < 2:
+        # One CPU: nothing to set apart; the row then repeats the shared one.
+        return saturated(procs.pids(name), port, duration)
     own = {max(every)}
     rest = every - own
     proxy, origins = threads_of(procs.procs[name].pid), threads_of(procs.procs["origin"].pid)
