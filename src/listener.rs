@@ -31,7 +31,8 @@ use crate::worker::WorkerCtx;
 use bytes::Bytes;
 
 /// Spawns hyper's HTTP/2 stream tasks on the worker's runtime, so request futures
-/// may hold worker-local (`Rc`) state.
+/// may hold worker-local (`Rc`) state; inside `clock::Polled`, as every connection
+/// task is.
 #[derive(Clone, Copy, Debug)]
 pub struct LocalExec;
 
