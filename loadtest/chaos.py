@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Chaos suite: break backends under load behind rampart, nginx and HAProxy, in one run.
 
-Usage:  python3 loadtest/chaos.py [--scenarios killed,frozen,...] [--duration 12]
-                                  [--logs DIR]
+Usage:  python3 loadtest/chaos.py [--scenarios killed,frozen,...] [--proxies rampart,...]
+                                  [--duration 12] [--logs DIR] [--results PATH]
 
 Three origins (loadtest/origin.rs, 13-byte body) sit behind each proxy: rampart with
 the README's minimal config, nginx and HAProxy tuned for failover (loadtest/peers/).
 For each scenario and proxy, oha drives 32 keep-alive clients for --duration seconds;
 the fault starts at 1/4 and heals at 3/4 of the run. Client-visible failures are non-2xx
-responses plus transport errors; "max" is the slowest request. The table goes to stdout
-and loadtest/RESULTS.md. Load goes to 127.0.0.1 only; every run is bounded in time.
+responses plus transport errors; "max" is the slowest request. The table goes to stdout,
+and to loadtest/RESULTS.md when every scenario ran on every proxy (a subset run leaves
+the committed results alone; --results PATH writes its table there). Load goes to
+127.0.0.1 only; every run is bounded in time.
 With --logs DIR, each proxy's output goes to DIR/<proxy>-<scenario>.log (rampart at
 log level warn: every retry and every failed request, with its reason).
 """
@@ -295,6 +297,8 @@ def main():
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--duration", type=int, default=12)
     ap.add_argument("--logs", type=Path, help="keep each proxy's log in this directory")
+    ap.add_argument("--results", type=Path, help="where to write the table (default: loadtest/RESULTS.md "
+                    "for a run of every scenario on every proxy; a subset run only prints it)")
     args = ap.parse_args()
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
@@ -319,7 +323,7 @@ def main():
                      if "fault_ratio" in r else ""), flush=True)
     header = "| scenario | " + " | ".join(proxies) + " |"
     lines = ["# Chaos suite results", "",
-             f"`python3 loadtest/chaos.py --duration {args.duration}`, "
+             f"`{command(args, scenarios, proxies)}`, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, rampart {label}. "
              f"Backend 2 of 3 is broken from "
              f"{args.duration / 4:.0f}s to {3 * args.duration / 4:.0f}s of each run (rolling: each backend "
@@ -342,9 +346,24 @@ def main():
         lines.append(f"| {sc} | " + " | ".join(
             f"{results[(sc, px)]['fault_ratio']:.2f} ({results[(sc, px)]['worst_ratio']:.2f})" for px in proxies) + " |")
     text = "\n".join(lines) + "\n"
-    (ROOT / "loadtest" / "RESULTS.md").write_text(text)
+    full = scenarios == SCENARIOS and proxies == list(PROXIES)
+    target = args.results or (ROOT / "loadtest" / "RESULTS.md" if full else None)
+    if target:
+        target.write_text(text)
     print()
     print(text)
+    if not target:
+        print("(a subset of the suite: loadtest/RESULTS.md is left as it is; --results PATH writes this table)")
+
+
+def command(args, scenarios, proxies):
+    """The command line that reproduces this run."""
+    cmd = f"python3 loadtest/chaos.py --duration {args.duration}"
+    if scenarios != SCENARIOS:
+        cmd += f" --scenarios {','.join(scenarios)}"
+    if proxies != list(PROXIES):
+        cmd += f" --proxies {','.join(proxies)}"
+    return cmd
 
 
 if __name__ == "__main__":
