@@ -10,6 +10,9 @@ proxies with equivalent settings (bench/peers/), then runs, interleaved per roun
   throughput   wrk -t1 -c64 for --duration s, 13-byte body      (median req/s), and
                meanwhile the proxy's share of a CPU, its CPU per request, and how
                often the scheduler switched it out while runnable (preemptions)
+  own CPU      the same with the proxy alone on one CPU and wrk and the origins on the
+               others (affinity set for that run, then restored): req/s and CPU per
+               request without the scheduler's placement in them
   64k          wrk -t1 -c64, 64 KiB body                         (median req/s)
   h2           h2load -c16 -m8 (h2c prior knowledge)             (median req/s)
   fixed rate   oha -q 8000 for --duration s: proxy CPU per request (µs, from
@@ -18,9 +21,11 @@ proxies with equivalent settings (bench/peers/), then runs, interleaved per roun
                growth from 3,000 to 9,000 of them / 6,000, IDLE_SETTLE s and IDLE_LONG s
                after the last one opened
   floor        throughput and fixed-rate CPU of HAProxy in TCP mode (no HTTP parsing):
-               not a competitor, the floor any proxy hop costs on this machine
+               not a competitor, the floor any proxy hop costs on this machine (also
+               alone on one CPU)
 
-and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy.
+and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy
+(--quick only prints its table).
 Load goes to 127.0.0.1 only; every loop is bounded in time.
 """
 import argparse
@@ -385,10 +390,13 @@ def main():
     # machines), HAProxy reserves two descriptors per maxconn and cannot hold 10,000.
     ap.add_argument("--idle", type=int, default=9000)
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s, 2000 idle connections")
-    ap.add_argument("--results", default="bench/RESULTS.md", help="where to write the table (default: %(default)s)")
+    ap.add_argument("--results", help="where to write the table (default: bench/RESULTS.md; with --quick "
+                    "the table is only printed, so a smoke run never replaces the published one)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.idle = 1, 3, 2000
+    elif args.results is None:
+        args.results = "bench/RESULTS.md"
     raise_fd_limit()
     ensure_tools()
     rampart = build_rampart()
@@ -464,7 +472,9 @@ def build_label():
 def command(args):
     """The command line that reproduces this run."""
     env = f"RAMPART_BIN={os.environ['RAMPART_BIN']} " if os.environ.get("RAMPART_BIN") else ""
-    out = f" --results {args.results}" if args.results != "bench/RESULTS.md" else ""
+    out = f" --results {args.results}" if args.results not in (None, "bench/RESULTS.md") else ""
+    if getattr(args, "quick", False):
+        return f"{env}python3 bench/run.py --quick{out}"
     return f"{env}python3 bench/run.py --rounds {args.rounds} --duration {args.duration}{out}"
 
 
@@ -570,7 +580,8 @@ def write_results(results, args, direct):
                   f"HAProxy {med['user']['haproxy']:.2f}, the floor {floor['user']:.2f})."]
     lines.append("")
     text = "\n".join(lines)
-    (ROOT / args.results).write_text(text)
+    if args.results:
+        (ROOT / args.results).write_text(text)
     print()
     print(text)
 
