@@ -41,13 +41,20 @@ thread_local! {
 pub fn now() -> Instant {
     READING.with(|r| match r.get() {
         Reading::At(t) => t,
-        Reading::Off => Instant::now(),
+        Reading::Off => read(),
         Reading::Due => {
-            let t = Instant::now();
+            let t = read();
             r.set(Reading::At(t));
             t
         }
     })
+}
+
+/// The clock itself, through tokio: the same as `Instant::now()` in a build, and
+/// tokio's paused clock in a test that pauses time, which the timers follow too.
+#[inline]
+fn read() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// `now()` for code on tokio's `Instant`.
@@ -130,6 +137,20 @@ mod tests {
         let a = now();
         std::thread::sleep(Duration::from_millis(2));
         assert!(now() > a);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_follows_tokio_when_a_test_pauses_time() {
+        let a = now();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(now() >= a + Duration::from_secs(5), "timers and readings agree");
+        let (before, after) = Polled::new(async {
+            let before = now();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            (before, now())
+        })
+        .await;
+        assert!(after >= before + Duration::from_secs(3));
     }
 
     #[test]
