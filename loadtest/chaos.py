@@ -300,6 +300,10 @@ def main():
     ap.add_argument("--results", type=Path, help="where to write the table (default: loadtest/RESULTS.md "
                     "for a run of every scenario on every proxy; a subset run only prints it)")
     args = ap.parse_args()
+    if args.duration < 8:
+        # The fault starts at a quarter of the run; the throughput probe compares it with
+        # the seconds before, less the first (warm-up), and below 8 s none is left.
+        ap.error("--duration must be at least 8 (seconds)")
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     scenarios = args.scenarios.split(",")
