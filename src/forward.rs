@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::body::RespBody;
 use crate::breaker::Limit;
+use crate::codec::{Head, RespFields};
 use crate::config::HedgeDelay;
 use crate::error::ProxyError;
 use crate::outlier;
@@ -379,7 +380,7 @@ async fn try_backend(
         };
         let in_flight = backend.state.start_request();
         let sent_at = crate::clock::tokio_now();
-        let mut head = match by(deadline, conn.send(&mut request)).await {
+        let head = match by(deadline, conn.send(&mut request)).await {
             Err(_) => return timed_out(pool, bi),
             Ok(Err(SendError::Fatal(e))) => return Outcome::Fatal(e),
             Ok(Err(SendError::Unsent(_))) if reused && stale_left > 0 => {
@@ -394,15 +395,24 @@ async fn try_backend(
         let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
         backend.state.observe_latency(ttfb);
         pool.latency.record(ttfb);
-        let status = head.status;
+        let Head {
+            status,
+            fields,
+            framing,
+            keep_alive,
+            ..
+        } = head;
         let gateway = outlier::on_response(pool, bi, status);
         let mut response = Response::new(RespBody::empty());
         *response.status_mut() = status;
-        let raw = head.raw.take();
-        if raw.is_none() {
-            *response.headers_mut() = std::mem::take(&mut head.headers);
-            crate::proxy::rewrite_response_headers(response.headers_mut(), status);
-        }
+        let raw = match fields {
+            RespFields::Raw(raw) => Some(raw),
+            RespFields::Map(map) => {
+                *response.headers_mut() = map;
+                crate::proxy::rewrite_response_headers(response.headers_mut(), status);
+                None
+            }
+        };
         let mut upgraded = None;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             // The connection now belongs to the tunnel.
@@ -415,7 +425,7 @@ async fn try_backend(
                 idle_timeout: cfg.idle_timeout,
                 max_idle: cfg.max_idle_per_backend,
             };
-            let mut incoming = UpBody::new(conn, &head, home);
+            let mut incoming = UpBody::new(conn, framing, keep_alive, home);
             *response.body_mut() = if buffer > 0 {
                 match read_prefix(&mut incoming, buffer, deadline).await {
                     Err(Some(e)) => {

@@ -802,7 +802,9 @@ mod tests {
         let head = codec::parse_response(&mut buf, false, true, &mut Vec::new())
             .unwrap()
             .unwrap();
-        let raw = head.raw.expect("passed as written");
+        let codec::RespFields::Raw(raw) = head.fields else {
+            panic!("passed as written");
+        };
         let mut r = Response::new(RespBody::from(Bytes::from_static(b"hello")));
         r.headers_mut().insert("x-own", HeaderValue::from_static("1"));
         let id = HeaderValue::from_static("id");

@@ -407,16 +407,16 @@ enum BodyState {
 }
 
 impl UpBody {
-    pub fn new(conn: Box<Conn>, head: &Head, home: Home) -> UpBody {
+    pub fn new(conn: Box<Conn>, framing: Framing, keep_alive: bool, home: Home) -> UpBody {
         UpBody {
             conn: Some(conn),
-            state: match head.framing {
+            state: match framing {
                 Framing::Empty => BodyState::Length(0),
                 Framing::Length(n) => BodyState::Length(n),
                 Framing::Chunked => BodyState::Chunked(Chunked::default()),
                 Framing::UntilClose => BodyState::UntilClose,
             },
-            keep_alive: head.keep_alive,
+            keep_alive,
             home,
         }
     }
@@ -891,7 +891,7 @@ mod tests {
             let (head, ()) = tokio::join!(send_order(&mut conn), backend);
             let head = head.unwrap();
             let pool = ConnPool::new();
-            let body = UpBody::new(conn, &head, home(&pool))
+            let body = UpBody::new(conn, head.framing, head.keep_alive, home(&pool))
                 .collect()
                 .await
                 .unwrap()
@@ -942,7 +942,8 @@ mod tests {
             server.shutdown().await.unwrap();
         };
         let (head, ()) = tokio::join!(send_order(&mut conn), backend);
-        assert!(UpBody::new(conn, &head.unwrap(), home(&ConnPool::new()))
+        let head = head.unwrap();
+        assert!(UpBody::new(conn, head.framing, head.keep_alive, home(&ConnPool::new()))
             .collect()
             .await
             .is_err());
