@@ -719,6 +719,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: x\r\nTrailer: t\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na",
+            b"POST / HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k\r\n\r\n",
             b"GET / HTTP/1.1\nHost: x\nX-A: 1\n\n",
         ] {
             let (req, fields, _, _) = parsed_raw(raw).unwrap();

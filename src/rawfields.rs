@@ -145,7 +145,9 @@ impl RawRequest {
 
 /// Whether a request field may go to the backend as the client wrote it: not
 /// hop-by-hop (`proxy::HOP_BY_HOP`, `Upgrade`, `Expect`), not one rampart replaces or
-/// extends (`X-Forwarded-*`, `Via`), not framing (`Content-Length`).
+/// extends (`X-Forwarded-*`, `Via`), not framing (`Content-Length`), and not
+/// `Idempotency-Key`, which the retry decision reads from the map
+/// (`retry::is_replay_safe`).
 pub fn request_field_passes(name: &[u8]) -> bool {
     !match name.len() {
         2 => eq_lower(name, b"te"),
@@ -154,7 +156,7 @@ pub fn request_field_passes(name: &[u8]) -> bool {
         7 => eq_lower(name, b"upgrade") || eq_lower(name, b"trailer"),
         10 => eq_lower(name, b"connection") || eq_lower(name, b"keep-alive"),
         14 => eq_lower(name, b"content-length"),
-        15 => eq_lower(name, b"x-forwarded-for"),
+        15 => eq_lower(name, b"x-forwarded-for") || eq_lower(name, b"idempotency-key"),
         16 => eq_lower(name, b"proxy-connection") || eq_lower(name, b"x-forwarded-host"),
         17 => eq_lower(name, b"transfer-encoding") || eq_lower(name, b"x-forwarded-proto"),
         18 => eq_lower(name, b"proxy-authenticate"),
