@@ -495,3 +495,66 @@ pub fn tally(replies: &[Reply]) -> std::collections::HashMap<String, usize> {
     }
     m
 }
+
+/// Reads one response (head and body, by `Content-Length` or chunked framing) from
+/// `buf`/`s`; returns the lower-cased head and the decoded body. `head_only`: a
+/// response to HEAD, which has no body whatever its fields say.
+pub async fn read_one_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, head_only: bool) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    async fn more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed mid-response: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        more(s, buf).await;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    buf.drain(..end + 4);
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    let mut body = Vec::new();
+    if head_only {
+        return (head, body);
+    }
+    if let Some(len) = field("content-length:") {
+        let len: usize = len.parse().unwrap();
+        while buf.len() < len {
+            more(s, buf).await;
+        }
+        body.extend(buf.drain(..len));
+    } else if field("transfer-encoding:").as_deref() == Some("chunked") {
+        loop {
+            let line_end = loop {
+                if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break p;
+                }
+                more(s, buf).await;
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap(), 16).unwrap();
+            buf.drain(..line_end + 2);
+            while buf.len() < size + 2 {
+                more(s, buf).await;
+            }
+            body.extend(buf.drain(..size));
+            assert_eq!(buf.drain(..2).collect::<Vec<_>>(), b"\r\n");
+            if size == 0 {
+                break;
+            }
+        }
+    }
+    (head, body)
+}
