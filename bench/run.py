@@ -172,8 +172,7 @@ class Procs:
         """The PIDs whose CPU and memory count for `name` (nginx: the worker)."""
         p = self.procs[name]
         if name == "nginx":
-            out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-            return [int(x) for x in out] or [p.pid]
+            return children(p.pid) or [p.pid]
         return [p.pid]
 
     def stop_all(self):
@@ -226,11 +225,15 @@ def saturated(pids, port, duration):
     return rps, used / hz / wall * 100.0, used / hz * 1e6 / n, switched * 1000.0 / n
 
 
+def children(pid):
+    """The PIDs of `pid`'s child processes (nginx's workers)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
 def threads_of(pid):
-    """`pid`, its child processes (nginx's workers), and all their threads."""
-    pids = [pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                   text=True).stdout.split()]
-    return [int(t.name) for p in pids for t in Path(f"/proc/{p}/task").glob("*")]
+    """`pid`, its child processes, and all their threads."""
+    return [int(t.name) for p in [pid, *children(pid)] for t in Path(f"/proc/{p}/task").glob("*")]
 
 
 def set_affinity(tids, cpus):
@@ -257,12 +260,11 @@ def pinned_saturated(procs, name, port, duration):
     set_affinity(proxy, own)
     try:
         # wrk inherits this process's affinity between fork and exec.
-        old = os.sched_getaffinity(0)
         os.sched_setaffinity(0, rest)
         try:
             return saturated(procs.pids(name), port, duration)
         finally:
-            os.sched_setaffinity(0, old)
+            os.sched_setaffinity(0, every)
     finally:
         set_affinity(proxy + origins, every)
 
