@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR] [--browser] [--h2]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR] [--browser] [--h2] [--rate N]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -20,7 +20,12 @@ keep it busy: this is the cost per request under load, batching included.
 --keep DIR keeps the callgrind output files for `callgrind_annotate`. --browser sends
 the fields a browser sends with a page request (wrk alone sends only Host). --h2 loads
 with h2load -c16 -m8 (HTTP/2 over cleartext, prior knowledge) instead of wrk: the
-requests hyper serves.
+requests hyper serves. --rate N loads with oha at N requests a second over 8
+connections instead: a rate low enough for the slowed proxy to go idle between
+requests, so each one pays its own wakeup (epoll, the runtime's park and timers), as
+in bench/run.py's fixed-rate CPU row, where the saturated default batches them. Keep
+N at 40 or more: a connection idle for 250 ms parks (src/dormant.rs), which the
+fixed-rate row, at 8,000 req/s over 64 connections, never does.
 """
 import argparse
 import os
@@ -53,11 +58,15 @@ HEADERS = []
 # With --h2: h2load instead of wrk, on each proxy's h2c port (nginx has its own).
 H2 = []
 H2_PORT = {18081: 18091}
+# With --rate: oha at this many requests a second instead of wrk.
+RATE = []
 
 
 def wrk_requests(port, seconds):
     if H2:
         return h2_requests(H2_PORT.get(port, port), seconds)
+    if RATE:
+        return rate_requests(port, seconds, RATE[0])
     flags = [f for h in HEADERS for f in ("-H", h)]
     out = bench.sh(["wrk", "-t1", "-c16", f"-d{seconds}s", *flags, f"http://127.0.0.1:{port}/"]).stdout
     if "Non-2xx" in out:
@@ -116,6 +125,15 @@ def h2_requests(port, seconds):
     return int(m.group(1))
 
 
+def rate_requests(port, seconds, rate):
+    out = bench.sh(["oha", "--no-tui", "-z", f"{seconds}s", "-q", str(rate), "-c", "8",
+                    *[f for h in HEADERS for f in ("-H", h)], f"http://127.0.0.1:{port}/"]).stdout
+    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
+    if set(codes) != {"200"}:
+        raise RuntimeError(f"oha on port {port}: {out}")
+    return int(codes["200"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binaries", nargs="*", default=[str(bench.ROOT / "target/release/rampart")])
@@ -124,7 +142,10 @@ def main():
     ap.add_argument("--keep", help="directory for the callgrind output files")
     ap.add_argument("--browser", action="store_true", help="send a browser's request fields")
     ap.add_argument("--h2", action="store_true", help="h2load (h2c) instead of wrk")
+    ap.add_argument("--rate", type=int, help="oha at this many requests a second instead of wrk")
     args = ap.parse_args()
+    if args.rate:
+        RATE.append(args.rate)
     if args.browser:
         HEADERS.extend(BROWSER)
     if args.h2:
