@@ -27,7 +27,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{ready, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -43,6 +43,7 @@ use crate::body::{InBody, RespBody};
 use crate::codec;
 use crate::idle::PARK_AFTER;
 use crate::listener::ConnTracker;
+use crate::netio;
 use crate::proxy::{self, Answer, ConnInfo};
 use crate::rawfields::{self, RawFields, RawRequest};
 use crate::worker::WorkerCtx;
@@ -632,13 +633,16 @@ pub fn encode_head_for_bench(out: &mut Vec<u8>, resp: &Response<RespBody>) {
 
 async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match stream.write_vectored(bufs).await? {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n => IoSlice::advance_slices(&mut bufs, n),
+    poll_fn(|cx| {
+        while !bufs.is_empty() {
+            match ready!(netio::poll_write_gather(stream, cx, bufs))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => IoSlice::advance_slices(&mut bufs, n),
+            }
         }
-    }
-    Ok(())
+        Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// The `Date` value, formatted once per second per worker thread.

@@ -262,7 +262,7 @@ impl Write for ParkIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        crate::netio::poll_write_gather(&mut self.get_mut().stream, cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -355,7 +355,9 @@ async fn serve_h2(
         ctx,
         info: Rc::new(ConnInfo::new(peer, false)),
     };
-    let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let conn = builder
+        .auto
+        .serve_connection_with_upgrades(TokioIo::new(crate::netio::Gather(stream)), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

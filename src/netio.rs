@@ -1,13 +1,93 @@
-//! Socket helpers: reading a tokio socket into hyper's buffer (`idle::ParkIo`), and
-//! the kernel's round-trip estimate for a connection (`upstream::Conn`).
+//! Socket helpers: gathered writes as one `send` (`h1`, `upstream::Conn`, hyper's
+//! connections), reading a tokio socket into hyper's buffer (`idle::ParkIo`), and the
+//! kernel's round-trip estimate for a connection (`upstream::Conn`).
 
-use std::io;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use hyper::rt::ReadBufCursor;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+/// Gathered writes up to this size are copied into one buffer and go out in one
+/// `send`. On Linux, `writev` takes the VFS path (`vfs_writev`, iovec import) and
+/// costs more per call than `send`: 0.28 µs for a 193-byte response over loopback,
+/// 0.18 µs at 4 KB, 0.10 µs at 8 KB (medians of 7 runs of 150,000 write+recv pairs,
+/// C, on the bench machine). Copying up to 4 KiB costs less than that.
+pub const GATHER_MAX: usize = 4096;
+
+/// Writes what the socket takes now of `bufs`, as `poll_write_vectored` would: one
+/// non-empty slice goes out with `send`, several totalling at most `GATHER_MAX` bytes
+/// are copied together and go out with `send`, larger ones with `writev`.
+pub fn poll_write_gather<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    cx: &mut Context<'_>,
+    bufs: &[IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    let mut total = 0;
+    let mut parts = 0;
+    let mut only: &[u8] = &[];
+    for b in bufs.iter().filter(|b| !b.is_empty()) {
+        total += b.len();
+        parts += 1;
+        only = b;
+    }
+    if parts <= 1 {
+        return Pin::new(stream).poll_write(cx, only);
+    }
+    if total > GATHER_MAX {
+        return Pin::new(stream).poll_write_vectored(cx, bufs);
+    }
+    let mut one = [MaybeUninit::<u8>::uninit(); GATHER_MAX];
+    let mut at = 0;
+    for b in bufs {
+        // SAFETY: the slices total `total <= GATHER_MAX` bytes, so each copy stays
+        // inside `one`; source and destination are distinct.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), one.as_mut_ptr().add(at).cast::<u8>(), b.len()) };
+        at += b.len();
+    }
+    // SAFETY: the first `total` bytes were just written by the copies above.
+    let one = unsafe { std::slice::from_raw_parts(one.as_ptr().cast::<u8>(), total) };
+    Pin::new(stream).poll_write(cx, one)
+}
+
+/// A client socket for hyper's HTTP/2 connections: the `h2` crate flushes a frame
+/// header and its payload as two slices, which this sends as one (`poll_write_gather`).
+pub struct Gather(pub TcpStream);
+
+impl AsyncRead for Gather {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Gather {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        poll_write_gather(&mut self.get_mut().0, cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
 
 /// Reads from `stream` into hyper's cursor; returns how many bytes arrived (0 is EOF).
 pub fn poll_read_into(
@@ -53,4 +133,99 @@ pub fn smoothed_rtt(stream: &TcpStream) -> Option<std::time::Duration> {
 #[cfg(not(target_os = "linux"))]
 pub fn smoothed_rtt(_stream: &TcpStream) -> Option<std::time::Duration> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Writes every byte of `parts` as `h1::write_all` does, partial writes included.
+    async fn write_all(w: &mut TcpStream, parts: &[&[u8]]) {
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut bufs = &mut slices[..];
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = poll_fn(|cx| poll_write_gather(w, cx, bufs)).await.unwrap();
+            assert!(n > 0);
+            IoSlice::advance_slices(&mut bufs, n);
+        }
+    }
+
+    #[tokio::test]
+    async fn gathered_slices_arrive_whole_and_in_order() {
+        let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let edge = vec![7u8; GATHER_MAX - 4];
+        let cases: Vec<Vec<&[u8]>> = vec![
+            vec![b"", b"only one"],                 // one slice: send
+            vec![b"head ", b"", b"body", b" tail"], // gathered: one send
+            vec![&edge, b"four"],                   // exactly GATHER_MAX
+            vec![&big, b"-", &big, b"-", &big],     // over GATHER_MAX: writev
+        ];
+        let (mut a, mut b) = pair().await;
+        for parts in cases {
+            let want: Vec<u8> = parts.concat();
+            write_all(&mut a, &parts).await;
+            let mut got = vec![0u8; want.len()];
+            b.read_exact(&mut got).await.unwrap();
+            assert!(
+                got == want,
+                "{} bytes in {} slices came out changed",
+                want.len(),
+                parts.len()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_sends_resume_where_the_socket_stopped() {
+        // A small send buffer and a slow reader: sends take part of a gathered write.
+        let (a, mut b) = pair().await;
+        let a = socket2::Socket::from(a.into_std().unwrap());
+        a.set_send_buffer_size(4096).unwrap();
+        let mut a = TcpStream::from_std(a.into()).unwrap();
+        let mut want = Vec::new();
+        let rounds: Vec<(Vec<u8>, Vec<u8>)> = (0..400u32)
+            .map(|i| {
+                (
+                    format!("head {i}\r\n").into_bytes(),
+                    vec![(i % 256) as u8; 300 + (i as usize * 7) % 900],
+                )
+            })
+            .collect();
+        for (h, body) in &rounds {
+            want.extend_from_slice(h);
+            want.extend_from_slice(body);
+        }
+        let total = want.len();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::with_capacity(total);
+            let mut buf = [0u8; 1000];
+            while got.len() < total {
+                let n = b.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&buf[..n]);
+                tokio::task::yield_now().await;
+            }
+            got
+        });
+        for (h, body) in &rounds {
+            write_all(&mut a, &[h, body]).await;
+        }
+        // Bytes lost by a partial send would leave the reader waiting: bound it.
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("the reader is still waiting: bytes were lost")
+            .unwrap();
+        assert!(got == want, "the stream differs from what was written");
+    }
 }

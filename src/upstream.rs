@@ -29,13 +29,14 @@ use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::body::{ReqBody, ReqBodyError, StreamBody};
 use crate::breaker::Slot;
 use crate::codec::{self, Chunked, Decoded, Framing, Head, ReqFraming, UpHead};
 use crate::error::ProxyError;
+use crate::netio;
 
 /// Reads ask for at least this much free buffer, and grow it by `READ_CHUNK`.
 const MIN_READ: usize = 1024;
@@ -185,7 +186,7 @@ impl Conn {
             if bufs.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+            match netio::poll_write_gather(&mut self.stream, cx, bufs) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err((WriteStop::Failed(io::ErrorKind::WriteZero.into()), any)))
                 }
@@ -332,7 +333,7 @@ impl Conn {
     /// How long a failure path waits to hear more from the backend's kernel: two
     /// smoothed round trips plus `extra`, at most `MAX_RESET_WAIT`.
     fn failure_wait(&self, extra: Duration) -> Duration {
-        let rtt = crate::netio::smoothed_rtt(&self.stream).unwrap_or_default();
+        let rtt = netio::smoothed_rtt(&self.stream).unwrap_or_default();
         (rtt * 2 + extra).min(MAX_RESET_WAIT)
     }
 
