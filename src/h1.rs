@@ -27,7 +27,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{ready, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -43,7 +43,7 @@ use crate::body::{InBody, RespBody};
 use crate::codec;
 use crate::idle::PARK_AFTER;
 use crate::listener::ConnTracker;
-use crate::netio;
+use crate::netio::write_all;
 use crate::proxy::{self, Answer, ConnInfo};
 use crate::rawfields::{self, RawFields, RawRequest};
 use crate::worker::WorkerCtx;
@@ -629,20 +629,6 @@ pub fn encode_head_for_bench(out: &mut Vec<u8>, resp: &Response<RespBody>) {
         head_request: false,
     };
     encode_head(out, resp, Extra::default(), &facts, true);
-}
-
-async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    poll_fn(|cx| {
-        while !bufs.is_empty() {
-            match ready!(netio::poll_write_gather(stream, cx, bufs))? {
-                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                n => IoSlice::advance_slices(&mut bufs, n),
-            }
-        }
-        Poll::Ready(Ok(()))
-    })
-    .await
 }
 
 /// The `Date` value, formatted once per second per worker thread.

@@ -1,11 +1,12 @@
-//! Socket helpers: gathered writes as one `send` (`h1`, `upstream::Conn`, hyper's
-//! connections), reading a tokio socket into hyper's buffer (`idle::ParkIo`), and the
-//! kernel's round-trip estimate for a connection (`upstream::Conn`).
+//! Socket helpers: gathered writes as one `send`, and `write_all` over them (`h1`,
+//! `upstream::Conn`, hyper's connections); reading a tokio socket into hyper's buffer
+//! (`idle::ParkIo`); the kernel's round-trip estimate for a connection
+//! (`upstream::Conn`).
 
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use hyper::rt::ReadBufCursor;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -51,6 +52,21 @@ pub fn poll_write_gather<W: AsyncWrite + Unpin>(
     // SAFETY: the first `total` bytes were just written by the copies above.
     let one = unsafe { std::slice::from_raw_parts(one.as_ptr().cast::<u8>(), total) };
     Pin::new(stream).poll_write(cx, one)
+}
+
+/// Writes every byte of `bufs` (`poll_write_gather`), resuming after partial sends.
+pub async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    std::future::poll_fn(|cx| {
+        while !bufs.is_empty() {
+            match ready!(poll_write_gather(stream, cx, bufs))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => IoSlice::advance_slices(&mut bufs, n),
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// A client socket for hyper's HTTP/2 connections: the `h2` crate flushes a frame
@@ -138,7 +154,6 @@ pub fn smoothed_rtt(_stream: &TcpStream) -> Option<std::time::Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::poll_fn;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -149,16 +164,9 @@ mod tests {
         (a, b)
     }
 
-    /// Writes every byte of `parts` as `h1::write_all` does, partial writes included.
-    async fn write_all(w: &mut TcpStream, parts: &[&[u8]]) {
+    async fn write_parts(w: &mut TcpStream, parts: &[&[u8]]) {
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let mut bufs = &mut slices[..];
-        IoSlice::advance_slices(&mut bufs, 0);
-        while !bufs.is_empty() {
-            let n = poll_fn(|cx| poll_write_gather(w, cx, bufs)).await.unwrap();
-            assert!(n > 0);
-            IoSlice::advance_slices(&mut bufs, n);
-        }
+        write_all(w, &mut slices).await.unwrap();
     }
 
     #[tokio::test]
@@ -174,7 +182,7 @@ mod tests {
         let (mut a, mut b) = pair().await;
         for parts in cases {
             let want: Vec<u8> = parts.concat();
-            write_all(&mut a, &parts).await;
+            write_parts(&mut a, &parts).await;
             let mut got = vec![0u8; want.len()];
             b.read_exact(&mut got).await.unwrap();
             assert!(
@@ -219,7 +227,7 @@ mod tests {
             got
         });
         for (h, body) in &rounds {
-            write_all(&mut a, &[h, body]).await;
+            write_parts(&mut a, &[h, body]).await;
         }
         // Bytes lost by a partial send would leave the reader waiting: bound it.
         let got = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
