@@ -5,7 +5,8 @@ Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick] [--results b
 
 Installs what is missing (nginx, haproxy, wrk, nghttp2-client from Debian; oha with
 cargo), builds rampart in release mode, starts three nginx origins and the three
-proxies with equivalent settings (bench/peers/), then runs, interleaved per round:
+proxies with equivalent settings (bench/peers/), then runs, each round, each of these
+measurements for every proxy back to back (the proxies' order rotating by round):
 
   throughput   wrk -t1 -c64 for --duration s, 13-byte body      (median req/s), and
                meanwhile the proxy's share of a CPU, its CPU per request, and how
@@ -24,8 +25,9 @@ proxies with equivalent settings (bench/peers/), then runs, interleaved per roun
                not a competitor, the floor any proxy hop costs on this machine (also
                alone on one CPU)
 
-and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy
-(--quick only prints its table).
+and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy: of the
+medians, and within each round (median and range over the rounds) (--quick only prints
+its table).
 Load goes to 127.0.0.1 only; every loop is bounded in time.
 """
 import argparse
@@ -383,6 +385,43 @@ def machine():
     return cpu, vers
 
 
+# The measurements of one round, in the order they run; the floor (HAProxy in TCP mode)
+# takes part in those it has a meaning for (it cannot answer h2c or be compared on 64 KiB).
+MEASURES = ("throughput", "own CPU", "64k", "h2c", "fixed rate")
+FLOOR_MEASURES = ("throughput", "own CPU", "fixed rate")
+
+
+def measure(procs, kind, name, args):
+    """One sample of `kind` for proxy `name` ("floor": HAProxy in TCP mode), as the
+    result keys it fills."""
+    proc, port, h2port = (("haproxy-tcp", FLOOR_PORT, None) if name == "floor"
+                          else (name, *PROXIES[name]))
+    if kind == "throughput":
+        rps, busy, cpu, preempt = saturated(procs.pids(proc), port, args.duration)
+        return {"rps": rps, "busy": busy, "cpu_sat": cpu, "preempt": preempt}
+    if kind == "own CPU":
+        rps, busy, cpu, _ = pinned_saturated(procs, proc, port, args.duration)
+        return {"rps_pin": rps, "busy_pin": busy, "cpu_pin": cpu}
+    if kind == "64k":
+        return {"rps64k": wrk(port, "/64k", args.duration)}
+    if kind == "h2c":
+        return {"h2": h2load(h2port, args.duration)}
+    cpu, kernel, p99 = fixed_rate(procs.pids(proc), port, args.duration, args.rate)
+    return {"cpu": cpu, "kernel": kernel, "user": cpu - kernel, "p99": p99}
+
+
+def describe(kind, got):
+    """One sample, for the progress line."""
+    if kind == "throughput":
+        return (f"{got['rps']:,.0f} req/s ({got['busy']:.0f}% CPU, {got['cpu_sat']:.2f} µs/req, "
+                f"{got['preempt']:.1f} preempted/1k)")
+    if kind == "own CPU":
+        return f"{got['rps_pin']:,.0f} req/s ({got['busy_pin']:.0f}% CPU, {got['cpu_pin']:.2f} µs/req)"
+    if kind in ("64k", "h2c"):
+        return f"{next(iter(got.values())):,.0f} req/s"
+    return f"{got['cpu']:.2f} µs/req (kernel {got['kernel']:.2f}), p99 {got['p99']:.2f} ms"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -409,39 +448,27 @@ def main():
     results = {m: {p: [] for p in PROXIES}
                for m in ("rps", "busy", "cpu_sat", "preempt", "rps_pin", "busy_pin", "cpu_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99",
                          "idle", "idle15")}
-    floor = {"rps": [], "rps_pin": [], "cpu": [], "kernel": [], "user": []}
+    floor = {}
     try:
         procs.start_all()
         direct = wrk(19001, "/", args.duration)
         print(f"direct to one origin: {direct:,.0f} req/s", flush=True)
         for rnd in range(args.rounds):
-            order = list(PROXIES) if rnd % 2 == 0 else list(reversed(PROXIES))
-            for name in order:
-                port, h2port = PROXIES[name]
-                rps, busy, cpu_sat, preempt = saturated(procs.pids(name), port, args.duration)
-                rps_pin, busy_pin, cpu_pin, _ = pinned_saturated(procs, name, port, args.duration)
-                rps64 = wrk(port, "/64k", args.duration)
-                h2 = h2load(h2port, args.duration)
-                cpu, kernel, p99 = fixed_rate(procs.pids(name), port, args.duration, args.rate)
-                for k, v in (("rps", rps), ("busy", busy), ("cpu_sat", cpu_sat), ("preempt", preempt),
-                             ("rps_pin", rps_pin), ("busy_pin", busy_pin), ("cpu_pin", cpu_pin),
-                             ("rps64k", rps64), ("h2", h2), ("cpu", cpu), ("kernel", kernel),
-                             ("user", cpu - kernel), ("p99", p99)):
-                    results[k][name].append(v)
-                print(f"round {rnd + 1} {name:8} {rps:9,.0f} req/s ({busy:3.0f}% CPU, {cpu_sat:5.2f} µs/req, "
-                      f"{preempt:5.1f} preempted/1k)  own CPU {rps_pin:9,.0f} req/s ({cpu_pin:5.2f} µs/req)  "
-                      f"64k {rps64:8,.0f}  h2 {h2:9,.0f}  "
-                      f"cpu {cpu:5.1f} µs/req (kernel {kernel:5.1f})  p99 {p99:6.2f} ms", flush=True)
-            rps = wrk(FLOOR_PORT, "/", args.duration)
-            rps_pin = pinned_saturated(procs, "haproxy-tcp", FLOOR_PORT, args.duration)[0]
-            cpu, kernel, _ = fixed_rate(procs.pids("haproxy-tcp"), FLOOR_PORT, args.duration, args.rate)
-            floor["rps"].append(rps)
-            floor["rps_pin"].append(rps_pin)
-            floor["cpu"].append(cpu)
-            floor["kernel"].append(kernel)
-            floor["user"].append(cpu - kernel)
-            print(f"round {rnd + 1} floor (HAProxy TCP mode) {rps:9,.0f} req/s (own CPU {rps_pin:9,.0f})  cpu {cpu:5.1f} µs/req "
-                  f"(kernel {kernel:5.1f})", flush=True)
+            # Interleaved per measurement, not per proxy: the proxies' samples of one
+            # measurement are taken back to back, so a slow minute of the shared machine
+            # falls on all of them rather than on whichever proxy was running then. The
+            # order rotates each round so none is always first (or last, when the
+            # machine has warmed up, or is busier).
+            names = list(PROXIES)
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
+            for kind in MEASURES:
+                line = []
+                for name in order + (["floor"] if kind in FLOOR_MEASURES else []):
+                    got = measure(procs, kind, name, args)
+                    for k, v in got.items():
+                        (floor.setdefault(k, []) if name == "floor" else results[k][name]).append(v)
+                    line.append(f"{name} {describe(kind, got)}")
+                print(f"round {rnd + 1} {kind:10} " + " | ".join(line), flush=True)
         scaling = []
         for rnd in range(args.rounds):
             one, two = wrk(18080, "/", args.duration), wrk(18083, "/", args.duration)
@@ -480,6 +507,19 @@ def command(args):
     return f"{env}python3 bench/run.py --rounds {args.rounds} --duration {args.duration}{out}"
 
 
+def paired(samples, higher_better):
+    """rampart against the better peer within each round, where the three ran this
+    measurement back to back: "median (min–max)" over the rounds, or "" with one round."""
+    r, n, h = samples["rampart"], samples["nginx"], samples["haproxy"]
+    if len(r) < 2 or not len(r) == len(n) == len(h):
+        return ""
+    pick = max if higher_better else min
+    ratios = [a / pick(b, c) for a, b, c in zip(r, n, h) if pick(b, c) > 0]
+    if not ratios:
+        return ""
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def write_results(results, args, direct):
     scaling = results.pop("scaling", None)
     floor = results.pop("floor", None)
@@ -514,13 +554,19 @@ def write_results(results, args, direct):
         f"Medians of {args.rounds} interleaved round(s). Direct to one origin: {direct:,.0f} req/s. "
         "Absolute numbers on shared machines swing ±30%: read the ratios.",
         "",
-        "| measurement | rampart | nginx | HAProxy | rampart vs best peer |",
-        "|---|---:|---:|---:|---:|",
+        "The ratio column compares the medians; the last column is the same ratio taken within "
+        "each round, where the three proxies ran that measurement back to back, as the median "
+        "and the range over the rounds: the range is how far one run of this bench can be "
+        "trusted.",
+        "",
+        "| measurement | rampart | nginx | HAProxy | rampart vs best peer | per round: median (range) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, key in rows:
         r, n, h = med[key]["rampart"], med[key]["nginx"], med[key]["haproxy"]
+        per_round = paired(results[key], key in higher_better)
         if key == "busy":
-            ratio = "(context)"
+            ratio, per_round = "(context)", ""
         elif key in higher_better:
             best = max(n, h)
             ratio = f"{r / best:.2f}× (goal ≥ 1.2×)" if key in ("rps", "rps_pin") else f"{r / best:.2f}×"
@@ -531,7 +577,7 @@ def write_results(results, args, direct):
             # A peer can read 0 with few connections (preallocated, already resident).
             ratio = f"{r / best:.2f}×{goal}" if best > 0 else f"n/a{goal}"
         fmt = "{:,.0f}" if key in higher_better or key.startswith("idle") or key == "busy" else "{:.2f}"
-        lines.append(f"| {label} | {fmt.format(r)} | {fmt.format(n)} | {fmt.format(h)} | {ratio} |")
+        lines.append(f"| {label} | {fmt.format(r)} | {fmt.format(n)} | {fmt.format(h)} | {ratio} | {per_round} |")
     # Throughput here is what the proxy costs times the CPU the scheduler lets it have;
     # say which of the two a throughput ratio comes from.
     busy, sat = med["busy"], med["cpu_sat"]
