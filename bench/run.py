@@ -24,6 +24,8 @@ measurements for every proxy back to back (the proxies' order rotating by round)
   floor        throughput and fixed-rate CPU of HAProxy in TCP mode (no HTTP parsing):
                not a competitor, the floor any proxy hop costs on this machine (also
                alone on one CPU)
+  scaling      wrk -c64 on each proxy with one worker and with two (HAProxy: threads;
+               bench/peers/*-2w*, *-2t*), back to back: the ratio, per proxy
 
 and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy: of the
 medians, and within each round (median and range over the rounds) (--quick only prints
@@ -104,8 +106,11 @@ def render(template: Path, run: Path) -> Path:
     return out
 
 
-# Origins, then rampart, nginx, HAProxy, rampart with 2 workers, HAProxy in TCP mode.
-PORTS = (19001, 19002, 19003, 18080, 18081, 18082, 18083, 18084)
+# Origins, then rampart, nginx, HAProxy, rampart with 2 workers, HAProxy in TCP mode,
+# nginx with 2 workers, HAProxy with 2 threads.
+PORTS = (19001, 19002, 19003, 18080, 18081, 18082, 18083, 18084, 18087, 18088)
+# The scaling row: each proxy's one-worker and two-worker (or -thread) instances.
+SCALING = {"rampart": (18080, 18083), "nginx": (18081, 18087), "haproxy": (18082, 18088)}
 # HAProxy in TCP mode: the floor for a proxy hop (no HTTP parsing), not a competitor.
 FLOOR_PORT = 18084
 
@@ -166,6 +171,10 @@ class Procs:
             [str(self.rampart), "--config", str(PEERS / "rampart.toml"), "--log-level", "warn"])
         self.procs["rampart-2w"] = subprocess.Popen(
             [str(self.rampart), "--config", str(PEERS / "rampart-2w.toml"), "--log-level", "warn"])
+        self.procs["nginx-2w"] = subprocess.Popen(
+            ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "nginx-2w.conf", self.run))])
+        self.procs["haproxy-2t"] = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(render(PEERS / "haproxy-2t.cfg", self.run))])
         for p in PORTS:
             wait_port(p)
         time.sleep(0.5)
@@ -469,12 +478,19 @@ def main():
                         (floor.setdefault(k, []) if name == "floor" else results[k][name]).append(v)
                     line.append(f"{name} {describe(kind, got)}")
                 print(f"round {rnd + 1} {kind:10} " + " | ".join(line), flush=True)
-        scaling = []
+        # Each proxy with one worker and with two, back to back, so the ratio is taken
+        # within a round; the peers' ratios say what a second worker can add on this
+        # machine, where wrk and the origins share the two CPUs.
+        scaling = {name: [] for name in SCALING}
         for rnd in range(args.rounds):
-            one, two = wrk(18080, "/", args.duration), wrk(18083, "/", args.duration)
-            scaling.append(two / one)
-            print(f"scaling  round {rnd + 1}: 1 worker {one:,.0f} req/s, 2 workers {two:,.0f} req/s", flush=True)
-        results["scaling"] = statistics.median(scaling)
+            names = list(SCALING)
+            line = []
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                one, two = (wrk(port, "/", args.duration) for port in SCALING[name])
+                scaling[name].append(two / one)
+                line.append(f"{name} {one:,.0f} -> {two:,.0f} req/s ({two / one:.2f}×)")
+            print(f"round {rnd + 1} scaling 1 -> 2 workers: " + " | ".join(line), flush=True)
+        results["scaling"] = {name: statistics.median(v) for name, v in scaling.items()}
         results["floor"] = {k: statistics.median(v) for k, v in floor.items()}
         for name in PROXIES:
             port, _ = PROXIES[name]
@@ -597,8 +613,10 @@ def write_results(results, args, direct):
               f"{med['busy_pin']['nginx']:.0f}%, HAProxy {med['busy_pin']['haproxy']:.0f}%): near 100% means "
               "the proxy, not wrk or the origins, set the rate."]
     if scaling is not None:
-        lines += ["", f"Scaling: rampart with 2 workers vs 1 worker, wrk -c64, same machine (wrk and the "
-                  f"origins share the 2 CPUs): {scaling:.2f}× (median of {args.rounds})."]
+        lines += ["", "Scaling: throughput with 2 workers (HAProxy: threads) against 1, wrk -c64, same "
+                  "machine (wrk and the origins share the 2 CPUs), median of the per-round ratios over "
+                  f"{args.rounds} round(s): rampart {scaling['rampart']:.2f}×, nginx {scaling['nginx']:.2f}×, "
+                  f"HAProxy {scaling['haproxy']:.2f}×."]
     if floor:
         best_rps = max(med["rps"]["nginx"], med["rps"]["haproxy"])
         best_pin = max(med["rps_pin"]["nginx"], med["rps_pin"]["haproxy"])
