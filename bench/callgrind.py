@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--cache] [--keep DIR] [--browser] [--h2] [--rate N]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -10,7 +10,8 @@ this is how a hot-path change is judged before the wall-clock bench (bench/run.p
 
 Each BINARY (default: target/release/rampart) runs under `valgrind --tool=callgrind`
 with bench/peers/rampart.toml, in front of the bench's three nginx origins; with
---nginx, the bench's nginx proxy (one worker, master process off) runs the same way.
+--nginx, the bench's nginx proxy (one worker, master process off) runs the same way,
+and with --haproxy the bench's HAProxy (one thread, in the foreground).
 wrk -t1 -c16 warms it for 4 s, the counters are zeroed, wrk runs 8 s more, and the
 counters are dumped. The result is the program's instructions (and, with --cache, its
 simulated I1/D1 misses) divided by the requests wrk completed in those 8 s. Valgrind
@@ -41,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: tools, configs and load helpers)
 
-PORT = {"rampart": 18080, "nginx": 18081}
+PORT = {"rampart": 18080, "nginx": 18081, "haproxy": 18082}
 WARM, MEASURE = 4, 8
 # What a desktop browser sends for a page, less cookies: eight fields besides Host.
 BROWSER = [
@@ -57,7 +58,7 @@ BROWSER = [
 HEADERS = []
 # With --h2: h2load instead of wrk, on each proxy's h2c port (nginx has its own).
 H2 = []
-H2_PORT = {18081: 18091}
+H2_PORT = {18081: 18091, 18082: 18092}
 # With --rate: oha at this many requests a second instead of wrk.
 RATE = []
 
@@ -138,6 +139,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binaries", nargs="*", default=[str(bench.ROOT / "target/release/rampart")])
     ap.add_argument("--nginx", action="store_true", help="also profile the bench's nginx proxy")
+    ap.add_argument("--haproxy", action="store_true", help="also profile the bench's HAProxy")
     ap.add_argument("--cache", action="store_true", help="simulate I1/D1 caches (slower)")
     ap.add_argument("--keep", help="directory for the callgrind output files")
     ap.add_argument("--browser", action="store_true", help="send a browser's request fields")
@@ -154,7 +156,7 @@ def main():
     if shutil.which("valgrind") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    bench.require_free((19001, 19002, 19003, PORT["rampart"], PORT["nginx"]))
+    bench.require_free((19001, 19002, 19003, *PORT.values()))
     run = Path(tempfile.mkdtemp(prefix="rampart-cg-"))
     os.chmod(run, 0o755)  # nginx workers run as nobody
     keep = Path(args.keep) if args.keep else run
@@ -170,6 +172,9 @@ def main():
             conf = bench.render(bench.PEERS / "nginx.conf", run)
             targets.append(("nginx", ["nginx", "-c", str(conf), "-g", "daemon off; master_process off;"],
                             PORT["nginx"]))
+        if args.haproxy:
+            conf = bench.render(bench.PEERS / "haproxy.cfg", run)
+            targets.append(("haproxy", ["haproxy", "-db", "-f", str(conf)], PORT["haproxy"]))
         for i, (name, cmd, port) in enumerate(targets):
             row, dump = profile(name, cmd, port, keep / f"callgrind-{i}.out", args.cache)
             rows.append((name, row, dump))
