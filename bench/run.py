@@ -13,7 +13,8 @@ measurements for every proxy back to back (the proxies' order rotating by round)
                often the scheduler switched it out while runnable (preemptions)
   own CPU      the same with the proxy alone on one CPU and wrk and the origins on the
                others (affinity set for that run, then restored): req/s and CPU per
-               request without the scheduler's placement in them
+               request without the scheduler's placement in them, and how busy the
+               other CPU (wrk and the origins) was meanwhile
   64k          wrk -t1 -c64, 64 KiB body                         (median req/s)
   h2           h2load -c16 -m8 (h2c prior knowledge)             (median req/s)
   fixed rate   oha -q 8000 for --duration s: proxy CPU per request (µs, from
@@ -255,15 +256,34 @@ def set_affinity(tids, cpus):
             pass
 
 
+def cpus_busy(cpus, before=None):
+    """Per-CPU (total, idle) jiffies from /proc/stat for `cpus`; with `before`, the
+    share of that time the CPUs were busy since then (%)."""
+    now = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in fields]
+                now[name] = (sum(v), v[3] + v[4])
+    if before is None:
+        return now
+    total = sum(now[c][0] - before[c][0] for c in now)
+    idle = sum(now[c][1] - before[c][1] for c in now)
+    return 100.0 * (1 - idle / max(total, 1))
+
+
 def pinned_saturated(procs, name, port, duration):
     """`saturated()` with the proxy alone on the last CPU and wrk and the origins on the
     others, as a proxy runs in production (its clients and origins are other machines):
     req/s then measures what a request costs the proxy, not also how the scheduler
-    shares a CPU between it and the processes it wakes. Affinity is restored after."""
+    shares a CPU between it and the processes it wakes. Affinity is restored after.
+    Adds how busy the other CPUs (wrk and the origins) were: when they are full, they
+    set the rate as much as the proxy does."""
     every = os.sched_getaffinity(0)
     if len(every) < 2:
         # One CPU: nothing to set apart; the row then repeats the shared one.
-        return saturated(procs.pids(name), port, duration)
+        return (*saturated(procs.pids(name), port, duration), float("nan"))
     own = {max(every)}
     rest = every - own
     proxy, origins = threads_of(procs.procs[name].pid), threads_of(procs.procs["origin"].pid)
@@ -273,7 +293,9 @@ def pinned_saturated(procs, name, port, duration):
         # wrk inherits this process's affinity between fork and exec.
         os.sched_setaffinity(0, rest)
         try:
-            return saturated(procs.pids(name), port, duration)
+            before = cpus_busy(rest)
+            got = saturated(procs.pids(name), port, duration)
+            return (*got, cpus_busy(rest, before))
         finally:
             os.sched_setaffinity(0, every)
     finally:
@@ -409,8 +431,8 @@ def measure(procs, kind, name, args):
         rps, busy, cpu, preempt = saturated(procs.pids(proc), port, args.duration)
         return {"rps": rps, "busy": busy, "cpu_sat": cpu, "preempt": preempt}
     if kind == "own CPU":
-        rps, busy, cpu, _ = pinned_saturated(procs, proc, port, args.duration)
-        return {"rps_pin": rps, "busy_pin": busy, "cpu_pin": cpu}
+        rps, busy, cpu, _, load = pinned_saturated(procs, proc, port, args.duration)
+        return {"rps_pin": rps, "busy_pin": busy, "cpu_pin": cpu, "load_pin": load}
     if kind == "64k":
         return {"rps64k": wrk(port, "/64k", args.duration)}
     if kind == "h2c":
@@ -425,7 +447,8 @@ def describe(kind, got):
         return (f"{got['rps']:,.0f} req/s ({got['busy']:.0f}% CPU, {got['cpu_sat']:.2f} µs/req, "
                 f"{got['preempt']:.1f} preempted/1k)")
     if kind == "own CPU":
-        return f"{got['rps_pin']:,.0f} req/s ({got['busy_pin']:.0f}% CPU, {got['cpu_pin']:.2f} µs/req)"
+        return (f"{got['rps_pin']:,.0f} req/s ({got['busy_pin']:.0f}% CPU, {got['cpu_pin']:.2f} µs/req; "
+                f"wrk and origins' CPU {got['load_pin']:.0f}% busy)")
     if kind in ("64k", "h2c"):
         return f"{next(iter(got.values())):,.0f} req/s"
     return f"{got['cpu']:.2f} µs/req (kernel {got['kernel']:.2f}), p99 {got['p99']:.2f} ms"
@@ -455,7 +478,7 @@ def main():
     os.chmod(run, 0o755)
     procs = Procs(run, rampart)
     results = {m: {p: [] for p in PROXIES}
-               for m in ("rps", "busy", "cpu_sat", "preempt", "rps_pin", "busy_pin", "cpu_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99",
+               for m in ("rps", "busy", "cpu_sat", "preempt", "rps_pin", "busy_pin", "cpu_pin", "load_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99",
                          "idle", "idle15")}
     floor = {}
     try:
@@ -610,8 +633,12 @@ def write_results(results, args, direct):
               f"{med['cpu_pin']['rampart']:.2f} µs per request (nginx {med['rps_pin']['nginx']:,.0f} at "
               f"{med['cpu_pin']['nginx']:.2f}, HAProxy {med['rps_pin']['haproxy']:,.0f} at "
               f"{med['cpu_pin']['haproxy']:.2f}), using {med['busy_pin']['rampart']:.0f}% of its CPU (nginx "
-              f"{med['busy_pin']['nginx']:.0f}%, HAProxy {med['busy_pin']['haproxy']:.0f}%): near 100% means "
-              "the proxy, not wrk or the origins, set the rate."]
+              f"{med['busy_pin']['nginx']:.0f}%, HAProxy {med['busy_pin']['haproxy']:.0f}%), while the other "
+              f"CPU, with wrk and the origins, was {med['load_pin']['rampart']:.0f}% busy (nginx "
+              f"{med['load_pin']['nginx']:.0f}%, HAProxy {med['load_pin']['haproxy']:.0f}%). A proxy below "
+              "100% with the other CPU near 100% was waiting for wrk and the origins: the rate was theirs as "
+              "much as the proxy's, and its CPU per request is then the proxy's own measure; a proxy near "
+              "100% with the other CPU below it set the rate itself."]
     if scaling is not None:
         lines += ["", "Scaling: throughput with 2 workers (HAProxy: threads) against 1, wrk -c64, same "
                   "machine (wrk and the origins share the 2 CPUs), median of the per-round ratios over "
