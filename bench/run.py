@@ -256,21 +256,30 @@ def set_affinity(tids, cpus):
             pass
 
 
-def cpus_busy(cpus, before=None):
-    """Per-CPU (total, idle) jiffies from /proc/stat for `cpus`; with `before`, the
-    share of that time the CPUs were busy since then (%)."""
-    now = {}
+def cpu_jiffies(cpus):
+    """(total, idle) jiffies the CPUs `cpus` have counted, from /proc/stat."""
+    total = idle = 0
     with open("/proc/stat") as f:
         for line in f:
             name, *fields = line.split()
             if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
                 v = [int(x) for x in fields]
-                now[name] = (sum(v), v[3] + v[4])
-    if before is None:
-        return now
-    total = sum(now[c][0] - before[c][0] for c in now)
-    idle = sum(now[c][1] - before[c][1] for c in now)
+                total += sum(v)
+                idle += v[3] + v[4]  # idle and iowait
+    return total, idle
+
+
+def busy_since(before, after):
+    """The share of the time between two `cpu_jiffies()` readings the CPUs were busy (%)."""
+    total, idle = after[0] - before[0], after[1] - before[1]
     return 100.0 * (1 - idle / max(total, 1))
+
+
+def rotated(names, rnd):
+    """`names` in round `rnd`'s order: each round starts one further along, so no proxy
+    is always measured first (or last, when the machine has warmed up, or is busier)."""
+    k = rnd % len(names)
+    return names[k:] + names[:k]
 
 
 def pinned_saturated(procs, name, port, duration):
@@ -293,9 +302,9 @@ def pinned_saturated(procs, name, port, duration):
         # wrk inherits this process's affinity between fork and exec.
         os.sched_setaffinity(0, rest)
         try:
-            before = cpus_busy(rest)
+            before = cpu_jiffies(rest)
             got = saturated(procs.pids(name), port, duration)
-            return (*got, cpus_busy(rest, before))
+            return (*got, busy_since(before, cpu_jiffies(rest)))
         finally:
             os.sched_setaffinity(0, every)
     finally:
@@ -488,11 +497,8 @@ def main():
         for rnd in range(args.rounds):
             # Interleaved per measurement, not per proxy: the proxies' samples of one
             # measurement are taken back to back, so a slow minute of the shared machine
-            # falls on all of them rather than on whichever proxy was running then. The
-            # order rotates each round so none is always first (or last, when the
-            # machine has warmed up, or is busier).
-            names = list(PROXIES)
-            order = names[rnd % len(names):] + names[:rnd % len(names)]
+            # falls on all of them rather than on whichever proxy was running then.
+            order = rotated(list(PROXIES), rnd)
             for kind in MEASURES:
                 line = []
                 for name in order + (["floor"] if kind in FLOOR_MEASURES else []):
@@ -506,9 +512,8 @@ def main():
         # machine, where wrk and the origins share the two CPUs.
         scaling = {name: [] for name in SCALING}
         for rnd in range(args.rounds):
-            names = list(SCALING)
             line = []
-            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            for name in rotated(list(SCALING), rnd):
                 one, two = (wrk(port, "/", args.duration) for port in SCALING[name])
                 scaling[name].append(two / one)
                 line.append(f"{name} {one:,.0f} -> {two:,.0f} req/s ({two / one:.2f}×)")
