@@ -2,6 +2,7 @@
 """Side-by-side benchmark: rampart vs nginx vs HAProxy, one worker each, same origins.
 
 Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick] [--results bench/RESULTS.md]
+        python3 bench/run.py --check   (CI: scripts compile, peer configs agree; no peers needed)
 
 Installs what is missing (nginx, haproxy, wrk, nghttp2-client from Debian; oha with
 cargo), builds rampart in release mode, starts three nginx origins and the three
@@ -114,6 +115,61 @@ PORTS = (19001, 19002, 19003, 18080, 18081, 18082, 18083, 18084, 18087, 18088)
 SCALING = {"rampart": (18080, 18083), "nginx": (18081, 18087), "haproxy": (18082, 18088)}
 # HAProxy in TCP mode: the floor for a proxy hop (no HTTP parsing), not a competitor.
 FLOOR_PORT = 18084
+
+# The scaling row's two-worker configs are copies of the one-worker ones. Besides
+# comments, only these lines may differ (worker count, ports, pid and log paths): any
+# other difference and the row no longer compares a proxy with itself.
+SCALING_CONFIGS = (
+    ("rampart.toml", "rampart-2w.toml", r"(workers|bind)\s*="),
+    ("nginx.conf", "nginx-2w.conf", r"(worker_processes|pid|error_log|listen)\s"),
+    ("haproxy.cfg", "haproxy-2t.cfg", r"(nbthread|pidfile|bind)\s"),
+)
+
+
+def scaling_config_drift(peers: Path = PEERS):
+    """How each two-worker peer config differs from its one-worker original beyond
+    SCALING_CONFIGS' lines: one message (a unified diff) per pair that drifted."""
+    import difflib
+
+    def kept(path, allowed):
+        return [line.strip() for line in path.read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")
+                and not re.match(allowed, line.strip())]
+
+    drifted = []
+    for one, two, allowed in SCALING_CONFIGS:
+        a, b = kept(peers / one, allowed), kept(peers / two, allowed)
+        if a != b:
+            diff = "\n".join(difflib.unified_diff(a, b, one, two, lineterm="", n=1))
+            drifted.append(f"bench/peers/{two} differs from {one} beyond workers, ports and "
+                           f"paths; make the same change in both:\n{diff}")
+    return drifted
+
+
+def self_check():
+    """What CI can check without the peers installed: every bench and loadtest script
+    compiles, the scaling configs agree, and the agreement check catches a drift."""
+    failures = []
+    for script in sorted([*ROOT.glob("bench/*.py"), *ROOT.glob("loadtest/*.py")]):
+        try:
+            compile(script.read_text(), str(script), "exec")
+        except SyntaxError as e:
+            failures.append(f"{script}: {e}")
+    failures += scaling_config_drift()
+    with tempfile.TemporaryDirectory() as tmp:
+        for one, two, _ in SCALING_CONFIGS:
+            shutil.copy(PEERS / one, tmp)
+            shutil.copy(PEERS / two, tmp)
+        # A setting changed in one copy only, as a hand edit would leave it.
+        nginx = Path(tmp) / "nginx-2w.conf"
+        nginx.write_text(nginx.read_text().replace("keepalive ", "keepalive 1", 1))
+        caught = scaling_config_drift(Path(tmp))
+        if not any("nginx-2w.conf" in c and "keepalive 164" in c for c in caught):
+            failures.append(f"the config drift check missed an edited nginx-2w.conf: {caught}")
+    for f in failures:
+        print(f, file=sys.stderr)
+    print(f"bench self-check: {'FAILED' if failures else 'ok'}")
+    return not failures
 
 
 def port_open(port):
@@ -474,7 +530,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s, 2000 idle connections")
     ap.add_argument("--results", help="where to write the table (default: bench/RESULTS.md; with --quick "
                     "the table is only printed, so a smoke run never replaces the published one)")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the scripts compile and the peer configs agree (CI; needs no peers)")
     args = ap.parse_args()
+    if args.check:
+        sys.exit(0 if self_check() else 1)
+    drift = scaling_config_drift()
+    if drift:
+        sys.exit("\n".join(drift))
     if args.quick:
         args.rounds, args.duration, args.idle = 1, 3, 2000
     elif args.results is None:
