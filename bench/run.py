@@ -267,30 +267,40 @@ def cpu_ticks(pids):
     return user, kernel
 
 
-def preemptions(pids):
-    """Times the processes' threads were switched out while still runnable."""
-    total = 0
+def switches(pids):
+    """(voluntary, involuntary) context switches of the processes' threads so far: the
+    times they went to sleep for want of work, and the times they were switched out
+    while still runnable (preempted)."""
+    slept = preempted = 0
     for pid in pids:
         for status in Path(f"/proc/{pid}/task").glob("*/status"):
             with open(status) as f:
                 for line in f:
-                    if line.startswith("nonvoluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-    return total
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        slept += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        preempted += int(line.split()[1])
+    return slept, preempted
 
 
 def saturated(pids, port, duration):
-    """wrk -c64 on `port` with the CPU the processes `pids` used meanwhile: (req/s, share
-    of one CPU they were running, CPU µs per request, preemptions per 1,000 requests).
-    Throughput alone mixes what a proxy costs with how much CPU the scheduler gave it
-    while wrk and the origins compete for the same 2 CPUs."""
+    """wrk -c64 on `port` with what the processes `pids` did meanwhile: req/s ("rps"),
+    the share of one CPU they were running ("busy", %), CPU µs per request ("cpu"),
+    preemptions and sleeps per 1,000 requests ("preempt", "slept"), and the share of
+    all the machine's CPU time that went idle ("idle", %). Throughput alone mixes what
+    a proxy costs with how much CPU the scheduler gave it while wrk and the origins
+    compete for the same 2 CPUs."""
     hz = os.sysconf("SC_CLK_TCK")
-    before, pre, start = cpu_ticks(pids), preemptions(pids), time.monotonic()
+    every = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
+    before, sw, jiffies = cpu_ticks(pids), switches(pids), cpu_jiffies(every)
+    start = time.monotonic()
     rps = wrk(port, "/", duration)
     used = sum(cpu_ticks(pids)) - sum(before)
-    wall, switched = time.monotonic() - start, preemptions(pids) - pre
+    wall, after = time.monotonic() - start, switches(pids)
     n = max(rps * duration, 1)
-    return rps, used / hz / wall * 100.0, used / hz * 1e6 / n, switched * 1000.0 / n
+    return {"rps": rps, "busy": used / hz / wall * 100.0, "cpu": used / hz * 1e6 / n,
+            "slept": (after[0] - sw[0]) * 1000.0 / n, "preempt": (after[1] - sw[1]) * 1000.0 / n,
+            "idle": 100.0 - busy_since(jiffies, cpu_jiffies(every))}
 
 
 def children(pid):
@@ -348,7 +358,7 @@ def pinned_saturated(procs, name, port, duration):
     every = os.sched_getaffinity(0)
     if len(every) < 2:
         # One CPU: nothing to set apart; the row then repeats the shared one.
-        return (*saturated(procs.pids(name), port, duration), float("nan"))
+        return {**saturated(procs.pids(name), port, duration), "load": float("nan")}
     own = {max(every)}
     rest = every - own
     proxy, origins = threads_of(procs.procs[name].pid), threads_of(procs.procs["origin"].pid)
@@ -360,7 +370,7 @@ def pinned_saturated(procs, name, port, duration):
         try:
             before = cpu_jiffies(rest)
             got = saturated(procs.pids(name), port, duration)
-            return (*got, busy_since(before, cpu_jiffies(rest)))
+            return {**got, "load": busy_since(before, cpu_jiffies(rest))}
         finally:
             os.sched_setaffinity(0, every)
     finally:
@@ -493,11 +503,12 @@ def measure(procs, kind, name, args):
     proc, port, h2port = (("haproxy-tcp", FLOOR_PORT, None) if name == "floor"
                           else (name, *PROXIES[name]))
     if kind == "throughput":
-        rps, busy, cpu, preempt = saturated(procs.pids(proc), port, args.duration)
-        return {"rps": rps, "busy": busy, "cpu_sat": cpu, "preempt": preempt}
+        got = saturated(procs.pids(proc), port, args.duration)
+        return {"rps": got["rps"], "busy": got["busy"], "cpu_sat": got["cpu"],
+                "preempt": got["preempt"], "slept": got["slept"], "idle_cpu": got["idle"]}
     if kind == "own CPU":
-        rps, busy, cpu, _, load = pinned_saturated(procs, proc, port, args.duration)
-        return {"rps_pin": rps, "busy_pin": busy, "cpu_pin": cpu, "load_pin": load}
+        got = pinned_saturated(procs, proc, port, args.duration)
+        return {"rps_pin": got["rps"], "busy_pin": got["busy"], "cpu_pin": got["cpu"], "load_pin": got["load"]}
     if kind == "64k":
         return {"rps64k": wrk(port, "/64k", args.duration)}
     if kind == "h2c":
@@ -510,7 +521,7 @@ def describe(kind, got):
     """One sample, for the progress line."""
     if kind == "throughput":
         return (f"{got['rps']:,.0f} req/s ({got['busy']:.0f}% CPU, {got['cpu_sat']:.2f} µs/req, "
-                f"{got['preempt']:.1f} preempted/1k)")
+                f"{got['preempt']:.1f} preempted/1k, {got['slept']:.1f} slept/1k; machine {got['idle_cpu']:.0f}% idle)")
     if kind == "own CPU":
         return (f"{got['rps_pin']:,.0f} req/s ({got['busy_pin']:.0f}% CPU, {got['cpu_pin']:.2f} µs/req; "
                 f"wrk and origins' CPU {got['load_pin']:.0f}% busy)")
@@ -550,7 +561,7 @@ def main():
     os.chmod(run, 0o755)
     procs = Procs(run, rampart)
     results = {m: {p: [] for p in PROXIES}
-               for m in ("rps", "busy", "cpu_sat", "preempt", "rps_pin", "busy_pin", "cpu_pin", "load_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99",
+               for m in ("rps", "busy", "cpu_sat", "preempt", "slept", "idle_cpu", "rps_pin", "busy_pin", "cpu_pin", "load_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99",
                          "idle", "idle15")}
     floor = {}
     try:
@@ -637,6 +648,8 @@ def write_results(results, args, direct):
         ("… the proxy's share of one CPU meanwhile (%)", "busy"),
         ("… its CPU per request meanwhile (µs)", "cpu_sat"),
         ("… times it was preempted, per 1,000 requests", "preempt"),
+        ("… times it slept for want of work, per 1,000 requests", "slept"),
+        ("… the machine's CPU time left idle meanwhile (%, both CPUs)", "idle_cpu"),
         ("throughput, 13 B body, the proxy alone on one CPU (wrk and the origins on the other)", "rps_pin"),
         ("… its CPU per request meanwhile (µs)", "cpu_pin"),
         ("throughput, 64 KiB body (req/s)", "rps64k"),
@@ -672,7 +685,7 @@ def write_results(results, args, direct):
     for label, key in rows:
         r, n, h = med[key]["rampart"], med[key]["nginx"], med[key]["haproxy"]
         per_round = paired(results[key], key in higher_better)
-        if key == "busy":
+        if key in ("busy", "idle_cpu"):
             ratio, per_round = "(context)", ""
         elif key in higher_better:
             best = max(n, h)
@@ -694,8 +707,14 @@ def write_results(results, args, direct):
               f"{sat['rampart']:.2f} µs per request ({sat['rampart'] / min(sat['nginx'], sat['haproxy']):.2f}× the "
               f"better peer's {min(sat['nginx'], sat['haproxy']):.2f}), and was preempted "
               f"{med['preempt']['rampart']:.1f} times per 1,000 requests (nginx {med['preempt']['nginx']:.1f}, "
-              f"HAProxy {med['preempt']['haproxy']:.1f}); in `perf sched timehist` these are mostly an origin, woken by "
-              "the proxy's write onto the proxy's CPU, running before the proxy continues. "
+              f"HAProxy {med['preempt']['haproxy']:.1f}): in `perf record -e sched:sched_switch -g` nearly all of these "
+              "happen as the proxy's `send` returns, to the origin or wrk thread that send woke onto the "
+              "proxy's CPU. It slept for want of work "
+              f"{med['slept']['rampart']:.1f} times per 1,000 requests (nginx {med['slept']['nginx']:.1f}, "
+              f"HAProxy {med['slept']['haproxy']:.1f}) while {med['idle_cpu']['rampart']:.0f}% of the machine's CPU "
+              f"time went idle (nginx {med['idle_cpu']['nginx']:.0f}%, HAProxy {med['idle_cpu']['haproxy']:.0f}%): "
+              "while the proxy sleeps, its CPU is free for wrk and the origins, and the idle share is the "
+              "CPU time none of them used. "
               "The next row takes the scheduler out: each proxy alone on one CPU, wrk and the origins "
               f"on the other. There rampart ran {med['rps_pin']['rampart']:,.0f} req/s at "
               f"{med['cpu_pin']['rampart']:.2f} µs per request (nginx {med['rps_pin']['nginx']:,.0f} at "
