@@ -2,7 +2,8 @@
 """Side-by-side benchmark: rampart vs nginx vs HAProxy, one worker each, same origins.
 
 Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick] [--results bench/RESULTS.md]
-        python3 bench/run.py --check   (CI: scripts compile, peer configs agree; no peers needed)
+        python3 bench/run.py --check   (CI: scripts compile, peer configs agree, the report
+                                        renders from made-up samples; no peers needed)
 
 Installs what is missing (nginx, haproxy, wrk, nghttp2-client from Debian; oha with
 cargo), builds rampart in release mode, starts three nginx origins and the three
@@ -148,7 +149,8 @@ def scaling_config_drift(peers: Path = PEERS):
 
 def self_check():
     """What CI can check without the peers installed: every bench and loadtest script
-    compiles, the scaling configs agree, and the agreement check catches a drift."""
+    compiles, the scaling configs agree (and the agreement check catches a drift), and
+    the report renders."""
     failures = []
     for script in sorted([*ROOT.glob("bench/*.py"), *ROOT.glob("loadtest/*.py")]):
         try:
@@ -166,10 +168,37 @@ def self_check():
         caught = scaling_config_drift(Path(tmp))
         if not any("nginx-2w.conf" in c and "keepalive 164" in c for c in caught):
             failures.append(f"the config drift check missed an edited nginx-2w.conf: {caught}")
+    failures += report_check()
     for f in failures:
         print(f, file=sys.stderr)
     print(f"bench self-check: {'FAILED' if failures else 'ok'}")
     return not failures
+
+
+def report_check():
+    """Renders RESULTS.md from made-up samples, so a slip in the report code shows in CI
+    rather than after a 20-minute run: a list of failures, empty when it rendered."""
+    import contextlib
+    import io
+    rounds = 3
+    results = empty_results()
+    for key, per_proxy in results.items():
+        for i, name in enumerate(PROXIES):
+            per_proxy[name] += [10.0 + i + r for r in range(rounds)]
+    results["scaling"] = {name: 1.0 + i / 10 for i, name in enumerate(SCALING)}
+    results["floor"] = {key: 9.0 for key in RESULT_KEYS}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "RESULTS.md"
+        args = argparse.Namespace(rounds=rounds, duration=1, rate=8000, idle=100, quick=False, results=str(out))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                write_results(results, args, 100.0)
+        except Exception as e:  # any slip in the report code is what this is for
+            return [f"bench/run.py's report failed on made-up samples: {type(e).__name__}: {e}"]
+        text = out.read_text()
+    missing = [k for k in ("| measurement |", "Reading the throughput row", "Scaling:", "Floor,", "Kernel time:")
+               if k not in text]
+    return [f"bench/run.py's report lacks {missing}"] if missing else []
 
 
 def port_open(port):
@@ -542,7 +571,8 @@ def main():
     ap.add_argument("--results", help="where to write the table (default: bench/RESULTS.md; with --quick "
                     "the table is only printed, so a smoke run never replaces the published one)")
     ap.add_argument("--check", action="store_true",
-                    help="only check the scripts compile and the peer configs agree (CI; needs no peers)")
+                    help="only check the scripts compile, the peer configs agree and the report renders "
+                    "(CI; needs no peers)")
     args = ap.parse_args()
     if args.check:
         sys.exit(0 if self_check() else 1)
@@ -560,9 +590,7 @@ def main():
     # nginx workers run as nobody: they must be able to read the 64 KiB file.
     os.chmod(run, 0o755)
     procs = Procs(run, rampart)
-    results = {m: {p: [] for p in PROXIES}
-               for m in ("rps", "busy", "cpu_sat", "preempt", "slept", "idle_cpu", "rps_pin", "busy_pin", "cpu_pin", "load_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99",
-                         "idle", "idle15")}
+    results = empty_results()
     floor = {}
     try:
         procs.start_all()
@@ -604,6 +632,15 @@ def main():
     finally:
         procs.stop_all()
     write_results(results, args, direct)
+
+
+# What each round records per proxy (`measure()`'s keys), and the idle-memory readings.
+RESULT_KEYS = ("rps", "busy", "cpu_sat", "preempt", "slept", "idle_cpu", "rps_pin", "busy_pin", "cpu_pin",
+               "load_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99", "idle", "idle15")
+
+
+def empty_results():
+    return {m: {p: [] for p in PROXIES} for m in RESULT_KEYS}
 
 
 def build_label():
