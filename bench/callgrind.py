@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -27,6 +27,13 @@ requests, so each one pays its own wakeup (epoll, the runtime's park and timers)
 in bench/run.py's fixed-rate CPU row, where the saturated default batches them. Keep
 N at 40 or more: a connection idle for 250 ms parks (src/dormant.rs), which the
 fixed-rate row, at 8,000 req/s over 64 connections, never does.
+
+--layout adds, for each rampart binary, the machine code of the request path's largest
+futures (LAYOUT) and how much of it sits on source lines the load never ran (from the
+binary's line table, `objdump -d -l`, against the lines the profile counted). Each of
+them is about as large as the 32 KiB L1 instruction cache, so code the load never runs
+spreads what it does run over more cache lines: the lead for laying the hot path out
+tighter by hand, as the profile-guided build (bench/pgo.py) does with data.
 """
 import argparse
 import os
@@ -118,6 +125,91 @@ def profile(name, cmd, port, out: Path, cache: bool):
     return row, dump
 
 
+# The request path's futures whose code --layout reports (as callgrind and `nm -C` name them).
+LAYOUT = ("rampart::forward::try_backend::{{closure}}", "rampart::proxy::handle::{{closure}}",
+          "rampart::forward::forward::{{closure}}", "rampart::listener::serve_h1::{{closure}}")
+
+
+def _short(path):
+    """A source path without the registry or toolchain prefix, as both tools agree on it."""
+    return re.sub(r".*/(registry/src/[^/]+/|rustc/[^/]+/library/)", "", path)
+
+
+def executed_lines(dump: Path, function):
+    """The (file, line) pairs of `function`'s code (inlined code included) that ran."""
+    names, files, ran = {}, {}, set()
+    fn = file = fn_file = None
+    skip = False
+
+    def name(v, table):
+        m = re.match(r"\((\d+)\)(?:\s+(.*))?", v)
+        if not m:
+            return v
+        if m.group(2):
+            table[m.group(1)] = m.group(2)
+        return table.get(m.group(1), m.group(1))
+
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith("fl="):
+            fn_file = file = name(line[3:], files)
+        elif line.startswith(("fi=", "fe=")):
+            file = name(line[3:], files)
+        elif line.startswith("fn="):
+            fn, file = name(line[3:], names), fn_file
+        elif line.startswith("cfn="):
+            name(line[4:], names)
+        elif line.startswith(("cfi=", "cfl=")):
+            name(line[4:], files)
+        elif line.startswith("calls="):
+            skip = True  # the next cost line is the call's, not this function's own
+        elif line[:1].isdigit():
+            if not skip and fn == function:
+                ran.add((_short(file or "?"), int(line.split()[0])))
+            skip = False
+    return ran
+
+
+def code_by_line(binary, function):
+    """(size of `function`'s largest symbol, {(file, line): bytes of its code})."""
+    symbols = subprocess.run(["nm", "-S", "-C", binary], capture_output=True, text=True).stdout
+    found = []
+    for line in symbols.splitlines():
+        fields = line.split(maxsplit=3)  # address, size, type, name (a sized symbol)
+        if len(fields) == 4 and fields[3] == function:
+            found.append((int(fields[0], 16), int(fields[1], 16)))
+    best = max(found, key=lambda x: x[1], default=None)
+    if best is None:
+        return 0, {}
+    start, size = best
+    asm = subprocess.run(["objdump", "-d", "-l", "--no-show-raw-insn", f"--start-address={start}",
+                          f"--stop-address={start + size}", binary], capture_output=True, text=True).stdout
+    at, insns = ("?", 0), []
+    for line in asm.splitlines():
+        m = re.match(r"^(/\S+):(\d+)", line)
+        if m:
+            at = (_short(m.group(1)), int(m.group(2)))
+            continue
+        m = re.match(r"^\s+([0-9a-f]+):\s", line)
+        if m:
+            insns.append((int(m.group(1), 16), at))
+    by_line = {}
+    for (a, where), (b, _) in zip(insns, insns[1:] + [(start + size, None)]):
+        by_line[where] = by_line.get(where, 0) + b - a
+    return size, by_line
+
+
+def layout(binary, dump: Path):
+    """--layout's lines for one profiled binary."""
+    for function in LAYOUT:
+        size, by_line = code_by_line(binary, function)
+        if not size:
+            print(f"  {function}: not in the symbol table")
+            continue
+        ran = executed_lines(dump, function)
+        cold = sum(n for where, n in by_line.items() if where not in ran)
+        print(f"  {function}: {size:,} bytes of code, {cold:,} ({cold / size:.0%}) on lines this load never ran")
+
+
 def h2_requests(port, seconds):
     out = bench.sh(["h2load", "-c16", "-m8", "-D", str(seconds), f"http://127.0.0.1:{port}/"]).stdout
     m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
@@ -145,6 +237,8 @@ def main():
     ap.add_argument("--browser", action="store_true", help="send a browser's request fields")
     ap.add_argument("--h2", action="store_true", help="h2load (h2c) instead of wrk")
     ap.add_argument("--rate", type=int, help="oha at this many requests a second instead of wrk")
+    ap.add_argument("--layout", action="store_true",
+                    help="also report the request path's largest futures' code size and its share never run")
     args = ap.parse_args()
     if args.rate:
         RATE.append(args.rate)
@@ -179,6 +273,8 @@ def main():
             row, dump = profile(name, cmd, port, keep / f"callgrind-{i}.out", args.cache)
             rows.append((name, row, dump))
             print(f"{name}: " + ", ".join(f"{k} {v:,.0f}" for k, v in row.items()) + f"  ({dump})", flush=True)
+            if args.layout and name.startswith("rampart "):
+                layout(cmd[0], dump)
     finally:
         origins.send_signal(signal.SIGTERM)
         origins.wait(timeout=10)
