@@ -320,8 +320,7 @@ def saturated(pids, port, duration):
     a proxy costs with how much CPU the scheduler gave it while wrk and the origins
     compete for the same 2 CPUs."""
     hz = os.sysconf("SC_CLK_TCK")
-    every = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
-    before, sw, jiffies = cpu_ticks(pids), switches(pids), cpu_jiffies(every)
+    before, sw, jiffies = cpu_ticks(pids), switches(pids), cpu_jiffies()
     start = time.monotonic()
     rps = wrk(port, "/", duration)
     used = sum(cpu_ticks(pids)) - sum(before)
@@ -329,7 +328,7 @@ def saturated(pids, port, duration):
     n = max(rps * duration, 1)
     return {"rps": rps, "busy": used / hz / wall * 100.0, "cpu": used / hz * 1e6 / n,
             "slept": (after[0] - sw[0]) * 1000.0 / n, "preempt": (after[1] - sw[1]) * 1000.0 / n,
-            "idle": 100.0 - busy_since(jiffies, cpu_jiffies(every))}
+            "idle": 100.0 - busy_since(jiffies, cpu_jiffies())}
 
 
 def children(pid):
@@ -351,13 +350,13 @@ def set_affinity(tids, cpus):
             pass
 
 
-def cpu_jiffies(cpus):
-    """(total, idle) jiffies the CPUs `cpus` have counted, from /proc/stat."""
+def cpu_jiffies(cpus=None):
+    """(total, idle) jiffies the CPUs `cpus` (default: every CPU) have counted, from /proc/stat."""
     total = idle = 0
     with open("/proc/stat") as f:
         for line in f:
             name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            if name.startswith("cpu") and name[3:].isdigit() and (cpus is None or int(name[3:]) in cpus):
                 v = [int(x) for x in fields]
                 total += sum(v)
                 idle += v[3] + v[4]  # idle and iowait
