@@ -5,6 +5,7 @@
 //! - `rampart check --config FILE`: validate, print every error, exit 0 or 1.
 //! - `rampart demo`: three demo origins plus rampart in front of them.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -97,9 +98,13 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Diagnostics go to stderr, leaving stdout free; colour only on a terminal, never
+    // into journald or a file.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
