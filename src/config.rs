@@ -119,7 +119,18 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     pub max_headers: usize,
     pub h2_max_concurrent_streams: u32,
-    pub access_log: bool,
+    pub access_log: AccessLog,
+}
+
+/// Where the access log goes (`accesslog`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    /// `access_log = true`: standard output (journald under systemd).
+    Stdout,
+    /// `access_log = "path"`: appended to this file (relative paths are resolved
+    /// against the config file's directory).
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -337,7 +348,8 @@ struct FileServer {
     max_uri_bytes: Option<usize>,
     max_headers: Option<usize>,
     h2_max_concurrent_streams: Option<u32>,
-    access_log: Option<bool>,
+    /// `true`, `false` or a file path: checked in `validate_server`.
+    access_log: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -542,7 +554,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         }
     }
 
-    let server = validate_server(table, errs);
+    let server = validate_server(table, base, errs);
 
     let admin = table.get("admin").and_then(|v| {
         let raw: FileAdmin = section(v, "admin", errs)?;
@@ -671,7 +683,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
     })
 }
 
-fn validate_server(table: &toml::Table, errs: &mut Errors) -> Option<ServerConfig> {
+fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<ServerConfig> {
     let raw: FileServer = match table.get("server") {
         None => FileServer::default(),
         Some(v) => section(v, "server", errs)?,
@@ -728,8 +740,43 @@ fn validate_server(table: &toml::Table, errs: &mut Errors) -> Option<ServerConfi
         max_uri_bytes,
         max_headers,
         h2_max_concurrent_streams,
-        access_log: raw.access_log.unwrap_or(false),
+        access_log: validate_access_log(raw.access_log.as_ref(), base, errs),
     })
+}
+
+fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) -> AccessLog {
+    const FIELD: &str = "server.access_log";
+    match v {
+        None | Some(toml::Value::Boolean(false)) => AccessLog::Off,
+        Some(toml::Value::Boolean(true)) => AccessLog::Stdout,
+        Some(toml::Value::String(s)) if s.trim().is_empty() => {
+            errs.push(
+                FIELD,
+                "must not be empty (false turns the log off, true sends it to standard output)",
+            );
+            AccessLog::Off
+        }
+        Some(toml::Value::String(s)) => {
+            let full = base.join(s);
+            // The file itself is opened (and created) at start and on reload, where a
+            // failure is reported; a directory that does not exist is certain to fail.
+            match full.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                    errs.push(FIELD, format!("directory {} does not exist", dir.display()));
+                }
+                _ if full.is_dir() => errs.push(FIELD, format!("{} is a directory", full.display())),
+                _ => {}
+            }
+            AccessLog::File(full)
+        }
+        Some(other) => {
+            errs.push(
+                FIELD,
+                format!("must be true, false or a file path, got {}", other.type_str()),
+            );
+            AccessLog::Off
+        }
+    }
 }
 
 fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<PoolConfig> {
@@ -1246,6 +1293,53 @@ connect_timeout = "soon"
         assert!(joined.contains("listeners[1].nope: unknown field `nope`"), "{joined}");
         assert!(joined.contains("pools.app.connect_timeout"), "{joined}");
         assert!(errs.len() >= 5, "{joined}");
+    }
+
+    #[test]
+    fn access_log_is_off_stdout_or_a_file_relative_to_the_config() {
+        let with = |v: &str| MINIMAL.replacen("[server]\n", &format!("[server]\naccess_log = {v}\n"), 1);
+        assert!(MINIMAL.contains("[server]\n"));
+        assert_eq!(Config::parse(MINIMAL, "t").unwrap().server.access_log, AccessLog::Off);
+        assert_eq!(
+            Config::parse(&with("false"), "t").unwrap().server.access_log,
+            AccessLog::Off
+        );
+        assert_eq!(
+            Config::parse(&with("true"), "t").unwrap().server.access_log,
+            AccessLog::Stdout
+        );
+        let dir = std::env::temp_dir();
+        let c = Config::parse_with_base(&with("\"access.log\""), "t", &dir).unwrap();
+        assert_eq!(c.server.access_log, AccessLog::File(dir.join("access.log")));
+        // An absolute path ignores the config's directory.
+        let abs = dir.join("a.log");
+        let c = Config::parse_with_base(
+            &with(&format!("{:?}", abs.display().to_string())),
+            "t",
+            Path::new("/elsewhere"),
+        )
+        .unwrap();
+        assert_eq!(c.server.access_log, AccessLog::File(abs));
+    }
+
+    #[test]
+    fn a_bad_access_log_says_why() {
+        let with = |v: &str| MINIMAL.replacen("[server]\n", &format!("[server]\naccess_log = {v}\n"), 1);
+        for (v, want) in [
+            (
+                "5",
+                "server.access_log: must be true, false or a file path, got integer",
+            ),
+            ("\" \"", "server.access_log: must not be empty"),
+            (
+                "\"/nonexistent-rampart-dir/a.log\"",
+                "server.access_log: directory /nonexistent-rampart-dir does not exist",
+            ),
+            ("\"/tmp\"", "server.access_log: /tmp is a directory"),
+        ] {
+            let errs = errors_of(&with(v)).join("\n");
+            assert!(errs.contains(want), "{v}: {errs}");
+        }
     }
 
     #[test]

@@ -273,6 +273,12 @@ pub enum StartupError {
     Thread(#[source] io::Error),
     #[error("cannot build runtime: {0}")]
     Runtime(#[source] io::Error),
+    #[error("server.access_log: cannot open {path}: {source}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 #[cfg(test)]

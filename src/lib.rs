@@ -6,6 +6,7 @@
 //! `SO_REUSEPORT` sockets and upstream pools), plus one control thread for the admin
 //! listener and active health checks, which run once per process, not per worker.
 
+pub mod accesslog;
 pub mod admin;
 pub mod alloc;
 pub mod balancer;
@@ -76,7 +77,12 @@ impl Server {
             None => None,
         };
         let admin_addr = admin.as_ref().map(|(_, a)| *a);
+        let sink = accesslog::Sink::open(&config.server.access_log).map_err(|e| StartupError::AccessLog {
+            path: accesslog::describe(&config.server.access_log),
+            source: e,
+        })?;
         let shared = Arc::new(Shared::new(Arc::new(config)));
+        shared.access_log.store(sink.map(Arc::new));
         let (tx, rx) = watch::channel(false);
 
         let mut threads = Vec::new();
@@ -109,8 +115,28 @@ impl Server {
 
     /// Installs a new, already validated config. Routes, pools, backends and limits
     /// applied per request take effect at once; listeners, workers and `[server]`
-    /// connection settings need a restart, and a warning says so.
-    pub fn reload(&self, config: Config) {
+    /// connection settings need a restart, and a warning says so. A new access-log
+    /// target is opened first, and if that fails nothing changes (the error says
+    /// why); an unchanged one is reopened, for log rotation.
+    pub fn reload(&self, config: Config) -> Result<(), StartupError> {
+        let target = &config.server.access_log;
+        let current = self.shared.access_log.load_full();
+        match current.as_deref() {
+            // The same file: opened again by name, so a reload also serves log
+            // rotation. Failing that, the old file keeps the lines.
+            Some(sink) if sink.target() == target => {
+                if let Err(e) = sink.reopen() {
+                    tracing::warn!(log = %accesslog::describe(target), error = %e, "cannot reopen the access log; still writing to the old file");
+                }
+            }
+            _ => {
+                let sink = accesslog::Sink::open(target).map_err(|e| StartupError::AccessLog {
+                    path: accesslog::describe(target),
+                    source: e,
+                })?;
+                self.shared.access_log.store(sink.map(Arc::new));
+            }
+        }
         let old = self.shared.snapshot.load_full();
         let binds = |c: &Config| c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>();
         if binds(&old.config) != binds(&config) || old.config.server.workers != config.server.workers {
@@ -119,6 +145,16 @@ impl Server {
         self.shared.swap(Arc::new(config));
         ::metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1);
         tracing::info!("config reloaded");
+        Ok(())
+    }
+
+    /// Opens the access log file again by its name (SIGUSR1, as nginx does), so lines
+    /// go to a new file after log rotation moved the old one.
+    pub fn reopen_logs(&self) -> std::io::Result<()> {
+        match self.shared.access_log.load().as_ref() {
+            Some(sink) => sink.reopen(),
+            None => Ok(()),
+        }
     }
 
     /// Stops accepting and lets in-flight requests finish within `shutdown_grace`.

@@ -30,7 +30,8 @@ struct Cli {
     /// Config file (TOML).
     #[arg(long, short, global = true, default_value = "/etc/rampart/rampart.toml")]
     config: PathBuf,
-    /// Log filter, e.g. "info" or "rampart=debug,rampart::access=info" (RUST_LOG wins).
+    /// Log filter, e.g. "info" or "warn,rampart::health=debug" (RUST_LOG wins). The
+    /// access log (`server.access_log`) is separate and not filtered.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
     #[command(subcommand)]
@@ -98,8 +99,8 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Diagnostics go to stderr, leaving stdout free; colour only on a terminal, never
-    // into journald or a file.
+    // Diagnostics go to stderr, leaving stdout to the access log (`access_log = true`);
+    // colour only on a terminal, never into journald or a file.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
@@ -108,7 +109,7 @@ fn init_logging(level: &str) {
         .init();
 }
 
-/// Runs until SIGTERM or SIGINT; SIGHUP reloads `path`.
+/// Runs until SIGTERM or SIGINT; SIGHUP reloads `path`; SIGUSR1 reopens the access log.
 fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let server = Server::start(config).context("startup failed")?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -119,19 +120,24 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => match &path {
-                    Some(p) => match Config::load(p) {
-                        Ok(c) => server.reload(c),
+                    Some(p) => match Config::load(p).map_err(|e| e.to_string()).and_then(|c| server.reload(c).map_err(|e| e.to_string())) {
+                        Ok(()) => {}
                         Err(e) => {
                             metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
                             tracing::error!("reload rejected, keeping the running config:\n{e}");
                         }
                     },
                     None => tracing::warn!("SIGHUP ignored: no config file"),
+                },
+                _ = usr1.recv() => match server.reopen_logs() {
+                    Ok(()) => tracing::info!("access log reopened"),
+                    Err(e) => tracing::error!(error = %e, "cannot reopen the access log; still writing to the old file"),
                 },
             }
         }

@@ -20,10 +20,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::accesslog::Entry;
 use crate::balancer::{hash64, Balancer};
 use crate::body::{InBody, RespBody};
 use crate::codec::{AddedFields, UpHead};
-use crate::config::HashKey;
+use crate::config::{AccessLog, HashKey};
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
 use crate::idle::ParkState;
@@ -190,7 +191,9 @@ pub fn handle(
             _ => ctx.ids.next(),
         };
         let method = req.method().clone();
-        let access_path = snap.config.server.access_log.then(|| req.uri().path().to_string());
+        // The target as received (a `Bytes` clone, not a copy), for the access log.
+        let logged = (!matches!(snap.config.server.access_log, AccessLog::Off))
+            .then(|| (req.uri().path_and_query().cloned(), req.version()));
         let mut pool_idx = None;
         let mut backend = None;
         let mut backend_fields = None;
@@ -248,17 +251,20 @@ pub fn handle(
         if let Some(p) = pool {
             p.metrics.record(response.status().as_u16(), elapsed);
         }
-        if let Some(path) = access_path {
-            tracing::info!(
-                target: "rampart::access",
-                client = %conn.peer.ip(),
-                method = %method,
-                path = %path,
-                status = response.status().as_u16(),
-                pool = pool.map_or("-", |p| p.name.as_str()),
-                backend = %backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                request_id = request_id.to_str().unwrap_or("-"),
+        if let Some((target, version)) = logged {
+            ctx.access_log.record(
+                &ctx.shared,
+                &Entry {
+                    client: conn.peer_ip.as_bytes(),
+                    method: &method,
+                    target: target.as_ref().map_or("/", |t| t.as_str()),
+                    version,
+                    status: response.status().as_u16(),
+                    elapsed,
+                    pool: pool.map(|p| p.name.as_str()),
+                    backend,
+                    request_id: request_id.as_bytes(),
+                },
             );
         }
         Answer {

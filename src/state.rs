@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::balancer::Balancer;
 use crate::breaker::Breakers;
@@ -333,6 +333,8 @@ pub struct Shared {
     /// Keep-alive client connections waiting without a task, over all workers
     /// (`dormant::Dormant`).
     pub dormant_connections: std::sync::atomic::AtomicUsize,
+    /// Where workers write their access-log lines; `None` while the log is off.
+    pub access_log: ArcSwapOption<crate::accesslog::Sink>,
 }
 
 impl Shared {
@@ -341,6 +343,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             shutting_down: AtomicBool::new(false),
             dormant_connections: Default::default(),
+            access_log: ArcSwapOption::empty(),
         }
     }
 

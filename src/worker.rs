@@ -73,6 +73,8 @@ pub struct WorkerCtx {
     /// could not create its epoll set: they then wait in their own tasks).
     pub dormant: Option<Rc<crate::dormant::Dormant>>,
     pub timer_floor: TimerFloor,
+    /// This worker's unwritten access-log lines.
+    pub access_log: crate::accesslog::LogBuf,
 }
 
 pub fn spawn(
@@ -146,9 +148,12 @@ async fn run(
             }
         },
         timer_floor: TimerFloor::default(),
+        access_log: Default::default(),
     });
     let floor_ctx = ctx.clone();
     let floor = tokio::task::spawn_local(async move { floor_ctx.timer_floor.run().await });
+    let log_ctx = ctx.clone();
+    let log_flusher = tokio::task::spawn_local(async move { log_ctx.access_log.run_flusher(&log_ctx.shared).await });
     let builder = Rc::new(listener::http_builder(&server));
     let tracker = Rc::new(ConnTracker::default());
     if let Some(dormant) = ctx.dormant.clone() {
@@ -204,6 +209,8 @@ async fn run(
     }
     sweeper.abort();
     floor.abort();
+    log_flusher.abort();
+    ctx.access_log.flush(&ctx.shared);
     ctx.conns.clear();
 }
 

@@ -153,7 +153,8 @@ async fn consistent_hash_by_cookie_moves_only_a_removed_backends_keys() {
         before.push(get_with(addr, "/", &[("cookie", &cookie)]).await.text());
     }
     // Reload without b: only b's keys may move.
-    srv.reload(rampart::Config::parse(&pool_config(&[a.addr, c.addr], extra), "t").unwrap());
+    srv.reload(rampart::Config::parse(&pool_config(&[a.addr, c.addr], extra), "t").unwrap())
+        .unwrap();
     for (k, owner) in before.iter().enumerate() {
         let cookie = format!("theme=dark; sid=s{k}");
         let now = get_with(addr, "/", &[("cookie", &cookie)]).await.text();

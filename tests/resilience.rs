@@ -386,7 +386,8 @@ async fn slow_start_ramps_up_a_backend_added_by_reload() {
     let c = TestOrigin::start("c", Behavior::Healthy).await;
     let extra = "balancer = \"round_robin\"\nslow_start = \"60s\"";
     let (srv, addr) = start_proxy(&pool_config(&[a.addr, b.addr], extra));
-    srv.reload(rampart::Config::parse(&pool_config(&[a.addr, b.addr, c.addr], extra), "t").unwrap());
+    srv.reload(rampart::Config::parse(&pool_config(&[a.addr, b.addr, c.addr], extra), "t").unwrap())
+        .unwrap();
     for _ in 0..300 {
         assert_eq!(get(addr, "/").await.status, 200);
     }
