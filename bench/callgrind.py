@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout] [--access-log]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -27,6 +27,11 @@ requests, so each one pays its own wakeup (epoll, the runtime's park and timers)
 in bench/run.py's fixed-rate CPU row, where the saturated default batches them. Keep
 N at 40 or more: a connection idle for 250 ms parks (src/dormant.rs), which the
 fixed-rate row, at 8,000 req/s over 64 connections, never does.
+
+--access-log profiles each proxy a second time with its access log written to a file
+(rampart's buffered writer, nginx's `buffer=64k flush=1s`, HAProxy's `option httplog`
+to stdout): the difference is the log's cost in user-space instructions (the kernel's
+part, the write calls, is outside callgrind's count).
 
 --layout adds, for each rampart binary, the machine code of the request path's largest
 futures (LAYOUT) and how much of it sits on source lines the load never ran (from the
@@ -124,6 +129,32 @@ def profile(name, cmd, port, out: Path, cache: bool):
         row["I1 misses"] = t.get("I1mr", 0) / n
         row["D1 misses"] = (t.get("D1mr", 0) + t.get("D1mw", 0)) / n
     return row, dump
+
+
+def with_access_log(target, run: Path):
+    """`target` (name, command, port) with its access log on, each proxy's usual way
+    of writing one to a file: rampart's `access_log = "path"` (buffered, 64 KiB or one
+    second), nginx's `combined` format with `buffer=64k flush=1s`, and HAProxy's
+    `option httplog` to stdout (a write per line; its usual target, syslog, is one
+    datagram per line), which `profile` sends to the run's .log file."""
+    name, cmd, port = target
+    if name.startswith("rampart "):
+        conf = run / "rampart-access-log.toml"
+        conf.write_text((bench.PEERS / "rampart.toml").read_text().replace(
+            "[server]\n", f'[server]\naccess_log = "{run}/rampart-access.log"\n', 1))
+        cmd = [cmd[0], "--config", str(conf), *cmd[3:]]
+    elif name == "nginx":
+        conf = run / "nginx-access-log.conf"
+        conf.write_text(Path(cmd[2]).read_text().replace(
+            "access_log off;", f"access_log {run}/nginx-access.log combined buffer=64k flush=1s;"))
+        cmd = [cmd[0], "-c", str(conf), *cmd[3:]]
+    else:
+        conf = run / "haproxy-access-log.cfg"
+        conf.write_text(Path(cmd[3]).read_text()
+                        .replace("global\n", "global\n    log stdout format raw local0\n", 1)
+                        .replace("defaults\n", "defaults\n    log global\n    option httplog\n", 1))
+        cmd = [*cmd[:3], str(conf)]
+    return f"{name} + access log", cmd, port
 
 
 # The request path's futures whose code --layout reports (as callgrind and `nm -C` name them).
@@ -240,6 +271,8 @@ def main():
     ap.add_argument("--rate", type=int, help="oha at this many requests a second instead of wrk")
     ap.add_argument("--layout", action="store_true",
                     help="also report the request path's largest futures' code size and its share never run")
+    ap.add_argument("--access-log", action="store_true",
+                    help="profile each proxy a second time with its access log on")
     args = ap.parse_args()
     if args.rate:
         RATE.append(args.rate)
@@ -270,6 +303,8 @@ def main():
         if args.haproxy:
             conf = bench.render(bench.PEERS / "haproxy.cfg", run)
             targets.append(("haproxy", ["haproxy", "-db", "-f", str(conf)], PORT["haproxy"]))
+        if args.access_log:
+            targets += [logged for t in targets for logged in [with_access_log(t, run)]]
         for i, (name, cmd, port) in enumerate(targets):
             row, dump = profile(name, cmd, port, keep / f"callgrind-{i}.out", args.cache)
             rows.append((name, row, dump))
