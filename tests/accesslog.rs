@@ -1,6 +1,7 @@
 //! The access log over real sockets: one line per answered request with its fields,
 //! written within `FLUSH_AFTER` without a shutdown, reopened by name for log rotation,
-//! moved by a reload, and a reload to a file that cannot be opened is refused whole.
+//! moved by a reload, a reload to a file that cannot be opened is refused whole, and a
+//! write that fails (a full disk) loses only its lines.
 
 mod common;
 
@@ -169,4 +170,19 @@ async fn a_reload_moves_the_log_and_one_that_cannot_open_it_changes_nothing() {
     stop(srv).await;
     assert_eq!(lines(&first).len(), 2, "{:#?}", lines(&first));
     assert_eq!(lines(&second).len(), 1, "{:#?}", lines(&second));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_drops_its_lines_and_the_proxy_carries_on() {
+    // /dev/full opens, and every write to it fails with ENOSPC: a full disk.
+    let origin = TestOrigin::start("a", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&config(&[origin.addr], Path::new("/dev/full")));
+    assert_eq!(get(addr, "/first").await.status, 200);
+    // Past the once-a-second flush, which fails.
+    tokio::time::sleep(rampart::accesslog::FLUSH_AFTER * 2).await;
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/after").await.status, 200);
+    }
+    // The failed flush again, at shutdown: the server still stops cleanly.
+    stop(srv).await;
 }
