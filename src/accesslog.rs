@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{Method, Version};
 use tokio::sync::Notify;
 
+use crate::codec::push_decimal;
 use crate::config::AccessLog;
 use crate::state::Shared;
 
@@ -189,10 +190,10 @@ impl LogBuf {
             Version::HTTP_3 => b" HTTP/3.0\" ",
             _ => b" HTTP/1.1\" ",
         });
-        push_u64(out, e.status as u64);
+        push_decimal(out, e.status as u64);
         out.push(b' ');
         let micros = e.elapsed.as_micros().min(u64::MAX as u128) as u64;
-        push_u64(out, micros / 1000);
+        push_decimal(out, micros / 1000);
         out.push(b'.');
         push_padded(out, micros % 1000, 3);
         out.push(b' ');
@@ -204,10 +205,10 @@ impl LogBuf {
                     if i > 0 {
                         out.push(b'.');
                     }
-                    push_u64(out, *o as u64);
+                    push_decimal(out, *o as u64);
                 }
                 out.push(b':');
-                push_u64(out, a.port() as u64);
+                push_decimal(out, a.port() as u64);
             }
             Some(a) => {
                 let _ = write!(out, "{a}");
@@ -240,20 +241,6 @@ fn push_escaped(out: &mut Vec<u8>, s: &[u8]) {
             out.extend_from_slice(&[b'\\', b'x', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
         }
     }
-}
-
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// `n` in `width` digits, zero-padded (`n` < 10^width).

@@ -153,7 +153,8 @@ fn push_field(dst: &mut Vec<u8>, name: &str, value: &HeaderValue) {
     dst.extend_from_slice(b"\r\n");
 }
 
-fn push_decimal(dst: &mut Vec<u8>, mut n: u64) {
+/// `n` in decimal (also the access log's numbers, `accesslog`).
+pub(crate) fn push_decimal(dst: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
