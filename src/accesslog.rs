@@ -147,6 +147,7 @@ impl LogBuf {
         if let Some(sink) = shared.access_log.load().as_ref() {
             if let Err(e) = sink.write(&buf) {
                 let lines = buf.iter().filter(|&&b| b == b'\n').count();
+                ::metrics::counter!(crate::metrics::ACCESS_LOG_DROPPED).increment(lines as u64);
                 tracing::warn!(error = %e, lines, log = ?sink.target(), "access log write failed; lines dropped");
             }
         }

@@ -18,6 +18,7 @@ pub const BACKEND_EJECTED: &str = "rampart_backend_ejected";
 pub const BACKEND_IN_FLIGHT: &str = "rampart_backend_in_flight";
 pub const CONFIG_RELOADS: &str = "rampart_config_reloads_total";
 pub const DORMANT_CONNECTIONS: &str = "rampart_dormant_connections";
+pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_lines_total";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -57,6 +58,10 @@ fn describe() {
     describe_gauge!(BACKEND_EJECTED, "1 while the backend is ejected by outlier detection");
     describe_gauge!(BACKEND_IN_FLIGHT, "Requests in flight to the backend");
     describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
+    describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access-log lines lost because writing them failed (a full disk, say)"
+    );
     describe_gauge!(
         DORMANT_CONNECTIONS,
         "Idle keep-alive client connections waiting without a task"

@@ -185,4 +185,11 @@ async fn a_log_that_cannot_be_written_drops_its_lines_and_the_proxy_carries_on()
     }
     // The failed flush again, at shutdown: the server still stops cleanly.
     stop(srv).await;
+    // Every line is counted as dropped: the first flush's one, and the 20 at shutdown.
+    let text = rampart::metrics::install().render();
+    let dropped = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rampart_access_log_dropped_lines_total "))
+        .unwrap_or_else(|| panic!("no dropped-lines counter in:\n{text}"));
+    assert_eq!(dropped.trim(), "21", "{text}");
 }
