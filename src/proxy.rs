@@ -151,8 +151,9 @@ impl Answer {
             *response.headers_mut() = raw.into_header_map(own);
         }
         // Unique per response, so not worth a place in an HTTP/2 client's HPACK
-        // table: "never indexed" skips the table search and insert (and the eviction
-        // of fields that do repeat). HTTP/1.1 ignores the flag.
+        // table: "never indexed" keeps it out (no insert, so no eviction of fields
+        // that do repeat). h2 still hashes it and searches the table for its name.
+        // HTTP/1.1 ignores the flag.
         let mut id = self.request_id;
         id.set_sensitive(true);
         response.headers_mut().insert(X_REQUEST_ID, id);
