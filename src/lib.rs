@@ -54,6 +54,16 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Opens the access log `target` names (`None`: off), for start-up and reload alike.
+fn open_access_log(target: &config::AccessLog) -> Result<Option<Arc<accesslog::Sink>>, StartupError> {
+    accesslog::Sink::open(target)
+        .map(|sink| sink.map(Arc::new))
+        .map_err(|e| StartupError::AccessLog {
+            path: accesslog::describe(target),
+            source: e,
+        })
+}
+
 impl Server {
     /// Binds every socket (so bind errors surface here), then starts the threads.
     pub fn start(config: Config) -> Result<Server, StartupError> {
@@ -77,12 +87,9 @@ impl Server {
             None => None,
         };
         let admin_addr = admin.as_ref().map(|(_, a)| *a);
-        let sink = accesslog::Sink::open(&config.server.access_log).map_err(|e| StartupError::AccessLog {
-            path: accesslog::describe(&config.server.access_log),
-            source: e,
-        })?;
+        let sink = open_access_log(&config.server.access_log)?;
         let shared = Arc::new(Shared::new(Arc::new(config)));
-        shared.access_log.store(sink.map(Arc::new));
+        shared.access_log.store(sink);
         let (tx, rx) = watch::channel(false);
 
         let mut threads = Vec::new();
@@ -129,13 +136,7 @@ impl Server {
                     tracing::warn!(log = %accesslog::describe(target), error = %e, "cannot reopen the access log; still writing to the old file");
                 }
             }
-            _ => {
-                let sink = accesslog::Sink::open(target).map_err(|e| StartupError::AccessLog {
-                    path: accesslog::describe(target),
-                    source: e,
-                })?;
-                self.shared.access_log.store(sink.map(Arc::new));
-            }
+            _ => self.shared.access_log.store(open_access_log(target)?),
         }
         let old = self.shared.snapshot.load_full();
         let binds = |c: &Config| c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>();
