@@ -304,7 +304,7 @@ def main():
             conf = bench.render(bench.PEERS / "haproxy.cfg", run)
             targets.append(("haproxy", ["haproxy", "-db", "-f", str(conf)], PORT["haproxy"]))
         if args.access_log:
-            targets += [logged for t in targets for logged in [with_access_log(t, run)]]
+            targets += [with_access_log(t, run) for t in targets]
         for i, (name, cmd, port) in enumerate(targets):
             row, dump = profile(name, cmd, port, keep / f"callgrind-{i}.out", args.cache)
             rows.append((name, row, dump))
