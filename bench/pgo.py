@@ -11,7 +11,9 @@ Usage:  python3 bench/pgo.py            # writes target/pgo/release/rampart
 3. Merges the profile with llvm-profdata (rustup's llvm-tools component, added if
    missing) and builds target/pgo/release/rampart with `-Cprofile-use`.
 
-Measure it against the same peers with
+Measure it against the same peers, in the same rounds as the default build, with
+    python3 bench/run.py --pgo        (builds it first, then adds a column for it)
+or alone in rampart's place with
     RAMPART_BIN=target/pgo/release/rampart python3 bench/run.py --results bench/RESULTS-pgo.md
 
 The profile covers the hot path only; error paths stay as the compiler laid them
@@ -79,7 +81,9 @@ def train(binary: Path, run: Path):
         raise RuntimeError(f"instrumented rampart exited with {code}: its profile may be incomplete")
 
 
-def main():
+def build() -> Path:
+    """Builds target/pgo/release/rampart from the current tree and returns its path.
+    Needs the bench's ports (19001-19003, 18080) free while it trains."""
     bench.raise_fd_limit()
     bench.ensure_tools()
     profdata_tool = llvm_profdata()
@@ -99,7 +103,12 @@ def main():
     print("building rampart with the profile (release) ...", flush=True)
     cargo_build("target/pgo", f"-Cprofile-use={profile}")
     out = ROOT / "target" / "pgo" / "release" / "rampart"
-    print(f"done: {out.relative_to(ROOT)}")
+    print(f"done: {out.relative_to(ROOT)}", flush=True)
+    return out
+
+
+def main():
+    build()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: rampart vs nginx vs HAProxy, one worker each, same origins.
 
-Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick] [--results bench/RESULTS.md]
+Usage:  python3 bench/run.py [--rounds 3] [--duration 10] [--quick] [--pgo] [--results bench/RESULTS.md]
         python3 bench/run.py --check   (CI: scripts compile, peer configs agree, the report
                                         renders from made-up samples; no peers needed)
 
@@ -33,6 +33,10 @@ measurements for every proxy back to back (the proxies' order rotating by round)
 and writes bench/RESULTS.md with ratios against the better of nginx and HAProxy: of the
 medians, and within each round (median and range over the rounds) (--quick only prints
 its table).
+
+--pgo first builds the profile-guided rampart (bench/pgo.py, about 7 minutes) and
+measures it as a fourth proxy in the same rounds (port 18085), so that the table sets
+both builds against the same peers' samples rather than against another run's.
 Load goes to 127.0.0.1 only; every loop is bounded in time.
 """
 import argparse
@@ -59,6 +63,14 @@ PROXIES = {
     "nginx": (18081, 18091),
     "haproxy": (18082, 18092),
 }
+# With --pgo: the profile-guided build, measured in the same rounds as the others.
+PGO = "rampart-pgo"
+PGO_PORT = 18085
+
+
+def ports(name):
+    """(h1 port, h2c port) of a measured proxy."""
+    return PROXIES.get(name) or (PGO_PORT, PGO_PORT)
 
 
 def sh(cmd, **kw):
@@ -181,24 +193,33 @@ def report_check():
     import contextlib
     import io
     rounds = 3
-    results = empty_results()
-    for key, per_proxy in results.items():
-        for i, name in enumerate(PROXIES):
-            per_proxy[name] += [10.0 + i + r for r in range(rounds)]
-    results["scaling"] = {name: 1.0 + i / 10 for i, name in enumerate(SCALING)}
-    results["floor"] = {key: 9.0 for key in RESULT_KEYS}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "RESULTS.md"
-        args = argparse.Namespace(rounds=rounds, duration=1, rate=8000, idle=100, quick=False, results=str(out))
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                write_results(results, args, 100.0)
-        except Exception as e:  # any slip in the report code is what this is for
-            return [f"bench/run.py's report failed on made-up samples: {type(e).__name__}: {e}"]
-        text = out.read_text()
-    missing = [k for k in ("| measurement |", "Reading the throughput row", "Scaling:", "Floor,", "Kernel time:")
-               if k not in text]
-    return [f"bench/run.py's report lacks {missing}"] if missing else []
+    failures = []
+    for names in (list(PROXIES), [*PROXIES, PGO]):
+        results = empty_results(names)
+        for key, per_proxy in results.items():
+            for i, name in enumerate(names):
+                per_proxy[name] += [10.0 + i + r for r in range(rounds)]
+        results["scaling"] = {name: 1.0 + i / 10 for i, name in enumerate(SCALING)}
+        results["floor"] = {key: 9.0 for key in RESULT_KEYS}
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "RESULTS.md"
+            args = argparse.Namespace(rounds=rounds, duration=1, rate=8000, idle=100, quick=False,
+                                      pgo=PGO in names, results=str(out))
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    write_results(results, args, 100.0)
+            except Exception as e:  # any slip in the report code is what this is for
+                failures.append(f"bench/run.py's report failed on made-up samples ({', '.join(names)}): "
+                                f"{type(e).__name__}: {e}")
+                continue
+            text = out.read_text()
+        want = ["| measurement |", "Reading the throughput row", "Scaling:", "Floor,", "Kernel time:"]
+        if PGO in names:
+            want += ["| rampart PGO |", "the profile-guided build 14.00", "--pgo"]
+        missing = [k for k in want if k not in text]
+        if missing:
+            failures.append(f"bench/run.py's report ({', '.join(names)}) lacks {missing}")
+    return failures
 
 
 def port_open(port):
@@ -239,13 +260,21 @@ def start_origins(run: Path) -> subprocess.Popen:
 
 
 class Procs:
-    def __init__(self, run: Path, rampart: Path):
+    def __init__(self, run: Path, rampart: Path, pgo: Path = None):
         self.run = run
         self.rampart = rampart
+        self.pgo = pgo
         self.procs = {}
 
     def start_all(self):
-        require_free(PORTS)
+        require_free(PORTS + ((PGO_PORT,) if self.pgo else ()))
+        if self.pgo:
+            # The bench's own config, on its own port: the same settings as the default build's.
+            config = self.run / "rampart-pgo.toml"
+            text = (PEERS / "rampart.toml").read_text()
+            config.write_text(text.replace('"127.0.0.1:18080"', f'"127.0.0.1:{PGO_PORT}"'))
+            self.procs[PGO] = subprocess.Popen(
+                [str(self.pgo), "--config", str(config), "--log-level", "warn"])
         self.procs["origin"] = start_origins(self.run)
         self.procs["nginx"] = subprocess.Popen(
             ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "nginx.conf", self.run))])
@@ -261,7 +290,7 @@ class Procs:
             ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "nginx-2w.conf", self.run))])
         self.procs["haproxy-2t"] = subprocess.Popen(
             ["haproxy", "-db", "-f", str(render(PEERS / "haproxy-2t.cfg", self.run))])
-        for p in PORTS:
+        for p in PORTS + ((PGO_PORT,) if self.pgo else ()):
             wait_port(p)
         time.sleep(0.5)
 
@@ -529,7 +558,7 @@ def measure(procs, kind, name, args):
     """One sample of `kind` for proxy `name` ("floor": HAProxy in TCP mode), as the
     result keys it fills."""
     proc, port, h2port = (("haproxy-tcp", FLOOR_PORT, None) if name == "floor"
-                          else (name, *PROXIES[name]))
+                          else (name, *ports(name)))
     if kind == "throughput":
         got = saturated(procs.pids(proc), port, args.duration)
         return {"rps": got["rps"], "busy": got["busy"], "cpu_sat": got["cpu"],
@@ -569,6 +598,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s, 2000 idle connections")
     ap.add_argument("--results", help="where to write the table (default: bench/RESULTS.md; with --quick "
                     "the table is only printed, so a smoke run never replaces the published one)")
+    ap.add_argument("--pgo", action="store_true",
+                    help="also build the profile-guided rampart (bench/pgo.py) and measure it in the same "
+                    "rounds, as a fourth column")
     ap.add_argument("--check", action="store_true",
                     help="only check the scripts compile, the peer configs agree and the report renders "
                     "(CI; needs no peers)")
@@ -585,11 +617,17 @@ def main():
     raise_fd_limit()
     ensure_tools()
     rampart = build_rampart()
+    pgo = None
+    if args.pgo:
+        # Built (and trained) before the proxies start: its training uses their ports.
+        import pgo as pgo_build
+        pgo = pgo_build.build()
+    names = list(PROXIES) + ([PGO] if pgo else [])
     run = Path(tempfile.mkdtemp(prefix="rampart-bench-"))
     # nginx workers run as nobody: they must be able to read the 64 KiB file.
     os.chmod(run, 0o755)
-    procs = Procs(run, rampart)
-    results = empty_results()
+    procs = Procs(run, rampart, pgo)
+    results = empty_results(names)
     floor = {}
     try:
         procs.start_all()
@@ -599,7 +637,7 @@ def main():
             # Interleaved per measurement, not per proxy: the proxies' samples of one
             # measurement are taken back to back, so a slow minute of the shared machine
             # falls on all of them rather than on whichever proxy was running then.
-            order = rotated(list(PROXIES), rnd)
+            order = rotated(names, rnd)
             for kind in MEASURES:
                 line = []
                 for name in order + (["floor"] if kind in FLOOR_MEASURES else []):
@@ -621,8 +659,8 @@ def main():
             print(f"round {rnd + 1} scaling 1 -> 2 workers: " + " | ".join(line), flush=True)
         results["scaling"] = {name: statistics.median(v) for name, v in scaling.items()}
         results["floor"] = {k: statistics.median(v) for k, v in floor.items()}
-        for name in PROXIES:
-            port, _ = PROXIES[name]
+        for name in names:
+            port, _ = ports(name)
             mem, settled = idle_memory(procs, name, port, args.idle)
             results["idle"][name].append(mem)
             results["idle15"][name].append(settled)
@@ -638,8 +676,8 @@ RESULT_KEYS = ("rps", "busy", "cpu_sat", "preempt", "slept", "idle_cpu", "rps_pi
                "load_pin", "rps64k", "h2", "cpu", "kernel", "user", "p99", "idle", "idle15")
 
 
-def empty_results():
-    return {m: {p: [] for p in PROXIES} for m in RESULT_KEYS}
+def empty_results(names=tuple(PROXIES)):
+    return {m: {p: [] for p in names} for m in RESULT_KEYS}
 
 
 def build_label():
@@ -656,15 +694,17 @@ def command(args):
     """The command line that reproduces this run."""
     env = f"RAMPART_BIN={os.environ['RAMPART_BIN']} " if os.environ.get("RAMPART_BIN") else ""
     out = f" --results {args.results}" if args.results not in (None, "bench/RESULTS.md") else ""
+    out = (" --pgo" if getattr(args, "pgo", False) else "") + out
     if getattr(args, "quick", False):
         return f"{env}python3 bench/run.py --quick{out}"
     return f"{env}python3 bench/run.py --rounds {args.rounds} --duration {args.duration}{out}"
 
 
-def paired(samples, higher_better):
-    """rampart against the better peer within each round, where the three ran this
-    measurement back to back: "median (min–max)" over the rounds, or "" with one round."""
-    r, n, h = samples["rampart"], samples["nginx"], samples["haproxy"]
+def paired(samples, higher_better, who="rampart"):
+    """`who` (rampart, or its profile-guided build) against the better peer within each
+    round, where they ran this measurement back to back: "median (min–max)" over the
+    rounds, or "" with one round."""
+    r, n, h = samples[who], samples["nginx"], samples["haproxy"]
     if len(r) < 2 or not len(r) == len(n) == len(h):
         return ""
     pick = max if higher_better else min
@@ -679,6 +719,8 @@ def write_results(results, args, direct):
     floor = results.pop("floor", None)
     med = {m: {p: statistics.median(v) for p, v in d.items() if v} for m, d in results.items()}
     higher_better = {"rps", "rps_pin", "rps64k", "h2"}
+    # The profile-guided build's column, when it ran (--pgo).
+    pgo = all(results[k].get(PGO) for k in RESULT_KEYS)
     rows = [
         ("throughput, 13 B body (req/s, wrk -c64)", "rps"),
         ("… the proxy's share of one CPU meanwhile (%)", "busy"),
@@ -711,29 +753,51 @@ def write_results(results, args, direct):
         "Absolute numbers on shared machines swing ±30%: read the ratios.",
         "",
         "The ratio column compares the medians; the last column is the same ratio taken within "
-        "each round, where the three proxies ran that measurement back to back, as the median "
+        "each round, where the proxies ran that measurement back to back, as the median "
         "and the range over the rounds: the range is how far one run of this bench can be "
         "trusted.",
         "",
-        "| measurement | rampart | nginx | HAProxy | rampart vs best peer | per round: median (range) |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, key in rows:
-        r, n, h = med[key]["rampart"], med[key]["nginx"], med[key]["haproxy"]
-        per_round = paired(results[key], key in higher_better)
+    if pgo:
+        lines += [
+            f"`rampart PGO` is the profile-guided build (`bench/pgo.py`), measured in the same rounds "
+            "as the others; its last two columns set it against the same peers' samples.",
+            "",
+            "| measurement | rampart | nginx | HAProxy | rampart vs best peer | per round: median (range) "
+            "| rampart PGO | PGO vs best peer | per round: median (range) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += [
+            "| measurement | rampart | nginx | HAProxy | rampart vs best peer | per round: median (range) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+
+    def ratio_cells(key, who):
+        """(ratio of the medians with its goal, the per-round ratio) for `who`'s `key`."""
+        r, n, h = med[key][who], med[key]["nginx"], med[key]["haproxy"]
         if key in ("busy", "idle_cpu"):
-            ratio, per_round = "(context)", ""
-        elif key in higher_better:
+            return "(context)", ""
+        per_round = paired(results[key], key in higher_better, who)
+        if key in higher_better:
             best = max(n, h)
-            ratio = f"{r / best:.2f}× (goal ≥ 1.2×)" if key in ("rps", "rps_pin") else f"{r / best:.2f}×"
+            goal = " (goal ≥ 1.2×)" if key in ("rps", "rps_pin") else ""
         else:
             best = min(n, h)
             goal = {"cpu": " (goal ≤ 0.8×)", "p99": " (goal ≤ 1.0×)", "idle": " (goal ≤ nginx)",
                     "idle15": " (goal ≤ nginx)"}.get(key, "")
-            # A peer can read 0 with few connections (preallocated, already resident).
-            ratio = f"{r / best:.2f}×{goal}" if best > 0 else f"n/a{goal}"
+        # A peer can read 0 with few connections (preallocated, already resident).
+        return (f"{r / best:.2f}×{goal}" if best > 0 else f"n/a{goal}"), per_round
+
+    for label, key in rows:
+        r, n, h = med[key]["rampart"], med[key]["nginx"], med[key]["haproxy"]
         fmt = "{:,.0f}" if key in higher_better or key.startswith("idle") or key == "busy" else "{:.2f}"
-        lines.append(f"| {label} | {fmt.format(r)} | {fmt.format(n)} | {fmt.format(h)} | {ratio} | {per_round} |")
+        ratio, per_round = ratio_cells(key, "rampart")
+        line = f"| {label} | {fmt.format(r)} | {fmt.format(n)} | {fmt.format(h)} | {ratio} | {per_round} |"
+        if pgo:
+            ratio, per_round = ratio_cells(key, PGO)
+            line += f" {fmt.format(med[key][PGO])} | {ratio} | {per_round} |"
+        lines.append(line)
     # Throughput here is what the proxy costs times the CPU the scheduler lets it have;
     # say which of the two a throughput ratio comes from.
     busy, sat = med["busy"], med["cpu_sat"]
@@ -793,7 +857,8 @@ def write_results(results, args, direct):
                   f"{floor['kernel']:.2f} µs, {floor['kernel'] / best_cpu:.2f}×). The CPU goal (≤ 0.8×, "
                   f"{0.8 * best_cpu:.2f} µs) {budget}; rampart's user time is "
                   f"{med['user']['rampart']:.2f} µs (nginx {med['user']['nginx']:.2f}, "
-                  f"HAProxy {med['user']['haproxy']:.2f}, the floor {floor['user']:.2f})."]
+                  f"HAProxy {med['user']['haproxy']:.2f}, the floor {floor['user']:.2f}"
+                  + (f", the profile-guided build {med['user'][PGO]:.2f}" if pgo else "") + ")."]
     lines.append("")
     text = "\n".join(lines)
     if args.results:
