@@ -14,7 +14,7 @@ Usage:  python3 bench/pgo.py            # writes target/pgo/release/rampart
 Measure it against the same peers, in the same rounds as the default build, with
     python3 bench/run.py --pgo        (builds it first, then adds a column for it)
 or alone in rampart's place with
-    RAMPART_BIN=target/pgo/release/rampart python3 bench/run.py --results bench/RESULTS-pgo.md
+    RAMPART_BIN=target/pgo/release/rampart python3 bench/run.py --results bench/RESULTS-other.md
 
 The profile covers the hot path only; error paths stay as the compiler laid them
 out without data. Rebuild the profile after changing the code: a function whose
