@@ -37,7 +37,7 @@ part, the write calls, is outside callgrind's count).
 futures (LAYOUT) and how much of it sits on source lines the load never ran (from the
 binary's line table, `objdump -d -l`, against the lines the profile counted). Each of
 them is about as large as the 32 KiB L1 instruction cache. Moving the never-run code
-out alone did not lower the I1 misses per request (README, "Code layout"): the misses
+out alone did not lower the I1 misses per request (bench/README.md, "Code layout"): the misses
 follow the code a request runs, which the profile-guided build (bench/pgo.py) inlines
 and orders with data.
 """
