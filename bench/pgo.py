@@ -44,6 +44,9 @@ def llvm_profdata() -> Path:
         if line.startswith("host:"))
     tool = Path(sysroot.strip()) / "lib" / "rustlib" / host / "bin" / "llvm-profdata"
     if not tool.exists():
+        if shutil.which("rustup") is None:
+            raise RuntimeError(f"{tool} is missing, and without rustup it cannot be added: install "
+                               "llvm-profdata for this rustc's LLVM version there, or build with rustup")
         print("adding rustup's llvm-tools component ...", flush=True)
         subprocess.run(["rustup", "component", "add", "llvm-tools"], check=True)
     if not tool.exists():
