@@ -148,7 +148,7 @@ impl LogBuf {
             if let Err(e) = sink.write(&buf) {
                 let lines = buf.iter().filter(|&&b| b == b'\n').count();
                 ::metrics::counter!(crate::metrics::ACCESS_LOG_DROPPED).increment(lines as u64);
-                tracing::warn!(error = %e, lines, log = ?sink.target(), "access log write failed; lines dropped");
+                tracing::warn!(error = %e, lines, log = %sink.target(), "access log write failed; lines dropped");
             }
         }
         buf.clear();
@@ -289,15 +289,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
-}
-
-/// The file a target names, for messages.
-pub fn describe(target: &AccessLog) -> String {
-    match target {
-        AccessLog::Off => "off".into(),
-        AccessLog::Stdout => "standard output".into(),
-        AccessLog::File(p) => p.display().to_string(),
-    }
 }
 
 #[cfg(test)]

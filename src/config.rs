@@ -133,6 +133,17 @@ pub enum AccessLog {
     File(PathBuf),
 }
 
+/// As messages name it: `off`, `standard output` or the file's path.
+impl std::fmt::Display for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessLog::Off => f.write_str("off"),
+            AccessLog::Stdout => f.write_str("standard output"),
+            AccessLog::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub bind: SocketAddr,

@@ -59,7 +59,7 @@ fn open_access_log(target: &config::AccessLog) -> Result<Option<Arc<accesslog::S
     accesslog::Sink::open(target)
         .map(|sink| sink.map(Arc::new))
         .map_err(|e| StartupError::AccessLog {
-            path: accesslog::describe(target),
+            path: target.to_string(),
             source: e,
         })
 }
@@ -133,7 +133,7 @@ impl Server {
             // rotation. Failing that, the old file keeps the lines.
             Some(sink) if sink.target() == target => {
                 if let Err(e) = sink.reopen() {
-                    tracing::warn!(log = %accesslog::describe(target), error = %e, "cannot reopen the access log; still writing to the old file");
+                    tracing::warn!(log = %target, error = %e, "cannot reopen the access log; still writing to the old file");
                 }
             }
             _ => self.shared.access_log.store(open_access_log(target)?),
