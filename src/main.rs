@@ -109,6 +109,13 @@ fn init_logging(level: &str) {
         .init();
 }
 
+/// Loads and validates `path`, then installs it: either failing leaves the running
+/// config in place, and the error says why (every config error, or the access log).
+fn reload(server: &Server, path: &std::path::Path) -> Result<(), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    server.reload(config).map_err(|e| e.to_string())
+}
+
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads `path`; SIGUSR1 reopens the access log.
 fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let server = Server::start(config).context("startup failed")?;
@@ -126,13 +133,12 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => match &path {
-                    Some(p) => match Config::load(p).map_err(|e| e.to_string()).and_then(|c| server.reload(c).map_err(|e| e.to_string())) {
-                        Ok(()) => {}
-                        Err(e) => {
+                    Some(p) => {
+                        if let Err(e) = reload(&server, p) {
                             metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
                             tracing::error!("reload rejected, keeping the running config:\n{e}");
                         }
-                    },
+                    }
                     None => tracing::warn!("SIGHUP ignored: no config file"),
                 },
                 _ = usr1.recv() => match server.reopen_logs() {
