@@ -140,19 +140,18 @@ def with_access_log(target, run: Path):
     name, cmd, port = target
     if name.startswith("rampart "):
         conf = run / "rampart-access-log.toml"
-        conf.write_text((bench.PEERS / "rampart.toml").read_text().replace(
-            "[server]\n", f'[server]\naccess_log = "{run}/rampart-access.log"\n', 1))
+        conf.write_text(bench.replaced_once((bench.PEERS / "rampart.toml").read_text(),
+                                            "[server]\n", f'[server]\naccess_log = "{run}/rampart-access.log"\n'))
         cmd = [cmd[0], "--config", str(conf), *cmd[3:]]
     elif name == "nginx":
         conf = run / "nginx-access-log.conf"
-        conf.write_text(Path(cmd[2]).read_text().replace(
-            "access_log off;", f"access_log {run}/nginx-access.log combined buffer=64k flush=1s;"))
+        conf.write_text(bench.replaced_once(Path(cmd[2]).read_text(),
+                                            "access_log off;", f"access_log {run}/nginx-access.log combined buffer=64k flush=1s;"))
         cmd = [cmd[0], "-c", str(conf), *cmd[3:]]
     else:
         conf = run / "haproxy-access-log.cfg"
-        conf.write_text(Path(cmd[3]).read_text()
-                        .replace("global\n", "global\n    log stdout format raw local0\n", 1)
-                        .replace("defaults\n", "defaults\n    log global\n    option httplog\n", 1))
+        text = bench.replaced_once(Path(cmd[3]).read_text(), "global\n", "global\n    log stdout format raw local0\n")
+        conf.write_text(bench.replaced_once(text, "defaults\n", "defaults\n    log global\n    option httplog\n"))
         cmd = [*cmd[:3], str(conf)]
     return f"{name} + access log", cmd, port
 

@@ -115,6 +115,16 @@ def build_rampart():
     return ROOT / "target" / "release" / "rampart"
 
 
+def replaced_once(text, old, new):
+    """`text` with `old`, which must occur exactly once, replaced by `new`. For configs
+    derived from the committed ones, where a setting that silently stayed as it was
+    would measure something else without any error."""
+    if text.count(old) != 1:
+        raise RuntimeError(f"expected {old!r} exactly once in a peer config, found it "
+                           f"{text.count(old)} times: update the script that derives it")
+    return text.replace(old, new)
+
+
 def render(template: Path, run: Path) -> Path:
     out = run / template.name
     out.write_text(template.read_text().replace("{RUN}", str(run)))
@@ -270,9 +280,11 @@ class Procs:
         require_free(PORTS + ((PGO_PORT,) if self.pgo else ()))
         if self.pgo:
             # The bench's own config, on its own port: the same settings as the default build's.
+            # Checked: a bind left on 18080 would not fail, as SO_REUSEPORT would
+            # silently split the default build's load between the two.
             config = self.run / "rampart-pgo.toml"
-            text = (PEERS / "rampart.toml").read_text()
-            config.write_text(text.replace('"127.0.0.1:18080"', f'"127.0.0.1:{PGO_PORT}"'))
+            config.write_text(replaced_once((PEERS / "rampart.toml").read_text(),
+                                            '"127.0.0.1:18080"', f'"127.0.0.1:{PGO_PORT}"'))
             self.procs[PGO] = subprocess.Popen(
                 [str(self.pgo), "--config", str(config), "--log-level", "warn"])
         self.procs["origin"] = start_origins(self.run)
