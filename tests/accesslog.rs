@@ -44,10 +44,6 @@ async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
     }
 }
 
-async fn stop(srv: rampart::Server) {
-    tokio::task::spawn_blocking(move || srv.join()).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answered_request_gets_one_line_with_its_fields() {
     let origin = TestOrigin::start("a", Behavior::Healthy).await;
@@ -63,7 +59,7 @@ async fn every_answered_request_gets_one_line_with_its_fields() {
     let h2 = get_h2(addr, "/two").await;
     assert_eq!(h2.status, 200);
     let generated = h2.headers["x-request-id"].to_str().unwrap().to_string();
-    stop(srv).await;
+    stop_proxy(srv).await;
 
     let got = lines(&log);
     assert_eq!(got.len(), 3, "{got:#?}");
@@ -104,7 +100,7 @@ async fn failed_requests_are_logged_with_their_status_and_no_backend() {
     let (srv, addr) = start_proxy(&config(&[dead], &log));
     let r = get(addr, "/gone").await;
     assert_eq!(r.status, 503);
-    stop(srv).await;
+    stop_proxy(srv).await;
     let got = lines(&log);
     assert_eq!(got.len(), 1, "{got:#?}");
     let f: Vec<&str> = got[0].split(' ').collect();
@@ -130,7 +126,7 @@ async fn lines_are_written_within_seconds_and_reopening_follows_log_rotation() {
     for _ in 0..2 {
         get(addr, "/after").await;
     }
-    stop(srv).await;
+    stop_proxy(srv).await;
     let old = lines(&rotated);
     let new = lines(&log);
     assert_eq!(old.len(), 3, "{old:#?}");
@@ -167,7 +163,7 @@ async fn a_reload_moves_the_log_and_one_that_cannot_open_it_changes_nothing() {
     srv.reload(rampart::Config::parse(&config(&[b.addr], &second), "t").unwrap())
         .unwrap();
     assert_eq!(get(addr, "/").await.text(), "b");
-    stop(srv).await;
+    stop_proxy(srv).await;
     assert_eq!(lines(&first).len(), 2, "{:#?}", lines(&first));
     assert_eq!(lines(&second).len(), 1, "{:#?}", lines(&second));
 }
@@ -184,7 +180,7 @@ async fn a_log_that_cannot_be_written_drops_its_lines_and_the_proxy_carries_on()
         assert_eq!(get(addr, "/after").await.status, 200);
     }
     // The failed flush again, at shutdown: the server still stops cleanly.
-    stop(srv).await;
+    stop_proxy(srv).await;
     // Every line is counted as dropped: the first flush's one, and the 20 at shutdown.
     let text = rampart::metrics::install().render();
     let dropped = text

@@ -758,7 +758,7 @@ async fn idle_connections_go_dormant_wake_for_their_next_request_and_close_at_sh
     );
     // Shutdown closes dormant connections at once: no wait for shutdown_grace (5 s).
     let t = Instant::now();
-    tokio::task::spawn_blocking(move || srv.join()).await.unwrap();
+    stop_proxy(srv).await;
     assert!(t.elapsed() < Duration::from_secs(3), "drain took {:?}", t.elapsed());
     for mut s in conns {
         let mut rest = Vec::new();

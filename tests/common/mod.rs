@@ -369,6 +369,12 @@ pub fn start_proxy(toml: &str) -> (Server, SocketAddr) {
     (server, addr)
 }
 
+/// Shuts the proxy down (in-flight requests drain) and waits for it, off the test's
+/// runtime: `Server::join` blocks until every thread has finished.
+pub async fn stop_proxy(server: Server) {
+    tokio::task::spawn_blocking(move || server.join()).await.unwrap();
+}
+
 /// A config with one pool of `backends`, with extra lines for the pool appended.
 /// `toml` (from `pool_config`) with one more `[server]` setting.
 pub fn with_server_setting(toml: &str, line: &str) -> String {
