@@ -1,4 +1,6 @@
-//! The `rampart` binary: `check` reports every error with file and field, and exits 1.
+//! The `rampart` binary: `check` reports every error with file and field, and exits 1;
+//! diagnostics go to stderr and the access log to stdout; SIGHUP reloads the file, and a
+//! bad one is rejected with its reason while the running config stays.
 
 use std::process::Command;
 
@@ -70,25 +72,23 @@ fn missing_file_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/rampart.toml: cannot read"));
 }
 
-#[test]
-fn logs_go_to_stderr_without_colour_codes_and_the_access_log_to_stdout() {
-    use std::io::{Read, Write};
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, dead) = (free_port(), free_port());
-    let p = write(
-        "stdout.toml",
-        &format!(
-            r#"
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A one-worker config on `port` whose only backend (`dead`) refuses, with
+/// `server_extra` lines in `[server]`.
+fn dead_backend_config(port: u16, dead: u16, server_extra: &str) -> String {
+    format!(
+        r#"
 [server]
 workers = 1
-access_log = true
 shutdown_grace = "1s"
+{server_extra}
 [[listeners]]
 bind = "127.0.0.1:{port}"
 [[routes]]
@@ -97,34 +97,56 @@ pool = "app"
 backends = ["127.0.0.1:{dead}"]
 health_check = {{ type = "none" }}
 "#
-        ),
-    );
+    )
+}
+
+/// The binary on config file `p`, stdout captured and stderr to `stderr`, once it
+/// accepts on `port`.
+fn spawn_listening(p: &std::path::Path, port: u16, stderr: std::process::Stdio) -> std::process::Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
         .arg("--config")
-        .arg(&p)
+        .arg(p)
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let start = std::time::Instant::now();
-    let mut s = loop {
+    loop {
         match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
+            Ok(_) => return child,
             Err(e) if start.elapsed() > std::time::Duration::from_secs(20) => {
                 let _ = child.kill();
                 panic!("rampart did not listen: {e}");
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
         }
-    };
-    s.write_all(b"GET /hello?x=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    }
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the whole answer.
+fn request(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn logs_go_to_stderr_without_colour_codes_and_the_access_log_to_stdout() {
+    let (port, dead) = (free_port(), free_port());
+    let p = write("stdout.toml", &dead_backend_config(port, dead, "access_log = true"));
+    let child = spawn_listening(&p, port, std::process::Stdio::piped());
+    let answer = request(port, "/hello?x=1");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    // SAFETY: a signal to the child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -144,4 +166,60 @@ health_check = {{ type = "none" }}
         !stderr.contains('\x1b'),
         "colour codes in a log that is not a terminal:\n{stderr}"
     );
+}
+
+#[test]
+fn sighup_rejects_a_bad_file_with_its_reason_and_installs_a_good_one() {
+    let (port, dead) = (free_port(), free_port());
+    let p = write("reload.toml", &dead_backend_config(port, dead, ""));
+    let log = write("reload.stderr", "");
+    let child = spawn_listening(&p, port, std::fs::File::create(&log).unwrap().into());
+    let outcomes = || {
+        let text = std::fs::read_to_string(&log).unwrap();
+        text.matches("reload rejected").count() + text.matches("config reloaded").count()
+    };
+    // The file is rewritten only once the previous SIGHUP's reload has said how it
+    // ended: a reload reads the file when it runs, not when the signal is sent.
+    let reload = |text: &str| {
+        let before = outcomes();
+        std::fs::write(&p, text).unwrap();
+        signal(&child, libc::SIGHUP);
+        let start = std::time::Instant::now();
+        while outcomes() == before {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "no reload outcome logged"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    reload("[server]\ncolour = 1\n");
+    // An access log behind a symlink into a missing directory: the file validates, and
+    // opening it fails when the reload is installed, which refuses the reload whole.
+    let broken = log.with_file_name("broken.log");
+    let _ = std::fs::remove_file(&broken);
+    std::os::unix::fs::symlink(log.with_file_name("missing/x.log"), &broken).unwrap();
+    reload(&dead_backend_config(
+        port,
+        dead,
+        &format!("access_log = {:?}", broken.display().to_string()),
+    ));
+    // Still serving on the running config.
+    assert!(request(port, "/").starts_with("HTTP/1.1 503"));
+    reload(&dead_backend_config(port, dead, "max_headers = 50"));
+    signal(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        stderr.matches("reload rejected, keeping the running config").count(),
+        2,
+        "{stderr}"
+    );
+    assert!(stderr.contains("unknown field `colour`"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("server.access_log: cannot open {}", broken.display())),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("config reloaded").count(), 1, "{stderr}");
 }
