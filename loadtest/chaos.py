@@ -196,6 +196,16 @@ def fault_plan(scenario, origins, d):
 PROBE_CLIENTS = 2
 
 
+def steal_ms():
+    """CPU time the hypervisor has taken from this machine's CPUs since boot (ms, all
+    CPUs summed: /proc/stat's steal column). On a shared VM the host can stop every
+    vCPU at once, so every process here (proxy, origins, oha) stalls together: a
+    slowest request with no cause in the proxy shows up as steal during its run."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) * 1000.0 / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def timeline(csv_text, duration):
     """Per-second successful responses of the probe clients: the mean over the fault
     window [d/4, 3d/4) and its worst second, each as a ratio to the seconds before the
@@ -233,6 +243,7 @@ def run_one(name, scenario, duration, run, logs=None):
         return cmd + [f"http://127.0.0.1:{PROXIES[name]}/"]
 
     cmd = oha(32, "json")
+    stolen = steal_ms()
     load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Two more clients whose every request is timestamped (oha's CSV leaves out transport
     # errors, so they are not counted as failures): their per-second throughput is the
@@ -251,6 +262,7 @@ def run_one(name, scenario, duration, run, logs=None):
             print(f"   ({scenario}: {e})", file=sys.stderr)
     out, err = load.communicate(timeout=duration + 60)
     probe_out = probe.communicate(timeout=duration + 60)[0] if probe else None
+    stolen = steal_ms() - stolen
     data = json.loads(out)
     statuses = {int(k): v for k, v in data.get("statusCodeDistribution", {}).items()}
     errors = sum(data.get("errorDistribution", {}).values())
@@ -263,6 +275,7 @@ def run_one(name, scenario, duration, run, logs=None):
         "max_ms": data["summary"]["slowest"] * 1000.0,
         "statuses": {k: v for k, v in statuses.items() if not 200 <= k < 300},
         "errors": data.get("errorDistribution", {}),
+        "steal_ms": stolen,
     }
     if probe_out is not None:
         result.update(timeline(probe_out, duration))
@@ -324,7 +337,8 @@ def main():
                   f"max {r['max_ms']:7.0f} ms  {r['statuses'] or ''} {r['errors'] or ''}"
                   + (f" dup={r['duplicates']}" if "duplicates" in r else "")
                   + (f"  fault/steady {r['fault_ratio']:.2f} (worst second {r['worst_ratio']:.2f})"
-                     if "fault_ratio" in r else ""), flush=True)
+                     if "fault_ratio" in r else "")
+                  + f"  steal {r['steal_ms']:.0f} ms", flush=True)
     header = "| scenario | " + " | ".join(proxies) + " |"
     lines = ["# Chaos suite results", "",
              f"`{command(args, scenarios, proxies)}`, "
@@ -349,6 +363,13 @@ def main():
             continue
         lines.append(f"| {sc} | " + " | ".join(
             f"{results[(sc, px)]['fault_ratio']:.2f} ({results[(sc, px)]['worst_ratio']:.2f})" for px in proxies) + " |")
+    lines += ["", "CPU time the host took from this machine during each run (steal, ms, both CPUs summed; "
+              "`/proc/stat`). The host can stop every CPU at once, and then every process, proxy, origins "
+              "and oha, stalls together: a slowest request near 100 ms with no cause in the proxy's logs "
+              "lines up with a run's steal.", "",
+              "| scenario | " + " | ".join(proxies) + " |", "|---|" + "---|" * len(proxies)]
+    for sc in scenarios:
+        lines.append(f"| {sc} | " + " | ".join(f"{results[(sc, px)]['steal_ms']:.0f}" for px in proxies) + " |")
     text = "\n".join(lines) + "\n"
     full = scenarios == SCENARIOS and proxies == list(PROXIES)
     target = args.results or (ROOT / "loadtest" / "RESULTS.md" if full else None)
