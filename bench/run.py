@@ -211,6 +211,7 @@ def report_check():
                 per_proxy[name] += [10.0 + i + r for r in range(rounds)]
         results["scaling"] = {name: 1.0 + i / 10 for i, name in enumerate(SCALING)}
         results["floor"] = {key: 9.0 for key in RESULT_KEYS}
+        results["steal"] = [(10.0, 1, "h2c", "nginx"), (100.0, 2, "fixed rate", names[-1])]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "RESULTS.md"
             args = argparse.Namespace(rounds=rounds, duration=1, rate=8000, idle=100, quick=False,
@@ -223,7 +224,8 @@ def report_check():
                                 f"{type(e).__name__}: {e}")
                 continue
             text = out.read_text()
-        want = ["| measurement |", "Reading the throughput row", "Scaling:", "Floor,", "Kernel time:"]
+        want = ["| measurement |", "Reading the throughput row", "Scaling:", "Floor,", "Kernel time:",
+                "110 ms of CPU time", "was 100 ms (fixed rate"]
         if PGO in names:
             want += ["| rampart PGO |", "the profile-guided build 14.00", "--pgo"]
         missing = [k for k in want if k not in text]
@@ -402,6 +404,16 @@ def cpu_jiffies(cpus=None):
                 total += sum(v)
                 idle += v[3] + v[4]  # idle and iowait
     return total, idle
+
+
+def steal_ms():
+    """CPU time the hypervisor has taken from this machine's CPUs since boot (ms, all
+    CPUs summed: /proc/stat's steal column). On a shared VM the host can take a CPU
+    away for 100 ms at a time, and whatever runs on it, the proxy, an origin or the
+    load generator, stalls: a sample taken across such a stall is not the proxy's."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) * 1000.0 / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def busy_since(before, after):
@@ -641,6 +653,7 @@ def main():
     procs = Procs(run, rampart, pgo)
     results = empty_results(names)
     floor = {}
+    stolen = []  # (ms, round, measurement, proxy) for every sample the host took CPU time in
     try:
         procs.start_all()
         direct = wrk(19001, "/", args.duration)
@@ -653,10 +666,14 @@ def main():
             for kind in MEASURES:
                 line = []
                 for name in order + (["floor"] if kind in FLOOR_MEASURES else []):
+                    before = steal_ms()
                     got = measure(procs, kind, name, args)
+                    steal = steal_ms() - before
                     for k, v in got.items():
                         (floor.setdefault(k, []) if name == "floor" else results[k][name]).append(v)
-                    line.append(f"{name} {describe(kind, got)}")
+                    if steal:
+                        stolen.append((steal, rnd + 1, kind, name))
+                    line.append(f"{name} {describe(kind, got)}" + (f" [host steal {steal:.0f} ms]" if steal else ""))
                 print(f"round {rnd + 1} {kind:10} " + " | ".join(line), flush=True)
         # Each proxy with one worker and with two, back to back, so the ratio is taken
         # within a round; the peers' ratios say what a second worker can add on this
@@ -671,6 +688,7 @@ def main():
             print(f"round {rnd + 1} scaling 1 -> 2 workers: " + " | ".join(line), flush=True)
         results["scaling"] = {name: statistics.median(v) for name, v in scaling.items()}
         results["floor"] = {k: statistics.median(v) for k, v in floor.items()}
+        results["steal"] = stolen
         for name in names:
             port, _ = ports(name)
             mem, settled = idle_memory(procs, name, port, args.idle)
@@ -726,9 +744,21 @@ def paired(samples, higher_better, who="rampart"):
     return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
+def steal_line(stolen):
+    """What the host took from the machine during the round samples (`main`'s list)."""
+    if not stolen:
+        return "The host took no CPU time from this machine (steal, `/proc/stat`) during the round samples."
+    ms, rnd, kind, name = max(stolen)
+    return (f"The host took {sum(s[0] for s in stolen):,.0f} ms of CPU time from this machine (steal, "
+            f"`/proc/stat`, both CPUs summed) during {len(stolen)} of the round samples; the most in one "
+            f"was {ms:,.0f} ms ({kind}, {name}, round {rnd}). A sample that lost CPU time that way "
+            "measured the machine as much as the proxy.")
+
+
 def write_results(results, args, direct):
     scaling = results.pop("scaling", None)
     floor = results.pop("floor", None)
+    stolen = results.pop("steal", [])
     med = {m: {p: statistics.median(v) for p, v in d.items() if v} for m, d in results.items()}
     higher_better = {"rps", "rps_pin", "rps64k", "h2"}
     # The profile-guided build's column, when it ran (--pgo).
@@ -763,6 +793,8 @@ def write_results(results, args, direct):
         "One worker/thread per proxy, three nginx origins behind each, keep-alive upstream, logs off. "
         f"Medians of {args.rounds} interleaved round(s). Direct to one origin: {direct:,.0f} req/s. "
         "Absolute numbers on shared machines swing ±30%: read the ratios.",
+        "",
+        steal_line(stolen),
         "",
         "The ratio column compares the medians; the last column is the same ratio taken within "
         "each round, where the proxies ran that measurement back to back, as the median "

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from run import steal_ms  # noqa: E402  (bench/run.py: the host's steal counter)
 PEERS = ROOT / "loadtest" / "peers"
 ORIGIN_PORTS = [29001, 29002, 29003]
 PROXIES = {"rampart": 28080, "nginx": 28081, "haproxy": 28082}
@@ -196,15 +198,6 @@ def fault_plan(scenario, origins, d):
 PROBE_CLIENTS = 2
 
 
-def steal_ms():
-    """CPU time the hypervisor has taken from this machine's CPUs since boot (ms, all
-    CPUs summed: /proc/stat's steal column). On a shared VM the host can stop every
-    vCPU at once, so every process here (proxy, origins, oha) stalls together: a
-    slowest request with no cause in the proxy shows up as steal during its run."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[8]) * 1000.0 / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
-
 
 def timeline(csv_text, duration):
     """Per-second successful responses of the probe clients: the mean over the fault
@@ -364,8 +357,8 @@ def main():
         lines.append(f"| {sc} | " + " | ".join(
             f"{results[(sc, px)]['fault_ratio']:.2f} ({results[(sc, px)]['worst_ratio']:.2f})" for px in proxies) + " |")
     lines += ["", "CPU time the host took from this machine during each run (steal, ms, both CPUs summed; "
-              "`/proc/stat`). The host can stop every CPU at once, and then every process, proxy, origins "
-              "and oha, stalls together: a slowest request near 100 ms with no cause in the proxy's logs "
+              "`/proc/stat`). The host can take a CPU away for 100 ms at a time, and every process on it, "
+              "proxy, origin or oha, then stalls: a slowest request near 100 ms with no cause in the proxy's logs "
               "lines up with a run's steal.", "",
               "| scenario | " + " | ".join(proxies) + " |", "|---|" + "---|" * len(proxies)]
     for sc in scenarios:
