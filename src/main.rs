@@ -118,16 +118,24 @@ fn reload(server: &Server, path: &std::path::Path) -> Result<(), String> {
 
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads `path`; SIGUSR1 reopens the access log.
 fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    let server = Server::start(config).context("startup failed")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("signal runtime")?;
+    // The handlers go in before the listeners accept: a signal sent as soon as rampart
+    // answers (a `systemctl reload` right after start, say) would otherwise meet the
+    // default action, and SIGHUP, SIGTERM and SIGUSR1 all end the process on the spot.
+    let (mut term, mut int, mut hup, mut usr1) = {
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
+        )
+    };
+    let server = Server::start(config).context("startup failed")?;
     rt.block_on(async {
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-        let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
