@@ -279,7 +279,8 @@ class Procs:
         self.procs = {}
 
     def start_all(self):
-        require_free(PORTS + ((PGO_PORT,) if self.pgo else ()))
+        listening = PORTS + ((PGO_PORT,) if self.pgo else ())
+        require_free(listening)
         if self.pgo:
             # The bench's own config, on its own port: the same settings as the default build's.
             # Checked: a bind left on 18080 would not fail, as SO_REUSEPORT would
@@ -304,7 +305,7 @@ class Procs:
             ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "nginx-2w.conf", self.run))])
         self.procs["haproxy-2t"] = subprocess.Popen(
             ["haproxy", "-db", "-f", str(render(PEERS / "haproxy-2t.cfg", self.run))])
-        for p in PORTS + ((PGO_PORT,) if self.pgo else ()):
+        for p in listening:
             wait_port(p)
         time.sleep(0.5)
 

@@ -198,7 +198,6 @@ def fault_plan(scenario, origins, d):
 PROBE_CLIENTS = 2
 
 
-
 def timeline(csv_text, duration):
     """Per-second successful responses of the probe clients: the mean over the fault
     window [d/4, 3d/4) and its worst second, each as a ratio to the seconds before the

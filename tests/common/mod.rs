@@ -375,12 +375,12 @@ pub async fn stop_proxy(server: Server) {
     tokio::task::spawn_blocking(move || server.join()).await.unwrap();
 }
 
-/// A config with one pool of `backends`, with extra lines for the pool appended.
 /// `toml` (from `pool_config`) with one more `[server]` setting.
 pub fn with_server_setting(toml: &str, line: &str) -> String {
     toml.replacen("[server]\n", &format!("[server]\n{line}\n"), 1)
 }
 
+/// A config with one pool of `backends`, with extra lines for the pool appended.
 pub fn pool_config(backends: &[SocketAddr], pool_extra: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
