@@ -76,6 +76,10 @@ pub enum ProxyError {
     HeadersTooLarge { limit: usize },
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    /// A request rampart cannot forward faithfully, e.g. a transfer coding besides
+    /// `chunked`: 501, as nginx and Envoy answer (RFC 9112 §6.1).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("client closed or failed while sending the request body: {0}")]
     ClientBody(hyper::Error),
     #[error("server is shutting down")]
@@ -104,6 +108,7 @@ impl ProxyError {
             UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BadRequest(_) | ClientBody(_) => StatusCode::BAD_REQUEST,
+            NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -115,6 +120,7 @@ impl ProxyError {
             | UriTooLong { .. }
             | HeadersTooLarge { .. }
             | BadRequest(_)
+            | NotImplemented(_)
             | ClientBody(_) => Side::Client,
             NoHealthyBackend { .. } | CircuitOpen { .. } | ShuttingDown => Side::Internal,
             Connect { .. }
@@ -194,6 +200,7 @@ impl ProxyError {
             UriTooLong { .. } => "uri_too_long",
             HeadersTooLarge { .. } => "headers_too_large",
             BadRequest(_) => "bad_request",
+            NotImplemented(_) => "not_implemented",
             ClientBody(_) => "client_body",
             ShuttingDown => "shutting_down",
         }
@@ -206,6 +213,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. }
                 | ProxyError::ClientBody(_)
                 | ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
                 | ProxyError::ShuttingDown
         )
     }
@@ -312,6 +320,7 @@ mod tests {
             (ProxyError::UriTooLong { limit: 1 }, 414),
             (ProxyError::HeadersTooLarge { limit: 1 }, 431),
             (ProxyError::BadRequest("x"), 400),
+            (ProxyError::NotImplemented("x"), 501),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

@@ -274,7 +274,12 @@ fn parse(buf: &[u8], max_headers: usize, scratch: &mut Vec<[u32; 4]>) -> Parsed 
         if as_written {
             if !rawfields::request_field_passes(name) {
                 as_written = false;
-            } else if host.is_none() && codec::eq_lower(name, b"host") {
+            } else if codec::eq_lower(name, b"host") {
+                // A second Host is a 400 (RFC 9112 §3.2): `proxy::scan` sees both
+                // in the map.
+                if host.is_some() {
+                    as_written = false;
+                }
                 host = Some(h.value);
             } else if request_id.is_none() && codec::eq_lower(name, b"x-request-id") {
                 request_id = Some(h.value);

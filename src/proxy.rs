@@ -278,7 +278,7 @@ pub fn handle(
 
 fn log_failure(e: &ProxyError, method: &Method, pool: Option<&str>, request_id: &HeaderValue) {
     let id = request_id.to_str().unwrap_or("-");
-    if e.status().is_server_error() {
+    if e.status().is_server_error() && e.side() != crate::error::Side::Client {
         tracing::error!(request_id = id, method = %method, pool = pool.unwrap_or("-"), status = e.status().as_u16(), error = %e, "request failed");
     } else {
         tracing::debug!(request_id = id, method = %method, status = e.status().as_u16(), error = %e, "request rejected");
@@ -292,7 +292,7 @@ fn prepare(
     snap: &Snapshot,
     mut req: Request<InBody>,
     raw: Option<RawRequest>,
-    fields: Fields,
+    mut fields: Fields,
     request_id: &HeaderValue,
     h1_writer: bool,
 ) -> Result<Prepared, ProxyError> {
@@ -313,9 +313,33 @@ fn prepare(
         return Err(ProxyError::BadRequest("CONNECT is not supported"));
     }
 
+    if fields.hosts_repeated {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if fields.chunked_twice {
+        return Err(ProxyError::BadRequest("chunked applied more than once"));
+    }
+    if fields.other_coding {
+        return Err(ProxyError::NotImplemented("a transfer coding other than chunked"));
+    }
+
     // The authority (h2, absolute-form) wins over Host, as RFC 9112 §3.2.2 says.
     let host_value: Option<HeaderValue> = match req.uri().authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        Some(a) => {
+            // RFC 9110 §4.2.4: userinfo in an http(s) URI is an error.
+            if a.as_str().contains('@') {
+                return Err(ProxyError::BadRequest("userinfo in the request target"));
+            }
+            let from_target = HeaderValue::from_str(a.as_str()).ok();
+            // The backend must see the host the request was routed on: a Host that
+            // differs goes, and the target's authority takes its place (RFC 9112
+            // §3.2.2 for absolute-form; an h2 client's `:authority` likewise).
+            if fields.present.host && fields.host != from_target {
+                req.headers_mut().remove(header::HOST);
+                fields.present.host = false;
+            }
+            from_target
+        }
         None => fields.host,
     };
     if host_value.is_none() && req.version() == Version::HTTP_11 {
@@ -532,6 +556,16 @@ struct Fields {
     content_length: Option<HeaderValue>,
     /// An `Upgrade` field is present (`is_upgrade` decides the rest).
     upgrade: bool,
+    /// More than one `Host` field: a 400 (RFC 9112 §3.2).
+    hosts_repeated: bool,
+    /// A `Transfer-Encoding` with a coding besides `chunked`, which hyper accepts
+    /// when `chunked` is last: re-chunked without it, the body would reach the
+    /// backend still encoded and labelled as not, so it gets a 501.
+    other_coding: bool,
+    /// `chunked` named more than once (RFC 9112 §6.1 forbids it): hyper would undo
+    /// one, and the body would reach the backend still chunked. A 400.
+    chunked_twice: bool,
+    seen_chunked: bool,
     present: Present,
 }
 
@@ -544,6 +578,10 @@ impl Fields {
             host: r.host.clone(),
             content_length: None,
             upgrade: false,
+            hosts_repeated: false,
+            other_coding: false,
+            chunked_twice: false,
+            seen_chunked: false,
             present: Present {
                 host: r.host.is_some(),
                 request_id: r.request_id.is_some(),
@@ -558,6 +596,7 @@ fn scan(headers: &HeaderMap) -> Fields {
     for (name, value) in headers {
         f.bytes += name.as_str().len() + value.len() + 4;
         if name == header::HOST {
+            f.hosts_repeated |= f.host.is_some();
             f.host.get_or_insert_with(|| value.clone());
             f.present.host = true;
         } else if name == header::CONTENT_LENGTH {
@@ -567,6 +606,9 @@ fn scan(headers: &HeaderMap) -> Fields {
         } else if is_hop_by_hop(name) {
             f.present.hop_by_hop = true;
             f.upgrade |= name == header::UPGRADE;
+            if name == header::TRANSFER_ENCODING {
+                transfer_codings(value, &mut f);
+            }
         } else {
             match name.as_str() {
                 "x-forwarded-for" => f.present.forwarded_for = true,
@@ -581,6 +623,19 @@ fn scan(headers: &HeaderMap) -> Fields {
         }
     }
     f
+}
+
+/// Notes in `f` what a `Transfer-Encoding` field names besides one `chunked` (hyper
+/// has already refused a request whose last coding is not `chunked`).
+fn transfer_codings(value: &HeaderValue, f: &mut Fields) {
+    for t in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if t.eq_ignore_ascii_case(b"chunked") {
+            f.chunked_twice |= f.seen_chunked;
+            f.seen_chunked = true;
+        } else if !t.is_empty() {
+            f.other_coding = true;
+        }
+    }
 }
 
 fn is_hop_by_hop(n: &HeaderName) -> bool {

@@ -491,6 +491,145 @@ async fn malformed_requests_get_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_two_host_fields_gets_400_and_reaches_no_backend() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // Which Host a backend believes need not be the one rampart routed on (RFC 9112
+    // §3.2 requires the 400). Read by rampart's own parser with the fields passed as
+    // written, with a field that makes it build a map, and by hyper (chunked).
+    let requests: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive\r\nhost: b.test\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nHost: b.test\r\n\r\n0\r\n\r\n",
+    ];
+    for req in requests {
+        let r = raw(addr, req, Duration::from_secs(10)).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        assert!(r.contains("more than one Host") || r.contains("request-id"), "{r}");
+    }
+    let h2 = Request::get("http://a.test/")
+        .header("host", "a.test")
+        .header("host", "b.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send_h2(addr, h2).await.status, 400);
+    assert_eq!(o.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_sees_the_host_the_request_was_routed_on() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+host = "a.test"
+pool = "a"
+[[routes]]
+host = "b.test"
+pool = "b"
+[pools.a]
+backends = ["{}"]
+[pools.b]
+backends = ["{}"]
+"#,
+        a.addr, b.addr
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    // An absolute-form target names the host, and a Host that differs is replaced
+    // (RFC 9112 §3.2.2), not passed on beside a routing decision made on the other.
+    let r = raw(
+        addr,
+        b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Over HTTP/2, `:authority` and a Host field that differs.
+    let h2 = Request::get("http://a.test/y")
+        .header("host", "b.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send_h2(addr, h2).await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "a".to_string()));
+    assert_eq!((a.hits(), b.hits()), (2, 0));
+    for seen in a.seen_headers.lock().unwrap().iter() {
+        let hosts: Vec<_> = seen.get_all("host").iter().collect();
+        assert_eq!(hosts, ["a.test"], "{seen:?}");
+        assert_eq!(seen["x-forwarded-host"], "a.test");
+    }
+    // Userinfo in the target is an error (RFC 9110 §4.2.4).
+    let r = raw(
+        addr,
+        b"GET http://b.test@a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!((a.hits(), b.hits()), (2, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // hyper accepts it (chunked is last); forwarded re-chunked without the gzip, the
+    // backend would take the compressed bytes for the body. nginx and Envoy answer 501.
+    let r = raw(
+        addr,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 501"), "{r}");
+    assert_eq!(o.hits(), 0);
+    // Chunked twice: hyper would undo one, and the backend would get the other as data.
+    for te in ["chunked, chunked", "chunked\r\nTransfer-Encoding: chunked"] {
+        let req = format!("POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: {te}\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+        let r = raw(addr, req.as_bytes(), Duration::from_secs(10)).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{te}: {r}");
+    }
+    assert_eq!(o.hits(), 0);
+    // `chunked` alone, in any case, goes through.
+    for te in ["Chunked", "chunked", " chunked "] {
+        let req = format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: {te}\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+        let r = raw(addr, req.as_bytes(), Duration::from_secs(10)).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{te}: {r}");
+        assert!(r.contains("abc"), "{te}: {r}");
+    }
+    assert_eq!(o.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_beside_transfer_encoding_smuggles_nothing() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // Read by its Content-Length, the body would carry a second request; read as
+    // chunked, that request follows an empty body. Chunked wins (RFC 9112 §6.3), the
+    // length goes, and the connection closes after the response, so the bytes after
+    // the body are never read as a request.
+    let req = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+    let t = Instant::now();
+    let r = raw(addr, req, Duration::from_secs(10)).await;
+    assert!(t.elapsed() < Duration::from_secs(8), "the connection stayed open");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "{r}");
+    assert_eq!(o.hits(), 1);
+    let seen = o.seen_headers.lock().unwrap()[0].clone();
+    assert_ne!(
+        seen.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"40"[..]),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_1_0_request_without_host_reaches_the_backend_with_one() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));

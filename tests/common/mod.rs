@@ -465,16 +465,22 @@ pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-/// One request over HTTP/2 with prior knowledge (h2c).
+/// One GET over HTTP/2 with prior knowledge (h2c).
 pub async fn get_h2(addr: SocketAddr, path: &str) -> Reply {
+    let req = Request::get(format!("http://test.local{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send_h2(addr, req).await
+}
+
+/// One request over HTTP/2 with prior knowledge (h2c); its URI's authority goes out
+/// as `:authority`.
+pub async fn send_h2(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = Request::get(format!("http://test.local{path}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
     let resp = tx.send_request(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     Reply {
