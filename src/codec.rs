@@ -298,17 +298,18 @@ pub fn parse_response(
     {
         Framing::Empty
     } else if f.transfer_encoding {
+        // Only `chunked` can be passed on: the client side frames the body anew and
+        // `Transfer-Encoding` is hop-by-hop, so a `gzip` coding would reach the client
+        // unlabelled, as if it were the content. nginx answers 502 too.
+        if f.other_coding || !f.chunked {
+            return Err("unsupported transfer coding");
+        }
         // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, and a message
         // with both may be an attack on some hop: never reuse that connection.
         if f.content_length != LengthField::Absent {
             keep_alive = false;
         }
-        if f.chunked {
-            Framing::Chunked
-        } else {
-            keep_alive = false;
-            Framing::UntilClose
-        }
+        Framing::Chunked
     } else {
         match f.content_length {
             LengthField::Absent => {
@@ -406,8 +407,11 @@ pub(crate) fn header_name(raw: &[u8]) -> Option<HeaderName> {
 struct FramingFields {
     content_length: LengthField,
     transfer_encoding: bool,
-    /// The last transfer coding is `chunked`.
+    /// `chunked` is named once, and last.
     chunked: bool,
+    /// A coding besides `chunked`, or `chunked` twice: rampart frames the body anew
+    /// for the client and could only pass it on mislabelled.
+    other_coding: bool,
     close: bool,
     keep_alive: bool,
     /// A `Connection` field names other fields (hop-by-hop too).
@@ -438,10 +442,15 @@ impl FramingFields {
             }
             17 if is("transfer-encoding") => {
                 self.transfer_encoding = true;
-                self.chunked = value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|t| eq_lower(t.trim_ascii(), b"chunked"));
+                for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if eq_lower(t, b"chunked") {
+                        self.other_coding |= self.chunked;
+                        self.chunked = true;
+                    } else if !t.is_empty() {
+                        // Even before a `chunked`: that one would not be last.
+                        self.other_coding = true;
+                    }
+                }
                 false
             }
             10 if is("connection") => {
@@ -815,10 +824,6 @@ mod tests {
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
                 (Framing::Chunked, true),
             ),
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
-                (Framing::UntilClose, false),
-            ),
             ("HTTP/1.1 200 OK\r\nserver: x\r\n\r\n", (Framing::UntilClose, false)),
             (
                 "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
@@ -849,6 +854,21 @@ mod tests {
         .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
         assert!(!h.header_map().contains_key(header::CONTENT_LENGTH));
+        // Codings rampart cannot pass on: the body would reach the client unlabelled.
+        for te in [
+            "gzip",
+            "gzip, chunked",
+            "chunked, gzip",
+            "chunked, chunked",
+            "gzip\r\ntransfer-encoding: chunked",
+        ] {
+            let wire = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert_eq!(parse(&wire, false).err(), Some("unsupported transfer coding"), "{te}");
+        }
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding:  Chunked \r\n\r\n"),
+            (Framing::Chunked, true)
+        );
         assert!(
             !h.header_map().contains_key(header::TRANSFER_ENCODING),
             "hop-by-hop: not passed on"

@@ -158,7 +158,8 @@ impl Conn {
             }
         }
         let head_request = req.head.method == http::Method::HEAD;
-        match (self.read_head(head_request, req.head.raw_response).await, write_failed) {
+        let read = self.read_head(head_request, req.head.raw_response, req.head.added.upgrade);
+        match (read.await, write_failed) {
             (Ok(mut head), failed) => {
                 head.keep_alive &= failed.is_none();
                 Ok(head)
@@ -240,7 +241,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn read_head(&mut self, head_request: bool, raw_ok: bool) -> Result<Head, SendError> {
+    async fn read_head(&mut self, head_request: bool, raw_ok: bool, upgrade: bool) -> Result<Head, SendError> {
         // Anything heard from the backend since the request began: it saw the request.
         let mut heard = !self.buf.is_empty();
         loop {
@@ -253,6 +254,14 @@ impl Conn {
                 }
                 // 100 Continue, 103 Early Hints: the final answer follows.
                 Ok(Some(h)) if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS => {}
+                // A switch the request did not ask for (RFC 9110 §15.2.2): passed on,
+                // the client would get a 101 it cannot act on and a closed connection.
+                Ok(Some(h)) if h.status == StatusCode::SWITCHING_PROTOCOLS && !upgrade => {
+                    return Err(SendError::Failed(ProxyError::BadResponse {
+                        backend: self.addr,
+                        reason: "101 Switching Protocols to a request that asked for no upgrade",
+                    }))
+                }
                 Ok(Some(h)) => return Ok(h),
                 Ok(None) => {
                     self.reserve(0);

@@ -422,6 +422,74 @@ async fn invalid_upstream_response_gives_502() {
     assert_eq!(r.status, 502);
 }
 
+/// An origin that answers each request with the bytes scripted for its path (404
+/// for any other), over as many keep-alive requests as a connection brings.
+async fn scripted_origin(script: &'static [(&'static str, &'static [u8])]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("");
+                        let answer = script
+                            .iter()
+                            .find(|(p, _)| *p == path)
+                            .map_or(&b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"[..], |(_, a)| a);
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_rampart_cannot_pass_on_intact_get_502() {
+    let origin = scripted_origin(&[
+        (
+            "/ok",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
+        // Re-chunked for the client without the gzip, the compressed bytes would
+        // pass for the content. nginx answers 502 too.
+        (
+            "/gzip",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "/gzip-last",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
+        ),
+        // A switch to a protocol nobody asked for (RFC 9110 §15.2.2).
+        (
+            "/switch",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        ),
+    ])
+    .await;
+    let (_srv, addr) = start_proxy(&pool_config(&[origin], NO_HEALTH_CHECKS));
+    let r = get(addr, "/ok").await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "abc".to_string()));
+    for path in ["/gzip", "/gzip-last", "/switch"] {
+        let r = get(addr, path).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_mid_body_aborts_the_client_response_instead_of_truncating_silently() {
     let o = TestOrigin::start("o", Behavior::ResetMidBody).await;
