@@ -346,7 +346,7 @@ fn prepare(
         return Err(ProxyError::BadRequest("missing Host header"));
     }
     let host = match &host_value {
-        Some(v) => Some(v.to_str().map_err(|_| ProxyError::BadRequest("invalid Host header"))?),
+        Some(v) => Some(crate::router::host_str(v.as_bytes()).ok_or(ProxyError::BadRequest("invalid Host header"))?),
         None => None,
     };
     let route_idx = snap

@@ -585,6 +585,39 @@ async fn a_request_with_two_host_fields_gets_400_and_reaches_no_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_is_not_a_host_gets_400() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // RFC 9112 §3.2: a Host with an invalid value is a 400. A backend that builds
+    // links or cache keys from it must not get a path, a user or a second port.
+    for host in [
+        "a b",
+        "a/b",
+        "evil.test/x?",
+        "a\\b",
+        "user@a.test",
+        "a.test:80x",
+        "a:b:c",
+        "[::1",
+    ] {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let r = raw(addr, req.as_bytes(), Duration::from_secs(10)).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{host:?}: {r}");
+    }
+    assert_eq!(o.hits(), 0);
+    for host in [
+        "a.test",
+        "A.Test:8080",
+        "127.0.0.1",
+        "[::1]:8443",
+        "xn--bcher-kva.example",
+    ] {
+        assert_eq!(get_with(addr, "/", &[("host", host)]).await.status, 200, "{host:?}");
+    }
+    assert_eq!(o.hits(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_sees_the_host_the_request_was_routed_on() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
     let b = TestOrigin::start("b", Behavior::Healthy).await;
