@@ -322,6 +322,11 @@ fn prepare(
     if fields.other_coding {
         return Err(ProxyError::NotImplemented("a transfer coding other than chunked"));
     }
+    // HTTP/2 clients split `Cookie` into one field per pair (RFC 9113 §8.2.3), and an
+    // HTTP/1.1 backend must get them joined: many read only the first field.
+    if fields.cookies > 1 && req.version() == Version::HTTP_2 {
+        join_cookies(req.headers_mut());
+    }
 
     // The authority (h2, absolute-form) wins over Host, as RFC 9112 §3.2.2 says.
     let host_value: Option<HeaderValue> = match req.uri().authority() {
@@ -566,6 +571,8 @@ struct Fields {
     /// one, and the body would reach the backend still chunked. A 400.
     chunked_twice: bool,
     seen_chunked: bool,
+    /// How many `Cookie` fields (up to 2: whether they need joining).
+    cookies: u8,
     present: Present,
 }
 
@@ -582,6 +589,7 @@ impl Fields {
             other_coding: false,
             chunked_twice: false,
             seen_chunked: false,
+            cookies: 0,
             present: Present {
                 host: r.host.is_some(),
                 request_id: r.request_id.is_some(),
@@ -603,6 +611,8 @@ fn scan(headers: &HeaderMap) -> Fields {
             f.content_length.get_or_insert_with(|| value.clone());
         } else if name == header::VIA {
             f.present.via = true;
+        } else if name == header::COOKIE {
+            f.cookies = (f.cookies + 1).min(2);
         } else if is_hop_by_hop(name) {
             f.present.hop_by_hop = true;
             f.upgrade |= name == header::UPGRADE;
@@ -727,6 +737,21 @@ fn rewrite_with(
     );
     if !p.request_id {
         added.push("x-request-id", request_id.clone());
+    }
+}
+
+/// Joins every `Cookie` field into one, with "; " (RFC 9113 §8.2.3).
+#[cold]
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut joined = Vec::with_capacity(128);
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+        headers.insert(header::COOKIE, v);
     }
 }
 

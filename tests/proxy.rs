@@ -585,6 +585,32 @@ async fn a_request_with_two_host_fields_gets_400_and_reaches_no_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_clients_cookie_fields_reach_the_backend_as_one() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // Browsers send each pair as its own field over HTTP/2; an HTTP/1.1 backend must
+    // get one field (RFC 9113 §8.2.3), as many frameworks read only the first.
+    let req = Request::get("http://test.local/")
+        .header("cookie", "a=1")
+        .header("x-other", "x")
+        .header("cookie", "b=2; c=3")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send_h2(addr, req).await.status, 200);
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    let cookies: Vec<_> = seen.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"], "{seen:?}");
+    // One field stays as it is.
+    let req = Request::get("http://test.local/")
+        .header("cookie", "solo=1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send_h2(addr, req).await.status, 200);
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen.get_all("cookie").iter().collect::<Vec<_>>(), ["solo=1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_is_not_a_host_gets_400() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
