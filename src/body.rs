@@ -8,9 +8,11 @@
 //!
 //! Enums rather than boxed trait objects: no allocation per request.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -27,6 +29,21 @@ pub enum ReqBodyError {
     TooLarge(u64),
     #[error("client body: {0}")]
     Client(#[source] hyper::Error),
+    /// Nothing arrived for `client_body_timeout`.
+    #[error("no request body bytes for {0:?}")]
+    Idle(Duration),
+}
+
+impl ReqBodyError {
+    /// The request's failure, answered to the client; none of these is the backend's.
+    pub fn into_proxy_error(self) -> crate::error::ProxyError {
+        use crate::error::ProxyError;
+        match self {
+            ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit },
+            ReqBodyError::Client(e) => ProxyError::ClientBody(e),
+            ReqBodyError::Idle(d) => ProxyError::ClientBodyTimeout(d),
+        }
+    }
 }
 
 /// A request's body as the client sent it.
@@ -43,8 +60,9 @@ pub enum InBody {
 /// The request body sent to a backend.
 #[derive(Debug)]
 pub enum ReqBody {
-    /// Streams from the client, to one try only.
-    Stream(StreamBody),
+    /// Streams from the client, to one try only. Boxed: it is the rare kind, and
+    /// every request's `UpRequest` is moved between futures a few times.
+    Stream(Box<StreamBody>),
     /// Fully buffered, so every try (and hedge) sends the same bytes; `Conn::send`
     /// only borrows them. `None`: no body.
     Buffered(Option<Bytes>),
@@ -64,6 +82,16 @@ pub struct StreamBody {
     inner: Source,
     limit: Option<u64>,
     seen: u64,
+    /// `client_body_timeout`: the longest wait for the client's next frame.
+    idle: Duration,
+    /// The pool's per-try timeout, for the backend's side (`upstream::Conn::send`).
+    try_timeout: Duration,
+    /// Set when the client first keeps us waiting for a frame: the time we spend
+    /// waiting on the backend between frames is not the client's. Boxed, as `Sleep`
+    /// is large and most bodies never wait.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `timer` runs for the frame being waited for.
+    waiting: bool,
 }
 
 #[derive(Debug)]
@@ -74,21 +102,35 @@ enum Source {
 }
 
 impl StreamBody {
-    pub fn new(inner: Incoming, limit: Option<u64>) -> StreamBody {
+    pub fn new(inner: Incoming, limit: Option<u64>, idle: Duration, try_timeout: Duration) -> StreamBody {
         StreamBody {
             inner: Source::Incoming(inner),
             limit,
             seen: 0,
+            idle,
+            try_timeout,
+            timer: None,
+            waiting: false,
         }
     }
 
     /// A body already in hand, sent once.
-    pub fn once(bytes: Bytes) -> StreamBody {
+    pub fn once(bytes: Bytes, try_timeout: Duration) -> StreamBody {
         StreamBody {
             inner: Source::Once(Some(bytes).filter(|b| !b.is_empty())),
             limit: None,
             seen: 0,
+            idle: Duration::MAX,
+            try_timeout,
+            timer: None,
+            waiting: false,
         }
+    }
+}
+
+impl StreamBody {
+    pub fn try_timeout(&self) -> Duration {
+        self.try_timeout
     }
 }
 
@@ -104,6 +146,7 @@ impl Body for StreamBody {
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
                     if let Some(l) = this.limit {
@@ -116,7 +159,23 @@ impl Body for StreamBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ReqBodyError::Client(e)))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = match &mut this.timer {
+                    Some(t) => {
+                        if !this.waiting {
+                            t.as_mut().reset(tokio::time::Instant::now() + idle);
+                        }
+                        t
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(idle))),
+                };
+                this.waiting = true;
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(ReqBodyError::Idle(idle)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -25,6 +25,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 /// Slowloris defence: time to send complete request headers, and for a new connection
 /// to send its first byte (HAProxy's `timeout http-request`).
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between two reads of a request body from the client: nginx's
+/// `client_body_timeout` default. A client that stalls mid-upload gets a 408.
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle wait for the next request on a client keep-alive connection: nginx's
 /// `keepalive_timeout` default. An idle connection holds no buffers, so this is cheap.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
@@ -114,6 +117,7 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub client_header_timeout: Duration,
+    pub client_body_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
@@ -275,6 +279,14 @@ pub struct HealthCheckConfig {
     pub fall: u32,
 }
 
+impl PoolConfig {
+    /// How long one try waits for the response head: `retry.per_try_timeout`, else
+    /// `response_timeout`.
+    pub fn try_timeout(&self) -> Duration {
+        self.retry.per_try_timeout.unwrap_or(self.response_timeout)
+    }
+}
+
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
@@ -353,6 +365,8 @@ struct FileServer {
     max_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     client_header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    client_body_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     keepalive_timeout: Option<Duration>,
     max_header_bytes: Option<usize>,
@@ -712,6 +726,10 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
     if client_header_timeout.is_zero() {
         errs.push("server.client_header_timeout", "must be greater than 0");
     }
+    let client_body_timeout = raw.client_body_timeout.unwrap_or(DEFAULT_CLIENT_BODY_TIMEOUT);
+    if client_body_timeout.is_zero() {
+        errs.push("server.client_body_timeout", "must be greater than 0");
+    }
     let keepalive_timeout = raw.keepalive_timeout.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
     if keepalive_timeout.is_zero() {
         errs.push("server.keepalive_timeout", "must be greater than 0");
@@ -746,6 +764,7 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
         max_connections,
         client_header_timeout,
+        client_body_timeout,
         keepalive_timeout,
         max_header_bytes,
         max_uri_bytes,

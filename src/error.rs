@@ -82,6 +82,9 @@ pub enum ProxyError {
     NotImplemented(&'static str),
     #[error("client closed or failed while sending the request body: {0}")]
     ClientBody(hyper::Error),
+    /// The client sent no request body bytes for `client_body_timeout`.
+    #[error("client sent no request body bytes for {0:?}")]
+    ClientBodyTimeout(std::time::Duration),
     #[error("server is shutting down")]
     ShuttingDown,
 }
@@ -109,6 +112,7 @@ impl ProxyError {
             HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BadRequest(_) | ClientBody(_) => StatusCode::BAD_REQUEST,
             NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -121,7 +125,8 @@ impl ProxyError {
             | HeadersTooLarge { .. }
             | BadRequest(_)
             | NotImplemented(_)
-            | ClientBody(_) => Side::Client,
+            | ClientBody(_)
+            | ClientBodyTimeout(_) => Side::Client,
             NoHealthyBackend { .. } | CircuitOpen { .. } | ShuttingDown => Side::Internal,
             Connect { .. }
             | ConnectTimeout { .. }
@@ -202,6 +207,7 @@ impl ProxyError {
             BadRequest(_) => "bad_request",
             NotImplemented(_) => "not_implemented",
             ClientBody(_) => "client_body",
+            ClientBodyTimeout(_) => "client_body_timeout",
             ShuttingDown => "shutting_down",
         }
     }
@@ -212,6 +218,7 @@ impl ProxyError {
             self,
             ProxyError::BodyTooLarge { .. }
                 | ProxyError::ClientBody(_)
+                | ProxyError::ClientBodyTimeout(_)
                 | ProxyError::BadRequest(_)
                 | ProxyError::NotImplemented(_)
                 | ProxyError::ShuttingDown
@@ -321,6 +328,7 @@ mod tests {
             (ProxyError::HeadersTooLarge { limit: 1 }, 431),
             (ProxyError::BadRequest("x"), 400),
             (ProxyError::NotImplemented("x"), 501),
+            (ProxyError::ClientBodyTimeout(std::time::Duration::from_secs(1)), 408),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

@@ -20,7 +20,7 @@ use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::body::RespBody;
+use crate::body::{ReqBody, RespBody};
 use crate::breaker::Limit;
 use crate::codec::{Head, RespFields};
 use crate::config::HedgeDelay;
@@ -89,7 +89,7 @@ pub async fn forward(
         .map_err(|l| breaker_error(pool, l))?;
     pool.budget.deposit();
     let mut attempts = Attempts::new(pool, &req);
-    let try_timeout = cfg.retry.per_try_timeout.unwrap_or(cfg.response_timeout);
+    let try_timeout = cfg.try_timeout();
     // A replay template exists only for replay-safe (idempotent) requests.
     let retryable_after_send = attempts.replayable();
     let opts = TryOpts {
@@ -380,7 +380,14 @@ async fn try_backend(
         };
         let in_flight = backend.state.start_request();
         let sent_at = crate::clock::tokio_now();
-        let head = match by(deadline, conn.send(&mut request)).await {
+        // A body still arriving from the client: the try's timeout starts once it is
+        // sent (`Conn::send`), not before the upload. Never hedged, so the deadline
+        // is this try's own.
+        let bound = match request.body {
+            ReqBody::Stream(_) => None,
+            ReqBody::Buffered(_) => deadline,
+        };
+        let head = match by(bound, conn.send(&mut request)).await {
             Err(_) => return timed_out(pool, bi),
             Ok(Err(SendError::Fatal(e))) => return Outcome::Fatal(e),
             Ok(Err(SendError::Unsent(_))) if reused && stale_left > 0 => {

@@ -208,7 +208,15 @@ pub fn handle(
             };
             pool_idx = Some(p.pool);
             let pool = &snap.pools[p.pool];
-            let body = match retry::prepare_body(p.body, p.content_length, p.max_body_bytes, &pool.config).await {
+            let body = match retry::prepare_body(
+                p.body,
+                p.content_length,
+                p.max_body_bytes,
+                &pool.config,
+                snap.config.server.client_body_timeout,
+            )
+            .await
+            {
                 Ok(b) => b,
                 Err(e) => break 'proxied Err(e),
             };

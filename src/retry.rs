@@ -23,9 +23,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
-use crate::body::{InBody, ReqBody, StreamBody};
+use crate::body::{InBody, ReqBody, ReqBodyError, StreamBody};
 use crate::codec::UpHead;
 use crate::config::PoolConfig;
 use crate::error::ProxyError;
@@ -55,33 +54,35 @@ pub async fn prepare_body(
     content_length: Option<u64>,
     limit: Option<u64>,
     pool: &PoolConfig,
+    idle: Duration,
 ) -> Result<ReqBody, ProxyError> {
     // A body is kept for replay when a retry may happen and it is small enough.
     let kept = |len: u64| pool.retry.attempts > 1 && len <= pool.retry.max_replay_bytes;
-    let mut incoming = match body {
+    let incoming = match body {
         InBody::Empty => return Ok(ReqBody::empty()),
         InBody::Full(b) if b.is_empty() => return Ok(ReqBody::empty()),
         // Its length is its Content-Length, already checked against `limit`.
         InBody::Full(b) if kept(b.len() as u64) => return Ok(ReqBody::Buffered(Some(b))),
-        InBody::Full(b) => return Ok(ReqBody::Stream(StreamBody::once(b))),
+        InBody::Full(b) => return Ok(ReqBody::Stream(Box::new(StreamBody::once(b, pool.try_timeout())))),
         InBody::Incoming(i) if i.is_end_stream() => return Ok(ReqBody::empty()),
         InBody::Incoming(i) => i,
     };
+    let mut stream = StreamBody::new(incoming, limit, idle, pool.try_timeout());
     if let Some(len) = content_length.filter(|&l| kept(l)) {
         let cap = limit.map_or(len, |l| l.min(len)) as usize;
-        if let Some(bytes) = collect_limited(&mut incoming, cap).await? {
+        if let Some(bytes) = collect_limited(&mut stream, cap).await? {
             return Ok(ReqBody::Buffered(Some(bytes)));
         }
         return Err(ProxyError::BadRequest("request body longer than its Content-Length"));
     }
-    Ok(ReqBody::Stream(StreamBody::new(incoming, limit)))
+    Ok(ReqBody::Stream(Box::new(stream)))
 }
 
 /// Reads a whole small body for replay; `None` when it is longer than `limit`.
-async fn collect_limited(body: &mut Incoming, limit: usize) -> Result<Option<Bytes>, ProxyError> {
+async fn collect_limited(body: &mut StreamBody, limit: usize) -> Result<Option<Bytes>, ProxyError> {
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(ProxyError::ClientBody)?;
+        let frame = frame.map_err(ReqBodyError::into_proxy_error)?;
         if let Some(d) = frame.data_ref() {
             if buf.len() + d.len() > limit {
                 return Ok(None);

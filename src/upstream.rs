@@ -32,7 +32,7 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::body::{ReqBody, ReqBodyError, StreamBody};
+use crate::body::{ReqBody, StreamBody};
 use crate::breaker::Slot;
 use crate::codec::{self, Chunked, Decoded, Framing, Head, ReqFraming, UpHead};
 use crate::error::ProxyError;
@@ -118,6 +118,14 @@ impl Conn {
     /// Sends `req` and reads the response head, skipping interim (1xx) responses other
     /// than 101. The request is only borrowed: when nothing of it was written
     /// (`SendError::Unsent`) the caller still has it whole.
+    ///
+    /// A streamed body (`ReqBody::Stream`) carries the per-try timeout, which then
+    /// bounds each wait for the backend to take body bytes and, once the body is
+    /// sent, the wait for the response head (as nginx's `proxy_send_timeout` and
+    /// `proxy_read_timeout`; Envoy's route timeout also starts at the end of the
+    /// request). An upload takes what the client takes, and a client that stalls it
+    /// hits `client_body_timeout`, a 408, rather than the backend's 504. Otherwise
+    /// the caller's deadline bounds the whole exchange.
     pub async fn send(&mut self, req: &mut UpRequest) -> Result<Head, SendError> {
         let framing = match &req.body {
             ReqBody::Buffered(Some(b)) if !b.is_empty() => ReqFraming::Length(b.len() as u64),
@@ -151,15 +159,31 @@ impl Conn {
             Err((stop @ WriteStop::Answered, _)) => write_failed = Some(stop.into_error()),
         }
         if let (ReqBody::Stream(body), None) = (&mut req.body, &write_failed) {
-            match self.write_body(body, framing).await {
+            // Boxed: its timers are a streamed body's cost, not every request's.
+            match Box::pin(self.write_body(body, framing)).await {
                 Ok(()) => {}
                 Err(BodyWrite::Client(e)) => return Err(SendError::Fatal(e)),
                 Err(BodyWrite::Backend(stop)) => write_failed = Some(stop.into_error()),
+                Err(BodyWrite::Stalled) => return Err(SendError::Failed(self.timed_out())),
             }
         }
         let head_request = req.head.method == http::Method::HEAD;
-        let read = self.read_head(head_request, req.head.raw_response, req.head.added.upgrade);
-        match (read.await, write_failed) {
+        let (raw_ok, upgrade) = (req.head.raw_response, req.head.added.upgrade);
+        // One call site, so that the read stays inlined into the try's future, and the
+        // timer boxed, so that a request without one carries only an empty pointer.
+        let timer = match &req.body {
+            ReqBody::Stream(b) => Some(Box::pin(tokio::time::sleep(b.try_timeout()))),
+            ReqBody::Buffered(_) => None,
+        };
+        let read = Bounded {
+            timer,
+            f: self.read_head(head_request, raw_ok, upgrade),
+        };
+        let read = match read.await {
+            Some(r) => r,
+            None => Err(SendError::Failed(self.timed_out())),
+        };
+        match (read, write_failed) {
             (Ok(mut head), failed) => {
                 head.keep_alive &= failed.is_none();
                 Ok(head)
@@ -168,6 +192,10 @@ impl Conn {
             (Err(SendError::Failed(e)), Some(_)) if e.never_read() => Err(SendError::Failed(e)),
             (Err(_), Some(e)) => Err(SendError::Failed(self.closed(e))),
         }
+    }
+
+    fn timed_out(&self) -> ProxyError {
+        ProxyError::ResponseTimeout { backend: self.addr }
     }
 
     fn closed(&self, source: io::Error) -> ProxyError {
@@ -211,27 +239,27 @@ impl Conn {
         .await
     }
 
+    /// The backend may take no bytes for the body's `try_timeout` while some wait.
     async fn write_body(&mut self, body: &mut StreamBody, framing: ReqFraming) -> Result<(), BodyWrite> {
+        let stall = body.try_timeout();
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                BodyWrite::Client(match e {
-                    ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit },
-                    ReqBodyError::Client(_) => ProxyError::BadRequest("client request body failed"),
-                })
-            })?;
+            let frame = frame.map_err(|e| BodyWrite::Client(e.into_proxy_error()))?;
             // Trailers are dropped (HTTP/1.1 backends rarely accept them).
             let Ok(data) = frame.into_data() else { continue };
             if data.is_empty() {
                 continue;
             }
-            let r = if framing == ReqFraming::Chunked {
-                let (size, n) = codec::chunk_header(data.len());
-                self.write_all(&mut [IoSlice::new(&size[..n]), IoSlice::new(&data), IoSlice::new(b"\r\n")])
-                    .await
-            } else {
-                self.write_all(&mut [IoSlice::new(&data)]).await
+            let (size, n) = codec::chunk_header(data.len());
+            let mut chunked = [IoSlice::new(&size[..n]), IoSlice::new(&data), IoSlice::new(b"\r\n")];
+            let mut plain = [IoSlice::new(&data)];
+            let bufs: &mut [IoSlice<'_>] = match framing {
+                ReqFraming::Chunked => &mut chunked,
+                _ => &mut plain,
             };
-            r.map_err(|(e, _)| BodyWrite::Backend(e))?;
+            match tokio::time::timeout(stall, self.write_all(bufs)).await {
+                Ok(r) => r.map_err(|(e, _)| BodyWrite::Backend(e))?,
+                Err(_) => return Err(BodyWrite::Stalled),
+            }
         }
         if framing == ReqFraming::Chunked {
             self.write_all(&mut [IoSlice::new(b"0\r\n\r\n")])
@@ -371,9 +399,35 @@ impl Conn {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// `f`, or `None` once `timer` (when there is one) fires first.
+    struct Bounded<F> {
+        #[pin]
+        f: F,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F: Future> Future for Bounded<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.f.poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        match this.timer {
+            Some(t) => t.as_mut().poll(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    }
+}
+
 enum BodyWrite {
     Client(ProxyError),
     Backend(WriteStop),
+    /// The backend took no bytes for the per-try timeout.
+    Stalled,
 }
 
 /// Why a write to the backend stopped short.

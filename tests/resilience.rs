@@ -204,6 +204,68 @@ async fn backend_serving_503s_is_retried_around_and_ejected() {
     assert_eq!(backend_field(&st, sick.addr, "ejected"), true);
 }
 
+/// Sends a POST head declaring `len` body bytes, then `chunks` of the body with
+/// `pause` between them, and reads until rampart closes or 10 s pass.
+async fn upload(addr: std::net::SocketAddr, len: usize, chunks: &[usize], pause: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST /count HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    for &n in chunks {
+        if s.write_all(&vec![b'x'; n]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_its_upload_gets_408_and_the_backend_is_not_blamed() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    // One failure counted against the backend would eject it; the response timeout is
+    // shorter than the body timeout, so a clock that ran during the upload would give
+    // the backend a 504 first.
+    let pool = "outlier = { consecutive_failures = 1 }\nresponse_timeout = \"200ms\"";
+    let toml = with_server_setting(&pool_config(&[o.addr], pool), "client_body_timeout = \"500ms\"");
+    let (srv, addr) = start_proxy(&toml);
+    // Small (kept whole for a retry before it goes out) and large (streamed to the
+    // backend as it arrives), each stalled after its first bytes.
+    for (len, sent) in [(100, 10), (10_000_000, 300_000)] {
+        let t = Instant::now();
+        let r = upload(addr, len, &[sent], Duration::ZERO).await;
+        assert!(r.starts_with("HTTP/1.1 408"), "{len}: {r}");
+        assert!(t.elapsed() < Duration::from_secs(8), "{len}: {:?}", t.elapsed());
+    }
+    let st = status_of(&srv).await;
+    assert_eq!(backend_field(&st, o.addr, "ejected"), false, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_slower_than_the_response_timeout_still_gets_its_answer() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    // The response timeout runs from the end of the request, as in nginx and Envoy:
+    // an upload that takes 1.5 s is not a backend that failed to answer in 300 ms.
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], "response_timeout = \"300ms\""));
+    let chunks = [100_000; 10];
+    let r = upload(addr, 1_000_000, &chunks, Duration::from_millis(150)).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with("1000000"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_try_timeout() {
+    // Reads the head, never the body: the upload fills the socket buffers and stops.
+    let o = TestOrigin::start("o", Behavior::Freeze).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], "response_timeout = \"300ms\""));
+    let t = Instant::now();
+    let r = upload(addr, 64_000_000, &[64_000_000], Duration::ZERO).await;
+    assert!(r.starts_with("HTTP/1.1 504"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_passed_through_when_no_retry_is_possible() {
     let sick = TestOrigin::start("sick", Behavior::Status(503)).await;

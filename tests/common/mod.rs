@@ -302,6 +302,15 @@ async fn healthy(name: &str, mut req: Request<Incoming>) -> Response<OriginBody>
             let body = req.into_body();
             Response::new(body.boxed())
         }
+        "/count" => {
+            // Reads the whole body before answering, as an upload handler does, and
+            // answers its length.
+            let n = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes().len().to_string(),
+                Err(e) => format!("body failed: {e}"),
+            };
+            Response::new(Full::new(Bytes::from(n)).map_err(|e| match e {}).boxed())
+        }
         "/ws" => {
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
