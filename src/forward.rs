@@ -399,9 +399,13 @@ async fn try_backend(
             Ok(Err(SendError::Failed(e))) => return Outcome::Failed(e, None),
             Ok(Ok(h)) => h,
         };
-        let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
-        backend.state.observe_latency(ttfb);
-        pool.latency.record(ttfb);
+        // The balancer's latency and the hedge delay's p95 are the backend's: a
+        // streamed upload's time to the head is mostly the client's.
+        if let ReqBody::Buffered(_) = request.body {
+            let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
+            backend.state.observe_latency(ttfb);
+            pool.latency.record(ttfb);
+        }
         let Head {
             status,
             fields,

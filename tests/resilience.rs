@@ -248,11 +248,17 @@ async fn an_upload_slower_than_the_response_timeout_still_gets_its_answer() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     // The response timeout runs from the end of the request, as in nginx and Envoy:
     // an upload that takes 1.5 s is not a backend that failed to answer in 300 ms.
-    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], "response_timeout = \"300ms\""));
+    let (srv, addr) = start_proxy(&pool_config(&[o.addr], "response_timeout = \"300ms\""));
     let chunks = [100_000; 10];
     let r = upload(addr, 1_000_000, &chunks, Duration::from_millis(150)).await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(r.ends_with("1000000"), "{r}");
+    // Nor is the upload's time the backend's latency, for the balancer (peak-EWMA
+    // takes a peak at once) or the hedge delay.
+    let ewma = backend_field(&status_of(&srv).await, o.addr, "ewma_ms")
+        .as_f64()
+        .unwrap();
+    assert!(ewma < 500.0, "ewma {ewma} ms");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
