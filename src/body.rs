@@ -8,7 +8,6 @@
 //!
 //! Enums rather than boxed trait objects: no allocation per request.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -19,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::breaker::Slot;
+use crate::netio::Stall;
 use crate::state::InFlight;
 use crate::upstream::UpBody;
 
@@ -82,16 +82,11 @@ pub struct StreamBody {
     inner: Source,
     limit: Option<u64>,
     seen: u64,
-    /// `client_body_timeout`: the longest wait for the client's next frame.
-    idle: Duration,
+    /// `client_body_timeout`: the longest wait for the client's next frame. Time
+    /// spent waiting on the backend between frames is not the client's.
+    idle: Stall,
     /// The pool's per-try timeout, for the backend's side (`upstream::Conn::send`).
     try_timeout: Duration,
-    /// Set when the client first keeps us waiting for a frame: the time we spend
-    /// waiting on the backend between frames is not the client's. Boxed, as `Sleep`
-    /// is large and most bodies never wait.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether `timer` runs for the frame being waited for.
-    waiting: bool,
 }
 
 #[derive(Debug)]
@@ -107,10 +102,8 @@ impl StreamBody {
             inner: Source::Incoming(inner),
             limit,
             seen: 0,
-            idle,
+            idle: Stall::new(idle),
             try_timeout,
-            timer: None,
-            waiting: false,
         }
     }
 
@@ -120,10 +113,8 @@ impl StreamBody {
             inner: Source::Once(Some(bytes).filter(|b| !b.is_empty())),
             limit: None,
             seen: 0,
-            idle: Duration::MAX,
+            idle: Stall::new(Duration::MAX),
             try_timeout,
-            timer: None,
-            waiting: false,
         }
     }
 }
@@ -146,7 +137,7 @@ impl Body for StreamBody {
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.waiting = false;
+                this.idle.progressed();
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
                     if let Some(l) = this.limit {
@@ -159,23 +150,8 @@ impl Body for StreamBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ReqBodyError::Client(e)))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                let idle = this.idle;
-                let timer = match &mut this.timer {
-                    Some(t) => {
-                        if !this.waiting {
-                            t.as_mut().reset(tokio::time::Instant::now() + idle);
-                        }
-                        t
-                    }
-                    None => this.timer.insert(Box::pin(tokio::time::sleep(idle))),
-                };
-                this.waiting = true;
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(ReqBodyError::Idle(idle)))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            Poll::Pending if this.idle.expired(cx) => Poll::Ready(Some(Err(ReqBodyError::Idle(this.idle.limit())))),
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -28,6 +28,10 @@ pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two reads of a request body from the client: nginx's
 /// `client_body_timeout` default. A client that stalls mid-upload gets a 408.
 pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a client may take no response bytes before its connection closes:
+/// nginx's `send_timeout` default. Stops a client that never reads from holding a
+/// backend connection (and the backend worker writing to it) for good.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle wait for the next request on a client keep-alive connection: nginx's
 /// `keepalive_timeout` default. An idle connection holds no buffers, so this is cheap.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
@@ -118,6 +122,7 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub client_header_timeout: Duration,
     pub client_body_timeout: Duration,
+    pub send_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
@@ -367,6 +372,8 @@ struct FileServer {
     client_header_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     client_body_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    send_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     keepalive_timeout: Option<Duration>,
     max_header_bytes: Option<usize>,
@@ -730,6 +737,10 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
     if client_body_timeout.is_zero() {
         errs.push("server.client_body_timeout", "must be greater than 0");
     }
+    let send_timeout = raw.send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT);
+    if send_timeout.is_zero() {
+        errs.push("server.send_timeout", "must be greater than 0");
+    }
     let keepalive_timeout = raw.keepalive_timeout.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
     if keepalive_timeout.is_zero() {
         errs.push("server.keepalive_timeout", "must be greater than 0");
@@ -765,6 +776,7 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         max_connections,
         client_header_timeout,
         client_body_timeout,
+        send_timeout,
         keepalive_timeout,
         max_header_bytes,
         max_uri_bytes,

@@ -71,6 +71,8 @@ pub struct Limits {
     /// The longest head the fast path waits for; hyper answers past it.
     pub max_buf: usize,
     pub header_timeout: Duration,
+    /// `send_timeout`: the longest the client may take no response bytes.
+    pub send_timeout: Duration,
 }
 
 /// What the head says about the connection, beyond the request itself.
@@ -186,7 +188,7 @@ pub async fn serve(
         let keep_alive = facts.keep_alive && !tracker.is_stopping();
         out.clear();
         let (framing, keep_alive, body) = encode_answer(&mut out, answer, &facts, keep_alive);
-        let keep_alive = match write_response(&mut stream, &out, body, framing, keep_alive).await {
+        let keep_alive = match write_response(&mut stream, &out, body, framing, keep_alive, limits.send_timeout).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::debug!(client = %info.peer, error = %e, "client connection ended with error");
@@ -544,9 +546,11 @@ async fn write_response(
     mut body: RespBody,
     framing: Framing,
     keep_alive: bool,
+    send_timeout: Duration,
 ) -> io::Result<bool> {
+    let stall = &mut crate::netio::Stall::new(send_timeout);
     if framing == Framing::None {
-        write_all(stream, &mut [IoSlice::new(out)]).await?;
+        write_all(stream, &mut [IoSlice::new(out)], stall).await?;
         return Ok(keep_alive);
     }
     let mut head_pending = true;
@@ -557,7 +561,7 @@ async fn write_response(
                 Poll::Ready(f) => f,
                 Poll::Pending => {
                     // Nothing yet: the client gets the head now, the body as it comes.
-                    write_all(stream, &mut [IoSlice::new(out)]).await?;
+                    write_all(stream, &mut [IoSlice::new(out)], stall).await?;
                     head_pending = false;
                     body.frame().await
                 }
@@ -592,6 +596,7 @@ async fn write_response(
                         IoSlice::new(&data),
                         IoSlice::new(tail),
                     ],
+                    stall,
                 )
                 .await?;
                 if last {
@@ -601,16 +606,16 @@ async fn write_response(
             Framing::Length(n) if sent > n => {
                 return Err(io::Error::other("response body longer than its Content-Length"));
             }
-            _ => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(&data)]).await?,
+            _ => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(&data)], stall).await?,
         }
     }
     let head: &[u8] = if head_pending { out } else { &[] };
     match framing {
-        Framing::Chunked => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")]).await?,
+        Framing::Chunked => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")], stall).await?,
         Framing::Length(n) if sent != n => {
             return Err(io::Error::other("response body shorter than its Content-Length"));
         }
-        _ => write_all(stream, &mut [IoSlice::new(head)]).await?,
+        _ => write_all(stream, &mut [IoSlice::new(head)], stall).await?,
     }
     Ok(keep_alive)
 }

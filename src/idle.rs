@@ -149,6 +149,8 @@ pub struct ParkIo {
     replay: Bytes,
     state: Rc<ParkState>,
     header_timeout: Duration,
+    /// `send_timeout`: a client that takes no response bytes for it is cut off.
+    stall: crate::netio::Stall,
     /// `state.requests` when the fields below were last reset.
     seen_requests: u64,
     /// When the first byte of the next request head arrived.
@@ -156,7 +158,7 @@ pub struct ParkIo {
 }
 
 impl ParkIo {
-    pub fn new(stream: TcpStream, replay: Bytes, state: Rc<ParkState>, header_timeout: Duration) -> ParkIo {
+    pub fn new(stream: TcpStream, replay: Bytes, state: Rc<ParkState>, waits: &IdleWaits) -> ParkIo {
         // The caller saw the first byte of a request (or has replayed bytes).
         let now = Instant::now();
         ParkIo {
@@ -164,7 +166,8 @@ impl ParkIo {
             replay,
             seen_requests: state.requests.get(),
             state,
-            header_timeout,
+            header_timeout: waits.header,
+            stall: crate::netio::Stall::new(waits.send),
             head_started: Some(now),
         }
     }
@@ -254,7 +257,9 @@ impl Read for ParkIo {
 
 impl Write for ParkIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.stall.watch(cx, r)
     }
 
     fn poll_write_vectored(
@@ -262,7 +267,9 @@ impl Write for ParkIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        crate::netio::poll_write_gather(&mut self.get_mut().stream, cx, bufs)
+        let this = self.get_mut();
+        let r = crate::netio::poll_write_gather(&mut this.stream, cx, bufs);
+        this.stall.watch(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -426,6 +433,8 @@ pub struct IdleWaits {
     pub header: Duration,
     /// Between requests on a keep-alive connection (`keepalive_timeout`).
     pub keepalive: Duration,
+    /// The longest the client may take no response bytes (`send_timeout`).
+    pub send: Duration,
 }
 
 /// Waits, holding no buffer, until the client sends its next bytes. `None`: timed

@@ -145,10 +145,12 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
             max_headers: cfg.max_headers,
             max_buf,
             header_timeout: cfg.client_header_timeout,
+            send_timeout: cfg.send_timeout,
         },
         waits: IdleWaits {
             header: cfg.client_header_timeout,
             keepalive: cfg.keepalive_timeout,
+            send: cfg.send_timeout,
         },
     }
 }
@@ -317,7 +319,7 @@ async fn serve_h1(
             Ended::Closed => return,
             Ended::Idle(s) => (s, Bytes::new()),
             Ended::Hyper(s, bytes) => {
-                let io = idle::ParkIo::new(s, bytes, state.clone(), builder.waits.header);
+                let io = idle::ParkIo::new(s, bytes, state.clone(), &builder.waits);
                 match boxed(|| idle::run_h1(&builder.h1, io, &svc, tracker)).await {
                     Some(parked) => parked,
                     None => return,
@@ -357,7 +359,7 @@ async fn serve_h2(
     };
     let conn = builder
         .auto
-        .serve_connection_with_upgrades(TokioIo::new(crate::netio::Gather(stream)), svc);
+        .serve_connection_with_upgrades(TokioIo::new(crate::netio::Gather::new(stream, builder.waits.send)), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -1,12 +1,16 @@
 //! Socket helpers: gathered writes as one `send`, and `write_all` over them (`h1`,
 //! `upstream::Conn`, hyper's connections); reading a tokio socket into hyper's buffer
 //! (`idle::ParkIo`); the kernel's round-trip estimate for a connection
-//! (`upstream::Conn`).
+//! (`upstream::Conn`); and `Stall`, the limit on how long a peer may keep us
+//! waiting (`send_timeout` for clients' sockets, `client_body_timeout` for their
+//! request bodies).
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::rt::ReadBufCursor;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -54,14 +58,17 @@ pub fn poll_write_gather<W: AsyncWrite + Unpin>(
     Pin::new(stream).poll_write(cx, one)
 }
 
-/// Writes every byte of `bufs` (`poll_write_gather`), resuming after partial sends.
-pub async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes every byte of `bufs` (`poll_write_gather`), resuming after partial sends;
+/// fails with `TimedOut` once the socket has taken nothing for `stall`'s limit.
+pub async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>], stall: &mut Stall) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     std::future::poll_fn(|cx| {
         while !bufs.is_empty() {
-            match ready!(poll_write_gather(stream, cx, bufs))? {
-                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                n => IoSlice::advance_slices(&mut bufs, n),
+            let r = poll_write_gather(stream, cx, bufs);
+            match stall.watch(cx, r) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => IoSlice::advance_slices(&mut bufs, n),
+                other => return other.map(|r| r.map(|_| ())),
             }
         }
         Poll::Ready(Ok(()))
@@ -69,19 +76,98 @@ pub async fn write_all(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> 
     .await
 }
 
+/// How long a peer may keep an operation waiting: armed when the operation first
+/// returns `Pending`, rearmed for each new wait, so only time spent waiting on this
+/// peer counts. The timer is boxed and made on the first wait, as most operations
+/// never wait and `Sleep` is large.
+#[derive(Debug)]
+pub struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl Stall {
+    pub fn new(limit: Duration) -> Stall {
+        Stall {
+            limit,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// Passes `r` through, noting progress; once the peer has kept us waiting past
+    /// the limit, a `Pending` becomes `TimedOut`.
+    pub fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+            ready => {
+                self.waiting = false;
+                ready
+            }
+        }
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Records progress (an operation that did not wait).
+    pub fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// After a `Pending`: whether the wait has passed the limit. Registers the
+    /// timer's wakeup with `cx` otherwise.
+    #[cold]
+    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(at) = tokio::time::Instant::now().checked_add(self.limit) else {
+            return false;
+        };
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if !self.waiting {
+                    t.as_mut().reset(at);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        self.waiting = true;
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
 /// A client socket for hyper's HTTP/2 connections: the `h2` crate flushes a frame
 /// header and its payload as two slices, which this sends as one (`poll_write_gather`).
-pub struct Gather(pub TcpStream);
+/// A client that reads nothing for `send_timeout` gets its connection closed (all
+/// its streams), as nginx's `send_timeout` does.
+pub struct Gather {
+    stream: TcpStream,
+    stall: Stall,
+}
+
+impl Gather {
+    pub fn new(stream: TcpStream, send_timeout: Duration) -> Gather {
+        Gather {
+            stream,
+            stall: Stall::new(send_timeout),
+        }
+    }
+}
 
 impl AsyncRead for Gather {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Gather {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.stall.watch(cx, r)
     }
 
     fn poll_write_vectored(
@@ -89,7 +175,9 @@ impl AsyncWrite for Gather {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        poll_write_gather(&mut self.get_mut().0, cx, bufs)
+        let this = self.get_mut();
+        let r = poll_write_gather(&mut this.stream, cx, bufs);
+        this.stall.watch(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -97,11 +185,11 @@ impl AsyncWrite for Gather {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -166,7 +254,9 @@ mod tests {
 
     async fn write_parts(w: &mut TcpStream, parts: &[&[u8]]) {
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        write_all(w, &mut slices).await.unwrap();
+        write_all(w, &mut slices, &mut Stall::new(Duration::from_secs(10)))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -270,6 +271,67 @@ async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_try_timeout() 
     let r = upload(addr, 64_000_000, &[64_000_000], Duration::ZERO).await;
     assert!(r.starts_with("HTTP/1.1 504"), "{r}");
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+}
+
+/// An origin that answers every request with an endless body, and notes when
+/// rampart stops taking it (its write fails).
+async fn endless_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let cut = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut out = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+                    .await;
+                while out.is_ok() {
+                    out = s.write_all(&chunk).await;
+                }
+                cut.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (origin, cut) = endless_origin().await;
+    let toml = with_server_setting(&pool_config(&[origin], ""), "send_timeout = \"300ms\"");
+    let (_srv, addr) = start_proxy(&toml);
+    // Written by rampart's own HTTP/1.1 path, then by hyper's (a chunked upload
+    // goes there). Neither client reads a byte of its response.
+    let requests: [&[u8]; 2] = [
+        b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST /big HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ];
+    let mut held = Vec::new();
+    for (i, req) in requests.iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(req).await.unwrap();
+        held.push(s);
+        // Once the buffers between them are full, the client has taken nothing for
+        // send_timeout: rampart closes its side, and the backend connection with it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cut.load(std::sync::atomic::Ordering::SeqCst) <= i {
+            assert!(Instant::now() < deadline, "request {i}: the backend is still writing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
