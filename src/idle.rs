@@ -294,6 +294,50 @@ pub struct ClientBody {
     inner: RespBody,
     state: Option<Rc<ParkState>>,
     done: Cell<bool>,
+    /// HTTP/2: the stream counts as open until hyper drops its body.
+    _stream: Option<StreamGuard>,
+}
+
+/// An HTTP/2 connection's open streams, for its idle timeout (`listener::serve_h2`):
+/// hyper closes no idle HTTP/2 connection itself, and its pings keep one alive.
+pub struct Streams {
+    open: Cell<usize>,
+    idle_since: Cell<Instant>,
+}
+
+impl Streams {
+    pub fn new() -> Rc<Streams> {
+        Rc::new(Streams {
+            open: Cell::new(0),
+            idle_since: Cell::new(Instant::now()),
+        })
+    }
+
+    /// When the connection may close for idleness; `None` while a stream is open.
+    pub fn idle_until(&self, keepalive: Duration) -> Option<Instant> {
+        (self.open.get() == 0).then(|| self.idle_since.get() + keepalive)
+    }
+}
+
+/// One open stream: counted from the service call until its response body is
+/// dropped, or until the call's future is (a stream reset before the answer).
+struct StreamGuard(Rc<Streams>);
+
+impl StreamGuard {
+    fn open(streams: &Rc<Streams>) -> StreamGuard {
+        streams.open.set(streams.open.get() + 1);
+        StreamGuard(streams.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let open = self.0.open.get() - 1;
+        self.0.open.set(open);
+        if open == 0 {
+            self.0.idle_since.set(Instant::now());
+        }
+    }
 }
 
 impl ClientBody {
@@ -347,7 +391,14 @@ impl Svc {
     pub fn h1(ctx: Rc<WorkerCtx>, peer: SocketAddr) -> (Svc, Rc<ParkState>) {
         let state = Rc::new(ParkState::new());
         let info = Rc::new(ConnInfo::new(peer, false).with_park(state.clone()));
-        (Svc { ctx, info }, state)
+        (
+            Svc {
+                ctx,
+                info,
+                streams: None,
+            },
+            state,
+        )
     }
 }
 
@@ -357,6 +408,8 @@ impl Svc {
 pub struct Svc {
     pub ctx: Rc<WorkerCtx>,
     pub info: Rc<ConnInfo>,
+    /// HTTP/2 connections count their open streams (`Streams`).
+    pub streams: Option<Rc<Streams>>,
 }
 
 /// The service's future: the boxed request future (boxed once, so the large state
@@ -364,6 +417,7 @@ pub struct Svc {
 pub struct SvcFuture {
     inner: Pin<Box<dyn Future<Output = proxy::Answer>>>,
     state: Option<Rc<ParkState>>,
+    stream: Option<StreamGuard>,
 }
 
 impl Future for SvcFuture {
@@ -373,10 +427,12 @@ impl Future for SvcFuture {
         let this = self.get_mut();
         let resp = std::task::ready!(this.inner.as_mut().poll(cx)).into_response();
         let state = this.state.take();
+        let stream = this.stream.take();
         Poll::Ready(Ok(resp.map(|inner| ClientBody {
             inner,
             state,
             done: Cell::new(false),
+            _stream: stream,
         })))
     }
 }
@@ -404,6 +460,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
                 )
             }),
             state,
+            stream: self.streams.as_ref().map(StreamGuard::open),
         }
     }
 }

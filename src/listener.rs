@@ -353,20 +353,40 @@ async fn serve_h2(
     peer: SocketAddr,
     tracker: &ConnTracker,
 ) {
+    let streams = idle::Streams::new();
     let svc = Svc {
         ctx,
         info: Rc::new(ConnInfo::new(peer, false)),
+        streams: Some(streams.clone()),
     };
     let conn = builder
         .auto
         .serve_connection_with_upgrades(TokioIo::new(crate::netio::Gather::new(stream, builder.waits.send)), svc);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = tracker.stopped() => {
-            // Finish in-flight requests; idle connections close now.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let stopped = tracker.stopped();
+    tokio::pin!(stopped);
+    // keepalive_timeout with no stream open closes the connection (GOAWAY), as
+    // nginx closes an idle HTTP/2 connection; hyper would keep it, pinging, for good.
+    let keepalive = builder.waits.keepalive;
+    let idle = tokio::time::sleep(keepalive);
+    tokio::pin!(idle);
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = stopped.as_mut() => {
+                // Finish in-flight requests; idle connections close now.
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            _ = idle.as_mut() => match streams.idle_until(keepalive) {
+                Some(at) if at <= tokio::time::Instant::now() => {
+                    tracing::debug!(client = %peer, "keepalive_timeout: idle HTTP/2 connection closed");
+                    conn.as_mut().graceful_shutdown();
+                    break conn.await;
+                }
+                Some(at) => idle.as_mut().reset(at),
+                None => idle.as_mut().reset(tokio::time::Instant::now() + keepalive),
+            },
         }
     };
     if let Err(e) = result {

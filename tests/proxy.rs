@@ -585,6 +585,37 @@ async fn a_request_with_two_host_fields_gets_400_and_reaches_no_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_closes_after_keepalive_timeout_and_a_busy_one_does_not() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(1500))).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], ""), "keepalive_timeout = \"500ms\"");
+    let (_srv, addr) = start_proxy(&toml);
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    // A request that outlasts keepalive_timeout three times over: the connection is
+    // busy, not idle, and the answer arrives.
+    let req = Request::get("http://test.local/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = tx.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    use http_body_util::BodyExt;
+    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "o");
+    // Then idle: rampart closes it (hyper's pings alone would keep it for good).
+    let t = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection still open after 10 s");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "closed after {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_clients_cookie_fields_reach_the_backend_as_one() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
