@@ -117,9 +117,7 @@ impl StreamBody {
             try_timeout,
         }
     }
-}
 
-impl StreamBody {
     pub fn try_timeout(&self) -> Duration {
         self.try_timeout
     }

@@ -103,7 +103,7 @@ impl Stall {
             Poll::Pending if self.expired(cx) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
             Poll::Pending => Poll::Pending,
             ready => {
-                self.waiting = false;
+                self.progressed();
                 ready
             }
         }
