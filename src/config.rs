@@ -52,6 +52,9 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Below Node.js's, Apache's and uvicorn's 5s keep-alive, so we never reuse a
 /// connection the backend is about to close.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// `tunnel_idle_timeout` default: HAProxy's usual `timeout tunnel 1h`. nginx's 60 s
+/// (`proxy_read_timeout`) is the classic cause of dropped idle WebSockets.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Idle upstream connections kept per backend per worker (nginx `keepalive 32` is common).
 pub const DEFAULT_MAX_IDLE_PER_BACKEND: usize = 64;
 /// Health-check period: TCP connect once a second is cheap and finds a dead host fast.
@@ -214,6 +217,9 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
+    /// An upgraded connection (WebSocket) closes after this long with no bytes
+    /// either way.
+    pub tunnel_idle_timeout: Duration,
     pub max_idle_per_backend: usize,
     pub health_check: HealthCheckConfig,
     pub outlier: OutlierConfig,
@@ -425,6 +431,8 @@ struct FilePool {
     response_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    tunnel_idle_timeout: Option<Duration>,
     max_idle_per_backend: Option<usize>,
     health_check: Option<toml::Value>,
     outlier: Option<toml::Value>,
@@ -904,10 +912,12 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
     let connect_timeout = raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let response_timeout = raw.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT);
     let idle_timeout = raw.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let tunnel_idle_timeout = raw.tunnel_idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE_TIMEOUT);
     for (field, d) in [
         ("connect_timeout", connect_timeout),
         ("response_timeout", response_timeout),
         ("idle_timeout", idle_timeout),
+        ("tunnel_idle_timeout", tunnel_idle_timeout),
     ] {
         if d.is_zero() {
             errs.push(format!("{path}.{field}"), "must be greater than 0");
@@ -928,6 +938,7 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
         connect_timeout,
         response_timeout,
         idle_timeout,
+        tunnel_idle_timeout,
         max_idle_per_backend: raw.max_idle_per_backend.unwrap_or(DEFAULT_MAX_IDLE_PER_BACKEND),
         health_check: health_check.unwrap_or_default(),
         outlier: outlier?,
@@ -1303,6 +1314,7 @@ mod tests {
         assert_eq!(c.pools[0].balancer, BalancerKind::PeakEwma);
         assert_eq!(c.pools[0].backends.len(), 3);
         assert_eq!(c.pools[0].idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.pools[0].tunnel_idle_timeout, Duration::from_secs(3600));
         assert_eq!(c.routes[0].path_prefix, "/");
         assert!(c.routes[0].host.is_none());
     }
@@ -1335,6 +1347,23 @@ connect_timeout = "soon"
         assert!(joined.contains("listeners[1].nope: unknown field `nope`"), "{joined}");
         assert!(joined.contains("pools.app.connect_timeout"), "{joined}");
         assert!(errs.len() >= 5, "{joined}");
+    }
+
+    #[test]
+    fn a_zero_pool_timeout_is_refused() {
+        for field in [
+            "connect_timeout",
+            "response_timeout",
+            "idle_timeout",
+            "tunnel_idle_timeout",
+        ] {
+            let text = format!("{MINIMAL}{field} = \"0s\"\n");
+            let errs = errors_of(&text).join("\n");
+            assert!(
+                errs.contains(&format!("pools.app.{field}: must be greater than 0")),
+                "{errs}"
+            );
+        }
     }
 
     #[test]

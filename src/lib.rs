@@ -31,6 +31,7 @@ pub mod rawfields;
 pub mod retry;
 pub mod router;
 pub mod state;
+pub mod tunnel;
 pub mod upstream;
 pub mod worker;
 

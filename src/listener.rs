@@ -193,7 +193,8 @@ impl ConnTracker {
         self.active.get()
     }
 
-    fn enter(self: &Rc<Self>) -> ConnGuard {
+    /// Counts one more open connection until the guard drops.
+    pub fn enter(self: &Rc<Self>) -> ConnGuard {
         self.active.set(self.active.get() + 1);
         ConnGuard(self.clone())
     }

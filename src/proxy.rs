@@ -16,9 +16,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::accesslog::Entry;
 use crate::balancer::{hash64, Balancer};
@@ -32,6 +29,7 @@ use crate::rawfields::{RawFields, RawRequest};
 use crate::retry;
 use crate::router::host_without_port;
 use crate::state::Snapshot;
+use crate::tunnel::ClientSide;
 use crate::upstream::UpRequest;
 use crate::worker::WorkerCtx;
 
@@ -237,7 +235,8 @@ pub fn handle(
                     ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
                     ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
                 };
-                tokio::task::spawn_local(tunnel(client, *upstream, addr));
+                let idle = pool.config.tunnel_idle_timeout;
+                tokio::task::spawn_local(crate::tunnel::run(client, *upstream, addr, idle, ctx.tracker.enter()));
             }
             Ok(response)
         };
@@ -443,47 +442,6 @@ enum ClientUpgrade {
     Hyper(hyper::upgrade::OnUpgrade),
     /// `idle::run_h1` hands the socket over once the 101 is written.
     Manual(Rc<ParkState>),
-}
-
-enum ClientSide {
-    Hyper(hyper::upgrade::OnUpgrade),
-    Manual(tokio::sync::oneshot::Receiver<crate::idle::Upgraded>),
-}
-
-/// Copies bytes both ways between an upgraded client and backend until either closes.
-/// `upstream` holds the backend socket and what it sent right after its 101.
-async fn tunnel(client: ClientSide, upstream: (TcpStream, Bytes), backend: SocketAddr) {
-    let (mut upstream, from_backend) = upstream;
-    let result = match client {
-        ClientSide::Hyper(on) => match on.await {
-            Ok(c) => splice(&mut TokioIo::new(c), &mut upstream, &[], &from_backend).await,
-            Err(e) => {
-                tracing::debug!(backend = %backend, error = %e, "client upgrade failed");
-                return;
-            }
-        },
-        ClientSide::Manual(rx) => match rx.await {
-            // Bytes the client sent right behind its upgrade request go first.
-            Ok((mut stream, early)) => splice(&mut stream, &mut upstream, &early, &from_backend).await,
-            Err(_) => {
-                tracing::debug!(backend = %backend, "client connection closed before the upgrade");
-                return;
-            }
-        },
-    };
-    if let Err(e) = result {
-        tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
-    }
-}
-
-/// Delivers bytes each side sent early, then copies both ways.
-async fn splice<C>(client: &mut C, upstream: &mut TcpStream, to_backend: &[u8], to_client: &[u8]) -> std::io::Result<()>
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    upstream.write_all(to_backend).await?;
-    client.write_all(to_client).await?;
-    tokio::io::copy_bidirectional(client, upstream).await.map(|_| ())
 }
 
 fn content_length(field: Option<&HeaderValue>) -> Result<Option<u64>, ProxyError> {

@@ -75,6 +75,8 @@ pub struct WorkerCtx {
     pub timer_floor: TimerFloor,
     /// This worker's unwritten access-log lines.
     pub access_log: crate::accesslog::LogBuf,
+    /// Open client connections, tunnels included: for the cap and for drain.
+    pub tracker: Rc<ConnTracker>,
 }
 
 pub fn spawn(
@@ -135,6 +137,7 @@ async fn run(
 ) {
     let server = shared.snapshot.load().config.server.clone();
     let dormant = crate::dormant::Dormant::new(shared.clone());
+    let tracker = Rc::new(ConnTracker::default());
     let ctx = Rc::new(WorkerCtx {
         index,
         shared,
@@ -149,13 +152,13 @@ async fn run(
         },
         timer_floor: TimerFloor::default(),
         access_log: Default::default(),
+        tracker: tracker.clone(),
     });
     let floor_ctx = ctx.clone();
     let floor = tokio::task::spawn_local(async move { floor_ctx.timer_floor.run().await });
     let log_ctx = ctx.clone();
     let log_flusher = tokio::task::spawn_local(async move { log_ctx.access_log.run_flusher(&log_ctx.shared).await });
     let builder = Rc::new(listener::http_builder(&server));
-    let tracker = Rc::new(ConnTracker::default());
     if let Some(dormant) = ctx.dormant.clone() {
         let (ctx, builder) = (ctx.clone(), builder.clone());
         tokio::task::spawn_local(crate::dormant::run(dormant, tracker.clone(), move |w| {

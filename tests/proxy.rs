@@ -340,11 +340,10 @@ async fn h2c_clients_are_proxied_to_http1_backends() {
     assert_eq!(r.headers["x-request-id"].len(), 24, "the request id reaches h2 clients");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_upgrade_is_tunnelled() {
+/// Opens a WebSocket through rampart to the origin's echo at `/ws`: the stream is
+/// past the 101.
+async fn open_websocket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
         b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -360,17 +359,98 @@ async fn websocket_upgrade_is_tunnelled() {
     let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    s
+}
+
+/// Sends `msg` through an open tunnel and reads its echo; false if the tunnel is gone.
+async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut got = vec![0u8; msg.len()];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
+        Ok(Ok(_)) => got == msg,
+        _ => false,
+    }
+}
+
+/// Waits up to `limit` for the peer to close `s`; true if it did.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_is_tunnelled() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    let mut s = open_websocket(addr).await;
     let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
     assert_eq!(seen["upgrade"], "websocket");
     for msg in [&b"ping-1"[..], b"second message"] {
-        s.write_all(msg).await.unwrap();
-        let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-            .await
-            .expect("echo through tunnel")
-            .unwrap();
-        assert_eq!(got, msg);
+        assert!(echoes(&mut s, msg).await, "echo through tunnel");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_closes_after_tunnel_idle_timeout_but_a_busy_one_stays() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], "tunnel_idle_timeout = \"400ms\""));
+    let mut s = open_websocket(addr).await;
+    // Traffic every 150 ms keeps it open for three times the timeout.
+    let busy = Instant::now();
+    while busy.elapsed() < Duration::from_millis(1200) {
+        assert!(echoes(&mut s, b"tick").await, "a busy tunnel was closed");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "an idle tunnel stayed open past tunnel_idle_timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_an_open_connection_for_max_connections_and_for_shutdown() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let cfg = with_server_setting(&pool_config(&[o.addr], ""), "max_connections = 1");
+    let (srv, addr) = start_proxy(&cfg);
+    let mut ws = open_websocket(addr).await;
+    // The tunnel holds the only slot: another client waits in the backlog.
+    let waiting = tokio::spawn(async move { get(addr, "/").await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a client was served past max_connections while a tunnel was open"
+    );
+    assert!(echoes(&mut ws, b"still here").await);
+    drop(ws);
+    let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting client is served once the tunnel closes")
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // Shutdown drains a tunnel like a request in flight: it keeps working until it
+    // closes (or shutdown_grace, 5 s, runs out).
+    let mut ws = open_websocket(addr).await;
+    let stopping = Instant::now();
+    let joiner = std::thread::spawn(move || srv.join());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        echoes(&mut ws, b"draining").await,
+        "shutdown cut an open tunnel at once"
+    );
+    drop(ws);
+    tokio::task::spawn_blocking(move || joiner.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "shutdown waited past the tunnel's close: {:?}",
+        stopping.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,145 @@
+//! Upgraded connections (WebSocket and any other `Upgrade` protocol) after the
+//! backend's 101: bytes are copied both ways until either side closes, or nothing
+//! has moved either way for the pool's `tunnel_idle_timeout` (HAProxy's
+//! `timeout tunnel`). A tunnel is still an open client connection: it counts
+//! against `max_connections`, and shutdown waits for it up to `shutdown_grace`.
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::listener::ConnGuard;
+
+/// The client's half, before it is handed over.
+pub enum ClientSide {
+    /// hyper completes the upgrade once the 101 is written.
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// `idle::run_h1` hands the socket over once the 101 is written.
+    Manual(tokio::sync::oneshot::Receiver<crate::idle::Upgraded>),
+}
+
+/// How a tunnel ended, for the log.
+enum Ended {
+    Closed,
+    Idle,
+}
+
+/// Runs one tunnel to its end. `upstream` holds the backend socket and what it sent
+/// right after its 101; `_open` keeps the tunnel counted as a client connection.
+pub async fn run(
+    client: ClientSide,
+    upstream: (TcpStream, Bytes),
+    backend: SocketAddr,
+    idle: Duration,
+    _open: ConnGuard,
+) {
+    let (mut upstream, from_backend) = upstream;
+    let result = match client {
+        ClientSide::Hyper(on) => match on.await {
+            Ok(c) => splice(TokioIo::new(c), &mut upstream, &[], &from_backend, idle).await,
+            Err(e) => {
+                tracing::debug!(backend = %backend, error = %e, "client upgrade failed");
+                return;
+            }
+        },
+        ClientSide::Manual(rx) => match rx.await {
+            // Bytes the client sent right behind its upgrade request go first.
+            Ok((stream, early)) => splice(stream, &mut upstream, &early, &from_backend, idle).await,
+            Err(_) => {
+                tracing::debug!(backend = %backend, "client connection closed before the upgrade");
+                return;
+            }
+        },
+    };
+    match result {
+        Ok(Ended::Closed) => {}
+        Ok(Ended::Idle) => tracing::debug!(backend = %backend, idle = ?idle, "tunnel idle; closed"),
+        Err(e) => tracing::debug!(backend = %backend, error = %e, "tunnel closed with error"),
+    }
+}
+
+/// Delivers bytes each side sent early, then copies both ways until a side closes
+/// or the tunnel has been idle for `idle`.
+async fn splice<C>(
+    client: C,
+    upstream: &mut TcpStream,
+    to_backend: &[u8],
+    to_client: &[u8],
+    idle: Duration,
+) -> io::Result<Ended>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let last = Cell::new(crate::clock::now());
+    let mut client = Watched {
+        io: client,
+        last: &last,
+    };
+    let mut upstream = Watched {
+        io: upstream,
+        last: &last,
+    };
+    upstream.io.write_all(to_backend).await?;
+    client.io.write_all(to_client).await?;
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    // One timer for the tunnel's life, moved on to the last byte's deadline when it
+    // fires early, rather than one reset per read.
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut copy => return done.map(|_| Ended::Closed),
+            () = &mut timer => {
+                let due = last.get() + idle;
+                if due <= crate::clock::now() {
+                    return Ok(Ended::Idle);
+                }
+                timer.as_mut().reset(due.into());
+            }
+        }
+    }
+}
+
+/// A stream that notes when it last read a byte. A read on either side is activity;
+/// a side whose peer stops reading stops being read from, so a stalled tunnel is an
+/// idle one.
+struct Watched<'a, S> {
+    io: S,
+    last: &'a Cell<Instant>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.set(crate::clock::now());
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
