@@ -338,6 +338,10 @@ fn prepare(
     // The authority (h2, absolute-form) wins over Host, as RFC 9112 §3.2.2 says.
     let host_value: Option<HeaderValue> = match req.uri().authority() {
         Some(a) => {
+            // `GET host:port`: authority-form is for CONNECT only (RFC 9112 §3.2.3).
+            if req.uri().scheme().is_none() {
+                return Err(ProxyError::BadRequest("authority-form target"));
+            }
             // RFC 9110 §4.2.4: userinfo in an http(s) URI is an error.
             if a.as_str().contains('@') {
                 return Err(ProxyError::BadRequest("userinfo in the request target"));

@@ -93,8 +93,11 @@ pub fn host_str(h: &[u8]) -> Option<&str> {
 }
 
 fn valid_host(h: &[u8]) -> bool {
-    if let Some(rest) = h.strip_prefix(b"[") {
-        return valid_ip_literal(rest);
+    match h.first() {
+        // An http URI's host is never empty (RFC 9110 §4.2.1); nginx answers 400 too.
+        None | Some(b':') => return false,
+        Some(b'[') => return valid_ip_literal(&h[1..]),
+        Some(_) => {}
     }
     // One pass, as this runs on every request: reg-name bytes, then digits after
     // one colon.
@@ -168,13 +171,14 @@ mod tests {
             "[::1]:8443",
             "xn--bcher-kva.example",
             "a.test:",
-            "",
             "..",
             "a%2eb",
         ] {
             assert!(valid_host(ok.as_bytes()), "{ok:?} should pass");
         }
         for bad in [
+            "",
+            ":80",
             "a b",
             "a/b",
             "a\\b",

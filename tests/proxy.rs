@@ -728,6 +728,8 @@ async fn a_host_that_is_not_a_host_gets_400() {
     // RFC 9112 §3.2: a Host with an invalid value is a 400. A backend that builds
     // links or cache keys from it must not get a path, a user or a second port.
     for host in [
+        "",
+        ":80",
         "a b",
         "a/b",
         "evil.test/x?",
@@ -804,6 +806,14 @@ backends = ["{}"]
     let r = raw(
         addr,
         b"GET http://b.test@a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // So is authority-form outside CONNECT (RFC 9112 §3.2.3).
+    let r = raw(
+        addr,
+        b"GET a.test:80 HTTP/1.1\r\nHost: a.test\r\n\r\n",
         Duration::from_secs(10),
     )
     .await;
