@@ -96,8 +96,13 @@ fn any_backend_available(shared: &Shared) -> bool {
 }
 
 fn update_gauges(shared: &Shared) {
-    metrics::gauge!(crate::metrics::DORMANT_CONNECTIONS)
-        .set(shared.dormant_connections.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    for (name, count) in [
+        (crate::metrics::DORMANT_CONNECTIONS, &shared.dormant_connections),
+        (crate::metrics::CLIENT_CONNECTIONS, &shared.client_connections),
+        (crate::metrics::TUNNELS, &shared.tunnels),
+    ] {
+        metrics::gauge!(name).set(count.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    }
     let now = now_ms();
     let snap = shared.snapshot.load();
     for p in &snap.pools {
@@ -140,6 +145,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "draining": shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed),
+        "client_connections": shared.client_connections.load(std::sync::atomic::Ordering::Relaxed),
+        "tunnels": shared.tunnels.load(std::sync::atomic::Ordering::Relaxed),
         "pools": pools,
     })
 }

@@ -12,6 +12,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -27,6 +29,7 @@ use crate::error::StartupError;
 use crate::h1::{self, Ended};
 use crate::idle::{self, IdleWaits, Svc};
 use crate::proxy::ConnInfo;
+use crate::state::Shared;
 use crate::worker::WorkerCtx;
 use bytes::Bytes;
 
@@ -159,15 +162,26 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
 /// them when the worker stops. (A flag and a `Notify` rather than each connection
 /// polling a `watch` receiver: a connection's stop future is polled every time its
 /// task wakes, and `watch::Receiver::wait_for` re-registers on every poll.)
-#[derive(Default)]
 pub struct ConnTracker {
     active: Cell<usize>,
     changed: Notify,
     stopping: Cell<bool>,
     stop: Notify,
+    /// Holds the process-wide count (`Shared::client_connections`).
+    shared: Arc<Shared>,
 }
 
 impl ConnTracker {
+    pub fn new(shared: Arc<Shared>) -> ConnTracker {
+        ConnTracker {
+            active: Cell::new(0),
+            changed: Notify::new(),
+            stopping: Cell::new(false),
+            stop: Notify::new(),
+            shared,
+        }
+    }
+
     /// Tells every connection to finish: idle ones close, busy ones drain.
     pub fn stop(&self) {
         self.stopping.set(true);
@@ -196,6 +210,7 @@ impl ConnTracker {
     /// Counts one more open connection until the guard drops.
     pub fn enter(self: &Rc<Self>) -> ConnGuard {
         self.active.set(self.active.get() + 1);
+        self.shared.client_connections.fetch_add(1, Ordering::Relaxed);
         ConnGuard(self.clone())
     }
 
@@ -222,6 +237,7 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
+        self.0.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
         self.0.changed.notify_waiters();
     }
 }

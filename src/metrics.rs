@@ -18,6 +18,8 @@ pub const BACKEND_EJECTED: &str = "rampart_backend_ejected";
 pub const BACKEND_IN_FLIGHT: &str = "rampart_backend_in_flight";
 pub const CONFIG_RELOADS: &str = "rampart_config_reloads_total";
 pub const DORMANT_CONNECTIONS: &str = "rampart_dormant_connections";
+pub const CLIENT_CONNECTIONS: &str = "rampart_client_connections";
+pub const TUNNELS: &str = "rampart_tunnels";
 pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_lines_total";
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -66,6 +68,11 @@ fn describe() {
         DORMANT_CONNECTIONS,
         "Idle keep-alive client connections waiting without a task"
     );
+    describe_gauge!(
+        CLIENT_CONNECTIONS,
+        "Open client connections, tunnels and dormant ones included"
+    );
+    describe_gauge!(TUNNELS, "Open WebSocket (upgraded) tunnels");
 }
 
 /// Pre-registered per-pool handles for the hot path.

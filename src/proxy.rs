@@ -236,7 +236,8 @@ pub fn handle(
                     ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
                 };
                 let idle = pool.config.tunnel_idle_timeout;
-                tokio::task::spawn_local(crate::tunnel::run(client, *upstream, addr, idle, ctx.tracker.enter()));
+                let open = crate::tunnel::Counted::new(ctx.tracker.enter(), ctx.shared.clone());
+                tokio::task::spawn_local(crate::tunnel::run(client, *upstream, addr, idle, open));
             }
             Ok(response)
         };

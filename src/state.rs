@@ -333,6 +333,11 @@ pub struct Shared {
     /// Keep-alive client connections waiting without a task, over all workers
     /// (`dormant::Dormant`).
     pub dormant_connections: std::sync::atomic::AtomicUsize,
+    /// Open client connections over all workers, tunnels and dormant ones included
+    /// (`listener::ConnTracker`).
+    pub client_connections: std::sync::atomic::AtomicUsize,
+    /// Open WebSocket (upgraded) tunnels over all workers (`tunnel::run`).
+    pub tunnels: std::sync::atomic::AtomicUsize,
     /// Where workers write their access-log lines; `None` while the log is off.
     pub access_log: ArcSwapOption<crate::accesslog::Sink>,
 }
@@ -343,6 +348,8 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             shutting_down: AtomicBool::new(false),
             dormant_connections: Default::default(),
+            client_connections: Default::default(),
+            tunnels: Default::default(),
             access_log: ArcSwapOption::empty(),
         }
     }

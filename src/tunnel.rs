@@ -8,6 +8,8 @@ use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::listener::ConnGuard;
+use crate::state::Shared;
 
 /// The client's half, before it is handed over.
 pub enum ClientSide {
@@ -32,14 +35,34 @@ enum Ended {
     Idle,
 }
 
+/// What keeps a tunnel counted: as a client connection of its worker, and in
+/// `Shared::tunnels`.
+pub struct Counted {
+    _conn: ConnGuard,
+    shared: Arc<Shared>,
+}
+
+impl Counted {
+    pub fn new(conn: ConnGuard, shared: Arc<Shared>) -> Counted {
+        shared.tunnels.fetch_add(1, Ordering::Relaxed);
+        Counted { _conn: conn, shared }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.shared.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs one tunnel to its end. `upstream` holds the backend socket and what it sent
-/// right after its 101; `_open` keeps the tunnel counted as a client connection.
+/// right after its 101.
 pub async fn run(
     client: ClientSide,
     upstream: (TcpStream, Bytes),
     backend: SocketAddr,
     idle: Duration,
-    _open: ConnGuard,
+    _open: Counted,
 ) {
     let (mut upstream, from_backend) = upstream;
     let result = match client {

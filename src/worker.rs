@@ -137,7 +137,7 @@ async fn run(
 ) {
     let server = shared.snapshot.load().config.server.clone();
     let dormant = crate::dormant::Dormant::new(shared.clone());
-    let tracker = Rc::new(ConnTracker::default());
+    let tracker = Rc::new(ConnTracker::new(shared.clone()));
     let ctx = Rc::new(WorkerCtx {
         index,
         shared,

@@ -417,6 +417,14 @@ async fn a_websocket_is_an_open_connection_for_max_connections_and_for_shutdown(
     let cfg = with_server_setting(&pool_config(&[o.addr], ""), "max_connections = 1");
     let (srv, addr) = start_proxy(&cfg);
     let mut ws = open_websocket(addr).await;
+    let open = |key: &str| rampart::admin::status_json(srv.shared())[key].as_u64();
+    // The upgraded client connection hands over to the tunnel: one open, as one tunnel.
+    assert!(
+        eventually(|| open("client_connections") == Some(1) && open("tunnels") == Some(1)).await,
+        "{:?} {:?}",
+        open("client_connections"),
+        open("tunnels")
+    );
     // The tunnel holds the only slot: another client waits in the backlog.
     let waiting = tokio::spawn(async move { get(addr, "/").await });
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -431,6 +439,7 @@ async fn a_websocket_is_an_open_connection_for_max_connections_and_for_shutdown(
         .expect("the waiting client is served once the tunnel closes")
         .unwrap();
     assert_eq!(r.status, 200);
+    assert!(eventually(|| open("tunnels") == Some(0)).await);
 
     // Shutdown drains a tunnel like a request in flight: it keeps working until it
     // closes (or shutdown_grace, 5 s, runs out).
