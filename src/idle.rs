@@ -319,6 +319,81 @@ impl Streams {
     }
 }
 
+/// What a response body did last in the current poll of its HTTP/2 stream's task
+/// (`StreamTask`), which runs the stream's service call and hyper's copy of the body
+/// into the stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyStep {
+    /// Not polled in this task poll.
+    NotPolled,
+    /// Handed hyper a frame: if the task then waits, it waits for stream capacity,
+    /// which only the client can give (a `WINDOW_UPDATE`, or draining the socket).
+    Yielded,
+    /// Waited for the backend.
+    Waited,
+}
+
+thread_local! {
+    static BODY_STEP: Cell<BodyStep> = const { Cell::new(BodyStep::NotPolled) };
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 stream's task (hyper spawns one per stream through `LocalExec`),
+    /// with `send_timeout` for a stream whose client stops granting it flow-control
+    /// window: the task ends, which resets the stream (`RST_STREAM` CANCEL) and frees
+    /// the backend connection feeding it. A socket that stops draining stalls every
+    /// stream, and `netio::Gather` closes the connection for that.
+    pub struct StreamTask<F> {
+        #[pin]
+        fut: F,
+        stall: crate::netio::Stall,
+        stuck: bool,
+    }
+}
+
+impl<F: Future> StreamTask<F> {
+    pub fn new(fut: F, send_timeout: Duration) -> StreamTask<F> {
+        StreamTask {
+            fut,
+            stall: crate::netio::Stall::new(send_timeout),
+            stuck: false,
+        }
+    }
+}
+
+impl<F: Future> Future for StreamTask<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        BODY_STEP.set(BodyStep::NotPolled);
+        if this.fut.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        match BODY_STEP.get() {
+            // A frame went out, and now the stream waits: the wait starts now.
+            BodyStep::Yielded => {
+                this.stall.progressed();
+                *this.stuck = true;
+            }
+            BodyStep::Waited => {
+                this.stall.progressed();
+                *this.stuck = false;
+            }
+            // Woken by its timer, or for something other than the body.
+            BodyStep::NotPolled => {}
+        }
+        if *this.stuck && this.stall.expired(cx) {
+            tracing::debug!(
+                timeout = ?this.stall.limit(),
+                "HTTP/2 stream given no flow-control window for send_timeout; reset"
+            );
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
 /// One open stream: counted from the service call until its response body is
 /// dropped, or until the call's future is (a stream reset before the answer).
 struct StreamGuard(Rc<Streams>);
@@ -363,6 +438,12 @@ impl Body for ClientBody {
             Poll::Ready(Some(_)) if this.inner.is_end_stream() => this.mark_done(Some(cx)),
             _ => {}
         }
+        // For `StreamTask` (HTTP/2); harmless on HTTP/1.1, where nothing reads it.
+        BODY_STEP.set(if res.is_pending() {
+            BodyStep::Waited
+        } else {
+            BodyStep::Yielded
+        });
         res
     }
 

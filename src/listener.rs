@@ -35,16 +35,18 @@ use bytes::Bytes;
 
 /// Spawns hyper's HTTP/2 stream tasks on the worker's runtime, so request futures
 /// may hold worker-local (`Rc`) state; inside `clock::Polled`, as every connection
-/// task is.
+/// task is, and under `send_timeout` for flow control (`idle::StreamTask`).
 #[derive(Clone, Copy, Debug)]
-pub struct LocalExec;
+pub struct LocalExec {
+    send_timeout: Duration,
+}
 
 impl<F> hyper::rt::Executor<F> for LocalExec
 where
     F: Future + 'static,
 {
     fn execute(&self, fut: F) {
-        tokio::task::spawn_local(crate::clock::Polled::new(fut));
+        tokio::task::spawn_local(crate::clock::Polled::new(idle::StreamTask::new(fut, self.send_timeout)));
     }
 }
 
@@ -126,7 +128,9 @@ pub fn bind_all(
 pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
     // hyper answers 431 itself past this; our own, exact checks run below it.
     let max_buf = (cfg.max_header_bytes + cfg.max_uri_bytes + 1024).max(8192);
-    let mut auto = auto::Builder::new(LocalExec);
+    let mut auto = auto::Builder::new(LocalExec {
+        send_timeout: cfg.send_timeout,
+    });
     auto.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.client_header_timeout)

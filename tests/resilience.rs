@@ -335,6 +335,77 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_given_no_window_is_reset_after_send_timeout_but_a_slow_reader_is_not() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    let (origin, cut) = endless_origin().await;
+    let toml = with_server_setting(&pool_config(&[origin], ""), "send_timeout = \"300ms\"");
+    let (_srv, addr) = start_proxy(&toml);
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = || Request::get("http://t/big").body(Full::new(Bytes::new())).unwrap();
+
+    // Slower than the backend, never stalled for send_timeout: 64 KiB (one stream
+    // window) every 150 ms.
+    let mut body = tx.send_request(get()).await.unwrap().into_body();
+    let (started, mut got, mut paused_at) = (Instant::now(), 0, 0);
+    while started.elapsed() < Duration::from_millis(1500) {
+        let frame = body
+            .frame()
+            .await
+            .expect("the stream ended")
+            .expect("the stream was reset");
+        got += frame.data_ref().map_or(0, |d| d.len());
+        if got - paused_at >= 64 * 1024 {
+            paused_at = got;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    assert_eq!(cut.load(Ordering::SeqCst), 0, "a slow reader was cut off");
+    drop(body); // resets the stream: the backend connection goes with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cut.load(Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the backend is still writing to a reset stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // This one never opens its window past the first 64 KiB; the connection (pings,
+    // other streams) stays alive, so only the stream's own timeout can end it.
+    let held = tx.send_request(get()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cut.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "a stream given no window still holds its backend"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut body = held.into_body();
+    let mut outcome = Ok(());
+    while let Some(frame) = body.frame().await {
+        if let Err(e) = frame {
+            outcome = Err(e);
+            break;
+        }
+    }
+    assert!(
+        outcome.is_err(),
+        "the stalled stream ended cleanly instead of being reset"
+    );
+    // The connection itself is fine: a new stream on it is answered.
+    let r = tx.send_request(get()).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_passed_through_when_no_retry_is_possible() {
     let sick = TestOrigin::start("sick", Behavior::Status(503)).await;
     let (_srv, addr) = start_proxy(&pool_config(&[sick.addr], ""));
