@@ -118,7 +118,7 @@ pub struct Config {
     pub error_pages: HashMap<u16, ErrorPage>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub workers: usize,
     pub shutdown_grace: Duration,

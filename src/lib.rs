@@ -122,8 +122,9 @@ impl Server {
     }
 
     /// Installs a new, already validated config. Routes, pools, backends and limits
-    /// applied per request take effect at once; listeners, workers and `[server]`
-    /// connection settings need a restart, and a warning says so. A new access-log
+    /// applied per request take effect at once, `[server]` connection settings for
+    /// each new connection (`WorkerCtx::http_builder`); listeners and workers need a
+    /// restart, and a warning says so. A new access-log
     /// target is opened first, and if that fails nothing changes (the error says
     /// why); an unchanged one is reopened, for log rotation.
     pub fn reload(&self, config: Config) -> Result<(), StartupError> {

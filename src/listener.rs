@@ -59,6 +59,7 @@ pub struct HttpBuilder {
     /// rampart's own HTTP/1.1 path (`h1`), tried first on every busy period.
     fast: h1::Limits,
     waits: IdleWaits,
+    max_connections: usize,
 }
 
 /// Binds one listening socket. `SO_REUSEPORT` lets every worker bind the same address.
@@ -159,6 +160,7 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
             keepalive: cfg.keepalive_timeout,
             send: cfg.send_timeout,
         },
+        max_connections: cfg.max_connections,
     }
 }
 
@@ -250,17 +252,24 @@ impl Drop for ConnGuard {
 /// kernel backlog holds new connections (as nginx and HAProxy do), nothing is dropped.
 pub async fn accept_loop(
     ctx: Rc<WorkerCtx>,
-    builder: Rc<HttpBuilder>,
     tracker: Rc<ConnTracker>,
     listener: TcpListener,
-    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        tokio::select! {
-            biased;
-            _ = crate::stopped(&mut shutdown) => break,
-            _ = tracker.below(max_connections) => {}
+        if tracker.active() >= ctx.http_builder().max_connections {
+            // At the cap: wait for a slot, or for a reload that may raise the cap
+            // (registered before the cap is read again, so none is missed).
+            let reloaded = ctx.shared.reloaded.notified();
+            tokio::pin!(reloaded);
+            reloaded.as_mut().enable();
+            let cap = ctx.http_builder().max_connections;
+            tokio::select! {
+                biased;
+                _ = crate::stopped(&mut shutdown) => break,
+                _ = tracker.below(cap) => {}
+                _ = reloaded => continue,
+            }
         }
         let accepted = tokio::select! {
             biased;
@@ -270,9 +279,10 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let guard = tracker.enter();
+                let builder = ctx.http_builder();
                 tokio::task::spawn_local(crate::clock::Polled::new(serve(
                     ctx.clone(),
-                    builder.clone(),
+                    builder,
                     stream,
                     peer,
                     guard,
@@ -308,7 +318,8 @@ async fn serve(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, stream: TcpStream, 
 }
 
 /// Serves a connection that was dormant (`dormant::Dormant`) and has bytes again.
-pub fn resume(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, w: crate::dormant::Woken) {
+pub fn resume(ctx: Rc<WorkerCtx>, w: crate::dormant::Woken) {
+    let builder = ctx.http_builder();
     tokio::task::spawn_local(crate::clock::Polled::new(serve_h1(
         ctx, builder, w.stream, w.peer, w.guard,
     )));

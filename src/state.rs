@@ -338,6 +338,9 @@ pub struct Shared {
     pub client_connections: std::sync::atomic::AtomicUsize,
     /// Open WebSocket (upgraded) tunnels over all workers (`tunnel::run`).
     pub tunnels: std::sync::atomic::AtomicUsize,
+    /// Woken by every config swap: a worker waiting at `max_connections` looks again
+    /// at the (maybe raised) cap.
+    pub reloaded: tokio::sync::Notify,
     /// Where workers write their access-log lines; `None` while the log is off.
     pub access_log: ArcSwapOption<crate::accesslog::Sink>,
 }
@@ -350,6 +353,7 @@ impl Shared {
             dormant_connections: Default::default(),
             client_connections: Default::default(),
             tunnels: Default::default(),
+            reloaded: tokio::sync::Notify::new(),
             access_log: ArcSwapOption::empty(),
         }
     }
@@ -358,6 +362,7 @@ impl Shared {
     pub fn swap(&self, config: Arc<Config>) {
         let prev = self.snapshot.load_full();
         self.snapshot.store(Arc::new(Snapshot::build(config, Some(&prev))));
+        self.reloaded.notify_waiters();
     }
 }
 

@@ -2,7 +2,7 @@
 //! own listening sockets and its own upstream connection pool. Workers share only the
 //! read-mostly `Shared` state (config snapshot, backend atomics).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,8 +11,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
+use crate::config::Config;
 use crate::error::StartupError;
-use crate::listener::{self, ConnTracker};
+use crate::listener::{self, ConnTracker, HttpBuilder};
 use crate::proxy::RequestIds;
 use crate::state::Shared;
 use crate::upstream::ConnPool;
@@ -77,6 +78,25 @@ pub struct WorkerCtx {
     pub access_log: crate::accesslog::LogBuf,
     /// Open client connections, tunnels included: for the cap and for drain.
     pub tracker: Rc<ConnTracker>,
+    /// New connections' builders, and the config they were made from.
+    builder: RefCell<(Arc<Config>, Rc<HttpBuilder>)>,
+}
+
+impl WorkerCtx {
+    /// The builders for a new connection (or a dormant one waking): remade after a
+    /// reload changed `[server]`, so its timeouts and limits apply without a restart.
+    /// Once per connection, not per request.
+    pub fn http_builder(&self) -> Rc<HttpBuilder> {
+        let snap = self.shared.snapshot.load();
+        let mut cur = self.builder.borrow_mut();
+        if !Arc::ptr_eq(&cur.0, &snap.config) {
+            if cur.0.server != snap.config.server {
+                cur.1 = Rc::new(listener::http_builder(&snap.config.server));
+            }
+            cur.0 = snap.config.clone();
+        }
+        cur.1.clone()
+    }
 }
 
 pub fn spawn(
@@ -135,7 +155,8 @@ async fn run(
     listeners: Vec<std::net::TcpListener>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let server = shared.snapshot.load().config.server.clone();
+    let config = shared.snapshot.load().config.clone();
+    let builder = RefCell::new((config.clone(), Rc::new(listener::http_builder(&config.server))));
     let dormant = crate::dormant::Dormant::new(shared.clone());
     let tracker = Rc::new(ConnTracker::new(shared.clone()));
     let ctx = Rc::new(WorkerCtx {
@@ -153,29 +174,22 @@ async fn run(
         timer_floor: TimerFloor::default(),
         access_log: Default::default(),
         tracker: tracker.clone(),
+        builder,
     });
     let floor_ctx = ctx.clone();
     let floor = tokio::task::spawn_local(async move { floor_ctx.timer_floor.run().await });
     let log_ctx = ctx.clone();
     let log_flusher = tokio::task::spawn_local(async move { log_ctx.access_log.run_flusher(&log_ctx.shared).await });
-    let builder = Rc::new(listener::http_builder(&server));
     if let Some(dormant) = ctx.dormant.clone() {
-        let (ctx, builder) = (ctx.clone(), builder.clone());
+        let ctx = ctx.clone();
         tokio::task::spawn_local(crate::dormant::run(dormant, tracker.clone(), move |w| {
-            listener::resume(ctx.clone(), builder.clone(), w)
+            listener::resume(ctx.clone(), w)
         }));
     }
     for l in listeners {
         match TcpListener::from_std(l) {
             Ok(l) => {
-                tokio::task::spawn_local(listener::accept_loop(
-                    ctx.clone(),
-                    builder.clone(),
-                    tracker.clone(),
-                    l,
-                    server.max_connections,
-                    shutdown.clone(),
-                ));
+                tokio::task::spawn_local(listener::accept_loop(ctx.clone(), tracker.clone(), l, shutdown.clone()));
             }
             Err(e) => tracing::error!(worker = index, error = %e, "cannot register listener"),
         }
@@ -200,10 +214,9 @@ async fn run(
     tracker.stop();
     let open = tracker.active();
     tracing::info!(worker = index, open_connections = open, "draining");
-    if tokio::time::timeout(server.shutdown_grace, tracker.drained())
-        .await
-        .is_err()
-    {
+    // As the config is now, after any reload.
+    let grace = ctx.shared.snapshot.load().config.server.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.drained()).await.is_err() {
         tracing::warn!(
             worker = index,
             open_connections = tracker.active(),

@@ -463,6 +463,35 @@ async fn a_websocket_is_an_open_connection_for_max_connections_and_for_shutdown(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_server_connection_settings_to_new_connections() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let base = pool_config(&[o.addr], "");
+    let (srv, addr) = start_proxy(&with_server_setting(&base, "max_connections = 1"));
+    // A connection that sends nothing holds the only slot for client_header_timeout
+    // (10 s by default); the next client waits in the backlog.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = tokio::spawn(async move { get(addr, "/").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "served past max_connections = 1");
+
+    // Raising the cap lets the waiting client in at once, and a new connection
+    // gets the new header timeout.
+    let raised = with_server_setting(&base, "max_connections = 3\nclient_header_timeout = \"300ms\"");
+    srv.reload(rampart::Config::parse(&raised, "t").unwrap()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting client was not let in by the raised cap")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await,
+        "a new connection still got the old 10 s client_header_timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_refusing_gives_a_fast_503_with_retry_after() {
     let a = refused_addr().await;
     let b = refused_addr().await;
