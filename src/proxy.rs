@@ -463,8 +463,22 @@ fn content_length(field: Option<&HeaderValue>) -> Result<Option<u64>, ProxyError
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && upgrades_to_a_tunnel(req.headers())
         && connection_has_token(req.headers(), "upgrade")
+}
+
+/// `Upgrade` names a protocol other than `h2c`. An h2c upgrade is this hop's own
+/// business (its `HTTP2-Settings` is hop-by-hop), and forwarded it would let a client
+/// speak HTTP/2 straight to the backend past every rule of the proxy ("h2c
+/// smuggling"); Envoy and nginx do not forward it either. The request goes on
+/// without it.
+fn upgrades_to_a_tunnel(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"h2c"))
 }
 
 fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {

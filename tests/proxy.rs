@@ -395,6 +395,33 @@ async fn websocket_upgrade_is_tunnelled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_is_not_forwarded() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
+    // Forwarded, a backend that speaks h2c would switch the connection to HTTP/2
+    // and take every later request on it straight from the client ("h2c smuggling").
+    let r = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+          HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    for gone in ["upgrade", "http2-settings"] {
+        assert!(!seen.contains_key(gone), "{gone} reached the backend: {seen:?}");
+    }
+    assert!(
+        !seen
+            .get_all("connection")
+            .iter()
+            .any(|v| v.to_str().unwrap().to_ascii_lowercase().contains("upgrade")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_websocket_closes_after_tunnel_idle_timeout_but_a_busy_one_stays() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], "tunnel_idle_timeout = \"400ms\""));
