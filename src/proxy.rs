@@ -366,9 +366,18 @@ fn prepare(
         Some(v) => Some(crate::router::host_str(v.as_bytes()).ok_or(ProxyError::BadRequest("invalid Host header"))?),
         None => None,
     };
+    let mut path = req.uri().path();
+    if path == "*" {
+        // Asterisk-form asks about the server, not a resource, and only OPTIONS may
+        // (RFC 9112 §3.2.4); it goes, as written, to the host's catch-all route.
+        if req.method() != Method::OPTIONS {
+            return Err(ProxyError::BadRequest("asterisk-form target"));
+        }
+        path = "/";
+    }
     let route_idx = snap
         .router
-        .find(host.map(host_without_port), req.uri().path())
+        .find(host.map(host_without_port), path)
         .ok_or(ProxyError::NoRoute)?;
     let route = &snap.routes[route_idx];
     let pool = &snap.pools[route.pool];
