@@ -366,15 +366,13 @@ fn prepare(
         Some(v) => Some(crate::router::host_str(v.as_bytes()).ok_or(ProxyError::BadRequest("invalid Host header"))?),
         None => None,
     };
-    let mut path = req.uri().path();
-    if path == "*" {
-        // Asterisk-form asks about the server, not a resource, and only OPTIONS may
-        // (RFC 9112 §3.2.4); it goes, as written, to the host's catch-all route.
-        if req.method() != Method::OPTIONS {
-            return Err(ProxyError::BadRequest("asterisk-form target"));
-        }
-        path = "/";
-    }
+    // The query is scanned too (a `/.` there only costs the slow path a look).
+    let plain = req
+        .uri()
+        .path_and_query()
+        .is_none_or(|pq| crate::router::plain_path(pq.as_str()));
+    let asterisk = !plain && unusual_path(&mut req)?;
+    let path = if asterisk { "/" } else { req.uri().path() };
     let route_idx = snap
         .router
         .find(host.map(host_without_port), path)
@@ -788,6 +786,41 @@ fn origin_form(uri: Uri) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.path_and_query = Some(pq);
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// For a path that is not plain (`router::plain_path`): an asterisk-form target
+/// (true: route it as `/`), or a path whose dot segments go (`router::normalize_path`),
+/// so that it is routed, and forwarded, without them. The authority, if the target
+/// had one, was read before.
+#[cold]
+fn unusual_path<B>(req: &mut Request<B>) -> Result<bool, ProxyError> {
+    if req.uri().path() == "*" {
+        // Asterisk-form asks about the server, not a resource, and only OPTIONS may
+        // (RFC 9112 §3.2.4); it goes, as written, to the host's catch-all route.
+        if req.method() != Method::OPTIONS {
+            return Err(ProxyError::BadRequest("asterisk-form target"));
+        }
+        return Ok(true);
+    }
+    match crate::router::normalize_path(req.uri().path()) {
+        Ok(Some(path)) => *req.uri_mut() = with_path(req.uri(), path)?,
+        Ok(None) => {}
+        Err(_) => return Err(ProxyError::BadRequest("path above the root")),
+    }
+    Ok(false)
+}
+
+/// `uri` in origin-form with `path` in place of its own.
+#[cold]
+fn with_path(uri: &Uri, mut path: String) -> Result<Uri, ProxyError> {
+    if let Some(q) = uri.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query =
+        Some(PathAndQuery::from_maybe_shared(path).map_err(|_| ProxyError::BadRequest("invalid path"))?);
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid path"))
 }
 
 fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> {

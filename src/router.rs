@@ -7,7 +7,8 @@
 //! so a catch-all route still catches. Prefixes are plain string prefixes, as in nginx
 //! `location /api` and Envoy `prefix`.
 //!
-//! Also what a host is: `valid_host` checks a `Host` value before it is routed on.
+//! Also what a host is: `valid_host` checks a `Host` value before it is routed on;
+//! and what a path is: `normalize_path` removes dot segments before it is routed on.
 
 use std::collections::HashMap;
 
@@ -157,6 +158,93 @@ pub fn host_without_port(authority: &str) -> &str {
     }
 }
 
+/// The path without its dot segments (RFC 3986 §5.2.4, with `%2e` read as `.`), or
+/// `None` when it has none, the common case, found in one pass without allocating.
+/// Routed and forwarded as written, `/api/../internal` would match `/api` and reach
+/// that pool's backend, which resolves it to `/internal`: a path the route never
+/// exposed (Envoy's `normalize_path`, CVE-2019-9901). A path that climbs above the
+/// root is an error, as in nginx. Empty segments (`//`) stay: merging them changes
+/// what some applications mean.
+pub fn normalize_path(path: &str) -> Result<Option<String>, AboveRoot> {
+    if plain_path(path) {
+        return Ok(None);
+    }
+    normalize_slow(path)
+}
+
+/// Starts with `/` and has no segment starting with `.` or `%`: nothing in it for
+/// `normalize_path` to do. One pass, no allocation.
+#[inline]
+pub fn plain_path(path: &str) -> bool {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    let mut after_slash = false;
+    for &c in b {
+        if after_slash && (c == b'.' || c == b'%') {
+            return false;
+        }
+        after_slash = c == b'/';
+    }
+    true
+}
+
+/// A path whose `..` segments climb above the root.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AboveRoot;
+
+#[cold]
+fn normalize_slow(path: &str) -> Result<Option<String>, AboveRoot> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Ok(None);
+    };
+    let mut kept: Vec<&str> = Vec::new();
+    let mut ends_in_dir = false;
+    for seg in rest.split('/') {
+        ends_in_dir = true;
+        match dots(seg) {
+            1 => {}
+            2 => {
+                kept.pop().ok_or(AboveRoot)?;
+            }
+            _ => {
+                kept.push(seg);
+                ends_in_dir = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for seg in &kept {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if ends_in_dir || kept.is_empty() {
+        out.push('/');
+    }
+    Ok((out != path).then_some(out))
+}
+
+/// 1 for a `.` segment, 2 for `..`, with any dot written `%2e`; 0 otherwise.
+fn dots(seg: &str) -> usize {
+    let mut s = seg.as_bytes();
+    let mut n = 0;
+    while !s.is_empty() {
+        if s[0] == b'.' {
+            s = &s[1..];
+        } else if s.len() >= 3 && s[0] == b'%' && s[1] == b'2' && s[2].eq_ignore_ascii_case(&b'e') {
+            s = &s[3..];
+        } else {
+            return 0;
+        }
+        n += 1;
+        if n > 2 {
+            return 0;
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +285,34 @@ mod tests {
             "é.test",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_removed_and_climbing_above_the_root_is_an_error() {
+        for (path, want) in [
+            ("/", None),
+            ("/api/users", None),
+            ("/static/app.js", None),
+            ("/.well-known/acme", None),
+            ("/a//b", None),
+            ("/a/%41", None),
+            ("/api/../internal", Some("/internal")),
+            ("/api/%2e%2E/internal", Some("/internal")),
+            ("/api/.%2e/internal", Some("/internal")),
+            ("/a/./b", Some("/a/b")),
+            ("/a/%2e/b", Some("/a/b")),
+            ("/a/b/..", Some("/a/")),
+            ("/a/b/.", Some("/a/b/")),
+            ("/a/..", Some("/")),
+            ("/.", Some("/")),
+            ("/a/.../b", None),
+            ("/a/..b/c", None),
+        ] {
+            assert_eq!(normalize_path(path), Ok(want.map(String::from)), "{path}");
+        }
+        for bad in ["/..", "/../etc/passwd", "/a/../../b", "/%2e%2e/x"] {
+            assert_eq!(normalize_path(bad), Err(AboveRoot), "{bad}");
         }
     }
 

@@ -1428,6 +1428,51 @@ async fn recording_origin() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_routed_and_forwarded_without_dot_segments() {
+    let (api, heads) = recording_origin().await;
+    let web = TestOrigin::start("web", Behavior::Healthy).await;
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+pool = "web"
+[[routes]]
+path_prefix = "/api/"
+pool = "api"
+[pools.api]
+backends = ["{api}"]
+[pools.web]
+backends = ["{}"]
+"#,
+        web.addr
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    // Routed on the raw path, this matched /api/ and the api backend resolved it to
+    // /internal: a path no route exposes.
+    for sneaky in ["/api/../internal", "/api/%2e%2e/internal", "/api/.%2E/internal"] {
+        let r = get(addr, sneaky).await;
+        assert_eq!((r.status.as_u16(), r.text()), (200, "web".to_string()), "{sneaky}");
+    }
+    assert!(heads.lock().unwrap().is_empty(), "{:?}", heads.lock().unwrap());
+    // The backend gets the path it was routed on, query kept.
+    assert_eq!(get(addr, "/api/./v1/%2e%2e/users?q=/../x").await.status, 200);
+    let head = heads.lock().unwrap().last().cloned().unwrap();
+    assert!(head.starts_with("GET /api/users?q=/../x HTTP/1.1\r\n"), "{head}");
+    // Above the root is an error, as in nginx.
+    let r = raw(
+        addr,
+        b"GET /../etc/passwd HTTP/1.1\r\nHost: t\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(web.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_request_fields_reach_the_backend_as_written_and_rewritten_ones_are_folded() {
     use tokio::io::AsyncWriteExt;
     let (origin, heads) = recording_origin().await;
