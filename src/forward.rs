@@ -43,6 +43,9 @@ struct TryOpts {
     timeout: Duration,
     /// Body bytes read before the client sees any (0: stream at once).
     buffer: usize,
+    /// Replay-safe: the same backend may get it again on a new connection after a
+    /// pooled one ended unanswered (`resend_on_fresh`).
+    idempotent: bool,
 }
 
 /// A successful exchange.
@@ -99,6 +102,7 @@ pub async fn forward(
         } else {
             0
         },
+        idempotent: attempts.idempotent(),
     };
     // An upgrade (WebSocket) must reach one backend only: never hedged.
     let upgrade = req.head.added.upgrade;
@@ -341,6 +345,19 @@ fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
     }
 }
 
+/// Whether a request a pooled connection failed to answer goes again, on a new
+/// connection to the same backend: always when provably unread (`NotReceived`); after
+/// a plain close or reset only if it is idempotent, since the application may have
+/// read it. Never a streamed body (spent), nor after a backend that exited.
+fn resend_on_fresh(err: &ProxyError, request: &UpRequest, opts: TryOpts) -> bool {
+    matches!(request.body, ReqBody::Buffered(_))
+        && match err {
+            ProxyError::NotReceived { .. } => true,
+            ProxyError::UpstreamClosed { .. } => opts.idempotent,
+            _ => false,
+        }
+}
+
 /// One try on backend `bi`: connection, send, response headers and up to `buffer`
 /// bytes of body, all by `deadline` (`None`: the caller keeps the deadline).
 async fn try_backend(
@@ -395,8 +412,17 @@ async fn try_backend(
                 stale_left -= 1;
                 continue;
             }
+            Ok(Err(SendError::Unanswered(e))) if reused && stale_left > 0 && resend_on_fresh(&e, &request, opts) => {
+                // A pooled connection that ended with no answer: the backend closed
+                // it as the request went out (the keep-alive race). Resent on a new
+                // connection to the same backend, as nginx does for its cached
+                // connections, rather than spending a try on another backend, or
+                // failing a pool of one.
+                stale_left -= 1;
+                continue;
+            }
             Ok(Err(SendError::Unsent(e))) => return Outcome::Failed(e, Some(request)),
-            Ok(Err(SendError::Failed(e))) => return Outcome::Failed(e, None),
+            Ok(Err(SendError::Failed(e) | SendError::Unanswered(e))) => return Outcome::Failed(e, None),
             Ok(Ok(h)) => h,
         };
         // The balancer's latency and the hedge delay's p95 are the backend's: a

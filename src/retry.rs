@@ -137,6 +137,11 @@ impl Attempts {
         self.tried.len()
     }
 
+    /// Replay-safe by method (or `Idempotency-Key`), whether or not a copy is kept.
+    pub fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+
     /// Whether the request can be sent again after the application may have seen it:
     /// replay-safe and its body kept.
     pub fn replayable(&self) -> bool {

@@ -83,6 +83,9 @@ pub enum SendError {
     Unsent(ProxyError),
     /// Failed once the request was (partly) written.
     Failed(ProxyError),
+    /// Written, then the connection ended before a byte of response came back
+    /// (closed, reset, or `NotReceived`): on a pooled connection, the keep-alive race.
+    Unanswered(ProxyError),
     /// The client's request body failed: not the backend's fault, no retry.
     Fatal(ProxyError),
 }
@@ -189,7 +192,7 @@ impl Conn {
                 Ok(head)
             }
             (Err(e), None) => Err(e),
-            (Err(SendError::Failed(e)), Some(_)) if e.never_read() => Err(SendError::Failed(e)),
+            (Err(SendError::Unanswered(e)), Some(_)) if e.never_read() => Err(SendError::Unanswered(e)),
             (Err(_), Some(e)) => Err(SendError::Failed(self.closed(e))),
         }
     }
@@ -295,19 +298,25 @@ impl Conn {
                     self.reserve(0);
                     match self.stream.read_buf(&mut self.buf).await {
                         Ok(0) if !heard && self.closed_unread().await => {
-                            return Err(SendError::Failed(ProxyError::NotReceived { backend: self.addr }))
+                            return Err(SendError::Unanswered(ProxyError::NotReceived { backend: self.addr }))
                         }
                         Ok(0) => {
-                            return Err(SendError::Failed(self.closed(io::Error::new(
+                            let err = self.closed(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
                                 "connection closed before a complete response head",
-                            ))))
+                            ));
+                            return Err(if heard {
+                                SendError::Failed(err)
+                            } else {
+                                SendError::Unanswered(err)
+                            });
                         }
                         Ok(_) => heard = true,
                         Err(e) if !heard && e.kind() == io::ErrorKind::ConnectionReset && self.exited().await => {
-                            return Err(SendError::Failed(ProxyError::ExitedUnread { backend: self.addr }))
+                            return Err(SendError::Unanswered(ProxyError::ExitedUnread { backend: self.addr }))
                         }
-                        Err(e) => return Err(SendError::Failed(self.closed(e))),
+                        Err(e) if heard => return Err(SendError::Failed(self.closed(e))),
+                        Err(e) => return Err(SendError::Unanswered(self.closed(e))),
                     }
                 }
             }
@@ -705,7 +714,7 @@ mod tests {
     /// The failure's label, for a send that must fail.
     fn failure(r: Result<Head, SendError>) -> &'static str {
         match r {
-            Err(SendError::Failed(e)) => e.kind(),
+            Err(SendError::Failed(e) | SendError::Unanswered(e)) => e.kind(),
             other => panic!("expected a failure, got {other:?}"),
         }
     }
@@ -775,8 +784,11 @@ mod tests {
 
     fn not_received(r: Result<Head, SendError>) -> bool {
         match r {
-            Err(SendError::Failed(ProxyError::NotReceived { .. })) => true,
-            Err(SendError::Failed(ProxyError::UpstreamClosed { .. })) => false,
+            Err(SendError::Unanswered(ProxyError::NotReceived { .. })) => true,
+            Err(
+                SendError::Unanswered(ProxyError::UpstreamClosed { .. })
+                | SendError::Failed(ProxyError::UpstreamClosed { .. }),
+            ) => false,
             other => panic!("expected a close, got {other:?}"),
         }
     }

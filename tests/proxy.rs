@@ -4,8 +4,6 @@
 mod common;
 
 /// For tests that count the origin's connections: TCP health checks would add some.
-const NO_HEALTH_CHECKS: &str = "health_check = { type = \"none\" }";
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

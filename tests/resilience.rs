@@ -405,6 +405,65 @@ async fn an_http2_stream_given_no_window_is_reset_after_send_timeout_but_a_slow_
     assert_eq!(r.status(), 200);
 }
 
+/// An origin that answers the first request on each connection (keep-alive), then
+/// reads the second and resets the connection without answering (`SO_LINGER` 0):
+/// a server whose idle timer closed the connection as rampart reused it. Counts the
+/// requests it read.
+async fn one_answer_per_connection_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in [false, true] {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    buf.clear();
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if answered {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                        return;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_reset_unanswered_is_resent_on_a_new_one_to_the_same_backend() {
+    use std::sync::atomic::Ordering;
+    let (origin, reads) = one_answer_per_connection_origin().await;
+    let (_srv, addr) = start_proxy(&pool_config(&[origin], NO_HEALTH_CHECKS));
+    assert_eq!(get(addr, "/a").await.status, 200);
+    // Reused, reset: a pool of one has no other backend, so before this the GET
+    // was a 502. Resent on a new connection, as nginx does for a cached one.
+    let r = get(addr, "/b").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(reads.load(Ordering::SeqCst), 3);
+    // A POST the application may have read is not sent twice.
+    let r = post_bytes(addr, "/c", Bytes::from_static(b"x=1")).await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(reads.load(Ordering::SeqCst), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_passed_through_when_no_retry_is_possible() {
     let sick = TestOrigin::start("sick", Behavior::Status(503)).await;

@@ -389,6 +389,9 @@ pub fn with_server_setting(toml: &str, line: &str) -> String {
     toml.replacen("[server]\n", &format!("[server]\n{line}\n"), 1)
 }
 
+/// `pool_config`'s extra line for a pool without active health checks.
+pub const NO_HEALTH_CHECKS: &str = "health_check = { type = \"none\" }";
+
 /// A config with one pool of `backends`, with extra lines for the pool appended.
 pub fn pool_config(backends: &[SocketAddr], pool_extra: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
