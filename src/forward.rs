@@ -345,6 +345,11 @@ fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
     }
 }
 
+#[cold]
+fn stale_resend(pool: &Pool) {
+    metrics::counter!("rampart_stale_connection_resends_total", "pool" => pool.name.clone()).increment(1);
+}
+
 /// Whether a request a pooled connection failed to answer goes again, on a new
 /// connection to the same backend: always when provably unread (`NotReceived`); after
 /// a plain close or reset only if it is idempotent, since the application may have
@@ -410,6 +415,7 @@ async fn try_backend(
             Ok(Err(SendError::Unsent(_))) if reused && stale_left > 0 => {
                 // A pooled connection the backend had reset: resend on a new one.
                 stale_left -= 1;
+                stale_resend(pool);
                 continue;
             }
             Ok(Err(SendError::Unanswered(e))) if reused && stale_left > 0 && resend_on_fresh(&e, &request, opts) => {
@@ -419,6 +425,7 @@ async fn try_backend(
                 // connections, rather than spending a try on another backend, or
                 // failing a pool of one.
                 stale_left -= 1;
+                stale_resend(pool);
                 continue;
             }
             Ok(Err(SendError::Unsent(e))) => return Outcome::Failed(e, Some(request)),

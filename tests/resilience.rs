@@ -451,7 +451,11 @@ async fn one_answer_per_connection_origin() -> (std::net::SocketAddr, Arc<std::s
 async fn a_pooled_connection_reset_unanswered_is_resent_on_a_new_one_to_the_same_backend() {
     use std::sync::atomic::Ordering;
     let (origin, reads) = one_answer_per_connection_origin().await;
-    let (_srv, addr) = start_proxy(&pool_config(&[origin], NO_HEALTH_CHECKS));
+    // Its own pool name, for its own line in the process-wide metrics.
+    let toml = pool_config(&[origin], NO_HEALTH_CHECKS)
+        .replace("\"app\"", "\"resend\"")
+        .replace("pools.app", "pools.resend");
+    let (_srv, addr) = start_proxy(&toml);
     assert_eq!(get(addr, "/a").await.status, 200);
     // Reused, reset: a pool of one has no other backend, so before this the GET
     // was a 502. Resent on a new connection, as nginx does for a cached one.
@@ -462,6 +466,12 @@ async fn a_pooled_connection_reset_unanswered_is_resent_on_a_new_one_to_the_same
     let r = post_bytes(addr, "/c", Bytes::from_static(b"x=1")).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(reads.load(Ordering::SeqCst), 4);
+    let text = rampart::metrics::install().render();
+    let resends = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rampart_stale_connection_resends_total{pool=\"resend\"} "))
+        .unwrap_or_else(|| panic!("no resend counter in:\n{text}"));
+    assert_eq!(resends.trim(), "1", "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
