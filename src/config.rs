@@ -165,6 +165,8 @@ pub struct AdminConfig {
 pub struct ListenerConfig {
     pub bind: SocketAddr,
     pub backlog: u32,
+    /// Each connection starts with a PROXY protocol header (`proxyproto`).
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -401,6 +403,7 @@ struct FileAdmin {
 struct FileListener {
     bind: String,
     backlog: Option<u32>,
+    proxy_protocol: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -625,6 +628,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         listeners.push(ListenerConfig {
             bind,
             backlog: raw.backlog.unwrap_or(DEFAULT_BACKLOG),
+            proxy_protocol: raw.proxy_protocol.unwrap_or(false),
         });
     }
     if listeners.is_empty() && !table.contains_key("listeners") {

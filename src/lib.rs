@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod netio;
 pub mod outlier;
 pub mod proxy;
+pub mod proxyproto;
 pub mod rawfields;
 pub mod retry;
 pub mod router;

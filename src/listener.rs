@@ -254,6 +254,7 @@ pub async fn accept_loop(
     ctx: Rc<WorkerCtx>,
     tracker: Rc<ConnTracker>,
     listener: TcpListener,
+    proxy_protocol: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -286,6 +287,7 @@ pub async fn accept_loop(
                     stream,
                     peer,
                     guard,
+                    proxy_protocol,
                 )));
             }
             Err(e) => {
@@ -302,7 +304,21 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A client connection's task. Its own state is what an idle keep-alive connection
 /// costs, so everything busy (hyper's connection, h2) is boxed and awaited.
-async fn serve(ctx: Rc<WorkerCtx>, builder: Rc<HttpBuilder>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
+async fn serve(
+    ctx: Rc<WorkerCtx>,
+    builder: Rc<HttpBuilder>,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    guard: ConnGuard,
+    proxy_protocol: bool,
+) {
+    if proxy_protocol {
+        // Boxed: its buffer must not size every connection's task.
+        match boxed(|| crate::proxyproto::read_header(&mut stream, peer, builder.waits.header)).await {
+            Some(client) => peer = client,
+            None => return,
+        }
+    }
     // Wait for the first bytes before choosing a protocol: a connection that sends
     // nothing holds no hyper state, and closes after `client_header_timeout`.
     let tracker = guard.tracker();

@@ -186,10 +186,18 @@ async fn run(
             listener::resume(ctx.clone(), w)
         }));
     }
-    for l in listeners {
+    for (i, l) in listeners.into_iter().enumerate() {
+        // In config order, as `listener::bind_all` made them; restart-only settings.
+        let proxy_protocol = config.listeners.get(i).is_some_and(|c| c.proxy_protocol);
         match TcpListener::from_std(l) {
             Ok(l) => {
-                tokio::task::spawn_local(listener::accept_loop(ctx.clone(), tracker.clone(), l, shutdown.clone()));
+                tokio::task::spawn_local(listener::accept_loop(
+                    ctx.clone(),
+                    tracker.clone(),
+                    l,
+                    proxy_protocol,
+                    shutdown.clone(),
+                ));
             }
             Err(e) => tracing::error!(worker = index, error = %e, "cannot register listener"),
         }

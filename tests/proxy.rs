@@ -415,6 +415,74 @@ async fn options_asterisk_goes_to_the_catch_all_route_and_other_asterisks_are_40
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_listener_takes_the_client_from_the_header_and_closes_without_one() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = pool_config(&[o.addr], "").replace(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\nproxy_protocol = true\n",
+    );
+    assert!(toml.contains("proxy_protocol"));
+    let (_srv, addr) = start_proxy(&toml);
+    let xff = || {
+        o.seen_headers.lock().unwrap().last().unwrap()["x-forwarded-for"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // Version 1, the request in the same segment.
+    let r = raw(
+        addr,
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(xff(), "203.0.113.7");
+
+    // Version 2, IPv6, then HTTP/2 on the same connection.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&[0; 16]);
+    v2.extend_from_slice(&[0x15, 0xb3, 0x01, 0xbb]);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&v2).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let r = tx
+        .send_request(Request::get("http://t/").body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(xff(), "2001:db8::1");
+
+    // LOCAL (the balancer's own health check): the connection's own address.
+    let r = raw(
+        addr,
+        b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(xff(), "127.0.0.1");
+
+    // No header: closed unanswered, whoever it claims to be.
+    let hits = o.hits();
+    let r = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.is_empty(), "{r}");
+    assert_eq!(o.hits(), hits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2c_upgrade_is_not_forwarded() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], ""));
