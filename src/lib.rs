@@ -54,6 +54,8 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
+    /// Each worker's way to new listening sockets (`listener::manage`).
+    listeners: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpListener, config::ListenerConfig)>>,
 }
 
 /// Opens the access log `target` names (`None`: off), for start-up and reload alike.
@@ -95,8 +97,16 @@ impl Server {
         let (tx, rx) = watch::channel(false);
 
         let mut threads = Vec::new();
+        let mut senders = Vec::new();
+        let configs = shared.snapshot.load().config.listeners.clone();
         for (i, listeners) in per_worker.into_iter().enumerate() {
-            threads.push(worker::spawn(i, shared.clone(), listeners, rx.clone())?);
+            let (send, recv) = tokio::sync::mpsc::unbounded_channel();
+            for (l, cfg) in listeners.into_iter().zip(&configs) {
+                // The receiver is alive: it is about to be handed to the worker.
+                let _ = send.send((l, cfg.clone()));
+            }
+            senders.push(send);
+            threads.push(worker::spawn(i, shared.clone(), recv, rx.clone())?);
         }
         threads.push(spawn_control(shared.clone(), admin.map(|(l, _)| l), rx)?);
         tracing::info!(listen = ?addrs, admin = ?admin_addr, workers, "rampart started");
@@ -106,10 +116,11 @@ impl Server {
             admin_addr,
             shutdown: tx,
             threads,
+            listeners: senders,
         })
     }
 
-    /// The bound listener addresses, in config order (port 0 resolved).
+    /// The listener addresses bound at start, in config order (port 0 resolved).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }
@@ -124,11 +135,22 @@ impl Server {
 
     /// Installs a new, already validated config. Routes, pools, backends and limits
     /// applied per request take effect at once, `[server]` connection settings for
-    /// each new connection (`WorkerCtx::http_builder`); listeners and workers need a
-    /// restart, and a warning says so. A new access-log
-    /// target is opened first, and if that fails nothing changes (the error says
-    /// why); an unchanged one is reopened, for log rotation.
+    /// each new connection (`WorkerCtx::http_builder`). A listener added is bound
+    /// first, in every worker, and a bind error rejects the reload; a listener removed
+    /// stops accepting, and its open connections go on. `workers`, and `backlog` or
+    /// `proxy_protocol` of a listener kept, need a restart, and a warning says so. A
+    /// new access-log target is opened next, and if that fails nothing changes (the
+    /// error says why); an unchanged one is reopened, for log rotation.
     pub fn reload(&self, config: Config) -> Result<(), StartupError> {
+        let old = self.shared.snapshot.load_full();
+        let added: Vec<config::ListenerConfig> = config
+            .listeners
+            .iter()
+            .filter(|l| !old.config.listeners.iter().any(|o| o.bind == l.bind))
+            .cloned()
+            .collect();
+        // Bound before anything changes: dropped, unsent, if a later step fails.
+        let (new_sockets, _) = listener::bind_all(&added, self.listeners.len())?;
         let target = &config.server.access_log;
         let current = self.shared.access_log.load_full();
         match current.as_deref() {
@@ -141,10 +163,24 @@ impl Server {
             }
             _ => self.shared.access_log.store(open_access_log(target)?),
         }
-        let old = self.shared.snapshot.load_full();
-        let binds = |c: &Config| c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>();
-        if binds(&old.config) != binds(&config) || old.config.server.workers != config.server.workers {
-            tracing::warn!("listeners or workers changed: these take effect on restart only");
+        if old.config.server.workers != config.server.workers {
+            tracing::warn!("workers changed: takes effect on restart only");
+        }
+        for l in &config.listeners {
+            if let Some(o) = old.config.listeners.iter().find(|o| o.bind == l.bind) {
+                if (o.backlog, o.proxy_protocol) != (l.backlog, l.proxy_protocol) {
+                    tracing::warn!(bind = %l.bind, "listener's backlog or proxy_protocol changed: takes effect on restart only");
+                }
+            }
+        }
+        for (sockets, worker) in new_sockets.into_iter().zip(&self.listeners) {
+            for (l, cfg) in sockets.into_iter().zip(&added) {
+                // A worker that has stopped has no use for it.
+                let _ = worker.send((l, cfg.clone()));
+            }
+        }
+        for l in &added {
+            tracing::info!(bind = %l.bind, "listener added by reload");
         }
         self.shared.swap(Arc::new(config));
         ::metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1);

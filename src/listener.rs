@@ -248,6 +248,54 @@ impl Drop for ConnGuard {
     }
 }
 
+/// A worker's listening sockets as they come: those bound at start, then those a
+/// reload adds (`Server::reload` binds them, so a bind error rejects the reload).
+pub type NewListeners = tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpListener, ListenerConfig)>;
+
+/// Runs an accept loop per listener the worker is given, and stops the loop of any
+/// listener a reload removed: its socket closes, while the connections it accepted
+/// go on. Without a per-accept cost: the loops are tasks, stopped from here.
+pub async fn manage(
+    ctx: Rc<WorkerCtx>,
+    tracker: Rc<ConnTracker>,
+    mut listeners: NewListeners,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut loops: Vec<(SocketAddr, tokio::task::JoinHandle<()>)> = Vec::new();
+    loop {
+        let reloaded = ctx.shared.reloaded.notified();
+        tokio::pin!(reloaded);
+        reloaded.as_mut().enable();
+        tokio::select! {
+            biased;
+            _ = crate::stopped(&mut shutdown) => return,
+            got = listeners.recv() => {
+                let Some((l, cfg)) = got else { return };
+                match TcpListener::from_std(l) {
+                    Ok(l) => {
+                        let task = accept_loop(ctx.clone(), tracker.clone(), l, cfg.proxy_protocol, shutdown.clone());
+                        loops.push((cfg.bind, tokio::task::spawn_local(task)));
+                    }
+                    Err(e) => tracing::error!(worker = ctx.index, bind = %cfg.bind, error = %e, "cannot register listener"),
+                }
+            }
+            () = &mut reloaded => {
+                let snap = ctx.shared.snapshot.load();
+                loops.retain(|(bind, task)| {
+                    let kept = snap.config.listeners.iter().any(|c| c.bind == *bind);
+                    if !kept {
+                        if ctx.index == 0 {
+                            tracing::info!(bind = %bind, "listener removed by reload; its open connections go on");
+                        }
+                        task.abort();
+                    }
+                    kept
+                });
+            }
+        }
+    }
+}
+
 /// Accepts until shutdown, at most `max_connections` open at once; past the cap the
 /// kernel backlog holds new connections (as nginx and HAProxy do), nothing is dropped.
 pub async fn accept_loop(

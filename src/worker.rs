@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
@@ -102,7 +101,7 @@ impl WorkerCtx {
 pub fn spawn(
     index: usize,
     shared: Arc<Shared>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: listener::NewListeners,
     shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, StartupError> {
     spawn_runtime_thread(format!("rampart-w{index}"), move || {
@@ -152,7 +151,7 @@ where
 async fn run(
     index: usize,
     shared: Arc<Shared>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: listener::NewListeners,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let config = shared.snapshot.load().config.clone();
@@ -186,22 +185,12 @@ async fn run(
             listener::resume(ctx.clone(), w)
         }));
     }
-    for (i, l) in listeners.into_iter().enumerate() {
-        // In config order, as `listener::bind_all` made them; restart-only settings.
-        let proxy_protocol = config.listeners.get(i).is_some_and(|c| c.proxy_protocol);
-        match TcpListener::from_std(l) {
-            Ok(l) => {
-                tokio::task::spawn_local(listener::accept_loop(
-                    ctx.clone(),
-                    tracker.clone(),
-                    l,
-                    proxy_protocol,
-                    shutdown.clone(),
-                ));
-            }
-            Err(e) => tracing::error!(worker = index, error = %e, "cannot register listener"),
-        }
-    }
+    let managed = tokio::task::spawn_local(listener::manage(
+        ctx.clone(),
+        tracker.clone(),
+        listeners,
+        shutdown.clone(),
+    ));
     let conns = ctx.conns.clone();
     let (dormant, open) = (ctx.dormant.clone(), tracker.clone());
     let sweeper = tokio::task::spawn_local(async move {
@@ -231,6 +220,7 @@ async fn run(
             "shutdown grace expired; closing the rest"
         );
     }
+    managed.abort();
     sweeper.abort();
     floor.abort();
     log_flusher.abort();

@@ -578,6 +578,64 @@ async fn a_websocket_is_an_open_connection_for_max_connections_and_for_shutdown(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_listeners_and_removing_one_keeps_its_connections() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let base = pool_config(&[o.addr], "");
+    let parse = |t: &str| rampart::Config::parse(t, "t").unwrap();
+    let (srv, addr) = start_proxy(&base);
+    let with_listener = |bind: std::net::SocketAddr| {
+        let t = base.replacen(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n",
+            &format!("[[listeners]]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nbind = \"{bind}\"\n"),
+            1,
+        );
+        assert!(t.contains(&bind.to_string()));
+        t
+    };
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    srv.reload(parse(&with_listener(free))).unwrap();
+    assert_eq!(get(free, "/").await.status, 200, "the added listener serves");
+    // A keep-alive connection on it, answered once.
+    let mut held = tokio::net::TcpStream::connect(free).await.unwrap();
+    let mut buf = Vec::new();
+    let ask = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut held, ask).await.unwrap();
+    let (head, _) = read_one_response(&mut held, &mut buf, false).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+
+    // Removed again: it stops accepting, the open connection goes on, and the first
+    // listener never stopped.
+    srv.reload(parse(&base)).unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(free).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the removed listener still accepts");
+    tokio::io::AsyncWriteExt::write_all(&mut held, ask).await.unwrap();
+    let (head, _) = read_one_response(&mut held, &mut buf, false).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "the removed listener's connection was dropped: {head}"
+    );
+    assert_eq!(get(addr, "/").await.status, 200);
+
+    // A port another process holds rejects the reload, naming it; nothing changes.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap();
+    let err = srv.reload(parse(&with_listener(taken))).unwrap_err().to_string();
+    assert!(err.contains(&taken.to_string()), "{err}");
+    assert_eq!(get(addr, "/").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_applies_server_connection_settings_to_new_connections() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let base = pool_config(&[o.addr], "");
