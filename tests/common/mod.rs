@@ -389,6 +389,18 @@ pub fn with_server_setting(toml: &str, line: &str) -> String {
     toml.replacen("[server]\n", &format!("[server]\n{line}\n"), 1)
 }
 
+/// The value of one series (`name{labels}` as Prometheus writes it) in the
+/// process-wide metrics, which every proxy a test binary starts shares.
+pub fn metric(series: &str) -> String {
+    let text = rampart::metrics::install().render();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .trim()
+        .to_string()
+}
+
 /// `pool_config`'s extra line for a pool without active health checks.
 pub const NO_HEALTH_CHECKS: &str = "health_check = { type = \"none\" }";
 
