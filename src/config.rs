@@ -742,20 +742,18 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         errs.push("server.max_connections", "must be greater than 0");
     }
     let client_header_timeout = raw.client_header_timeout.unwrap_or(DEFAULT_CLIENT_HEADER_TIMEOUT);
-    if client_header_timeout.is_zero() {
-        errs.push("server.client_header_timeout", "must be greater than 0");
-    }
     let client_body_timeout = raw.client_body_timeout.unwrap_or(DEFAULT_CLIENT_BODY_TIMEOUT);
-    if client_body_timeout.is_zero() {
-        errs.push("server.client_body_timeout", "must be greater than 0");
-    }
     let send_timeout = raw.send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT);
-    if send_timeout.is_zero() {
-        errs.push("server.send_timeout", "must be greater than 0");
-    }
     let keepalive_timeout = raw.keepalive_timeout.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
-    if keepalive_timeout.is_zero() {
-        errs.push("server.keepalive_timeout", "must be greater than 0");
+    for (field, d) in [
+        ("client_header_timeout", client_header_timeout),
+        ("client_body_timeout", client_body_timeout),
+        ("send_timeout", send_timeout),
+        ("keepalive_timeout", keepalive_timeout),
+    ] {
+        if d.is_zero() {
+            errs.push(format!("server.{field}"), "must be greater than 0");
+        }
     }
     let max_header_bytes = raw.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
     if !(1024..=1024 * 1024).contains(&max_header_bytes) {
@@ -1351,6 +1349,23 @@ connect_timeout = "soon"
         assert!(joined.contains("listeners[1].nope: unknown field `nope`"), "{joined}");
         assert!(joined.contains("pools.app.connect_timeout"), "{joined}");
         assert!(errs.len() >= 5, "{joined}");
+    }
+
+    #[test]
+    fn a_zero_server_timeout_is_refused() {
+        for field in [
+            "client_header_timeout",
+            "client_body_timeout",
+            "send_timeout",
+            "keepalive_timeout",
+        ] {
+            let text = MINIMAL.replacen("[server]\n", &format!("[server]\n{field} = \"0s\"\n"), 1);
+            let errs = errors_of(&text).join("\n");
+            assert!(
+                errs.contains(&format!("server.{field}: must be greater than 0")),
+                "{errs}"
+            );
+        }
     }
 
     #[test]
