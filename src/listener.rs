@@ -255,12 +255,7 @@ pub type NewListeners = tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpListe
 /// Runs an accept loop per listener the worker is given, and stops the loop of any
 /// listener a reload removed: its socket closes, while the connections it accepted
 /// go on. Without a per-accept cost: the loops are tasks, stopped from here.
-pub async fn manage(
-    ctx: Rc<WorkerCtx>,
-    tracker: Rc<ConnTracker>,
-    mut listeners: NewListeners,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn manage(ctx: Rc<WorkerCtx>, mut listeners: NewListeners, mut shutdown: watch::Receiver<bool>) {
     let mut loops: Vec<(SocketAddr, tokio::task::JoinHandle<()>)> = Vec::new();
     loop {
         let reloaded = ctx.shared.reloaded.notified();
@@ -273,7 +268,7 @@ pub async fn manage(
                 let Some((l, cfg)) = got else { return };
                 match TcpListener::from_std(l) {
                     Ok(l) => {
-                        let task = accept_loop(ctx.clone(), tracker.clone(), l, cfg.proxy_protocol, shutdown.clone());
+                        let task = accept_loop(ctx.clone(), l, cfg.proxy_protocol, shutdown.clone());
                         loops.push((cfg.bind, tokio::task::spawn_local(task)));
                     }
                     Err(e) => tracing::error!(worker = ctx.index, bind = %cfg.bind, error = %e, "cannot register listener"),
@@ -300,11 +295,11 @@ pub async fn manage(
 /// kernel backlog holds new connections (as nginx and HAProxy do), nothing is dropped.
 pub async fn accept_loop(
     ctx: Rc<WorkerCtx>,
-    tracker: Rc<ConnTracker>,
     listener: TcpListener,
     proxy_protocol: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let tracker = &ctx.tracker;
     loop {
         if tracker.active() >= ctx.http_builder().max_connections {
             // At the cap: wait for a slot, or for a reload that may raise the cap

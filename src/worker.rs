@@ -185,12 +185,7 @@ async fn run(
             listener::resume(ctx.clone(), w)
         }));
     }
-    let managed = tokio::task::spawn_local(listener::manage(
-        ctx.clone(),
-        tracker.clone(),
-        listeners,
-        shutdown.clone(),
-    ));
+    let managed = tokio::task::spawn_local(listener::manage(ctx.clone(), listeners, shutdown.clone()));
     let conns = ctx.conns.clone();
     let (dormant, open) = (ctx.dormant.clone(), tracker.clone());
     let sweeper = tokio::task::spawn_local(async move {
