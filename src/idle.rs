@@ -144,13 +144,12 @@ impl ParkState {
 /// The client socket as hyper sees it, with the park signal, the header deadline and
 /// replayed bytes.
 pub struct ParkIo {
-    stream: TcpStream,
+    /// The socket; its writes carry `send_timeout`.
+    io: crate::netio::Gather,
     /// Bytes read by an earlier hyper connection but not yet parsed.
     replay: Bytes,
     state: Rc<ParkState>,
     header_timeout: Duration,
-    /// `send_timeout`: a client that takes no response bytes for it is cut off.
-    stall: crate::netio::Stall,
     /// `state.requests` when the fields below were last reset.
     seen_requests: u64,
     /// When the first byte of the next request head arrived.
@@ -162,12 +161,11 @@ impl ParkIo {
         // The caller saw the first byte of a request (or has replayed bytes).
         let now = Instant::now();
         ParkIo {
-            stream,
+            io: crate::netio::Gather::new(stream, waits.send),
             replay,
             seen_requests: state.requests.get(),
             state,
             header_timeout: waits.header,
-            stall: crate::netio::Stall::new(waits.send),
             head_started: Some(now),
         }
     }
@@ -229,7 +227,7 @@ impl Read for ParkIo {
             this.replay.advance(n);
             return Poll::Ready(Ok(()));
         }
-        match crate::netio::poll_read_into(&mut this.stream, cx, buf) {
+        match crate::netio::poll_read_into(this.io.stream_mut(), cx, buf) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 && this.state.waiting.get() {
                     this.sync();
@@ -257,9 +255,7 @@ impl Read for ParkIo {
 
 impl Write for ParkIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.stall.watch(cx, r)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -267,9 +263,7 @@ impl Write for ParkIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = crate::netio::poll_write_gather(&mut this.stream, cx, bufs);
-        this.stall.watch(cx, r)
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -283,7 +277,7 @@ impl Write for ParkIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -619,7 +613,7 @@ pub async fn run_h1(
         }
     };
     let parts = conn.into_parts();
-    let mut stream = parts.io.stream;
+    let mut stream = parts.io.io.into_inner();
     let upgrade = state.upgrade.borrow_mut().take();
     match (result, upgrade) {
         (Ok(()), Some(tx)) => {

@@ -139,10 +139,11 @@ impl Stall {
     }
 }
 
-/// A client socket for hyper's HTTP/2 connections: the `h2` crate flushes a frame
-/// header and its payload as two slices, which this sends as one (`poll_write_gather`).
-/// A client that reads nothing for `send_timeout` gets its connection closed (all
-/// its streams), as nginx's `send_timeout` does.
+/// A client socket that hyper writes to (HTTP/2 directly, HTTP/1.1 inside
+/// `idle::ParkIo`): slices written together go out as one send (`poll_write_gather`;
+/// the `h2` crate flushes a frame header and its payload as two), and a client that
+/// reads nothing for `send_timeout` gets its connection closed (for HTTP/2, all its
+/// streams), as nginx's `send_timeout` does.
 pub struct Gather {
     stream: TcpStream,
     stall: Stall,
@@ -154,6 +155,14 @@ impl Gather {
             stream,
             stall: Stall::new(send_timeout),
         }
+    }
+
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    pub fn into_inner(self) -> TcpStream {
+        self.stream
     }
 }
 
