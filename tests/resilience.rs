@@ -276,7 +276,7 @@ async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_try_timeout() 
 /// An origin that answers every request with an endless body, and notes when
 /// rampart stops taking it (its write fails).
 async fn endless_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -285,13 +285,8 @@ async fn endless_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atomi
         while let Ok((mut s, _)) = l.accept().await {
             let cut = seen.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
+                if !read_request(&mut s).await {
+                    return;
                 }
                 let chunk = vec![b'x'; 64 * 1024];
                 let mut out = s
@@ -410,7 +405,7 @@ async fn an_http2_stream_given_no_window_is_reset_after_send_timeout_but_a_slow_
 /// a server whose idle timer closed the connection as rampart reused it. Counts the
 /// requests it read.
 async fn one_answer_per_connection_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -419,16 +414,10 @@ async fn one_answer_per_connection_origin() -> (std::net::SocketAddr, Arc<std::s
         while let Ok((mut s, _)) = l.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
                 for answered in [false, true] {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
+                    if !read_request(&mut s).await {
+                        return;
                     }
-                    buf.clear();
                     seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if answered {
                         let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));

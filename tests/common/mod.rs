@@ -184,8 +184,9 @@ impl DyingOrigin {
     }
 }
 
-/// Reads one request: its head and a `content-length` body.
-async fn read_request(stream: &mut TcpStream) {
+/// Reads one request: its head and a `content-length` body. False if the connection
+/// ended first.
+pub async fn read_request(stream: &mut TcpStream) -> bool {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -197,11 +198,11 @@ async fn read_request(stream: &mut TcpStream) {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
-                return;
+                return true;
             }
         }
         match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return false,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
