@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -167,6 +168,8 @@ pub struct ListenerConfig {
     pub backlog: u32,
     /// Each connection starts with a PROXY protocol header (`proxyproto`).
     pub proxy_protocol: bool,
+    /// TLS termination (`[listeners.tls]`), certificates loaded.
+    pub tls: Option<Arc<crate::tls::TlsSettings>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -404,6 +407,22 @@ struct FileListener {
     bind: String,
     backlog: Option<u32>,
     proxy_protocol: Option<bool>,
+    tls: Option<FileTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    certificates: Vec<FileCert>,
+    min_version: Option<String>,
+    http2: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCert {
+    cert: String,
+    key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -625,10 +644,14 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         if admin.as_ref().is_some_and(|a| a.bind == bind && bind.port() != 0) {
             errs.push(format!("{path}.bind"), format!("{bind} is already bound by admin.bind"));
         }
+        let tls = raw
+            .tls
+            .and_then(|t| validate_tls(t, &format!("{path}.tls"), base, errs));
         listeners.push(ListenerConfig {
             bind,
             backlog: raw.backlog.unwrap_or(DEFAULT_BACKLOG),
             proxy_protocol: raw.proxy_protocol.unwrap_or(false),
+            tls,
         });
     }
     if listeners.is_empty() && !table.contains_key("listeners") {
@@ -1164,6 +1187,51 @@ fn parse_status_ranges(s: &str) -> Option<Vec<(u16, u16)>> {
         out.push((lo, hi));
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// Loads a listener's certificates now, so a missing file, a key that does not match
+/// its certificate or a bad PEM is a config error (for `check`, and a rejected reload).
+fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Option<Arc<crate::tls::TlsSettings>> {
+    let min_version = match raw.min_version.as_deref() {
+        None => Some(crate::tls::MinVersion::Tls12),
+        Some(v) => crate::tls::MinVersion::parse(v).or_else(|| {
+            errs.push(
+                format!("{path}.min_version"),
+                format!("must be \"1.2\" or \"1.3\", not {v:?}"),
+            );
+            None
+        }),
+    };
+    // The certificates are checked even then, so every error shows at once.
+    if raw.certificates.is_empty() {
+        errs.push(
+            format!("{path}.certificates"),
+            "at least one certificate is required ({ cert = \"FILE\", key = \"FILE\" })",
+        );
+        return None;
+    }
+    let files = raw
+        .certificates
+        .iter()
+        .map(|c| crate::tls::CertFiles {
+            cert: base.join(&c.cert),
+            key: base.join(&c.key),
+        })
+        .collect();
+    let version = min_version.unwrap_or(crate::tls::MinVersion::Tls12);
+    match crate::tls::settings(files, version, raw.http2.unwrap_or(true)) {
+        Ok(s) => min_version.map(|_| Arc::new(s)),
+        Err(errors) => {
+            for (i, message) in errors {
+                let at = match i {
+                    Some(i) => format!("{path}.certificates[{i}]"),
+                    None => path.to_string(),
+                };
+                errs.push(at, message);
+            }
+            None
+        }
+    }
 }
 
 fn validate_error_pages(table: &toml::Table, base: &Path, errs: &mut Errors) -> HashMap<u16, ErrorPage> {

@@ -30,6 +30,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -292,24 +294,145 @@ pub struct ClientBody {
     _stream: Option<StreamGuard>,
 }
 
-/// An HTTP/2 connection's open streams, for its idle timeout (`listener::serve_h2`):
-/// hyper closes no idle HTTP/2 connection itself, and its pings keep one alive.
+/// The open requests of a connection served by hyper alone (HTTP/2, and HTTP/1.1
+/// over TLS), for its idle timeout (`listener::serve_streams`): hyper closes no idle
+/// HTTP/2 connection itself, and its pings keep one alive. Atomics, not cells, only
+/// because TLS HTTP/1.1 reads it from `HeadDeadline`, inside the socket hyper hands
+/// over on an upgrade, which must be `Send`; nothing here is contended.
 pub struct Streams {
-    open: Cell<usize>,
-    idle_since: Cell<Instant>,
+    open: AtomicUsize,
+    /// Requests started, so `HeadDeadline` notices each new one.
+    started: AtomicU64,
+    born: Instant,
+    /// When `open` last fell to 0, in nanoseconds since `born`.
+    idle_since: AtomicU64,
+    /// The connection became a tunnel (a 101 went out): no request deadlines apply.
+    upgraded: AtomicBool,
 }
 
 impl Streams {
-    pub fn new() -> Rc<Streams> {
-        Rc::new(Streams {
-            open: Cell::new(0),
-            idle_since: Cell::new(Instant::now()),
+    pub fn new() -> Arc<Streams> {
+        Arc::new(Streams {
+            open: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            born: Instant::now(),
+            idle_since: AtomicU64::new(0),
+            upgraded: AtomicBool::new(false),
         })
     }
 
     /// When the connection may close for idleness; `None` while a stream is open.
     pub fn idle_until(&self, keepalive: Duration) -> Option<Instant> {
-        (self.open.get() == 0).then(|| self.idle_since.get() + keepalive)
+        (self.open.load(Ordering::Relaxed) == 0)
+            .then(|| self.born + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed)) + keepalive)
+    }
+}
+
+/// The request-head deadline (`client_header_timeout`, from the first byte of a head
+/// to the service call) for HTTP/1.1 over TLS, read above TLS so it sees requests,
+/// not records. hyper's own header timer cannot serve: it starts when hyper begins
+/// waiting for the next request, so it would close idle keep-alive connections after
+/// `client_header_timeout` instead of `keepalive_timeout`.
+pub struct HeadDeadline<T> {
+    io: T,
+    streams: Arc<Streams>,
+    timeout: Duration,
+    /// `streams.started` when `head_started` was last reset.
+    seen: u64,
+    head_started: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> HeadDeadline<T> {
+    pub fn new(io: T, streams: Arc<Streams>, timeout: Duration) -> HeadDeadline<T> {
+        HeadDeadline {
+            io,
+            streams,
+            timeout,
+            seen: 0,
+            head_started: None,
+            timer: None,
+        }
+    }
+
+    /// A request started since we last looked: its head is complete.
+    fn sync(&mut self) {
+        let started = self.streams.started.load(Ordering::Relaxed);
+        if started != self.seen {
+            self.seen = started;
+            self.head_started = None;
+        }
+    }
+
+    /// No request open and not a tunnel: bytes read now belong to a request head.
+    fn between_requests(&self) -> bool {
+        self.streams.open.load(Ordering::Relaxed) == 0 && !self.streams.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// Whether the head being read is overdue; arms the timer for it otherwise.
+    fn overdue(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(since) = self.head_started.filter(|_| self.between_requests()) else {
+            return false;
+        };
+        let deadline = since + self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.sync();
+        match read {
+            Poll::Pending if self.overdue(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client_header_timeout: request head incomplete",
+            ))),
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                if self.head_started.is_none() && self.between_requests() {
+                    self.head_started = Some(Instant::now());
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -390,21 +513,22 @@ impl<F: Future> Future for StreamTask<F> {
 
 /// One open stream: counted from the service call until its response body is
 /// dropped, or until the call's future is (a stream reset before the answer).
-struct StreamGuard(Rc<Streams>);
+struct StreamGuard(Arc<Streams>);
 
 impl StreamGuard {
-    fn open(streams: &Rc<Streams>) -> StreamGuard {
-        streams.open.set(streams.open.get() + 1);
+    fn open(streams: &Arc<Streams>) -> StreamGuard {
+        streams.open.fetch_add(1, Ordering::Relaxed);
+        streams.started.fetch_add(1, Ordering::Relaxed);
         StreamGuard(streams.clone())
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let open = self.0.open.get() - 1;
-        self.0.open.set(open);
-        if open == 0 {
-            self.0.idle_since.set(Instant::now());
+        let s = &self.0;
+        if s.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            s.idle_since
+                .store(s.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -477,14 +601,27 @@ impl Svc {
     }
 }
 
+impl Svc {
+    /// The service of a connection served by hyper alone, and its request count.
+    pub fn counted(ctx: Rc<WorkerCtx>, info: ConnInfo) -> (Svc, Arc<Streams>) {
+        let streams = Streams::new();
+        let svc = Svc {
+            ctx,
+            info: Rc::new(info),
+            streams: Some(streams.clone()),
+        };
+        (svc, streams)
+    }
+}
+
 /// The per-connection service. Its future is boxed: hyper keeps the service future
 /// inline in the dispatcher, and the request's state machine (tries, hedges) is large.
 #[derive(Clone)]
 pub struct Svc {
     pub ctx: Rc<WorkerCtx>,
     pub info: Rc<ConnInfo>,
-    /// HTTP/2 connections count their open streams (`Streams`).
-    pub streams: Option<Rc<Streams>>,
+    /// Connections served by hyper alone count their open requests (`Streams`).
+    pub streams: Option<Arc<Streams>>,
 }
 
 /// The service's future: the boxed request future (boxed once, so the large state
@@ -503,6 +640,11 @@ impl Future for SvcFuture {
         let resp = std::task::ready!(this.inner.as_mut().poll(cx)).into_response();
         let state = this.state.take();
         let stream = this.stream.take();
+        if let Some(s) = &stream {
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                s.0.upgraded.store(true, Ordering::Relaxed);
+            }
+        }
         Poll::Ready(Ok(resp.map(|inner| ClientBody {
             inner,
             state,

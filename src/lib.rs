@@ -32,6 +32,7 @@ pub mod rawfields;
 pub mod retry;
 pub mod router;
 pub mod state;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 pub mod worker;
@@ -137,8 +138,10 @@ impl Server {
     /// applied per request take effect at once, `[server]` connection settings for
     /// each new connection (`WorkerCtx::http_builder`). A listener added is bound
     /// first, in every worker, and a bind error rejects the reload; a listener removed
-    /// stops accepting, and its open connections go on. `workers`, and `backlog` or
-    /// `proxy_protocol` of a listener kept, need a restart, and a warning says so. A
+    /// stops accepting, and its open connections go on. A TLS listener's certificates are
+    /// read again (by `Config::load`) and serve new connections. `workers`, and
+    /// `backlog`, `proxy_protocol` or TLS on/off of a listener kept, need a restart,
+    /// and a warning says so. A
     /// new access-log target is opened next, and if that fails nothing changes (the
     /// error says why); an unchanged one is reopened, for log rotation.
     pub fn reload(&self, config: Config) -> Result<(), StartupError> {
@@ -168,8 +171,11 @@ impl Server {
         }
         for l in &config.listeners {
             if let Some(o) = old.config.listeners.iter().find(|o| o.bind == l.bind) {
-                if (o.backlog, o.proxy_protocol) != (l.backlog, l.proxy_protocol) {
-                    tracing::warn!(bind = %l.bind, "listener's backlog or proxy_protocol changed: takes effect on restart only");
+                if (o.backlog, o.proxy_protocol, o.tls.is_some()) != (l.backlog, l.proxy_protocol, l.tls.is_some()) {
+                    tracing::warn!(
+                        bind = %l.bind,
+                        "listener's backlog, proxy_protocol or whether it has [listeners.tls] changed: takes effect on restart only"
+                    );
                 }
             }
         }

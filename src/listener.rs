@@ -11,6 +11,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,8 +29,10 @@ use crate::config::{ListenerConfig, ServerConfig};
 use crate::error::StartupError;
 use crate::h1::{self, Ended};
 use crate::idle::{self, IdleWaits, Svc};
+use crate::netio::ClientIo;
 use crate::proxy::ConnInfo;
 use crate::state::Shared;
+use crate::tls::TlsSettings;
 use crate::worker::WorkerCtx;
 use bytes::Bytes;
 
@@ -268,8 +271,9 @@ pub async fn manage(ctx: Rc<WorkerCtx>, mut listeners: NewListeners, mut shutdow
                 let Some((l, cfg)) = got else { return };
                 match TcpListener::from_std(l) {
                     Ok(l) => {
-                        let task = accept_loop(ctx.clone(), l, cfg.proxy_protocol, shutdown.clone());
-                        loops.push((cfg.bind, tokio::task::spawn_local(task)));
+                        let bind = cfg.bind;
+                        let task = accept_loop(ctx.clone(), l, cfg, shutdown.clone());
+                        loops.push((bind, tokio::task::spawn_local(task)));
                     }
                     Err(e) => tracing::error!(worker = ctx.index, bind = %cfg.bind, error = %e, "cannot register listener"),
                 }
@@ -296,7 +300,7 @@ pub async fn manage(ctx: Rc<WorkerCtx>, mut listeners: NewListeners, mut shutdow
 pub async fn accept_loop(
     ctx: Rc<WorkerCtx>,
     listener: TcpListener,
-    proxy_protocol: bool,
+    cfg: ListenerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let tracker = &ctx.tracker;
@@ -324,13 +328,18 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 let guard = tracker.enter();
                 let builder = ctx.http_builder();
+                let tls = cfg
+                    .tls
+                    .as_ref()
+                    .map(|own| current_tls(&ctx, cfg.bind).unwrap_or_else(|| own.clone()));
                 tokio::task::spawn_local(crate::clock::Polled::new(serve(
                     ctx.clone(),
                     builder,
                     stream,
                     peer,
                     guard,
-                    proxy_protocol,
+                    cfg.proxy_protocol,
+                    tls,
                 )));
             }
             Err(e) => {
@@ -340,6 +349,18 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+/// A TLS listener's certificates as of the latest reload (renewed files take effect
+/// for new connections). `None` if a reload turned TLS off for this address, which
+/// takes a restart: the listener keeps the certificates it started with.
+fn current_tls(ctx: &WorkerCtx, bind: SocketAddr) -> Option<Arc<TlsSettings>> {
+    let snap = ctx.shared.snapshot.load();
+    snap.config
+        .listeners
+        .iter()
+        .find(|l| l.bind == bind && l.tls.is_some())
+        .and_then(|l| l.tls.clone())
 }
 
 /// The HTTP/2 connection preface a prior-knowledge h2c client starts with.
@@ -354,6 +375,7 @@ async fn serve(
     mut peer: SocketAddr,
     guard: ConnGuard,
     proxy_protocol: bool,
+    tls: Option<Arc<TlsSettings>>,
 ) {
     if proxy_protocol {
         // Boxed: its buffer must not size every connection's task.
@@ -369,6 +391,9 @@ async fn serve(
     let Some(n) = idle::wait_for_request(&stream, tracker, builder.waits.header, &mut head).await else {
         return;
     };
+    if let Some(tls) = tls {
+        return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls)).await;
+    }
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     if H2_PREFACE.starts_with(&head[..n]) {
         return boxed(|| serve_h2(ctx, &builder, stream, peer, tracker)).await;
@@ -444,21 +469,100 @@ async fn serve_h2(
     peer: SocketAddr,
     tracker: &ConnTracker,
 ) {
-    let streams = idle::Streams::new();
-    let svc = Svc {
-        ctx,
-        info: Rc::new(ConnInfo::new(peer, false)),
-        streams: Some(streams.clone()),
+    let (svc, streams) = Svc::counted(ctx, ConnInfo::new(peer, false));
+    let io = ClientIo::Plain(crate::netio::Gather::new(stream, builder.waits.send));
+    let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let shutdown = auto::UpgradeableConnection::graceful_shutdown;
+    serve_streams(conn, shutdown, &streams, tracker, builder.waits.keepalive, peer).await
+}
+
+/// A TLS connection whose first bytes arrived: the handshake, under
+/// `client_header_timeout` (nginx's default for it too), then HTTP/2 if ALPN chose
+/// it and HTTP/1.1 otherwise, both on hyper.
+async fn serve_tls(
+    ctx: Rc<WorkerCtx>,
+    builder: &HttpBuilder,
+    stream: TcpStream,
+    first: u8,
+    peer: SocketAddr,
+    tracker: &ConnTracker,
+    tls: Arc<TlsSettings>,
+) {
+    if first != crate::tls::HANDSHAKE_RECORD {
+        return plain_http_to_tls(stream, peer, builder.waits.send).await;
+    }
+    let io = crate::netio::Gather::new(stream, builder.waits.send);
+    let stream = match tokio::time::timeout(builder.waits.header, tls.acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+            ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "reason" => "error").increment(1);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(client = %peer, "client_header_timeout: TLS handshake incomplete");
+            ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "reason" => "timeout").increment(1);
+            return;
+        }
     };
-    let conn = builder
-        .auto
-        .serve_connection_with_upgrades(TokioIo::new(crate::netio::Gather::new(stream, builder.waits.send)), svc);
+    drop(tls);
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let (svc, streams) = Svc::counted(ctx, ConnInfo::new(peer, true));
+    let keepalive = builder.waits.keepalive;
+    if h2 {
+        let io = ClientIo::Tls(Box::new(stream));
+        let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        let shutdown = auto::UpgradeableConnection::graceful_shutdown;
+        serve_streams(conn, shutdown, &streams, tracker, keepalive, peer).await
+    } else {
+        let io = idle::HeadDeadline::new(stream, streams.clone(), builder.waits.header);
+        let conn = builder.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        let shutdown = http1::UpgradeableConnection::graceful_shutdown;
+        serve_streams(conn, shutdown, &streams, tracker, keepalive, peer).await
+    }
+}
+
+/// Plain HTTP sent to a TLS listener: a 400 that says so, as nginx answers, rather
+/// than a handshake error the client cannot show.
+async fn plain_http_to_tls(mut stream: TcpStream, peer: SocketAddr, send_timeout: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: &str = "This listener speaks HTTPS: the plain HTTP request was sent to an HTTPS port.\n";
+    tracing::debug!(client = %peer, "plain HTTP sent to a TLS listener");
+    ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "reason" => "plain_http").increment(1);
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(send_timeout, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent before closing: closing with unread bytes would
+        // reset the connection, and the client could lose the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Runs a connection served by hyper alone until it ends: closes it (GOAWAY for
+/// HTTP/2) after `keepalive_timeout` with no request open, as nginx closes an idle
+/// connection (hyper would keep an HTTP/2 one, pinging, for good), and finishes
+/// in-flight requests when the worker stops.
+async fn serve_streams<C, E>(
+    conn: C,
+    graceful_shutdown: fn(Pin<&mut C>),
+    streams: &idle::Streams,
+    tracker: &ConnTracker,
+    keepalive: Duration,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
     let stopped = tracker.stopped();
     tokio::pin!(stopped);
-    // keepalive_timeout with no stream open closes the connection (GOAWAY), as
-    // nginx closes an idle HTTP/2 connection; hyper would keep it, pinging, for good.
-    let keepalive = builder.waits.keepalive;
     let idle = tokio::time::sleep(keepalive);
     tokio::pin!(idle);
     let result = loop {
@@ -466,13 +570,13 @@ async fn serve_h2(
             r = conn.as_mut() => break r,
             _ = stopped.as_mut() => {
                 // Finish in-flight requests; idle connections close now.
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown(conn.as_mut());
                 break conn.await;
             }
             _ = idle.as_mut() => match streams.idle_until(keepalive) {
                 Some(at) if at <= tokio::time::Instant::now() => {
-                    tracing::debug!(client = %peer, "keepalive_timeout: idle HTTP/2 connection closed");
-                    conn.as_mut().graceful_shutdown();
+                    tracing::debug!(client = %peer, "keepalive_timeout: idle connection closed");
+                    graceful_shutdown(conn.as_mut());
                     break conn.await;
                 }
                 Some(at) => idle.as_mut().reset(at),

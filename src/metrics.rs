@@ -21,6 +21,7 @@ pub const DORMANT_CONNECTIONS: &str = "rampart_dormant_connections";
 pub const CLIENT_CONNECTIONS: &str = "rampart_client_connections";
 pub const TUNNELS: &str = "rampart_tunnels";
 pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_lines_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "rampart_tls_handshake_failures_total";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -73,6 +74,10 @@ fn describe() {
         "Open client connections, tunnels and dormant ones included"
     );
     describe_gauge!(TUNNELS, "Open WebSocket (upgraded) tunnels");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS connections that failed before a request: error, timeout, or plain_http (plain HTTP sent to a TLS listener)"
+    );
 }
 
 /// Pre-registered per-pool handles for the hot path.

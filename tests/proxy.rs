@@ -341,22 +341,8 @@ async fn h2c_clients_are_proxied_to_http1_backends() {
 /// Opens a WebSocket through rampart to the origin's echo at `/ws`: the stream is
 /// past the 101.
 async fn open_websocket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0;
-    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        n += s.read(&mut buf[n..]).await.unwrap();
-    }
-    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
+    upgrade_to_websocket(&mut s).await;
     s
 }
 

@@ -1,0 +1,252 @@
+//! TLS termination for listeners with a `[listeners.tls]` table: loading each
+//! certificate chain and key (when the config is loaded, so `rampart check` and a
+//! reload verify them, and a reload picks up renewed files), choosing a certificate
+//! by the client's SNI from the DNS names the certificate itself covers (as HAProxy
+//! does with `crt`), and the rustls server config: protocol versions, ALPN and
+//! session resumption.
+//!
+//! The handshake itself runs in `listener::serve_tls`, under `client_header_timeout`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+/// The first byte of every TLS connection: a handshake record.
+pub const HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Oldest protocol version a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinVersion {
+    Tls12,
+    Tls13,
+}
+
+impl MinVersion {
+    pub fn parse(s: &str) -> Option<MinVersion> {
+        match s {
+            "1.2" => Some(MinVersion::Tls12),
+            "1.3" => Some(MinVersion::Tls13),
+            _ => None,
+        }
+    }
+}
+
+/// One certificate as configured: the chain (leaf first) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A listener's loaded TLS settings, ready to accept with.
+pub struct TlsSettings {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// The certificates' files, in order (the first is the default).
+    pub certificates: Vec<CertFiles>,
+    /// The DNS names each certificate covers, as loaded (for the log and `check`).
+    pub names: Vec<Vec<String>>,
+    pub min_version: MinVersion,
+    pub http2: bool,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("certificates", &self.certificates)
+            .field("names", &self.names)
+            .field("min_version", &self.min_version)
+            .field("http2", &self.http2)
+            .finish()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Reads one certificate chain and its key, checks that they belong together, and
+/// returns it with the DNS names its leaf covers. Errors say which file and why.
+pub fn load_certificate(files: &CertFiles, provider: &CryptoProvider) -> Result<(CertifiedKey, Vec<String>), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: {}", files.cert.display(), pem_error(e)))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no PEM certificate in the file", files.cert.display()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| format!("{}: {}", files.key.display(), pem_error(e)))?;
+    let names = match webpki::EndEntityCert::try_from(&chain[0]) {
+        Ok(leaf) => leaf.valid_dns_names().map(|n| n.to_ascii_lowercase()).collect(),
+        Err(e) => {
+            return Err(format!(
+                "{}: not a valid X.509 certificate: {e:?}",
+                files.cert.display()
+            ))
+        }
+    };
+    let key = CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "{} does not belong to the certificate in {}",
+            files.key.display(),
+            files.cert.display()
+        ),
+        e => format!("{}: {e}", files.key.display()),
+    })?;
+    Ok((key, names))
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(e) => format!("cannot read: {e}"),
+        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind in the file".to_string(),
+        e => format!("invalid PEM: {e:?}"),
+    }
+}
+
+/// Builds a listener's TLS settings from its certificates (the first one is the
+/// default: for clients that send no SNI or a name no certificate covers). Errors
+/// carry the index of the certificate they are about.
+pub fn settings(
+    certificates: Vec<CertFiles>,
+    min_version: MinVersion,
+    http2: bool,
+) -> Result<TlsSettings, Vec<(Option<usize>, String)>> {
+    let provider = provider();
+    let mut errors = Vec::new();
+    let mut resolver = CertResolver::default();
+    let mut names = Vec::new();
+    for (i, files) in certificates.iter().enumerate() {
+        match load_certificate(files, &provider) {
+            Ok((key, covered)) => {
+                if i > 0 && covered.is_empty() {
+                    errors.push((
+                        Some(i),
+                        format!(
+                            "{} names no DNS host (subjectAltName), so SNI can never choose it; only the \
+                             first certificate serves clients by default",
+                            files.cert.display()
+                        ),
+                    ));
+                }
+                resolver.add(Arc::new(key), &covered);
+                names.push(covered);
+            }
+            Err(e) => errors.push((Some(i), e)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match min_version {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| vec![(None, e.to_string())])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    // Stateless resumption (as nginx enables by default): the keys rotate every 6 h
+    // and live in memory only, so a restart or reload costs one full handshake.
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| vec![(None, e.to_string())])?;
+    Ok(TlsSettings {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        certificates,
+        names,
+        min_version,
+        http2,
+    })
+}
+
+/// Chooses a certificate by SNI: an exact name first, then a wildcard one level up
+/// (`*.example.com` covers `a.example.com`, not `example.com` or `a.b.example.com`),
+/// then the first certificate. Where two certificates cover a name, the first wins.
+#[derive(Debug, Default)]
+struct CertResolver {
+    keys: Vec<Arc<CertifiedKey>>,
+    exact: HashMap<String, usize>,
+    /// Keyed by the part after `*.`.
+    wildcard: HashMap<String, usize>,
+}
+
+impl CertResolver {
+    fn add(&mut self, key: Arc<CertifiedKey>, names: &[String]) {
+        let i = self.keys.len();
+        self.keys.push(key);
+        for name in names {
+            match name.strip_prefix("*.") {
+                Some(parent) => self.wildcard.entry(parent.to_string()).or_insert(i),
+                None => self.exact.entry(name.clone()).or_insert(i),
+            };
+        }
+    }
+
+    fn pick(&self, sni: Option<&str>) -> usize {
+        let Some(name) = sni else { return 0 };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(&i) = self.exact.get(&name) {
+            return i;
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent).copied())
+            .unwrap_or(0)
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.keys.get(self.pick(hello.server_name())).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolver(names: &[&[&str]]) -> CertResolver {
+        let mut r = CertResolver::default();
+        for (i, ns) in names.iter().enumerate() {
+            let owned: Vec<String> = ns.iter().map(|s| s.to_string()).collect();
+            r.add(Arc::new(CertifiedKey::new(vec![], Arc::new(NoKey))), &owned);
+            assert_eq!(r.keys.len(), i + 1);
+        }
+        r
+    }
+
+    #[derive(Debug)]
+    struct NoKey;
+    impl rustls::sign::SigningKey for NoKey {
+        fn choose_scheme(&self, _: &[rustls::SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+            None
+        }
+        fn algorithm(&self) -> rustls::SignatureAlgorithm {
+            rustls::SignatureAlgorithm::ED25519
+        }
+    }
+
+    #[test]
+    fn sni_picks_exact_then_wildcard_then_the_first_certificate() {
+        let r = resolver(&[&["default.test"], &["a.test", "*.b.test"], &["x.b.test", "a.test"]]);
+        assert_eq!(r.pick(None), 0);
+        assert_eq!(r.pick(Some("nothing.test")), 0);
+        assert_eq!(r.pick(Some("a.test")), 1, "the first certificate naming it wins");
+        assert_eq!(r.pick(Some("A.Test.")), 1, "case and a trailing dot do not matter");
+        assert_eq!(r.pick(Some("y.b.test")), 1);
+        assert_eq!(r.pick(Some("x.b.test")), 2, "an exact name beats a wildcard");
+        assert_eq!(r.pick(Some("b.test")), 0, "a wildcard does not cover its parent");
+        assert_eq!(r.pick(Some("z.y.b.test")), 0, "a wildcard covers one level only");
+    }
+}

@@ -1,0 +1,534 @@
+//! TLS termination: real handshakes with certificates made fresh for each test
+//! (rcgen), through rampart to plain-HTTP origins.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// A test CA and a directory to write certificates and keys into.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+    dir: PathBuf,
+}
+
+/// A certificate written to disk.
+struct Leaf {
+    cert: PathBuf,
+    key: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "rampart-tls-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "rampart test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        Pki { ca, ca_key, dir }
+    }
+
+    /// A certificate for `names`, signed by the CA, written as `FILE.crt`/`FILE.key`.
+    fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let leaf = Leaf {
+            cert: self.dir.join(format!("{file}.crt")),
+            key: self.dir.join(format!("{file}.key")),
+            der: cert.der().clone(),
+        };
+        std::fs::write(&leaf.cert, cert.pem()).unwrap();
+        std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
+        leaf
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        roots
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// `pool_config`'s config with its listener terminating TLS with `certs`.
+fn tls_config(backends: &[SocketAddr], certs: &[&Leaf], tls_extra: &str) -> String {
+    let list: Vec<String> = certs
+        .iter()
+        .map(|c| format!("{{ cert = {:?}, key = {:?} }}", c.cert, c.key))
+        .collect();
+    pool_config(backends, NO_HEALTH_CHECKS).replacen(
+        "bind = \"127.0.0.1:0\"\n",
+        &format!(
+            "bind = \"127.0.0.1:0\"\ntls = {{ certificates = [{}]{tls_extra} }}\n",
+            list.join(", ")
+        ),
+        1,
+    )
+}
+
+/// rampart terminating TLS for `site.test` in front of one healthy origin, with
+/// extra `[server]` lines and extra `tls` fields.
+struct Site {
+    pki: Pki,
+    origin: TestOrigin,
+    _srv: rampart::Server,
+    addr: SocketAddr,
+}
+
+async fn site(server_lines: &str, tls_extra: &str) -> Site {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &["site.test"]);
+    let origin = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&tls_config(&[origin.addr], &[&leaf], tls_extra), server_lines);
+    let (_srv, addr) = start_proxy(&toml);
+    Site {
+        pki,
+        origin,
+        _srv,
+        addr,
+    }
+}
+
+/// Accepts any certificate: for tests that look at which one was served.
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// How a test client checks the server.
+enum Trust<'a> {
+    /// The test CA, and the name must match.
+    Ca(&'a Pki),
+    Any,
+}
+
+/// A TLS connection to rampart offering `alpn`, with `sni` as the server name (an IP
+/// address sends no SNI).
+async fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+    trust: Trust<'_>,
+) -> Result<TlsStream<TcpStream>, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let mut config = match trust {
+        Trust::Ca(pki) => builder.with_root_certificates(pki.roots()).with_no_client_auth(),
+        Trust::Any => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The certificate rampart served on `s`.
+fn served(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+/// One GET over HTTP/1.1 on an open connection; the raw response head (lower-cased)
+/// and body, read by `Content-Length`.
+async fn get_on<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, host: &str) -> (String, String) {
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return (head, String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned());
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Whether the peer closes `s` within `limit` (a reset counts as closed).
+async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_requests_reach_the_backend_marked_https_over_http1_and_http2() {
+    let Site {
+        pki,
+        origin: o,
+        addr,
+        _srv,
+    } = site("", "").await;
+
+    // HTTP/1.1, verified against the CA: the chain and the name are right.
+    let mut s = connect(addr, "site.test", &[b"http/1.1"], Trust::Ca(&pki))
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    for _ in 0..2 {
+        let (head, body) = get_on(&mut s, "site.test").await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, "o");
+    }
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+
+    // HTTP/2, chosen by ALPN.
+    let s = connect(addr, "site.test", &[b"h2", b"http/1.1"], Trust::Ca(&pki))
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..2 {
+        let req = Request::get("https://site.test/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!((resp.status().as_u16(), resp.version()), (200, http::Version::HTTP_2));
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "o");
+    }
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert_eq!(o.hits(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_chooses_the_certificate_that_names_the_host_and_the_first_is_the_default() {
+    let pki = Pki::new();
+    let first = pki.leaf("first", &["first.test"]);
+    let second = pki.leaf("second", &["a.test", "*.b.test"]);
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&tls_config(&[o.addr], &[&first, &second], ""));
+    let cases = [
+        ("first.test", &first),
+        ("a.test", &second),
+        ("x.b.test", &second),
+        ("b.test", &first),
+        ("other.test", &first),
+        // An IP address as the server name: the client sends no SNI.
+        ("127.0.0.1", &first),
+    ];
+    for (sni, want) in cases {
+        let mut s = connect(addr, sni, &[], Trust::Any).await.unwrap();
+        assert!(served(&s) == want.der, "{sni}: served the wrong certificate");
+        let (head, _) = get_on(&mut s, "t").await;
+        assert!(head.starts_with("http/1.1 200"), "{sni}: {head}");
+    }
+    // With verification on, each name's certificate passes.
+    for sni in ["first.test", "a.test", "x.b.test"] {
+        connect(addr, sni, &[], Trust::Ca(&pki))
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_renewed_certificates_to_new_connections_and_keeps_open_ones() {
+    let pki = Pki::new();
+    let old = pki.leaf("site", &["site.test"]);
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = tls_config(&[o.addr], &[&old], "");
+    let (srv, addr) = start_proxy(&toml);
+    let mut before = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
+    assert!(served(&before) == old.der);
+
+    // Renewal writes new files under the same names; a reload reads them.
+    let renewed = pki.leaf("site", &["site.test"]);
+    assert!(renewed.der != old.der);
+    srv.reload(rampart::Config::parse(&toml, "t").unwrap()).unwrap();
+    let mut after = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
+    assert!(
+        served(&after) == renewed.der,
+        "a new connection gets the renewed certificate"
+    );
+    for s in [&mut before, &mut after] {
+        let (head, _) = get_on(s, "t").await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    }
+
+    // A renewal gone wrong (the key of another certificate) is refused, naming the
+    // files, and the running certificates stay.
+    let other = pki.leaf("other", &["other.test"]);
+    std::fs::copy(&other.key, &renewed.key).unwrap();
+    let err = rampart::Config::parse(&toml, "t").unwrap_err().to_string();
+    assert!(
+        err.contains("listeners[0].tls.certificates[0]") && err.contains("site.key does not belong to the certificate"),
+        "{err}"
+    );
+    let s = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
+    assert!(served(&s) == renewed.der);
+}
+
+#[test]
+fn bad_tls_settings_are_all_reported_with_their_field_and_file() {
+    let pki = Pki::new();
+    let good = pki.leaf("good", &["good.test"]);
+    let nameless = pki.leaf("nameless", &[]);
+    let missing = Path::new("/nonexistent/rampart.crt");
+    let toml = format!(
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+tls = {{ certificates = [
+    {{ cert = {good_cert:?}, key = {good_key:?} }},
+    {{ cert = {missing:?}, key = {good_key:?} }},
+    {{ cert = {good_cert:?}, key = {nameless_key:?} }},
+    {{ cert = {nameless_cert:?}, key = {nameless_key:?} }},
+    {{ cert = {good_key:?}, key = {good_key:?} }},
+], min_version = "1.1" }}
+
+[[listeners]]
+bind = "127.0.0.1:0"
+tls = {{ certificates = [] }}
+
+[[listeners]]
+bind = "127.0.0.1:0"
+tls = {{ certificates = [{{ cert = {good_cert:?} }}] }}
+
+[[routes]]
+pool = "app"
+
+[pools.app]
+backends = ["127.0.0.1:9"]
+"#,
+        good_cert = good.cert,
+        good_key = good.key,
+        nameless_cert = nameless.cert,
+        nameless_key = nameless.key,
+    );
+    let err = rampart::Config::parse(&toml, "bad.toml").unwrap_err().to_string();
+    for want in [
+        "bad.toml",
+        "listeners[0].tls.min_version: must be \"1.2\" or \"1.3\"",
+        "listeners[0].tls.certificates[1]: /nonexistent/rampart.crt: cannot read",
+        "listeners[0].tls.certificates[2]: ",
+        "nameless.key does not belong to the certificate in",
+        "listeners[0].tls.certificates[3]: ",
+        "nameless.crt names no DNS host",
+        "listeners[0].tls.certificates[4]: ",
+        "good.key: no PEM certificate in the file",
+        "listeners[1].tls.certificates: at least one certificate is required",
+        "listeners[2].tls.certificates[0]: missing field `key`",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_closes_after_client_header_timeout() {
+    let Site {
+        pki: _pki,
+        origin: o,
+        addr,
+        _srv,
+    } = site("client_header_timeout = \"300ms\"", "").await;
+    // The start of a ClientHello record, then nothing.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x80, 0x01]).await.unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "a stalled handshake must not hold the connection"
+    );
+    assert!(
+        metric("rampart_tls_handshake_failures_total{reason=\"timeout\"}")
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(o.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_keepalive_outlives_client_header_timeout_but_a_slow_head_does_not() {
+    let Site {
+        pki,
+        origin: o,
+        addr,
+        _srv,
+    } = site("client_header_timeout = \"300ms\"\nkeepalive_timeout = \"20s\"", "").await;
+
+    // Idle between requests for longer than the header timeout: still open.
+    let mut s = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
+    let (head, _) = get_on(&mut s, "t").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (head, _) = get_on(&mut s, "t").await;
+    assert!(head.starts_with("http/1.1 200"), "idle keep-alive closed early: {head}");
+
+    // A head that stops halfway is closed after the header timeout, long before the
+    // keep-alive timeout.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    let started = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(10)).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed by keepalive_timeout, not client_header_timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(o.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_https_connection_closes_after_keepalive_timeout() {
+    let Site {
+        pki,
+        origin: _origin,
+        addr,
+        _srv,
+    } = site("keepalive_timeout = \"500ms\"", "").await;
+    let mut s = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
+    let (head, _) = get_on(&mut s, "t").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(closed_within(&mut s, Duration::from_secs(10)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_https_outlives_the_request_timeouts() {
+    let Site {
+        pki,
+        origin: _origin,
+        addr,
+        _srv,
+    } = site("client_header_timeout = \"300ms\"\nkeepalive_timeout = \"300ms\"", "").await;
+    let mut s = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
+    upgrade_to_websocket(&mut s).await;
+    // Quiet for longer than both timeouts, then a message in two halves with a
+    // pause between them, as a request head that never ends would look.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for part in [&b"half a "[..], b"message"] {
+        s.write_all(part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let mut got = vec![0u8; 14];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("the tunnel is still open");
+    assert_eq!(got, b"half a message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_an_https_listener_gets_a_400_that_says_so() {
+    let Site {
+        pki: _pki,
+        origin: o,
+        addr,
+        _srv,
+    } = site("", "").await;
+    let answer = raw(addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("HTTPS port"), "{answer}");
+    assert_eq!(o.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_1_3_refuses_a_tls_1_2_client_and_http2_off_offers_only_http1() {
+    let Site {
+        pki,
+        origin: _origin,
+        addr,
+        _srv,
+    } = site("", ", min_version = \"1.3\", http2 = false").await;
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("site.test").unwrap(), tcp)
+        .await;
+    assert!(refused.is_err(), "TLS 1.2 must be refused");
+    let s = connect(addr, "site.test", &[b"h2", b"http/1.1"], Trust::Ca(&pki))
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(s.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+}
