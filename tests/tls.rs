@@ -249,6 +249,11 @@ async fn https_requests_reach_the_backend_marked_https_over_http1_and_http2() {
         .await
         .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // The post-quantum hybrid, which this client, as browsers now do, offers first.
+    assert_eq!(
+        s.get_ref().1.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
     for _ in 0..2 {
         let (head, body) = get_on(&mut s, "site.test").await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -531,4 +536,49 @@ async fn min_version_1_3_refuses_a_tls_1_2_client_and_http2_off_offers_only_http
         .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     assert_eq!(s.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cipher_suite_handshakes_and_resumes_a_session() {
+    let Site {
+        pki,
+        origin: o,
+        addr,
+        _srv,
+    } = site("", "").await;
+    let suites = provider().cipher_suites.clone();
+    assert!(suites.len() >= 6, "TLS 1.3 and 1.2 suites: {suites:?}");
+    let mut tried = 0;
+    // The test certificates are ECDSA: TLS 1.2's RSA suites cannot use them.
+    for suite in suites.into_iter().filter(|s| !format!("{s:?}").contains("ECDHE_RSA")) {
+        let version = suite.version();
+        let mut only = (*provider()).clone();
+        only.cipher_suites = vec![suite];
+        // One client config for both connections: it holds the session cache.
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(only))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(pki.roots())
+                .with_no_client_auth(),
+        );
+        for want in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("site.test").unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .unwrap_or_else(|e| panic!("{suite:?}: {e}"));
+            assert_eq!(s.get_ref().1.negotiated_cipher_suite(), Some(suite));
+            let (head, body) = get_on(&mut s, "t").await;
+            assert!(head.starts_with("http/1.1 200"), "{suite:?}: {head}");
+            assert_eq!(body, "o");
+            // TLS 1.3 tickets arrive after the handshake: the response read above
+            // has taken them in.
+            assert_eq!(s.get_ref().1.handshake_kind(), Some(want), "{suite:?}");
+        }
+        tried += 1;
+    }
+    assert_eq!(tried, 6, "3 TLS 1.3 suites and 3 ECDSA TLS 1.2 ones");
+    assert_eq!(o.hits(), 12);
 }
