@@ -63,6 +63,7 @@ fn routes(c: &mut Criterion) {
             path_prefix: format!("/api/v{i}"),
             pool: 0,
             max_body_bytes: None,
+            https_redirect: false,
         });
     }
     table.push(RouteConfig {
@@ -70,12 +71,14 @@ fn routes(c: &mut Criterion) {
         path_prefix: "/".into(),
         pool: 0,
         max_body_bytes: None,
+        https_redirect: false,
     });
     table.push(RouteConfig {
         host: None,
         path_prefix: "/".into(),
         pool: 0,
         max_body_bytes: None,
+        https_redirect: false,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {

@@ -186,6 +186,8 @@ pub struct RouteConfig {
     pub path_prefix: String,
     pub pool: usize,
     pub max_body_bytes: Option<u64>,
+    /// Requests that arrive over plain HTTP get a redirect to `https://` instead.
+    pub https_redirect: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -432,6 +434,7 @@ struct FileRoute {
     path_prefix: Option<String>,
     pool: String,
     max_body_bytes: Option<u64>,
+    https_redirect: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -713,6 +716,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 path_prefix,
                 pool,
                 max_body_bytes: raw.max_body_bytes,
+                https_redirect: raw.https_redirect.unwrap_or(false),
             }),
             None if pool_names_seen.contains(&raw.pool) => {} // the pool itself had errors
             None => {

@@ -34,6 +34,10 @@ impl Side {
 pub enum ProxyError {
     #[error("no route matches this host and path")]
     NoRoute,
+    /// Not a failure: a plain-HTTP request to an `https_redirect` route, answered
+    /// with a redirect to this location (`proxy::redirect_response`), not an error page.
+    #[error("redirected to {0:?}")]
+    HttpsRedirect(HeaderValue),
     #[error("no healthy backend in pool '{pool}'")]
     NoHealthyBackend { pool: String },
     #[error("connect to {backend} failed: {source}")]
@@ -95,6 +99,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => StatusCode::NOT_FOUND,
+            HttpsRedirect(_) => StatusCode::MOVED_PERMANENTLY,
             // Also `NotReceived`: like a refused connect, no application saw the
             // request, and a 503 with `Retry-After` tells the client a retry is safe.
             NoHealthyBackend { .. }
@@ -120,6 +125,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute
+            | HttpsRedirect(_)
             | BodyTooLarge { .. }
             | UriTooLong { .. }
             | HeadersTooLarge { .. }
@@ -191,6 +197,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => "no_route",
+            HttpsRedirect(_) => "https_redirect",
             NoHealthyBackend { .. } => "no_healthy_backend",
             Connect { .. } => "connect_failed",
             ConnectTimeout { .. } => "connect_timeout",

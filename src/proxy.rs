@@ -65,6 +65,8 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// `X-Forwarded-Proto`.
     pub proto: HeaderValue,
+    /// The connection came in over TLS.
+    pub tls: bool,
     /// Set for HTTP/1.1 connections served through `idle::ParkIo`, whose upgrades
     /// are completed by hand.
     pub park: Option<Rc<ParkState>>,
@@ -77,6 +79,7 @@ impl ConnInfo {
             peer,
             peer_ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            tls,
             park: None,
         }
     }
@@ -244,6 +247,7 @@ pub fn handle(
         let pool = pool_idx.map(|i| &snap.pools[i]);
         let mut response = match result {
             Ok(r) => r,
+            Err(ProxyError::HttpsRedirect(location)) => redirect_response(location, &method),
             Err(e) => {
                 log_failure(&e, &method, pool.map(|p| p.name.as_str()), &request_id);
                 metrics::counter!(crate::metrics::PROXY_ERRORS, "kind" => e.kind()).increment(1);
@@ -291,6 +295,45 @@ fn log_failure(e: &ProxyError, method: &Method, pool: Option<&str>, request_id: 
     } else {
         tracing::debug!(request_id = id, method = %method, status = e.status().as_u16(), error = %e, "request rejected");
     }
+}
+
+/// Where a plain-HTTP request to an `https_redirect` route is sent: the same host,
+/// lowercased and without its port (HTTPS on 443, as nginx's usual
+/// `return 301 https://$host$request_uri`),
+/// and the target as the client wrote it.
+#[cold]
+fn https_redirect<B>(host: Option<&str>, req: &Request<B>) -> ProxyError {
+    let Some(host) = host else {
+        // HTTP/1.0 without Host: nothing to name in the Location.
+        return ProxyError::BadRequest("no Host to redirect to");
+    };
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let host = host_without_port(host).to_ascii_lowercase();
+    match HeaderValue::from_str(&format!("https://{host}{target}")) {
+        Ok(location) => ProxyError::HttpsRedirect(location),
+        Err(_) => ProxyError::BadRequest("invalid Host header"),
+    }
+}
+
+/// 301 for GET and HEAD, as nginx and Envoy send; 308 for other methods, which must
+/// keep their method and body on the way to HTTPS (RFC 9110 §15.4.9).
+#[cold]
+fn redirect_response(location: HeaderValue, method: &Method) -> Response<RespBody> {
+    let status = if method == Method::GET || method == Method::HEAD {
+        StatusCode::MOVED_PERMANENTLY
+    } else {
+        StatusCode::PERMANENT_REDIRECT
+    };
+    let body = format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let mut resp = Response::new(RespBody::from(Bytes::from(body)));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, location);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 /// Everything about a request before its body is read and it goes out: limits,
@@ -378,6 +421,9 @@ fn prepare(
         .find(host.map(host_without_port), path)
         .ok_or(ProxyError::NoRoute)?;
     let route = &snap.routes[route_idx];
+    if route.https_redirect && !conn.tls {
+        return Err(https_redirect(host, &req));
+    }
     let pool = &snap.pools[route.pool];
 
     let content_length = content_length(fields.content_length.as_ref())?;

@@ -322,6 +322,7 @@ mod tests {
             path_prefix: prefix.into(),
             pool: 0,
             max_body_bytes: None,
+            https_redirect: false,
         }
     }
 

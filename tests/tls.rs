@@ -582,3 +582,53 @@ async fn every_cipher_suite_handshakes_and_resumes_a_session() {
     assert_eq!(tried, 6, "3 TLS 1.3 suites and 3 ECDSA TLS 1.2 ones");
     assert_eq!(o.hits(), 12);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_redirect_sends_plain_http_requests_to_https_and_proxies_tls_ones() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &["site.test"]);
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    // A plain listener first, then the TLS one; one route for both.
+    let toml = tls_config(&[o.addr], &[&leaf], "")
+        .replacen(
+            "[[listeners]]",
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]",
+            1,
+        )
+        .replacen("pool = \"app\"", "pool = \"app\"\nhttps_redirect = true", 1);
+    let (srv, plain) = start_proxy(&toml);
+    let tls = srv.listen_addrs()[1];
+
+    // GET and HEAD: 301, to the same host without its port, target as written.
+    let r = get_with(plain, "/a/b?c=1&d", &[("host", "Site.Test:8080")]).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.headers["location"], "https://site.test/a/b?c=1&d");
+    assert_eq!(r.headers["x-request-id"].len(), 24);
+    // Other methods: 308, which keeps the method and body. The connection stays
+    // usable after a body that was never read.
+    let mut s = TcpStream::connect(plain).await.unwrap();
+    s.write_all(b"POST /form HTTP/1.1\r\nHost: site.test\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (head, _) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("http/1.1 308"), "{head}");
+    assert!(head.contains("location: https://site.test/form"), "{head}");
+    buf.clear();
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_one_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("http/1.1 301"), "{head}");
+    // Over HTTP/2 (h2c) too.
+    let r = get_h2(plain, "/h2").await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.headers["location"], "https://test.local/h2");
+    assert_eq!(o.hits(), 0, "nothing plain reaches the backend");
+
+    // Over TLS the route proxies.
+    let mut s = connect(tls, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
+    let (head, body) = get_on(&mut s, "site.test").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!((body.as_str(), o.hits()), ("o", 1));
+}
