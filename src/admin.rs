@@ -1,6 +1,7 @@
 //! The admin listener, kept off the data path on the control thread:
 //! - `GET /metrics`: Prometheus text.
-//! - `GET /status`: JSON view of pools and backends (health, ejection, in-flight, EWMA).
+//! - `GET /status`: JSON view of pools and backends (health, ejection, in-flight, EWMA),
+//!   and of TLS certificates (names, expiry).
 //! - `GET /healthz`: liveness, 200 while the process serves.
 //! - `GET /ready`: readiness, 503 while draining or when no route can reach a backend.
 
@@ -50,9 +51,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
-            update_gauges(shared);
-            let body = crate::metrics::install().render();
-            let mut r = Response::new(Full::new(Bytes::from(body)));
+            let mut r = Response::new(Full::new(Bytes::from(metrics_text(shared))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4".parse().expect("static"),
@@ -95,6 +94,14 @@ fn any_backend_available(shared: &Shared) -> bool {
         .any(|p| p.backends.iter().any(|b| b.state.is_available(now)))
 }
 
+/// The `/metrics` page.
+pub fn metrics_text(shared: &Shared) -> String {
+    update_gauges(shared);
+    let mut body = crate::metrics::install().render();
+    certificate_expiry(shared, &mut body);
+    body
+}
+
 fn update_gauges(shared: &Shared) {
     for (name, count) in [
         (crate::metrics::DORMANT_CONNECTIONS, &shared.dormant_connections),
@@ -111,6 +118,42 @@ fn update_gauges(shared: &Shared) {
             metrics::gauge!(crate::metrics::BACKEND_HEALTHY, &labels).set(b.state.is_healthy() as u8 as f64);
             metrics::gauge!(crate::metrics::BACKEND_EJECTED, &labels).set(b.state.is_ejected(now) as u8 as f64);
             metrics::gauge!(crate::metrics::BACKEND_IN_FLIGHT, &labels).set(b.state.in_flight() as f64);
+        }
+    }
+}
+
+/// `rampart_tls_certificate_expiry_timestamp_seconds`, written from the live config at
+/// each scrape rather than kept in the recorder: a gauge there would outlive a
+/// certificate a reload removed, and alert on it forever.
+fn certificate_expiry(shared: &Shared, out: &mut String) {
+    use std::fmt::Write;
+    let snap = shared.snapshot.load();
+    let mut header = false;
+    for l in &snap.config.listeners {
+        let Some(tls) = &l.tls else { continue };
+        for (files, t) in tls.certificates.iter().zip(&tls.not_after) {
+            let Some(t) = t else { continue };
+            if !header {
+                header = true;
+                let name = crate::metrics::TLS_CERT_EXPIRY;
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} When each TLS certificate expires (notAfter), Unix seconds"
+                );
+                let _ = writeln!(out, "# TYPE {name} gauge");
+            }
+            let cert = files
+                .cert
+                .display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "{}{{listener=\"{}\",certificate=\"{cert}\"}} {t}",
+                crate::metrics::TLS_CERT_EXPIRY,
+                l.bind
+            );
         }
     }
 }
@@ -148,5 +191,31 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "client_connections": shared.client_connections.load(std::sync::atomic::Ordering::Relaxed),
         "tunnels": shared.tunnels.load(std::sync::atomic::Ordering::Relaxed),
         "pools": pools,
+        "tls_certificates": tls_json(&snap),
     })
+}
+
+/// Each TLS listener's certificates: file, names, expiry.
+fn tls_json(snap: &crate::state::Snapshot) -> Vec<serde_json::Value> {
+    let now = crate::tls::unix_now();
+    let mut out = Vec::new();
+    for l in &snap.config.listeners {
+        let Some(tls) = &l.tls else { continue };
+        for (i, (files, (names, t))) in tls
+            .certificates
+            .iter()
+            .zip(tls.names.iter().zip(&tls.not_after))
+            .enumerate()
+        {
+            out.push(serde_json::json!({
+                "listener": l.bind.to_string(),
+                "certificate": files.cert.display().to_string(),
+                "default": i == 0,
+                "names": names,
+                "not_after": t,
+                "expires_in_seconds": t.map(|t| t - now),
+            }));
+        }
+    }
+    out
 }

@@ -58,6 +58,12 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.pools.len()
                 );
+                let now = rampart::tls::unix_now();
+                for l in &c.listeners {
+                    for line in l.tls.iter().flat_map(|t| t.describe(now)) {
+                        println!("  {} certificate {line}", l.bind);
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -22,6 +22,8 @@ pub const CLIENT_CONNECTIONS: &str = "rampart_client_connections";
 pub const TUNNELS: &str = "rampart_tunnels";
 pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_lines_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "rampart_tls_handshake_failures_total";
+/// Written by `admin` from the live config at each scrape, not kept in the recorder.
+pub const TLS_CERT_EXPIRY: &str = "rampart_tls_certificate_expiry_timestamp_seconds";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

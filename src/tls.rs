@@ -55,6 +55,8 @@ pub struct TlsSettings {
     pub certificates: Vec<CertFiles>,
     /// The DNS names each certificate covers, as loaded (for the log and `check`).
     pub names: Vec<Vec<String>>,
+    /// Each certificate's notAfter, in Unix seconds (`None` if it could not be read).
+    pub not_after: Vec<Option<i64>>,
     pub min_version: MinVersion,
     pub http2: bool,
 }
@@ -64,6 +66,7 @@ impl fmt::Debug for TlsSettings {
         f.debug_struct("TlsSettings")
             .field("certificates", &self.certificates)
             .field("names", &self.names)
+            .field("not_after", &self.not_after)
             .field("min_version", &self.min_version)
             .field("http2", &self.http2)
             .finish()
@@ -140,9 +143,17 @@ impl rustls::crypto::hmac::Key for HmacKey {
     }
 }
 
+/// A loaded certificate: the chain and key, the DNS names its leaf covers, and when
+/// the leaf expires.
+pub struct Loaded {
+    pub key: CertifiedKey,
+    pub names: Vec<String>,
+    pub not_after: Option<i64>,
+}
+
 /// Reads one certificate chain and its key, checks that they belong together, and
 /// returns it with the DNS names its leaf covers. Errors say which file and why.
-pub fn load_certificate(files: &CertFiles, provider: &CryptoProvider) -> Result<(CertifiedKey, Vec<String>), String> {
+pub fn load_certificate(files: &CertFiles, provider: &CryptoProvider) -> Result<Loaded, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|e| format!("{}: {}", files.cert.display(), pem_error(e)))?;
@@ -160,6 +171,7 @@ pub fn load_certificate(files: &CertFiles, provider: &CryptoProvider) -> Result<
             ))
         }
     };
+    let not_after = not_after(&chain[0]);
     let key = CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => format!(
             "{} does not belong to the certificate in {}",
@@ -168,7 +180,7 @@ pub fn load_certificate(files: &CertFiles, provider: &CryptoProvider) -> Result<
         ),
         e => format!("{}: {e}", files.key.display()),
     })?;
-    Ok((key, names))
+    Ok(Loaded { key, names, not_after })
 }
 
 fn pem_error(e: rustls::pki_types::pem::Error) -> String {
@@ -191,9 +203,14 @@ pub fn settings(
     let mut errors = Vec::new();
     let mut resolver = CertResolver::default();
     let mut names = Vec::new();
+    let mut expiry = Vec::new();
     for (i, files) in certificates.iter().enumerate() {
         match load_certificate(files, &provider) {
-            Ok((key, covered)) => {
+            Ok(Loaded {
+                key,
+                names: covered,
+                not_after,
+            }) => {
                 if i > 0 && covered.is_empty() {
                     errors.push((
                         Some(i),
@@ -206,6 +223,7 @@ pub fn settings(
                 }
                 resolver.add(Arc::new(key), &covered);
                 names.push(covered);
+                expiry.push(not_after);
             }
             Err(e) => errors.push((Some(i), e)),
         }
@@ -234,9 +252,142 @@ pub fn settings(
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         certificates,
         names,
+        not_after: expiry,
         min_version,
         http2,
     })
+}
+
+impl TlsSettings {
+    /// One line per certificate, for `rampart check` and the log: its file, the names
+    /// it serves, and when it expires (relative to `now`, Unix seconds).
+    pub fn describe(&self, now: i64) -> Vec<String> {
+        self.certificates
+            .iter()
+            .zip(&self.names)
+            .zip(&self.not_after)
+            .enumerate()
+            .map(|(i, ((files, names), not_after))| {
+                let names = if names.is_empty() {
+                    "no DNS names".to_string()
+                } else {
+                    names.join(", ")
+                };
+                let default = if i == 0 { ", the default" } else { "" };
+                format!(
+                    "{} ({names}{default}): {}",
+                    files.cert.display(),
+                    expiry_text(*not_after, now)
+                )
+            })
+            .collect()
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Within this long of expiry a certificate is warned about at start and reload.
+pub const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
+
+/// Logs each TLS listener's certificates as a config takes effect: what serves which
+/// names, and a warning for any certificate expired or within 14 days of it (Let's
+/// Encrypt renews at 30 days left, so a warning means renewal has failed).
+pub fn log_certificates(listeners: &[crate::config::ListenerConfig]) {
+    let now = unix_now();
+    for l in listeners {
+        let Some(tls) = &l.tls else { continue };
+        for (i, line) in tls.describe(now).into_iter().enumerate() {
+            let soon = tls.not_after[i].is_some_and(|t| t - now <= EXPIRY_WARNING_SECS);
+            if soon {
+                tracing::warn!(bind = %l.bind, "TLS certificate {line}: renew it and reload");
+            } else {
+                tracing::info!(bind = %l.bind, "TLS certificate {line}");
+            }
+        }
+    }
+}
+
+/// "expires 2027-03-01 (in 85 days)", or "EXPIRED on ... (12 days ago)".
+pub fn expiry_text(not_after: Option<i64>, now: i64) -> String {
+    let Some(t) = not_after else {
+        return "expiry unreadable".to_string();
+    };
+    let date = httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64));
+    let days = (t - now).div_euclid(86_400);
+    if t <= now {
+        format!("EXPIRED {date} ({} days ago)", -days)
+    } else {
+        format!("expires {date} (in {days} days)")
+    }
+}
+
+/// The notAfter of an X.509 certificate, in Unix seconds: `Certificate` is a
+/// SEQUENCE whose first element, `TBSCertificate`, holds an optional `[0]` version,
+/// the serial, the signature algorithm, the issuer and then `validity` (RFC 5280
+/// §4.1). webpki parses it but does not expose it.
+pub fn not_after(cert: &[u8]) -> Option<i64> {
+    let (_, cert_body, _) = der_element(cert)?;
+    let (_, mut tbs, _) = der_element(cert_body)?;
+    let (tag, _, rest) = der_element(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest; // the explicit version
+    }
+    for _ in 0..3 {
+        tbs = der_element(tbs)?.2; // serial, signature, issuer
+    }
+    let (tag, validity, _) = der_element(tbs)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (_, _, after) = der_element(validity)?; // notBefore
+    let (tag, time, _) = der_element(after)?;
+    let text = std::str::from_utf8(time).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        // UTCTime: YY, 1950-2049 (RFC 5280 §4.1.2.5.1).
+        0x17 => {
+            let yy: i64 = text.get(..2)?.parse().ok()?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, text.get(2..)?)
+        }
+        0x18 => (text.get(..4)?.parse().ok()?, text.get(4..)?),
+        _ => return None,
+    };
+    let field = |r: std::ops::Range<usize>| rest.get(r).and_then(|s| s.parse::<i64>().ok());
+    let (month, day) = (field(0..2)?, field(2..4)?);
+    let (hour, min, sec) = (field(4..6)?, field(6..8)?, field(8..10)?);
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec)
+}
+
+/// One DER element of `input`: its tag, its contents, and what follows it.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Chooses a certificate by SNI: an exact name first, then a wildcard one level up
@@ -303,6 +454,38 @@ mod tests {
         fn algorithm(&self) -> rustls::SignatureAlgorithm {
             rustls::SignatureAlgorithm::ED25519
         }
+    }
+
+    #[test]
+    fn not_after_reads_utc_and_generalized_times() {
+        for (y, m, d, want) in [
+            (2049, 12, 31, 2_524_521_600 + 3723),
+            (2050, 1, 1, 2_524_608_000 + 3723),
+            (2027, 3, 1, 1_803_859_200 + 3723),
+            (1999, 2, 28, 920_160_000 + 3723),
+        ] {
+            let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(y, m, d) + std::time::Duration::from_secs(3723);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(not_after(cert.der()), Some(want), "{y}-{m}-{d}");
+        }
+        assert_eq!(not_after(b"not a certificate"), None);
+        assert_eq!(not_after(&[0x30, 0x82, 0xff]), None, "a length past the end");
+    }
+
+    #[test]
+    fn expiry_text_says_how_long_is_left() {
+        let t = 1_803_859_200; // 2027-03-01
+        assert_eq!(
+            expiry_text(Some(t), t - 85 * 86_400),
+            "expires Mon, 01 Mar 2027 00:00:00 GMT (in 85 days)"
+        );
+        assert_eq!(
+            expiry_text(Some(t), t + 12 * 86_400),
+            "EXPIRED Mon, 01 Mar 2027 00:00:00 GMT (12 days ago)"
+        );
+        assert_eq!(expiry_text(None, t), "expiry unreadable");
     }
 
     #[test]

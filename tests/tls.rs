@@ -53,8 +53,16 @@ impl Pki {
 
     /// A certificate for `names`, signed by the CA, written as `FILE.crt`/`FILE.key`.
     fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
+        self.leaf_until(file, names, None)
+    }
+
+    /// The same, expiring at `not_after` (Unix seconds) if given.
+    fn leaf_until(&self, file: &str, names: &[&str], not_after: Option<u64>) -> Leaf {
         let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        if let Some(t) = not_after {
+            params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(t);
+        }
         let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
         let leaf = Leaf {
             cert: self.dir.join(format!("{file}.crt")),
@@ -631,4 +639,49 @@ async fn https_redirect_sends_plain_http_requests_to_https_and_proxies_tls_ones(
     let (head, body) = get_on(&mut s, "site.test").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert_eq!((body.as_str(), o.hits()), ("o", 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiry_shows_in_status_metrics_and_check() {
+    let pki = Pki::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // An hour short of 10 days, so `check` says 9 whatever second it runs in.
+    let expires = now + 10 * 86_400 - 3600;
+    let leaf = pki.leaf_until("soon", &["soon.test", "*.soon.test"], Some(expires));
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = tls_config(&[o.addr], &[&leaf], "");
+    let (srv, _addr) = start_proxy(&toml);
+
+    let status = rampart::admin::status_json(srv.shared());
+    let cert = &status["tls_certificates"][0];
+    assert_eq!(cert["names"], serde_json::json!(["soon.test", "*.soon.test"]));
+    assert_eq!(cert["not_after"], expires);
+    assert_eq!(cert["default"], true);
+    let left = cert["expires_in_seconds"].as_i64().unwrap();
+    assert!((10 * 86_400 - 3900..=10 * 86_400 - 3600).contains(&left), "{left}");
+
+    let metrics = rampart::admin::metrics_text(srv.shared());
+    let series = format!(
+        "rampart_tls_certificate_expiry_timestamp_seconds{{listener=\"127.0.0.1:0\",certificate=\"{}\"}} {expires}",
+        leaf.cert.display()
+    );
+    assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+
+    // `rampart check` names each certificate, its hosts and its expiry.
+    let file = pki.dir.join("rampart.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("soon.crt (soon.test, *.soon.test, the default): expires") && text.contains("(in 9 days)"),
+        "{text}"
+    );
 }
