@@ -237,6 +237,14 @@ async fn get_on<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, host: &str) -> (St
     }
 }
 
+/// A verified connection to `site.test` that has had one 200.
+async fn served_once(addr: SocketAddr, pki: &Pki) -> TlsStream<TcpStream> {
+    let mut s = connect(addr, "site.test", &[], Trust::Ca(pki)).await.unwrap();
+    let (head, _) = get_on(&mut s, "t").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    s
+}
+
 /// Whether the peer closes `s` within `limit` (a reset counts as closed).
 async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool {
     let mut buf = [0u8; 64];
@@ -448,9 +456,7 @@ async fn https_keepalive_outlives_client_header_timeout_but_a_slow_head_does_not
     } = site("client_header_timeout = \"300ms\"\nkeepalive_timeout = \"20s\"", "").await;
 
     // Idle between requests for longer than the header timeout: still open.
-    let mut s = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
-    let (head, _) = get_on(&mut s, "t").await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut s = served_once(addr, &pki).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (head, _) = get_on(&mut s, "t").await;
     assert!(head.starts_with("http/1.1 200"), "idle keep-alive closed early: {head}");
@@ -476,9 +482,7 @@ async fn an_idle_https_connection_closes_after_keepalive_timeout() {
         addr,
         _srv,
     } = site("keepalive_timeout = \"500ms\"", "").await;
-    let mut s = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
-    let (head, _) = get_on(&mut s, "t").await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut s = served_once(addr, &pki).await;
     assert!(closed_within(&mut s, Duration::from_secs(10)).await);
 }
 
