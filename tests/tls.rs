@@ -689,3 +689,37 @@ async fn certificate_expiry_shows_in_status_metrics_and_check() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_https_requests_in_flight_over_http1_and_http2() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &["site.test"]);
+    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(700))).await;
+    let (srv, addr) = start_proxy(&tls_config(&[o.addr], &[&leaf], ""));
+    let mut h1 = connect(addr, "site.test", &[b"http/1.1"], Trust::Ca(&pki))
+        .await
+        .unwrap();
+    let h2 = connect(addr, "site.test", &[b"h2"], Trust::Ca(&pki)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let h1_request = tokio::spawn(async move { get_on(&mut h1, "site.test").await });
+    let req = Request::get("https://site.test/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let h2_request = tokio::spawn(async move { tx.send_request(req).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::task::spawn_blocking(move || srv.join());
+    let (head, body) = h1_request.await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "o");
+    let resp = h2_request
+        .await
+        .unwrap()
+        .expect("the HTTP/2 request finishes during drain");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "o");
+    stopping.await.unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
+}
