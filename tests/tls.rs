@@ -723,3 +723,37 @@ async fn shutdown_finishes_https_requests_in_flight_over_http1_and_http2() {
     stopping.await.unwrap();
     assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &["site.test"]);
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = tls_config(&[o.addr], &[&leaf], "").replacen(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\nproxy_protocol = true\n",
+        1,
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    // As an AWS NLB or HAProxy's send-proxy passes TLS through: the header in clear,
+    // then the client's handshake.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 443\r\n")
+        .await
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("site.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (head, body) = get_on(&mut s, "site.test").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "o");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+}
