@@ -1,5 +1,6 @@
 //! HTTP/1.1 client connections that hold no buffers while idle, on hyper's path: the
-//! requests `h1` (rampart's own path, which frees its buffers the same way) hands over.
+//! requests `h1` (rampart's own path, which frees its buffers the same way) hands over,
+//! and every request over TLS (`netio::ClientIo`: the socket, or rustls over it).
 //!
 //! hyper keeps a connection's read buffer, write buffer and parser state for as long
 //! as the connection is open, idle or not: about 30 KB per idle keep-alive client.
@@ -30,8 +31,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -48,6 +47,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{InBody, RespBody};
 use crate::listener::ConnTracker;
+use crate::netio::ClientIo;
 use crate::proxy::{self, ConnInfo};
 use crate::worker::WorkerCtx;
 
@@ -56,9 +56,9 @@ use crate::worker::WorkerCtx;
 /// sending back-to-back requests never pays for a new hyper connection.
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
-/// What a tunnel gets when hyper hands an upgraded connection back: the socket and
-/// any bytes the client sent after its request.
-pub type Upgraded = (TcpStream, Bytes);
+/// What a tunnel gets when hyper hands an upgraded connection back: the connection
+/// and any bytes the client sent after its request.
+pub type Upgraded = (ClientIo, Bytes);
 
 /// Shared between a connection's `ParkIo`, its service and its response bodies.
 pub struct ParkState {
@@ -146,8 +146,8 @@ impl ParkState {
 /// The client socket as hyper sees it, with the park signal, the header deadline and
 /// replayed bytes.
 pub struct ParkIo {
-    /// The socket; its writes carry `send_timeout`.
-    io: crate::netio::Gather,
+    /// The socket, or TLS over it; its writes carry `send_timeout`.
+    io: ClientIo,
     /// Bytes read by an earlier hyper connection but not yet parsed.
     replay: Bytes,
     state: Rc<ParkState>,
@@ -160,10 +160,16 @@ pub struct ParkIo {
 
 impl ParkIo {
     pub fn new(stream: TcpStream, replay: Bytes, state: Rc<ParkState>, waits: &IdleWaits) -> ParkIo {
+        let io = ClientIo::Plain(crate::netio::Gather::new(stream, waits.send));
+        ParkIo::over(io, replay, state, waits)
+    }
+
+    /// The same over a connection already wrapped (TLS).
+    pub fn over(io: ClientIo, replay: Bytes, state: Rc<ParkState>, waits: &IdleWaits) -> ParkIo {
         // The caller saw the first byte of a request (or has replayed bytes).
         let now = Instant::now();
         ParkIo {
-            io: crate::netio::Gather::new(stream, waits.send),
+            io,
             replay,
             seen_requests: state.requests.get(),
             state,
@@ -229,7 +235,7 @@ impl Read for ParkIo {
             this.replay.advance(n);
             return Poll::Ready(Ok(()));
         }
-        match crate::netio::poll_read_into(this.io.stream_mut(), cx, buf) {
+        match crate::netio::poll_read_into(&mut this.io, cx, buf) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 && this.state.waiting.get() {
                     this.sync();
@@ -269,12 +275,17 @@ impl Write for ParkIo {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.io.is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // TLS may hold encrypted bytes that a slow client has not taken yet.
+        if let ClientIo::Tls(tls) = &mut this.io {
+            std::task::ready!(Pin::new(&mut **tls).poll_flush(cx))?;
+        }
         // hyper calls this only once its write buffer is empty.
-        self.state.flushed.set(true);
+        this.state.flushed.set(true);
         Poll::Ready(Ok(()))
     }
 
@@ -294,145 +305,25 @@ pub struct ClientBody {
     _stream: Option<StreamGuard>,
 }
 
-/// The open requests of a connection served by hyper alone (HTTP/2, and HTTP/1.1
-/// over TLS), for its idle timeout (`listener::serve_streams`): hyper closes no idle
-/// HTTP/2 connection itself, and its pings keep one alive. Atomics, not cells, only
-/// because TLS HTTP/1.1 reads it from `HeadDeadline`, inside the socket hyper hands
-/// over on an upgrade, which must be `Send`; nothing here is contended.
+/// An HTTP/2 connection's open streams, for its idle timeout
+/// (`listener::serve_streams`): hyper closes no idle HTTP/2 connection itself, and its
+/// pings keep one alive.
 pub struct Streams {
-    open: AtomicUsize,
-    /// Requests started, so `HeadDeadline` notices each new one.
-    started: AtomicU64,
-    born: Instant,
-    /// When `open` last fell to 0, in nanoseconds since `born`.
-    idle_since: AtomicU64,
-    /// The connection became a tunnel (a 101 went out): no request deadlines apply.
-    upgraded: AtomicBool,
+    open: Cell<usize>,
+    idle_since: Cell<Instant>,
 }
 
 impl Streams {
-    pub fn new() -> Arc<Streams> {
-        Arc::new(Streams {
-            open: AtomicUsize::new(0),
-            started: AtomicU64::new(0),
-            born: Instant::now(),
-            idle_since: AtomicU64::new(0),
-            upgraded: AtomicBool::new(false),
+    pub fn new() -> Rc<Streams> {
+        Rc::new(Streams {
+            open: Cell::new(0),
+            idle_since: Cell::new(Instant::now()),
         })
     }
 
     /// When the connection may close for idleness; `None` while a stream is open.
     pub fn idle_until(&self, keepalive: Duration) -> Option<Instant> {
-        (self.open.load(Ordering::Relaxed) == 0)
-            .then(|| self.born + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed)) + keepalive)
-    }
-}
-
-/// The request-head deadline (`client_header_timeout`, from the first byte of a head
-/// to the service call) for HTTP/1.1 over TLS, read above TLS so it sees requests,
-/// not records. hyper's own header timer cannot serve: it starts when hyper begins
-/// waiting for the next request, so it would close idle keep-alive connections after
-/// `client_header_timeout` instead of `keepalive_timeout`.
-pub struct HeadDeadline<T> {
-    io: T,
-    streams: Arc<Streams>,
-    timeout: Duration,
-    /// `streams.started` when `head_started` was last reset.
-    seen: u64,
-    head_started: Option<Instant>,
-    timer: Option<Pin<Box<Sleep>>>,
-}
-
-impl<T> HeadDeadline<T> {
-    pub fn new(io: T, streams: Arc<Streams>, timeout: Duration) -> HeadDeadline<T> {
-        HeadDeadline {
-            io,
-            streams,
-            timeout,
-            seen: 0,
-            head_started: None,
-            timer: None,
-        }
-    }
-
-    /// A request started since we last looked: its head is complete.
-    fn sync(&mut self) {
-        let started = self.streams.started.load(Ordering::Relaxed);
-        if started != self.seen {
-            self.seen = started;
-            self.head_started = None;
-        }
-    }
-
-    /// No request open and not a tunnel: bytes read now belong to a request head.
-    fn between_requests(&self) -> bool {
-        self.streams.open.load(Ordering::Relaxed) == 0 && !self.streams.upgraded.load(Ordering::Relaxed)
-    }
-
-    /// Whether the head being read is overdue; arms the timer for it otherwise.
-    fn overdue(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(since) = self.head_started.filter(|_| self.between_requests()) else {
-            return false;
-        };
-        let deadline = since + self.timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        timer.as_mut().poll(cx).is_ready()
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadDeadline<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let read = Pin::new(&mut self.io).poll_read(cx, buf);
-        self.sync();
-        match read {
-            Poll::Pending if self.overdue(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "client_header_timeout: request head incomplete",
-            ))),
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                if self.head_started.is_none() && self.between_requests() {
-                    self.head_started = Some(Instant::now());
-                }
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        (self.open.get() == 0).then(|| self.idle_since.get() + keepalive)
     }
 }
 
@@ -513,22 +404,21 @@ impl<F: Future> Future for StreamTask<F> {
 
 /// One open stream: counted from the service call until its response body is
 /// dropped, or until the call's future is (a stream reset before the answer).
-struct StreamGuard(Arc<Streams>);
+struct StreamGuard(Rc<Streams>);
 
 impl StreamGuard {
-    fn open(streams: &Arc<Streams>) -> StreamGuard {
-        streams.open.fetch_add(1, Ordering::Relaxed);
-        streams.started.fetch_add(1, Ordering::Relaxed);
+    fn open(streams: &Rc<Streams>) -> StreamGuard {
+        streams.open.set(streams.open.get() + 1);
         StreamGuard(streams.clone())
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let s = &self.0;
-        if s.open.fetch_sub(1, Ordering::Relaxed) == 1 {
-            s.idle_since
-                .store(s.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let open = self.0.open.get() - 1;
+        self.0.open.set(open);
+        if open == 0 {
+            self.0.idle_since.set(Instant::now());
         }
     }
 }
@@ -587,9 +477,9 @@ impl Drop for ClientBody {
 impl Svc {
     /// The service of an HTTP/1.1 connection served through `ParkIo`, and the park
     /// state they share.
-    pub fn h1(ctx: Rc<WorkerCtx>, peer: SocketAddr) -> (Svc, Rc<ParkState>) {
+    pub fn h1(ctx: Rc<WorkerCtx>, peer: SocketAddr, tls: bool) -> (Svc, Rc<ParkState>) {
         let state = Rc::new(ParkState::new());
-        let info = Rc::new(ConnInfo::new(peer, false).with_park(state.clone()));
+        let info = Rc::new(ConnInfo::new(peer, tls).with_park(state.clone()));
         (
             Svc {
                 ctx,
@@ -602,8 +492,8 @@ impl Svc {
 }
 
 impl Svc {
-    /// The service of a connection served by hyper alone, and its request count.
-    pub fn counted(ctx: Rc<WorkerCtx>, info: ConnInfo) -> (Svc, Arc<Streams>) {
+    /// The service of an HTTP/2 connection, and its stream count.
+    pub fn counted(ctx: Rc<WorkerCtx>, info: ConnInfo) -> (Svc, Rc<Streams>) {
         let streams = Streams::new();
         let svc = Svc {
             ctx,
@@ -620,8 +510,8 @@ impl Svc {
 pub struct Svc {
     pub ctx: Rc<WorkerCtx>,
     pub info: Rc<ConnInfo>,
-    /// Connections served by hyper alone count their open requests (`Streams`).
-    pub streams: Option<Arc<Streams>>,
+    /// HTTP/2 connections count their open streams (`Streams`).
+    pub streams: Option<Rc<Streams>>,
 }
 
 /// The service's future: the boxed request future (boxed once, so the large state
@@ -640,11 +530,6 @@ impl Future for SvcFuture {
         let resp = std::task::ready!(this.inner.as_mut().poll(cx)).into_response();
         let state = this.state.take();
         let stream = this.stream.take();
-        if let Some(s) = &stream {
-            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                s.0.upgraded.store(true, Ordering::Relaxed);
-            }
-        }
         Poll::Ready(Ok(resp.map(|inner| ClientBody {
             inner,
             state,
@@ -700,6 +585,14 @@ fn nonempty(buf: Bytes) -> Bytes {
     }
 }
 
+impl IdleWaits {
+    /// The keep-alive wait left once a connection has parked: parking spends
+    /// `PARK_AFTER` of it.
+    pub fn after_park(&self) -> Duration {
+        self.keepalive.saturating_sub(PARK_AFTER).max(Duration::from_millis(1))
+    }
+}
+
 /// Timeouts for the waits between requests.
 pub struct IdleWaits {
     /// Until the first request byte of a new connection, and from the first byte of a
@@ -737,7 +630,7 @@ pub async fn run_h1(
     io: ParkIo,
     svc: &Svc,
     tracker: &ConnTracker,
-) -> Option<(TcpStream, Bytes)> {
+) -> Option<(ClientIo, Bytes)> {
     let state = io.state.clone();
     state.waiting.set(true);
     state.flushed.set(true);
@@ -755,7 +648,7 @@ pub async fn run_h1(
         }
     };
     let parts = conn.into_parts();
-    let mut stream = parts.io.io.into_inner();
+    let mut stream = parts.io.io;
     let upgrade = state.upgrade.borrow_mut().take();
     match (result, upgrade) {
         (Ok(()), Some(tx)) => {

@@ -1,8 +1,10 @@
 //! Client-facing sockets: socket2 binding (`SO_REUSEPORT`, backlog, `TCP_NODELAY`), the
 //! accept loop with its per-worker connection cap, the hyper connection builders
-//! (HTTP/1.1 and h2c, limits, header timeout), protocol detection, and graceful drain
-//! of h2c connections. HTTP/1.1 connections are served by `serve_h1`'s loop over
-//! `h1::serve` (rampart's own path for the common request) and `idle::run_h1` (hyper).
+//! (HTTP/1.1 and h2c, limits, header timeout), protocol detection, the TLS handshake
+//! (`serve_tls`), and graceful drain of HTTP/2 connections. Plain HTTP/1.1 connections
+//! are served by `serve_h1`'s loop over `h1::serve` (rampart's own path for the common
+//! request) and `idle::run_h1` (hyper); HTTP/1.1 over TLS by `serve_tls_h1`'s loop over
+//! `idle::run_h1` alone.
 //!
 //! Every worker binds its own socket to each listen address; the kernel spreads new
 //! connections across them, so no worker wakes another.
@@ -11,7 +13,6 @@ use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -396,7 +397,8 @@ async fn serve(
     }
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     if H2_PREFACE.starts_with(&head[..n]) {
-        return boxed(|| serve_h2(ctx, &builder, stream, peer, tracker)).await;
+        let io = ClientIo::Plain(crate::netio::Gather::new(stream, builder.waits.send));
+        return boxed(|| serve_h2(ctx, &builder, io, peer, tracker, false)).await;
     }
     serve_h1(ctx, builder, stream, peer, guard).await
 }
@@ -421,13 +423,8 @@ async fn serve_h1(
 ) {
     let tracker = guard.tracker();
     let dormant = ctx.dormant.clone();
-    let (svc, state) = Svc::h1(ctx, peer);
-    // Parking spends `PARK_AFTER` of the keep-alive wait.
-    let keepalive = builder
-        .waits
-        .keepalive
-        .saturating_sub(idle::PARK_AFTER)
-        .max(Duration::from_millis(1));
+    let (svc, state) = Svc::h1(ctx, peer, false);
+    let keepalive = builder.waits.after_park();
     let mut replay = Bytes::new();
     loop {
         // Boxed: the busy state (buffers, the request) must not size the idle task.
@@ -437,8 +434,8 @@ async fn serve_h1(
             Ended::Hyper(s, bytes) => {
                 let io = idle::ParkIo::new(s, bytes, state.clone(), &builder.waits);
                 match boxed(|| idle::run_h1(&builder.h1, io, &svc, tracker)).await {
-                    Some(parked) => parked,
-                    None => return,
+                    Some((ClientIo::Plain(io), bytes)) => (io.into_inner(), bytes),
+                    _ => return,
                 }
             }
         };
@@ -460,20 +457,6 @@ async fn serve_h1(
             return;
         }
     }
-}
-
-async fn serve_h2(
-    ctx: Rc<WorkerCtx>,
-    builder: &HttpBuilder,
-    stream: TcpStream,
-    peer: SocketAddr,
-    tracker: &ConnTracker,
-) {
-    let (svc, streams) = Svc::counted(ctx, ConnInfo::new(peer, false));
-    let io = ClientIo::Plain(crate::netio::Gather::new(stream, builder.waits.send));
-    let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    let shutdown = auto::UpgradeableConnection::graceful_shutdown;
-    serve_streams(conn, shutdown, &streams, tracker, builder.waits.keepalive, peer).await
 }
 
 /// A TLS connection whose first bytes arrived: the handshake, under
@@ -507,18 +490,48 @@ async fn serve_tls(
     };
     drop(tls);
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let (svc, streams) = Svc::counted(ctx, ConnInfo::new(peer, true));
-    let keepalive = builder.waits.keepalive;
+    let io = ClientIo::Tls(Box::new(stream));
     if h2 {
-        let io = ClientIo::Tls(Box::new(stream));
-        let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        let shutdown = auto::UpgradeableConnection::graceful_shutdown;
-        serve_streams(conn, shutdown, &streams, tracker, keepalive, peer).await
+        serve_h2(ctx, builder, io, peer, tracker, true).await
     } else {
-        let io = idle::HeadDeadline::new(stream, streams.clone(), builder.waits.header);
-        let conn = builder.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
-        let shutdown = http1::UpgradeableConnection::graceful_shutdown;
-        serve_streams(conn, shutdown, &streams, tracker, keepalive, peer).await
+        serve_tls_h1(ctx, builder, io, peer, tracker).await
+    }
+}
+
+/// HTTP/1.1 over TLS: hyper over `idle::ParkIo`, as for a plain connection's handed
+/// over requests, so an idle connection gives hyper's buffers back after `PARK_AFTER`
+/// and waits for its next request holding only the TLS state (rustls keeps the
+/// session; a TLS connection cannot join the dormant set, whose wake-up reads bytes
+/// that would have to go through rustls).
+async fn serve_tls_h1(
+    ctx: Rc<WorkerCtx>,
+    builder: &HttpBuilder,
+    mut io: ClientIo,
+    peer: SocketAddr,
+    tracker: &ConnTracker,
+) {
+    let (svc, state) = Svc::h1(ctx, peer, true);
+    let keepalive = builder.waits.after_park();
+    let mut replay = Bytes::new();
+    loop {
+        let park = idle::ParkIo::over(io, replay, state.clone(), &builder.waits);
+        (io, replay) = match boxed(|| idle::run_h1(&builder.h1, park, &svc, tracker)).await {
+            Some(parked) => parked,
+            None => return,
+        };
+        if !replay.is_empty() {
+            continue;
+        }
+        // hyper parked only after a read found nothing, in rustls as in the socket:
+        // the next request starts with the socket becoming readable.
+        let woke = tokio::select! {
+            biased;
+            _ = tracker.stopped() => false,
+            r = tokio::time::timeout(keepalive, io.tcp().readable()) => matches!(r, Ok(Ok(()))),
+        };
+        if !woke {
+            return;
+        }
     }
 }
 
@@ -545,24 +558,24 @@ async fn plain_http_to_tls(mut stream: TcpStream, peer: SocketAddr, send_timeout
     .await;
 }
 
-/// Runs a connection served by hyper alone until it ends: closes it (GOAWAY for
-/// HTTP/2) after `keepalive_timeout` with no request open, as nginx closes an idle
-/// connection (hyper would keep an HTTP/2 one, pinging, for good), and finishes
-/// in-flight requests when the worker stops.
-async fn serve_streams<C, E>(
-    conn: C,
-    graceful_shutdown: fn(Pin<&mut C>),
-    streams: &idle::Streams,
-    tracker: &ConnTracker,
-    keepalive: Duration,
+/// An HTTP/2 connection (h2c, or TLS with ALPN h2) until it ends: closes it with a
+/// GOAWAY after `keepalive_timeout` with no stream open, as nginx closes an idle
+/// connection (hyper would keep it, pinging, for good), and finishes in-flight
+/// requests when the worker stops.
+async fn serve_h2(
+    ctx: Rc<WorkerCtx>,
+    builder: &HttpBuilder,
+    io: ClientIo,
     peer: SocketAddr,
-) where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
+    tracker: &ConnTracker,
+    tls: bool,
+) {
+    let (svc, streams) = Svc::counted(ctx, ConnInfo::new(peer, tls));
+    let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let stopped = tracker.stopped();
     tokio::pin!(stopped);
+    let keepalive = builder.waits.keepalive;
     let idle = tokio::time::sleep(keepalive);
     tokio::pin!(idle);
     let result = loop {
@@ -570,13 +583,13 @@ async fn serve_streams<C, E>(
             r = conn.as_mut() => break r,
             _ = stopped.as_mut() => {
                 // Finish in-flight requests; idle connections close now.
-                graceful_shutdown(conn.as_mut());
+                conn.as_mut().graceful_shutdown();
                 break conn.await;
             }
             _ = idle.as_mut() => match streams.idle_until(keepalive) {
                 Some(at) if at <= tokio::time::Instant::now() => {
-                    tracing::debug!(client = %peer, "keepalive_timeout: idle connection closed");
-                    graceful_shutdown(conn.as_mut());
+                    tracing::debug!(client = %peer, "keepalive_timeout: idle HTTP/2 connection closed");
+                    conn.as_mut().graceful_shutdown();
                     break conn.await;
                 }
                 Some(at) => idle.as_mut().reset(at),

@@ -158,8 +158,14 @@ impl Gather {
         }
     }
 
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Changes how long a write may wait on the peer (a connection that became a
+    /// tunnel takes the tunnel's idle timeout).
+    pub fn set_send_timeout(&mut self, limit: Duration) {
+        self.stall = Stall::new(limit);
     }
 
     pub fn into_inner(self) -> TcpStream {
@@ -203,14 +209,24 @@ impl AsyncWrite for Gather {
     }
 }
 
-/// A client connection as hyper's HTTP/2 server (and h2c detection) reads it: the
-/// socket, or TLS over it. One type for both, so hyper and h2 compile their
-/// connection code once: a second instantiation cost h2c 1% more instructions per
-/// request, by changing what LLVM inlined.
+/// A client connection as hyper reads it (HTTP/2 and h2c detection; HTTP/1.1 inside
+/// `idle::ParkIo`): the socket, or TLS over it. One type for both, so hyper and h2
+/// compile their connection code once: a second instantiation cost h2c 1% more
+/// instructions per request, by changing what LLVM inlined.
 pub enum ClientIo {
     Plain(Gather),
-    /// Boxed: rustls's state must not size every h2c connection's.
+    /// Boxed: rustls's state must not size every plain connection's.
     Tls(Box<tokio_rustls::server::TlsStream<Gather>>),
+}
+
+impl ClientIo {
+    /// The TCP socket underneath, for readiness.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientIo::Plain(io) => io.stream(),
+            ClientIo::Tls(io) => io.get_ref().0.stream(),
+        }
+    }
 }
 
 impl AsyncRead for ClientIo {
@@ -264,8 +280,8 @@ impl AsyncWrite for ClientIo {
 }
 
 /// Reads from `stream` into hyper's cursor; returns how many bytes arrived (0 is EOF).
-pub fn poll_read_into(
-    stream: &mut TcpStream,
+pub fn poll_read_into<R: AsyncRead + Unpin>(
+    stream: &mut R,
     cx: &mut Context<'_>,
     mut buf: ReadBufCursor<'_>,
 ) -> Poll<io::Result<usize>> {

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::listener::ConnGuard;
+use crate::netio::ClientIo;
 use crate::state::Shared;
 
 /// The client's half, before it is handed over.
@@ -75,7 +76,16 @@ pub async fn run(
         },
         ClientSide::Manual(rx) => match rx.await {
             // Bytes the client sent right behind its upgrade request go first.
-            Ok((stream, early)) => splice(stream, &mut upstream, &early, &from_backend, idle).await,
+            Ok((ClientIo::Plain(io), early)) => {
+                splice(io.into_inner(), &mut upstream, &early, &from_backend, idle).await
+            }
+            Ok((ClientIo::Tls(mut io), early)) => {
+                // rustls writes through the socket's `send_timeout` watch: a tunnel
+                // waits on a client that reads nothing as long as it would in the
+                // clear, until it has been idle for `tunnel_idle_timeout`.
+                io.get_mut().0.set_send_timeout(idle);
+                splice(io, &mut upstream, &early, &from_backend, idle).await
+            }
             Err(_) => {
                 tracing::debug!(backend = %backend, "client connection closed before the upgrade");
                 return;
