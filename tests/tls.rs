@@ -108,26 +108,15 @@ fn tls_config(backends: &[SocketAddr], certs: &[&Leaf], tls_extra: &str) -> Stri
 }
 
 /// rampart terminating TLS for `site.test` in front of one healthy origin, with
-/// extra `[server]` lines and extra `tls` fields.
-struct Site {
-    pki: Pki,
-    origin: TestOrigin,
-    _srv: rampart::Server,
-    addr: SocketAddr,
-}
-
-async fn site(server_lines: &str, tls_extra: &str) -> Site {
+/// extra `[server]` lines and extra `tls` fields: the CA, the origin, the server (stops
+/// when dropped) and its address.
+async fn site(server_lines: &str, tls_extra: &str) -> (Pki, TestOrigin, rampart::Server, SocketAddr) {
     let pki = Pki::new();
     let leaf = pki.leaf("site", &["site.test"]);
     let origin = TestOrigin::start("o", Behavior::Healthy).await;
     let toml = with_server_setting(&tls_config(&[origin.addr], &[&leaf], tls_extra), server_lines);
-    let (_srv, addr) = start_proxy(&toml);
-    Site {
-        pki,
-        origin,
-        _srv,
-        addr,
-    }
+    let (srv, addr) = start_proxy(&toml);
+    (pki, origin, srv, addr)
 }
 
 /// Accepts any certificate: for tests that look at which one was served.
@@ -253,12 +242,7 @@ async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_requests_reach_the_backend_marked_https_over_http1_and_http2() {
-    let Site {
-        pki,
-        origin: o,
-        addr,
-        _srv,
-    } = site("", "").await;
+    let (pki, o, _srv, addr) = site("", "").await;
 
     // HTTP/1.1, verified against the CA: the chain and the name are right.
     let mut s = connect(addr, "site.test", &[b"http/1.1"], Trust::Ca(&pki))
@@ -424,12 +408,7 @@ backends = ["127.0.0.1:9"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_handshake_closes_after_client_header_timeout() {
-    let Site {
-        pki: _pki,
-        origin: o,
-        addr,
-        _srv,
-    } = site("client_header_timeout = \"300ms\"", "").await;
+    let (_pki, o, _srv, addr) = site("client_header_timeout = \"300ms\"", "").await;
     // The start of a ClientHello record, then nothing.
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x80, 0x01]).await.unwrap();
@@ -448,12 +427,7 @@ async fn a_stalled_handshake_closes_after_client_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_keepalive_outlives_client_header_timeout_but_a_slow_head_does_not() {
-    let Site {
-        pki,
-        origin: o,
-        addr,
-        _srv,
-    } = site("client_header_timeout = \"300ms\"\nkeepalive_timeout = \"20s\"", "").await;
+    let (pki, o, _srv, addr) = site("client_header_timeout = \"300ms\"\nkeepalive_timeout = \"20s\"", "").await;
 
     // Idle between requests for longer than the header timeout: still open.
     let mut s = served_once(addr, &pki).await;
@@ -476,24 +450,14 @@ async fn https_keepalive_outlives_client_header_timeout_but_a_slow_head_does_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_https_connection_closes_after_keepalive_timeout() {
-    let Site {
-        pki,
-        origin: _origin,
-        addr,
-        _srv,
-    } = site("keepalive_timeout = \"500ms\"", "").await;
+    let (pki, _origin, _srv, addr) = site("keepalive_timeout = \"500ms\"", "").await;
     let mut s = served_once(addr, &pki).await;
     assert!(closed_within(&mut s, Duration::from_secs(10)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_over_https_outlives_the_request_timeouts() {
-    let Site {
-        pki,
-        origin: _origin,
-        addr,
-        _srv,
-    } = site("client_header_timeout = \"300ms\"\nkeepalive_timeout = \"300ms\"", "").await;
+    let (pki, _origin, _srv, addr) = site("client_header_timeout = \"300ms\"\nkeepalive_timeout = \"300ms\"", "").await;
     let mut s = connect(addr, "site.test", &[], Trust::Ca(&pki)).await.unwrap();
     upgrade_to_websocket(&mut s).await;
     // Quiet for longer than both timeouts, then a message in two halves with a
@@ -513,12 +477,7 @@ async fn a_websocket_over_https_outlives_the_request_timeouts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_to_an_https_listener_gets_a_400_that_says_so() {
-    let Site {
-        pki: _pki,
-        origin: o,
-        addr,
-        _srv,
-    } = site("", "").await;
+    let (_pki, o, _srv, addr) = site("", "").await;
     let answer = raw(addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("HTTPS port"), "{answer}");
@@ -527,12 +486,7 @@ async fn plain_http_to_an_https_listener_gets_a_400_that_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_version_1_3_refuses_a_tls_1_2_client_and_http2_off_offers_only_http1() {
-    let Site {
-        pki,
-        origin: _origin,
-        addr,
-        _srv,
-    } = site("", ", min_version = \"1.3\", http2 = false").await;
+    let (pki, _origin, _srv, addr) = site("", ", min_version = \"1.3\", http2 = false").await;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
@@ -552,12 +506,7 @@ async fn min_version_1_3_refuses_a_tls_1_2_client_and_http2_off_offers_only_http
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cipher_suite_handshakes_and_resumes_a_session() {
-    let Site {
-        pki,
-        origin: o,
-        addr,
-        _srv,
-    } = site("", "").await;
+    let (pki, o, _srv, addr) = site("", "").await;
     let suites = provider().cipher_suites.clone();
     assert!(suites.len() >= 6, "TLS 1.3 and 1.2 suites: {suites:?}");
     let mut tried = 0;
