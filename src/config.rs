@@ -418,6 +418,7 @@ struct FileTls {
     certificates: Vec<FileCert>,
     min_version: Option<String>,
     http2: Option<bool>,
+    strict_sni: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1223,7 +1224,8 @@ fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Opt
         })
         .collect();
     let version = min_version.unwrap_or(crate::tls::MinVersion::Tls12);
-    match crate::tls::settings(files, version, raw.http2.unwrap_or(true)) {
+    let strict_sni = raw.strict_sni.unwrap_or(false);
+    match crate::tls::settings(files, version, raw.http2.unwrap_or(true), strict_sni) {
         Ok(s) => min_version.map(|_| Arc::new(s)),
         Err(errors) => {
             for (i, message) in errors {

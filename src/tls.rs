@@ -59,6 +59,9 @@ pub struct TlsSettings {
     pub not_after: Vec<Option<i64>>,
     pub min_version: MinVersion,
     pub http2: bool,
+    /// No default certificate: a client whose SNI no certificate covers (or that sends
+    /// none) fails the handshake, as HAProxy's `strict-sni`.
+    pub strict_sni: bool,
 }
 
 impl fmt::Debug for TlsSettings {
@@ -69,6 +72,7 @@ impl fmt::Debug for TlsSettings {
             .field("not_after", &self.not_after)
             .field("min_version", &self.min_version)
             .field("http2", &self.http2)
+            .field("strict_sni", &self.strict_sni)
             .finish()
     }
 }
@@ -192,16 +196,20 @@ fn pem_error(e: rustls::pki_types::pem::Error) -> String {
 }
 
 /// Builds a listener's TLS settings from its certificates (the first one is the
-/// default: for clients that send no SNI or a name no certificate covers). Errors
-/// carry the index of the certificate they are about.
+/// default, unless `strict_sni`: for clients that send no SNI or a name no
+/// certificate covers). Errors carry the index of the certificate they are about.
 pub fn settings(
     certificates: Vec<CertFiles>,
     min_version: MinVersion,
     http2: bool,
+    strict_sni: bool,
 ) -> Result<TlsSettings, Vec<(Option<usize>, String)>> {
     let provider = provider();
     let mut errors = Vec::new();
-    let mut resolver = CertResolver::default();
+    let mut resolver = CertResolver {
+        strict: strict_sni,
+        ..CertResolver::default()
+    };
     let mut names = Vec::new();
     let mut expiry = Vec::new();
     for (i, files) in certificates.iter().enumerate() {
@@ -211,13 +219,17 @@ pub fn settings(
                 names: covered,
                 not_after,
             }) => {
-                if i > 0 && covered.is_empty() {
+                if (i > 0 || strict_sni) && covered.is_empty() {
                     errors.push((
                         Some(i),
                         format!(
-                            "{} names no DNS host (subjectAltName), so SNI can never choose it; only the \
-                             first certificate serves clients by default",
-                            files.cert.display()
+                            "{} names no DNS host (subjectAltName), so SNI can never choose it; {}",
+                            files.cert.display(),
+                            if strict_sni {
+                                "with strict_sni there is no default certificate either"
+                            } else {
+                                "only the first certificate serves clients by default"
+                            }
                         ),
                     ));
                 }
@@ -255,6 +267,7 @@ pub fn settings(
         not_after: expiry,
         min_version,
         http2,
+        strict_sni,
     })
 }
 
@@ -273,7 +286,11 @@ impl TlsSettings {
                 } else {
                     names.join(", ")
                 };
-                let default = if i == 0 { ", the default" } else { "" };
+                let default = if i == 0 && !self.strict_sni {
+                    ", the default"
+                } else {
+                    ""
+                };
                 format!(
                     "{} ({names}{default}): {}",
                     files.cert.display(),
@@ -392,9 +409,11 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 
 /// Chooses a certificate by SNI: an exact name first, then a wildcard one level up
 /// (`*.example.com` covers `a.example.com`, not `example.com` or `a.b.example.com`),
-/// then the first certificate. Where two certificates cover a name, the first wins.
+/// then the first certificate (none with `strict`). Where two certificates cover a
+/// name, the first wins.
 #[derive(Debug, Default)]
 struct CertResolver {
+    strict: bool,
     keys: Vec<Arc<CertifiedKey>>,
     exact: HashMap<String, usize>,
     /// Keyed by the part after `*.`.
@@ -413,21 +432,23 @@ impl CertResolver {
         }
     }
 
-    fn pick(&self, sni: Option<&str>) -> usize {
-        let Some(name) = sni else { return 0 };
+    fn pick(&self, sni: Option<&str>) -> Option<usize> {
+        let fallback = (!self.strict).then_some(0);
+        let Some(name) = sni else { return fallback };
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Some(&i) = self.exact.get(&name) {
-            return i;
+            return Some(i);
         }
         name.split_once('.')
             .and_then(|(_, parent)| self.wildcard.get(parent).copied())
-            .unwrap_or(0)
+            .or(fallback)
     }
 }
 
 impl ResolvesServerCert for CertResolver {
+    /// `None` fails the handshake (a `handshake_failure` alert).
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.keys.get(self.pick(hello.server_name())).cloned()
+        self.pick(hello.server_name()).and_then(|i| self.keys.get(i)).cloned()
     }
 }
 
@@ -490,14 +511,25 @@ mod tests {
 
     #[test]
     fn sni_picks_exact_then_wildcard_then_the_first_certificate() {
-        let r = resolver(&[&["default.test"], &["a.test", "*.b.test"], &["x.b.test", "a.test"]]);
-        assert_eq!(r.pick(None), 0);
-        assert_eq!(r.pick(Some("nothing.test")), 0);
-        assert_eq!(r.pick(Some("a.test")), 1, "the first certificate naming it wins");
-        assert_eq!(r.pick(Some("A.Test.")), 1, "case and a trailing dot do not matter");
-        assert_eq!(r.pick(Some("y.b.test")), 1);
-        assert_eq!(r.pick(Some("x.b.test")), 2, "an exact name beats a wildcard");
-        assert_eq!(r.pick(Some("b.test")), 0, "a wildcard does not cover its parent");
-        assert_eq!(r.pick(Some("z.y.b.test")), 0, "a wildcard covers one level only");
+        let mut r = resolver(&[&["default.test"], &["a.test", "*.b.test"], &["x.b.test", "a.test"]]);
+        assert_eq!(r.pick(None), Some(0));
+        assert_eq!(r.pick(Some("nothing.test")), Some(0));
+        assert_eq!(r.pick(Some("a.test")), Some(1), "the first certificate naming it wins");
+        assert_eq!(
+            r.pick(Some("A.Test.")),
+            Some(1),
+            "case and a trailing dot do not matter"
+        );
+        assert_eq!(r.pick(Some("y.b.test")), Some(1));
+        assert_eq!(r.pick(Some("x.b.test")), Some(2), "an exact name beats a wildcard");
+        assert_eq!(r.pick(Some("b.test")), Some(0), "a wildcard does not cover its parent");
+        assert_eq!(r.pick(Some("z.y.b.test")), Some(0), "a wildcard covers one level only");
+        // strict_sni: no default.
+        r.strict = true;
+        assert_eq!(r.pick(None), None);
+        assert_eq!(r.pick(Some("nothing.test")), None);
+        assert_eq!(r.pick(Some("b.test")), None);
+        assert_eq!(r.pick(Some("default.test")), Some(0));
+        assert_eq!(r.pick(Some("y.b.test")), Some(1));
     }
 }

@@ -377,6 +377,10 @@ tls = {{ certificates = [] }}
 bind = "127.0.0.1:0"
 tls = {{ certificates = [{{ cert = {good_cert:?} }}] }}
 
+[[listeners]]
+bind = "127.0.0.1:0"
+tls = {{ certificates = [{{ cert = {nameless_cert:?}, key = {nameless_key:?} }}], strict_sni = true }}
+
 [[routes]]
 pool = "app"
 
@@ -401,6 +405,7 @@ backends = ["127.0.0.1:9"]
         "good.key: no PEM certificate in the file",
         "listeners[1].tls.certificates: at least one certificate is required",
         "listeners[2].tls.certificates[0]: missing field `key`",
+        "nameless.crt names no DNS host (subjectAltName), so SNI can never choose it; with strict_sni",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
@@ -705,4 +710,37 @@ async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
     let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
     assert_eq!(seen["x-forwarded-for"], "203.0.113.9");
     assert_eq!(seen["x-forwarded-proto"], "https");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_sni_refuses_clients_whose_name_no_certificate_covers() {
+    let pki = Pki::new();
+    let first = pki.leaf("first", &["first.test"]);
+    let second = pki.leaf("second", &["*.b.test"]);
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (_srv, addr) = start_proxy(&tls_config(&[o.addr], &[&first, &second], ", strict_sni = true"));
+    for sni in ["first.test", "x.b.test"] {
+        let mut s = connect(addr, sni, &[], Trust::Ca(&pki))
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        let (head, _) = get_on(&mut s, "t").await;
+        assert!(head.starts_with("http/1.1 200"), "{sni}: {head}");
+    }
+    // Process-wide, and absent until the first failure.
+    let failures = || {
+        let text = rampart::metrics::install().render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("rampart_tls_handshake_failures_total{reason=\"error\"} "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let before = failures();
+    // An unknown name, and no SNI at all (an IP address as the name): no default
+    // certificate answers them.
+    for sni in ["other.test", "b.test", "127.0.0.1"] {
+        let refused = connect(addr, sni, &[], Trust::Any).await;
+        assert!(refused.is_err(), "{sni}: a certificate was served");
+    }
+    let after = failures();
+    assert!(after >= before + 3, "{before} -> {after}");
+    assert_eq!(o.hits(), 2);
 }
