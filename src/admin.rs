@@ -131,8 +131,8 @@ fn certificate_expiry(shared: &Shared, out: &mut String) {
     let mut header = false;
     for l in &snap.config.listeners {
         let Some(tls) = &l.tls else { continue };
-        for (files, t) in tls.certificates.iter().zip(&tls.not_after) {
-            let Some(t) = t else { continue };
+        for c in &tls.certificates {
+            let Some(t) = c.not_after else { continue };
             if !header {
                 header = true;
                 let name = crate::metrics::TLS_CERT_EXPIRY;
@@ -142,7 +142,8 @@ fn certificate_expiry(shared: &Shared, out: &mut String) {
                 );
                 let _ = writeln!(out, "# TYPE {name} gauge");
             }
-            let cert = files
+            let cert = c
+                .files
                 .cert
                 .display()
                 .to_string()
@@ -201,19 +202,14 @@ fn tls_json(snap: &crate::state::Snapshot) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for l in &snap.config.listeners {
         let Some(tls) = &l.tls else { continue };
-        for (i, (files, (names, t))) in tls
-            .certificates
-            .iter()
-            .zip(tls.names.iter().zip(&tls.not_after))
-            .enumerate()
-        {
+        for (i, c) in tls.certificates.iter().enumerate() {
             out.push(serde_json::json!({
                 "listener": l.bind.to_string(),
-                "certificate": files.cert.display().to_string(),
+                "certificate": c.files.cert.display().to_string(),
                 "default": i == 0,
-                "names": names,
-                "not_after": t,
-                "expires_in_seconds": t.map(|t| t - now),
+                "names": c.names,
+                "not_after": c.not_after,
+                "expires_in_seconds": c.not_after.map(|t| t - now),
             }));
         }
     }

@@ -48,17 +48,21 @@ pub struct CertFiles {
     pub key: PathBuf,
 }
 
+/// One loaded certificate, as the log, `check`, `/status` and `/metrics` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certificate {
+    pub files: CertFiles,
+    /// The DNS names its leaf covers (subjectAltName), lower-cased.
+    pub names: Vec<String>,
+    /// The leaf's notAfter, in Unix seconds (`None` if it could not be read).
+    pub not_after: Option<i64>,
+}
+
 /// A listener's loaded TLS settings, ready to accept with.
 pub struct TlsSettings {
     pub acceptor: tokio_rustls::TlsAcceptor,
-    /// The certificates' files, in order (the first is the default).
-    pub certificates: Vec<CertFiles>,
-    /// The DNS names each certificate covers, as loaded (for the log and `check`).
-    pub names: Vec<Vec<String>>,
-    /// Each certificate's notAfter, in Unix seconds (`None` if it could not be read).
-    pub not_after: Vec<Option<i64>>,
-    pub min_version: MinVersion,
-    pub http2: bool,
+    /// In the configured order (`is_default`).
+    pub certificates: Vec<Certificate>,
     /// No default certificate: a client whose SNI no certificate covers (or that sends
     /// none) fails the handshake, as HAProxy's `strict-sni`.
     pub strict_sni: bool,
@@ -68,10 +72,6 @@ impl fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsSettings")
             .field("certificates", &self.certificates)
-            .field("names", &self.names)
-            .field("not_after", &self.not_after)
-            .field("min_version", &self.min_version)
-            .field("http2", &self.http2)
             .field("strict_sni", &self.strict_sni)
             .finish()
     }
@@ -147,17 +147,9 @@ impl rustls::crypto::hmac::Key for HmacKey {
     }
 }
 
-/// A loaded certificate: the chain and key, the DNS names its leaf covers, and when
-/// the leaf expires.
-pub struct Loaded {
-    pub key: CertifiedKey,
-    pub names: Vec<String>,
-    pub not_after: Option<i64>,
-}
-
 /// Reads one certificate chain and its key, checks that they belong together, and
-/// returns it with the DNS names its leaf covers. Errors say which file and why.
-pub fn load_certificate(files: &CertFiles, provider: &CryptoProvider) -> Result<Loaded, String> {
+/// returns them with what the leaf says of itself. Errors say which file and why.
+pub fn load_certificate(files: CertFiles, provider: &CryptoProvider) -> Result<(CertifiedKey, Certificate), String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|e| format!("{}: {}", files.cert.display(), pem_error(e)))?;
@@ -184,7 +176,14 @@ pub fn load_certificate(files: &CertFiles, provider: &CryptoProvider) -> Result<
         ),
         e => format!("{}: {e}", files.key.display()),
     })?;
-    Ok(Loaded { key, names, not_after })
+    Ok((
+        key,
+        Certificate {
+            files,
+            names,
+            not_after,
+        },
+    ))
 }
 
 fn pem_error(e: rustls::pki_types::pem::Error) -> String {
@@ -210,21 +209,16 @@ pub fn settings(
         strict: strict_sni,
         ..CertResolver::default()
     };
-    let mut names = Vec::new();
-    let mut expiry = Vec::new();
-    for (i, files) in certificates.iter().enumerate() {
+    let mut loaded = Vec::new();
+    for (i, files) in certificates.into_iter().enumerate() {
         match load_certificate(files, &provider) {
-            Ok(Loaded {
-                key,
-                names: covered,
-                not_after,
-            }) => {
-                if (i > 0 || strict_sni) && covered.is_empty() {
+            Ok((key, cert)) => {
+                if (i > 0 || strict_sni) && cert.names.is_empty() {
                     errors.push((
                         Some(i),
                         format!(
                             "{} names no DNS host (subjectAltName), so SNI can never choose it; {}",
-                            files.cert.display(),
+                            cert.files.cert.display(),
                             if strict_sni {
                                 "with strict_sni there is no default certificate either"
                             } else {
@@ -233,9 +227,8 @@ pub fn settings(
                         ),
                     ));
                 }
-                resolver.add(Arc::new(key), &covered);
-                names.push(covered);
-                expiry.push(not_after);
+                resolver.add(Arc::new(key), &cert.names);
+                loaded.push(cert);
             }
             Err(e) => errors.push((Some(i), e)),
         }
@@ -262,39 +255,35 @@ pub fn settings(
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| vec![(None, e.to_string())])?;
     Ok(TlsSettings {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        certificates,
-        names,
-        not_after: expiry,
-        min_version,
-        http2,
+        certificates: loaded,
         strict_sni,
     })
 }
 
 impl TlsSettings {
+    /// Whether certificate `i` also serves clients whose SNI no certificate covers:
+    /// the first, unless `strict_sni`.
+    pub fn is_default(&self, i: usize) -> bool {
+        i == 0 && !self.strict_sni
+    }
+
     /// One line per certificate, for `rampart check` and the log: its file, the names
     /// it serves, and when it expires (relative to `now`, Unix seconds).
     pub fn describe(&self, now: i64) -> Vec<String> {
         self.certificates
             .iter()
-            .zip(&self.names)
-            .zip(&self.not_after)
             .enumerate()
-            .map(|(i, ((files, names), not_after))| {
-                let names = if names.is_empty() {
+            .map(|(i, c)| {
+                let names = if c.names.is_empty() {
                     "no DNS names".to_string()
                 } else {
-                    names.join(", ")
+                    c.names.join(", ")
                 };
-                let default = if i == 0 && !self.strict_sni {
-                    ", the default"
-                } else {
-                    ""
-                };
+                let default = if self.is_default(i) { ", the default" } else { "" };
                 format!(
                     "{} ({names}{default}): {}",
-                    files.cert.display(),
-                    expiry_text(*not_after, now)
+                    c.files.cert.display(),
+                    expiry_text(c.not_after, now)
                 )
             })
             .collect()
@@ -318,8 +307,8 @@ pub fn log_certificates(listeners: &[crate::config::ListenerConfig]) {
     let now = unix_now();
     for l in listeners {
         let Some(tls) = &l.tls else { continue };
-        for (i, line) in tls.describe(now).into_iter().enumerate() {
-            let soon = tls.not_after[i].is_some_and(|t| t - now <= EXPIRY_WARNING_SECS);
+        for (cert, line) in tls.certificates.iter().zip(tls.describe(now)) {
+            let soon = cert.not_after.is_some_and(|t| t - now <= EXPIRY_WARNING_SECS);
             if soon {
                 tracing::warn!(bind = %l.bind, "TLS certificate {line}: renew it and reload");
             } else {
