@@ -206,7 +206,7 @@ fn tls_json(snap: &crate::state::Snapshot) -> Vec<serde_json::Value> {
             out.push(serde_json::json!({
                 "listener": l.bind.to_string(),
                 "certificate": c.files.cert.display().to_string(),
-                "default": i == 0,
+                "default": tls.is_default(i),
                 "names": c.names,
                 "not_after": c.not_after,
                 "expires_in_seconds": c.not_after.map(|t| t - now),

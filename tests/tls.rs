@@ -718,7 +718,11 @@ async fn strict_sni_refuses_clients_whose_name_no_certificate_covers() {
     let first = pki.leaf("first", &["first.test"]);
     let second = pki.leaf("second", &["*.b.test"]);
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let (_srv, addr) = start_proxy(&tls_config(&[o.addr], &[&first, &second], ", strict_sni = true"));
+    let (srv, addr) = start_proxy(&tls_config(&[o.addr], &[&first, &second], ", strict_sni = true"));
+    // No certificate is the default, and /status says so.
+    let status = rampart::admin::status_json(srv.shared());
+    assert_eq!(status["tls_certificates"][0]["default"], false);
+    assert_eq!(status["tls_certificates"][1]["default"], false);
     for sni in ["first.test", "x.b.test"] {
         let mut s = connect(addr, sni, &[], Trust::Ca(&pki))
             .await
