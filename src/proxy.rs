@@ -300,7 +300,8 @@ fn log_failure(e: &ProxyError, method: &Method, pool: Option<&str>, request_id: 
 /// Where a plain-HTTP request to an `https_redirect` route is sent: the same host,
 /// lowercased and without its port (HTTPS on 443, as nginx's usual
 /// `return 301 https://$host$request_uri`),
-/// and the target as the client wrote it.
+/// and the target as routed: as the client wrote it, less any dot segments
+/// (`unusual_path` removed them before routing).
 #[cold]
 fn https_redirect<B>(host: Option<&str>, req: &Request<B>) -> ProxyError {
     let Some(host) = host else {
