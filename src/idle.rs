@@ -280,10 +280,9 @@ impl Write for ParkIo {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        // TLS may hold encrypted bytes that a slow client has not taken yet.
-        if let ClientIo::Tls(tls) = &mut this.io {
-            std::task::ready!(Pin::new(&mut **tls).poll_flush(cx))?;
-        }
+        // Through to the connection: TLS may hold encrypted bytes a slow client has
+        // not taken yet (a plain socket's flush is immediate).
+        std::task::ready!(Pin::new(&mut this.io).poll_flush(cx))?;
         // hyper calls this only once its write buffer is empty.
         this.state.flushed.set(true);
         Poll::Ready(Ok(()))
@@ -306,7 +305,7 @@ pub struct ClientBody {
 }
 
 /// An HTTP/2 connection's open streams, for its idle timeout
-/// (`listener::serve_streams`): hyper closes no idle HTTP/2 connection itself, and its
+/// (`listener::serve_h2`): hyper closes no idle HTTP/2 connection itself, and its
 /// pings keep one alive.
 pub struct Streams {
     open: Cell<usize>,
@@ -489,9 +488,7 @@ impl Svc {
             state,
         )
     }
-}
 
-impl Svc {
     /// The service of an HTTP/2 connection, and its stream count.
     pub fn counted(ctx: Rc<WorkerCtx>, info: ConnInfo) -> (Svc, Rc<Streams>) {
         let streams = Streams::new();
@@ -585,14 +582,6 @@ fn nonempty(buf: Bytes) -> Bytes {
     }
 }
 
-impl IdleWaits {
-    /// The keep-alive wait left once a connection has parked: parking spends
-    /// `PARK_AFTER` of it.
-    pub fn after_park(&self) -> Duration {
-        self.keepalive.saturating_sub(PARK_AFTER).max(Duration::from_millis(1))
-    }
-}
-
 /// Timeouts for the waits between requests.
 pub struct IdleWaits {
     /// Until the first request byte of a new connection, and from the first byte of a
@@ -602,6 +591,14 @@ pub struct IdleWaits {
     pub keepalive: Duration,
     /// The longest the client may take no response bytes (`send_timeout`).
     pub send: Duration,
+}
+
+impl IdleWaits {
+    /// The keep-alive wait left once a connection has parked: parking spends
+    /// `PARK_AFTER` of it.
+    pub fn after_park(&self) -> Duration {
+        self.keepalive.saturating_sub(PARK_AFTER).max(Duration::from_millis(1))
+    }
 }
 
 /// Waits, holding no buffer, until the client sends its next bytes. `None`: timed
