@@ -359,13 +359,6 @@ async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
     }
 }
 
-/// Waits up to `limit` for the peer to close `s`; true if it did.
-async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 64];
-    matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_tunnelled() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;

@@ -197,33 +197,14 @@ fn served(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     s.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
 }
 
-/// One GET over HTTP/1.1 on an open connection; the raw response head (lower-cased)
-/// and body, read by `Content-Length`.
+/// One GET over HTTP/1.1 on an open connection: the response head (lower-cased) and
+/// body.
 async fn get_on<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, host: &str) -> (String, String) {
     s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map(|v| v.trim().parse().unwrap())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return (head, String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned());
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("response in time")
-            .unwrap();
-        assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let (head, body) = read_one_response(s, &mut Vec::new(), false).await;
+    (head, String::from_utf8(body).unwrap())
 }
 
 /// A verified connection to `site.test` that has had one 200.
@@ -232,12 +213,6 @@ async fn served_once(addr: SocketAddr, pki: &Pki) -> TlsStream<TcpStream> {
     let (head, _) = get_on(&mut s, "t").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     s
-}
-
-/// Whether the peer closes `s` within `limit` (a reset counts as closed).
-async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -542,6 +542,12 @@ pub async fn upgrade_to_websocket<S: tokio::io::AsyncRead + tokio::io::AsyncWrit
     assert!(head.contains("upgrade: websocket"), "{head}");
 }
 
+/// Waits up to `limit` for the peer to close `s`; true if it did (a reset counts).
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
 /// Counts replies by body (the origin's name).
 pub fn tally(replies: &[Reply]) -> std::collections::HashMap<String, usize> {
     let mut m = std::collections::HashMap::new();
@@ -554,9 +560,13 @@ pub fn tally(replies: &[Reply]) -> std::collections::HashMap<String, usize> {
 /// Reads one response (head and body, by `Content-Length` or chunked framing) from
 /// `buf`/`s`; returns the lower-cased head and the decoded body. `head_only`: a
 /// response to HEAD, which has no body whatever its fields say.
-pub async fn read_one_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, head_only: bool) -> (String, Vec<u8>) {
+pub async fn read_one_response<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    head_only: bool,
+) -> (String, Vec<u8>) {
     use tokio::io::AsyncReadExt;
-    async fn more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+    async fn more<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) {
         let mut chunk = [0u8; 4096];
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
             .await
