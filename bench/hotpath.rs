@@ -23,6 +23,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
                 name: addr.to_string(),
                 addr,
                 weight: 1,
+                tls_name: None,
             }
         })
         .collect();
@@ -32,6 +33,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
             name: c.name.clone(),
             addr: c.addr,
             weight: 1,
+            tls_name: None,
             state: Arc::new(BackendState::new()),
         })
         .collect();

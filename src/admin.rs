@@ -129,33 +129,26 @@ fn certificate_expiry(shared: &Shared, out: &mut String) {
     use std::fmt::Write;
     let snap = shared.snapshot.load();
     let mut header = false;
-    for l in &snap.config.listeners {
-        let Some(tls) = &l.tls else { continue };
-        for c in &tls.certificates {
-            let Some(t) = c.not_after else { continue };
-            if !header {
-                header = true;
-                let name = crate::metrics::TLS_CERT_EXPIRY;
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} When each TLS certificate expires (notAfter), Unix seconds"
-                );
-                let _ = writeln!(out, "# TYPE {name} gauge");
-            }
-            let cert = c
-                .files
-                .cert
-                .display()
-                .to_string()
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"");
+    for (used, c, _) in crate::tls::certificates(&snap.config) {
+        let Some(t) = c.not_after else { continue };
+        if !header {
+            header = true;
+            let name = crate::metrics::TLS_CERT_EXPIRY;
             let _ = writeln!(
                 out,
-                "{}{{listener=\"{}\",certificate=\"{cert}\"}} {t}",
-                crate::metrics::TLS_CERT_EXPIRY,
-                l.bind
+                "# HELP {name} When each TLS certificate expires (notAfter), Unix seconds"
             );
+            let _ = writeln!(out, "# TYPE {name} gauge");
         }
+        let escape = |s: String| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let (label, value) = used.label();
+        let _ = writeln!(
+            out,
+            "{}{{{label}=\"{}\",certificate=\"{}\"}} {t}",
+            crate::metrics::TLS_CERT_EXPIRY,
+            escape(value),
+            escape(c.files.cert.display().to_string()),
+        );
     }
 }
 
@@ -184,7 +177,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     })
                 })
                 .collect();
-            serde_json::json!({ "name": p.name, "balancer": p.balancer.kind(), "backends": backends })
+            let tls = p.config.tls.as_ref().map(|t| t.describe(crate::tls::unix_now()));
+            serde_json::json!({ "name": p.name, "balancer": p.balancer.kind(), "tls": tls, "backends": backends })
         })
         .collect();
     serde_json::json!({
@@ -196,22 +190,25 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// Each TLS listener's certificates: file, names, expiry.
+/// Every certificate loaded: listeners' (file, names, expiry) and pools' client
+/// certificates.
 fn tls_json(snap: &crate::state::Snapshot) -> Vec<serde_json::Value> {
     let now = crate::tls::unix_now();
-    let mut out = Vec::new();
-    for l in &snap.config.listeners {
-        let Some(tls) = &l.tls else { continue };
-        for (i, c) in tls.certificates.iter().enumerate() {
-            out.push(serde_json::json!({
-                "listener": l.bind.to_string(),
+    crate::tls::certificates(&snap.config)
+        .into_iter()
+        .map(|(used, c, default)| {
+            let (key, value) = used.label();
+            let mut v = serde_json::json!({
                 "certificate": c.files.cert.display().to_string(),
-                "default": tls.is_default(i),
                 "names": c.names,
                 "not_after": c.not_after,
                 "expires_in_seconds": c.not_after.map(|t| t - now),
-            }));
-        }
-    }
-    out
+            });
+            v[key] = value.into();
+            if let Some(d) = default {
+                v["default"] = d.into();
+            }
+            v
+        })
+        .collect()
 }

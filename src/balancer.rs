@@ -257,6 +257,7 @@ mod tests {
                     name: a.to_string(),
                     addr: a.parse().unwrap(),
                     weight: 1,
+                    tls_name: None,
                 })
                 .collect::<Vec<_>>()
         };

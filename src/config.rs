@@ -213,6 +213,9 @@ pub struct BackendConfig {
     pub name: String,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// For a pool with `tls`: the name its certificate is verified against (and
+    /// sent as SNI).
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +237,9 @@ pub struct PoolConfig {
     pub circuit_breaker: BreakerConfig,
     /// Ramp a recovered or newly added backend's share up over this window; 0 is off.
     pub slow_start: Duration,
+    /// TLS to the backends (`[pools.NAME.tls]`), trust store and client certificate
+    /// loaded.
+    pub tls: Option<Arc<crate::backend_tls::BackendTls>>,
 }
 
 #[derive(Debug, Clone)]
@@ -466,6 +472,18 @@ struct FilePool {
     circuit_breaker: Option<toml::Value>,
     #[serde(default, with = "humantime_serde")]
     slow_start: Option<Duration>,
+    tls: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackendTls {
+    verify: Option<bool>,
+    ca: Option<String>,
+    server_name: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    min_version: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -675,7 +693,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             let sorted: BTreeMap<_, _> = t.iter().collect();
             for (name, value) in sorted {
                 pool_names_seen.push(name.clone());
-                if let Some(p) = validate_pool(name, value, errs) {
+                if let Some(p) = validate_pool(name, value, base, errs) {
                     pools.push(p);
                 }
             }
@@ -859,7 +877,7 @@ fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) 
     }
 }
 
-fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<PoolConfig> {
+fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors) -> Option<PoolConfig> {
     let path = format!("pools.{name}");
     if name.is_empty()
         || !name
@@ -870,6 +888,11 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
     }
     let raw: FilePool = section(value, &path, errs)?;
     let before = errs.0.len();
+    let tls_path = format!("{path}.tls");
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|t| validate_backend_tls(t, &tls_path, base, errs));
     let mut backends = Vec::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
@@ -905,10 +928,26 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
             );
             continue;
         }
+        let tls_name = match &tls {
+            Some(t) if t.spec.server_name.is_none() => match crate::backend_tls::server_name(&addr_text, None) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    errs.push(&bpath, format!("{e}; set {tls_path}.server_name"));
+                    continue;
+                }
+            },
+            Some(t) => t
+                .spec
+                .server_name
+                .as_deref()
+                .and_then(|n| crate::backend_tls::server_name(&addr_text, Some(n)).ok()),
+            None => None,
+        };
         backends.push(BackendConfig {
             name: addr_text,
             addr,
             weight,
+            tls_name,
         });
     }
     if raw.backends.is_empty() {
@@ -975,7 +1014,85 @@ fn validate_pool(name: &str, value: &toml::Value, errs: &mut Errors) -> Option<P
         retry: retry?,
         circuit_breaker: circuit_breaker?,
         slow_start: raw.slow_start.unwrap_or(Duration::ZERO),
+        tls,
     })
+}
+
+/// `[pools.NAME.tls]`: checks the fields, then loads the trust store and client
+/// certificate. `None` (with errors pushed) when anything is wrong.
+fn validate_backend_tls(
+    value: &toml::Value,
+    path: &str,
+    base: &Path,
+    errs: &mut Errors,
+) -> Option<Arc<crate::backend_tls::BackendTls>> {
+    use crate::backend_tls::{BackendTls, BackendTlsSpec, Trust};
+    let raw: FileBackendTls = section(value, path, errs)?;
+    let before = errs.0.len();
+    let min_version = parse_min_version(raw.min_version.as_deref(), path, errs);
+    let trust = match (raw.verify.unwrap_or(true), &raw.ca) {
+        (true, None) => Trust::System,
+        (true, Some(ca)) => Trust::File(base.join(ca)),
+        (false, None) => Trust::None,
+        (false, Some(_)) => {
+            errs.push(
+                format!("{path}.ca"),
+                "has no effect with verify = false; remove one of the two",
+            );
+            Trust::None
+        }
+    };
+    if let Some(n) = &raw.server_name {
+        if let Err(e) = crate::backend_tls::server_name("", Some(n)) {
+            errs.push(format!("{path}.server_name"), e);
+        }
+    }
+    let client_cert = match (&raw.cert, &raw.key) {
+        (Some(cert), Some(key)) => Some(crate::tls::CertFiles {
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            errs.push(format!("{path}.key"), "a client certificate (cert) needs its key");
+            None
+        }
+        (None, Some(_)) => {
+            errs.push(format!("{path}.cert"), "a client key (key) needs its certificate");
+            None
+        }
+    };
+    let spec = BackendTlsSpec {
+        trust,
+        server_name: raw.server_name,
+        client_cert,
+        min_version,
+    };
+    // The files are read even when a field above was wrong, so every error shows.
+    match BackendTls::load(spec) {
+        Ok(t) if errs.0.len() == before => Some(Arc::new(t)),
+        Ok(_) => None,
+        Err(errors) => {
+            for (field, message) in errors {
+                errs.push(format!("{path}.{field}"), message);
+            }
+            None
+        }
+    }
+}
+
+/// A TLS `min_version` field: `"1.2"` (the default) or `"1.3"`.
+fn parse_min_version(v: Option<&str>, path: &str, errs: &mut Errors) -> crate::tls::MinVersion {
+    match v {
+        None => crate::tls::MinVersion::Tls12,
+        Some(v) => crate::tls::MinVersion::parse(v).unwrap_or_else(|| {
+            errs.push(
+                format!("{path}.min_version"),
+                format!("must be \"1.2\" or \"1.3\", not {v:?}"),
+            );
+            crate::tls::MinVersion::Tls12
+        }),
+    }
 }
 
 fn validate_outlier(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -> Option<OutlierConfig> {
@@ -1197,16 +1314,8 @@ fn parse_status_ranges(s: &str) -> Option<Vec<(u16, u16)>> {
 /// Loads a listener's certificates now, so a missing file, a key that does not match
 /// its certificate or a bad PEM is a config error (for `check`, and a rejected reload).
 fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Option<Arc<crate::tls::TlsSettings>> {
-    let min_version = match raw.min_version.as_deref() {
-        None => Some(crate::tls::MinVersion::Tls12),
-        Some(v) => crate::tls::MinVersion::parse(v).or_else(|| {
-            errs.push(
-                format!("{path}.min_version"),
-                format!("must be \"1.2\" or \"1.3\", not {v:?}"),
-            );
-            None
-        }),
-    };
+    let before = errs.0.len();
+    let version = parse_min_version(raw.min_version.as_deref(), path, errs);
     // The certificates are checked even then, so every error shows at once.
     if raw.certificates.is_empty() {
         errs.push(
@@ -1223,10 +1332,9 @@ fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Opt
             key: base.join(&c.key),
         })
         .collect();
-    let version = min_version.unwrap_or(crate::tls::MinVersion::Tls12);
     let strict_sni = raw.strict_sni.unwrap_or(false);
     match crate::tls::settings(files, version, raw.http2.unwrap_or(true), strict_sni) {
-        Ok(s) => min_version.map(|_| Arc::new(s)),
+        Ok(s) => (errs.0.len() == before).then(|| Arc::new(s)),
         Err(errors) => {
             for (i, message) in errors {
                 let at = match i {

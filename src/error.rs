@@ -48,6 +48,14 @@ pub enum ProxyError {
     },
     #[error("connect to {backend} timed out")]
     ConnectTimeout { backend: SocketAddr },
+    /// The TLS handshake with a backend of a pool with a `tls` table failed: an
+    /// untrusted or expired certificate, a name mismatch, no common version.
+    #[error("TLS handshake with {backend} failed: {source}")]
+    BackendTls {
+        backend: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("{backend} sent no response headers within the response timeout")]
     ResponseTimeout { backend: SocketAddr },
     #[error("{backend} closed or reset the connection before a response: {source}")]
@@ -110,7 +118,9 @@ impl ProxyError {
             | CircuitOpen { .. }
             | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamClosed { .. } | BadResponse { .. } => StatusCode::BAD_GATEWAY,
+            // A backend that cannot prove who it is: the gateway's fault, as nginx
+            // answers it.
+            UpstreamClosed { .. } | BadResponse { .. } | BackendTls { .. } => StatusCode::BAD_GATEWAY,
             BadStatus { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -136,6 +146,7 @@ impl ProxyError {
             NoHealthyBackend { .. } | CircuitOpen { .. } | ShuttingDown => Side::Internal,
             Connect { .. }
             | ConnectTimeout { .. }
+            | BackendTls { .. }
             | ResponseTimeout { .. }
             | UpstreamClosed { .. }
             | NotReceived { .. }
@@ -147,7 +158,10 @@ impl ProxyError {
 
     /// The failure never reached the application, so any method may go to another backend.
     pub fn is_retryable_any_method(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) || self.never_read()
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::BackendTls { .. }
+        ) || self.never_read()
     }
 
     /// The request was written but provably never read: the kept copy may be resent,
@@ -182,6 +196,7 @@ impl ProxyError {
         match self {
             Connect { backend, .. }
             | ConnectTimeout { backend }
+            | BackendTls { backend, .. }
             | ResponseTimeout { backend }
             | UpstreamClosed { backend, .. }
             | NotReceived { backend }
@@ -201,6 +216,7 @@ impl ProxyError {
             NoHealthyBackend { .. } => "no_healthy_backend",
             Connect { .. } => "connect_failed",
             ConnectTimeout { .. } => "connect_timeout",
+            BackendTls { .. } => "backend_tls",
             ResponseTimeout { .. } => "response_timeout",
             UpstreamClosed { .. } => "upstream_closed",
             NotReceived { .. } => "upstream_closed_unread",

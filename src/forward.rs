@@ -54,7 +54,7 @@ pub struct Forwarded {
     pub backend: SocketAddr,
     /// For a 101: the backend socket and any bytes it sent after the 101. Boxed:
     /// rare, and a `Forwarded` is moved several times per request.
-    pub upgraded: Option<Box<(tokio::net::TcpStream, Bytes)>>,
+    pub upgraded: Option<Box<(crate::netio::UpIo, Bytes)>>,
     /// The response's fields as the backend wrote them (the response's map then
     /// holds none of the backend's).
     pub raw: Option<RawFields>,
@@ -392,7 +392,8 @@ async fn try_backend(
                     Ok(s) => s,
                     Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
                 };
-                let r = crate::upstream::connect(addr, cfg.connect_timeout, conn_slot).await;
+                let tls = cfg.tls.as_deref().zip(backend.tls_name.as_ref());
+                let r = crate::upstream::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
                 drop(pending);
                 match r {
                     Ok(c) => (c, false),

@@ -9,17 +9,16 @@
 //! The control loop here also refreshes each pool's hedge delay and retry budget, and
 //! drains the metrics exporter's pending histogram samples.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{HealthCheckConfig, HealthCheckKind};
+use crate::config::HealthCheckKind;
+use crate::error::ProxyError;
 use crate::outlier;
 use crate::state::{now_ms, Pool, Shared};
 
@@ -77,7 +76,7 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
         let now = now_ms();
         let until = backend.state.ejected_until.load(Ordering::Relaxed);
         if backend.state.probation.load(Ordering::Relaxed) && until <= now {
-            match probe(cfg, backend.addr).await {
+            match probe(&pool, bi).await {
                 Ok(()) => outlier::restore(&pool, bi),
                 Err(reason) => {
                     tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "probation probe failed");
@@ -89,7 +88,7 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
             tokio::time::sleep(next_wake(&pool, bi, cfg.interval)).await;
             continue;
         }
-        let result = probe(cfg, backend.addr).await;
+        let result = probe(&pool, bi).await;
         let healthy = backend.state.is_healthy();
         match result {
             Ok(()) => {
@@ -139,21 +138,33 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
     (base + Duration::from_micros(offset)).saturating_sub(jitter)
 }
 
-/// One probe within the check timeout.
-pub async fn probe(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), String> {
-    match tokio::time::timeout(cfg.timeout, probe_inner(cfg, addr)).await {
+/// One probe of backend `bi` within the check timeout.
+pub async fn probe(pool: &Pool, bi: usize) -> Result<(), String> {
+    let cfg = &pool.config.health_check;
+    match tokio::time::timeout(cfg.timeout, probe_inner(pool, bi)).await {
         Ok(r) => r,
         Err(_) => Err(format!("timed out after {:?}", cfg.timeout)),
     }
 }
 
-async fn probe_inner(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
+    let cfg = &pool.config.health_check;
+    let backend = &pool.backends[bi];
+    let addr = backend.addr;
+    // For a pool with `tls` the probe completes the handshake too, even a `tcp`
+    // check (as HAProxy's `check-ssl`): a backend whose certificate rampart would
+    // refuse is no more use than one that refuses connections. The timeout is the
+    // check's own, applied around the whole probe.
+    let tls = pool.config.tls.as_deref().zip(backend.tls_name.as_ref());
+    let mut stream = match crate::backend_tls::connect(addr, tls, Duration::MAX).await {
+        Ok(s) => s,
+        Err(ProxyError::Connect { source, .. }) => return Err(format!("connect: {source}")),
+        Err(e) => return Err(e.to_string()),
+    };
     // Without an HTTP check configured, a probation probe is a TCP connect.
     if cfg.kind != HealthCheckKind::Http {
         return Ok(());
     }
-    let _ = stream.set_nodelay(true);
     let host = cfg.host.clone().unwrap_or_else(|| addr.to_string());
     let req = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rampart-health-check\r\nConnection: close\r\n\r\n",
@@ -163,6 +174,7 @@ async fn probe_inner(cfg: &HealthCheckConfig, addr: SocketAddr) -> Result<(), St
         .write_all(req.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
+    stream.flush().await.map_err(|e| format!("write: {e}"))?;
     // Only the status line matters; read until it is complete.
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];

@@ -9,6 +9,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod alloc;
+pub mod backend_tls;
 pub mod balancer;
 pub mod body;
 pub mod breaker;
@@ -93,7 +94,7 @@ impl Server {
         };
         let admin_addr = admin.as_ref().map(|(_, a)| *a);
         let sink = open_access_log(&config.server.access_log)?;
-        crate::tls::log_certificates(&config.listeners);
+        crate::tls::log_certificates(&config);
         let shared = Arc::new(Shared::new(Arc::new(config)));
         shared.access_log.store(sink);
         let (tx, rx) = watch::channel(false);
@@ -189,7 +190,7 @@ impl Server {
         for l in &added {
             tracing::info!(bind = %l.bind, "listener added by reload");
         }
-        crate::tls::log_certificates(&config.listeners);
+        crate::tls::log_certificates(&config);
         self.shared.swap(Arc::new(config));
         ::metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1);
         tracing::info!("config reloaded");

@@ -64,6 +64,11 @@ fn main() -> ExitCode {
                         println!("  {} certificate {line}", l.bind);
                     }
                 }
+                for p in &c.pools {
+                    if let Some(tls) = &p.tls {
+                        println!("  pool {}: {}", p.name, tls.describe(now));
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

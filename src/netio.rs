@@ -2,7 +2,7 @@
 //! `upstream::Conn`, hyper's connections); reading a tokio socket into hyper's buffer
 //! (`idle::ParkIo`); the kernel's round-trip estimate for a connection
 //! (`upstream::Conn`); `ClientIo`, a client socket with or without TLS, for hyper's
-//! HTTP/2 server; and `Stall`, the limit on how long a peer may keep us
+//! HTTP/2 server; `UpIo`, a backend socket with or without TLS; and `Stall`, the limit on how long a peer may keep us
 //! waiting (`send_timeout` for clients' sockets, `client_body_timeout` for their
 //! request bodies).
 
@@ -275,6 +275,85 @@ impl AsyncWrite for ClientIo {
         match self.get_mut() {
             ClientIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
             ClientIo::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A backend connection (`upstream::Conn`, the health checks, a tunnel's backend
+/// side): the socket, or TLS over it for a pool with a `tls` table.
+pub enum UpIo {
+    Plain(TcpStream),
+    /// Boxed: rustls's state must not size every plain connection's.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpIo {
+    /// The TCP socket underneath: readiness, peeks, `SO_ERROR` and `TCP_INFO`, none
+    /// of which consume TLS records.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpIo::Plain(s) => s,
+            UpIo::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for UpIo {
+    #[inline]
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tls(s) => match Pin::new(&mut **s).poll_read(cx, buf) {
+                // A backend that closes without `close_notify` (many do, after a
+                // response with `Connection: close`) ends the stream as a plain close
+                // would: the HTTP framing, not the TLS alert, says whether a body
+                // was cut short.
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+                r => r,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    #[inline]
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    /// rustls may still hold records the socket did not take: a write is only done
+    /// once this is.
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(_) => Poll::Ready(Ok(())),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+use rustls::pki_types::ServerName;
+
+use crate::backend_tls::BackendTlsSpec;
 use crate::balancer::Balancer;
 use crate::breaker::Breakers;
 use crate::config::{BalancerKind, Config, PoolConfig, RouteConfig};
@@ -194,6 +197,8 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// For a pool with `tls`: the name the backend's certificate is verified against.
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     pub state: Arc<BackendState>,
 }
 
@@ -270,14 +275,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot, reusing `previous`' backend state for unchanged backends
-    /// (same pool name and address).
+    /// Builds a snapshot, reusing `previous`' backend state for unchanged backends:
+    /// same pool name, address and transport. A backend whose pool gained, lost or
+    /// changed its `tls` settings (renewed files aside) is a new backend: its health
+    /// is judged afresh, and the workers' idle connections to it, made the old way,
+    /// are never reused (they are keyed by the state's id).
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
-        let mut carried: HashMap<(&str, SocketAddr), Arc<BackendState>> = HashMap::new();
+        type Transport<'a> = (Option<&'a BackendTlsSpec>, Option<&'a ServerName<'static>>);
+        let mut carried: HashMap<(&str, SocketAddr), (Arc<BackendState>, Transport<'_>)> = HashMap::new();
         if let Some(prev) = previous {
             for p in &prev.pools {
                 for b in &p.backends {
-                    carried.insert((p.name.as_str(), b.addr), b.state.clone());
+                    let transport = (p.config.tls.as_deref().map(|t| &t.spec), b.tls_name.as_ref());
+                    carried.insert((p.name.as_str(), b.addr), (b.state.clone(), transport));
                 }
             }
         }
@@ -293,14 +303,19 @@ impl Snapshot {
                         name: bc.name.clone(),
                         addr: bc.addr,
                         weight: bc.weight,
-                        state: carried.get(&(pc.name.as_str(), bc.addr)).cloned().unwrap_or_else(|| {
-                            let st = BackendState::new();
-                            if previous.is_some() {
-                                // Added by a reload: slow start applies (if configured).
-                                st.ramp_from.store(now, Ordering::Relaxed);
-                            }
-                            Arc::new(st)
-                        }),
+                        tls_name: bc.tls_name.clone(),
+                        state: carried
+                            .get(&(pc.name.as_str(), bc.addr))
+                            .filter(|(_, t)| *t == (pc.tls.as_deref().map(|t| &t.spec), bc.tls_name.as_ref()))
+                            .map(|(st, _)| st.clone())
+                            .unwrap_or_else(|| {
+                                let st = BackendState::new();
+                                if previous.is_some() {
+                                    // Added by a reload: slow start applies (if configured).
+                                    st.ramp_from.store(now, Ordering::Relaxed);
+                                }
+                                Arc::new(st)
+                            }),
                     })
                     .collect();
                 Arc::new(Pool {

@@ -186,7 +186,7 @@ pub fn load_certificate(files: CertFiles, provider: &CryptoProvider) -> Result<(
     ))
 }
 
-fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+pub fn pem_error(e: rustls::pki_types::pem::Error) -> String {
     match e {
         rustls::pki_types::pem::Error::Io(e) => format!("cannot read: {e}"),
         rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind in the file".to_string(),
@@ -300,22 +300,71 @@ pub fn unix_now() -> i64 {
 /// Within this long of expiry a certificate is warned about at start and reload.
 pub const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
 
-/// Logs each TLS listener's certificates as a config takes effect: what serves which
-/// names, and a warning for any certificate expired or within 14 days of it (Let's
-/// Encrypt renews at 30 days left, so a warning means renewal has failed).
-pub fn log_certificates(listeners: &[crate::config::ListenerConfig]) {
+/// Where a certificate is used: served by a listener, or presented to a pool's
+/// backends (`[pools.NAME.tls]`'s client certificate).
+#[derive(Debug, Clone, Copy)]
+pub enum CertUse<'a> {
+    Listener(std::net::SocketAddr),
+    Pool(&'a str),
+}
+
+impl CertUse<'_> {
+    /// The label name and value for `/metrics`, the key and value for `/status`.
+    pub fn label(&self) -> (&'static str, String) {
+        match self {
+            CertUse::Listener(a) => ("listener", a.to_string()),
+            CertUse::Pool(p) => ("pool", p.to_string()),
+        }
+    }
+}
+
+/// Every certificate the config loaded, with where it is used and, for a
+/// listener's, whether it is the default (`TlsSettings::is_default`).
+pub fn certificates(config: &crate::config::Config) -> Vec<(CertUse<'_>, &Certificate, Option<bool>)> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let Some(tls) = &l.tls else { continue };
+        for (i, c) in tls.certificates.iter().enumerate() {
+            out.push((CertUse::Listener(l.bind), c, Some(tls.is_default(i))));
+        }
+    }
+    for p in &config.pools {
+        for c in p.tls.iter().flat_map(|t| &t.client_cert) {
+            out.push((CertUse::Pool(&p.name), c, None));
+        }
+    }
+    out
+}
+
+/// Logs the config's TLS as it takes effect: which certificate serves which names,
+/// each pool's TLS to its backends, and a warning for any certificate expired or
+/// within 14 days of it (Let's Encrypt renews at 30 days left, so a warning means
+/// renewal has failed).
+pub fn log_certificates(config: &crate::config::Config) {
     let now = unix_now();
-    for l in listeners {
+    for l in &config.listeners {
         let Some(tls) = &l.tls else { continue };
         for (cert, line) in tls.certificates.iter().zip(tls.describe(now)) {
-            let soon = cert.not_after.is_some_and(|t| t - now <= EXPIRY_WARNING_SECS);
-            if soon {
+            if expires_soon(cert, now) {
                 tracing::warn!(bind = %l.bind, "TLS certificate {line}: renew it and reload");
             } else {
                 tracing::info!(bind = %l.bind, "TLS certificate {line}");
             }
         }
     }
+    for p in &config.pools {
+        let Some(tls) = &p.tls else { continue };
+        let line = tls.describe(now);
+        if tls.client_cert.as_ref().is_some_and(|c| expires_soon(c, now)) {
+            tracing::warn!(pool = %p.name, "{line}: renew the client certificate and reload");
+        } else {
+            tracing::info!(pool = %p.name, "{line}");
+        }
+    }
+}
+
+fn expires_soon(cert: &Certificate, now: i64) -> bool {
+    cert.not_after.is_some_and(|t| t - now <= EXPIRY_WARNING_SECS)
 }
 
 /// "expires 2027-03-01 (in 85 days)", or "EXPIRED on ... (12 days ago)".

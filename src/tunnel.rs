@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::listener::ConnGuard;
-use crate::netio::ClientIo;
+use crate::netio::{ClientIo, UpIo};
 use crate::state::Shared;
 
 /// The client's half, before it is handed over.
@@ -56,15 +55,9 @@ impl Drop for Counted {
     }
 }
 
-/// Runs one tunnel to its end. `upstream` holds the backend socket and what it sent
-/// right after its 101.
-pub async fn run(
-    client: ClientSide,
-    upstream: (TcpStream, Bytes),
-    backend: SocketAddr,
-    idle: Duration,
-    _open: Counted,
-) {
+/// Runs one tunnel to its end. `upstream` holds the backend connection (TLS or not)
+/// and what it sent right after its 101.
+pub async fn run(client: ClientSide, upstream: (UpIo, Bytes), backend: SocketAddr, idle: Duration, _open: Counted) {
     let (mut upstream, from_backend) = upstream;
     let result = match client {
         ClientSide::Hyper(on) => match on.await {
@@ -103,7 +96,7 @@ pub async fn run(
 /// or the tunnel has been idle for `idle`.
 async fn splice<C>(
     client: C,
-    upstream: &mut TcpStream,
+    upstream: &mut UpIo,
     to_backend: &[u8],
     to_client: &[u8],
     idle: Duration,
@@ -120,8 +113,12 @@ where
         io: upstream,
         last: &last,
     };
+    // Flushed: over TLS the bytes could otherwise wait in rustls until the first
+    // write of the copy below.
     upstream.io.write_all(to_backend).await?;
+    upstream.io.flush().await?;
     client.io.write_all(to_client).await?;
+    client.io.flush().await?;
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
     // One timer for the tunnel's life, moved on to the last byte's deadline when it

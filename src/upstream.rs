@@ -29,14 +29,17 @@ use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
+use rustls::pki_types::ServerName;
+
+use crate::backend_tls::BackendTls;
 use crate::body::{ReqBody, StreamBody};
 use crate::breaker::Slot;
 use crate::codec::{self, Chunked, Decoded, Framing, Head, ReqFraming, UpHead};
 use crate::error::ProxyError;
-use crate::netio;
+use crate::netio::{self, UpIo};
 
 /// Reads ask for at least this much free buffer, and grow it by `READ_CHUNK`.
 const MIN_READ: usize = 1024;
@@ -56,7 +59,7 @@ const EXIT_WAIT: Duration = Duration::from_millis(10);
 /// One HTTP/1.1 connection to a backend. Boxed once when opened (`connect`), so
 /// that the pool, the request and the response body move a pointer, not the struct.
 pub struct Conn {
-    stream: TcpStream,
+    stream: UpIo,
     /// Bytes read and not yet consumed.
     buf: BytesMut,
     /// The request head being written, and response field positions (both kept for
@@ -91,7 +94,7 @@ pub enum SendError {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, addr: SocketAddr, slot: Option<Slot>) -> Conn {
+    fn new(stream: UpIo, addr: SocketAddr, slot: Option<Slot>) -> Conn {
         Conn {
             stream,
             buf: BytesMut::new(),
@@ -105,15 +108,25 @@ impl Conn {
     /// Whether an idle connection can take a request: the backend has neither closed
     /// it nor sent anything unasked. tokio keeps the socket's readiness as epoll
     /// reported it, so this costs no system call unless the socket looks readable.
-    fn is_usable(&self) -> bool {
+    fn is_usable(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readiness can be left over from the last read; only a read tells.
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        match &mut self.stream {
+            UpIo::Plain(tcp) => match tcp.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                // Readiness can be left over from the last read; only a read tells.
+                Poll::Ready(Ok(())) => {
+                    let mut probe = [0u8; 1];
+                    matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                }
+            },
+            // rustls may hold what the socket no longer shows (a `close_notify`, bytes
+            // after the response), and reads for itself what the socket does show: a
+            // session ticket or key update is not an answer, and leaves it usable.
+            UpIo::Tls(tls) => {
+                let mut byte = [0u8; 1];
+                let mut probe = tokio::io::ReadBuf::new(&mut byte);
+                Pin::new(&mut **tls).poll_read(&mut cx, &mut probe).is_pending()
             }
         }
     }
@@ -215,10 +228,17 @@ impl Conn {
     async fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), (WriteStop, bool)> {
         let mut any = false;
         std::future::poll_fn(|cx| loop {
-            if bufs.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            match netio::poll_write_gather(&mut self.stream, cx, bufs) {
+            let wrote = if bufs.is_empty() {
+                // Records rustls still holds (nothing to do without TLS).
+                match Pin::new(&mut self.stream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            } else {
+                netio::poll_write_gather(&mut self.stream, cx, bufs)
+            };
+            match wrote {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err((WriteStop::Failed(io::ErrorKind::WriteZero.into()), any)))
                 }
@@ -227,19 +247,27 @@ impl Conn {
                     IoSlice::advance_slices(&mut bufs, n);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((WriteStop::Failed(e), any))),
-                Poll::Pending => {
-                    // A peek, not the readiness flag alone: that can be left over from
-                    // the last response.
-                    let mut byte = [0u8; 1];
-                    let mut peek = tokio::io::ReadBuf::new(&mut byte);
-                    return match self.stream.poll_peek(cx, &mut peek) {
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(_) => Poll::Ready(Err((WriteStop::Answered, any))),
-                    };
-                }
+                Poll::Pending => return self.poll_answered(cx).map(|()| Err((WriteStop::Answered, any))),
             }
         })
         .await
+    }
+
+    /// While a write waits on the backend: whether it has sent something or closed.
+    fn poll_answered(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.stream {
+            UpIo::Plain(s) => {
+                // A peek, not the readiness flag alone: that can be left over from
+                // the last response.
+                let mut byte = [0u8; 1];
+                let mut peek = tokio::io::ReadBuf::new(&mut byte);
+                s.poll_peek(cx, &mut peek).map(|_| ())
+            }
+            // Only rustls can tell a response from the session tickets a TLS 1.3
+            // server sends after the handshake, so this reads; what it reads stays
+            // in `buf` for `read_head`.
+            UpIo::Tls(_) => self.poll_fill(cx, 0).map(|_| ()),
+        }
     }
 
     /// The backend may take no bytes for the body's `try_timeout` while some wait.
@@ -379,13 +407,13 @@ impl Conn {
     /// How long a failure path waits to hear more from the backend's kernel: two
     /// smoothed round trips plus `extra`, at most `MAX_RESET_WAIT`.
     fn failure_wait(&self, extra: Duration) -> Duration {
-        let rtt = netio::smoothed_rtt(&self.stream).unwrap_or_default();
+        let rtt = netio::smoothed_rtt(self.stream.tcp()).unwrap_or_default();
         (rtt * 2 + extra).min(MAX_RESET_WAIT)
     }
 
     /// `SO_ERROR` is `EPIPE` for a reset received in CLOSE_WAIT. Reading clears it.
     fn reset_after_fin(&self) -> bool {
-        matches!(self.stream.take_error(), Ok(Some(e)) if e.raw_os_error() == Some(libc::EPIPE))
+        matches!(self.stream.tcp().take_error(), Ok(Some(e)) if e.raw_os_error() == Some(libc::EPIPE))
     }
 
     /// Makes room for a read: at least `MIN_READ` bytes, more for a long body.
@@ -402,8 +430,8 @@ impl Conn {
         pin!(self.stream.read_buf(&mut self.buf)).poll(cx)
     }
 
-    /// The socket and any bytes that followed a 101 response, for the tunnel.
-    pub fn into_upgraded(self) -> (TcpStream, Bytes) {
+    /// The connection and any bytes that followed a 101 response, for the tunnel.
+    pub fn into_upgraded(self) -> (UpIo, Bytes) {
         (self.stream, self.buf.freeze())
     }
 }
@@ -622,7 +650,7 @@ impl ConnPool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&backend)?;
         let now = crate::clock::now();
-        while let Some(c) = list.pop() {
+        while let Some(mut c) = list.pop() {
             if c.expires > now && c.conn.is_usable() {
                 return Some(c.conn);
             }
@@ -651,7 +679,7 @@ impl ConnPool {
     pub fn sweep(&self) {
         let now = Instant::now();
         self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|c| c.expires > now && c.conn.is_usable());
+            list.retain_mut(|c| c.expires > now && c.conn.is_usable());
             !list.is_empty()
         });
     }
@@ -662,21 +690,16 @@ impl ConnPool {
     }
 }
 
-/// Opens a connection to `addr`. `slot` is the pool's connection breaker slot, held
-/// for the connection's life.
-pub async fn connect(addr: SocketAddr, timeout: Duration, slot: Slot) -> Result<Box<Conn>, ProxyError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ProxyError::ConnectTimeout { backend: addr }),
-        Ok(Err(e)) => {
-            return Err(ProxyError::Connect {
-                backend: addr,
-                source: e,
-            })
-        }
-        Ok(Ok(s)) => s,
-    };
-    // Small requests and responses must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
+/// Opens a connection to `addr`, with TLS for a pool that has it
+/// (`backend_tls::connect`). `slot` is the pool's connection breaker slot, held for
+/// the connection's life.
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Option<(&BackendTls, &ServerName<'static>)>,
+    timeout: Duration,
+    slot: Slot,
+) -> Result<Box<Conn>, ProxyError> {
+    let stream = crate::backend_tls::connect(addr, tls, timeout).await?;
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
     Ok(Box::new(Conn::new(stream, addr, Some(slot))))
 }
@@ -701,7 +724,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        (Box::new(Conn::new(client, addr, None)), server, l)
+        (Box::new(Conn::new(UpIo::Plain(client), addr, None)), server, l)
     }
 
     /// Closes the backend's end with a reset and no FIN (`SO_LINGER` 0).

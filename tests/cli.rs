@@ -63,6 +63,48 @@ fn check_accepts_the_shipped_example_and_minimal_configs() {
 }
 
 #[test]
+fn a_tls_pool_without_ca_trusts_the_system_store_as_ssl_cert_file_names_it() {
+    let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_string()]).unwrap();
+    let ca_file = write("system-ca.pem", &ca.cert.pem());
+    let empty = write("empty-ca.pem", "");
+    let conf = write(
+        "tls-pool.toml",
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+pool = "app"
+[pools.app]
+backends = ["127.0.0.1:9443"]
+tls = {}
+"#,
+    );
+    let check = |store: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["check", "--config"])
+            .arg(&conf)
+            .env("SSL_CERT_FILE", store)
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .unwrap()
+    };
+    let out = check(&ca_file);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        said.contains("pool app: TLS to backends, verified against the system's 1 CA certificates"),
+        "{said}"
+    );
+    let out = check(&empty);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pools.app.tls.ca: no CA certificates found in the system's trust store"),
+        "{err}"
+    );
+}
+
+#[test]
 fn missing_file_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args(["check", "--config", "/nonexistent/rampart.toml"])

@@ -4,92 +4,20 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::pki::{provider, Leaf, Pki};
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-
-/// A test CA and a directory to write certificates and keys into.
-struct Pki {
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-    dir: PathBuf,
-}
-
-/// A certificate written to disk.
-struct Leaf {
-    cert: PathBuf,
-    key: PathBuf,
-    der: CertificateDer<'static>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "rampart-tls-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "rampart test CA");
-        let ca = params.self_signed(&ca_key).unwrap();
-        Pki { ca, ca_key, dir }
-    }
-
-    /// A certificate for `names`, signed by the CA, written as `FILE.crt`/`FILE.key`.
-    fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
-        self.leaf_until(file, names, None)
-    }
-
-    /// The same, expiring at `not_after` (Unix seconds) if given.
-    fn leaf_until(&self, file: &str, names: &[&str], not_after: Option<u64>) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        if let Some(t) = not_after {
-            params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(t);
-        }
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        let leaf = Leaf {
-            cert: self.dir.join(format!("{file}.crt")),
-            key: self.dir.join(format!("{file}.key")),
-            der: cert.der().clone(),
-        };
-        std::fs::write(&leaf.cert, cert.pem()).unwrap();
-        std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
-        leaf
-    }
-
-    fn roots(&self) -> rustls::RootCertStore {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        roots
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
 
 /// `pool_config`'s config with its listener terminating TLS with `certs`.
 fn tls_config(backends: &[SocketAddr], certs: &[&Leaf], tls_extra: &str) -> String {

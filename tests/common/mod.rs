@@ -2,6 +2,8 @@
 //! in-process on 127.0.0.1:0, and a small HTTP client over real sockets.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +17,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rampart::{Config, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -42,6 +44,7 @@ pub struct TestOrigin {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     conns: Arc<AtomicUsize>,
+    tls_failures: Arc<AtomicUsize>,
     behavior: Arc<Mutex<Behavior>>,
     pub seen_headers: Arc<Mutex<Vec<HeaderMap>>>,
     tasks: Arc<Mutex<Option<JoinSet<()>>>>,
@@ -51,32 +54,72 @@ impl TestOrigin {
     pub async fn start(name: &str, behavior: Behavior) -> TestOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().unwrap();
-        Self::serve(name, listener, addr, behavior)
+        Self::serve(name, listener, addr, behavior, None)
+    }
+
+    /// An origin that speaks HTTPS: every connection starts with a handshake with
+    /// `tls`; one that fails is counted (`tls_failures`) and closed.
+    pub async fn start_tls(name: &str, behavior: Behavior, tls: tokio_rustls::TlsAcceptor) -> TestOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().unwrap();
+        Self::serve(name, listener, addr, behavior, Some(tls))
     }
 
     /// Starts (again) on a given address, e.g. to bring a refused backend back.
     pub async fn start_on(name: &str, addr: SocketAddr, behavior: Behavior) -> TestOrigin {
+        Self::start_on_with(name, addr, behavior, None)
+    }
+
+    /// `start_on` for an HTTPS origin (`start_tls`).
+    pub async fn start_on_tls(
+        name: &str,
+        addr: SocketAddr,
+        behavior: Behavior,
+        tls: tokio_rustls::TlsAcceptor,
+    ) -> TestOrigin {
+        Self::start_on_with(name, addr, behavior, Some(tls))
+    }
+
+    fn start_on_with(
+        name: &str,
+        addr: SocketAddr,
+        behavior: Behavior,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> TestOrigin {
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         sock.set_reuse_address(true).unwrap();
-        sock.bind(&addr.into()).unwrap();
+        // A listener just stopped (`stop`) closes once its aborted task is dropped.
+        let mut tries = 0;
+        while let Err(e) = sock.bind(&addr.into()) {
+            tries += 1;
+            assert!(tries < 100, "bind {addr}: {e}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         sock.listen(1024).unwrap();
         sock.set_nonblocking(true).unwrap();
         let listener = TcpListener::from_std(sock.into()).unwrap();
-        Self::serve(name, listener, addr, behavior)
+        Self::serve(name, listener, addr, behavior, tls)
     }
 
-    fn serve(name: &str, listener: TcpListener, addr: SocketAddr, behavior: Behavior) -> TestOrigin {
+    fn serve(
+        name: &str,
+        listener: TcpListener,
+        addr: SocketAddr,
+        behavior: Behavior,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> TestOrigin {
         let o = TestOrigin {
             name: name.to_string(),
             addr,
             hits: Arc::new(AtomicUsize::new(0)),
             conns: Arc::new(AtomicUsize::new(0)),
+            tls_failures: Arc::new(AtomicUsize::new(0)),
             behavior: Arc::new(Mutex::new(behavior)),
             seen_headers: Arc::new(Mutex::new(Vec::new())),
             tasks: Arc::new(Mutex::new(None)),
         };
         let mut set = JoinSet::new();
-        let conns = o.conns.clone();
+        let (conns, tls_failures) = (o.conns.clone(), o.tls_failures.clone());
         let (hits, beh, seen, name2, tasks) = (
             o.hits.clone(),
             o.behavior.clone(),
@@ -91,7 +134,18 @@ impl TestOrigin {
                 };
                 conns.fetch_add(1, Ordering::SeqCst);
                 let (hits, beh, seen, name) = (hits.clone(), beh.clone(), seen.clone(), name2.clone());
-                let conn = async move { serve_conn(stream, name, hits, beh, seen).await };
+                let (tls, tls_failures) = (tls.clone(), tls_failures.clone());
+                let conn = async move {
+                    match tls {
+                        None => serve_conn(stream, name, hits, beh, seen).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(s) => serve_conn(s, name, hits, beh, seen).await,
+                            Err(_) => {
+                                tls_failures.fetch_add(1, Ordering::SeqCst);
+                            }
+                        },
+                    }
+                };
                 if let Some(set) = tasks.lock().unwrap().as_mut() {
                     set.spawn(conn);
                 }
@@ -108,6 +162,11 @@ impl TestOrigin {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.conns.load(Ordering::SeqCst)
+    }
+
+    /// Connections whose TLS handshake failed (`start_tls`).
+    pub fn tls_failures(&self) -> usize {
+        self.tls_failures.load(Ordering::SeqCst)
     }
 
     pub fn reset_hits(&self) {
@@ -216,8 +275,27 @@ pub async fn refused_addr() -> SocketAddr {
     a
 }
 
-async fn serve_conn(
-    mut stream: TcpStream,
+/// An origin's connection: a socket, or TLS over one.
+pub trait OriginStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Closes the connection with a reset (`SO_LINGER` 0), no FIN.
+    fn abort(self);
+}
+
+impl OriginStream for TcpStream {
+    fn abort(self) {
+        let s2 = socket2::Socket::from(self.into_std().unwrap());
+        let _ = s2.set_linger(Some(Duration::ZERO));
+    }
+}
+
+impl OriginStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn abort(self) {
+        self.into_inner().0.abort()
+    }
+}
+
+async fn serve_conn<S: OriginStream>(
+    mut stream: S,
     name: String,
     hits: Arc<AtomicUsize>,
     beh: Arc<Mutex<Behavior>>,
@@ -241,6 +319,7 @@ async fn serve_conn(
         match current {
             Behavior::Garbage => {
                 let _ = stream.write_all(b"this is not http\r\n\r\n").await;
+                let _ = stream.flush().await;
             }
             Behavior::ResetMidBody => {
                 let _ = stream
@@ -249,10 +328,7 @@ async fn serve_conn(
                 let _ = stream.write_all(&vec![b'x'; 65536]).await;
                 let _ = stream.flush().await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                let std = stream.into_std().unwrap();
-                let s2 = socket2::Socket::from(std);
-                let _ = s2.set_linger(Some(Duration::ZERO));
-                drop(s2);
+                stream.abort();
                 return;
             }
             _ => {}
