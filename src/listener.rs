@@ -475,9 +475,12 @@ async fn serve_tls(
         return plain_http_to_tls(stream, peer, builder.waits.send).await;
     }
     let io = crate::netio::Gather::new(stream, builder.waits.send);
-    let stream = match tokio::time::timeout(builder.waits.header, tls.acceptor.accept(io)).await {
+    // The failures are counted before the connection closes (the socket lives in
+    // `accept`, and in the error), so whoever sees the close also sees the count.
+    let mut accept = std::pin::pin!(tls.acceptor.accept(io).into_fallible());
+    let stream = match tokio::time::timeout(builder.waits.header, accept.as_mut()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+        Ok(Err((e, _io))) => {
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
             ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "reason" => "error").increment(1);
             return;
