@@ -228,15 +228,18 @@ impl Conn {
     async fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), (WriteStop, bool)> {
         let mut any = false;
         std::future::poll_fn(|cx| loop {
-            let wrote = if bufs.is_empty() {
-                // Records rustls still holds (nothing to do without TLS).
-                match Pin::new(&mut self.stream).poll_flush(cx) {
+            // Each kind of stream by its own type: the plain one's writes then compile
+            // as they did before TLS, with no dispatch in between.
+            let wrote = match (&mut self.stream, bufs.is_empty()) {
+                (UpIo::Plain(_), true) => return Poll::Ready(Ok(())),
+                (UpIo::Plain(s), false) => netio::poll_write_gather(s, cx, bufs),
+                // Records rustls still holds.
+                (UpIo::Tls(s), true) => match Pin::new(&mut **s).poll_flush(cx) {
                     Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
                     Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                     Poll::Pending => Poll::Pending,
-                }
-            } else {
-                netio::poll_write_gather(&mut self.stream, cx, bufs)
+                },
+                (UpIo::Tls(s), false) => netio::poll_write_gather(&mut **s, cx, bufs),
             };
             match wrote {
                 Poll::Ready(Ok(0)) => {
@@ -322,31 +325,28 @@ impl Conn {
                     }))
                 }
                 Ok(Some(h)) => return Ok(h),
-                Ok(None) => {
-                    self.reserve(0);
-                    match self.stream.read_buf(&mut self.buf).await {
-                        Ok(0) if !heard && self.closed_unread().await => {
-                            return Err(SendError::Unanswered(ProxyError::NotReceived { backend: self.addr }))
-                        }
-                        Ok(0) => {
-                            let err = self.closed(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "connection closed before a complete response head",
-                            ));
-                            return Err(if heard {
-                                SendError::Failed(err)
-                            } else {
-                                SendError::Unanswered(err)
-                            });
-                        }
-                        Ok(_) => heard = true,
-                        Err(e) if !heard && e.kind() == io::ErrorKind::ConnectionReset && self.exited().await => {
-                            return Err(SendError::Unanswered(ProxyError::ExitedUnread { backend: self.addr }))
-                        }
-                        Err(e) if heard => return Err(SendError::Failed(self.closed(e))),
-                        Err(e) => return Err(SendError::Unanswered(self.closed(e))),
+                Ok(None) => match std::future::poll_fn(|cx| self.poll_fill(cx, 0)).await {
+                    Ok(0) if !heard && self.closed_unread().await => {
+                        return Err(SendError::Unanswered(ProxyError::NotReceived { backend: self.addr }))
                     }
-                }
+                    Ok(0) => {
+                        let err = self.closed(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed before a complete response head",
+                        ));
+                        return Err(if heard {
+                            SendError::Failed(err)
+                        } else {
+                            SendError::Unanswered(err)
+                        });
+                    }
+                    Ok(_) => heard = true,
+                    Err(e) if !heard && e.kind() == io::ErrorKind::ConnectionReset && self.exited().await => {
+                        return Err(SendError::Unanswered(ProxyError::ExitedUnread { backend: self.addr }))
+                    }
+                    Err(e) if heard => return Err(SendError::Failed(self.closed(e))),
+                    Err(e) => return Err(SendError::Unanswered(self.closed(e))),
+                },
             }
         }
     }
@@ -427,6 +427,11 @@ impl Conn {
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: u64) -> Poll<io::Result<usize>> {
         self.reserve(want);
         // `read_buf` keeps no state between polls, so a fresh one per poll is fine.
+        // The plain socket by its own type, as in `write_all`; TLS through `UpIo`,
+        // which reads an EOF without `close_notify` as an EOF.
+        if let UpIo::Plain(s) = &mut self.stream {
+            return pin!(s.read_buf(&mut self.buf)).poll(cx);
+        }
         pin!(self.stream.read_buf(&mut self.buf)).poll(cx)
     }
 
