@@ -66,6 +66,8 @@ fn routes(c: &mut Criterion) {
             pool: 0,
             max_body_bytes: None,
             https_redirect: false,
+            request_headers: None,
+            response_headers: None,
         });
     }
     table.push(RouteConfig {
@@ -74,6 +76,8 @@ fn routes(c: &mut Criterion) {
         pool: 0,
         max_body_bytes: None,
         https_redirect: false,
+        request_headers: None,
+        response_headers: None,
     });
     table.push(RouteConfig {
         host: None,
@@ -81,6 +85,8 @@ fn routes(c: &mut Criterion) {
         pool: 0,
         max_body_bytes: None,
         https_redirect: false,
+        request_headers: None,
+        response_headers: None,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {

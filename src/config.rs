@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+
+use crate::header_rules::{Direction, HeaderRules};
 use serde::Deserialize;
 
 // ---- defaults, each with its reason -------------------------------------------------
@@ -188,6 +190,10 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     /// Requests that arrive over plain HTTP get a redirect to `https://` instead.
     pub https_redirect: bool,
+    /// Fields to remove, set and add on the request to the backend (`None`: none).
+    pub request_headers: Option<Arc<HeaderRules>>,
+    /// The same on every response to a request this route matched.
+    pub response_headers: Option<Arc<HeaderRules>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -442,6 +448,8 @@ struct FileRoute {
     pool: String,
     max_body_bytes: Option<u64>,
     https_redirect: Option<bool>,
+    request_headers: Option<toml::Value>,
+    response_headers: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -728,6 +736,17 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 "must be greater than 0 (omit it for no limit)",
             );
         }
+        let mut rules = |value: &Option<toml::Value>, field: &str, dir| {
+            let value = value.as_ref()?;
+            let mut problems = Vec::new();
+            let rules = crate::header_rules::parse(value, &format!("{path}.{field}"), dir, &mut problems);
+            for (at, message) in problems {
+                errs.push(at, message);
+            }
+            (rules != HeaderRules::default()).then(|| Arc::new(rules))
+        };
+        let request_headers = rules(&raw.request_headers, "request_headers", Direction::Request);
+        let response_headers = rules(&raw.response_headers, "response_headers", Direction::Response);
         let pool = pools.iter().position(|p: &PoolConfig| p.name == raw.pool);
         match pool {
             Some(pool) => routes.push(RouteConfig {
@@ -736,6 +755,8 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 pool,
                 max_body_bytes: raw.max_body_bytes,
                 https_redirect: raw.https_redirect.unwrap_or(false),
+                request_headers,
+                response_headers,
             }),
             None if pool_names_seen.contains(&raw.pool) => {} // the pool itself had errors
             None => {

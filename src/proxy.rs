@@ -24,6 +24,7 @@ use crate::codec::{AddedFields, UpHead};
 use crate::config::{AccessLog, HashKey};
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
+use crate::header_rules::HeaderRules;
 use crate::idle::ParkState;
 use crate::rawfields::{RawFields, RawRequest};
 use crate::retry;
@@ -197,13 +198,14 @@ pub fn handle(
         let logged = (!matches!(snap.config.server.access_log, AccessLog::Off))
             .then(|| (req.uri().path_and_query().cloned(), req.version()));
         let mut pool_idx = None;
+        let mut route_idx = None;
         let mut backend = None;
         let mut backend_fields = None;
         // The awaits sit here, not in a nested `async fn`: every level of future nesting
         // copies the request in and the response out, and holds its own copy of the
         // locals. (The service boxes this whole future: see `idle::Svc`.)
         let result = 'proxied: {
-            let p = match prepare(&conn, &snap, req, raw, fields, &request_id, h1_writer) {
+            let p = match prepare(&conn, &snap, req, raw, fields, &request_id, h1_writer, &mut route_idx) {
                 Ok(p) => p,
                 Err(e) => break 'proxied Err(e),
             };
@@ -255,6 +257,9 @@ pub fn handle(
                 error_response(&e, &request_id, custom)
             }
         };
+        if let Some(rules) = route_idx.and_then(|i| snap.routes[i].response_headers.as_deref()) {
+            rules.apply(response.headers_mut());
+        }
         // The request id goes out last, as ours: a backend's (or an error page's) goes.
         // A response passed as the backend wrote it has an empty, unallocated map.
         if !response.headers().is_empty() {
@@ -338,7 +343,9 @@ fn redirect_response(location: HeaderValue, method: &Method) -> Response<RespBod
 }
 
 /// Everything about a request before its body is read and it goes out: limits,
-/// route, pool, the backend request head.
+/// route, pool, the backend request head. `routed` is the route, once found, even
+/// if the request then fails (its response rules still apply).
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     conn: &ConnInfo,
     snap: &Snapshot,
@@ -347,6 +354,7 @@ fn prepare(
     mut fields: Fields,
     request_id: &HeaderValue,
     h1_writer: bool,
+    routed: &mut Option<usize>,
 ) -> Result<Prepared, ProxyError> {
     let server = &snap.config.server;
     if let Some(pq) = req.uri().path_and_query() {
@@ -421,6 +429,7 @@ fn prepare(
         .router
         .find(host.map(host_without_port), path)
         .ok_or(ProxyError::NoRoute)?;
+    *routed = Some(route_idx);
     let route = &snap.routes[route_idx];
     if route.https_redirect && !conn.tls {
         return Err(https_redirect(host, &req));
@@ -461,7 +470,8 @@ fn prepare(
         headers,
         raw: raw.map(|r| r.block),
         added: AddedFields::default(),
-        raw_response: h1_writer,
+        // Response rules need the backend's fields as a map.
+        raw_response: h1_writer && route.response_headers.is_none(),
     };
     rewrite_with(
         &mut head.headers,
@@ -473,6 +483,9 @@ fn prepare(
         request_id,
         upgrade,
     );
+    if let Some(rules) = &route.request_headers {
+        apply_request_rules(&mut head, rules);
+    }
     let head = Rc::new(head);
 
     Ok(Prepared {
@@ -777,6 +790,31 @@ fn rewrite_with(
     if !p.request_id {
         added.push("x-request-id", request_id.clone());
     }
+}
+
+/// A route's request header rules, on the fields the backend will get: the client's
+/// as written move into the map first, where the rules can reach them. A `Host` the
+/// rules set replaces the one rampart would send (the client's, or its `:authority`),
+/// which `X-Forwarded-Host` still carries.
+#[cold]
+fn apply_request_rules(head: &mut UpHead, rules: &HeaderRules) {
+    if let Some(raw) = head.raw.take() {
+        let mut map = crate::rawfields::block_map(&raw);
+        // `drain` names a field once, then yields its further values unnamed.
+        let mut name = None;
+        for (n, value) in head.headers.drain() {
+            name = n.or(name);
+            if let Some(n) = &name {
+                map.append(n.clone(), value);
+            }
+        }
+        head.headers = map;
+    }
+    if rules.host().is_some() {
+        head.added.host = None;
+        head.added.host_from_backend = false;
+    }
+    rules.apply(&mut head.headers);
 }
 
 /// Joins every `Cookie` field into one, with "; " (RFC 9113 §8.2.3).

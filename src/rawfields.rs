@@ -137,10 +137,15 @@ pub struct RawRequest {
 impl RawRequest {
     /// The fields as a map (for a consistent-hash key taken from a header or cookie).
     pub fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        append_lines(&mut map, &self.block, 0, self.block.len());
-        map
+        block_map(&self.block)
     }
+}
+
+/// A `RawRequest::block` as a map (a route's request header rules need one).
+pub fn block_map(block: &Bytes) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    append_lines(&mut map, block, 0, block.len());
+    map
 }
 
 /// Whether a request field may go to the backend as the client wrote it: not

@@ -323,6 +323,8 @@ mod tests {
             pool: 0,
             max_body_bytes: None,
             https_redirect: false,
+            request_headers: None,
+            response_headers: None,
         }
     }
 

@@ -252,6 +252,92 @@ async fn headers_are_rewritten_both_ways() {
     assert_eq!(seen["x-request-id"], "client-id-1");
 }
 
+/// A route whose rules change fields both ways: `Host` and two fields set, one
+/// removed, one added on the request; a security header set, one added and the
+/// backend's `x-custom` removed on every response.
+const HEADER_RULES: &str = r#"
+request_headers = { remove = ["X-Debug"], set = { Host = "app.internal", "X-Env" = "prod" }, add = { "X-Tag" = "rampart" } }
+response_headers = { set = { "Strict-Transport-Security" = "max-age=63072000" }, add = { "X-Frame-Options" = "DENY" }, remove = ["X-Custom"] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_header_rules_change_requests_and_every_response_over_http1_and_h2() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replacen(
+        "pool = \"app\"\n",
+        &format!("pool = \"app\"\n{HEADER_RULES}"),
+        1,
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let sent = [
+        ("host", "shop.test"),
+        ("x-debug", "1"),
+        ("x-env", "dev"),
+        ("x-tag", "client"),
+    ];
+    let mut h2 = Request::get("http://shop.test/fields");
+    for (k, v) in &sent[1..] {
+        h2 = h2.header(*k, *v);
+    }
+    let h2 = h2.body(Full::new(Bytes::new())).unwrap();
+    for proto in ["HTTP/1.1", "h2"] {
+        let r = match proto {
+            "h2" => send_h2(addr, h2.clone()).await,
+            _ => get_with(addr, "/fields", &sent).await,
+        };
+        assert_eq!(r.status, 200, "{proto}");
+        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(
+            seen.get_all("host").iter().collect::<Vec<_>>(),
+            ["app.internal"],
+            "{proto}: {seen:?}"
+        );
+        assert_eq!(
+            seen["x-forwarded-host"], "shop.test",
+            "{proto}: the client's host is still told"
+        );
+        assert!(!seen.contains_key("x-debug"), "{proto}");
+        assert_eq!(seen.get_all("x-env").iter().collect::<Vec<_>>(), ["prod"], "{proto}");
+        assert_eq!(
+            seen.get_all("x-tag").iter().collect::<Vec<_>>(),
+            ["client", "rampart"],
+            "{proto}"
+        );
+        assert_eq!(r.headers["strict-transport-security"], "max-age=63072000", "{proto}");
+        assert_eq!(r.headers["x-frame-options"], "DENY", "{proto}");
+        assert!(!r.headers.contains_key("x-custom"), "{proto}: {:?}", r.headers);
+        assert_eq!(
+            r.headers.get_all("set-cookie").iter().count(),
+            2,
+            "{proto}: the rest passes"
+        );
+        assert_eq!(r.headers["x-request-id"], seen["x-request-id"], "{proto}");
+    }
+    // rampart's own answers for the route get them too: here a 503.
+    o.stop();
+    let r = get_with(addr, "/", &[("host", "shop.test")]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["strict-transport-security"], "max-age=63072000");
+    stop_proxy(srv).await;
+}
+
+#[test]
+fn header_rules_on_fields_rampart_writes_are_refused_with_their_path() {
+    let toml = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
+        "pool = \"app\"\n",
+        "pool = \"app\"\nrequest_headers = { set = { Via = \"x\" }, remove = [\"Host\"] }\nresponse_headers = { add = { \"Content-Length\" = \"1\" } }\n",
+        1,
+    );
+    let err = rampart::Config::parse(&toml, "h.toml").unwrap_err().to_string();
+    for want in [
+        "h.toml: routes[0].request_headers.set.Via: via cannot be changed here: rampart sets it",
+        "h.toml: routes[0].request_headers.remove[0]: host cannot be changed here",
+        "h.toml: routes[0].response_headers.add.Content-Length: content-length cannot be changed here: rampart frames",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_megabyte_bodies_stream_both_ways() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
