@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -181,7 +181,8 @@ pub fn server_name(written: &str, server_name: Option<&str>) -> Result<ServerNam
         .map_err(|_| format!("{host:?} is not a DNS name or IP address a certificate can be verified against"))
 }
 
-fn load_roots_file(path: &PathBuf) -> Result<RootCertStore, String> {
+/// A PEM bundle of CA certificates (a pool's `ca`, a listener's `client_ca`).
+pub fn load_roots_file(path: &Path) -> Result<RootCertStore, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| format!("{}: {}", path.display(), crate::tls::pem_error(e)))?;

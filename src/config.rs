@@ -431,6 +431,7 @@ struct FileTls {
     min_version: Option<String>,
     http2: Option<bool>,
     strict_sni: Option<bool>,
+    client_ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1354,7 +1355,17 @@ fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Opt
         })
         .collect();
     let strict_sni = raw.strict_sni.unwrap_or(false);
-    match crate::tls::settings(files, version, raw.http2.unwrap_or(true), strict_sni) {
+    let client_ca = raw.client_ca.as_ref().and_then(|f| {
+        let file = base.join(f);
+        match crate::backend_tls::load_roots_file(&file) {
+            Ok(roots) => Some((file, roots)),
+            Err(e) => {
+                errs.push(format!("{path}.client_ca"), e);
+                None
+            }
+        }
+    });
+    match crate::tls::settings(files, version, raw.http2.unwrap_or(true), strict_sni, client_ca) {
         Ok(s) => (errs.0.len() == before).then(|| Arc::new(s)),
         Err(errors) => {
             for (i, message) in errors {

@@ -63,6 +63,13 @@ fn main() -> ExitCode {
                     for line in l.tls.iter().flat_map(|t| t.describe(now)) {
                         println!("  {} certificate {line}", l.bind);
                     }
+                    if let Some(ca) = l.tls.as_ref().and_then(|t| t.client_ca.as_ref()) {
+                        println!(
+                            "  {} clients must present a certificate signed by a CA in {}",
+                            l.bind,
+                            ca.display()
+                        );
+                    }
                 }
                 for p in &c.pools {
                     if let Some(tls) = &p.tls {

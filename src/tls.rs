@@ -66,6 +66,8 @@ pub struct TlsSettings {
     /// No default certificate: a client whose SNI no certificate covers (or that sends
     /// none) fails the handshake, as HAProxy's `strict-sni`.
     pub strict_sni: bool,
+    /// Clients must present a certificate a CA in this file signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl fmt::Debug for TlsSettings {
@@ -73,6 +75,7 @@ impl fmt::Debug for TlsSettings {
         f.debug_struct("TlsSettings")
             .field("certificates", &self.certificates)
             .field("strict_sni", &self.strict_sni)
+            .field("client_ca", &self.client_ca)
             .finish()
     }
 }
@@ -196,12 +199,15 @@ pub fn pem_error(e: rustls::pki_types::pem::Error) -> String {
 
 /// Builds a listener's TLS settings from its certificates (the first one is the
 /// default, unless `strict_sni`: for clients that send no SNI or a name no
-/// certificate covers). Errors carry the index of the certificate they are about.
+/// certificate covers), and, with `client_ca` (its file and the CAs loaded from it),
+/// a required client certificate. Errors carry the index of the certificate they are
+/// about.
 pub fn settings(
     certificates: Vec<CertFiles>,
     min_version: MinVersion,
     http2: bool,
     strict_sni: bool,
+    client_ca: Option<(PathBuf, rustls::RootCertStore)>,
 ) -> Result<TlsSettings, Vec<(Option<usize>, String)>> {
     let provider = provider();
     let mut errors = Vec::new();
@@ -240,11 +246,19 @@ pub fn settings(
         MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         MinVersion::Tls13 => &[&rustls::version::TLS13],
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .map_err(|e| vec![(None, e.to_string())])?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|e| vec![(None, e.to_string())])?;
+    let (builder, client_ca) = match client_ca {
+        None => (builder.with_no_client_auth(), None),
+        Some((file, roots)) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| vec![(None, format!("client_ca {}: {e}", file.display()))])?;
+            (builder.with_client_cert_verifier(verifier), Some(file))
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = if http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
@@ -257,6 +271,7 @@ pub fn settings(
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         certificates: loaded,
         strict_sni,
+        client_ca,
     })
 }
 
@@ -344,6 +359,9 @@ pub fn log_certificates(config: &crate::config::Config) {
     let now = unix_now();
     for l in &config.listeners {
         let Some(tls) = &l.tls else { continue };
+        if let Some(ca) = &tls.client_ca {
+            tracing::info!(bind = %l.bind, "TLS clients must present a certificate signed by a CA in {}", ca.display());
+        }
         for (cert, line) in tls.certificates.iter().zip(tls.describe(now)) {
             if expires_soon(cert, now) {
                 tracing::warn!(bind = %l.bind, "TLS certificate {line}: renew it and reload");

@@ -651,3 +651,56 @@ async fn strict_sni_refuses_clients_whose_name_no_certificate_covers() {
     assert!(after >= before + 3, "{before} -> {after}");
     assert_eq!(o.hits(), 2);
 }
+
+/// One `GET /` to `site.test` as a client presenting `client` (or no certificate):
+/// the whole response, or why the connection failed.
+async fn get_as(addr: SocketAddr, pki: &Pki, client: Option<&Leaf>) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(pki.roots());
+    let config = match client {
+        Some(c) => {
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&c.key).unwrap();
+            builder.with_client_auth_cert(vec![c.der.clone()], key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("site.test").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: site.test\r\nconnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ca_admits_only_clients_with_a_certificate_it_signed() {
+    let clients = Pki::new();
+    let strangers = Pki::new();
+    let (pki, o, _srv, addr) = site("", &format!(", client_ca = {:?}", clients.ca_file())).await;
+    let member = clients.leaf("member", &["member.test"]);
+    let outsider = strangers.leaf("outsider", &["outsider.test"]);
+    let answer = get_as(addr, &pki, Some(&member)).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with('o'), "{answer}");
+    // TLS 1.3 reports the refusal on the client's first read, as an alert.
+    for (who, cert) in [("no certificate", None), ("another CA's", Some(&outsider))] {
+        let r = get_as(addr, &pki, cert).await;
+        assert!(r.is_err(), "{who}: {r:?}");
+    }
+    assert_eq!(o.hits(), 1, "only the member's request reached the backend");
+
+    let bad = tls_config(&[o.addr], &[&member], ", client_ca = \"/nonexistent/ca.pem\"");
+    let err = rampart::Config::parse(&bad, "bad.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("listeners[0].tls.client_ca: /nonexistent/ca.pem: cannot read"),
+        "{err}"
+    );
+}
