@@ -1,8 +1,8 @@
 //! Socket helpers: gathered writes as one `send`, and `write_all` over them (`h1`,
 //! `upstream::Conn`, hyper's connections); reading a tokio socket into hyper's buffer
 //! (`idle::ParkIo`); the kernel's round-trip estimate for a connection
-//! (`upstream::Conn`); `ClientIo`, a client socket with or without TLS, for hyper's
-//! HTTP/2 server; `UpIo`, a backend socket with or without TLS; and `Stall`, the limit on how long a peer may keep us
+//! (`upstream::Conn`); `ClientIo` and `UpIo`, a client's and a backend's socket with
+//! or without TLS (`MaybeTls`); and `Stall`, the limit on how long a peer may keep us
 //! waiting (`send_timeout` for clients' sockets, `client_body_timeout` for their
 //! request bodies).
 
@@ -209,15 +209,22 @@ impl AsyncWrite for Gather {
     }
 }
 
+/// A connection in the clear or inside TLS, read and written as one type (`ClientIo`,
+/// `UpIo`). Boxed TLS: rustls's state must not size every plain connection's.
+pub enum MaybeTls<P, T> {
+    Plain(P),
+    Tls(Box<T>),
+}
+
 /// A client connection as hyper reads it (HTTP/2 and h2c detection; HTTP/1.1 inside
 /// `idle::ParkIo`): the socket, or TLS over it. One type for both, so hyper and h2
 /// compile their connection code once: a second instantiation cost h2c 1% more
 /// instructions per request, by changing what LLVM inlined.
-pub enum ClientIo {
-    Plain(Gather),
-    /// Boxed: rustls's state must not size every plain connection's.
-    Tls(Box<tokio_rustls::server::TlsStream<Gather>>),
-}
+pub type ClientIo = MaybeTls<Gather, tokio_rustls::server::TlsStream<Gather>>;
+
+/// A backend connection (`upstream::Conn`, the health checks, a tunnel's backend
+/// side): the socket, or TLS over it for a pool with a `tls` table.
+pub type UpIo = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl ClientIo {
     /// The TCP socket underneath, for readiness.
@@ -227,64 +234,6 @@ impl ClientIo {
             ClientIo::Tls(io) => io.get_ref().0.stream(),
         }
     }
-}
-
-impl AsyncRead for ClientIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            ClientIo::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            ClientIo::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            ClientIo::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientIo::Plain(io) => io.is_write_vectored(),
-            ClientIo::Tls(io) => io.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(io) => Pin::new(io).poll_flush(cx),
-            ClientIo::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            ClientIo::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
-        }
-    }
-}
-
-/// A backend connection (`upstream::Conn`, the health checks, a tunnel's backend
-/// side): the socket, or TLS over it for a pool with a `tls` table.
-pub enum UpIo {
-    Plain(TcpStream),
-    /// Boxed: rustls's state must not size every plain connection's.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl UpIo {
@@ -298,16 +247,15 @@ impl UpIo {
     }
 }
 
-impl AsyncRead for UpIo {
-    #[inline]
+impl<P: AsyncRead + Unpin, T: AsyncRead + Unpin> AsyncRead for MaybeTls<P, T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpIo::Tls(s) => match Pin::new(&mut **s).poll_read(cx, buf) {
-                // A backend that closes without `close_notify` (many do, after a
-                // response with `Connection: close`) ends the stream as a plain close
-                // would: the HTTP framing, not the TLS alert, says whether a body
-                // was cut short.
+            MaybeTls::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            MaybeTls::Tls(io) => match Pin::new(&mut **io).poll_read(cx, buf) {
+                // A peer that closes without `close_notify` (many backends do after
+                // `Connection: close`, and many clients) ends the stream as a plain
+                // close would: the HTTP framing, not the TLS alert, says whether a
+                // message was cut short.
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
                 r => r,
             },
@@ -315,45 +263,45 @@ impl AsyncRead for UpIo {
     }
 }
 
-impl AsyncWrite for UpIo {
-    #[inline]
+impl<P: AsyncWrite + Unpin, T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<P, T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            MaybeTls::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            MaybeTls::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
         }
     }
 
-    #[inline]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            MaybeTls::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        match self {
+            MaybeTls::Plain(io) => io.is_write_vectored(),
+            MaybeTls::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     /// rustls may still hold records the socket did not take: a write is only done
     /// once this is.
-    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpIo::Plain(_) => Poll::Ready(Ok(())),
-            UpIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            MaybeTls::Plain(io) => Pin::new(io).poll_flush(cx),
+            MaybeTls::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            MaybeTls::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            MaybeTls::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
         }
     }
 }
