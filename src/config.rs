@@ -432,6 +432,7 @@ struct FileTls {
     http2: Option<bool>,
     strict_sni: Option<bool>,
     client_ca: Option<String>,
+    forward_client_cert: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1365,7 +1366,21 @@ fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Opt
             }
         }
     });
-    match crate::tls::settings(files, version, raw.http2.unwrap_or(true), strict_sni, client_ca) {
+    let forward_client_cert = raw.forward_client_cert.unwrap_or(false);
+    if forward_client_cert && raw.client_ca.is_none() {
+        errs.push(
+            format!("{path}.forward_client_cert"),
+            "needs client_ca: without it clients present no certificate to forward",
+        );
+    }
+    match crate::tls::settings(
+        files,
+        version,
+        raw.http2.unwrap_or(true),
+        strict_sni,
+        client_ca,
+        forward_client_cert,
+    ) {
         Ok(s) => (errs.0.len() == before).then(|| Arc::new(s)),
         Err(errors) => {
             for (i, message) in errors {

@@ -53,7 +53,9 @@ fn reserved(name: &HeaderName, dir: Direction, setting: bool) -> Option<&'static
             Some("it is hop-by-hop: rampart removes it and manages its own connections")
         }
         "x-request-id" => Some("rampart sets it (the client's, or one it generates) on both sides"),
-        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "via" if dir == Direction::Request => {
+        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "x-forwarded-client-cert" | "via"
+            if dir == Direction::Request =>
+        {
             Some("rampart sets it on every request (README, \"Headers\")")
         }
         "expect" if dir == Direction::Request => Some("rampart answers `100-continue` itself"),

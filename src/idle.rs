@@ -28,7 +28,6 @@ use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -476,9 +475,9 @@ impl Drop for ClientBody {
 impl Svc {
     /// The service of an HTTP/1.1 connection served through `ParkIo`, and the park
     /// state they share.
-    pub fn h1(ctx: Rc<WorkerCtx>, peer: SocketAddr, tls: bool) -> (Svc, Rc<ParkState>) {
+    pub fn h1(ctx: Rc<WorkerCtx>, info: ConnInfo) -> (Svc, Rc<ParkState>) {
         let state = Rc::new(ParkState::new());
-        let info = Rc::new(ConnInfo::new(peer, tls).with_park(state.clone()));
+        let info = Rc::new(info.with_park(state.clone()));
         (
             Svc {
                 ctx,

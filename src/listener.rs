@@ -398,7 +398,7 @@ async fn serve(
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     if H2_PREFACE.starts_with(&head[..n]) {
         let io = ClientIo::Plain(crate::netio::Gather::new(stream, builder.waits.send));
-        return boxed(|| serve_h2(ctx, &builder, io, peer, tracker, false)).await;
+        return boxed(|| serve_h2(ctx, &builder, io, ConnInfo::new(peer, false), tracker)).await;
     }
     serve_h1(ctx, builder, stream, peer, guard).await
 }
@@ -423,7 +423,7 @@ async fn serve_h1(
 ) {
     let tracker = guard.tracker();
     let dormant = ctx.dormant.clone();
-    let (svc, state) = Svc::h1(ctx, peer, false);
+    let (svc, state) = Svc::h1(ctx, ConnInfo::new(peer, false));
     let keepalive = builder.waits.after_park();
     let mut replay = Bytes::new();
     loop {
@@ -491,13 +491,27 @@ async fn serve_tls(
             return;
         }
     };
+    // The client's certificate, for its requests' `X-Forwarded-Client-Cert`: made
+    // once per connection.
+    let client_cert = tls
+        .forward_client_cert
+        .then(|| {
+            stream
+                .get_ref()
+                .1
+                .peer_certificates()?
+                .first()
+                .and_then(crate::tls::client_cert_field)
+        })
+        .flatten();
     drop(tls);
+    let info = ConnInfo::new(peer, true).with_client_cert(client_cert);
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let io = ClientIo::Tls(Box::new(stream));
     if h2 {
-        serve_h2(ctx, builder, io, peer, tracker, true).await
+        serve_h2(ctx, builder, io, info, tracker).await
     } else {
-        serve_tls_h1(ctx, builder, io, peer, tracker).await
+        serve_tls_h1(ctx, builder, io, info, tracker).await
     }
 }
 
@@ -510,10 +524,10 @@ async fn serve_tls_h1(
     ctx: Rc<WorkerCtx>,
     builder: &HttpBuilder,
     mut io: ClientIo,
-    peer: SocketAddr,
+    info: ConnInfo,
     tracker: &ConnTracker,
 ) {
-    let (svc, state) = Svc::h1(ctx, peer, true);
+    let (svc, state) = Svc::h1(ctx, info);
     let keepalive = builder.waits.after_park();
     let mut replay = Bytes::new();
     loop {
@@ -565,15 +579,9 @@ async fn plain_http_to_tls(mut stream: TcpStream, peer: SocketAddr, send_timeout
 /// GOAWAY after `keepalive_timeout` with no stream open, as nginx closes an idle
 /// connection (hyper would keep it, pinging, for good), and finishes in-flight
 /// requests when the worker stops.
-async fn serve_h2(
-    ctx: Rc<WorkerCtx>,
-    builder: &HttpBuilder,
-    io: ClientIo,
-    peer: SocketAddr,
-    tracker: &ConnTracker,
-    tls: bool,
-) {
-    let (svc, streams) = Svc::counted(ctx, ConnInfo::new(peer, tls));
+async fn serve_h2(ctx: Rc<WorkerCtx>, builder: &HttpBuilder, io: ClientIo, info: ConnInfo, tracker: &ConnTracker) {
+    let peer = info.peer;
+    let (svc, streams) = Svc::counted(ctx, info);
     let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let stopped = tracker.stopped();

@@ -38,6 +38,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -68,6 +69,9 @@ pub struct ConnInfo {
     pub proto: HeaderValue,
     /// The connection came in over TLS.
     pub tls: bool,
+    /// `X-Forwarded-Client-Cert` for its requests: the client's certificate, on a
+    /// listener with `forward_client_cert`.
+    pub client_cert: Option<HeaderValue>,
     /// Set for HTTP/1.1 connections served through `idle::ParkIo`, whose upgrades
     /// are completed by hand.
     pub park: Option<Rc<ParkState>>,
@@ -81,8 +85,14 @@ impl ConnInfo {
             peer_ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             tls,
+            client_cert: None,
             park: None,
         }
+    }
+
+    pub fn with_client_cert(mut self, field: Option<HeaderValue>) -> ConnInfo {
+        self.client_cert = field;
+        self
     }
 
     pub fn with_park(mut self, park: Rc<ParkState>) -> ConnInfo {
@@ -597,6 +607,7 @@ struct Present {
     forwarded_for: bool,
     forwarded_proto: bool,
     forwarded_host: bool,
+    forwarded_client_cert: bool,
     via: bool,
     request_id: bool,
 }
@@ -676,6 +687,7 @@ fn scan(headers: &HeaderMap) -> Fields {
                 "x-forwarded-for" => f.present.forwarded_for = true,
                 "x-forwarded-proto" => f.present.forwarded_proto = true,
                 "x-forwarded-host" => f.present.forwarded_host = true,
+                "x-forwarded-client-cert" => f.present.forwarded_client_cert = true,
                 "x-request-id" => {
                     f.request_id.get_or_insert_with(|| value.clone());
                     f.present.request_id = true;
@@ -760,6 +772,14 @@ fn rewrite_with(
     added.push("x-forwarded-for", forwarded_for);
     if p.forwarded_proto {
         headers.remove(X_FORWARDED_PROTO);
+    }
+    // Only rampart vouches for a client certificate: a client's own field never
+    // reaches the backend (Envoy's `SANITIZE`), on any listener.
+    if p.forwarded_client_cert {
+        headers.remove(X_FORWARDED_CLIENT_CERT);
+    }
+    if let Some(cert) = &conn.client_cert {
+        added.push("x-forwarded-client-cert", cert.clone());
     }
     added.push("x-forwarded-proto", conn.proto.clone());
     if let Some(h) = host {
@@ -1011,7 +1031,13 @@ mod tests {
     #[test]
     fn no_field_rampart_rewrites_passes_as_written() {
         use crate::rawfields::request_field_passes;
-        let rewritten = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, header::VIA];
+        let rewritten = [
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            X_FORWARDED_CLIENT_CERT,
+            header::VIA,
+        ];
         let framing = [header::CONTENT_LENGTH, header::UPGRADE, header::EXPECT];
         for name in HOP_BY_HOP.iter().chain(&rewritten).chain(&framing) {
             assert!(!request_field_passes(name.as_str().as_bytes()), "{name}");

@@ -150,7 +150,7 @@ pub fn block_map(block: &Bytes) -> HeaderMap {
 
 /// Whether a request field may go to the backend as the client wrote it: not
 /// hop-by-hop (`proxy::HOP_BY_HOP`, `Upgrade`, `Expect`), not one rampart replaces or
-/// extends (`X-Forwarded-*`, `Via`), not framing (`Content-Length`), and not
+/// extends or removes (`X-Forwarded-*`, `Via`), not framing (`Content-Length`), and not
 /// `Idempotency-Key`, which the retry decision reads from the map
 /// (`retry::is_replay_safe`).
 pub fn request_field_passes(name: &[u8]) -> bool {
@@ -166,6 +166,7 @@ pub fn request_field_passes(name: &[u8]) -> bool {
         17 => eq_lower(name, b"transfer-encoding") || eq_lower(name, b"x-forwarded-proto"),
         18 => eq_lower(name, b"proxy-authenticate"),
         19 => eq_lower(name, b"proxy-authorization"),
+        23 => eq_lower(name, b"x-forwarded-client-cert"),
         _ => false,
     }
 }

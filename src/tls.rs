@@ -68,6 +68,8 @@ pub struct TlsSettings {
     pub strict_sni: bool,
     /// Clients must present a certificate a CA in this file signed (mutual TLS).
     pub client_ca: Option<PathBuf>,
+    /// Backends get the client's certificate in `X-Forwarded-Client-Cert`.
+    pub forward_client_cert: bool,
 }
 
 impl fmt::Debug for TlsSettings {
@@ -76,6 +78,7 @@ impl fmt::Debug for TlsSettings {
             .field("certificates", &self.certificates)
             .field("strict_sni", &self.strict_sni)
             .field("client_ca", &self.client_ca)
+            .field("forward_client_cert", &self.forward_client_cert)
             .finish()
     }
 }
@@ -208,6 +211,7 @@ pub fn settings(
     http2: bool,
     strict_sni: bool,
     client_ca: Option<(PathBuf, rustls::RootCertStore)>,
+    forward_client_cert: bool,
 ) -> Result<TlsSettings, Vec<(Option<usize>, String)>> {
     let provider = provider();
     let mut errors = Vec::new();
@@ -272,6 +276,7 @@ pub fn settings(
         certificates: loaded,
         strict_sni,
         client_ca,
+        forward_client_cert,
     })
 }
 
@@ -435,6 +440,140 @@ pub fn not_after(cert: &[u8]) -> Option<i64> {
     Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec)
 }
 
+/// The `X-Forwarded-Client-Cert` value for a client's certificate, in Envoy's
+/// format: `Hash=` the SHA-256 of its DER in hex, `Subject="..."` its subject as an
+/// RFC 4514 string, and one `DNS=` per DNS name in its subjectAltName.
+pub fn client_cert_field(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(160);
+    out.push_str("Hash=");
+    for b in aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    if let Some(dn) = subject_dn(leaf) {
+        // RFC 4514 has escaped `"` and `\` already, so the quotes hold.
+        let _ = write!(out, ";Subject=\"{dn}\"");
+    }
+    if let Ok(ee) = webpki::EndEntityCert::try_from(leaf) {
+        for name in ee.valid_dns_names() {
+            let _ = write!(out, ";DNS={name}");
+        }
+    }
+    http::HeaderValue::from_str(&out).ok()
+}
+
+/// A certificate's subject as an RFC 4514 string (`CN=a,O=Example\, Inc.,C=NZ`: the
+/// last RDN first), in ASCII: other bytes are written as `\XX`.
+pub fn subject_dn(cert: &[u8]) -> Option<String> {
+    let (_, cert_body, _) = der_element(cert)?;
+    let (_, mut tbs, _) = der_element(cert_body)?;
+    let (tag, _, rest) = der_element(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest; // the explicit version
+    }
+    for _ in 0..4 {
+        tbs = der_element(tbs)?.2; // serial, signature, issuer, validity
+    }
+    let (tag, mut name, _) = der_element(tbs)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let mut rdns = Vec::new();
+    while !name.is_empty() {
+        let (tag, mut set, rest) = der_element(name)?;
+        name = rest;
+        if tag != 0x31 {
+            return None;
+        }
+        let mut atvs = Vec::new();
+        while !set.is_empty() {
+            let (_, atv, rest) = der_element(set)?;
+            set = rest;
+            let (tag, oid, value) = der_element(atv)?;
+            if tag != 0x06 {
+                return None;
+            }
+            let (tag, text, after) = der_element(value)?;
+            let value = match tag {
+                // UTF8String, PrintableString, TeletexString, IA5String.
+                0x0c | 0x13 | 0x14 | 0x16 => escape_dn_value(text),
+                // Anything else as `#` and its DER, hex (RFC 4514 §2.4).
+                _ => {
+                    let der = &value[..value.len() - after.len()];
+                    der.iter().fold("#".to_string(), |mut s, b| {
+                        s.push_str(&format!("{b:02x}"));
+                        s
+                    })
+                }
+            };
+            atvs.push(format!("{}={value}", attribute_name(oid)));
+        }
+        rdns.push(atvs.join("+"));
+    }
+    rdns.reverse();
+    Some(rdns.join(","))
+}
+
+/// RFC 4514's short name for an attribute type, or its OID in dotted decimal.
+fn attribute_name(oid: &[u8]) -> String {
+    const DC: &[u8] = &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19];
+    const UID: &[u8] = &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x01];
+    let short = match oid {
+        [0x55, 0x04, 0x03] => "CN",
+        [0x55, 0x04, 0x06] => "C",
+        [0x55, 0x04, 0x07] => "L",
+        [0x55, 0x04, 0x08] => "ST",
+        [0x55, 0x04, 0x09] => "STREET",
+        [0x55, 0x04, 0x0a] => "O",
+        [0x55, 0x04, 0x0b] => "OU",
+        o if o == DC => "DC",
+        o if o == UID => "UID",
+        _ => "",
+    };
+    if !short.is_empty() {
+        return short.to_string();
+    }
+    let mut parts = Vec::new();
+    let mut n: u64 = 0;
+    for (i, &b) in oid.iter().enumerate() {
+        n = (n << 7) | u64::from(b & 0x7f);
+        if b & 0x80 == 0 {
+            if parts.is_empty() {
+                let first = (n / 40).min(2);
+                parts.push(first.to_string());
+                parts.push((n - first * 40).to_string());
+            } else {
+                parts.push(n.to_string());
+            }
+            n = 0;
+        } else if i + 1 == oid.len() {
+            break;
+        }
+    }
+    parts.join(".")
+}
+
+/// An attribute value escaped as RFC 4514 §2.4 asks, and kept to printable ASCII.
+fn escape_dn_value(text: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, &b) in text.iter().enumerate() {
+        let edge = (i == 0 && (b == b' ' || b == b'#')) || (i + 1 == text.len() && b == b' ');
+        match b {
+            b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' | b'=' => {
+                out.push('\\');
+                out.push(b as char);
+            }
+            _ if edge => {
+                out.push('\\');
+                out.push(b as char);
+            }
+            0x21..=0x7e | b' ' => out.push(b as char),
+            _ => out.push_str(&format!("\\{b:02X}")),
+        }
+    }
+    out
+}
+
 /// One DER element of `input`: its tag, its contents, and what follows it.
 fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
@@ -531,6 +670,34 @@ mod tests {
         fn algorithm(&self) -> rustls::SignatureAlgorithm {
             rustls::SignatureAlgorithm::ED25519
         }
+    }
+
+    #[test]
+    fn the_subject_is_an_escaped_rfc_4514_string_last_rdn_first() {
+        use rcgen::DnType;
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string(), "b.test".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CountryName, "NZ");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Example, Inc.");
+        params.distinguished_name.push(DnType::CommonName, "#1 \"Müller\"+co ");
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 5]), "SN-7");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            subject_dn(cert.der()).unwrap(),
+            r#"2.5.4.5=SN-7,CN=\#1 \"M\C3\BCller\"\+co\ ,O=Example\, Inc.,C=NZ"#
+        );
+        let field = client_cert_field(cert.der()).unwrap();
+        let field = field.to_str().unwrap();
+        assert!(
+            field.starts_with("Hash=") && field[5..].find(';') == Some(64),
+            "{field}"
+        );
+        assert!(field.ends_with(";DNS=a.test;DNS=b.test"), "{field}");
     }
 
     #[test]

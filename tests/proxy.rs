@@ -216,6 +216,7 @@ async fn headers_are_rewritten_both_ways() {
             ("keep-alive", "timeout=5"),
             ("x-forwarded-for", "203.0.113.9"),
             ("x-forwarded-proto", "https"),
+            ("x-forwarded-client-cert", "Hash=00;Subject=\"CN=admin\""),
             ("te", "trailers"),
         ],
     )
@@ -230,6 +231,10 @@ async fn headers_are_rewritten_both_ways() {
     assert!(!seen.contains_key("x-drop-me"), "Connection-listed field forwarded");
     assert!(!seen.contains_key("te"));
     assert!(!seen.contains_key("keep-alive"));
+    assert!(
+        !seen.contains_key("x-forwarded-client-cert"),
+        "a client cannot vouch for itself"
+    );
     assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], "shop.test");
@@ -250,6 +255,11 @@ async fn headers_are_rewritten_both_ways() {
     get_with(addr, "/", &[("x-request-id", "client-id-1")]).await;
     let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
     assert_eq!(seen["x-request-id"], "client-id-1");
+    // Alone among fields that pass as written, a forged client certificate is still
+    // dropped (rampart's HTTP/1.1 fast path copies the others as they are).
+    get_with(addr, "/", &[("x-forwarded-client-cert", "Hash=00"), ("x-other", "1")]).await;
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert!(!seen.contains_key("x-forwarded-client-cert") && seen.contains_key("x-other"));
 }
 
 /// A route whose rules change fields both ways: `Host` and two fields set, one
