@@ -409,16 +409,7 @@ pub fn expiry_text(not_after: Option<i64>, now: i64) -> String {
 /// the serial, the signature algorithm, the issuer and then `validity` (RFC 5280
 /// §4.1). webpki parses it but does not expose it.
 pub fn not_after(cert: &[u8]) -> Option<i64> {
-    let (_, cert_body, _) = der_element(cert)?;
-    let (_, mut tbs, _) = der_element(cert_body)?;
-    let (tag, _, rest) = der_element(tbs)?;
-    if tag == 0xa0 {
-        tbs = rest; // the explicit version
-    }
-    for _ in 0..3 {
-        tbs = der_element(tbs)?.2; // serial, signature, issuer
-    }
-    let (tag, validity, _) = der_element(tbs)?;
+    let (tag, validity, _) = der_element(tbs_from(cert, 3)?)?;
     if tag != 0x30 {
         return None;
     }
@@ -465,16 +456,7 @@ pub fn client_cert_field(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue>
 /// A certificate's subject as an RFC 4514 string (`CN=a,O=Example\, Inc.,C=NZ`: the
 /// last RDN first), in ASCII: other bytes are written as `\XX`.
 pub fn subject_dn(cert: &[u8]) -> Option<String> {
-    let (_, cert_body, _) = der_element(cert)?;
-    let (_, mut tbs, _) = der_element(cert_body)?;
-    let (tag, _, rest) = der_element(tbs)?;
-    if tag == 0xa0 {
-        tbs = rest; // the explicit version
-    }
-    for _ in 0..4 {
-        tbs = der_element(tbs)?.2; // serial, signature, issuer, validity
-    }
-    let (tag, mut name, _) = der_element(tbs)?;
+    let (tag, mut name, _) = der_element(tbs_from(cert, 4)?)?;
     if tag != 0x30 {
         return None;
     }
@@ -572,6 +554,22 @@ fn escape_dn_value(text: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A DER certificate's `TBSCertificate` from its field `n` on, counted from the
+/// serial (RFC 5280 §4.1: serial, signature, issuer, validity, subject, ...), past the
+/// optional `[0]` version.
+fn tbs_from(cert: &[u8], n: usize) -> Option<&[u8]> {
+    let (_, cert_body, _) = der_element(cert)?;
+    let (_, mut tbs, _) = der_element(cert_body)?;
+    let (tag, _, rest) = der_element(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest; // the explicit version
+    }
+    for _ in 0..n {
+        tbs = der_element(tbs)?.2;
+    }
+    Some(tbs)
 }
 
 /// One DER element of `input`: its tag, its contents, and what follows it.
