@@ -274,6 +274,71 @@ async fn a_reload_that_turns_tls_on_never_reuses_a_plain_connection() {
     stop_proxy(srv).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_a_backend_that_reads_slowly_arrives_whole_over_tls() {
+    let pki = Pki::new();
+    let acceptor = TlsAcceptor::from(Arc::new(pki.leaf("o", &["127.0.0.1"]).server_config(None)));
+    // A small receive buffer and slow reads keep the socket full, so rustls is left
+    // holding the last records of the upload unless they are flushed.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.listen(16).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let l = tokio::net::TcpListener::from_std(sock.into()).unwrap();
+    let at = l.local_addr().unwrap();
+    // More than the kernel's send buffer on loopback (up to 4 MiB) and the receive
+    // buffer together, so rampart's writes do wait.
+    let n: usize = 12 * 1024 * 1024;
+    let backend = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let head_end = loop {
+            let k = s.read(&mut buf).await.unwrap();
+            assert!(k > 0, "closed before the head");
+            got.extend_from_slice(&buf[..k]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let mut body = got.len() - head_end;
+        while body < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let k = s.read(&mut buf).await.unwrap();
+            assert!(k > 0, "closed after {body} body bytes");
+            body += k;
+        }
+        s.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.to_string().len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        s.flush().await.unwrap();
+        body
+    });
+    let extra = format!(
+        "{NO_HEALTH_CHECKS}\nresponse_timeout = \"10s\"\ntls = {{ {} }}",
+        trusting(&pki)
+    );
+    let (srv, addr) = start_proxy(&pool_config(&[at], &extra));
+    // With its length, so the backend counts the body's own bytes (no chunk framing).
+    let req = Request::post("/upload")
+        .header("host", "t")
+        .header("content-length", n)
+        .body(big_body(n))
+        .unwrap();
+    let r = send(addr, req).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, n.to_string()));
+    assert_eq!(backend.await.unwrap(), n);
+    stop_proxy(srv).await;
+}
+
 #[test]
 fn bad_backend_tls_settings_are_all_reported_with_their_field() {
     let pki = Pki::new();
