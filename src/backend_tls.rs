@@ -82,22 +82,14 @@ impl BackendTls {
         let provider = crate::tls::provider();
         let mut errors = Vec::new();
         let roots = match &spec.trust {
-            Trust::None => None,
-            Trust::File(path) => match load_roots_file(path) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    errors.push(("ca", e));
-                    None
-                }
-            },
-            Trust::System => match load_system_roots() {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    errors.push(("ca", e));
-                    None
-                }
-            },
-        };
+            Trust::None => Ok(None),
+            Trust::File(path) => load_roots_file(path).map(Some),
+            Trust::System => load_system_roots().map(Some),
+        }
+        .unwrap_or_else(|e| {
+            errors.push(("ca", e));
+            None
+        });
         let client = match &spec.client_cert {
             None => None,
             Some(files) => match crate::tls::load_certificate(files.clone(), &provider) {
@@ -111,12 +103,8 @@ impl BackendTls {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let versions: &[&rustls::SupportedProtocolVersion] = match spec.min_version {
-            MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-            MinVersion::Tls13 => &[&rustls::version::TLS13],
-        };
         let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(versions)
+            .with_protocol_versions(spec.min_version.versions())
             .map_err(|e| vec![("min_version", e.to_string())])?;
         let trusted = roots.as_ref().map_or(0, |r| r.len());
         let builder = match roots {

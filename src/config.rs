@@ -951,19 +951,16 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
             );
             continue;
         }
+        // With `server_name` set (and checked above) this cannot fail; without it,
+        // the backend's own host must be a name a certificate can carry.
         let tls_name = match &tls {
-            Some(t) if t.spec.server_name.is_none() => match crate::backend_tls::server_name(&addr_text, None) {
+            Some(t) => match crate::backend_tls::server_name(&addr_text, t.spec.server_name.as_deref()) {
                 Ok(n) => Some(n),
                 Err(e) => {
                     errs.push(&bpath, format!("{e}; set {tls_path}.server_name"));
                     continue;
                 }
             },
-            Some(t) => t
-                .spec
-                .server_name
-                .as_deref()
-                .and_then(|n| crate::backend_tls::server_name(&addr_text, Some(n)).ok()),
             None => None,
         };
         backends.push(BackendConfig {

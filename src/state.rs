@@ -281,13 +281,14 @@ impl Snapshot {
     /// is judged afresh, and the workers' idle connections to it, made the old way,
     /// are never reused (they are keyed by the state's id).
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
-        type Transport<'a> = (Option<&'a BackendTlsSpec>, Option<&'a ServerName<'static>>);
         let mut carried: HashMap<(&str, SocketAddr), (Arc<BackendState>, Transport<'_>)> = HashMap::new();
         if let Some(prev) = previous {
             for p in &prev.pools {
                 for b in &p.backends {
-                    let transport = (p.config.tls.as_deref().map(|t| &t.spec), b.tls_name.as_ref());
-                    carried.insert((p.name.as_str(), b.addr), (b.state.clone(), transport));
+                    carried.insert(
+                        (p.name.as_str(), b.addr),
+                        (b.state.clone(), transport(&p.config, &b.tls_name)),
+                    );
                 }
             }
         }
@@ -306,7 +307,7 @@ impl Snapshot {
                         tls_name: bc.tls_name.clone(),
                         state: carried
                             .get(&(pc.name.as_str(), bc.addr))
-                            .filter(|(_, t)| *t == (pc.tls.as_deref().map(|t| &t.spec), bc.tls_name.as_ref()))
+                            .filter(|(_, t)| *t == transport(pc, &bc.tls_name))
                             .map(|(st, _)| st.clone())
                             .unwrap_or_else(|| {
                                 let st = BackendState::new();
@@ -338,6 +339,14 @@ impl Snapshot {
             config,
         }
     }
+}
+
+/// How a backend is reached: its pool's TLS settings and the name it is verified
+/// against. State carries over a reload only while this stays the same.
+type Transport<'a> = (Option<&'a BackendTlsSpec>, Option<&'a ServerName<'static>>);
+
+fn transport<'a>(pool: &'a PoolConfig, tls_name: &'a Option<ServerName<'static>>) -> Transport<'a> {
+    (pool.tls.as_deref().map(|t| &t.spec), tls_name.as_ref())
 }
 
 /// Process-wide state shared by workers, the admin listener and the control loop.

@@ -39,6 +39,16 @@ impl MinVersion {
             _ => None,
         }
     }
+
+    /// The versions offered, newest first: listeners and backends alike.
+    pub fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static FROM_1_2: [&rustls::SupportedProtocolVersion; 2] = [&rustls::version::TLS13, &rustls::version::TLS12];
+        static FROM_1_3: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        match self {
+            MinVersion::Tls12 => &FROM_1_2,
+            MinVersion::Tls13 => &FROM_1_3,
+        }
+    }
 }
 
 /// One certificate as configured: the chain (leaf first) and its private key.
@@ -246,12 +256,8 @@ pub fn settings(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let versions: &[&rustls::SupportedProtocolVersion] = match min_version {
-        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        MinVersion::Tls13 => &[&rustls::version::TLS13],
-    };
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(versions)
+        .with_protocol_versions(min_version.versions())
         .map_err(|e| vec![(None, e.to_string())])?;
     let (builder, client_ca) = match client_ca {
         None => (builder.with_no_client_auth(), None),
