@@ -1,5 +1,6 @@
 //! A route's header rules (`request_headers`, `response_headers`): fields to remove,
-//! set (replacing any the message had) and add (appending), with static values, as
+//! set (replacing any the message had) and add (appending), with values fixed or
+//! made per message from nginx-style variables (`$remote_addr`, `$host`, ...), as
 //! nginx's `proxy_set_header` and `add_header ... always`, HAProxy's
 //! `http-request`/`http-response set-header`, `add-header` and `del-header`, and
 //! Envoy's `request_headers_to_add`/`_to_remove`. Parsed and checked with the config;
@@ -9,7 +10,12 @@
 //! Fields rampart writes itself (framing, hop-by-hop, `X-Forwarded-*`, `Via`,
 //! `x-request-id`) are refused, so a rule can never fight them or break framing.
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+
+use crate::codec::AddedFields;
 
 /// Which message a set of rules is for: the fields each may not touch differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,26 +28,280 @@ pub enum Direction {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderRules {
     pub remove: Vec<HeaderName>,
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub set: Vec<(HeaderName, Value)>,
+    pub add: Vec<(HeaderName, Value)>,
+    /// Some value names a variable: values are made per message.
+    templated: bool,
+}
+
+/// A rule's value: fixed, or text with variables (`$remote_addr`, nginx's syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Fixed(HeaderValue),
+    Template(Box<[Part]>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Text(Bytes),
+    Var(Var),
+}
+
+/// The variables a value may name, each with nginx's name and meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Var {
+    /// The client's IP address (the PROXY protocol's source, on such a listener).
+    RemoteAddr,
+    RemotePort,
+    /// `http` or `https`: how the client reached rampart.
+    Scheme,
+    /// The request's host, lowercased, without its port. Requests only.
+    Host,
+    /// The path and query the backend gets. Requests only.
+    RequestUri,
+    RequestMethod,
+    RequestId,
+    /// A request field's values, joined with ", ", as they go to the backend before
+    /// the rules apply. Requests only.
+    Http(HeaderName),
+    /// The backend that answered, `IP:port`; empty for rampart's own answers.
+    /// Responses only.
+    UpstreamAddr,
+}
+
+/// What one message's variables are made from.
+pub struct Vars<'a> {
+    pub remote_ip: &'a HeaderValue,
+    pub remote_port: u16,
+    pub scheme: &'a HeaderValue,
+    pub method: &'a Method,
+    pub request_id: &'a HeaderValue,
+    /// The host the request was routed on, as written (requests).
+    pub host: Option<&'a HeaderValue>,
+    /// The target the backend gets (requests).
+    pub uri: Option<&'a Uri>,
+    /// The fields rampart adds to the request (requests).
+    pub added: Option<&'a AddedFields>,
+    pub upstream: Option<SocketAddr>,
 }
 
 impl HeaderRules {
-    pub fn apply(&self, headers: &mut HeaderMap) {
+    /// Applies the rules to `headers`. A value that comes out empty is not sent: a
+    /// `set` then only removes the field, and an `add` adds nothing (nginx's
+    /// `proxy_set_header`, Envoy's default `keep_empty_value: false`). For request
+    /// rules `headers` is the request, which `$http_NAME` reads before any rule
+    /// changes it.
+    pub fn apply(&self, headers: &mut HeaderMap, vars: &Vars) {
+        if !self.templated {
+            return self.apply_values(headers, |_, v| match v {
+                Value::Fixed(v) => (!v.is_empty()).then(|| v.clone()),
+                Value::Template(_) => None,
+            });
+        }
+        let mut values: Vec<Option<HeaderValue>> = self
+            .set
+            .iter()
+            .chain(&self.add)
+            .map(|(_, v)| v.resolve(vars, headers))
+            .collect();
+        self.apply_values(headers, |i, _| values[i].take());
+    }
+
+    /// Remove, set, add, with the `i`th set-or-add rule's value from `value`.
+    fn apply_values(&self, headers: &mut HeaderMap, mut value: impl FnMut(usize, &Value) -> Option<HeaderValue>) {
         for name in &self.remove {
             headers.remove(name);
         }
-        for (name, value) in &self.set {
-            headers.insert(name.clone(), value.clone());
+        for (i, (name, v)) in self.set.iter().enumerate() {
+            match value(i, v) {
+                Some(v) => {
+                    headers.insert(name.clone(), v);
+                }
+                None => {
+                    headers.remove(name);
+                }
+            }
         }
-        for (name, value) in &self.add {
-            headers.append(name.clone(), value.clone());
+        let base = self.set.len();
+        for (i, (name, v)) in self.add.iter().enumerate() {
+            if let Some(v) = value(base + i, v) {
+                headers.append(name.clone(), v);
+            }
         }
     }
 
-    /// The `Host` a request rule sets, which replaces the one rampart would send.
-    pub fn host(&self) -> Option<&HeaderValue> {
-        self.set.iter().find(|(n, _)| n == http::header::HOST).map(|(_, v)| v)
+    /// The rules set the request's `Host`, which replaces the one rampart would send.
+    pub fn sets_host(&self) -> bool {
+        self.set.iter().any(|(n, _)| n == http::header::HOST)
+    }
+}
+
+impl Value {
+    fn resolve(&self, vars: &Vars, request: &HeaderMap) -> Option<HeaderValue> {
+        let parts = match self {
+            Value::Fixed(v) => return (!v.is_empty()).then(|| v.clone()),
+            Value::Template(parts) => parts,
+        };
+        let mut out = Vec::with_capacity(64);
+        for part in parts.iter() {
+            match part {
+                Part::Text(t) => out.extend_from_slice(t),
+                Part::Var(var) => var.write(vars, request, &mut out),
+            }
+        }
+        if out.is_empty() {
+            return None;
+        }
+        HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
+    }
+}
+
+impl Var {
+    fn write(&self, vars: &Vars, request: &HeaderMap, out: &mut Vec<u8>) {
+        use std::io::Write;
+        match self {
+            Var::RemoteAddr => out.extend_from_slice(vars.remote_ip.as_bytes()),
+            Var::RemotePort => {
+                let _ = write!(out, "{}", vars.remote_port);
+            }
+            Var::Scheme => out.extend_from_slice(vars.scheme.as_bytes()),
+            Var::Host => {
+                if let Some(h) = vars.host {
+                    out.extend(host_only(h.as_bytes()).iter().map(u8::to_ascii_lowercase));
+                }
+            }
+            Var::RequestUri => {
+                if let Some(pq) = vars.uri.and_then(Uri::path_and_query) {
+                    out.extend_from_slice(pq.as_str().as_bytes());
+                }
+            }
+            Var::RequestMethod => out.extend_from_slice(vars.method.as_str().as_bytes()),
+            Var::RequestId => out.extend_from_slice(vars.request_id.as_bytes()),
+            Var::Http(name) => {
+                let mut values = request.get_all(name).iter().peekable();
+                if values.peek().is_none() {
+                    if let Some(v) = vars.added.and_then(|a| a.get(name.as_str())) {
+                        out.extend_from_slice(v.as_bytes());
+                    }
+                    return;
+                }
+                for (i, v) in values.enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b", ");
+                    }
+                    out.extend_from_slice(v.as_bytes());
+                }
+            }
+            Var::UpstreamAddr => {
+                if let Some(a) = vars.upstream {
+                    let _ = write!(out, "{a}");
+                }
+            }
+        }
+    }
+}
+
+/// A Host value without its port; an IPv6 literal keeps its brackets, as nginx's
+/// `$host` does.
+fn host_only(host: &[u8]) -> &[u8] {
+    if host.first() == Some(&b'[') {
+        return match host.iter().position(|&b| b == b']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if host[colon + 1..].iter().all(u8::is_ascii_digit) => &host[..colon],
+        _ => host,
+    }
+}
+
+/// The variables by name, for errors.
+const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $http_NAME, $upstream_addr";
+
+/// Parses a rule's value: text with `$name` or `${name}` variables, and `$$` for a
+/// literal `$`.
+fn parse_value(text: &str, dir: Direction) -> Result<Value, String> {
+    let mut parts = Vec::new();
+    let mut literal = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        literal.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, next) = if let Some(inner) = after.strip_prefix('{') {
+            match inner.find('}') {
+                Some(end) => (&inner[..end], &inner[end + 1..]),
+                None => return Err(format!("`${{` without its `}}` in {text:?}")),
+            }
+        } else if let Some(next) = after.strip_prefix('$') {
+            literal.push('$');
+            rest = next;
+            continue;
+        } else {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        if name.is_empty() {
+            return Err(format!(
+                "`$` must start a variable ({VARIABLES}); write `$$` for a literal `$`"
+            ));
+        }
+        let var = variable(name, dir)?;
+        if !literal.is_empty() {
+            parts.push(Part::Text(text_bytes(&std::mem::take(&mut literal))?));
+        }
+        parts.push(Part::Var(var));
+        rest = next;
+    }
+    literal.push_str(rest);
+    if parts.is_empty() {
+        return text_value(&literal).map(Value::Fixed);
+    }
+    if !literal.is_empty() {
+        parts.push(Part::Text(text_bytes(&literal)?));
+    }
+    Ok(Value::Template(parts.into()))
+}
+
+fn text_value(text: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(text).map_err(|_| "the value may not contain control characters".to_string())
+}
+
+fn text_bytes(text: &str) -> Result<Bytes, String> {
+    text_value(text).map(|_| Bytes::copy_from_slice(text.as_bytes()))
+}
+
+fn variable(name: &str, dir: Direction) -> Result<Var, String> {
+    let var = match name {
+        "remote_addr" => Var::RemoteAddr,
+        "remote_port" => Var::RemotePort,
+        "scheme" => Var::Scheme,
+        "host" => Var::Host,
+        "request_uri" => Var::RequestUri,
+        "request_method" => Var::RequestMethod,
+        "request_id" => Var::RequestId,
+        "upstream_addr" => Var::UpstreamAddr,
+        _ => match name.strip_prefix("http_") {
+            Some(field) if !field.is_empty() => {
+                let field = field.replace('_', "-").to_ascii_lowercase();
+                match HeaderName::from_bytes(field.as_bytes()) {
+                    Ok(n) => Var::Http(n),
+                    Err(_) => return Err(format!("${name}: {field:?} is not a valid header name")),
+                }
+            }
+            _ => return Err(format!("unknown variable ${name}; known: {VARIABLES}")),
+        },
+    };
+    match (&var, dir) {
+        (Var::Host | Var::RequestUri | Var::Http(_), Direction::Response) => {
+            Err(format!("${name} is known only for requests (`request_headers`)"))
+        }
+        (Var::UpstreamAddr, Direction::Request) => Err(format!(
+            "${name} is known only for responses (`response_headers`): no backend is chosen when request rules apply"
+        )),
+        _ => Ok(var),
     }
 }
 
@@ -108,10 +368,10 @@ pub fn parse(value: &toml::Value, path: &str, dir: Direction, errors: &mut Vec<(
                                 continue;
                             }
                         };
-                        let value = match value.as_str().map(HeaderValue::from_str) {
+                        let value = match value.as_str().map(|v| parse_value(v, dir)) {
                             Some(Ok(v)) => v,
-                            Some(Err(_)) => {
-                                errors.push((at, "the value may not contain control characters".to_string()));
+                            Some(Err(e)) => {
+                                errors.push((at, e));
                                 continue;
                             }
                             None => {
@@ -119,6 +379,7 @@ pub fn parse(value: &toml::Value, path: &str, dir: Direction, errors: &mut Vec<(
                                 continue;
                             }
                         };
+                        rules.templated |= matches!(value, Value::Template(_));
                         let list = if key == "set" { &mut rules.set } else { &mut rules.add };
                         list.push((name, value));
                     }
@@ -162,6 +423,93 @@ mod tests {
         (rules, errors.into_iter().map(|(p, m)| format!("{p}: {m}")).collect())
     }
 
+    fn with_vars<R>(f: impl FnOnce(&Vars) -> R) -> R {
+        let (ip, scheme, id) = (
+            HeaderValue::from_static("10.1.2.3"),
+            HeaderValue::from_static("https"),
+            HeaderValue::from_static("req-7"),
+        );
+        let host = HeaderValue::from_static("App.Example:8443");
+        let uri = Uri::from_static("/a/b?c=1");
+        f(&Vars {
+            remote_ip: &ip,
+            remote_port: 5555,
+            scheme: &scheme,
+            method: &Method::PUT,
+            request_id: &id,
+            host: Some(&host),
+            uri: Some(&uri),
+            added: None,
+            upstream: Some("127.0.0.1:9001".parse().unwrap()),
+        })
+    }
+
+    #[test]
+    fn variables_are_filled_per_message() {
+        let (rules, errors) = parse_text(
+            r#"{ set = { "X-Real-IP" = "$remote_addr", "X-Who" = "${remote_addr}:$remote_port via $scheme", "X-Target" = "$request_method $host$request_uri", "X-Copy" = "[$http_x_tag]", "X-Id" = "$request_id", "X-Gone" = "$http_x_absent", "X-Cost" = "$$5" }, add = { "X-Tag" = "$http_x_absent" } }"#,
+            Direction::Request,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut h = HeaderMap::new();
+        h.append("x-tag", HeaderValue::from_static("a"));
+        h.append("x-tag", HeaderValue::from_static("b"));
+        h.append("x-gone", HeaderValue::from_static("client's"));
+        with_vars(|vars| rules.apply(&mut h, vars));
+        let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(get("x-real-ip").as_deref(), Some("10.1.2.3"));
+        assert_eq!(get("x-who").as_deref(), Some("10.1.2.3:5555 via https"));
+        assert_eq!(get("x-target").as_deref(), Some("PUT app.example/a/b?c=1"));
+        // `$http_NAME` reads the fields before the rules change them.
+        assert_eq!(get("x-copy").as_deref(), Some("[a, b]"));
+        assert_eq!(get("x-id").as_deref(), Some("req-7"));
+        assert_eq!(get("x-cost").as_deref(), Some("$5"));
+        // Empty values are not sent: a `set` removes, an `add` adds nothing.
+        assert_eq!(get("x-gone"), None);
+        assert_eq!(h.get_all("x-tag").iter().count(), 2);
+
+        let (rules, errors) = parse_text(r#"{ set = { "X-Upstream" = "$upstream_addr" } }"#, Direction::Response);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut h = HeaderMap::new();
+        with_vars(|vars| rules.apply(&mut h, vars));
+        assert_eq!(h["x-upstream"], "127.0.0.1:9001");
+    }
+
+    #[test]
+    fn host_keeps_an_ipv6_literal_whole() {
+        assert_eq!(host_only(b"[::1]:8080"), b"[::1]");
+        assert_eq!(host_only(b"[::1]"), b"[::1]");
+        assert_eq!(host_only(b"example.com:80"), b"example.com");
+        assert_eq!(host_only(b"example.com"), b"example.com");
+    }
+
+    #[test]
+    fn bad_variables_are_refused() {
+        let (_, errors) = parse_text(
+            r#"{ set = { "X-A" = "$nope", "X-B" = "cost: $5", "X-C" = "${remote_addr", "X-D" = "$upstream_addr", "X-E" = "$ alone" } }"#,
+            Direction::Request,
+        );
+        let all = errors.join("\n");
+        for want in [
+            "set.X-A: unknown variable $nope; known: $remote_addr,",
+            "set.X-B: unknown variable $5",
+            "set.X-C: `${` without its `}`",
+            "set.X-D: $upstream_addr is known only for responses",
+            "set.X-E: `$` must start a variable",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+        let (_, errors) = parse_text(
+            r#"{ add = { "X-A" = "$host", "X-B" = "$http_cookie", "X-C" = "$request_uri" } }"#,
+            Direction::Response,
+        );
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors.iter().all(|e| e.contains("known only for requests")),
+            "{errors:?}"
+        );
+    }
+
     #[test]
     fn rules_remove_then_set_then_add() {
         let (rules, errors) = parse_text(
@@ -174,7 +522,7 @@ mod tests {
         h.append("x-env", HeaderValue::from_static("dev"));
         h.append("x-env", HeaderValue::from_static("test"));
         h.append("x-tag", HeaderValue::from_static("a"));
-        rules.apply(&mut h);
+        with_vars(|vars| rules.apply(&mut h, vars));
         assert!(!h.contains_key("x-debug"));
         assert_eq!(h.get_all("x-env").iter().collect::<Vec<_>>(), ["prod"]);
         assert_eq!(h.get_all("x-tag").iter().collect::<Vec<_>>(), ["a", "b"]);

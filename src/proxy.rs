@@ -24,7 +24,7 @@ use crate::codec::{AddedFields, UpHead};
 use crate::config::{AccessLog, HashKey};
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
-use crate::header_rules::HeaderRules;
+use crate::header_rules::{HeaderRules, Vars};
 use crate::idle::ParkState;
 use crate::rawfields::{RawFields, RawRequest};
 use crate::retry;
@@ -87,6 +87,21 @@ impl ConnInfo {
             tls,
             client_cert: None,
             park: None,
+        }
+    }
+
+    /// The header rules' variables that come from the connection and the request.
+    fn vars<'a>(&'a self, method: &'a Method, request_id: &'a HeaderValue, upstream: Option<SocketAddr>) -> Vars<'a> {
+        Vars {
+            remote_ip: &self.peer_ip,
+            remote_port: self.peer.port(),
+            scheme: &self.proto,
+            method,
+            request_id,
+            host: None,
+            uri: None,
+            added: None,
+            upstream,
         }
     }
 
@@ -268,7 +283,7 @@ pub fn handle(
             }
         };
         if let Some(rules) = route_idx.and_then(|i| snap.routes[i].response_headers.as_deref()) {
-            rules.apply(response.headers_mut());
+            rules.apply(response.headers_mut(), &conn.vars(&method, &request_id, backend));
         }
         // The request id goes out last, as ours: a backend's (or an error page's) goes.
         // A response passed as the backend wrote it has an empty, unallocated map.
@@ -494,7 +509,7 @@ fn prepare(
         upgrade,
     );
     if let Some(rules) = &route.request_headers {
-        apply_request_rules(&mut head, rules);
+        apply_request_rules(&mut head, rules, conn, request_id);
     }
     let head = Rc::new(head);
 
@@ -817,7 +832,7 @@ fn rewrite_with(
 /// rules set replaces the one rampart would send (the client's, or its `:authority`),
 /// which `X-Forwarded-Host` still carries.
 #[cold]
-fn apply_request_rules(head: &mut UpHead, rules: &HeaderRules) {
+fn apply_request_rules(head: &mut UpHead, rules: &HeaderRules, conn: &ConnInfo, request_id: &HeaderValue) {
     if let Some(raw) = head.raw.take() {
         let mut map = crate::rawfields::block_map(&raw);
         // `drain` names a field once, then yields its further values unnamed.
@@ -830,11 +845,17 @@ fn apply_request_rules(head: &mut UpHead, rules: &HeaderRules) {
         }
         head.headers = map;
     }
-    if rules.host().is_some() {
+    let vars = Vars {
+        host: head.added.get("x-forwarded-host"),
+        uri: Some(&head.uri),
+        added: Some(&head.added),
+        ..conn.vars(&head.method, request_id, None)
+    };
+    rules.apply(&mut head.headers, &vars);
+    if rules.sets_host() {
         head.added.host = None;
         head.added.host_from_backend = false;
     }
-    rules.apply(&mut head.headers);
 }
 
 /// Joins every `Cookie` field into one, with "; " (RFC 9113 §8.2.3).

@@ -331,17 +331,87 @@ async fn a_routes_header_rules_change_requests_and_every_response_over_http1_and
     stop_proxy(srv).await;
 }
 
+/// Values made per request from variables, as nginx's `proxy_set_header X-Real-IP
+/// $remote_addr` and `add_header X-Upstream $upstream_addr`.
+const VARIABLE_RULES: &str = r#"
+request_headers = { set = { "X-Real-IP" = "$remote_addr", "X-Client" = "$remote_addr:$remote_port", "X-Original-URL" = "$scheme://$host$request_uri", "X-UA" = "[$http_user_agent]", "X-Seen-For" = "$http_x_forwarded_for", "X-Absent" = "$http_x_nothing" } }
+response_headers = { set = { "X-Upstream" = "$upstream_addr" }, add = { "X-Trace" = "$request_method $request_id" } }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_rule_variables_are_filled_per_request_over_http1_and_h2() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replacen(
+        "pool = \"app\"\n",
+        &format!("pool = \"app\"\n{VARIABLE_RULES}"),
+        1,
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let h2 = Request::get("http://Shop.Test:8080/fields?q=1")
+        .header("user-agent", "tester/2")
+        .header("x-absent", "the client's")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    for proto in ["HTTP/1.1", "h2"] {
+        let r = match proto {
+            "h2" => send_h2(addr, h2.clone()).await,
+            _ => {
+                get_with(
+                    addr,
+                    "/fields?q=1",
+                    &[
+                        ("host", "Shop.Test:8080"),
+                        ("user-agent", "tester/2"),
+                        ("x-absent", "the client's"),
+                    ],
+                )
+                .await
+            }
+        };
+        assert_eq!(r.status, 200, "{proto}");
+        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+        let got = |n: &str| seen.get(n).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(got("x-real-ip").as_deref(), Some("127.0.0.1"), "{proto}: {seen:?}");
+        let client = got("x-client").unwrap_or_default();
+        let port = client.strip_prefix("127.0.0.1:").map(str::parse::<u16>);
+        assert!(matches!(port, Some(Ok(p)) if p > 0), "{proto}: {client:?}");
+        assert_eq!(
+            got("x-original-url").as_deref(),
+            Some("http://shop.test/fields?q=1"),
+            "{proto}"
+        );
+        assert_eq!(got("x-ua").as_deref(), Some("[tester/2]"), "{proto}");
+        // rampart's own X-Forwarded-For, as it goes to the backend.
+        assert_eq!(got("x-seen-for"), got("x-forwarded-for"), "{proto}");
+        assert_eq!(got("x-seen-for").as_deref(), Some("127.0.0.1"), "{proto}");
+        // A value that comes out empty is not sent, and a `set` still replaces.
+        assert_eq!(got("x-absent"), None, "{proto}");
+        assert_eq!(r.headers["x-upstream"], o.addr.to_string().as_str(), "{proto}");
+        let trace = format!("GET {}", seen["x-request-id"].to_str().unwrap());
+        assert_eq!(r.headers["x-trace"], trace.as_str(), "{proto}");
+    }
+    // rampart's own answer: no backend, so no X-Upstream; the rest still comes.
+    o.stop();
+    let r = get_with(addr, "/", &[("host", "shop.test")]).await;
+    assert_eq!(r.status, 503);
+    assert!(!r.headers.contains_key("x-upstream"), "{:?}", r.headers);
+    assert!(r.headers["x-trace"].to_str().unwrap().starts_with("GET "));
+    stop_proxy(srv).await;
+}
+
 #[test]
 fn header_rules_on_fields_rampart_writes_are_refused_with_their_path() {
     let toml = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
         "pool = \"app\"\n",
-        "pool = \"app\"\nrequest_headers = { set = { Via = \"x\" }, remove = [\"Host\"] }\nresponse_headers = { add = { \"Content-Length\" = \"1\" } }\n",
+        "pool = \"app\"\nrequest_headers = { set = { Via = \"x\", \"X-Up\" = \"$upstream_addr\", \"X-Price\" = \"$5\" }, remove = [\"Host\"] }\nresponse_headers = { add = { \"Content-Length\" = \"1\" } }\n",
         1,
     );
     let err = rampart::Config::parse(&toml, "h.toml").unwrap_err().to_string();
     for want in [
         "h.toml: routes[0].request_headers.set.Via: via cannot be changed here: rampart sets it",
         "h.toml: routes[0].request_headers.remove[0]: host cannot be changed here",
+        "h.toml: routes[0].request_headers.set.X-Up: $upstream_addr is known only for responses",
+        "h.toml: routes[0].request_headers.set.X-Price: unknown variable $5; known: $remote_addr,",
         "h.toml: routes[0].response_headers.add.Content-Length: content-length cannot be changed here: rampart frames",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
