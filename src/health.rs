@@ -138,6 +138,19 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
     (base + Duration::from_micros(offset)).saturating_sub(jitter)
 }
 
+/// An HTTP check's `Host` when `host` is not set: for a TLS pool, the name the
+/// backend's certificate is checked against (with its port, unless 443), which is
+/// the virtual host such a backend most likely serves; otherwise the backend as
+/// written in `backends`.
+fn default_host(backend: &crate::state::Backend) -> String {
+    use rustls::pki_types::ServerName;
+    match &backend.tls_name {
+        Some(ServerName::DnsName(name)) if backend.addr.port() == 443 => name.as_ref().to_string(),
+        Some(ServerName::DnsName(name)) => format!("{}:{}", name.as_ref(), backend.addr.port()),
+        _ => backend.name.clone(),
+    }
+}
+
 /// One probe of backend `bi` within the check timeout.
 pub async fn probe(pool: &Pool, bi: usize) -> Result<(), String> {
     let cfg = &pool.config.health_check;
@@ -165,7 +178,7 @@ async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
     if cfg.kind != HealthCheckKind::Http {
         return Ok(());
     }
-    let host = cfg.host.clone().unwrap_or_else(|| addr.to_string());
+    let host = cfg.host.clone().unwrap_or_else(|| default_host(backend));
     let req = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rampart-health-check\r\nConnection: close\r\n\r\n",
         cfg.method, cfg.path, host

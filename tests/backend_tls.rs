@@ -111,6 +111,30 @@ async fn an_untrusted_or_misnamed_backend_certificate_gets_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_health_check_over_tls_names_the_certificates_host() {
+    let pki = Pki::new();
+    let origin = https_origin("o", &pki.leaf("o", &["app.test"]), None).await;
+    let check = "health_check = { path = \"/healthz\", interval = \"1s\", timeout = \"1s\", rise = 1, fall = 1 }";
+    let toml = pool_config(
+        &[origin.addr],
+        &format!("{check}\ntls = {{ {}, server_name = \"app.test\" }}", trusting(&pki)),
+    );
+    let (srv, _addr) = start_proxy(&toml);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let want = format!("app.test:{}", origin.addr.port());
+    loop {
+        let seen = origin.seen_headers.lock().unwrap().first().cloned();
+        if let Some(seen) = seen {
+            assert_eq!(seen["host"], want.as_str(), "{seen:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no health check arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stalls_the_handshake_is_a_connect_timeout_retried_elsewhere() {
     let pki = Pki::new();
     let good = https_origin("good", &pki.leaf("good", &["127.0.0.1"]), None).await;
