@@ -432,6 +432,7 @@ struct FileTls {
     http2: Option<bool>,
     strict_sni: Option<bool>,
     client_ca: Option<String>,
+    client_verify: Option<String>,
     forward_client_cert: Option<bool>,
 }
 
@@ -1363,6 +1364,23 @@ fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Opt
             }
         }
     });
+    let client_optional = match raw.client_verify.as_deref() {
+        None | Some("required") => false,
+        Some("optional") => true,
+        Some(other) => {
+            errs.push(
+                format!("{path}.client_verify"),
+                format!("expected \"required\" or \"optional\", got {other:?}"),
+            );
+            false
+        }
+    };
+    if raw.client_verify.is_some() && raw.client_ca.is_none() {
+        errs.push(
+            format!("{path}.client_verify"),
+            "needs client_ca: it says how client certificates signed by its CAs are asked for",
+        );
+    }
     let forward_client_cert = raw.forward_client_cert.unwrap_or(false);
     if forward_client_cert && raw.client_ca.is_none() {
         errs.push(
@@ -1376,6 +1394,7 @@ fn validate_tls(raw: FileTls, path: &str, base: &Path, errs: &mut Errors) -> Opt
         raw.http2.unwrap_or(true),
         strict_sni,
         client_ca,
+        client_optional,
         forward_client_cert,
     ) {
         Ok(s) => (errs.0.len() == before).then(|| Arc::new(s)),

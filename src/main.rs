@@ -63,12 +63,8 @@ fn main() -> ExitCode {
                     for line in l.tls.iter().flat_map(|t| t.describe(now)) {
                         println!("  {} certificate {line}", l.bind);
                     }
-                    if let Some(ca) = l.tls.as_ref().and_then(|t| t.client_ca.as_ref()) {
-                        println!(
-                            "  {} clients must present a certificate signed by a CA in {}",
-                            l.bind,
-                            ca.display()
-                        );
+                    if let Some(line) = l.tls.as_ref().and_then(|t| t.describe_clients()) {
+                        println!("  {} {line}", l.bind);
                     }
                 }
                 for p in &c.pools {

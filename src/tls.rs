@@ -78,6 +78,9 @@ pub struct TlsSettings {
     pub strict_sni: bool,
     /// Clients must present a certificate a CA in this file signed (mutual TLS).
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: a client may also present none (`client_verify =
+    /// "optional"`); one it presents must still verify.
+    pub client_optional: bool,
     /// Backends get the client's certificate in `X-Forwarded-Client-Cert`.
     pub forward_client_cert: bool,
 }
@@ -88,6 +91,7 @@ impl fmt::Debug for TlsSettings {
             .field("certificates", &self.certificates)
             .field("strict_sni", &self.strict_sni)
             .field("client_ca", &self.client_ca)
+            .field("client_optional", &self.client_optional)
             .field("forward_client_cert", &self.forward_client_cert)
             .finish()
     }
@@ -213,14 +217,15 @@ pub fn pem_error(e: rustls::pki_types::pem::Error) -> String {
 /// Builds a listener's TLS settings from its certificates (the first one is the
 /// default, unless `strict_sni`: for clients that send no SNI or a name no
 /// certificate covers), and, with `client_ca` (its file and the CAs loaded from it),
-/// a required client certificate. Errors carry the index of the certificate they are
-/// about.
+/// a client certificate, required unless `client_optional`. Errors carry the index
+/// of the certificate they are about.
 pub fn settings(
     certificates: Vec<CertFiles>,
     min_version: MinVersion,
     http2: bool,
     strict_sni: bool,
     client_ca: Option<(PathBuf, rustls::RootCertStore)>,
+    client_optional: bool,
     forward_client_cert: bool,
 ) -> Result<TlsSettings, Vec<(Option<usize>, String)>> {
     let provider = provider();
@@ -262,7 +267,11 @@ pub fn settings(
     let (builder, client_ca) = match client_ca {
         None => (builder.with_no_client_auth(), None),
         Some((file, roots)) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if client_optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
                 .build()
                 .map_err(|e| vec![(None, format!("client_ca {}: {e}", file.display()))])?;
             (builder.with_client_cert_verifier(verifier), Some(file))
@@ -282,11 +291,25 @@ pub fn settings(
         certificates: loaded,
         strict_sni,
         client_ca,
+        client_optional,
         forward_client_cert,
     })
 }
 
 impl TlsSettings {
+    /// What clients must present, with `client_ca`: for `rampart check` and the log.
+    pub fn describe_clients(&self) -> Option<String> {
+        let ca = self.client_ca.as_ref()?;
+        Some(if self.client_optional {
+            format!(
+                "clients may present a certificate; one presented must be signed by a CA in {}",
+                ca.display()
+            )
+        } else {
+            format!("clients must present a certificate signed by a CA in {}", ca.display())
+        })
+    }
+
     /// Whether certificate `i` also serves clients whose SNI no certificate covers:
     /// the first, unless `strict_sni`.
     pub fn is_default(&self, i: usize) -> bool {
@@ -370,8 +393,8 @@ pub fn log_certificates(config: &crate::config::Config) {
     let now = unix_now();
     for l in &config.listeners {
         let Some(tls) = &l.tls else { continue };
-        if let Some(ca) = &tls.client_ca {
-            tracing::info!(bind = %l.bind, "TLS clients must present a certificate signed by a CA in {}", ca.display());
+        if let Some(line) = tls.describe_clients() {
+            tracing::info!(bind = %l.bind, "TLS {line}");
         }
         for (cert, line) in tls.certificates.iter().zip(tls.describe(now)) {
             if expires_soon(cert, now) {

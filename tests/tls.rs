@@ -709,6 +709,54 @@ async fn client_ca_admits_only_clients_with_a_certificate_it_signed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_verify_optional_admits_clients_without_a_certificate_but_not_with_a_bad_one() {
+    let clients = Pki::new();
+    let strangers = Pki::new();
+    let extra = format!(
+        ", client_ca = {:?}, client_verify = \"optional\", forward_client_cert = true",
+        clients.ca_file()
+    );
+    let (pki, o, _srv, addr) = site("", &extra).await;
+    let member = clients.leaf("member", &["member.test"]);
+    let outsider = strangers.leaf("outsider", &["outsider.test"]);
+    let xfcc = || {
+        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+        seen.get("x-forwarded-client-cert")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    // No certificate: served, and the backend is told of none.
+    let answer = get_as(addr, &pki, None, "x-forwarded-client-cert: Hash=00\r\n")
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(xfcc(), None);
+    // A good one: served and forwarded.
+    let answer = get_as(addr, &pki, Some(&member), "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(xfcc().is_some_and(|f| f.ends_with(";DNS=member.test")), "{:?}", xfcc());
+    // One no CA in the file signed still fails the handshake.
+    let r = get_as(addr, &pki, Some(&outsider), "").await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(o.hits(), 2);
+
+    let member_cert = clients.leaf("m2", &["m2.test"]);
+    for (extra, want) in [
+        (
+            ", client_verify = \"optional\"",
+            "listeners[0].tls.client_verify: needs client_ca",
+        ),
+        (
+            &*format!(", client_ca = {:?}, client_verify = \"on\"", clients.ca_file()),
+            "listeners[0].tls.client_verify: expected \"required\" or \"optional\", got \"on\"",
+        ),
+    ] {
+        let bad = tls_config(&[o.addr], &[&member_cert], extra);
+        let err = rampart::Config::parse(&bad, "bad.toml").unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_client_cert_tells_the_backend_who_the_client_is_and_a_client_cannot_forge_it() {
     let clients = Pki::new();
     let extra = format!(", client_ca = {:?}, forward_client_cert = true", clients.ca_file());
