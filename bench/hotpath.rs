@@ -68,6 +68,7 @@ fn routes(c: &mut Criterion) {
             https_redirect: false,
             request_headers: None,
             response_headers: None,
+            prefix_rewrite: None,
         });
     }
     table.push(RouteConfig {
@@ -78,6 +79,7 @@ fn routes(c: &mut Criterion) {
         https_redirect: false,
         request_headers: None,
         response_headers: None,
+        prefix_rewrite: None,
     });
     table.push(RouteConfig {
         host: None,
@@ -87,6 +89,7 @@ fn routes(c: &mut Criterion) {
         https_redirect: false,
         request_headers: None,
         response_headers: None,
+        prefix_rewrite: None,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {

@@ -194,6 +194,8 @@ pub struct RouteConfig {
     pub request_headers: Option<Arc<HeaderRules>>,
     /// The same on every response to a request this route matched.
     pub response_headers: Option<Arc<HeaderRules>>,
+    /// Replaces the matched `path_prefix` in the path the backend gets.
+    pub prefix_rewrite: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -451,6 +453,7 @@ struct FileRoute {
     pool: String,
     max_body_bytes: Option<u64>,
     https_redirect: Option<bool>,
+    prefix_rewrite: Option<String>,
     request_headers: Option<toml::Value>,
     response_headers: Option<toml::Value>,
 }
@@ -733,6 +736,19 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 format!("must start with '/', got {path_prefix:?}"),
             );
         }
+        if let Some(rewrite) = &raw.prefix_rewrite {
+            if !rewrite.starts_with('/') {
+                errs.push(
+                    format!("{path}.prefix_rewrite"),
+                    format!("must start with '/', got {rewrite:?}"),
+                );
+            } else if http::uri::PathAndQuery::try_from(rewrite.as_str()).is_err() || rewrite.contains(['?', '#']) {
+                errs.push(
+                    format!("{path}.prefix_rewrite"),
+                    format!("{rewrite:?} is not a valid path (percent-encode spaces and other special characters)"),
+                );
+            }
+        }
         if raw.max_body_bytes == Some(0) {
             errs.push(
                 format!("{path}.max_body_bytes"),
@@ -758,6 +774,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 pool,
                 max_body_bytes: raw.max_body_bytes,
                 https_redirect: raw.https_redirect.unwrap_or(false),
+                prefix_rewrite: raw.prefix_rewrite,
                 request_headers,
                 response_headers,
             }),

@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use crate::codec::AddedFields;
 
@@ -57,7 +57,7 @@ pub enum Var {
     Scheme,
     /// The request's host, lowercased, without its port. Requests only.
     Host,
-    /// The path and query the backend gets. Requests only.
+    /// The path and query as routed (before a `prefix_rewrite`). Requests only.
     RequestUri,
     RequestMethod,
     RequestId,
@@ -78,8 +78,8 @@ pub struct Vars<'a> {
     pub request_id: &'a HeaderValue,
     /// The host the request was routed on, as written (requests).
     pub host: Option<&'a HeaderValue>,
-    /// The target the backend gets (requests).
-    pub uri: Option<&'a Uri>,
+    /// The path and query as routed, before any `prefix_rewrite` (requests).
+    pub target: Option<&'a str>,
     /// The fields rampart adds to the request (requests).
     pub added: Option<&'a AddedFields>,
     pub upstream: Option<SocketAddr>,
@@ -171,8 +171,8 @@ impl Var {
                 }
             }
             Var::RequestUri => {
-                if let Some(pq) = vars.uri.and_then(Uri::path_and_query) {
-                    out.extend_from_slice(pq.as_str().as_bytes());
+                if let Some(target) = vars.target {
+                    out.extend_from_slice(target.as_bytes());
                 }
             }
             Var::RequestMethod => out.extend_from_slice(vars.method.as_str().as_bytes()),
@@ -430,7 +430,7 @@ mod tests {
             HeaderValue::from_static("req-7"),
         );
         let host = HeaderValue::from_static("App.Example:8443");
-        let uri = Uri::from_static("/a/b?c=1");
+
         f(&Vars {
             remote_ip: &ip,
             remote_port: 5555,
@@ -438,7 +438,7 @@ mod tests {
             method: &Method::PUT,
             request_id: &id,
             host: Some(&host),
-            uri: Some(&uri),
+            target: Some("/a/b?c=1"),
             added: None,
             upstream: Some("127.0.0.1:9001".parse().unwrap()),
         })

@@ -99,7 +99,7 @@ impl ConnInfo {
             method,
             request_id,
             host: None,
-            uri: None,
+            target: None,
             added: None,
             upstream,
         }
@@ -460,6 +460,11 @@ fn prepare(
         return Err(https_redirect(host, &req));
     }
     let pool = &snap.pools[route.pool];
+    // The target as routed, kept for `$request_uri` when the backend gets another.
+    let routed_target = match &route.prefix_rewrite {
+        Some(to) if !asterisk => rewrite_prefix(&mut req, &route.path_prefix, to)?,
+        _ => None,
+    };
 
     let content_length = content_length(fields.content_length.as_ref())?;
     if let (Some(limit), Some(len)) = (route.max_body_bytes, content_length) {
@@ -509,7 +514,7 @@ fn prepare(
         upgrade,
     );
     if let Some(rules) = &route.request_headers {
-        apply_request_rules(&mut head, rules, conn, request_id);
+        apply_request_rules(&mut head, rules, conn, request_id, routed_target.as_ref());
     }
     let head = Rc::new(head);
 
@@ -832,7 +837,13 @@ fn rewrite_with(
 /// rules set replaces the one rampart would send (the client's, or its `:authority`),
 /// which `X-Forwarded-Host` still carries.
 #[cold]
-fn apply_request_rules(head: &mut UpHead, rules: &HeaderRules, conn: &ConnInfo, request_id: &HeaderValue) {
+fn apply_request_rules(
+    head: &mut UpHead,
+    rules: &HeaderRules,
+    conn: &ConnInfo,
+    request_id: &HeaderValue,
+    routed_target: Option<&PathAndQuery>,
+) {
     if let Some(raw) = head.raw.take() {
         let mut map = crate::rawfields::block_map(&raw);
         // `drain` names a field once, then yields its further values unnamed.
@@ -847,7 +858,7 @@ fn apply_request_rules(head: &mut UpHead, rules: &HeaderRules, conn: &ConnInfo, 
     }
     let vars = Vars {
         host: head.added.get("x-forwarded-host"),
-        uri: Some(&head.uri),
+        target: routed_target.or(head.uri.path_and_query()).map(PathAndQuery::as_str),
         added: Some(&head.added),
         ..conn.vars(&head.method, request_id, None)
     };
@@ -856,6 +867,39 @@ fn apply_request_rules(head: &mut UpHead, rules: &HeaderRules, conn: &ConnInfo, 
         head.added.host = None;
         head.added.host_from_backend = false;
     }
+}
+
+/// A route's `prefix_rewrite`: the matched `path_prefix` is replaced by `to` in the
+/// target the backend gets, the query kept (Envoy's `prefix_rewrite`; nginx's
+/// `location /api/ { proxy_pass http://app/; }`). When `to` ends in `/` and the rest
+/// of the path starts with one, one of the two goes, so `/api` rewritten to `/` sends
+/// `/api/users` as `/users`, not `//users`. Returns the target as it was routed.
+#[cold]
+fn rewrite_prefix<B>(req: &mut Request<B>, prefix: &str, to: &str) -> Result<Option<PathAndQuery>, ProxyError> {
+    let Some(routed) = req.uri().path_and_query().cloned() else {
+        return Ok(None);
+    };
+    // The router matched `prefix` against this path, so it starts with it.
+    let rest = routed.path().get(prefix.len()..).unwrap_or("");
+    let rest = match rest.strip_prefix('/') {
+        Some(tail) if to.ends_with('/') => tail,
+        _ => rest,
+    };
+    let query = routed.query();
+    let mut target = String::with_capacity(to.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
+    target.push_str(to);
+    target.push_str(rest);
+    if let Some(q) = query {
+        target.push('?');
+        target.push_str(q);
+    }
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        PathAndQuery::from_maybe_shared(Bytes::from(target))
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    Ok(Some(routed))
 }
 
 /// Joins every `Cookie` field into one, with "; " (RFC 9113 §8.2.3).

@@ -325,6 +325,7 @@ mod tests {
             https_redirect: false,
             request_headers: None,
             response_headers: None,
+            prefix_rewrite: None,
         }
     }
 

@@ -399,6 +399,76 @@ async fn header_rule_variables_are_filled_per_request_over_http1_and_h2() {
     stop_proxy(srv).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_rewrite_replaces_the_matched_prefix_in_the_path_the_backend_gets() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let routes = r#"
+[[routes]]
+path_prefix = "/api/"
+prefix_rewrite = "/"
+pool = "app"
+request_headers = { set = { "X-Original-URI" = "$request_uri" } }
+
+[[routes]]
+path_prefix = "/v1"
+prefix_rewrite = "/internal/v2"
+pool = "app"
+
+[[routes]]
+path_prefix = "/legacy"
+prefix_rewrite = "/"
+pool = "app"
+
+[[routes]]
+pool = "app"
+"#;
+    let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replacen("[[routes]]\npool = \"app\"\n", routes, 1);
+    let (srv, addr) = start_proxy(&toml);
+    let target = || {
+        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+        seen[SEEN_TARGET].to_str().unwrap().to_string()
+    };
+    for (sent, want) in [
+        ("/api/users?id=7", "/users?id=7"),
+        ("/api/", "/"),
+        ("/v1/orders", "/internal/v2/orders"),
+        ("/v1", "/internal/v2"),
+        ("/v1beta", "/internal/v2beta"),
+        ("/legacy/page", "/page"),
+        ("/legacy", "/"),
+        // Dot segments go before routing, so the rewrite sees the routed path.
+        ("/x/../api/a", "/a"),
+        // Other routes are untouched.
+        ("/other?q", "/other?q"),
+    ] {
+        let r = get(addr, sent).await;
+        assert_eq!(r.status, 200, "{sent}");
+        assert_eq!(target(), want, "{sent}");
+    }
+    // HTTP/2 too, and `$request_uri` is the target as routed.
+    let h2 = Request::get("http://test.local/api/users?id=8")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send_h2(addr, h2).await.status, 200);
+    assert_eq!(target(), "/users?id=8");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-original-uri"], "/api/users?id=8");
+    stop_proxy(srv).await;
+
+    let bad = pool_config(&[o.addr], "").replacen("pool = \"app\"\n", "pool = \"app\"\nprefix_rewrite = \"v2\"\n", 1);
+    let err = rampart::Config::parse(&bad, "p.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("p.toml: routes[0].prefix_rewrite: must start with '/', got \"v2\""),
+        "{err}"
+    );
+    let bad = bad.replace("\"v2\"", "\"/a b\"");
+    let err = rampart::Config::parse(&bad, "p.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("routes[0].prefix_rewrite: \"/a b\" is not a valid path"),
+        "{err}"
+    );
+}
+
 #[test]
 fn header_rules_on_fields_rampart_writes_are_refused_with_their_path() {
     let toml = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(

@@ -339,7 +339,12 @@ async fn serve_conn<S: OriginStream>(
         let (name, hits, beh, seen) = (name.clone(), hits.clone(), beh.clone(), seen.clone());
         async move {
             hits.fetch_add(1, Ordering::SeqCst);
-            seen.lock().unwrap().push(req.headers().clone());
+            // The target it got rides along as a made-up field, `:target`'s stand-in.
+            let mut fields = req.headers().clone();
+            if let Ok(t) = http::HeaderValue::from_str(req.uri().path_and_query().map_or("", |pq| pq.as_str())) {
+                fields.insert(SEEN_TARGET, t);
+            }
+            seen.lock().unwrap().push(fields);
             let b = beh.lock().unwrap().clone();
             let resp = match b {
                 Behavior::Freeze => {
@@ -482,6 +487,9 @@ pub fn metric(series: &str) -> String {
 pub const NO_HEALTH_CHECKS: &str = "health_check = { type = \"none\" }";
 
 /// A config with one pool of `backends`, with extra lines for the pool appended.
+/// In `TestOrigin::seen_headers`, the target (path and query) each request came with.
+pub const SEEN_TARGET: &str = "x-test-origin-target";
+
 pub fn pool_config(backends: &[SocketAddr], pool_extra: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
