@@ -178,7 +178,13 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 })
                 .collect();
             let tls = p.config.tls.as_ref().map(|t| t.describe(crate::tls::unix_now()));
-            serde_json::json!({ "name": p.name, "balancer": p.balancer.kind(), "tls": tls, "backends": backends })
+            serde_json::json!({
+                "name": p.name,
+                "balancer": p.balancer.kind(),
+                "protocol": p.config.protocol.as_str(),
+                "tls": tls,
+                "backends": backends,
+            })
         })
         .collect();
     serde_json::json!({

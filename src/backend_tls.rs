@@ -50,6 +50,8 @@ pub struct BackendTlsSpec {
     pub server_name: Option<String>,
     pub client_cert: Option<CertFiles>,
     pub min_version: MinVersion,
+    /// The pool speaks HTTP/2: ALPN offers `h2` alone.
+    pub h2: bool,
 }
 
 /// A pool's loaded TLS settings, ready to connect with.
@@ -120,9 +122,10 @@ impl BackendTls {
             ),
             None => (builder.with_no_client_auth(), None),
         };
-        // rampart speaks HTTP/1.1 to backends; saying so lets a server that also
-        // offers h2 pick the right one.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // The pool's one protocol, so a server that offers both picks it; an h2 pool
+        // offers h2 alone, as HAProxy's `alpn h2` (a backend that cannot speak it
+        // fails the handshake rather than answering HTTP/1.1 to an HTTP/2 preface).
+        config.alpn_protocols = vec![if spec.h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
         Ok(BackendTls {
             spec,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),

@@ -179,6 +179,15 @@ pub enum RespBody {
         in_flight: Option<InFlight>,
         request_slot: Option<Slot>,
     },
+    /// An HTTP/2 backend's stream (`h2up`); its trailers pass on (gRPC's status).
+    H2 {
+        prefix: Option<Bytes>,
+        inner: Incoming,
+        /// Trailers already read with the prefix, sent after it.
+        trailers: Option<http::HeaderMap>,
+        in_flight: Option<InFlight>,
+        request_slot: Option<Slot>,
+    },
 }
 
 impl From<Bytes> for RespBody {
@@ -225,6 +234,27 @@ impl Body for RespBody {
                 }
                 res
             }
+            RespBody::H2 {
+                prefix,
+                inner,
+                trailers,
+                in_flight,
+                request_slot,
+            } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                let res = match Pin::new(&mut *inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(f)) => Some(f.map_err(io::Error::other)),
+                    Poll::Ready(None) => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                };
+                if res.is_none() {
+                    in_flight.take();
+                    request_slot.take();
+                }
+                Poll::Ready(res)
+            }
         }
     }
 
@@ -232,22 +262,31 @@ impl Body for RespBody {
         match self {
             RespBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             RespBody::Upstream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
+            RespBody::H2 {
+                prefix,
+                inner,
+                trailers,
+                ..
+            } => prefix.is_none() && trailers.is_none() && inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RespBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            RespBody::Upstream { prefix, inner, .. } => {
-                let p = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                let h = inner.size_hint();
-                let mut out = SizeHint::new();
-                out.set_lower(h.lower() + p);
-                if let Some(u) = h.upper() {
-                    out.set_upper(u + p);
-                }
-                out
-            }
+            RespBody::Upstream { prefix, inner, .. } => with_prefix(prefix, inner.size_hint()),
+            RespBody::H2 { prefix, inner, .. } => with_prefix(prefix, inner.size_hint()),
         }
     }
+}
+
+/// A body's size hint with `prefix` sent before it.
+fn with_prefix(prefix: &Option<Bytes>, h: SizeHint) -> SizeHint {
+    let p = prefix.as_ref().map_or(0, |p| p.len() as u64);
+    let mut out = SizeHint::new();
+    out.set_lower(h.lower() + p);
+    if let Some(u) = h.upper() {
+        out.set_upper(u + p);
+    }
+    out
 }

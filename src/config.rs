@@ -248,6 +248,27 @@ pub struct PoolConfig {
     /// TLS to the backends (`[pools.NAME.tls]`), trust store and client certificate
     /// loaded.
     pub tls: Option<Arc<crate::backend_tls::BackendTls>>,
+    /// What the pool's backends speak: HTTP/1.1, or HTTP/2 (`protocol = "h2"`).
+    pub protocol: UpstreamProtocol,
+}
+
+/// A pool's protocol to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2: prior knowledge (h2c) on plain connections, ALPN `h2` over TLS. One
+    /// multiplexed connection per backend per worker (`h2up`).
+    H2,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2 => "h2",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -487,6 +508,7 @@ struct FilePool {
     #[serde(default, with = "humantime_serde")]
     slow_start: Option<Duration>,
     tls: Option<toml::Value>,
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -929,11 +951,22 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
     }
     let raw: FilePool = section(value, &path, errs)?;
     let before = errs.0.len();
+    let protocol = match raw.protocol.as_deref() {
+        None | Some("http1") => UpstreamProtocol::Http1,
+        Some("h2") => UpstreamProtocol::H2,
+        Some(other) => {
+            errs.push(
+                format!("{path}.protocol"),
+                format!("expected \"http1\" or \"h2\", got {other:?}"),
+            );
+            UpstreamProtocol::Http1
+        }
+    };
     let tls_path = format!("{path}.tls");
     let tls = raw
         .tls
         .as_ref()
-        .and_then(|t| validate_backend_tls(t, &tls_path, base, errs));
+        .and_then(|t| validate_backend_tls(t, &tls_path, base, protocol, errs));
     let mut backends = Vec::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
@@ -1053,6 +1086,7 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
         circuit_breaker: circuit_breaker?,
         slow_start: raw.slow_start.unwrap_or(Duration::ZERO),
         tls,
+        protocol,
     })
 }
 
@@ -1062,6 +1096,7 @@ fn validate_backend_tls(
     value: &toml::Value,
     path: &str,
     base: &Path,
+    protocol: UpstreamProtocol,
     errs: &mut Errors,
 ) -> Option<Arc<crate::backend_tls::BackendTls>> {
     use crate::backend_tls::{BackendTls, BackendTlsSpec, Trust};
@@ -1105,6 +1140,7 @@ fn validate_backend_tls(
         server_name: raw.server_name,
         client_cert,
         min_version,
+        h2: protocol == UpstreamProtocol::H2,
     };
     // The files are read even when a field above was wrong, so every error shows.
     match BackendTls::load(spec) {

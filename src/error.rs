@@ -74,6 +74,10 @@ pub enum ProxyError {
     /// unread. No application saw the request.
     #[error("{backend} reset the connection with the request unread, and its listener is gone (its process exited)")]
     ExitedUnread { backend: SocketAddr },
+    /// An HTTP/2 backend refused the stream (`REFUSED_STREAM`): by RFC 9113 §8.7 it
+    /// did not process the request.
+    #[error("{backend} refused the HTTP/2 stream (REFUSED_STREAM) without processing the request")]
+    StreamRefused { backend: SocketAddr },
     #[error("invalid response from {backend}: {reason}")]
     BadResponse { backend: SocketAddr, reason: &'static str },
     #[error("{backend} answered {status}")]
@@ -115,6 +119,7 @@ impl ProxyError {
             | ConnectTimeout { .. }
             | NotReceived { .. }
             | ExitedUnread { .. }
+            | StreamRefused { .. }
             | CircuitOpen { .. }
             | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -151,6 +156,7 @@ impl ProxyError {
             | UpstreamClosed { .. }
             | NotReceived { .. }
             | ExitedUnread { .. }
+            | StreamRefused { .. }
             | BadResponse { .. }
             | BadStatus { .. } => Side::Upstream,
         }
@@ -167,7 +173,10 @@ impl ProxyError {
     /// The request was written but provably never read: the kept copy may be resent,
     /// whatever the method, as if it had never been written.
     pub fn never_read(&self) -> bool {
-        matches!(self, ProxyError::NotReceived { .. } | ProxyError::ExitedUnread { .. })
+        matches!(
+            self,
+            ProxyError::NotReceived { .. } | ProxyError::ExitedUnread { .. } | ProxyError::StreamRefused { .. }
+        )
     }
 
     /// The application may have seen the request; only idempotent methods may be retried.
@@ -201,6 +210,7 @@ impl ProxyError {
             | UpstreamClosed { backend, .. }
             | NotReceived { backend }
             | ExitedUnread { backend }
+            | StreamRefused { backend }
             | BadResponse { backend, .. }
             | BadStatus { backend, .. } => Some(*backend),
             _ => None,
@@ -221,6 +231,7 @@ impl ProxyError {
             UpstreamClosed { .. } => "upstream_closed",
             NotReceived { .. } => "upstream_closed_unread",
             ExitedUnread { .. } => "upstream_exited_unread",
+            StreamRefused { .. } => "stream_refused",
             BadResponse { .. } => "bad_response",
             BadStatus { .. } => "bad_status",
             CircuitOpen { .. } => "circuit_open",
@@ -339,6 +350,7 @@ mod tests {
             (ProxyError::ConnectTimeout { backend: addr }, 503),
             (ProxyError::ResponseTimeout { backend: addr }, 504),
             (ProxyError::NotReceived { backend: addr }, 503),
+            (ProxyError::StreamRefused { backend: addr }, 503),
             (
                 ProxyError::CircuitOpen {
                     pool: "p".into(),

@@ -23,8 +23,9 @@ use tokio::time::Instant;
 use crate::body::{ReqBody, RespBody};
 use crate::breaker::Limit;
 use crate::codec::{Head, RespFields};
-use crate::config::HedgeDelay;
+use crate::config::{HedgeDelay, UpstreamProtocol};
 use crate::error::ProxyError;
+use crate::h2up;
 use crate::outlier;
 use crate::rawfields::RawFields;
 use crate::retry::{self, Attempts};
@@ -182,7 +183,7 @@ pub async fn forward(
 }
 
 fn attach_slot(fwd: &mut Forwarded, slot: crate::breaker::Slot) {
-    if let RespBody::Upstream { request_slot, .. } = fwd.response.body_mut() {
+    if let RespBody::Upstream { request_slot, .. } | RespBody::H2 { request_slot, .. } = fwd.response.body_mut() {
         *request_slot = Some(slot);
     }
 }
@@ -377,6 +378,10 @@ async fn try_backend(
     // Owned handles, so a hedged-against try can outlive its request (`watch_primary`).
     let (ctx, pool) = (&ctx, &pool);
     let cfg = &pool.config;
+    if cfg.protocol == UpstreamProtocol::H2 {
+        // Boxed: its state would otherwise size every HTTP/1.1 try's future too.
+        return crate::alloc::boxed(|| try_backend_h2(ctx, pool, bi, request, opts, deadline)).await;
+    }
     let backend = &pool.backends[bi];
     let addr = backend.addr;
     let mut stale_left = MAX_STALE_RESENDS;
@@ -472,7 +477,7 @@ async fn try_backend(
             };
             let mut incoming = UpBody::new(conn, framing, keep_alive, home);
             *response.body_mut() = if buffer > 0 {
-                match read_prefix(&mut incoming, buffer, deadline).await {
+                match read_prefix(&mut incoming, buffer, deadline, |e| e).await {
                     Err(Some(e)) => {
                         return Outcome::Failed(
                             ProxyError::UpstreamClosed {
@@ -483,12 +488,12 @@ async fn try_backend(
                         )
                     }
                     Err(None) => return timed_out(pool, bi),
-                    Ok((whole, true)) => {
+                    Ok((whole, true, _)) => {
                         // Complete: the connection is back in the pool already.
                         drop(in_flight);
                         RespBody::Full(Some(whole))
                     }
-                    Ok((prefix, false)) => RespBody::upstream(Some(prefix), incoming, in_flight),
+                    Ok((prefix, false, _)) => RespBody::upstream(Some(prefix), incoming, in_flight),
                 }
             } else {
                 RespBody::upstream(None, incoming, in_flight)
@@ -499,6 +504,144 @@ async fn try_backend(
             backend: addr,
             upgraded,
             raw,
+        };
+        return match gateway {
+            Some(err) => Outcome::Gateway(err, fwd),
+            None => Outcome::Response(fwd),
+        };
+    }
+}
+
+/// `try_backend` for a pool that speaks HTTP/2 (`h2up`): the same outcomes, from a
+/// stream on the backend's one multiplexed connection.
+async fn try_backend_h2(
+    ctx: &Rc<WorkerCtx>,
+    pool: &Arc<Pool>,
+    bi: usize,
+    mut request: UpRequest,
+    opts: TryOpts,
+    deadline: Option<Instant>,
+) -> Outcome {
+    let cfg = &pool.config;
+    let backend = &pool.backends[bi];
+    let addr = backend.addr;
+    let tls = cfg.tls.as_deref().zip(backend.tls_name.as_ref());
+    let mut stale_left = MAX_STALE_RESENDS;
+    loop {
+        let (mut send, reused) = match ctx.h2.checkout(backend.state.id) {
+            h2up::Checkout::Open(s) => (s, true),
+            h2up::Checkout::Wait(opening) => {
+                opening.notified().await;
+                if let h2up::Checkout::Open(s) = ctx.h2.checkout(backend.state.id) {
+                    (s, false)
+                } else {
+                    // The connect this request waited on failed: so does this try,
+                    // at once, rather than each waiter trying again in turn.
+                    let source = std::io::Error::other("the connection being opened for it failed");
+                    return Outcome::Failed(ProxyError::Connect { backend: addr, source }, Some(request));
+                }
+            }
+            h2up::Checkout::Connect(opening) => {
+                let pending = match pool.breakers.acquire(Limit::Pending, &cfg.circuit_breaker) {
+                    Ok(s) => s,
+                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                };
+                let conn_slot = match pool.breakers.acquire(Limit::Connections, &cfg.circuit_breaker) {
+                    Ok(s) => s,
+                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                };
+                let r = h2up::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
+                drop(pending);
+                match r {
+                    Ok(s) => {
+                        opening.opened(s.clone(), cfg.idle_timeout);
+                        (s, false)
+                    }
+                    Err(e) => return Outcome::Failed(e, Some(request)),
+                }
+            }
+        };
+        let (body, upload) = h2up::take_body(&mut request.body);
+        let req = h2up::request(&request.head, body, addr, tls.is_some());
+        let in_flight = backend.state.start_request();
+        let sent_at = crate::clock::tokio_now();
+        let answer = send.try_send_request(req);
+        let answer = match upload {
+            None => by(deadline, answer).await,
+            // A body still arriving from the client: the try's timeout starts once
+            // it is sent, as for HTTP/1.1.
+            Some(upload) => {
+                let mut answer = std::pin::pin!(answer);
+                tokio::select! {
+                    r = &mut answer => Ok(r),
+                    _ = upload.notified() => by(Some(crate::clock::tokio_now() + opts.timeout), answer).await,
+                }
+            }
+        };
+        let resp = match answer {
+            Err(()) => return timed_out(pool, bi),
+            Ok(Ok(r)) => r,
+            Ok(Err(mut e)) => {
+                if let Some(unsent) = e.take_message() {
+                    // The connection had closed (a GOAWAY, a restart): the request
+                    // never left, so it may go again on a new one, or anywhere.
+                    drop(in_flight);
+                    if let h2up::H2Body::Stream(s, _) = unsent.into_body() {
+                        request.body = ReqBody::Stream(s);
+                    }
+                    if reused && stale_left > 0 {
+                        stale_left -= 1;
+                        stale_resend(pool);
+                        continue;
+                    }
+                    let source = std::io::Error::other(e.into_error());
+                    return Outcome::Failed(ProxyError::UpstreamClosed { backend: addr, source }, Some(request));
+                }
+                return match h2up::classify(e.into_error(), addr) {
+                    h2up::Failure::Client(err) => Outcome::Fatal(err),
+                    h2up::Failure::Unprocessed(err) => {
+                        let unsent = matches!(request.body, ReqBody::Buffered(_)).then_some(request);
+                        Outcome::Failed(err, unsent)
+                    }
+                    h2up::Failure::Failed(err) => Outcome::Failed(err, None),
+                };
+            }
+        };
+        if let ReqBody::Buffered(_) = request.body {
+            let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
+            backend.state.observe_latency(ttfb);
+            pool.latency.record(ttfb);
+        }
+        let (parts, mut incoming) = resp.into_parts();
+        let status = parts.status;
+        let gateway = outlier::on_response(pool, bi, status);
+        let (prefix, trailers, in_flight) = if opts.buffer > 0 {
+            match read_prefix(&mut incoming, opts.buffer, deadline, std::io::Error::other).await {
+                Err(Some(source)) => {
+                    return Outcome::Failed(ProxyError::UpstreamClosed { backend: addr, source }, None)
+                }
+                Err(None) => return timed_out(pool, bi),
+                Ok((whole, true, trailers)) => (Some(whole), trailers, None),
+                Ok((prefix, false, _)) => (Some(prefix), None, Some(in_flight)),
+            }
+        } else {
+            (None, None, Some(in_flight))
+        };
+        let mut response = Response::new(RespBody::H2 {
+            prefix: prefix.filter(|p| !p.is_empty()),
+            inner: incoming,
+            trailers,
+            in_flight,
+            request_slot: None,
+        });
+        *response.status_mut() = status;
+        *response.headers_mut() = parts.headers;
+        crate::proxy::rewrite_response_headers(response.headers_mut(), status);
+        let fwd = Forwarded {
+            response,
+            backend: addr,
+            upgraded: None,
+            raw: None,
         };
         return match gateway {
             Some(err) => Outcome::Gateway(err, fwd),
@@ -542,26 +685,40 @@ impl<F: Future> Future for By<F> {
     }
 }
 
+/// A body's prefix as `read_prefix` read it: the bytes, whether that was all of it,
+/// and its trailers if the end came with some.
+type Prefix = (Bytes, bool, Option<http::HeaderMap>);
+
 /// Reads body frames until the end or until more than `limit` bytes. Returns the
-/// bytes and whether the body is complete; `Err(None)` is the deadline passing.
-async fn read_prefix(
-    incoming: &mut UpBody,
+/// bytes, whether the body is complete, and any trailers; `Err(None)` is the
+/// deadline passing.
+async fn read_prefix<B: http_body::Body<Data = Bytes> + Unpin>(
+    incoming: &mut B,
     limit: usize,
     deadline: Option<Instant>,
-) -> Result<(Bytes, bool), Option<std::io::Error>> {
+    io_error: fn(B::Error) -> std::io::Error,
+) -> Result<Prefix, Option<std::io::Error>> {
     let mut first: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
     let mut len = 0usize;
+    let mut trailers = None;
     loop {
         let frame = match by(deadline, incoming.frame()).await {
             Err(_) => return Err(None),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Some(e)),
+            Ok(Some(Err(e))) => return Err(Some(io_error(e))),
             Ok(Some(Ok(f))) => f,
         };
-        // Trailers are rare on HTTP/1.1 responses and dropped here, as hyper's HTTP/1
-        // server would not send them to most clients anyway.
-        let Ok(data) = frame.into_data() else { continue };
+        // Trailers end the body. An HTTP/1.1 backend's are dropped by the caller, as
+        // hyper's HTTP/1 server would not send them to most clients anyway; an HTTP/2
+        // backend's (gRPC's status) go on.
+        let data = match frame.into_data() {
+            Ok(d) => d,
+            Err(f) => {
+                trailers = f.into_trailers().ok();
+                continue;
+            }
+        };
         len += data.len();
         match (&mut first, &mut more) {
             (None, _) => first = Some(data),
@@ -574,10 +731,10 @@ async fn read_prefix(
             (_, Some(m)) => m.extend_from_slice(&data),
         }
         if len > limit {
-            return Ok((joined(first, more), false));
+            return Ok((joined(first, more), false, None));
         }
     }
-    Ok((joined(first, more), true))
+    Ok((joined(first, more), true, trailers))
 }
 
 fn joined(first: Option<Bytes>, more: Option<BytesMut>) -> Bytes {

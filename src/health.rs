@@ -138,6 +138,40 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
     (base + Duration::from_micros(offset)).saturating_sub(jitter)
 }
 
+/// An HTTP check on a pool that speaks HTTP/2: one stream on a connection of its
+/// own, with the check's `host` as `:authority`.
+async fn probe_h2(
+    io: crate::netio::UpIo,
+    method: &str,
+    path: &str,
+    host: &str,
+    expect: &[(u16, u16)],
+) -> Result<(), String> {
+    let scheme = match io {
+        crate::netio::UpIo::Tls(_) => "https",
+        _ => "http",
+    };
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("{scheme}://{host}{path}"))
+        .header(http::header::USER_AGENT, "rampart-health-check")
+        .body(http_body_util::Empty::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let result = send.send_request(req).await;
+    driver.abort();
+    let status = result.map_err(|e| format!("HTTP/2: {e}"))?.status().as_u16();
+    if expect.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status)) {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
+    }
+}
+
 /// An HTTP check's `Host` when `host` is not set: for a TLS pool, the name the
 /// backend's certificate is checked against (with its port, unless 443), which is
 /// the virtual host such a backend most likely serves; otherwise the backend as
@@ -179,6 +213,9 @@ async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
         return Ok(());
     }
     let host = cfg.host.clone().unwrap_or_else(|| default_host(backend));
+    if pool.config.protocol == crate::config::UpstreamProtocol::H2 {
+        return probe_h2(stream, &cfg.method, &cfg.path, &host, &cfg.expect_status).await;
+    }
     let req = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rampart-health-check\r\nConnection: close\r\n\r\n",
         cfg.method, cfg.path, host

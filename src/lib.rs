@@ -21,6 +21,7 @@ pub mod dormant;
 pub mod error;
 pub mod forward;
 pub mod h1;
+pub mod h2up;
 pub mod header_rules;
 pub mod health;
 pub mod idle;

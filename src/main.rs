@@ -68,6 +68,9 @@ fn main() -> ExitCode {
                     }
                 }
                 for p in &c.pools {
+                    if p.protocol == rampart::config::UpstreamProtocol::H2 {
+                        println!("  pool {}: HTTP/2 to backends", p.name);
+                    }
                     if let Some(tls) = &p.tls {
                         println!("  pool {}: {}", p.name, tls.describe(now));
                     }

@@ -480,6 +480,11 @@ fn prepare(
     };
 
     let upgrade = fields.upgrade && is_upgrade(&req);
+    if upgrade && pool.config.protocol == crate::config::UpstreamProtocol::H2 {
+        return Err(ProxyError::NotImplemented(
+            "a protocol upgrade (WebSocket) to a pool that speaks HTTP/2",
+        ));
+    }
     let client_upgrade = upgrade.then(|| match &conn.park {
         Some(park) => ClientUpgrade::Manual(park.clone()),
         None => ClientUpgrade::Hyper(hyper::upgrade::on(&mut req)),

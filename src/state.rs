@@ -341,12 +341,17 @@ impl Snapshot {
     }
 }
 
-/// How a backend is reached: its pool's TLS settings and the name it is verified
-/// against. State carries over a reload only while this stays the same.
-type Transport<'a> = (Option<&'a BackendTlsSpec>, Option<&'a ServerName<'static>>);
+/// How a backend is reached: its pool's protocol, its TLS settings and the name it
+/// is verified against. State carries over a reload only while this stays the same,
+/// so no pooled connection is used for a protocol it does not speak.
+type Transport<'a> = (
+    crate::config::UpstreamProtocol,
+    Option<&'a BackendTlsSpec>,
+    Option<&'a ServerName<'static>>,
+);
 
 fn transport<'a>(pool: &'a PoolConfig, tls_name: &'a Option<ServerName<'static>>) -> Transport<'a> {
-    (pool.tls.as_deref().map(|t| &t.spec), tls_name.as_ref())
+    (pool.protocol, pool.tls.as_deref().map(|t| &t.spec), tls_name.as_ref())
 }
 
 /// Process-wide state shared by workers, the admin listener and the control loop.

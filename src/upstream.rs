@@ -839,6 +839,7 @@ mod tests {
             server_name: None,
             client_cert: None,
             min_version: crate::tls::MinVersion::Tls12,
+            h2: false,
         })
         .unwrap();
         let name = crate::backend_tls::server_name("backend.test:443", None).unwrap();

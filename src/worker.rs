@@ -68,6 +68,8 @@ pub struct WorkerCtx {
     pub index: usize,
     pub shared: Arc<Shared>,
     pub conns: Rc<ConnPool>,
+    /// HTTP/2 connections to the backends of `protocol = "h2"` pools.
+    pub h2: Rc<crate::h2up::H2Conns>,
     pub ids: RequestIds,
     /// Where idle keep-alive connections wait without a task (`None` if the worker
     /// could not create its epoll set: they then wait in their own tasks).
@@ -162,6 +164,7 @@ async fn run(
         index,
         shared,
         conns: ConnPool::new(),
+        h2: Rc::default(),
         ids: RequestIds::new(),
         dormant: match dormant {
             Ok(d) => Some(Rc::new(d)),
@@ -186,7 +189,7 @@ async fn run(
         }));
     }
     let managed = tokio::task::spawn_local(listener::manage(ctx.clone(), listeners, shutdown.clone()));
-    let conns = ctx.conns.clone();
+    let (conns, h2) = (ctx.conns.clone(), ctx.h2.clone());
     let (dormant, open) = (ctx.dormant.clone(), tracker.clone());
     let sweeper = tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(POOL_SWEEP_INTERVAL);
@@ -195,6 +198,7 @@ async fn run(
             // Closed connections free their buffers at once (no connection tasks),
             // so this tick's collect below returns them.
             conns.sweep();
+            h2.sweep();
             // Every open connection dormant: nothing is in flight, so give back all
             // freed memory now rather than page by page over the next seconds.
             let quiet = dormant.as_ref().is_some_and(|d| d.len() == open.active());
@@ -221,6 +225,7 @@ async fn run(
     log_flusher.abort();
     ctx.access_log.flush(&ctx.shared);
     ctx.conns.clear();
+    ctx.h2.clear();
 }
 
 #[cfg(test)]

@@ -365,9 +365,10 @@ async fn serve_conn<S: OriginStream>(
             Ok::<_, Infallible>(resp)
         }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades()
+    // HTTP/1.1, or HTTP/2 for a connection that starts with its preface (pools with
+    // `protocol = "h2"`; over TLS, when the acceptor offers `h2`).
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
         .await;
 }
 

@@ -1,0 +1,327 @@
+//! HTTP/2 to backends, for pools with `protocol = "h2"` (gRPC, and services that
+//! speak only HTTP/2): per worker, one multiplexed connection per backend, opened on
+//! first use (prior knowledge on a plain connection, ALPN `h2` over TLS) and driven
+//! by its own task; each request is a stream on it, through hyper's HTTP/2 client.
+//!
+//! `forward` keeps the attempt loop (retries, hedging, breakers, ejection); this
+//! module owns the connections, turns an `UpHead` into an HTTP/2 request, and says
+//! of each failure whether the backend could have processed the request: a stream it
+//! refused (`REFUSED_STREAM`, RFC 9113 §8.7) or a request that never left a
+//! connection that had closed was not, so it may go anywhere, whatever its method.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Request, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::sync::Notify;
+
+use crate::backend_tls::BackendTls;
+use crate::body::{ReqBody, ReqBodyError, StreamBody};
+use crate::breaker::Slot;
+use crate::codec::UpHead;
+use crate::error::ProxyError;
+
+/// How often an idle connection is pinged, so a backend that vanished without a
+/// close (a dead host, a dropped NAT entry) is found before a request is sent on it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may wait for its answer before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request body as one backend stream sends it.
+pub enum H2Body {
+    Full(Option<Bytes>),
+    Stream(Box<StreamBody>, Rc<Notify>),
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = ReqBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ReqBodyError>>> {
+        match self.get_mut() {
+            H2Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            H2Body::Stream(s, sent) => {
+                let r = Pin::new(&mut **s).poll_frame(cx);
+                if let Poll::Ready(None) = r {
+                    // The upload is done: the try's timeout starts now.
+                    sent.notify_one();
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            H2Body::Full(b) => b.is_none(),
+            H2Body::Stream(s, _) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            H2Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            H2Body::Stream(s, _) => s.size_hint(),
+        }
+    }
+}
+
+struct Entry {
+    send: SendRequest<H2Body>,
+    last_used: Instant,
+    idle_timeout: Duration,
+}
+
+enum Held {
+    Open(Entry),
+    /// A request is opening the connection; others wait for it rather than open
+    /// their own (a burst would otherwise open one each).
+    Opening(Rc<Notify>),
+}
+
+/// What a request finds for its backend.
+pub enum Checkout {
+    Open(SendRequest<H2Body>),
+    /// Being opened: wait on this, then look again.
+    Wait(Rc<Notify>),
+    /// Nothing: this request opens it, and tells the waiters through the guard.
+    Connect(Opening),
+}
+
+/// One worker's HTTP/2 connections to backends, by backend id.
+#[derive(Default)]
+pub struct H2Conns {
+    conns: RefCell<HashMap<u64, Held, foldhash::fast::FixedState>>,
+}
+
+impl H2Conns {
+    /// The open connection to `backend`, or who is to open it.
+    pub fn checkout(self: &Rc<Self>, backend: u64) -> Checkout {
+        let mut conns = self.conns.borrow_mut();
+        match conns.get_mut(&backend) {
+            Some(Held::Open(e)) if !e.send.is_closed() => {
+                e.last_used = crate::clock::now();
+                return Checkout::Open(e.send.clone());
+            }
+            Some(Held::Opening(n)) => return Checkout::Wait(n.clone()),
+            _ => {}
+        }
+        let notify = Rc::new(Notify::new());
+        conns.insert(backend, Held::Opening(notify.clone()));
+        Checkout::Connect(Opening {
+            conns: self.clone(),
+            backend,
+            notify,
+            done: false,
+        })
+    }
+
+    /// Lets go of connections unused for their pool's `idle_timeout`, and of closed
+    /// ones (hyper closes a connection once no handle is left and its streams end).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.conns.borrow_mut().retain(|_, slot| match slot {
+            Held::Open(e) => !e.send.is_closed() && now.saturating_duration_since(e.last_used) < e.idle_timeout,
+            Held::Opening(_) => true,
+        });
+    }
+
+    pub fn clear(&self) {
+        self.conns.borrow_mut().clear();
+    }
+}
+
+/// The right to open a backend's connection. Dropped without `opened` (the connect
+/// failed, or the request went away), it clears the way and wakes the waiters.
+pub struct Opening {
+    conns: Rc<H2Conns>,
+    backend: u64,
+    notify: Rc<Notify>,
+    done: bool,
+}
+
+impl Opening {
+    pub fn opened(mut self, send: SendRequest<H2Body>, idle_timeout: Duration) {
+        let entry = Entry {
+            send,
+            last_used: crate::clock::now(),
+            idle_timeout,
+        };
+        self.conns.conns.borrow_mut().insert(self.backend, Held::Open(entry));
+        self.done = true;
+        self.notify.notify_waiters();
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut conns = self.conns.conns.borrow_mut();
+        if matches!(conns.get(&self.backend), Some(Held::Opening(n)) if Rc::ptr_eq(n, &self.notify)) {
+            conns.remove(&self.backend);
+        }
+        self.notify.notify_waiters();
+    }
+}
+
+/// Runs hyper's connection and stream tasks on the worker's thread.
+#[derive(Clone, Copy)]
+struct LocalSpawn;
+
+impl<F: Future + 'static> hyper::rt::Executor<F> for LocalSpawn {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(crate::clock::Polled::new(fut));
+    }
+}
+
+/// Opens an HTTP/2 connection to `addr` (TLS first for a pool that has it) within
+/// `timeout`. Its task holds `slot`, the pool's connection breaker slot, for the
+/// connection's life.
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Option<(&BackendTls, &ServerName<'static>)>,
+    timeout: Duration,
+    slot: Slot,
+) -> Result<SendRequest<H2Body>, ProxyError> {
+    // Over TLS, ALPN offers `h2` alone, so a server that chose anything chose it. One
+    // that ignores ALPN gets HTTP/2 all the same, as Envoy and HAProxy send it to a
+    // backend configured for it.
+    let io = crate::backend_tls::connect(addr, tls, timeout).await?;
+    let handshake = hyper::client::conn::http2::Builder::new(LocalSpawn)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .handshake(TokioIo::new(io));
+    let (send, conn) = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
+            return Err(ProxyError::UpstreamClosed {
+                backend: addr,
+                source: io::Error::other(e),
+            })
+        }
+        Err(_) => return Err(ProxyError::ConnectTimeout { backend: addr }),
+    };
+    metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
+    tokio::task::spawn_local(crate::clock::Polled::new(async move {
+        let _slot = slot;
+        if let Err(e) = conn.await {
+            tracing::debug!(backend = %addr, error = %e, "HTTP/2 backend connection ended");
+        }
+    }));
+    Ok(send)
+}
+
+/// The fields HTTP/2 forbids (RFC 9113 §8.2.2); rampart removes them from requests
+/// already, and this makes sure of it.
+const CONNECTION_SPECIFIC: [HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// The HTTP/2 request for `head`: its fields (the client's, as written or as a map,
+/// then rampart's own), `Host` as `:authority`, and `te: trailers`, which gRPC
+/// servers require and which says truly that rampart passes trailers on.
+pub fn request(head: &UpHead, body: H2Body, backend: SocketAddr, tls: bool) -> Request<H2Body> {
+    let mut headers = match &head.raw {
+        Some(raw) => {
+            let mut map = crate::rawfields::block_map(raw);
+            map.extend(head.headers.clone());
+            map
+        }
+        None => head.headers.clone(),
+    };
+    for (name, value) in head.added.iter() {
+        headers.append(HeaderName::from_static(name), value.clone());
+    }
+    let host = headers.remove(header::HOST).or_else(|| head.added.host.clone());
+    for name in &CONNECTION_SPECIFIC {
+        headers.remove(name);
+    }
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    let authority = host
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| http::uri::Authority::try_from(backend.to_string()).ok());
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if tls {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
+    parts.authority = authority;
+    parts.path_and_query = head.uri.path_and_query().cloned();
+    let uri = Uri::from_parts(parts).unwrap_or_else(|_| head.uri.clone());
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_2;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// The body for one try: buffered bytes are shared, a stream is handed over.
+pub fn take_body(body: &mut ReqBody) -> (H2Body, Option<Rc<Notify>>) {
+    match body {
+        ReqBody::Buffered(b) => (H2Body::Full(b.clone()), None),
+        ReqBody::Stream(_) => {
+            let ReqBody::Stream(s) = std::mem::replace(body, ReqBody::empty()) else {
+                unreachable!("matched above")
+            };
+            let sent = Rc::new(Notify::new());
+            (H2Body::Stream(s, sent.clone()), Some(sent))
+        }
+    }
+}
+
+/// How a stream failed, for the retry logic.
+pub enum Failure {
+    /// The client's body failed: the client's error, not the backend's.
+    Client(ProxyError),
+    /// The backend cannot have processed the request.
+    Unprocessed(ProxyError),
+    /// It may have.
+    Failed(ProxyError),
+}
+
+/// Sorts a failed stream's error.
+pub fn classify(e: hyper::Error, backend: SocketAddr) -> Failure {
+    let mut source = e.source();
+    while let Some(s) = source {
+        // hyper holds the body's error by reference only.
+        if let Some(body) = s.downcast_ref::<ReqBodyError>() {
+            return Failure::Client(match body {
+                ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
+                ReqBodyError::Idle(d) => ProxyError::ClientBodyTimeout(*d),
+                ReqBodyError::Client(_) => ProxyError::BadRequest("the request body failed"),
+            });
+        }
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return Failure::Unprocessed(ProxyError::StreamRefused { backend });
+            }
+        }
+        source = s.source();
+    }
+    Failure::Failed(ProxyError::UpstreamClosed {
+        backend,
+        source: io::Error::other(e),
+    })
+}

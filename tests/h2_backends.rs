@@ -1,0 +1,322 @@
+//! HTTP/2 to backends (`protocol = "h2"`), over real sockets: multiplexing, trailers
+//! (gRPC's status), refused streams retried elsewhere, restarts, health checks of
+//! HTTP/2-only backends, TLS with ALPN, and the errors.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::pki::Pki;
+use common::*;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+fn h2_pool(backends: &[SocketAddr], extra: &str) -> String {
+    pool_config(backends, &format!("protocol = \"h2\"\n{NO_HEALTH_CHECKS}\n{extra}"))
+}
+
+/// A backend that speaks only HTTP/2 (no HTTP/1.1 fallback), as gRPC servers do.
+/// `/healthz` answers `health`; `/grpc` answers a body and gRPC trailers, echoing the
+/// request's `te` in them; anything else answers its name.
+struct H2Only {
+    addr: SocketAddr,
+    streams: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl H2Only {
+    async fn start(name: &'static str, health: u16) -> H2Only {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let counted = streams.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        async move { Ok::<_, Infallible>(h2_only_answer(name, health, req)) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        H2Only { addr, streams, task }
+    }
+
+    fn streams(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for H2Only {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type AnyBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn h2_only_answer(name: &str, health: u16, req: Request<Incoming>) -> Response<AnyBody> {
+    match req.uri().path() {
+        "/healthz" => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"health")).boxed());
+            *r.status_mut() = StatusCode::from_u16(health).unwrap();
+            r
+        }
+        "/grpc" => {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let te = req.headers().get("te").cloned().unwrap_or("none".parse().unwrap());
+            trailers.insert("x-te-seen", te);
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let mut r = Response::new(StreamBody::new(futures_lite::stream::iter(frames)).boxed());
+            r.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+            r
+        }
+        _ => Response::new(Full::new(Bytes::from(name.to_string())).boxed()),
+    }
+}
+
+/// An HTTP/2 client connection to rampart (prior knowledge).
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_from_http1_and_h2_clients_share_one_http2_connection_per_backend() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[o.addr], ""));
+    // Concurrent requests, each on its own client connection.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                get(addr, "/").await
+            } else {
+                get_h2(addr, "/").await
+            }
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "o"));
+    }
+    // A body both ways, 1 MiB, streamed (chunked from an HTTP/1.1 client).
+    let n = 1024 * 1024;
+    let req = Request::post("/echo").header("host", "t").body(big_body(n)).unwrap();
+    let r = send(addr, req).await.unwrap();
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, n));
+    assert_eq!(o.connections(), 1, "one multiplexed connection carried every request");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["te"], "trailers");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert!(seen.contains_key("x-request-id") && !seen.contains_key("connection"));
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_trailers_from_an_http2_backend_reach_an_http2_client() {
+    let b = H2Only::start("b", 200).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[b.addr], ""));
+    let mut tx = h2_client(addr).await;
+    let req = Request::post("http://grpc.test/grpc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x01x")))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-te-seen"], "trailers");
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"\0\0\0\0\x02hi"));
+    stop_proxy(srv).await;
+}
+
+/// A backend that refuses every stream (`REFUSED_STREAM`), as an overloaded HTTP/2
+/// server does: the request was not processed, so any method may go elsewhere.
+async fn refusing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_goes_to_another_backend_whatever_the_method() {
+    let (refuser, refused) = refusing_backend().await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[refuser, good.addr], "balancer = \"round_robin\""));
+    for _ in 0..4 {
+        let r = post_bytes(addr, "/echo", "order=1").await.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "order=1"));
+    }
+    assert!(refused.load(Ordering::SeqCst) >= 1, "the refuser was tried");
+    assert_eq!(good.hits(), 4, "each POST reached the good backend once");
+    let metrics = rampart::admin::metrics_text(srv.shared());
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rampart_upstream_errors_total") && l.contains("kind=\"stream_refused\"")),
+        "{metrics}"
+    );
+    stop_proxy(srv).await;
+    // Alone, it is a 503: nothing processed the request.
+    let (srv, addr) = start_proxy(&h2_pool(&[refuser], ""));
+    let r = post_bytes(addr, "/echo", "order=2").await.unwrap();
+    assert_eq!(r.status, 503);
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_http2_backend_gets_a_new_connection() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[o.addr], ""));
+    assert_eq!(post_bytes(addr, "/echo", "one").await.unwrap().text(), "one");
+    o.stop();
+    let again = TestOrigin::start_on("again", o.addr, Behavior::Healthy).await;
+    // The pooled connection is gone; the very next POST (not idempotent) still gets
+    // through, on a new connection, because the old one never carried it.
+    for body in ["two", "three"] {
+        let r = post_bytes(addr, "/echo", body).await.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, body));
+    }
+    assert_eq!((again.hits(), again.connections()), (2, 1));
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_speak_http2_to_an_http2_only_backend() {
+    let up = H2Only::start("up", 200).await;
+    let down = H2Only::start("down", 503).await;
+    let toml = pool_config(
+        &[up.addr, down.addr],
+        "protocol = \"h2\"\nhealth_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }",
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let healthy = |i: usize| rampart::admin::status_json(srv.shared())["pools"][0]["backends"][i]["healthy"].clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(healthy(0) == true && healthy(1) == false && up.streams() >= 2) {
+        assert!(Instant::now() < deadline, "up {} down {}", healthy(0), healthy(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").await.text(), "up");
+    }
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_backends_are_spoken_to_in_http2_chosen_by_alpn() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("o", &["127.0.0.1"]);
+    let acceptor = |alpn: &[&[u8]]| {
+        let mut config = leaf.server_config(None);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    };
+    let both = TestOrigin::start_tls("both", Behavior::Healthy, acceptor(&[b"h2", b"http/1.1"])).await;
+    let tls = format!("tls = {{ ca = {:?} }}", pki.ca_file());
+    let (srv, addr) = start_proxy(&h2_pool(&[both.addr], &tls));
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/").await.text(), "both");
+    }
+    assert_eq!(both.connections(), 1);
+    let seen = both.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["te"], "trailers", "it arrived over HTTP/2");
+    stop_proxy(srv).await;
+    // One that ignores ALPN gets HTTP/2 all the same (it was configured to speak it).
+    let quiet = TestOrigin::start_tls("quiet", Behavior::Healthy, acceptor(&[])).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[quiet.addr], &tls));
+    assert_eq!(get(addr, "/").await.text(), "quiet");
+    let seen = quiet.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["te"], "trailers", "it arrived over HTTP/2");
+    stop_proxy(srv).await;
+    // A backend that offers only HTTP/1.1 cannot agree: a 502, as a failed
+    // handshake, and it never hears a request.
+    let h1 = TestOrigin::start_tls("h1", Behavior::Healthy, acceptor(&[b"http/1.1"])).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[h1.addr], &tls));
+    assert_eq!(get(addr, "/").await.status, 502);
+    assert_eq!(h1.hits(), 0);
+    let metrics = rampart::admin::metrics_text(srv.shared());
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rampart_upstream_errors_total") && l.contains("kind=\"backend_tls\"")),
+        "{metrics}"
+    );
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_upgrades_and_config_errors() {
+    let frozen = TestOrigin::start("frozen", Behavior::Freeze).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[frozen.addr], "response_timeout = \"300ms\""));
+    assert_eq!(get(addr, "/").await.status, 504);
+    // A WebSocket cannot be carried to an HTTP/2 backend here: 501, not a hang.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let answer = raw_exchange(
+        &mut s,
+        b"GET /ws HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    stop_proxy(srv).await;
+
+    let bad = pool_config(&[frozen.addr], "protocol = \"h3\"");
+    let err = rampart::Config::parse(&bad, "p.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("p.toml: pools.app.protocol: expected \"http1\" or \"h2\", got \"h3\""),
+        "{err}"
+    );
+}
+
+/// Writes `request` and reads the answer's head.
+async fn raw_exchange(s: &mut TcpStream, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
