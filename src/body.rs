@@ -180,14 +180,18 @@ pub enum RespBody {
         request_slot: Option<Slot>,
     },
     /// An HTTP/2 backend's stream (`h2up`); its trailers pass on (gRPC's status).
-    H2 {
-        prefix: Option<Bytes>,
-        inner: Incoming,
-        /// Trailers already read with the prefix, sent after it.
-        trailers: Option<http::HeaderMap>,
-        in_flight: Option<InFlight>,
-        request_slot: Option<Slot>,
-    },
+    /// Boxed: inline it made every response, and every future holding one, larger
+    /// (+3% instructions per HTTP/1.1 request, in `memcpy`).
+    H2(Box<H2Resp>),
+}
+
+pub struct H2Resp {
+    pub prefix: Option<Bytes>,
+    pub inner: Incoming,
+    /// Trailers already read with the prefix, sent after it.
+    pub trailers: Option<http::HeaderMap>,
+    pub in_flight: Option<InFlight>,
+    pub request_slot: Option<Slot>,
 }
 
 impl From<Bytes> for RespBody {
@@ -234,27 +238,7 @@ impl Body for RespBody {
                 }
                 res
             }
-            RespBody::H2 {
-                prefix,
-                inner,
-                trailers,
-                in_flight,
-                request_slot,
-            } => {
-                if let Some(p) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(p))));
-                }
-                let res = match Pin::new(&mut *inner).poll_frame(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(f)) => Some(f.map_err(io::Error::other)),
-                    Poll::Ready(None) => trailers.take().map(|t| Ok(Frame::trailers(t))),
-                };
-                if res.is_none() {
-                    in_flight.take();
-                    request_slot.take();
-                }
-                Poll::Ready(res)
-            }
+            RespBody::H2(h2) => h2.poll_frame(cx),
         }
     }
 
@@ -262,12 +246,7 @@ impl Body for RespBody {
         match self {
             RespBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             RespBody::Upstream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
-            RespBody::H2 {
-                prefix,
-                inner,
-                trailers,
-                ..
-            } => prefix.is_none() && trailers.is_none() && inner.is_end_stream(),
+            RespBody::H2(h2) => h2.is_end_stream(),
         }
     }
 
@@ -275,8 +254,39 @@ impl Body for RespBody {
         match self {
             RespBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RespBody::Upstream { prefix, inner, .. } => with_prefix(prefix, inner.size_hint()),
-            RespBody::H2 { prefix, inner, .. } => with_prefix(prefix, inner.size_hint()),
+            RespBody::H2(h2) => h2.size_hint(),
         }
+    }
+}
+
+/// Out of line, so the HTTP/1.1 arms of `RespBody`'s methods stay small enough to be
+/// inlined into the request path (inline, this arm cost it 50 instructions a request).
+impl H2Resp {
+    #[inline(never)]
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        let res = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(f)) => Some(f.map_err(io::Error::other)),
+            Poll::Ready(None) => self.trailers.take().map(|t| Ok(Frame::trailers(t))),
+        };
+        if res.is_none() {
+            self.in_flight.take();
+            self.request_slot.take();
+        }
+        Poll::Ready(res)
+    }
+
+    #[inline(never)]
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.trailers.is_none() && self.inner.is_end_stream()
+    }
+
+    #[inline(never)]
+    fn size_hint(&self) -> SizeHint {
+        with_prefix(&self.prefix, self.inner.size_hint())
     }
 }
 

@@ -182,9 +182,12 @@ pub async fn forward(
     Err(attempts.into_error(pool))
 }
 
+#[inline]
 fn attach_slot(fwd: &mut Forwarded, slot: crate::breaker::Slot) {
-    if let RespBody::Upstream { request_slot, .. } | RespBody::H2 { request_slot, .. } = fwd.response.body_mut() {
-        *request_slot = Some(slot);
+    match fwd.response.body_mut() {
+        RespBody::Upstream { request_slot, .. } => *request_slot = Some(slot),
+        RespBody::H2(h2) => h2.request_slot = Some(slot),
+        RespBody::Full(_) => {}
     }
 }
 
@@ -477,7 +480,7 @@ async fn try_backend(
             };
             let mut incoming = UpBody::new(conn, framing, keep_alive, home);
             *response.body_mut() = if buffer > 0 {
-                match read_prefix(&mut incoming, buffer, deadline, |e| e).await {
+                match read_prefix(&mut incoming, buffer, deadline).await {
                     Err(Some(e)) => {
                         return Outcome::Failed(
                             ProxyError::UpstreamClosed {
@@ -616,24 +619,24 @@ async fn try_backend_h2(
         let status = parts.status;
         let gateway = outlier::on_response(pool, bi, status);
         let (prefix, trailers, in_flight) = if opts.buffer > 0 {
-            match read_prefix(&mut incoming, opts.buffer, deadline, std::io::Error::other).await {
+            match read_prefix(&mut incoming, opts.buffer, deadline).await {
                 Err(Some(source)) => {
                     return Outcome::Failed(ProxyError::UpstreamClosed { backend: addr, source }, None)
                 }
                 Err(None) => return timed_out(pool, bi),
-                Ok((whole, true, trailers)) => (Some(whole), trailers, None),
+                Ok((whole, true, trailers)) => (Some(whole), trailers.map(|t| *t), None),
                 Ok((prefix, false, _)) => (Some(prefix), None, Some(in_flight)),
             }
         } else {
             (None, None, Some(in_flight))
         };
-        let mut response = Response::new(RespBody::H2 {
+        let mut response = Response::new(RespBody::H2(Box::new(crate::body::H2Resp {
             prefix: prefix.filter(|p| !p.is_empty()),
             inner: incoming,
             trailers,
             in_flight,
             request_slot: None,
-        });
+        })));
         *response.status_mut() = status;
         *response.headers_mut() = parts.headers;
         crate::proxy::rewrite_response_headers(response.headers_mut(), status);
@@ -687,17 +690,37 @@ impl<F: Future> Future for By<F> {
 
 /// A body's prefix as `read_prefix` read it: the bytes, whether that was all of it,
 /// and its trailers if the end came with some.
-type Prefix = (Bytes, bool, Option<http::HeaderMap>);
+type Prefix = (Bytes, bool, Option<Box<http::HeaderMap>>);
+
+/// A body's error as the `io::Error` a failed try carries.
+trait IntoIo {
+    fn into_io(self) -> std::io::Error;
+}
+
+impl IntoIo for std::io::Error {
+    fn into_io(self) -> std::io::Error {
+        self
+    }
+}
+
+impl IntoIo for hyper::Error {
+    fn into_io(self) -> std::io::Error {
+        std::io::Error::other(self)
+    }
+}
 
 /// Reads body frames until the end or until more than `limit` bytes. Returns the
 /// bytes, whether the body is complete, and any trailers; `Err(None)` is the
 /// deadline passing.
-async fn read_prefix<B: http_body::Body<Data = Bytes> + Unpin>(
+async fn read_prefix<B>(
     incoming: &mut B,
     limit: usize,
     deadline: Option<Instant>,
-    io_error: fn(B::Error) -> std::io::Error,
-) -> Result<Prefix, Option<std::io::Error>> {
+) -> Result<Prefix, Option<std::io::Error>>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: IntoIo,
+{
     let mut first: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
     let mut len = 0usize;
@@ -706,7 +729,7 @@ async fn read_prefix<B: http_body::Body<Data = Bytes> + Unpin>(
         let frame = match by(deadline, incoming.frame()).await {
             Err(_) => return Err(None),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Some(io_error(e))),
+            Ok(Some(Err(e))) => return Err(Some(e.into_io())),
             Ok(Some(Ok(f))) => f,
         };
         // Trailers end the body. An HTTP/1.1 backend's are dropped by the caller, as
@@ -715,7 +738,8 @@ async fn read_prefix<B: http_body::Body<Data = Bytes> + Unpin>(
         let data = match frame.into_data() {
             Ok(d) => d,
             Err(f) => {
-                trailers = f.into_trailers().ok();
+                // Boxed: held across the awaits, inline it sized every try's future.
+                trailers = f.into_trailers().ok().map(Box::new);
                 continue;
             }
         };

@@ -52,6 +52,7 @@ fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
 
 /// Records a response. Returns the gateway error when the status says the backend is
 /// failing, so the caller may retry elsewhere.
+#[inline]
 pub fn on_response(pool: &Pool, bi: usize, status: StatusCode) -> Option<ProxyError> {
     let backend = &pool.backends[bi];
     if matches!(status.as_u16(), 502..=504) {
