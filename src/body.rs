@@ -192,6 +192,8 @@ pub struct H2Resp {
     pub trailers: Option<http::HeaderMap>,
     pub in_flight: Option<InFlight>,
     pub request_slot: Option<Slot>,
+    /// `read_timeout`: the longest wait for the next frame.
+    pub stall: Stall,
 }
 
 impl From<Bytes> for RespBody {
@@ -268,8 +270,15 @@ impl H2Resp {
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
         let res = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending if self.stall.expired(cx) => {
+                let limit = self.stall.limit();
+                Some(Err(crate::upstream::stalled_body(limit)))
+            }
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(f)) => Some(f.map_err(io::Error::other)),
+            Poll::Ready(Some(f)) => {
+                self.stall.progressed();
+                Some(f.map_err(io::Error::other))
+            }
             Poll::Ready(None) => self.trailers.take().map(|t| Ok(Frame::trailers(t))),
         };
         if res.is_none() {

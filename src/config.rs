@@ -52,6 +52,8 @@ pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time to response headers; nginx's proxy_read_timeout is 60s, Envoy's route timeout 15s.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest wait for more of a response body: nginx's `proxy_read_timeout` default.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Below Node.js's, Apache's and uvicorn's 5s keep-alive, so we never reuse a
 /// connection the backend is about to close.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -238,6 +240,8 @@ pub struct PoolConfig {
     /// An upgraded connection (WebSocket) closes after this long with no bytes
     /// either way.
     pub tunnel_idle_timeout: Duration,
+    /// The longest wait for more of a response body once its head arrived.
+    pub read_timeout: Duration,
     pub max_idle_per_backend: usize,
     pub health_check: HealthCheckConfig,
     pub outlier: OutlierConfig,
@@ -500,6 +504,8 @@ struct FilePool {
     idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     tunnel_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    read_timeout: Option<Duration>,
     max_idle_per_backend: Option<usize>,
     health_check: Option<toml::Value>,
     outlier: Option<toml::Value>,
@@ -1053,11 +1059,13 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
     let response_timeout = raw.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT);
     let idle_timeout = raw.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
     let tunnel_idle_timeout = raw.tunnel_idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE_TIMEOUT);
+    let read_timeout = raw.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT);
     for (field, d) in [
         ("connect_timeout", connect_timeout),
         ("response_timeout", response_timeout),
         ("idle_timeout", idle_timeout),
         ("tunnel_idle_timeout", tunnel_idle_timeout),
+        ("read_timeout", read_timeout),
     ] {
         if d.is_zero() {
             errs.push(format!("{path}.{field}"), "must be greater than 0");
@@ -1079,6 +1087,7 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
         response_timeout,
         idle_timeout,
         tunnel_idle_timeout,
+        read_timeout,
         max_idle_per_backend: raw.max_idle_per_backend.unwrap_or(DEFAULT_MAX_IDLE_PER_BACKEND),
         health_check: health_check.unwrap_or_default(),
         outlier: outlier?,
@@ -1673,6 +1682,7 @@ connect_timeout = "soon"
             "response_timeout",
             "idle_timeout",
             "tunnel_idle_timeout",
+            "read_timeout",
         ] {
             let text = format!("{MINIMAL}{field} = \"0s\"\n");
             let errs = errors_of(&text).join("\n");

@@ -478,7 +478,7 @@ async fn try_backend(
                 idle_timeout: cfg.idle_timeout,
                 max_idle: cfg.max_idle_per_backend,
             };
-            let mut incoming = UpBody::new(conn, framing, keep_alive, home);
+            let mut incoming = UpBody::new(conn, framing, keep_alive, home, cfg.read_timeout);
             *response.body_mut() = if buffer > 0 {
                 match read_prefix(&mut incoming, buffer, deadline).await {
                     Err(Some(e)) => {
@@ -636,6 +636,7 @@ async fn try_backend_h2(
             trailers,
             in_flight,
             request_slot: None,
+            stall: crate::netio::Stall::new(cfg.read_timeout),
         })));
         *response.status_mut() = status;
         *response.headers_mut() = parts.headers;

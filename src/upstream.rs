@@ -39,7 +39,7 @@ use crate::body::{ReqBody, StreamBody};
 use crate::breaker::Slot;
 use crate::codec::{self, Chunked, Decoded, Framing, Head, ReqFraming, UpHead};
 use crate::error::ProxyError;
-use crate::netio::{self, UpIo};
+use crate::netio::{self, Stall, UpIo};
 
 /// Reads ask for at least this much free buffer, and grow it by `READ_CHUNK`.
 const MIN_READ: usize = 1024;
@@ -69,6 +69,9 @@ pub struct Conn {
     addr: SocketAddr,
     /// The pool's connection breaker slot, held for the connection's life.
     _slot: Option<Slot>,
+    /// The wait for more of a response body (`read_timeout`), set per response.
+    /// Here rather than in `UpBody`, which every response carries by value.
+    body_stall: Stall,
 }
 
 /// One try's request: the head every try of the request shares, and this try's body
@@ -102,6 +105,7 @@ impl Conn {
             spans: Vec::new(),
             addr,
             _slot: slot,
+            body_stall: Stall::new(Duration::MAX),
         }
     }
 
@@ -513,7 +517,10 @@ enum BodyState {
 }
 
 impl UpBody {
-    pub fn new(conn: Box<Conn>, framing: Framing, keep_alive: bool, home: Home) -> UpBody {
+    /// `read_timeout` bounds each wait for more of the body (nginx's
+    /// `proxy_read_timeout` between reads); a backend that stalls longer fails it.
+    pub fn new(mut conn: Box<Conn>, framing: Framing, keep_alive: bool, home: Home, read_timeout: Duration) -> UpBody {
+        conn.body_stall = Stall::new(read_timeout);
         UpBody {
             conn: Some(conn),
             state: match framing {
@@ -587,7 +594,8 @@ impl Body for UpBody {
                         BodyState::Length(left) => left,
                         _ => 0,
                     };
-                    match std::task::ready!(conn.poll_fill(cx, want)) {
+                    let filled = conn.poll_fill(cx, want);
+                    match std::task::ready!(conn.body_stall.watch(cx, filled)) {
                         Ok(0) if matches!(this.state, BodyState::UntilClose) => {
                             this.conn = None;
                             return Poll::Ready(None);
@@ -599,6 +607,10 @@ impl Body for UpBody {
                             ))
                         }
                         Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                            let limit = conn.body_stall.limit();
+                            return this.fail(stalled_body(limit));
+                        }
                         Err(e) => return this.fail(e),
                     }
                 }
@@ -617,6 +629,15 @@ impl Body for UpBody {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// A backend that sent no more of a response body for `read_timeout`.
+#[cold]
+pub fn stalled_body(limit: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the backend sent no more of the response body for {limit:?} (read_timeout)"),
+    )
 }
 
 impl Drop for UpBody {
@@ -1050,7 +1071,7 @@ mod tests {
             let (head, ()) = tokio::join!(send_order(&mut conn), backend);
             let head = head.unwrap();
             let pool = ConnPool::new();
-            let body = UpBody::new(conn, head.framing, head.keep_alive, home(&pool))
+            let body = UpBody::new(conn, head.framing, head.keep_alive, home(&pool), Duration::from_secs(5))
                 .collect()
                 .await
                 .unwrap()
@@ -1102,9 +1123,15 @@ mod tests {
         };
         let (head, ()) = tokio::join!(send_order(&mut conn), backend);
         let head = head.unwrap();
-        assert!(UpBody::new(conn, head.framing, head.keep_alive, home(&ConnPool::new()))
-            .collect()
-            .await
-            .is_err());
+        assert!(UpBody::new(
+            conn,
+            head.framing,
+            head.keep_alive,
+            home(&ConnPool::new()),
+            Duration::from_secs(5)
+        )
+        .collect()
+        .await
+        .is_err());
     }
 }

@@ -89,6 +89,12 @@ fn h2_only_answer(name: &str, health: u16, req: Request<Incoming>) -> Response<A
                 .insert("content-type", "application/grpc".parse().unwrap());
             r
         }
+        "/stall" => {
+            // 64 KiB of a body, then nothing more on the stream.
+            let first = futures_lite::stream::once(Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 65536]))));
+            let then_nothing = futures_lite::StreamExt::chain(first, futures_lite::stream::pending());
+            Response::new(StreamBody::new(then_nothing).boxed())
+        }
         _ => Response::new(Full::new(Bytes::from(name.to_string())).boxed()),
     }
 }
@@ -283,6 +289,23 @@ async fn tls_backends_are_spoken_to_in_http2_chosen_by_alpn() {
             .any(|l| l.starts_with("rampart_upstream_errors_total") && l.contains("kind=\"backend_tls\"")),
         "{metrics}"
     );
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_mid_body_fails_after_read_timeout() {
+    let b = H2Only::start("b", 200).await;
+    let extra = "read_timeout = \"300ms\"\nretry = { response_buffer_bytes = 0 }";
+    let (srv, addr) = start_proxy(&h2_pool(&[b.addr], extra));
+    let req = Request::get("/stall")
+        .header("host", "t")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), send(addr, req)).await;
+    let err = outcome
+        .expect("the response never ended: no read_timeout")
+        .expect_err("cut short");
+    assert!(err.contains("body"), "{err}");
     stop_proxy(srv).await;
 }
 

@@ -482,6 +482,34 @@ async fn reset_mid_body_is_retried_for_get_and_the_client_sees_a_whole_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stalls_mid_body_fails_the_response_after_read_timeout() {
+    let stall = TestOrigin::start("stall", Behavior::StallMidBody).await;
+    // Streamed at once (no retry buffer), so the client has the head and part of the
+    // body when the backend stops sending.
+    let extra = "read_timeout = \"300ms\"\nretry = { response_buffer_bytes = 0 }";
+    let (_srv, addr) = start_proxy(&pool_config(&[stall.addr], extra));
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        send(
+            addr,
+            Request::get("/")
+                .header("host", "t")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await;
+    let outcome = outcome.expect("the response never ended: no read_timeout");
+    let err = outcome.expect_err("a body cut short is an error to the client");
+    assert!(err.contains("body"), "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "not before read_timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_health_checks_take_a_backend_out_and_bring_it_back() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
     let b = TestOrigin::start("b", Behavior::Healthy).await;

@@ -33,6 +33,9 @@ pub enum Behavior {
     Status(u16),
     /// Sends headers promising 1 MB, 64 KB of it, then aborts the connection.
     ResetMidBody,
+    /// Sends headers promising 1 MB, 64 KB of it, then nothing more (the connection
+    /// stays open for a minute).
+    StallMidBody,
     /// Reads the request and writes bytes that are not HTTP.
     Garbage,
     /// Reads the request and closes the connection without a response.
@@ -304,7 +307,7 @@ async fn serve_conn<S: OriginStream>(
     let current = beh.lock().unwrap().clone();
     if matches!(
         current,
-        Behavior::Garbage | Behavior::CloseBeforeResponse | Behavior::ResetMidBody
+        Behavior::Garbage | Behavior::CloseBeforeResponse | Behavior::ResetMidBody | Behavior::StallMidBody
     ) {
         // Raw behaviours: read one request head, then misbehave.
         let mut buf = vec![0u8; 65536];
@@ -329,6 +332,15 @@ async fn serve_conn<S: OriginStream>(
                 let _ = stream.flush().await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 stream.abort();
+                return;
+            }
+            Behavior::StallMidBody => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n")
+                    .await;
+                let _ = stream.write_all(&vec![b'x'; 65536]).await;
+                let _ = stream.flush().await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
                 return;
             }
             _ => {}
@@ -513,6 +525,7 @@ backends = [{}]
     )
 }
 
+#[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
