@@ -194,6 +194,8 @@ pub struct H2Resp {
     pub request_slot: Option<Slot>,
     /// `read_timeout`: the longest wait for the next frame.
     pub stall: Stall,
+    /// The stream's place on its connection, given up when the body ends.
+    pub stream: Option<crate::h2up::Stream>,
 }
 
 impl From<Bytes> for RespBody {
@@ -284,6 +286,7 @@ impl H2Resp {
         if res.is_none() {
             self.in_flight.take();
             self.request_slot.take();
+            self.stream.take();
         }
         Poll::Ready(res)
     }

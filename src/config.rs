@@ -60,6 +60,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// `tunnel_idle_timeout` default: HAProxy's usual `timeout tunnel 1h`. nginx's 60 s
 /// (`proxy_read_timeout`) is the classic cause of dropped idle WebSockets.
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Streams per HTTP/2 backend connection before another is opened: at or below the
+/// limit servers commonly announce (nginx 128, hyper 200, Go 250), so requests do not
+/// queue behind a full connection.
+pub const DEFAULT_UPSTREAM_H2_MAX_STREAMS: u32 = 100;
 /// Idle upstream connections kept per backend per worker (nginx `keepalive 32` is common).
 pub const DEFAULT_MAX_IDLE_PER_BACKEND: usize = 64;
 /// Health-check period: TCP connect once a second is cheap and finds a dead host fast.
@@ -254,6 +258,8 @@ pub struct PoolConfig {
     pub tls: Option<Arc<crate::backend_tls::BackendTls>>,
     /// What the pool's backends speak: HTTP/1.1, or HTTP/2 (`protocol = "h2"`).
     pub protocol: UpstreamProtocol,
+    /// With HTTP/2: streams one connection carries before another is opened.
+    pub h2_max_streams: u32,
 }
 
 /// A pool's protocol to its backends.
@@ -515,6 +521,7 @@ struct FilePool {
     slow_start: Option<Duration>,
     tls: Option<toml::Value>,
     protocol: Option<String>,
+    h2_max_streams: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -968,6 +975,13 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
             UpstreamProtocol::Http1
         }
     };
+    let h2_max_streams = raw.h2_max_streams.unwrap_or(DEFAULT_UPSTREAM_H2_MAX_STREAMS);
+    if h2_max_streams == 0 {
+        errs.push(format!("{path}.h2_max_streams"), "must be at least 1");
+    }
+    if raw.h2_max_streams.is_some() && protocol != UpstreamProtocol::H2 {
+        errs.push(format!("{path}.h2_max_streams"), "only used with protocol = \"h2\"");
+    }
     let tls_path = format!("{path}.tls");
     let tls = raw
         .tls
@@ -1096,6 +1110,7 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
         slow_start: raw.slow_start.unwrap_or(Duration::ZERO),
         tls,
         protocol,
+        h2_max_streams,
     })
 }
 

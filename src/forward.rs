@@ -531,36 +531,36 @@ async fn try_backend_h2(
     let tls = cfg.tls.as_deref().zip(backend.tls_name.as_ref());
     let mut stale_left = MAX_STALE_RESENDS;
     loop {
-        let (mut send, reused) = match ctx.h2.checkout(backend.state.id) {
-            h2up::Checkout::Open(s) => (s, true),
-            h2up::Checkout::Wait(opening) => {
-                opening.notified().await;
-                if let h2up::Checkout::Open(s) = ctx.h2.checkout(backend.state.id) {
-                    (s, false)
-                } else {
-                    // The connect this request waited on failed: so does this try,
-                    // at once, rather than each waiter trying again in turn.
-                    let source = std::io::Error::other("the connection being opened for it failed");
-                    return Outcome::Failed(ProxyError::Connect { backend: addr, source }, Some(request));
-                }
-            }
-            h2up::Checkout::Connect(opening) => {
-                let pending = match pool.breakers.acquire(Limit::Pending, &cfg.circuit_breaker) {
-                    Ok(s) => s,
-                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
-                };
-                let conn_slot = match pool.breakers.acquire(Limit::Connections, &cfg.circuit_breaker) {
-                    Ok(s) => s,
-                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
-                };
-                let r = h2up::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
-                drop(pending);
-                match r {
-                    Ok(s) => {
-                        opening.opened(s.clone(), cfg.idle_timeout);
-                        (s, false)
+        let (mut send, stream, reused) = loop {
+            match ctx.h2.checkout(backend.state.id, cfg.h2_max_streams) {
+                h2up::Checkout::Open(s, stream) => break (s, stream, true),
+                h2up::Checkout::Wait(pending) => {
+                    if !pending.opened().await {
+                        // The connect this request waited on failed: so does this
+                        // try, at once, rather than each waiter trying in turn.
+                        let source = std::io::Error::other("the connection being opened for it failed");
+                        return Outcome::Failed(ProxyError::Connect { backend: addr, source }, Some(request));
                     }
-                    Err(e) => return Outcome::Failed(e, Some(request)),
+                    // Opened: look again (it may already be full).
+                }
+                h2up::Checkout::Connect(opening) => {
+                    let pending = match pool.breakers.acquire(Limit::Pending, &cfg.circuit_breaker) {
+                        Ok(s) => s,
+                        Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                    };
+                    let conn_slot = match pool.breakers.acquire(Limit::Connections, &cfg.circuit_breaker) {
+                        Ok(s) => s,
+                        Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                    };
+                    let r = h2up::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
+                    drop(pending);
+                    match r {
+                        Ok(s) => {
+                            let stream = opening.opened(s.clone(), cfg.idle_timeout);
+                            break (s, stream, false);
+                        }
+                        Err(e) => return Outcome::Failed(e, Some(request)),
+                    }
                 }
             }
         };
@@ -637,6 +637,7 @@ async fn try_backend_h2(
             in_flight,
             request_slot: None,
             stall: crate::netio::Stall::new(cfg.read_timeout),
+            stream: Some(stream),
         })));
         *response.status_mut() = status;
         *response.headers_mut() = parts.headers;

@@ -1,7 +1,8 @@
 //! HTTP/2 to backends, for pools with `protocol = "h2"` (gRPC, and services that
-//! speak only HTTP/2): per worker, one multiplexed connection per backend, opened on
-//! first use (prior knowledge on a plain connection, ALPN `h2` over TLS) and driven
-//! by its own task; each request is a stream on it, through hyper's HTTP/2 client.
+//! speak only HTTP/2): per worker, a few multiplexed connections per backend, opened
+//! as needed (prior knowledge on a plain connection, ALPN `h2` over TLS) and each
+//! driven by its own task; each request is a stream on the first with room (fewer
+//! than `h2_max_streams` open), through hyper's HTTP/2 client.
 //!
 //! `forward` keeps the attempt loop (retries, hedging, breakers, ejection); this
 //! module owns the connections, turns an `UpHead` into an HTTP/2 request, and says
@@ -9,7 +10,7 @@
 //! refused (`REFUSED_STREAM`, RFC 9113 §8.7) or a request that never left a
 //! connection that had closed was not, so it may go anywhere, whatever its method.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::future::Future;
@@ -81,24 +82,60 @@ impl Body for H2Body {
 
 struct Entry {
     send: SendRequest<H2Body>,
+    /// Streams open on it (requests whose responses have not ended).
+    streams: Rc<Cell<u32>>,
     last_used: Instant,
     idle_timeout: Duration,
 }
 
-enum Held {
-    Open(Entry),
-    /// A request is opening the connection; others wait for it rather than open
-    /// their own (a burst would otherwise open one each).
-    Opening(Rc<Notify>),
+/// A backend's connections, and whether one is being opened.
+#[derive(Default)]
+struct Held {
+    open: Vec<Entry>,
+    /// A request is opening a connection; others that find no room wait for it
+    /// rather than open their own (a burst would otherwise open one each).
+    opening: Option<Rc<Pending>>,
+}
+
+/// A connection being opened, as those waiting for it see it.
+#[derive(Default)]
+pub struct Pending {
+    notify: Notify,
+    failed: Cell<bool>,
+}
+
+impl Pending {
+    /// Waits for the connect to end; whether it opened a connection.
+    pub async fn opened(&self) -> bool {
+        self.notify.notified().await;
+        !self.failed.get()
+    }
 }
 
 /// What a request finds for its backend.
 pub enum Checkout {
-    Open(SendRequest<H2Body>),
-    /// Being opened: wait on this, then look again.
-    Wait(Rc<Notify>),
-    /// Nothing: this request opens it, and tells the waiters through the guard.
+    /// A connection with room for a stream, and the stream's place on it.
+    Open(SendRequest<H2Body>, Stream),
+    /// One is being opened: wait on this, then look again.
+    Wait(Rc<Pending>),
+    /// None has room: this request opens one, and tells the waiters through the guard.
     Connect(Opening),
+}
+
+/// One open stream on a connection, counted while it lives (until the response ends
+/// or fails), so a full connection is not given more.
+pub struct Stream(Rc<Cell<u32>>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+fn stream_on(e: &mut Entry) -> (SendRequest<H2Body>, Stream) {
+    e.streams.set(e.streams.get() + 1);
+    e.last_used = crate::clock::now();
+    (e.send.clone(), Stream(e.streams.clone()))
 }
 
 /// One worker's HTTP/2 connections to backends, by backend id.
@@ -108,23 +145,26 @@ pub struct H2Conns {
 }
 
 impl H2Conns {
-    /// The open connection to `backend`, or who is to open it.
-    pub fn checkout(self: &Rc<Self>, backend: u64) -> Checkout {
+    /// A connection to `backend` with fewer than `max_streams` streams open (the
+    /// first such, so traffic packs onto few connections and the rest idle out),
+    /// or who is to open one.
+    pub fn checkout(self: &Rc<Self>, backend: u64, max_streams: u32) -> Checkout {
         let mut conns = self.conns.borrow_mut();
-        match conns.get_mut(&backend) {
-            Some(Held::Open(e)) if !e.send.is_closed() => {
-                e.last_used = crate::clock::now();
-                return Checkout::Open(e.send.clone());
-            }
-            Some(Held::Opening(n)) => return Checkout::Wait(n.clone()),
-            _ => {}
+        let held = conns.entry(backend).or_default();
+        held.open.retain(|e| !e.send.is_closed());
+        if let Some(e) = held.open.iter_mut().find(|e| e.streams.get() < max_streams) {
+            let (send, stream) = stream_on(e);
+            return Checkout::Open(send, stream);
         }
-        let notify = Rc::new(Notify::new());
-        conns.insert(backend, Held::Opening(notify.clone()));
+        if let Some(n) = &held.opening {
+            return Checkout::Wait(n.clone());
+        }
+        let pending = Rc::new(Pending::default());
+        held.opening = Some(pending.clone());
         Checkout::Connect(Opening {
             conns: self.clone(),
             backend,
-            notify,
+            pending,
             done: false,
         })
     }
@@ -133,9 +173,10 @@ impl H2Conns {
     /// ones (hyper closes a connection once no handle is left and its streams end).
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.conns.borrow_mut().retain(|_, slot| match slot {
-            Held::Open(e) => !e.send.is_closed() && now.saturating_duration_since(e.last_used) < e.idle_timeout,
-            Held::Opening(_) => true,
+        self.conns.borrow_mut().retain(|_, held| {
+            held.open
+                .retain(|e| !e.send.is_closed() && now.saturating_duration_since(e.last_used) < e.idle_timeout);
+            !held.open.is_empty() || held.opening.is_some()
         });
     }
 
@@ -144,25 +185,34 @@ impl H2Conns {
     }
 }
 
-/// The right to open a backend's connection. Dropped without `opened` (the connect
-/// failed, or the request went away), it clears the way and wakes the waiters.
+/// The right to open a connection to a backend. Dropped without `opened` (the
+/// connect failed, or the request went away), it clears the way and wakes the
+/// waiters.
 pub struct Opening {
     conns: Rc<H2Conns>,
     backend: u64,
-    notify: Rc<Notify>,
+    pending: Rc<Pending>,
     done: bool,
 }
 
 impl Opening {
-    pub fn opened(mut self, send: SendRequest<H2Body>, idle_timeout: Duration) {
-        let entry = Entry {
+    /// Keeps `send` as one of the backend's connections, with this request's stream
+    /// on it.
+    pub fn opened(mut self, send: SendRequest<H2Body>, idle_timeout: Duration) -> Stream {
+        let mut entry = Entry {
             send,
+            streams: Rc::new(Cell::new(0)),
             last_used: crate::clock::now(),
             idle_timeout,
         };
-        self.conns.conns.borrow_mut().insert(self.backend, Held::Open(entry));
+        let (_, stream) = stream_on(&mut entry);
+        let mut conns = self.conns.conns.borrow_mut();
+        let held = conns.entry(self.backend).or_default();
+        held.open.push(entry);
+        held.opening = None;
         self.done = true;
-        self.notify.notify_waiters();
+        self.pending.notify.notify_waiters();
+        stream
     }
 }
 
@@ -172,10 +222,13 @@ impl Drop for Opening {
             return;
         }
         let mut conns = self.conns.conns.borrow_mut();
-        if matches!(conns.get(&self.backend), Some(Held::Opening(n)) if Rc::ptr_eq(n, &self.notify)) {
-            conns.remove(&self.backend);
+        if let Some(held) = conns.get_mut(&self.backend) {
+            if held.opening.as_ref().is_some_and(|p| Rc::ptr_eq(p, &self.pending)) {
+                held.opening = None;
+            }
         }
-        self.notify.notify_waiters();
+        self.pending.failed.set(true);
+        self.pending.notify.notify_waiters();
     }
 }
 

@@ -142,6 +142,33 @@ async fn requests_from_http1_and_h2_clients_share_one_http2_connection_per_backe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_connection_gets_a_second_one_beside_it() {
+    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(300))).await;
+    let (srv, addr) = start_proxy(&h2_pool(&[o.addr], "h2_max_streams = 2"));
+    let burst: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { get(addr, "/").await }))
+        .collect();
+    for t in burst {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(o.connections(), 3, "six streams at two a connection");
+    // The streams ended, so their places are free again: no new connection.
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert_eq!(o.connections(), 3);
+    stop_proxy(srv).await;
+
+    let bad = pool_config(&[o.addr], "h2_max_streams = 0");
+    let err = rampart::Config::parse(&bad, "p.toml").unwrap_err().to_string();
+    assert!(err.contains("pools.app.h2_max_streams: must be at least 1"), "{err}");
+    assert!(
+        err.contains("pools.app.h2_max_streams: only used with protocol = \"h2\""),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_trailers_from_an_http2_backend_reach_an_http2_client() {
     let b = H2Only::start("b", 200).await;
     let (srv, addr) = start_proxy(&h2_pool(&[b.addr], ""));
