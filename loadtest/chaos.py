@@ -4,8 +4,10 @@
 Usage:  python3 loadtest/chaos.py [--scenarios killed,frozen,...] [--proxies rampart,...]
                                   [--duration 12] [--logs DIR] [--results PATH]
 
-Three origins (loadtest/origin.rs, 13-byte body) sit behind each proxy: rampart with
-the README's minimal config, nginx and HAProxy tuned for failover (loadtest/peers/).
+Three origins (loadtest/origin.rs, 13-byte body; HTTP/1.1 or h2c) sit behind each
+proxy: rampart with the README's minimal config, nginx and HAProxy tuned for failover
+(loadtest/peers/). `--proxies rampart-h2` adds rampart speaking HTTP/2 to the origins
+(`protocol = "h2"`), which a default run leaves out.
 For each scenario and proxy, oha drives 32 keep-alive clients for --duration seconds;
 the fault starts at 1/4 and heals at 3/4 of the run. Client-visible failures are non-2xx
 responses plus transport errors; "max" is the slowest request. The table goes to stdout,
@@ -33,7 +35,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from run import steal_ms  # noqa: E402  (bench/run.py: the host's steal counter)
 PEERS = ROOT / "loadtest" / "peers"
 ORIGIN_PORTS = [29001, 29002, 29003]
-PROXIES = {"rampart": 28080, "nginx": 28081, "haproxy": 28082}
+PROXIES = {"rampart": 28080, "nginx": 28081, "haproxy": 28082, "rampart-h2": 28083}
+# The comparison run: `rampart-h2` (the same minimal config with `protocol = "h2"`,
+# HTTP/2 to the origins) runs only when named.
+DEFAULT_PROXIES = ["rampart", "nginx", "haproxy"]
 SCENARIOS = ["steady", "killed", "killed_post", "frozen", "503s", "slow", "reset", "backlog", "flapping",
              "rolling", "rolling_post", "all_down", "post_unsafe"]
 POST_BODY = "x" * 512
@@ -141,8 +146,9 @@ class Origins:
 
 
 def start_proxy(name, run, log):
-    if name == "rampart":
-        cmd = [str(ROOT / "target/release/rampart"), "--config", str(PEERS / "rampart.toml"),
+    if name.startswith("rampart"):
+        config = PEERS / ("rampart-h2.toml" if name == "rampart-h2" else "rampart.toml")
+        cmd = [str(ROOT / "target/release/rampart"), "--config", str(config),
                "--log-level", "warn" if log else "error"]
     elif name == "nginx":
         conf = run / "nginx.conf"
@@ -299,7 +305,8 @@ def cell(r, scenario):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
-    ap.add_argument("--proxies", default=",".join(PROXIES))
+    ap.add_argument("--proxies", default=",".join(DEFAULT_PROXIES),
+                    help=f"any of {', '.join(PROXIES)}")
     ap.add_argument("--duration", type=int, default=12)
     ap.add_argument("--logs", type=Path, help="keep each proxy's log in this directory")
     ap.add_argument("--results", type=Path, help="where to write the table (default: loadtest/RESULTS.md "
@@ -363,7 +370,7 @@ def main():
     for sc in scenarios:
         lines.append(f"| {sc} | " + " | ".join(f"{results[(sc, px)]['steal_ms']:.0f}" for px in proxies) + " |")
     text = "\n".join(lines) + "\n"
-    full = scenarios == SCENARIOS and proxies == list(PROXIES)
+    full = scenarios == SCENARIOS and proxies == DEFAULT_PROXIES
     target = args.results or (ROOT / "loadtest" / "RESULTS.md" if full else None)
     if target:
         target.write_text(text)
@@ -378,7 +385,7 @@ def command(args, scenarios, proxies):
     cmd = f"python3 loadtest/chaos.py --duration {args.duration}"
     if scenarios != SCENARIOS:
         cmd += f" --scenarios {','.join(scenarios)}"
-    if proxies != list(PROXIES):
+    if proxies != DEFAULT_PROXIES:
         cmd += f" --proxies {','.join(proxies)}"
     return cmd
 

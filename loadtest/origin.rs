@@ -91,7 +91,10 @@ async fn run(addr: SocketAddr) {
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
             let svc = service_fn(move |req| handle(state.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            // HTTP/1.1, or HTTP/2 for a connection that starts with its preface (the
+            // suite's `rampart-h2` column).
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let stopping = tokio::select! {
                 _ = conn.as_mut() => false,
