@@ -114,6 +114,13 @@ impl Stall {
         self.limit
     }
 
+    /// A new limit for the next operations, keeping the timer's allocation (a
+    /// backend connection's body wait is set again for each response).
+    pub fn set_limit(&mut self, limit: Duration) {
+        self.limit = limit;
+        self.waiting = false;
+    }
+
     /// Records progress (an operation that did not wait).
     pub fn progressed(&mut self) {
         self.waiting = false;
@@ -123,7 +130,9 @@ impl Stall {
     /// timer's wakeup with `cx` otherwise.
     #[cold]
     pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(at) = tokio::time::Instant::now().checked_add(self.limit) else {
+        // The poll's clock reading (`clock`): a wait is measured from when it began
+        // to within one poll, far finer than any limit here.
+        let Some(at) = crate::clock::tokio_now().checked_add(self.limit) else {
             return false;
         };
         let timer = match &mut self.timer {

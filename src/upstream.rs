@@ -520,7 +520,7 @@ impl UpBody {
     /// `read_timeout` bounds each wait for more of the body (nginx's
     /// `proxy_read_timeout` between reads); a backend that stalls longer fails it.
     pub fn new(mut conn: Box<Conn>, framing: Framing, keep_alive: bool, home: Home, read_timeout: Duration) -> UpBody {
-        conn.body_stall = Stall::new(read_timeout);
+        conn.body_stall.set_limit(read_timeout);
         UpBody {
             conn: Some(conn),
             state: match framing {
