@@ -349,6 +349,21 @@ fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
     }
 }
 
+/// The circuit breaker's slots a new backend connection takes: one pending while it
+/// connects, and one for its life. A full breaker ends the request.
+fn connect_slots(pool: &Pool) -> Result<(crate::breaker::Slot, crate::breaker::Slot), Outcome> {
+    let cfg = &pool.config.circuit_breaker;
+    let pending = pool
+        .breakers
+        .acquire(Limit::Pending, cfg)
+        .map_err(|l| Outcome::Fatal(breaker_error(pool, l)))?;
+    let conn = pool
+        .breakers
+        .acquire(Limit::Connections, cfg)
+        .map_err(|l| Outcome::Fatal(breaker_error(pool, l)))?;
+    Ok((pending, conn))
+}
+
 #[cold]
 fn stale_resend(pool: &Pool) {
     metrics::counter!("rampart_stale_connection_resends_total", "pool" => pool.name.clone()).increment(1);
@@ -392,13 +407,9 @@ async fn try_backend(
         let (mut conn, reused) = match ctx.conns.checkout(backend.state.id) {
             Some(c) => (c, true),
             None => {
-                let pending = match pool.breakers.acquire(Limit::Pending, &cfg.circuit_breaker) {
-                    Ok(s) => s,
-                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
-                };
-                let conn_slot = match pool.breakers.acquire(Limit::Connections, &cfg.circuit_breaker) {
-                    Ok(s) => s,
-                    Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                let (pending, conn_slot) = match connect_slots(pool) {
+                    Ok(slots) => slots,
+                    Err(fatal) => return fatal,
                 };
                 let tls = cfg.tls.as_deref().zip(backend.tls_name.as_ref());
                 let r = crate::upstream::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
@@ -544,13 +555,9 @@ async fn try_backend_h2(
                     // Opened: look again (it may already be full).
                 }
                 h2up::Checkout::Connect(opening) => {
-                    let pending = match pool.breakers.acquire(Limit::Pending, &cfg.circuit_breaker) {
-                        Ok(s) => s,
-                        Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
-                    };
-                    let conn_slot = match pool.breakers.acquire(Limit::Connections, &cfg.circuit_breaker) {
-                        Ok(s) => s,
-                        Err(l) => return Outcome::Fatal(breaker_error(pool, l)),
+                    let (pending, conn_slot) = match connect_slots(pool) {
+                        Ok(slots) => slots,
+                        Err(fatal) => return fatal,
                     };
                     let r = h2up::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
                     drop(pending);

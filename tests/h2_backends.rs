@@ -169,6 +169,30 @@ async fn a_full_connection_gets_a_second_one_beside_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_http2_backend_is_hedged_and_a_503_is_retried_elsewhere() {
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_secs(2))).await;
+    let fast = TestOrigin::start("fast", Behavior::Healthy).await;
+    let extra =
+        "balancer = \"round_robin\"\nretry = { hedge_delay = \"50ms\" }\noutlier = { consecutive_failures = 1000 }";
+    let (srv, addr) = start_proxy(&h2_pool(&[slow.addr, fast.addr], extra));
+    for i in 0..4 {
+        assert_eq!(get(addr, "/").await.text(), "fast", "request {i}");
+    }
+    assert!(slow.hits() >= 1, "some requests went to the slow backend first");
+    stop_proxy(srv).await;
+
+    let failing = TestOrigin::start("failing", Behavior::Status(503)).await;
+    let extra = "balancer = \"round_robin\"\nretry = { hedge = false }\noutlier = { consecutive_failures = 1000 }";
+    let (srv, addr) = start_proxy(&h2_pool(&[failing.addr, fast.addr], extra));
+    for i in 0..4 {
+        let r = get(addr, "/").await;
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "fast"), "request {i}");
+    }
+    assert!(failing.hits() >= 1);
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_trailers_from_an_http2_backend_reach_an_http2_client() {
     let b = H2Only::start("b", 200).await;
     let (srv, addr) = start_proxy(&h2_pool(&[b.addr], ""));
