@@ -351,16 +351,16 @@ fn note_lost(pool: &Pool, bi: usize, o: &Outcome) {
 
 /// The circuit breaker's slots a new backend connection takes: one pending while it
 /// connects, and one for its life. A full breaker ends the request.
-fn connect_slots(pool: &Pool) -> Result<(crate::breaker::Slot, crate::breaker::Slot), Outcome> {
+fn connect_slots(pool: &Pool) -> Result<(crate::breaker::Slot, crate::breaker::Slot), ProxyError> {
     let cfg = &pool.config.circuit_breaker;
     let pending = pool
         .breakers
         .acquire(Limit::Pending, cfg)
-        .map_err(|l| Outcome::Fatal(breaker_error(pool, l)))?;
+        .map_err(|l| breaker_error(pool, l))?;
     let conn = pool
         .breakers
         .acquire(Limit::Connections, cfg)
-        .map_err(|l| Outcome::Fatal(breaker_error(pool, l)))?;
+        .map_err(|l| breaker_error(pool, l))?;
     Ok((pending, conn))
 }
 
@@ -409,7 +409,7 @@ async fn try_backend(
             None => {
                 let (pending, conn_slot) = match connect_slots(pool) {
                     Ok(slots) => slots,
-                    Err(fatal) => return fatal,
+                    Err(e) => return Outcome::Fatal(e),
                 };
                 let tls = cfg.tls.as_deref().zip(backend.tls_name.as_ref());
                 let r = crate::upstream::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
@@ -557,7 +557,7 @@ async fn try_backend_h2(
                 h2up::Checkout::Connect(opening) => {
                     let (pending, conn_slot) = match connect_slots(pool) {
                         Ok(slots) => slots,
-                        Err(fatal) => return fatal,
+                        Err(e) => return Outcome::Fatal(e),
                     };
                     let r = h2up::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
                     drop(pending);
