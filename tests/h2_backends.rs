@@ -193,6 +193,45 @@ async fn a_slow_http2_backend_is_hedged_and_a_503_is_retried_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_connect_that_fails_go_elsewhere_without_connecting_again() {
+    // Accepts TCP and never answers the TLS handshake: its connect times out.
+    let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = mute.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            open.push(s);
+        }
+    });
+    let pki = Pki::new();
+    let mut config = pki.leaf("good", &["127.0.0.1"]).server_config(None);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let good = TestOrigin::start_tls(
+        "good",
+        Behavior::Healthy,
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    )
+    .await;
+    let extra = "connect_timeout = \"500ms\"\nbalancer = \"round_robin\"\nretry = { hedge = false }\n\
+                 outlier = { consecutive_failures = 1000 }\ntls = { verify = false }";
+    let (srv, addr) = start_proxy(&h2_pool(&[mute_addr, good.addr], extra));
+    let burst: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { get(addr, "/").await }))
+        .collect();
+    for t in burst {
+        assert_eq!(t.await.unwrap().text(), "good");
+    }
+    // Three went to the mute backend first: one connected, two waited for it, and
+    // when it failed all three went to the good one, with no second attempt.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    held.abort();
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_trailers_from_an_http2_backend_reach_an_http2_client() {
     let b = H2Only::start("b", 200).await;
     let (srv, addr) = start_proxy(&h2_pool(&[b.addr], ""));
