@@ -67,6 +67,12 @@ pub enum Var {
     /// The backend that answered, `IP:port`; empty for rampart's own answers.
     /// Responses only.
     UpstreamAddr,
+    /// What a TLS connection negotiated (`tls::TlsFacts`); empty over plain HTTP.
+    SslProtocol,
+    SslCipher,
+    SslServerName,
+    SslClientSDn,
+    SslClientVerify,
 }
 
 /// What one message's variables are made from.
@@ -83,6 +89,8 @@ pub struct Vars<'a> {
     /// The fields rampart adds to the request (requests).
     pub added: Option<&'a AddedFields>,
     pub upstream: Option<SocketAddr>,
+    /// The connection's TLS, if it has any.
+    pub tls: Option<&'a crate::tls::TlsFacts>,
 }
 
 impl HeaderRules {
@@ -197,6 +205,17 @@ impl Var {
                     let _ = write!(out, "{a}");
                 }
             }
+            Var::SslProtocol | Var::SslCipher | Var::SslServerName | Var::SslClientSDn | Var::SslClientVerify => {
+                if let Some(t) = vars.tls {
+                    out.extend_from_slice(match self {
+                        Var::SslProtocol => t.protocol.as_bytes(),
+                        Var::SslCipher => t.cipher.as_bytes(),
+                        Var::SslServerName => t.server_name.as_ref().map_or(&b""[..], |v| v.as_bytes()),
+                        Var::SslClientSDn => t.client_subject.as_ref().map_or(&b""[..], |v| v.as_bytes()),
+                        _ => t.client_verify.as_bytes(),
+                    });
+                }
+            }
         }
     }
 }
@@ -217,7 +236,7 @@ fn host_only(host: &[u8]) -> &[u8] {
 }
 
 /// The variables by name, for errors.
-const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $http_NAME, $upstream_addr";
+const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $http_NAME, $upstream_addr, $ssl_protocol, $ssl_cipher, $ssl_server_name, $ssl_client_s_dn, $ssl_client_verify";
 
 /// Parses a rule's value: text with `$name` or `${name}` variables, and `$$` for a
 /// literal `$`.
@@ -283,6 +302,11 @@ fn variable(name: &str, dir: Direction) -> Result<Var, String> {
         "request_method" => Var::RequestMethod,
         "request_id" => Var::RequestId,
         "upstream_addr" => Var::UpstreamAddr,
+        "ssl_protocol" => Var::SslProtocol,
+        "ssl_cipher" => Var::SslCipher,
+        "ssl_server_name" => Var::SslServerName,
+        "ssl_client_s_dn" => Var::SslClientSDn,
+        "ssl_client_verify" => Var::SslClientVerify,
         _ => match name.strip_prefix("http_") {
             Some(field) if !field.is_empty() => {
                 let field = field.replace('_', "-").to_ascii_lowercase();
@@ -441,6 +465,7 @@ mod tests {
             target: Some("/a/b?c=1"),
             added: None,
             upstream: Some("127.0.0.1:9001".parse().unwrap()),
+            tls: None,
         })
     }
 

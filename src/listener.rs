@@ -505,7 +505,10 @@ async fn serve_tls(
         })
         .flatten();
     drop(tls);
-    let info = ConnInfo::new(peer, true).with_client_cert(client_cert);
+    let facts = crate::tls::TlsFacts::of(stream.get_ref().1);
+    let info = ConnInfo::new(peer, true)
+        .with_client_cert(client_cert)
+        .with_tls_facts(facts);
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let io = ClientIo::Tls(Box::new(stream));
     if h2 {

@@ -72,6 +72,9 @@ pub struct ConnInfo {
     /// `X-Forwarded-Client-Cert` for its requests: the client's certificate, on a
     /// listener with `forward_client_cert`.
     pub client_cert: Option<HeaderValue>,
+    /// What a TLS connection negotiated, for `$ssl_*` header-rule variables. Boxed:
+    /// plain connections carry a null pointer.
+    pub tls_facts: Option<Box<crate::tls::TlsFacts>>,
     /// Set for HTTP/1.1 connections served through `idle::ParkIo`, whose upgrades
     /// are completed by hand.
     pub park: Option<Rc<ParkState>>,
@@ -86,6 +89,7 @@ impl ConnInfo {
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             tls,
             client_cert: None,
+            tls_facts: None,
             park: None,
         }
     }
@@ -102,7 +106,13 @@ impl ConnInfo {
             target: None,
             added: None,
             upstream,
+            tls: self.tls_facts.as_deref(),
         }
+    }
+
+    pub fn with_tls_facts(mut self, facts: crate::tls::TlsFacts) -> ConnInfo {
+        self.tls_facts = Some(Box::new(facts));
+        self
     }
 
     pub fn with_client_cert(mut self, field: Option<HeaderValue>) -> ConnInfo {

@@ -463,6 +463,47 @@ pub fn not_after(cert: &[u8]) -> Option<i64> {
 /// The `X-Forwarded-Client-Cert` value for a client's certificate, in Envoy's
 /// format: `Hash=` the SHA-256 of its DER in hex, `Subject="..."` its subject as an
 /// RFC 4514 string, and one `DNS=` per DNS name in its subjectAltName.
+/// What a TLS connection negotiated, for the header rules' `$ssl_*` variables: made
+/// once per connection.
+#[derive(Debug)]
+pub struct TlsFacts {
+    /// `TLSv1.2` or `TLSv1.3`, as nginx's `$ssl_protocol`.
+    pub protocol: &'static str,
+    /// The suite's IANA name as rustls reports it (`TLS13_AES_128_GCM_SHA256`).
+    pub cipher: &'static str,
+    /// The SNI the client sent.
+    pub server_name: Option<http::HeaderValue>,
+    /// The client certificate's subject, RFC 4514 (nginx's `$ssl_client_s_dn`).
+    pub client_subject: Option<http::HeaderValue>,
+    /// `SUCCESS` when the client presented a certificate (it verified, or the
+    /// handshake would have failed), else `NONE`, as nginx's `$ssl_client_verify`.
+    pub client_verify: &'static str,
+}
+
+impl TlsFacts {
+    pub fn of(conn: &rustls::ServerConnection) -> TlsFacts {
+        let protocol = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "",
+        };
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("");
+        let leaf = conn.peer_certificates().and_then(|c| c.first());
+        TlsFacts {
+            protocol,
+            cipher,
+            server_name: conn.server_name().and_then(|n| http::HeaderValue::from_str(n).ok()),
+            client_subject: leaf
+                .and_then(|c| subject_dn(c))
+                .and_then(|dn| http::HeaderValue::from_str(&dn).ok()),
+            client_verify: if leaf.is_some() { "SUCCESS" } else { "NONE" },
+        }
+    }
+}
+
 pub fn client_cert_field(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
     use std::fmt::Write;
     let mut out = String::with_capacity(160);

@@ -757,6 +757,43 @@ async fn client_verify_optional_admits_clients_without_a_certificate_but_not_wit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_variables_tell_the_backend_what_the_connection_negotiated() {
+    let pki = Pki::new();
+    let clients = Pki::new();
+    let leaf = pki.leaf("site", &["site.test"]);
+    let origin = TestOrigin::start("o", Behavior::Healthy).await;
+    let extra = format!(", client_ca = {:?}, client_verify = \"optional\"", clients.ca_file());
+    let rules = concat!(
+        "request_headers = { set = { \"X-SSL-Protocol\" = \"$ssl_protocol\", \"X-SSL-Cipher\" = \"$ssl_cipher\", ",
+        "\"X-SSL-SNI\" = \"$ssl_server_name\", \"X-SSL-Client-DN\" = \"$ssl_client_s_dn\", ",
+        "\"X-SSL-Client-Verify\" = \"$ssl_client_verify\" } }\n",
+        "response_headers = { set = { \"X-TLS\" = \"$ssl_protocol\" } }\n",
+    );
+    let toml = tls_config(&[origin.addr], &[&leaf], &extra).replacen(
+        "pool = \"app\"\n",
+        &format!("pool = \"app\"\n{rules}"),
+        1,
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    let seen = || origin.seen_headers.lock().unwrap().last().cloned().unwrap();
+    let member = clients.leaf("member", &["member.test"]);
+    let answer = get_as(addr, &pki, Some(&member), "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("x-tls: tlsv1.3"), "{answer}");
+    let h = seen();
+    assert_eq!(h["x-ssl-protocol"], "TLSv1.3");
+    assert!(h["x-ssl-cipher"].to_str().unwrap().starts_with("TLS13_"), "{h:?}");
+    assert_eq!(h["x-ssl-sni"], "site.test");
+    assert!(h["x-ssl-client-dn"].to_str().unwrap().starts_with("CN="), "{h:?}");
+    assert_eq!(h["x-ssl-client-verify"], "SUCCESS");
+    // Without a certificate: NONE, and no subject (an empty value is not sent).
+    get_as(addr, &pki, None, "").await.unwrap();
+    let h = seen();
+    assert_eq!(h["x-ssl-client-verify"], "NONE");
+    assert!(!h.contains_key("x-ssl-client-dn"), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_client_cert_tells_the_backend_who_the_client_is_and_a_client_cannot_forge_it() {
     let clients = Pki::new();
     let extra = format!(", client_ca = {:?}, forward_client_cert = true", clients.ca_file());
