@@ -387,11 +387,7 @@ async fn a_stream_that_stalls_mid_body_fails_after_read_timeout() {
     let b = H2Only::start("b", 200).await;
     let extra = "read_timeout = \"300ms\"\nretry = { response_buffer_bytes = 0 }";
     let (srv, addr) = start_proxy(&h2_pool(&[b.addr], extra));
-    let req = Request::get("/stall")
-        .header("host", "t")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), send(addr, req)).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), try_get(addr, "/stall")).await;
     let err = outcome
         .expect("the response never ended: no read_timeout")
         .expect_err("cut short");

@@ -489,17 +489,7 @@ async fn a_backend_that_stalls_mid_body_fails_the_response_after_read_timeout() 
     let extra = "read_timeout = \"300ms\"\nretry = { response_buffer_bytes = 0 }";
     let (_srv, addr) = start_proxy(&pool_config(&[stall.addr], extra));
     let started = Instant::now();
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(20),
-        send(
-            addr,
-            Request::get("/")
-                .header("host", "t")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        ),
-    )
-    .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), try_get(addr, "/")).await;
     let outcome = outcome.expect("the response never ended: no read_timeout");
     let err = outcome.expect_err("a body cut short is an error to the client");
     assert!(err.contains("body"), "{err}");

@@ -571,6 +571,18 @@ pub async fn post_bytes(addr: SocketAddr, path: &str, body: impl Into<Bytes>) ->
     .await
 }
 
+/// A GET on a fresh connection whose failure the test looks at (a body cut short).
+pub async fn try_get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    send(
+        addr,
+        Request::get(path)
+            .header("host", "t")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     get_with(addr, path, &[]).await
 }
