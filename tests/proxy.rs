@@ -633,11 +633,17 @@ async fn options_asterisk_goes_to_the_catch_all_route_and_other_asterisks_are_40
 async fn a_proxy_protocol_listener_takes_the_client_from_the_header_and_closes_without_one() {
     use tokio::io::AsyncWriteExt;
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml = pool_config(&[o.addr], "").replace(
-        "bind = \"127.0.0.1:0\"\n",
-        "bind = \"127.0.0.1:0\"\nproxy_protocol = true\n",
-    );
-    assert!(toml.contains("proxy_protocol"));
+    let toml = pool_config(&[o.addr], "")
+        .replace(
+            "bind = \"127.0.0.1:0\"\n",
+            "bind = \"127.0.0.1:0\"\nproxy_protocol = true\n",
+        )
+        .replacen(
+            "pool = \"app\"\n",
+            "pool = \"app\"\nrequest_headers = { set = { \"X-Real-IP\" = \"$remote_addr\", \"X-Real-Port\" = \"$remote_port\" } }\n",
+            1,
+        );
+    assert!(toml.contains("proxy_protocol") && toml.contains("X-Real-IP"));
     let (_srv, addr) = start_proxy(&toml);
     let xff = || {
         o.seen_headers.lock().unwrap().last().unwrap()["x-forwarded-for"]
@@ -655,6 +661,10 @@ async fn a_proxy_protocol_listener_takes_the_client_from_the_header_and_closes_w
     .await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert_eq!(xff(), "203.0.113.7");
+    // The header rules' client is the PROXY header's too.
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-real-ip"], "203.0.113.7");
+    assert_eq!(seen["x-real-port"], "5555");
 
     // Version 2, IPv6, then HTTP/2 on the same connection.
     let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
