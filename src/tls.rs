@@ -515,12 +515,71 @@ pub fn client_cert_field(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue>
         // RFC 4514 has escaped `"` and `\` already, so the quotes hold.
         let _ = write!(out, ";Subject=\"{dn}\"");
     }
+    for uri in uri_sans(leaf) {
+        // Quoted when it holds a separator, as Envoy does; one that cannot be quoted
+        // safely is left out.
+        if uri.bytes().any(|b| matches!(b, b',' | b';' | b'=')) {
+            let _ = write!(out, ";URI=\"{uri}\"");
+        } else {
+            let _ = write!(out, ";URI={uri}");
+        }
+    }
     if let Ok(ee) = webpki::EndEntityCert::try_from(leaf) {
         for name in ee.valid_dns_names() {
             let _ = write!(out, ";DNS={name}");
         }
     }
     http::HeaderValue::from_str(&out).ok()
+}
+
+/// The URIs among a certificate's subject alternative names (SPIFFE IDs in a mesh),
+/// those of printable ASCII without `"` or `\`. webpki checks them but does not
+/// expose them.
+pub fn uri_sans(cert: &[u8]) -> Vec<&str> {
+    const SAN: &[u8] = &[0x55, 0x1d, 0x11]; // 2.5.29.17
+    let mut out = Vec::new();
+    // After the subject's public key: the optional unique IDs, then [3] extensions.
+    let Some(mut rest) = tbs_from(cert, 6) else {
+        return out;
+    };
+    while let Some((tag, body, next)) = der_element(rest) {
+        rest = next;
+        if tag != 0xa3 {
+            continue;
+        }
+        let Some((_, mut exts, _)) = der_element(body) else {
+            return out;
+        };
+        while let Some((_, ext, next)) = der_element(exts) {
+            exts = next;
+            let Some((0x06, oid, mut fields)) = der_element(ext) else {
+                continue;
+            };
+            if oid != SAN {
+                continue;
+            }
+            // `critical` (a BOOLEAN) may come first; then the OCTET STRING.
+            while let Some((tag, value, more)) = der_element(fields) {
+                fields = more;
+                if tag != 0x04 {
+                    continue;
+                }
+                let Some((_, mut names, _)) = der_element(value) else {
+                    break;
+                };
+                while let Some((tag, name, more)) = der_element(names) {
+                    names = more;
+                    // [6] uniformResourceIdentifier, IMPLICIT IA5String.
+                    if tag == 0x86 && name.iter().all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+                        if let Ok(uri) = std::str::from_utf8(name) {
+                            out.push(uri);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A certificate's subject as an RFC 4514 string (`CN=a,O=Example\, Inc.,C=NZ`: the

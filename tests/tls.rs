@@ -798,7 +798,7 @@ async fn forward_client_cert_tells_the_backend_who_the_client_is_and_a_client_ca
     let clients = Pki::new();
     let extra = format!(", client_ca = {:?}, forward_client_cert = true", clients.ca_file());
     let (pki, o, _srv, addr) = site("", &extra).await;
-    let member = clients.leaf("member", &["member.test"]);
+    let member = clients.leaf("member", &["member.test", "spiffe://example.org/ns/shop/sa/member"]);
     let forged = "x-forwarded-client-cert: Hash=00;Subject=\"CN=admin\"\r\n";
     let answer = get_as(addr, &pki, Some(&member), forged).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -812,7 +812,10 @@ async fn forward_client_cert_tells_the_backend_who_the_client_is_and_a_client_ca
         .map(|b| format!("{b:02x}"))
         .collect();
     assert!(field.starts_with(&format!("Hash={hash};Subject=\"CN=")), "{field}");
-    assert!(field.ends_with("\";DNS=member.test"), "{field}");
+    assert!(
+        field.ends_with("\";URI=spiffe://example.org/ns/shop/sa/member;DNS=member.test"),
+        "{field}"
+    );
 
     let bad = tls_config(&[o.addr], &[&member], ", forward_client_cert = true");
     let err = rampart::Config::parse(&bad, "bad.toml").unwrap_err().to_string();

@@ -41,7 +41,8 @@ impl Pki {
         Pki { ca, ca_key, dir }
     }
 
-    /// A certificate for `names`, signed by the CA, written as `FILE.crt`/`FILE.key`.
+    /// A certificate for `names` (DNS names or IP addresses; a name with `://` is a
+    /// URI, as a SPIFFE ID), signed by the CA, written as `FILE.crt`/`FILE.key`.
     pub fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
         self.leaf_until(file, names, None)
     }
@@ -49,7 +50,13 @@ impl Pki {
     /// The same, expiring at `not_after` (Unix seconds) if given.
     pub fn leaf_until(&self, file: &str, names: &[&str], not_after: Option<u64>) -> Leaf {
         let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let (uris, hosts): (Vec<&str>, Vec<&str>) = names.iter().partition(|n| n.contains("://"));
+        let mut params = CertificateParams::new(hosts.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
         if let Some(t) = not_after {
             params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(t);
         }
