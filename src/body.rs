@@ -37,11 +37,21 @@ pub enum ReqBodyError {
 impl ReqBodyError {
     /// The request's failure, answered to the client; none of these is the backend's.
     pub fn into_proxy_error(self) -> crate::error::ProxyError {
+        match self {
+            ReqBodyError::Client(e) => crate::error::ProxyError::ClientBody(e),
+            other => other.to_proxy_error(),
+        }
+    }
+
+    /// The same from a borrowed error (hyper's HTTP/2 client keeps the body's error
+    /// and lends it): the client's own I/O failure, which cannot be taken, is a
+    /// plain 400.
+    pub fn to_proxy_error(&self) -> crate::error::ProxyError {
         use crate::error::ProxyError;
         match self {
-            ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit },
-            ReqBodyError::Client(e) => ProxyError::ClientBody(e),
-            ReqBodyError::Idle(d) => ProxyError::ClientBodyTimeout(d),
+            ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
+            ReqBodyError::Client(_) => ProxyError::BadRequest("the request body failed"),
+            ReqBodyError::Idle(d) => ProxyError::ClientBodyTimeout(*d),
         }
     }
 }

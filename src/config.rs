@@ -267,8 +267,8 @@ pub struct PoolConfig {
 pub enum UpstreamProtocol {
     #[default]
     Http1,
-    /// HTTP/2: prior knowledge (h2c) on plain connections, ALPN `h2` over TLS. One
-    /// multiplexed connection per backend per worker (`h2up`).
+    /// HTTP/2: prior knowledge (h2c) on plain connections, ALPN `h2` over TLS. A few
+    /// multiplexed connections per backend per worker (`h2up`).
     H2,
 }
 

@@ -527,7 +527,7 @@ async fn try_backend(
 }
 
 /// `try_backend` for a pool that speaks HTTP/2 (`h2up`): the same outcomes, from a
-/// stream on the backend's one multiplexed connection.
+/// stream on one of the backend's multiplexed connections.
 async fn try_backend_h2(
     ctx: &Rc<WorkerCtx>,
     pool: &Arc<Pool>,

@@ -280,19 +280,11 @@ pub async fn connect(
     Ok(send)
 }
 
-/// The fields HTTP/2 forbids (RFC 9113 §8.2.2); rampart removes them from requests
-/// already, and this makes sure of it.
-const CONNECTION_SPECIFIC: [HeaderName; 5] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
-
 /// The HTTP/2 request for `head`: its fields (the client's, as written or as a map,
 /// then rampart's own), `Host` as `:authority`, and `te: trailers`, which gRPC
-/// servers require and which says truly that rampart passes trailers on.
+/// servers require and which says truly that rampart passes trailers on. The fields
+/// HTTP/2 forbids (RFC 9113 §8.2.2) are not removed here: rampart's request rewrite
+/// drops the hop-by-hop ones, and hyper's HTTP/2 client strips any left as it sends.
 pub fn request(head: &UpHead, body: H2Body, backend: SocketAddr, tls: bool) -> Request<H2Body> {
     let mut headers = match &head.raw {
         Some(raw) => {
@@ -306,9 +298,6 @@ pub fn request(head: &UpHead, body: H2Body, backend: SocketAddr, tls: bool) -> R
         headers.append(HeaderName::from_static(name), value.clone());
     }
     let host = headers.remove(header::HOST).or_else(|| head.added.host.clone());
-    for name in &CONNECTION_SPECIFIC {
-        headers.remove(name);
-    }
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
     let authority = host
         .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
@@ -360,11 +349,7 @@ pub fn classify(e: hyper::Error, backend: SocketAddr) -> Failure {
     while let Some(s) = source {
         // hyper holds the body's error by reference only.
         if let Some(body) = s.downcast_ref::<ReqBodyError>() {
-            return Failure::Client(match body {
-                ReqBodyError::TooLarge(limit) => ProxyError::BodyTooLarge { limit: *limit },
-                ReqBodyError::Idle(d) => ProxyError::ClientBodyTimeout(*d),
-                ReqBodyError::Client(_) => ProxyError::BadRequest("the request body failed"),
-            });
+            return Failure::Client(body.to_proxy_error());
         }
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {
             if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
