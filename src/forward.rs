@@ -452,13 +452,7 @@ async fn try_backend(
             Ok(Err(SendError::Failed(e) | SendError::Unanswered(e))) => return Outcome::Failed(e, None),
             Ok(Ok(h)) => h,
         };
-        // The balancer's latency and the hedge delay's p95 are the backend's: a
-        // streamed upload's time to the head is mostly the client's.
-        if let ReqBody::Buffered(_) = request.body {
-            let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
-            backend.state.observe_latency(ttfb);
-            pool.latency.record(ttfb);
-        }
+        record_ttfb(pool, bi, &request.body, sent_at);
         let Head {
             status,
             fields,
@@ -519,10 +513,7 @@ async fn try_backend(
             upgraded,
             raw,
         };
-        return match gateway {
-            Some(err) => Outcome::Gateway(err, fwd),
-            None => Outcome::Response(fwd),
-        };
+        return answered(gateway, fwd);
     }
 }
 
@@ -617,11 +608,7 @@ async fn try_backend_h2(
                 };
             }
         };
-        if let ReqBody::Buffered(_) = request.body {
-            let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
-            backend.state.observe_latency(ttfb);
-            pool.latency.record(ttfb);
-        }
+        record_ttfb(pool, bi, &request.body, sent_at);
         let (parts, mut incoming) = resp.into_parts();
         let status = parts.status;
         let gateway = outlier::on_response(pool, bi, status);
@@ -655,10 +642,29 @@ async fn try_backend_h2(
             upgraded: None,
             raw: None,
         };
-        return match gateway {
-            Some(err) => Outcome::Gateway(err, fwd),
-            None => Outcome::Response(fwd),
-        };
+        return answered(gateway, fwd);
+    }
+}
+
+/// Records a try's time to the response head as its backend's latency (the
+/// balancer's) and the pool's (the hedge delay's p95). Not for a body streamed from
+/// the client: that time is mostly the client's.
+#[inline]
+fn record_ttfb(pool: &Pool, bi: usize, body: &ReqBody, sent_at: Instant) {
+    if let ReqBody::Buffered(_) = body {
+        let ttfb = crate::clock::tokio_now().saturating_duration_since(sent_at);
+        pool.backends[bi].state.observe_latency(ttfb);
+        pool.latency.record(ttfb);
+    }
+}
+
+/// A try that got an answer: the client's, or a gateway error (502/503/504) the
+/// attempt loop may retry elsewhere, holding the answer in case it cannot.
+#[inline]
+fn answered(gateway: Option<ProxyError>, fwd: Forwarded) -> Outcome {
+    match gateway {
+        Some(err) => Outcome::Gateway(err, fwd),
+        None => Outcome::Response(fwd),
     }
 }
 

@@ -165,6 +165,11 @@ async fn probe_h2(
     let result = send.send_request(req).await;
     driver.abort();
     let status = result.map_err(|e| format!("HTTP/2: {e}"))?.status().as_u16();
+    judged(status, expect)
+}
+
+/// A check's verdict on the status a backend answered.
+fn judged(status: u16, expect: &[(u16, u16)]) -> Result<(), String> {
     if expect.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status)) {
         Ok(())
     } else {
@@ -244,9 +249,5 @@ async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("malformed status line {:?}", line.lines().next().unwrap_or("")))?;
-    if cfg.expect_status.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status)) {
-        Ok(())
-    } else {
-        Err(format!("status {status}"))
-    }
+    judged(status, &cfg.expect_status)
 }
