@@ -16,7 +16,6 @@ nginx and HAProxy. Load goes to 127.0.0.1 only; every loop is bounded in time.
 """
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: tools and helpers)
+import tls  # noqa: E402  (bench/tls.py: a proxy's pids, wrk's result, CPU per request)
 
 PROXIES = {"rampart": 18186, "nginx": 18187, "haproxy": 18188}
 ORIGINS = (19201, 19202, 19203)
@@ -48,23 +48,11 @@ def start(run: Path, rampart: Path):
     return procs
 
 
-def pids(procs, name):
-    pid = procs[name].pid
-    return (bench.children(pid) or [pid]) if name == "nginx" else [pid]
-
-
 def measure(procs, name, duration):
-    ps = pids(procs, name)
+    ps = tls.pids(procs, name)
     before = bench.cpu_ticks(ps)
-    out = bench.sh(["wrk", "-t1", "-c64", f"-d{duration}s", f"http://127.0.0.1:{PROXIES[name]}/"]).stdout
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if bad:
-        raise RuntimeError(f"{bad.group(1)} non-2xx responses from {name}")
-    n = int(re.search(r"(\d+) requests in", out).group(1))
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    hz = os.sysconf("SC_CLK_TCK")
-    cpu = sum(a - b for a, b in zip(bench.cpu_ticks(ps), before)) / hz * 1e6 / max(n, 1)
-    return rate, cpu
+    n, rate = tls.wrk_run(["wrk", "-t1", "-c64", f"-d{duration}s", f"http://127.0.0.1:{PROXIES[name]}/"], name)
+    return rate, tls.cpu_us(ps, before, n)
 
 
 def main():

@@ -93,10 +93,15 @@ def wrk(port, duration, close, scheme="https"):
         cmd += ["-H", "Connection: close"]
     if scheme == "http":
         cmd += ["-H", f"Host: {UPSTREAM_HOST}"]
-    out = bench.sh([*cmd, f"{scheme}://127.0.0.1:{port}/"]).stdout
+    return wrk_run([*cmd, f"{scheme}://127.0.0.1:{port}/"], f"port {port}")
+
+
+def wrk_run(cmd, what):
+    """Runs wrk: (requests, req/s), or an error naming `what` if any answer was not 2xx/3xx."""
+    out = bench.sh(cmd).stdout
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if bad:
-        raise RuntimeError(f"{bad.group(1)} non-2xx responses from port {port}")
+        raise RuntimeError(f"{bad.group(1)} non-2xx responses from {what}")
     return int(re.search(r"(\d+) requests in", out).group(1)), float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
