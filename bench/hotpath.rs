@@ -21,6 +21,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
             let addr: SocketAddr = format!("10.0.0.{}:80", i + 1).parse().unwrap();
             BackendConfig {
                 name: addr.to_string(),
+                written: addr.to_string(),
                 addr,
                 weight: 1,
                 tls_name: None,
@@ -31,6 +32,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
         .iter()
         .map(|c| Backend {
             name: c.name.clone(),
+            written: c.written.clone(),
             addr: c.addr,
             weight: 1,
             tls_name: None,

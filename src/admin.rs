@@ -98,6 +98,7 @@ fn any_backend_available(shared: &Shared) -> bool {
 pub fn metrics_text(shared: &Shared) -> String {
     update_gauges(shared);
     let mut body = crate::metrics::install().render();
+    backend_gauges(shared, &mut body);
     certificate_expiry(shared, &mut body);
     body
 }
@@ -110,16 +111,53 @@ fn update_gauges(shared: &Shared) {
     ] {
         metrics::gauge!(name).set(count.load(std::sync::atomic::Ordering::Relaxed) as f64);
     }
+}
+
+/// `rampart_backend_{healthy,ejected,in_flight}`, written from the live snapshot at
+/// each scrape rather than kept in the recorder, where a backend a reload or a DNS
+/// answer removed would stay, frozen at its last values, for good.
+fn backend_gauges(shared: &Shared, out: &mut String) {
+    use std::fmt::Write;
     let now = now_ms();
     let snap = shared.snapshot.load();
-    for p in &snap.pools {
-        for b in &p.backends {
-            let labels = [("pool", p.name.clone()), ("backend", b.name.clone())];
-            metrics::gauge!(crate::metrics::BACKEND_HEALTHY, &labels).set(b.state.is_healthy() as u8 as f64);
-            metrics::gauge!(crate::metrics::BACKEND_EJECTED, &labels).set(b.state.is_ejected(now) as u8 as f64);
-            metrics::gauge!(crate::metrics::BACKEND_IN_FLIGHT, &labels).set(b.state.in_flight() as f64);
+    type Value = fn(&crate::state::BackendState, u64) -> u64;
+    let gauges: [(&str, &str, Value); 3] = [
+        (
+            crate::metrics::BACKEND_HEALTHY,
+            "1 when the backend passes active health checks",
+            |st, _| st.is_healthy() as u64,
+        ),
+        (
+            crate::metrics::BACKEND_EJECTED,
+            "1 while the backend is ejected by outlier detection",
+            |st, now| st.is_ejected(now) as u64,
+        ),
+        (
+            crate::metrics::BACKEND_IN_FLIGHT,
+            "Requests in flight to the backend",
+            |st, _| st.in_flight() as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for p in &snap.pools {
+            for b in &p.backends {
+                let _ = writeln!(
+                    out,
+                    "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
+                    label_value(&p.name),
+                    label_value(&b.name),
+                    value(&b.state, now)
+                );
+            }
         }
     }
+}
+
+/// A Prometheus label value, its `\` and `"` escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// `rampart_tls_certificate_expiry_timestamp_seconds`, written from the live config at
@@ -140,14 +178,13 @@ fn certificate_expiry(shared: &Shared, out: &mut String) {
             );
             let _ = writeln!(out, "# TYPE {name} gauge");
         }
-        let escape = |s: String| s.replace('\\', "\\\\").replace('"', "\\\"");
         let (label, value) = used.label();
         let _ = writeln!(
             out,
             "{}{{{label}=\"{}\",certificate=\"{}\"}} {t}",
             crate::metrics::TLS_CERT_EXPIRY,
-            escape(value),
-            escape(c.files.cert.display().to_string()),
+            label_value(&value),
+            label_value(&c.files.cert.display().to_string()),
         );
     }
 }
@@ -182,6 +219,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 "name": p.name,
                 "balancer": p.balancer.kind(),
                 "protocol": p.config.protocol.as_str(),
+                "dns_refresh_ms": p.config.dns.as_ref().map(|d| d.refresh.as_millis() as u64),
                 "tls": tls,
                 "backends": backends,
             })

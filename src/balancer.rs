@@ -255,6 +255,7 @@ mod tests {
                 .iter()
                 .map(|a| BackendConfig {
                     name: a.to_string(),
+                    written: a.to_string(),
                     addr: a.parse().unwrap(),
                     weight: 1,
                     tls_name: None,

@@ -141,6 +141,8 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub h2_max_concurrent_streams: u32,
     pub access_log: AccessLog,
+    /// The nameservers `dns_refresh` pools ask; `None`: /etc/resolv.conf's.
+    pub resolvers: crate::dns::Nameservers,
 }
 
 /// Where the access log goes (`accesslog`).
@@ -223,8 +225,11 @@ pub enum HashKey {
 
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
-    /// As written in the file, for logs and metrics labels.
+    /// For logs and metrics labels, unique in its pool: as written in the file, or
+    /// for an address a name resolved to in a `dns_refresh` pool, `name:port (ip)`.
     pub name: String,
+    /// As written in the file (for an HTTP check's default `Host`).
+    pub written: String,
     pub addr: SocketAddr,
     pub weight: u32,
     /// For a pool with `tls`: the name its certificate is verified against (and
@@ -260,6 +265,9 @@ pub struct PoolConfig {
     pub protocol: UpstreamProtocol,
     /// With HTTP/2: streams one connection carries before another is opened.
     pub h2_max_streams: u32,
+    /// With `dns_refresh`: the backends as written, looked up again every so often
+    /// (`dns`); `backends` then holds the last answer's addresses.
+    pub dns: Option<crate::dns::DnsPool>,
 }
 
 /// A pool's protocol to its backends.
@@ -440,6 +448,7 @@ struct FileServer {
     h2_max_concurrent_streams: Option<u32>,
     /// `true`, `false` or a file path: checked in `validate_server`.
     access_log: Option<toml::Value>,
+    resolvers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -522,6 +531,8 @@ struct FilePool {
     tls: Option<toml::Value>,
     protocol: Option<String>,
     h2_max_streams: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    dns_refresh: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -742,7 +753,8 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             let sorted: BTreeMap<_, _> = t.iter().collect();
             for (name, value) in sorted {
                 pool_names_seen.push(name.clone());
-                if let Some(p) = validate_pool(name, value, base, errs) {
+                let ns = server.as_ref().map(|s| &s.resolvers);
+                if let Some(p) = validate_pool(name, value, base, ns, errs) {
                     pools.push(p);
                 }
             }
@@ -915,7 +927,36 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         max_headers,
         h2_max_concurrent_streams,
         access_log: validate_access_log(raw.access_log.as_ref(), base, errs),
+        resolvers: validate_resolvers(raw.resolvers.as_deref(), errs),
     })
+}
+
+/// `resolvers = ["10.0.0.2", "10.0.0.3:5353"]`: nameservers by IP, port 53 unless given.
+fn validate_resolvers(list: Option<&[String]>, errs: &mut Errors) -> crate::dns::Nameservers {
+    let list = list?;
+    if list.is_empty() {
+        errs.push(
+            "server.resolvers",
+            "must name at least one nameserver (omit it to use /etc/resolv.conf's)",
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    for (i, text) in list.iter().enumerate() {
+        let t = text.trim();
+        let parsed = t
+            .parse::<SocketAddr>()
+            .ok()
+            .or_else(|| t.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+        match parsed {
+            Some(a) if a.port() != 0 => out.push(a),
+            _ => errs.push(
+                format!("server.resolvers[{i}]"),
+                format!("expected a nameserver's IP address, with :port if not 53 (\"10.0.0.2\", \"10.0.0.2:5353\", \"[fd00::2]:53\"), got {text:?}"),
+            ),
+        }
+    }
+    Some(out)
 }
 
 fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) -> AccessLog {
@@ -953,7 +994,15 @@ fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) 
     }
 }
 
-fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors) -> Option<PoolConfig> {
+/// `ns`: the nameservers for a `dns_refresh` pool's names; `None` when `[server]`
+/// itself is in error, and the names are then not looked up.
+fn validate_pool(
+    name: &str,
+    value: &toml::Value,
+    base: &Path,
+    ns: Option<&crate::dns::Nameservers>,
+    errs: &mut Errors,
+) -> Option<PoolConfig> {
     let path = format!("pools.{name}");
     if name.is_empty()
         || !name
@@ -987,7 +1036,9 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
         .tls
         .as_ref()
         .and_then(|t| validate_backend_tls(t, &tls_path, base, protocol, errs));
-    let mut backends = Vec::new();
+    // First each item's text and weight, then its address(es): a `dns_refresh` pool's
+    // names are looked up together, through rampart's resolver.
+    let mut items = Vec::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
         let (addr_text, weight) = match b {
@@ -1012,34 +1063,121 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
                 format!("must be between 1 and {MAX_WEIGHT}, got {weight}"),
             );
         }
-        let Some(addr) = resolve_backend(&addr_text, &bpath, errs) else {
+        items.push((i, bpath, addr_text, weight));
+    }
+    let dns_refresh = raw.dns_refresh;
+    if let Some(d) = dns_refresh {
+        if d < Duration::from_secs(1) {
+            errs.push(format!("{path}.dns_refresh"), format!("must be at least 1s, got {d:?}"));
+        }
+        if !items.iter().any(|(_, _, t, _)| t.parse::<SocketAddr>().is_err()) && !items.is_empty() {
+            errs.push(
+                format!("{path}.dns_refresh"),
+                "has no effect: every backend of the pool is an IP address",
+            );
+        }
+    }
+    // Per item: its addresses (one, unless a `dns_refresh` name has several), and
+    // for a `dns_refresh` name, the name to look up again.
+    let mut resolved: Vec<Option<(Vec<SocketAddr>, Option<String>)>> = Vec::new();
+    match dns_refresh {
+        None => {
+            for (_, bpath, text, _) in &items {
+                resolved.push(resolve_backend(text, bpath, errs).map(|a| (vec![a], None)));
+            }
+        }
+        Some(_) => {
+            let mut names = Vec::new();
+            for (_, bpath, text, _) in &items {
+                if let Ok(a) = text.parse::<SocketAddr>() {
+                    resolved.push(resolve_backend(text, bpath, errs).map(|_| (vec![a], None)));
+                    continue;
+                }
+                match split_host_port(text, bpath, errs) {
+                    Some((host, port)) => {
+                        names.push((resolved.len(), host.to_string(), port));
+                        resolved.push(None);
+                    }
+                    None => resolved.push(None),
+                }
+            }
+            let hosts: Vec<&str> = names.iter().map(|(_, h, _)| h.as_str()).collect();
+            match ns.map(|ns| crate::dns::lookup_blocking(ns, &hosts)) {
+                None => {}
+                Some(Err(e)) => errs.push(format!("{path}.dns_refresh"), e),
+                Some(Ok(answers)) => {
+                    for ((at, host, port), answer) in names.iter().zip(answers) {
+                        let (_, bpath, text, _) = &items[*at];
+                        match answer {
+                            Ok(ips) => {
+                                let addrs = ips.into_iter().map(|ip| SocketAddr::new(ip, *port)).collect();
+                                resolved[*at] = Some((addrs, Some(host.clone())));
+                            }
+                            Err(e) => errs.push(bpath, format!("cannot resolve {text}: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut backends: Vec<BackendConfig> = Vec::new();
+    let (mut entries, mut answers) = (Vec::new(), Vec::new());
+    // Each IP address written so far, with its index in `backends`.
+    let mut fixed: Vec<(SocketAddr, usize)> = Vec::new();
+    for (k, ((i, bpath, addr_text, weight), found)) in items.iter().zip(resolved).enumerate() {
+        let Some((addrs, host)) = found else {
             continue;
         };
-        if let Some(j) = backends.iter().position(|x: &BackendConfig| x.addr == addr) {
+        let Some(&first) = addrs.first() else {
+            continue;
+        };
+        if let Some((j, ..)) = items[..k].iter().find(|(_, _, t, _)| t == addr_text) {
             errs.push(
-                &bpath,
-                format!("{addr} is listed twice (also backends[{j}]); use weight instead"),
+                bpath,
+                format!("{addr_text} is listed twice (also backends[{j}]); use weight instead"),
             );
             continue;
+        }
+        if host.is_none() {
+            if let Some((_, j)) = fixed.iter().find(|(a, _)| *a == first) {
+                errs.push(
+                    bpath,
+                    format!("{first} is listed twice (also backends[{j}]); use weight instead"),
+                );
+                continue;
+            }
+            fixed.push((first, *i));
         }
         // With `server_name` set (and checked above) this cannot fail; without it,
         // the backend's own host must be a name a certificate can carry.
         let tls_name = match &tls {
-            Some(t) => match crate::backend_tls::server_name(&addr_text, t.spec.server_name.as_deref()) {
+            Some(t) => match crate::backend_tls::server_name(addr_text, t.spec.server_name.as_deref()) {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    errs.push(&bpath, format!("{e}; set {tls_path}.server_name"));
+                    errs.push(bpath, format!("{e}; set {tls_path}.server_name"));
                     continue;
                 }
             },
             None => None,
         };
-        backends.push(BackendConfig {
-            name: addr_text,
-            addr,
-            weight,
+        let template = BackendConfig {
+            name: addr_text.clone(),
+            written: addr_text.clone(),
+            addr: first,
+            weight: *weight,
             tls_name,
-        });
+        };
+        match dns_refresh {
+            None => backends.push(template),
+            Some(_) => {
+                answers.push(host.as_ref().map(|_| addrs.iter().map(|a| a.ip()).collect()));
+                entries.push(crate::dns::Entry { template, host });
+            }
+        }
+    }
+    let dns = dns_refresh.map(|refresh| crate::dns::DnsPool { refresh, entries });
+    if let Some(d) = &dns {
+        backends = d.expand(&answers);
     }
     if raw.backends.is_empty() {
         errs.push(format!("{path}.backends"), "a pool needs at least one backend");
@@ -1111,6 +1249,7 @@ fn validate_pool(name: &str, value: &toml::Value, base: &Path, errs: &mut Errors
         tls,
         protocol,
         h2_max_streams,
+        dns,
     })
 }
 
@@ -1565,7 +1704,8 @@ fn parse_bind(text: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// Backends may be IPs or host names; names resolve once, when the config loads.
+/// Backends may be IPs or host names; names resolve once, when the config loads, to
+/// their first address (as HAProxy's `server` does), unless the pool has `dns_refresh`.
 fn resolve_backend(text: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {
     if let Ok(a) = text.parse::<SocketAddr>() {
         if a.port() == 0 {
@@ -1574,17 +1714,7 @@ fn resolve_backend(text: &str, path: &str, errs: &mut Errors) -> Option<SocketAd
         }
         return Some(a);
     }
-    let Some((_, port)) = text.rsplit_once(':') else {
-        errs.push(path, format!("expected \"host:port\", got {text:?}"));
-        return None;
-    };
-    match port.parse::<u16>() {
-        Ok(0) | Err(_) => {
-            errs.push(path, format!("invalid port {port}"));
-            return None;
-        }
-        Ok(_) => {}
-    }
+    split_host_port(text, path, errs)?;
     match text.to_socket_addrs() {
         Ok(mut it) => match it.next() {
             Some(a) => Some(a),
@@ -1597,6 +1727,25 @@ fn resolve_backend(text: &str, path: &str, errs: &mut Errors) -> Option<SocketAd
             errs.push(path, format!("cannot resolve {text}: {e}"));
             None
         }
+    }
+}
+
+/// A backend written as `name:port`: the name and the port.
+fn split_host_port<'a>(text: &'a str, path: &str, errs: &mut Errors) -> Option<(&'a str, u16)> {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        errs.push(path, format!("expected \"host:port\", got {text:?}"));
+        return None;
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => {
+            errs.push(path, format!("invalid port {port}"));
+            None
+        }
+        Ok(_) if host.is_empty() => {
+            errs.push(path, format!("expected \"host:port\", got {text:?}"));
+            None
+        }
+        Ok(p) => Some((host, p)),
     }
 }
 

@@ -51,7 +51,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 pool.budget.refill(elapsed);
             }
             upkeep_ticks += 1;
-            if upkeep_ticks % METRICS_UPKEEP_TICKS == 0 {
+            if upkeep_ticks.is_multiple_of(METRICS_UPKEEP_TICKS) {
                 // The exporter keeps raw histogram samples until drained; with no
                 // scraper they would grow by a few bytes per request, forever.
                 crate::metrics::install().run_upkeep();
@@ -186,7 +186,7 @@ fn default_host(backend: &crate::state::Backend) -> String {
     match &backend.tls_name {
         Some(ServerName::DnsName(name)) if backend.addr.port() == 443 => name.as_ref().to_string(),
         Some(ServerName::DnsName(name)) => format!("{}:{}", name.as_ref(), backend.addr.port()),
-        _ => backend.name.clone(),
+        _ => backend.written.clone(),
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! Threads: `workers` data-path threads (each a current-thread runtime with its own
 //! `SO_REUSEPORT` sockets and upstream pools), plus one control thread for the admin
-//! listener and active health checks, which run once per process, not per worker.
+//! listener, active health checks and DNS refreshes, which run once per process, not
+//! per worker.
 
 pub mod accesslog;
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod dormant;
 pub mod error;
 pub mod forward;
@@ -244,6 +246,7 @@ fn spawn_control(
             }
         }
         tokio::spawn(health::run(shared.clone(), shutdown.clone()));
+        tokio::spawn(dns::run(shared.clone(), shutdown.clone()));
         stopped(&mut shutdown).await;
     })
 }

@@ -74,6 +74,13 @@ fn main() -> ExitCode {
                     if let Some(tls) = &p.tls {
                         println!("  pool {}: {}", p.name, tls.describe(now));
                     }
+                    if let Some(dns) = &p.dns {
+                        println!(
+                            "  pool {}: {}",
+                            p.name,
+                            rampart::dns::describe(p, dns, &c.server.resolvers)
+                        );
+                    }
                 }
                 ExitCode::SUCCESS
             }

@@ -13,6 +13,8 @@ pub const REQUEST_DURATION: &str = "rampart_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "rampart_upstream_errors_total";
 pub const PROXY_ERRORS: &str = "rampart_proxy_errors_total";
 pub const UPSTREAM_CONNECTS: &str = "rampart_upstream_connections_opened_total";
+/// The three backend gauges are written by `admin` from the live snapshot at each
+/// scrape, not kept in the recorder.
 pub const BACKEND_HEALTHY: &str = "rampart_backend_healthy";
 pub const BACKEND_EJECTED: &str = "rampart_backend_ejected";
 pub const BACKEND_IN_FLIGHT: &str = "rampart_backend_in_flight";
@@ -22,6 +24,8 @@ pub const CLIENT_CONNECTIONS: &str = "rampart_client_connections";
 pub const TUNNELS: &str = "rampart_tunnels";
 pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_lines_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "rampart_tls_handshake_failures_total";
+pub const DNS_LOOKUPS: &str = "rampart_dns_lookups_total";
+pub const DNS_UPDATES: &str = "rampart_dns_updates_total";
 /// Written by `admin` from the live config at each scrape, not kept in the recorder.
 pub const TLS_CERT_EXPIRY: &str = "rampart_tls_certificate_expiry_timestamp_seconds";
 
@@ -59,10 +63,15 @@ fn describe() {
     );
     describe_counter!(PROXY_ERRORS, "Error responses rampart generated, by kind");
     describe_counter!(UPSTREAM_CONNECTS, "New connections opened to backends");
-    describe_gauge!(BACKEND_HEALTHY, "1 when the backend passes active health checks");
-    describe_gauge!(BACKEND_EJECTED, "1 while the backend is ejected by outlier detection");
-    describe_gauge!(BACKEND_IN_FLIGHT, "Requests in flight to the backend");
     describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
+    describe_counter!(
+        DNS_LOOKUPS,
+        "Lookups of a dns_refresh pool's backend names, by pool and result (ok, error)"
+    );
+    describe_counter!(
+        DNS_UPDATES,
+        "Changes to a dns_refresh pool's backends from a new DNS answer, by pool"
+    );
     describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access-log lines lost because writing them failed (a full disk, say)"

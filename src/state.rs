@@ -193,8 +193,10 @@ impl Drop for InFlight {
 
 #[derive(Debug)]
 pub struct Backend {
-    /// As written in the config, for logs and labels.
+    /// For logs and labels, unique in its pool (`BackendConfig::name`).
     pub name: String,
+    /// As written in the config.
+    pub written: String,
     pub addr: SocketAddr,
     pub weight: u32,
     /// For a pool with `tls`: the name the backend's certificate is verified against.
@@ -280,7 +282,16 @@ impl Snapshot {
     /// changed its `tls` settings (renewed files aside) is a new backend: its health
     /// is judged afresh, and the workers' idle connections to it, made the old way,
     /// are never reused (they are keyed by the state's id).
+    ///
+    /// A backend a reload added takes traffic at once (ramped by `slow_start`); one
+    /// that a DNS answer added (`discovered`) to a pool with an active health check
+    /// waits, marked down, until the check has passed `rise` times, as Envoy holds
+    /// back a discovered host until its first check passes.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+        Snapshot::build_with(config, previous, false)
+    }
+
+    fn build_with(config: Arc<Config>, previous: Option<&Snapshot>, discovered: bool) -> Snapshot {
         let mut carried: HashMap<(&str, SocketAddr), (Arc<BackendState>, Transport<'_>)> = HashMap::new();
         if let Some(prev) = previous {
             for p in &prev.pools {
@@ -302,6 +313,7 @@ impl Snapshot {
                     .iter()
                     .map(|bc| Backend {
                         name: bc.name.clone(),
+                        written: bc.written.clone(),
                         addr: bc.addr,
                         weight: bc.weight,
                         tls_name: bc.tls_name.clone(),
@@ -314,6 +326,9 @@ impl Snapshot {
                                 if previous.is_some() {
                                     // Added by a reload: slow start applies (if configured).
                                     st.ramp_from.store(now, Ordering::Relaxed);
+                                }
+                                if discovered && pc.health_check.kind != crate::config::HealthCheckKind::None {
+                                    st.healthy.store(false, Ordering::Relaxed);
                                 }
                                 Arc::new(st)
                             }),
@@ -392,6 +407,19 @@ impl Shared {
         let prev = self.snapshot.load_full();
         self.snapshot.store(Arc::new(Snapshot::build(config, Some(&prev))));
         self.reloaded.notify_waiters();
+    }
+
+    /// Installs `config`, `expected`'s config with backends a DNS answer changed,
+    /// unless the snapshot is no longer `expected` (a reload came first): then
+    /// nothing changes and `false` says so.
+    pub fn discovered(&self, expected: &Arc<Snapshot>, config: Arc<Config>) -> bool {
+        let next = Arc::new(Snapshot::build_with(config, Some(expected), true));
+        let prev = self.snapshot.compare_and_swap(expected, next);
+        let installed = Arc::ptr_eq(&prev, expected);
+        if installed {
+            self.reloaded.notify_waiters();
+        }
+        installed
     }
 }
 
