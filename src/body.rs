@@ -185,8 +185,8 @@ pub enum RespBody {
         /// Bytes already read (while deciding whether a retry was needed), sent first.
         prefix: Option<Bytes>,
         inner: UpBody,
-        /// The backend's in-flight count and the pool's request slot, held to the end.
-        in_flight: Option<InFlight>,
+        /// The pool's request slot, held to the end (the backend's in-flight guard is
+        /// `inner`'s).
         request_slot: Option<Slot>,
     },
     /// An HTTP/2 backend's stream (`h2up`); its trailers pass on (gRPC's status).
@@ -219,11 +219,10 @@ impl RespBody {
         RespBody::Full(None)
     }
 
-    pub fn upstream(prefix: Option<Bytes>, inner: UpBody, in_flight: InFlight) -> RespBody {
+    pub fn upstream(prefix: Option<Bytes>, inner: UpBody) -> RespBody {
         RespBody::Upstream {
             prefix: prefix.filter(|p| !p.is_empty()),
             inner,
-            in_flight: Some(in_flight),
             request_slot: None,
         }
     }
@@ -239,7 +238,6 @@ impl Body for RespBody {
             RespBody::Upstream {
                 prefix,
                 inner,
-                in_flight,
                 request_slot,
             } => {
                 if let Some(p) = prefix.take() {
@@ -247,7 +245,6 @@ impl Body for RespBody {
                 }
                 let res = Pin::new(&mut *inner).poll_frame(cx);
                 if let Poll::Ready(None) = res {
-                    in_flight.take();
                     request_slot.take();
                 }
                 res
@@ -293,10 +290,20 @@ impl H2Resp {
             }
             Poll::Ready(None) => self.trailers.take().map(|t| Ok(Frame::trailers(t))),
         };
-        if res.is_none() {
-            self.in_flight.take();
-            self.request_slot.take();
-            self.stream.take();
+        match &res {
+            None => {
+                if let Some(f) = self.in_flight.take() {
+                    f.succeeded();
+                }
+                self.request_slot.take();
+                self.stream.take();
+            }
+            Some(Err(e)) => {
+                if let Some(f) = self.in_flight.take() {
+                    f.body_failed(e);
+                }
+            }
+            Some(Ok(_)) => {}
         }
         Poll::Ready(res)
     }
@@ -309,6 +316,18 @@ impl H2Resp {
     #[inline(never)]
     fn size_hint(&self) -> SizeHint {
         with_prefix(&self.prefix, self.inner.size_hint())
+    }
+}
+
+/// A stream dropped at its end without a last poll (a server may not poll a body
+/// that says it has ended) still ended whole.
+impl Drop for H2Resp {
+    fn drop(&mut self) {
+        if self.in_flight.is_some() && self.is_end_stream() {
+            if let Some(f) = self.in_flight.take() {
+                f.succeeded();
+            }
+        }
     }
 }
 

@@ -420,7 +420,7 @@ async fn try_backend(
                 }
             }
         };
-        let in_flight = backend.state.start_request();
+        let mut in_flight = pool.start_request(bi);
         let sent_at = crate::clock::tokio_now();
         // A body still arriving from the client: the try's timeout starts once it is
         // sent (`Conn::send`), not before the upload. Never hedged, so the deadline
@@ -460,7 +460,10 @@ async fn try_backend(
             keep_alive,
             ..
         } = head;
-        let gateway = outlier::on_response(pool, bi, status);
+        let gateway = outlier::on_status(pool, bi, status);
+        if gateway.is_some() {
+            in_flight.judged();
+        }
         let mut response = Response::new(RespBody::empty());
         *response.status_mut() = status;
         let raw = match fields {
@@ -475,7 +478,7 @@ async fn try_backend(
         if status == StatusCode::SWITCHING_PROTOCOLS {
             // The connection now belongs to the tunnel.
             upgraded = Some(Box::new((*conn).into_upgraded()));
-            drop(in_flight);
+            in_flight.succeeded();
         } else {
             let home = Home {
                 pool: ctx.conns.clone(),
@@ -498,13 +501,17 @@ async fn try_backend(
                     Err(None) => return timed_out(pool, bi),
                     Ok((whole, true, _)) => {
                         // Complete: the connection is back in the pool already.
-                        drop(in_flight);
+                        in_flight.succeeded();
                         RespBody::Full(Some(whole))
                     }
-                    Ok((prefix, false, _)) => RespBody::upstream(Some(prefix), incoming, in_flight),
+                    Ok((prefix, false, _)) => {
+                        incoming.track(in_flight);
+                        RespBody::upstream(Some(prefix), incoming)
+                    }
                 }
             } else {
-                RespBody::upstream(None, incoming, in_flight)
+                incoming.track(in_flight);
+                RespBody::upstream(None, incoming)
             };
         }
         let fwd = Forwarded {
@@ -564,7 +571,7 @@ async fn try_backend_h2(
         };
         let (body, upload) = h2up::take_body(&mut request.body);
         let req = h2up::request(&request.head, body, addr, tls.is_some());
-        let in_flight = backend.state.start_request();
+        let mut in_flight = pool.start_request(bi);
         let sent_at = crate::clock::tokio_now();
         let answer = send.try_send_request(req);
         let answer = match upload {
@@ -611,14 +618,20 @@ async fn try_backend_h2(
         record_ttfb(pool, bi, &request.body, sent_at);
         let (parts, mut incoming) = resp.into_parts();
         let status = parts.status;
-        let gateway = outlier::on_response(pool, bi, status);
+        let gateway = outlier::on_status(pool, bi, status);
+        if gateway.is_some() {
+            in_flight.judged();
+        }
         let (prefix, trailers, in_flight) = if opts.buffer > 0 {
             match read_prefix(&mut incoming, opts.buffer, deadline).await {
                 Err(Some(source)) => {
                     return Outcome::Failed(ProxyError::UpstreamClosed { backend: addr, source }, None)
                 }
                 Err(None) => return timed_out(pool, bi),
-                Ok((whole, true, trailers)) => (Some(whole), trailers.map(|t| *t), None),
+                Ok((whole, true, trailers)) => {
+                    in_flight.succeeded();
+                    (Some(whole), trailers.map(|t| *t), None)
+                }
                 Ok((prefix, false, _)) => (Some(prefix), None, Some(in_flight)),
             }
         } else {

@@ -1,5 +1,6 @@
 //! Passive outlier ejection: every real request's outcome is evidence about its backend.
-//! Consecutive connect failures, timeouts, resets and gateway errors (502/503/504), and
+//! Consecutive connect failures, timeouts, resets (before or after the response's
+//! head) and gateway errors (502/503/504), and
 //! staying silent long after a hedge to another backend answered, eject a backend for a time that
 //! doubles with each ejection in a row (±10% jitter, capped). A cap on the ejected
 //! share keeps ejection from emptying a pool; the panic threshold (`state::Pool::pick`)
@@ -50,22 +51,34 @@ fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
     }
 }
 
-/// Records a response. Returns the gateway error when the status says the backend is
-/// failing, so the caller may retry elsewhere.
+/// Judges a response's status: a 502-504 is recorded as a failure and returned, so
+/// the caller may retry elsewhere. Any other status is not yet a success: that is
+/// recorded when the body has ended whole (`state::InFlight::succeeded`).
 #[inline]
-pub fn on_response(pool: &Pool, bi: usize, status: StatusCode) -> Option<ProxyError> {
-    let backend = &pool.backends[bi];
+pub fn on_status(pool: &Pool, bi: usize, status: StatusCode) -> Option<ProxyError> {
     if matches!(status.as_u16(), 502..=504) {
         let err = ProxyError::BadStatus {
-            backend: backend.addr,
+            backend: pool.backends[bi].addr,
             status: status.as_u16(),
         };
         on_failure(pool, bi, &err);
         Some(err)
     } else {
-        on_success(pool, bi);
         None
     }
+}
+
+/// A response body that failed after its head was sent on to the client: reset or
+/// closed mid-body (`upstream_closed`), broken framing (`bad_response`), or silent
+/// past `read_timeout` (`read_timeout`).
+#[cold]
+pub fn on_body_failure(pool: &Pool, bi: usize, e: &std::io::Error) {
+    let kind = match e.kind() {
+        std::io::ErrorKind::TimedOut => "read_timeout",
+        std::io::ErrorKind::InvalidData => "bad_response",
+        _ => "upstream_closed",
+    };
+    record_failure(pool, bi, kind);
 }
 
 pub fn on_success(pool: &Pool, bi: usize) {

@@ -106,12 +106,6 @@ impl BackendState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts a request as in flight until the guard drops.
-    pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
     /// Records a time-to-first-byte sample. Peak-sensitive: a slower sample replaces
     /// the estimate at once, a faster one is averaged in with time-based decay.
     pub fn observe_latency(&self, rtt: Duration) {
@@ -181,13 +175,46 @@ pub fn clock_ns() -> u64 {
     now.saturating_duration_since(*EPOCH.get_or_init(|| now)).as_nanos() as u64 + 1
 }
 
-/// Decrements the backend's in-flight count when dropped.
+/// A request to one backend: counted in flight until the guard drops, and the way
+/// its outcome reaches outlier detection once the response has ended. A response is
+/// a success when its body is whole (`succeeded`), not when its head arrives: a
+/// backend whose every response breaks off mid-body is failing, and must be
+/// ejected like one that refuses connections.
 #[derive(Debug)]
-pub struct InFlight(Arc<BackendState>);
+pub struct InFlight {
+    pool: Arc<Pool>,
+    bi: usize,
+    /// False once the head has judged the response (a 502-504, counted then).
+    report: bool,
+}
+
+impl InFlight {
+    /// The response's status was already counted as a failure: its end adds nothing.
+    pub fn judged(&mut self) {
+        self.report = false;
+    }
+
+    /// The response ended whole.
+    pub fn succeeded(self) {
+        if self.report {
+            crate::outlier::on_success(&self.pool, self.bi);
+        }
+    }
+
+    /// The response's body failed after its head had been sent on.
+    pub fn body_failed(self, e: &std::io::Error) {
+        if self.report {
+            crate::outlier::on_body_failure(&self.pool, self.bi, e);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool.backends[self.bi]
+            .state
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -219,6 +246,16 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Counts a request to backend `bi` as in flight until the guard drops.
+    pub fn start_request(self: &Arc<Self>, bi: usize) -> InFlight {
+        self.backends[bi].state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            pool: self.clone(),
+            bi,
+            report: true,
+        }
+    }
+
     /// Picks an available backend that is not in `exclude`. Below the panic threshold
     /// every backend counts as available (Envoy's panic mode): better to try a backend
     /// marked down than to fail every request.

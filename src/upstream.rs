@@ -508,6 +508,9 @@ pub struct UpBody {
     state: BodyState,
     keep_alive: bool,
     home: Home,
+    /// Once the body streams to the client: its end or failure goes to outlier
+    /// detection. (While `forward` reads a retry buffer, it judges the outcome.)
+    tracked: Option<crate::state::InFlight>,
 }
 
 enum BodyState {
@@ -531,10 +534,19 @@ impl UpBody {
             },
             keep_alive,
             home,
+            tracked: None,
         }
     }
 
+    /// Hands the request's guard to the body, to report how the body ends.
+    pub fn track(&mut self, in_flight: crate::state::InFlight) {
+        self.tracked = Some(in_flight);
+    }
+
     fn finish(&mut self) {
+        if let Some(t) = self.tracked.take() {
+            t.succeeded();
+        }
         if let Some(mut conn) = self.conn.take() {
             // Bytes past the end of the response were never asked for: the
             // connection's state is unknown, so it closes.
@@ -557,6 +569,9 @@ impl UpBody {
 
     fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.conn = None;
+        if let Some(t) = self.tracked.take() {
+            t.body_failed(&e);
+        }
         Poll::Ready(Some(Err(e)))
     }
 }
@@ -598,6 +613,9 @@ impl Body for UpBody {
                     match std::task::ready!(conn.body_stall.watch(cx, filled)) {
                         Ok(0) if matches!(this.state, BodyState::UntilClose) => {
                             this.conn = None;
+                            if let Some(t) = this.tracked.take() {
+                                t.succeeded();
+                            }
                             return Poll::Ready(None);
                         }
                         Ok(0) => {

@@ -481,6 +481,51 @@ async fn reset_mid_body_is_retried_for_get_and_the_client_sees_a_whole_body() {
     assert!(reset.hits() > 0);
 }
 
+/// A backend whose responses all fail after their head (reset, or stalled past
+/// `read_timeout`) is failing, whatever its status line says: it is ejected after
+/// `consecutive_failures` of them, buffered (and retried) or streamed alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_whose_bodies_fail_is_ejected() {
+    for (behavior, extra) in [
+        (Behavior::ResetMidBody, ""),
+        (Behavior::ResetMidBody, "retry = { response_buffer_bytes = 0 }"),
+        (
+            Behavior::StallMidBody,
+            "read_timeout = \"200ms\"\nretry = { response_buffer_bytes = 0 }",
+        ),
+        (Behavior::ResetMidBody, "protocol = \"h2\""),
+        (
+            Behavior::ResetMidBody,
+            "protocol = \"h2\"\nretry = { response_buffer_bytes = 0 }",
+        ),
+        (
+            Behavior::StallMidBody,
+            "protocol = \"h2\"\nread_timeout = \"200ms\"\nretry = { response_buffer_bytes = 0 }",
+        ),
+    ] {
+        let bad = TestOrigin::start("bad", behavior.clone()).await;
+        let good = TestOrigin::start("good", Behavior::Healthy).await;
+        let extra = format!("balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}\n{extra}");
+        let (srv, addr) = start_proxy(&pool_config(&[bad.addr, good.addr], &extra));
+        let mut ok = 0;
+        for _ in 0..12 {
+            if let Ok(r) = try_get(addr, "/").await {
+                ok += (r.text() == "good") as usize;
+            }
+            if backend_field(&status_of(&srv).await, bad.addr, "ejected") == true {
+                break;
+            }
+        }
+        assert_eq!(
+            backend_field(&status_of(&srv).await, bad.addr, "ejected"),
+            true,
+            "{behavior:?} {extra}: {} tries to it, {ok} good answers, never ejected",
+            bad.hits()
+        );
+        stop_proxy(srv).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stalls_mid_body_fails_the_response_after_read_timeout() {
     let stall = TestOrigin::start("stall", Behavior::StallMidBody).await;
