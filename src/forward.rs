@@ -480,12 +480,12 @@ async fn try_backend(
             upgraded = Some(Box::new((*conn).into_upgraded()));
             in_flight.succeeded();
         } else {
-            let home = Home {
-                pool: ctx.conns.clone(),
-                backend: backend.state.id,
-                idle_timeout: cfg.idle_timeout,
-                max_idle: cfg.max_idle_per_backend,
-            };
+            let home = Home::new(
+                ctx.conns.clone(),
+                backend.state.id,
+                cfg.idle_timeout,
+                cfg.max_idle_per_backend,
+            );
             let mut incoming = UpBody::new(conn, framing, keep_alive, home, cfg.read_timeout);
             *response.body_mut() = if buffer > 0 {
                 match read_prefix(&mut incoming, buffer, deadline).await {

@@ -81,6 +81,7 @@ pub fn on_body_failure(pool: &Pool, bi: usize, e: &std::io::Error) {
     record_failure(pool, bi, kind);
 }
 
+#[inline]
 pub fn on_success(pool: &Pool, bi: usize) {
     let st = &pool.backends[bi].state;
     if st.consecutive_failures.load(Ordering::Relaxed) != 0 {

@@ -183,7 +183,8 @@ pub fn clock_ns() -> u64 {
 #[derive(Debug)]
 pub struct InFlight {
     pool: Arc<Pool>,
-    bi: usize,
+    /// u32, so the guard is 16 bytes: it is moved with every response body.
+    bi: u32,
     /// False once the head has judged the response (a 502-504, counted then).
     report: bool,
 }
@@ -195,23 +196,25 @@ impl InFlight {
     }
 
     /// The response ended whole.
+    #[inline]
     pub fn succeeded(self) {
         if self.report {
-            crate::outlier::on_success(&self.pool, self.bi);
+            crate::outlier::on_success(&self.pool, self.bi as usize);
         }
     }
 
     /// The response's body failed after its head had been sent on.
+    #[cold]
     pub fn body_failed(self, e: &std::io::Error) {
         if self.report {
-            crate::outlier::on_body_failure(&self.pool, self.bi, e);
+            crate::outlier::on_body_failure(&self.pool, self.bi as usize, e);
         }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.pool.backends[self.bi]
+        self.pool.backends[self.bi as usize]
             .state
             .in_flight
             .fetch_sub(1, Ordering::Relaxed);
@@ -251,7 +254,8 @@ impl Pool {
         self.backends[bi].state.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             pool: self.clone(),
-            bi,
+            // A pool's backends are far fewer than 2^32 (a config, or DNS answers).
+            bi: bi as u32,
             report: true,
         }
     }
