@@ -242,6 +242,13 @@ impl RetryBudget {
     pub fn tokens(&self) -> f64 {
         self.balance.load(Ordering::Relaxed) as f64 / 1000.0
     }
+
+    /// Takes over `old`'s balance (a reload or DNS update replaced the pool), within
+    /// this budget's cap: retries spent just before a reload stay spent.
+    pub fn carry(&self, old: &RetryBudget) {
+        let b = old.balance.load(Ordering::Relaxed).min(self.cap);
+        self.balance.store(b, Ordering::Relaxed);
+    }
 }
 
 /// Hedge delay bounds for `hedge_delay = "auto"`: never hedge sooner than this (a
@@ -296,6 +303,15 @@ impl LatencyTracker {
         }
     }
 
+    /// Takes over `old`'s samples and estimate (a reload or DNS update replaced the
+    /// pool), so the adaptive hedge delay does not fall back to its default.
+    pub fn carry(&self, old: &LatencyTracker) {
+        for (new, old) in self.buckets.iter().zip(&old.buckets) {
+            new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.p95_us.store(old.p95_us.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     pub fn p95(&self) -> Option<Duration> {
         match self.p95_us.load(Ordering::Relaxed) {
             0 => None,
@@ -324,6 +340,32 @@ mod tests {
     use super::*;
     use http::Uri;
     use std::sync::Arc;
+
+    #[test]
+    fn budget_and_latency_carry_over_to_a_replacing_pool() {
+        let old = RetryBudget::new(20, 10);
+        while old.try_withdraw() {}
+        let new = RetryBudget::new(20, 10);
+        assert!(new.tokens() >= 10.0);
+        new.carry(&old);
+        assert!(new.tokens() < 1.0, "spent retries came back: {}", new.tokens());
+        // Within the new cap: a budget made smaller does not keep the old surplus.
+        let rich = RetryBudget::new(20, 1000);
+        let small = RetryBudget::new(20, 1);
+        small.carry(&rich);
+        assert!(small.tokens() <= small.cap as f64 / 1000.0);
+
+        let seen = LatencyTracker::default();
+        for _ in 0..40 {
+            seen.record(Duration::from_millis(3));
+        }
+        seen.update();
+        let fresh = LatencyTracker::default();
+        assert_eq!(fresh.p95(), None);
+        fresh.carry(&seen);
+        assert_eq!(fresh.p95(), seen.p95());
+        assert!(fresh.p95().is_some());
+    }
 
     #[test]
     fn budget_allows_its_share_and_refills() {

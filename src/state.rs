@@ -375,15 +375,27 @@ impl Snapshot {
                             }),
                     })
                     .collect();
+                // The pool's own counters go on from the pool it replaces: the
+                // circuit breaker's counts (the requests and connections still open
+                // hold the old pool's slots, and release them there), the retry
+                // budget and the latency estimate. Fresh, a reload (or every DNS
+                // update) would let a pool at its limits double its load.
+                let old = previous.and_then(|p| p.pools.iter().find(|p| p.name == pc.name));
+                let budget = RetryBudget::new(pc.retry.budget_percent, pc.retry.budget_min_per_sec);
+                let latency = LatencyTracker::default();
+                if let Some(old) = old {
+                    budget.carry(&old.budget);
+                    latency.carry(&old.latency);
+                }
                 Arc::new(Pool {
                     name: pc.name.clone(),
                     backends,
                     balancer: Balancer::new(pc.balancer, &pc.backends),
                     config: pc.clone(),
                     metrics: PoolMetrics::new(&pc.name),
-                    budget: RetryBudget::new(pc.retry.budget_percent, pc.retry.budget_min_per_sec),
-                    breakers: Arc::new(Breakers::default()),
-                    latency: LatencyTracker::default(),
+                    budget,
+                    breakers: old.map_or_else(|| Arc::new(Breakers::default()), |p| p.breakers.clone()),
+                    latency,
                     panic: AtomicBool::new(false),
                 })
             })

@@ -646,6 +646,27 @@ async fn below_the_panic_threshold_traffic_goes_to_all_backends() {
     assert_eq!(r.headers["retry-after"], "1");
 }
 
+/// The breaker's counts belong to the pool, not to one config: requests in flight
+/// when a reload (or a DNS update) installs a new snapshot still count against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_counts_survive_a_reload() {
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(1500))).await;
+    let toml = pool_config(&[slow.addr], "circuit_breaker = { max_requests = 1 }");
+    let (srv, addr) = start_proxy(&toml);
+    let first = tokio::spawn(async move { get(addr, "/").await.status });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while slow.hits() == 0 {
+        assert!(Instant::now() < deadline, "the first request never reached the backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    srv.reload(rampart::Config::parse(&toml, "t").unwrap()).unwrap();
+    let r = get(addr, "/").await;
+    assert_eq!(r.status, 503, "a reload reset the breaker: {}", r.text());
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(get(addr, "/").await.status, 200, "the slot was given back");
+    stop_proxy(srv).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_breaker_sheds_excess_requests_with_a_fast_503() {
     let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(600))).await;
