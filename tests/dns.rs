@@ -335,6 +335,15 @@ async fn a_discovered_address_waits_for_its_health_check() {
     stop_proxy(server).await;
 }
 
+/// The errors of a config that must not load. Off the test's runtime: the loader
+/// waits for its lookups.
+async fn config_errors(text: String) -> String {
+    tokio::task::spawn_blocking(move || Config::parse(&text, "t.toml").unwrap_err())
+        .await
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test]
 async fn names_that_do_not_resolve_and_misuse_are_config_errors() {
     let dns = TestDns::start(&[(NAME, &[ip(1)])]).await;
@@ -359,10 +368,7 @@ dns_refresh = "500ms"
 "#,
         dns.addr
     );
-    let err = tokio::task::spawn_blocking(move || Config::parse(&text, "t.toml").unwrap_err())
-        .await
-        .unwrap()
-        .to_string();
+    let err = config_errors(text).await;
     for want in [
         "server.resolvers[1]: expected a nameserver's IP address",
         "pools.b.dns_refresh: must be at least 1s",
@@ -390,10 +396,7 @@ dns_refresh = "1s"
 "#,
         dns.addr
     );
-    let err = tokio::task::spawn_blocking(move || Config::parse(&text, "t.toml").unwrap_err())
-        .await
-        .unwrap()
-        .to_string();
+    let err = config_errors(text).await;
     for want in [
         "pools.a.backends[1]: cannot resolve missing.rampart.test:8080: no such name (NXDOMAIN)",
         &format!("pools.a.backends[3]: {NAME}:8080 is listed twice (also backends[0])"),
