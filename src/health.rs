@@ -67,7 +67,6 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 async fn check_loop(pool: Arc<Pool>, bi: usize) {
     let cfg = &pool.config.health_check;
     let backend = &pool.backends[bi];
-    let (mut ok_run, mut fail_run) = (0u32, 0u32);
     let active = cfg.kind != HealthCheckKind::None;
     // Spread the first probes over one interval so backends are not probed in lockstep.
     tokio::time::sleep(jittered(cfg.interval.min(Duration::from_millis(100)), cfg.jitter)).await;
@@ -92,8 +91,8 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
         let healthy = backend.state.is_healthy();
         match result {
             Ok(()) => {
-                fail_run = 0;
-                ok_run += 1;
+                backend.state.check_failures.store(0, Ordering::Relaxed);
+                let ok_run = backend.state.check_passes.fetch_add(1, Ordering::Relaxed) + 1;
                 if !healthy && ok_run >= cfg.rise {
                     backend.state.healthy.store(true, Ordering::Relaxed);
                     backend.state.ramp_from.store(now_ms(), Ordering::Relaxed);
@@ -103,8 +102,8 @@ async fn check_loop(pool: Arc<Pool>, bi: usize) {
                 }
             }
             Err(reason) => {
-                ok_run = 0;
-                fail_run += 1;
+                backend.state.check_passes.store(0, Ordering::Relaxed);
+                let fail_run = backend.state.check_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if healthy && fail_run >= cfg.fall {
                     backend.state.healthy.store(false, Ordering::Relaxed);
                     tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failing: backend down");

@@ -57,6 +57,11 @@ pub struct BackendState {
     pub probation: AtomicBool,
     /// Slow start: when the backend (re)gained traffic, on the `now_ms` clock; 0 = none.
     pub ramp_from: AtomicU64,
+    /// Active checks passed and failed in a row (`rise`, `fall`). Here, not in the
+    /// check loop, so a reload or DNS update, which restarts the loops, does not
+    /// start the count again (only the health loop writes them).
+    pub check_passes: AtomicU32,
+    pub check_failures: AtomicU32,
     in_flight: AtomicU32,
     ewma_ns: AtomicU64,
     ewma_stamp_ns: AtomicU64,
@@ -73,6 +78,8 @@ impl BackendState {
             consecutive_failures: AtomicU32::new(0),
             probation: AtomicBool::new(false),
             ramp_from: AtomicU64::new(0),
+            check_passes: AtomicU32::new(0),
+            check_failures: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
             ewma_stamp_ns: AtomicU64::new(0),

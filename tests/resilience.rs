@@ -573,6 +573,27 @@ async fn http_health_checks_take_a_backend_out_and_bring_it_back() {
     assert!(saw_b, "a recovered backend gets traffic again");
 }
 
+/// Reloads (and DNS updates) restart the check loops; the checks failed in a row
+/// must not start again from zero each time, or a backend failing its checks under
+/// frequent reloads is never marked down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_counts_survive_reloads() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Status(500)).await;
+    let hc = "health_check = { path = \"/healthz\", interval = \"400ms\", timeout = \"200ms\", fall = 3 }";
+    let toml = pool_config(&[a.addr, b.addr], hc);
+    let (srv, _addr) = start_proxy(&toml);
+    // A reload every 150 ms: each check loop lives for at most one probe.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend_field(&status_of(&srv).await, b.addr, "healthy") == true {
+        assert!(Instant::now() < deadline, "b never marked down across reloads");
+        srv.reload(rampart::Config::parse(&toml, "t").unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(backend_field(&status_of(&srv).await, a.addr, "healthy"), true);
+    stop_proxy(srv).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ejected_backend_is_probed_before_it_gets_traffic_again() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
