@@ -405,3 +405,28 @@ dns_refresh = "1s"
     }
     assert_eq!(err.lines().count(), 2, "{err}");
 }
+
+#[tokio::test]
+async fn rampart_check_prints_each_names_addresses_and_the_nameservers() {
+    let dns = TestDns::start(&[(NAME, &[ip(2), ip(1)])]).await;
+    let path = std::env::temp_dir().join(format!("rampart-dns-check-{}.toml", std::process::id()));
+    std::fs::write(&path, dns_config(&dns, 8080, "")).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        out
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let want = format!(
+        "pool app: {NAME}:8080 is 127.0.0.1, 127.0.0.2; looked up again every 1s through {}",
+        dns.addr
+    );
+    assert!(stdout.contains(&want), "missing {want:?} in:\n{stdout}");
+}
