@@ -355,6 +355,14 @@ pub fn classify(e: hyper::Error, backend: SocketAddr) -> Failure {
             if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
                 return Failure::Unprocessed(ProxyError::StreamRefused { backend });
             }
+            // The backend's GOAWAY named a last stream below this one (a graceful
+            // stop crossing the request): by RFC 9113 §6.8 it was not processed.
+            // h2 gives a stream this error for nothing else (a connection that
+            // then drops gives a broken pipe), and it is no evidence against the
+            // backend: a deploy, not a failure.
+            if h2e.is_go_away() && h2e.is_remote() {
+                return Failure::Unprocessed(ProxyError::NotReceived { backend });
+            }
         }
         source = s.source();
     }

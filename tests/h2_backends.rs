@@ -302,6 +302,113 @@ async fn a_refused_stream_goes_to_another_backend_whatever_the_method() {
     stop_proxy(srv).await;
 }
 
+/// A backend going away whose GOAWAY names a last stream below one the client had
+/// already sent, as a server in a graceful stop does when a request crosses its
+/// GOAWAY: written frame by frame, since no server library lets a test place that
+/// race. It answers the first stream (200, no body) after the GOAWAY, and ignores the
+/// other, which RFC 9113 §6.8 says it did not process. Counts the streams it saw.
+async fn going_away_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if s.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                // Our SETTINGS (none).
+                let _ = s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                let mut streams: Vec<u32> = Vec::new();
+                loop {
+                    let mut head = [0u8; 9];
+                    if s.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut payload = vec![0u8; len];
+                    if s.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    match head[3] {
+                        // SETTINGS, not an ACK: acknowledge it.
+                        4 if head[4] & 1 == 0 => {
+                            let _ = s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await;
+                        }
+                        1 if !streams.contains(&id) => {
+                            streams.push(id);
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                    if streams.len() == 2 {
+                        let first = streams[0].to_be_bytes();
+                        let mut out = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                        out.extend_from_slice(&first);
+                        out.extend_from_slice(&[0, 0, 0, 0]);
+                        // HEADERS on the first stream, END_STREAM | END_HEADERS:
+                        // `:status: 200` is HPACK's static entry 8.
+                        out.extend_from_slice(&[0, 0, 1, 1, 5]);
+                        out.extend_from_slice(&first);
+                        out.push(0x88);
+                        let _ = s.write_all(&out).await;
+                        // Read on until the client closes.
+                        let mut sink = [0u8; 4096];
+                        while let Ok(n) = s.read(&mut sink).await {
+                            if n == 0 {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_past_a_goaway_goes_to_another_backend_whatever_the_method() {
+    let (leaving, seen) = going_away_backend().await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    // Both POSTs to the leaving backend (on one connection), the retry to `good`.
+    let toml = h2_pool(&[], "balancer = \"round_robin\"").replace(
+        "backends = []",
+        &format!(
+            "backends = [{{ addr = \"{leaving}\", weight = 1000 }}, \"{}\"]",
+            good.addr
+        ),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let (a, b) = tokio::join!(
+        post_bytes(addr, "/echo", "order=1"),
+        post_bytes(addr, "/echo", "order=2")
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "both streams went to the leaving backend"
+    );
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 200], "{} / {}", a.text(), b.text());
+    assert_eq!(
+        good.hits(),
+        1,
+        "the stream past the GOAWAY went to the good backend, once"
+    );
+    let echoed = [a.text(), b.text()];
+    assert!(echoed.iter().any(|t| t.starts_with("order=")), "{echoed:?}");
+    stop_proxy(srv).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_http2_backend_gets_a_new_connection() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
