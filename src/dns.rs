@@ -83,7 +83,7 @@ impl DnsPool {
     }
 
     /// The addresses `current` (the pool's backends now) holds for entry `i`: what a
-    /// failed lookup keeps.
+    /// failed lookup keeps, and what `rampart check` prints.
     fn current_answer(&self, i: usize, current: &[BackendConfig]) -> Vec<IpAddr> {
         let written = &self.entries[i].template.written;
         current
@@ -100,13 +100,13 @@ pub fn describe(pool: &PoolConfig, dns: &DnsPool, ns: &Nameservers) -> String {
     let names: Vec<String> = dns
         .entries
         .iter()
-        .filter(|e| e.host.is_some())
-        .map(|e| {
-            let ips: Vec<String> = pool
-                .backends
+        .enumerate()
+        .filter(|(_, e)| e.host.is_some())
+        .map(|(i, e)| {
+            let ips: Vec<String> = dns
+                .current_answer(i, &pool.backends)
                 .iter()
-                .filter(|b| b.written == e.template.written)
-                .map(|b| b.addr.ip().to_string())
+                .map(IpAddr::to_string)
                 .collect();
             format!("{} is {}", e.template.written, ips.join(", "))
         })
@@ -232,16 +232,15 @@ async fn refresh(resolver: &TokioResolver, pool: &PoolConfig, dns: &DnsPool) -> 
         }));
     }
     let next = dns.expand(&answers);
-    let key = |b: &[BackendConfig]| {
+    let addrs = |b: &[BackendConfig]| {
         let mut v: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
         v.sort_unstable();
         v
     };
-    if key(&next) == key(&pool.backends) {
+    let (was, now) = (addrs(&pool.backends), addrs(&next));
+    if was == now {
         return None;
     }
-    let was: Vec<SocketAddr> = key(&pool.backends);
-    let now: Vec<SocketAddr> = key(&next);
     let added: Vec<String> = now.iter().filter(|a| !was.contains(a)).map(|a| a.to_string()).collect();
     let removed: Vec<String> = was.iter().filter(|a| !now.contains(a)).map(|a| a.to_string()).collect();
     tracing::info!(pool = %pool.name, added = ?added, removed = ?removed, "DNS answer changed: backends updated");
