@@ -460,10 +460,7 @@ async fn try_backend(
             keep_alive,
             ..
         } = head;
-        let gateway = outlier::on_status(pool, bi, status);
-        if gateway.is_some() {
-            in_flight.judged();
-        }
+        let gateway = in_flight.on_status(status);
         let mut response = Response::new(RespBody::empty());
         *response.status_mut() = status;
         let raw = match fields {
@@ -618,10 +615,7 @@ async fn try_backend_h2(
         record_ttfb(pool, bi, &request.body, sent_at);
         let (parts, mut incoming) = resp.into_parts();
         let status = parts.status;
-        let gateway = outlier::on_status(pool, bi, status);
-        if gateway.is_some() {
-            in_flight.judged();
-        }
+        let gateway = in_flight.on_status(status);
         let (prefix, trailers, in_flight) = if opts.buffer > 0 {
             match read_prefix(&mut incoming, opts.buffer, deadline).await {
                 Err(Some(source)) => {

@@ -197,9 +197,15 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// The response's status was already counted as a failure: its end adds nothing.
-    pub fn judged(&mut self) {
-        self.report = false;
+    /// Judges the response's status (`outlier::on_status`): a 502-504 is counted as a
+    /// failure and returned, and the response's end then adds nothing.
+    #[inline]
+    pub fn on_status(&mut self, status: http::StatusCode) -> Option<crate::error::ProxyError> {
+        let gateway = crate::outlier::on_status(&self.pool, self.bi as usize, status);
+        if gateway.is_some() {
+            self.report = false;
+        }
+        gateway
     }
 
     /// The response ended whole.
