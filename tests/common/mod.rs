@@ -297,6 +297,16 @@ impl OriginStream for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+/// The head of a 1 MB response and its first 64 KB: `ResetMidBody` and
+/// `StallMidBody` then break it off or go silent.
+async fn send_part_of_a_long_body<S: OriginStream>(stream: &mut S) {
+    let _ = stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n")
+        .await;
+    let _ = stream.write_all(&vec![b'x'; 65536]).await;
+    let _ = stream.flush().await;
+}
+
 async fn serve_conn<S: OriginStream>(
     mut stream: S,
     name: String,
@@ -325,21 +335,13 @@ async fn serve_conn<S: OriginStream>(
                 let _ = stream.flush().await;
             }
             Behavior::ResetMidBody => {
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n")
-                    .await;
-                let _ = stream.write_all(&vec![b'x'; 65536]).await;
-                let _ = stream.flush().await;
+                send_part_of_a_long_body(&mut stream).await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 stream.abort();
                 return;
             }
             Behavior::StallMidBody => {
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n")
-                    .await;
-                let _ = stream.write_all(&vec![b'x'; 65536]).await;
-                let _ = stream.flush().await;
+                send_part_of_a_long_body(&mut stream).await;
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 return;
             }
