@@ -98,7 +98,7 @@ fn any_backend_available(shared: &Shared) -> bool {
 pub fn metrics_text(shared: &Shared) -> String {
     update_gauges(shared);
     let mut body = crate::metrics::install().render();
-    backend_gauges(shared, &mut body);
+    backend_series(shared, &mut body);
     certificate_expiry(shared, &mut body);
     body
 }
@@ -113,44 +113,79 @@ fn update_gauges(shared: &Shared) {
     }
 }
 
-/// `rampart_backend_{healthy,ejected,in_flight}`, written from the live snapshot at
-/// each scrape rather than kept in the recorder, where a backend a reload or a DNS
-/// answer removed would stay, frozen at its last values, for good.
-fn backend_gauges(shared: &Shared, out: &mut String) {
+/// Every per-backend series: the `rampart_backend_{healthy,ejected,in_flight}` gauges
+/// and the `rampart_{upstream_errors,ejections,restores}_total` counters. They are
+/// written from the live snapshot at each scrape rather than kept in the recorder,
+/// where a backend a reload or a DNS answer removed would stay, frozen at its last
+/// values, for good.
+fn backend_series(shared: &Shared, out: &mut String) {
     use std::fmt::Write;
     let now = now_ms();
     let snap = shared.snapshot.load();
     type Value = fn(&crate::state::BackendState, u64) -> u64;
-    let gauges: [(&str, &str, Value); 3] = [
+    let series: [(&str, &str, &str, Value); 5] = [
         (
             crate::metrics::BACKEND_HEALTHY,
+            "gauge",
             "1 when the backend passes active health checks",
             |st, _| st.is_healthy() as u64,
         ),
         (
             crate::metrics::BACKEND_EJECTED,
+            "gauge",
             "1 while the backend is ejected by outlier detection",
             |st, now| st.is_ejected(now) as u64,
         ),
         (
             crate::metrics::BACKEND_IN_FLIGHT,
+            "gauge",
             "Requests in flight to the backend",
             |st, _| st.in_flight() as u64,
         ),
+        (
+            crate::metrics::EJECTIONS,
+            "counter",
+            "Times outlier detection ejected the backend",
+            |st, _| st.counters.ejections.load(std::sync::atomic::Ordering::Relaxed),
+        ),
+        (
+            crate::metrics::RESTORES,
+            "counter",
+            "Times an ejected backend passed its probation probe and took traffic again",
+            |st, _| st.counters.restores.load(std::sync::atomic::Ordering::Relaxed),
+        ),
     ];
-    for (name, help, value) in gauges {
+    let backends = || {
+        snap.pools.iter().flat_map(|p| {
+            p.backends
+                .iter()
+                .map(move |b| (label_value(&p.name), label_value(&b.name), &b.state))
+        })
+    };
+    for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for p in &snap.pools {
-            for b in &p.backends {
-                let _ = writeln!(
-                    out,
-                    "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
-                    label_value(&p.name),
-                    label_value(&b.name),
-                    value(&b.state, now)
-                );
-            }
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (pool, backend, st) in backends() {
+            let _ = writeln!(
+                out,
+                "{name}{{pool=\"{pool}\",backend=\"{backend}\"}} {}",
+                value(st, now)
+            );
+        }
+    }
+    // Only the kinds a backend has had: twelve zeros per backend would bury the rest.
+    let name = crate::metrics::UPSTREAM_ERRORS;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Failed attempts to a backend, by pool, backend and kind"
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (pool, backend, st) in backends() {
+        for (kind, n) in st.counters.errors().filter(|(_, n)| *n > 0) {
+            let _ = writeln!(
+                out,
+                "{name}{{pool=\"{pool}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}"
+            );
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Metric names, in one place, and the Prometheus recorder. Hot-path metrics are
 //! pre-registered handles built once per config load (`PoolMetrics`), so recording is
-//! an atomic add with no label hashing per request. Cold-path events (errors,
-//! ejections, retries) use the macros with labels.
+//! an atomic add with no label hashing per request. Cold-path pool events (retries,
+//! hedges, breaker trips) use the macros with labels. Per-backend series live on the
+//! backend (`state::BackendCounters`) and `admin` renders them.
 
 use std::sync::OnceLock;
 
@@ -10,11 +11,13 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS: &str = "rampart_requests_total";
 pub const REQUEST_DURATION: &str = "rampart_request_duration_seconds";
-pub const UPSTREAM_ERRORS: &str = "rampart_upstream_errors_total";
 pub const PROXY_ERRORS: &str = "rampart_proxy_errors_total";
 pub const UPSTREAM_CONNECTS: &str = "rampart_upstream_connections_opened_total";
-/// The three backend gauges are written by `admin` from the live snapshot at each
+/// The per-backend series are written by `admin` from the live snapshot at each
 /// scrape, not kept in the recorder.
+pub const UPSTREAM_ERRORS: &str = "rampart_upstream_errors_total";
+pub const EJECTIONS: &str = "rampart_ejections_total";
+pub const RESTORES: &str = "rampart_restores_total";
 pub const BACKEND_HEALTHY: &str = "rampart_backend_healthy";
 pub const BACKEND_EJECTED: &str = "rampart_backend_ejected";
 pub const BACKEND_IN_FLIGHT: &str = "rampart_backend_in_flight";
@@ -56,10 +59,6 @@ fn describe() {
         REQUEST_DURATION,
         Unit::Seconds,
         "Time from request to response headers, by pool"
-    );
-    describe_counter!(
-        UPSTREAM_ERRORS,
-        "Failed attempts to a backend, by pool, backend and kind"
     );
     describe_counter!(PROXY_ERRORS, "Error responses rampart generated, by kind");
     describe_counter!(UPSTREAM_CONNECTS, "New connections opened to backends");

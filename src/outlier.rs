@@ -38,8 +38,7 @@ pub fn on_hedge_loss(pool: &Pool, bi: usize) {
 }
 
 fn count_error(pool: &Pool, bi: usize, kind: &'static str) {
-    let backend = &pool.backends[bi];
-    metrics::counter!(crate::metrics::UPSTREAM_ERRORS, "pool" => pool.name.clone(), "backend" => backend.name.clone(), "kind" => kind).increment(1);
+    pool.backends[bi].state.counters.count_error(kind);
 }
 
 fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
@@ -131,7 +130,7 @@ pub fn try_eject(pool: &Pool, bi: usize, reason: &str) {
         st.consecutive_failures
             .store(cfg.consecutive_failures.saturating_sub(1), Ordering::Relaxed);
         tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, ejection_ms = until - now, ejections = k + 1, "backend ejected");
-        metrics::counter!("rampart_ejections_total", "pool" => pool.name.clone(), "backend" => pool.backends[bi].name.clone()).increment(1);
+        st.counters.ejections.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -141,6 +140,6 @@ pub fn restore(pool: &Pool, bi: usize) {
     if st.probation.swap(false, Ordering::Relaxed) {
         st.ramp_from.store(now_ms(), Ordering::Relaxed);
         tracing::info!(pool = %pool.name, backend = %pool.backends[bi].name, "probe passed: backend restored");
-        metrics::counter!("rampart_restores_total", "pool" => pool.name.clone(), "backend" => pool.backends[bi].name.clone()).increment(1);
+        st.counters.restores.fetch_add(1, Ordering::Relaxed);
     }
 }

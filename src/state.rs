@@ -65,6 +65,56 @@ pub struct BackendState {
     in_flight: AtomicU32,
     ewma_ns: AtomicU64,
     ewma_stamp_ns: AtomicU64,
+    /// Errors, ejections and restores, for `/metrics`.
+    pub counters: BackendCounters,
+}
+
+/// The kinds of failed try `rampart_upstream_errors_total` counts (`ProxyError::kind`,
+/// plus the outlier detector's own `hedge_lost` and `read_timeout`).
+pub const BACKEND_ERROR_KINDS: [&str; 12] = [
+    "connect_failed",
+    "connect_timeout",
+    "backend_tls",
+    "response_timeout",
+    "upstream_closed",
+    "upstream_closed_unread",
+    "upstream_exited_unread",
+    "stream_refused",
+    "bad_response",
+    "bad_status",
+    "hedge_lost",
+    "read_timeout",
+];
+
+/// A backend's counters, kept on the backend rather than in the metrics recorder so
+/// that a backend a reload or a DNS answer removed takes its series with it (the
+/// recorder keeps every series it ever saw). `admin` renders them at each scrape.
+/// Written only on failures, so they cost the request path nothing.
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    /// By `BACKEND_ERROR_KINDS` index; the last slot counts any other kind.
+    errors: [AtomicU64; BACKEND_ERROR_KINDS.len() + 1],
+    pub ejections: AtomicU64,
+    pub restores: AtomicU64,
+}
+
+impl BackendCounters {
+    pub fn count_error(&self, kind: &str) {
+        let i = BACKEND_ERROR_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(BACKEND_ERROR_KINDS.len());
+        self.errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each kind with its count, `other` last.
+    pub fn errors(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        BACKEND_ERROR_KINDS
+            .iter()
+            .copied()
+            .chain(["other"])
+            .zip(self.errors.iter().map(|c| c.load(Ordering::Relaxed)))
+    }
 }
 
 impl BackendState {
@@ -83,6 +133,7 @@ impl BackendState {
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
             ewma_stamp_ns: AtomicU64::new(0),
+            counters: BackendCounters::default(),
         }
     }
 

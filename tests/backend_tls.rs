@@ -164,7 +164,11 @@ async fn a_backend_that_stalls_the_handshake_is_a_connect_timeout_retried_elsewh
         .expect("a stalled handshake held the request");
     let series =
         format!("rampart_upstream_errors_total{{pool=\"app\",backend=\"{mute_addr}\",kind=\"connect_timeout\"}}");
-    assert_ne!(metric(&series), "0", "the stalled handshake was tried, and timed out");
+    assert_ne!(
+        server_metric(&srv, &series),
+        "0",
+        "the stalled handshake was tried, and timed out"
+    );
     held.abort();
     stop_proxy(srv).await;
 }

@@ -228,7 +228,28 @@ async fn a_name_is_every_address_it_has_and_follows_a_changed_answer() {
     );
     let seen = spread(addr, 20).await;
     assert_eq!((seen.get("one"), seen.get("two")), (Some(&10), Some(&10)), "{seen:?}");
-    assert!(rampart::admin::metrics_text(server.shared()).contains("(127.0.0.1)"));
+    // .1 fails until ejected, so it has error and ejection counts to leave behind.
+    o[0].set(Behavior::Status(503));
+    let ejected = || {
+        server.shared().snapshot.load().pools[0].backends[0]
+            .state
+            .is_ejected(rampart::state::now_ms())
+    };
+    for _ in 0..20 {
+        if ejected() {
+            break;
+        }
+        get(addr, "/").await;
+    }
+    assert!(ejected(), "three 503s in a row did not eject 127.0.0.1");
+    let metrics = rampart::admin::metrics_text(server.shared());
+    let one = format!("pool=\"app\",backend=\"{NAME}:{port} (127.0.0.1)\"");
+    for series in [
+        format!("rampart_upstream_errors_total{{{one},kind=\"bad_status\"}} 3"),
+        format!("rampart_ejections_total{{{one}}} 1"),
+    ] {
+        assert!(metrics.contains(&series), "{series} not in {metrics}");
+    }
 
     // The name moves: .1 goes, .3 comes; .2 stays, with its state. (After a refresh
     // has asked once already: a resolver that cached the answer for its TTL, 300 s,
@@ -244,7 +265,8 @@ async fn a_name_is_every_address_it_has_and_follows_a_changed_answer() {
     assert_eq!(server.shared().snapshot.load().pools[0].backends[0].state.id, kept);
     let seen = spread(addr, 20).await;
     assert_eq!(seen.get("one"), None, "{seen:?}");
-    // /metrics shows the backends there are, not the one the answer dropped.
+    // /metrics shows the backends there are, not the one the answer dropped: no
+    // gauge, and no counter either.
     let metrics = rampart::admin::metrics_text(server.shared());
     let series =
         |last: u8| format!("rampart_backend_healthy{{pool=\"app\",backend=\"{NAME}:{port} (127.0.0.{last})\"}} 1");

@@ -489,7 +489,16 @@ pub fn with_server_setting(toml: &str, line: &str) -> String {
 /// The value of one series (`name{labels}` as Prometheus writes it) in the
 /// process-wide metrics, which every proxy a test binary starts shares.
 pub fn metric(series: &str) -> String {
-    let text = rampart::metrics::install().render();
+    series_value(&rampart::metrics::install().render(), series)
+}
+
+/// The value of one series on `srv`'s `/metrics` page, which adds what the recorder
+/// does not keep: the per-backend series, written from its running config.
+pub fn server_metric(srv: &rampart::Server, series: &str) -> String {
+    series_value(&rampart::admin::metrics_text(srv.shared()), series)
+}
+
+fn series_value(text: &str, series: &str) -> String {
     let prefix = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
