@@ -335,7 +335,7 @@ pub enum HealthCheckKind {
     None,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheckConfig {
     pub kind: HealthCheckKind,
     pub path: String,

@@ -1,26 +1,28 @@
 //! Active health checks, run once per process on the control thread (not per worker).
 //! One task per backend probes at `interval` ± `jitter`, TCP connect or an HTTP request,
 //! and flips the backend's `healthy` atomic after `fall` failures or `rise` successes
-//! in a row. Workers only read the atomic. When a reload installs a new snapshot the
-//! tasks restart against it; the verdicts carry over with the backend state.
+//! in a row. Workers only read the atomic. When a reload or a DNS answer installs a new
+//! snapshot, each backend that stays keeps its task, which goes on with the new
+//! snapshot's pool; the verdicts and counts live in the backend state.
 //!
 //! The same loop probes a backend whose outlier ejection has just ended (probation)
 //! and restores or re-ejects it; with `type = "none"` that probe is a TCP connect.
 //! The control loop here also refreshes each pool's hedge delay and retry budget, and
 //! drains the metrics exporter's pending histogram samples.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
-use crate::config::HealthCheckKind;
+use crate::config::{HealthCheckConfig, HealthCheckKind};
 use crate::error::ProxyError;
 use crate::outlier;
-use crate::state::{now_ms, Pool, Shared};
+use crate::state::{now_ms, Pool, Shared, Snapshot};
 
 /// How often the control loop looks for a new snapshot, refreshes hedge delays and
 /// refills retry budgets.
@@ -29,14 +31,11 @@ const CONTROL_TICK: Duration = Duration::from_millis(200);
 const METRICS_UPKEEP_TICKS: u32 = 25;
 
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tasks = JoinSet::new();
+    let mut checkers = HashMap::new();
     loop {
         let snap = shared.snapshot.load_full();
-        let mut tasks = JoinSet::new();
-        for pool in &snap.pools {
-            for bi in 0..pool.backends.len() {
-                tasks.spawn(check_loop(pool.clone(), bi));
-            }
-        }
+        checkers = follow(&snap, checkers, &mut tasks);
         let mut last = tokio::time::Instant::now();
         let mut upkeep_ticks = 0u32;
         loop {
@@ -60,62 +59,130 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 break;
             }
         }
-        tasks.abort_all();
     }
 }
 
-async fn check_loop(pool: Arc<Pool>, bi: usize) {
+/// Where a backend is in the live snapshot: its pool and its index there.
+type Place = (Arc<Pool>, usize);
+
+/// A backend's check loop, as `run` keeps it (keyed by the backend's state id).
+struct Checker {
+    /// Tells the loop where its backend is after a swap.
+    place: watch::Sender<Place>,
+    /// The check it runs; a reload that changes it starts the loop again.
+    config: HealthCheckConfig,
+    task: AbortHandle,
+}
+
+/// Moves the check loops onto a new snapshot. A backend that stays, with the same
+/// health check, keeps its loop, which goes on from where it was: a reload or DNS
+/// update every few hundred milliseconds neither cuts every probe short (a backend
+/// that froze would never time out, so never be marked down) nor probes every backend
+/// at once. A new backend, or one whose check changed, gets a new loop; a removed
+/// one's loop ends.
+fn follow(snap: &Snapshot, mut old: HashMap<u64, Checker>, tasks: &mut JoinSet<()>) -> HashMap<u64, Checker> {
+    let mut next = HashMap::with_capacity(old.len());
+    for pool in &snap.pools {
+        let config = &pool.config.health_check;
+        for (bi, b) in pool.backends.iter().enumerate() {
+            let id = b.state.id;
+            if next.contains_key(&id) {
+                // An address listed twice shares its state, and one loop serves both.
+                continue;
+            }
+            let checker = match old.remove(&id) {
+                Some(c) if c.config == *config => {
+                    c.place.send_replace((pool.clone(), bi));
+                    c
+                }
+                changed => {
+                    if let Some(c) = changed {
+                        c.task.abort();
+                    }
+                    let (place, rx) = watch::channel((pool.clone(), bi));
+                    Checker {
+                        place,
+                        config: config.clone(),
+                        task: tasks.spawn(check_loop(rx)),
+                    }
+                }
+            };
+            next.insert(id, checker);
+        }
+    }
+    for c in old.into_values() {
+        c.task.abort();
+    }
+    // Reap the loops that ended, so the set holds only live ones.
+    while tasks.try_join_next().is_some() {}
+    next
+}
+
+async fn check_loop(mut place: watch::Receiver<Place>) {
+    let first = {
+        let cfg = &place.borrow().0.config.health_check;
+        jittered(cfg.interval.min(Duration::from_millis(100)), cfg.jitter)
+    };
+    // Spread the first probes over one interval so backends are not probed in lockstep.
+    tokio::time::sleep(first).await;
+    loop {
+        // The newest snapshot's pool: its TLS and protocol settings, and its other
+        // backends for the ejection cap.
+        let (pool, bi) = place.borrow_and_update().clone();
+        let wake = check_once(&pool, bi).await;
+        drop(pool);
+        tokio::time::sleep(wake).await;
+    }
+}
+
+/// One round of a backend's checks; returns how long to wait for the next.
+async fn check_once(pool: &Arc<Pool>, bi: usize) -> Duration {
     let cfg = &pool.config.health_check;
     let backend = &pool.backends[bi];
     let active = cfg.kind != HealthCheckKind::None;
-    // Spread the first probes over one interval so backends are not probed in lockstep.
-    tokio::time::sleep(jittered(cfg.interval.min(Duration::from_millis(100)), cfg.jitter)).await;
-    loop {
-        // Probation first: an ejection that has ended is probed right away.
-        let now = now_ms();
-        let until = backend.state.ejected_until.load(Ordering::Relaxed);
-        if backend.state.probation.load(Ordering::Relaxed) && until <= now {
-            match probe(&pool, bi).await {
-                Ok(()) => outlier::restore(&pool, bi),
-                Err(reason) => {
-                    tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "probation probe failed");
-                    outlier::try_eject(&pool, bi, "probation probe failed");
-                }
-            }
-        }
-        if !active {
-            tokio::time::sleep(next_wake(&pool, bi, cfg.interval)).await;
-            continue;
-        }
-        let result = probe(&pool, bi).await;
-        let healthy = backend.state.is_healthy();
-        match result {
-            Ok(()) => {
-                backend.state.check_failures.store(0, Ordering::Relaxed);
-                let ok_run = backend.state.check_passes.fetch_add(1, Ordering::Relaxed) + 1;
-                if !healthy && ok_run >= cfg.rise {
-                    backend.state.healthy.store(true, Ordering::Relaxed);
-                    backend.state.ramp_from.store(now_ms(), Ordering::Relaxed);
-                    tracing::info!(pool = %pool.name, backend = %backend.name, "health check passing: backend up");
-                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "up")
-                        .increment(1);
-                }
-            }
+    // Probation first: an ejection that has ended is probed right away.
+    let now = now_ms();
+    let until = backend.state.ejected_until.load(Ordering::Relaxed);
+    if backend.state.probation.load(Ordering::Relaxed) && until <= now {
+        match probe(pool, bi).await {
+            Ok(()) => outlier::restore(pool, bi),
             Err(reason) => {
-                backend.state.check_passes.store(0, Ordering::Relaxed);
-                let fail_run = backend.state.check_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if healthy && fail_run >= cfg.fall {
-                    backend.state.healthy.store(false, Ordering::Relaxed);
-                    tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failing: backend down");
-                    metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "down")
-                        .increment(1);
-                } else {
-                    tracing::debug!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failed");
-                }
+                tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "probation probe failed");
+                outlier::try_eject(pool, bi, "probation probe failed");
             }
         }
-        tokio::time::sleep(next_wake(&pool, bi, jittered(cfg.interval, cfg.jitter))).await;
     }
+    if !active {
+        return next_wake(pool, bi, cfg.interval);
+    }
+    let result = probe(pool, bi).await;
+    let healthy = backend.state.is_healthy();
+    match result {
+        Ok(()) => {
+            backend.state.check_failures.store(0, Ordering::Relaxed);
+            let ok_run = backend.state.check_passes.fetch_add(1, Ordering::Relaxed) + 1;
+            if !healthy && ok_run >= cfg.rise {
+                backend.state.healthy.store(true, Ordering::Relaxed);
+                backend.state.ramp_from.store(now_ms(), Ordering::Relaxed);
+                tracing::info!(pool = %pool.name, backend = %backend.name, "health check passing: backend up");
+                metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "up")
+                    .increment(1);
+            }
+        }
+        Err(reason) => {
+            backend.state.check_passes.store(0, Ordering::Relaxed);
+            let fail_run = backend.state.check_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if healthy && fail_run >= cfg.fall {
+                backend.state.healthy.store(false, Ordering::Relaxed);
+                tracing::warn!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failing: backend down");
+                metrics::counter!("rampart_health_transitions_total", "pool" => pool.name.clone(), "to" => "down")
+                    .increment(1);
+            } else {
+                tracing::debug!(pool = %pool.name, backend = %backend.name, reason = %reason, "health check failed");
+            }
+        }
+    }
+    next_wake(pool, bi, jittered(cfg.interval, cfg.jitter))
 }
 
 /// Sleeps `normal`, or less when an ejection ends sooner, so probation is prompt.

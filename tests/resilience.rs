@@ -573,23 +573,41 @@ async fn http_health_checks_take_a_backend_out_and_bring_it_back() {
     assert!(saw_b, "a recovered backend gets traffic again");
 }
 
-/// Reloads (and DNS updates) restart the check loops; the checks failed in a row
-/// must not start again from zero each time, or a backend failing its checks under
-/// frequent reloads is never marked down.
+/// Under frequent reloads (or DNS updates), a backend failing its checks is still
+/// marked down: the checks failed in a row do not start again from zero, and a probe
+/// waiting on a frozen backend is not cut short, at each reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_check_counts_survive_reloads() {
+async fn health_checks_go_on_through_reloads() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
     let b = TestOrigin::start("b", Behavior::Status(500)).await;
-    let hc = "health_check = { path = \"/healthz\", interval = \"400ms\", timeout = \"200ms\", fall = 3 }";
-    let toml = pool_config(&[a.addr, b.addr], hc);
+    let c = TestOrigin::start("c", Behavior::Freeze).await;
+    let hc = "health_check = { path = \"/healthz\", interval = \"600ms\", jitter = \"60ms\", timeout = \"200ms\", fall = 3 }";
+    let toml = pool_config(&[a.addr, b.addr, c.addr], hc);
     let (srv, _addr) = start_proxy(&toml);
-    // A reload every 150 ms: each check loop lives for at most one probe.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while backend_field(&status_of(&srv).await, b.addr, "healthy") == true {
-        assert!(Instant::now() < deadline, "b never marked down across reloads");
+    let started = Instant::now();
+    // A reload every 150 ms. b's probes fail at once: the counts toward `fall` must
+    // survive each reload. c's take the whole 200 ms timeout: a reload must not cut
+    // them short.
+    let deadline = started + Duration::from_secs(10);
+    for reloads in 0.. {
+        let st = status_of(&srv).await;
+        let down = backend_field(&st, b.addr, "healthy") == false && backend_field(&st, c.addr, "healthy") == false;
+        if down && reloads >= 16 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b or c never marked down across reloads: {st}"
+        );
         srv.reload(rampart::Config::parse(&toml, "t").unwrap()).unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
+    // Nor does a reload bring the next probe forward: a, which gets no requests, was
+    // probed about once per 600 ms interval (540 ms at the least, with the jitter),
+    // not once per reload.
+    let probes = a.hits() as u128;
+    let allowed = started.elapsed().as_millis() / 540 + 2;
+    assert!(probes <= allowed, "a probed {probes} times, more than {allowed}");
     assert_eq!(backend_field(&status_of(&srv).await, a.addr, "healthy"), true);
     stop_proxy(srv).await;
 }
