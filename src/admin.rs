@@ -261,6 +261,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "pid": std::process::id(),
         "draining": shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed),
         "client_connections": shared.client_connections.load(std::sync::atomic::Ordering::Relaxed),
         "tunnels": shared.tunnels.load(std::sync::atomic::Ordering::Relaxed),

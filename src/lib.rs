@@ -39,12 +39,13 @@ pub mod router;
 pub mod state;
 pub mod tls;
 pub mod tunnel;
+pub mod upgrade;
 pub mod upstream;
 pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::sync::watch;
@@ -62,6 +63,8 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
     /// Each worker's way to new listening sockets (`listener::manage`).
     listeners: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpListener, config::ListenerConfig)>>,
+    /// Every listening socket, for a handover to a new process (`upgrade`).
+    sockets: Mutex<upgrade::Inventory>,
 }
 
 /// Opens the access log `target` names (`None`: off), for start-up and reload alike.
@@ -77,25 +80,50 @@ fn open_access_log(target: &config::AccessLog) -> Result<Option<Arc<accesslog::S
 impl Server {
     /// Binds every socket (so bind errors surface here), then starts the threads.
     pub fn start(config: Config) -> Result<Server, StartupError> {
+        Server::start_with(config, &mut upgrade::Inherited::default())
+    }
+
+    /// `start`, serving on the sockets a handover passed where the config names
+    /// their address (`upgrade`), and binding the rest.
+    pub fn start_with(config: Config, inherited: &mut upgrade::Inherited) -> Result<Server, StartupError> {
         metrics::install();
         raise_fd_limit();
         disable_transparent_huge_pages();
         let workers = config.server.workers;
-        let (per_worker, addrs) = listener::bind_all(&config.listeners, workers)?;
-        let admin = match &config.admin {
-            Some(a) => {
-                let l = listener::bind(a.bind, 128).map_err(|e| StartupError::Bind {
-                    addr: a.bind,
+        let mut inventory = upgrade::Inventory::default();
+        let bound = listener::bind_all(&config.listeners, workers, inherited)?;
+        let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.addr).collect();
+        for b in &bound {
+            inventory
+                .add(b.config.bind, &b.sockets.iter().collect::<Vec<_>>())
+                .map_err(|e| StartupError::Bind {
+                    addr: b.addr,
                     source: e,
                 })?;
+        }
+        let admin = match &config.admin {
+            Some(a) => {
+                let l = match inherited.take_admin(a.bind) {
+                    Some(l) => l,
+                    None => listener::bind(a.bind, 128).map_err(|e| StartupError::Bind {
+                        addr: a.bind,
+                        source: e,
+                    })?,
+                };
                 let addr = l.local_addr().map_err(|e| StartupError::Bind {
                     addr: a.bind,
                     source: e,
                 })?;
+                inventory
+                    .set_admin(a.bind, &l)
+                    .map_err(|e| StartupError::Bind { addr, source: e })?;
                 Some((l, addr))
             }
             None => None,
         };
+        for addr in inherited.left_over() {
+            tracing::info!(bind = %addr, "inherited listener not in the config: closed");
+        }
         let admin_addr = admin.as_ref().map(|(_, a)| *a);
         let sink = open_access_log(&config.server.access_log)?;
         crate::tls::log_certificates(&config);
@@ -105,12 +133,11 @@ impl Server {
 
         let mut threads = Vec::new();
         let mut senders = Vec::new();
-        let configs = shared.snapshot.load().config.listeners.clone();
-        for (i, listeners) in per_worker.into_iter().enumerate() {
+        for (i, listeners) in listener::deal(bound, workers).into_iter().enumerate() {
             let (send, recv) = tokio::sync::mpsc::unbounded_channel();
-            for (l, cfg) in listeners.into_iter().zip(&configs) {
+            for l in listeners {
                 // The receiver is alive: it is about to be handed to the worker.
-                let _ = send.send((l, cfg.clone()));
+                let _ = send.send(l);
             }
             senders.push(send);
             threads.push(worker::spawn(i, shared.clone(), recv, rx.clone())?);
@@ -124,6 +151,7 @@ impl Server {
             shutdown: tx,
             threads,
             listeners: senders,
+            sockets: Mutex::new(inventory),
         })
     }
 
@@ -159,7 +187,17 @@ impl Server {
             .cloned()
             .collect();
         // Bound before anything changes: dropped, unsent, if a later step fails.
-        let (new_sockets, _) = listener::bind_all(&added, self.listeners.len())?;
+        let workers = self.listeners.len();
+        let bound = listener::bind_all(&added, workers, &mut upgrade::Inherited::default())?;
+        let mut copies = upgrade::Inventory::default();
+        for b in &bound {
+            copies
+                .add(b.config.bind, &b.sockets.iter().collect::<Vec<_>>())
+                .map_err(|e| StartupError::Bind {
+                    addr: b.addr,
+                    source: e,
+                })?;
+        }
         let target = &config.server.access_log;
         let current = self.shared.access_log.load_full();
         match current.as_deref() {
@@ -185,11 +223,15 @@ impl Server {
                 }
             }
         }
-        for (sockets, worker) in new_sockets.into_iter().zip(&self.listeners) {
-            for (l, cfg) in sockets.into_iter().zip(&added) {
+        for (sockets, worker) in listener::deal(bound, workers).into_iter().zip(&self.listeners) {
+            for l in sockets {
                 // A worker that has stopped has no use for it.
-                let _ = worker.send((l, cfg.clone()));
+                let _ = worker.send(l);
             }
+        }
+        if let Ok(mut inventory) = self.sockets.lock() {
+            inventory.retain(|bind| config.listeners.iter().any(|l| l.bind == bind));
+            inventory.absorb(copies);
         }
         for l in &added {
             tracing::info!(bind = %l.bind, "listener added by reload");
@@ -210,9 +252,25 @@ impl Server {
         }
     }
 
+    /// Starts `exe` with `args` (this binary, installed anew, and our own arguments),
+    /// handing it every listening socket. The caller waits on the result for the new
+    /// process to serve, and then shuts this one down (`upgrade`).
+    pub fn hand_over(&self, exe: &std::path::Path, args: &[std::ffi::OsString]) -> std::io::Result<upgrade::Upgrade> {
+        let inventory = self
+            .sockets
+            .lock()
+            .map_err(|_| std::io::Error::other("socket inventory poisoned"))?;
+        upgrade::spawn(exe, args, &inventory)
+    }
+
     /// Stops accepting and lets in-flight requests finish within `shutdown_grace`.
     pub fn shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::Relaxed);
+        // Our copies of the listening sockets close now, so that they close as the
+        // workers let go of theirs (unless a new process holds them, after a handover).
+        if let Ok(mut inventory) = self.sockets.lock() {
+            inventory.clear();
+        }
         let _ = self.shutdown.send(true);
     }
 

@@ -92,41 +92,81 @@ pub fn already_bound(addr: SocketAddr) -> bool {
     matches!(probe.bind(&addr.into()), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
 }
 
-/// Binds each configured listener once per worker. Returns the sockets per worker and
-/// the bound addresses (port 0 resolved to the real port).
+/// One configured listener's sockets: at least one per worker.
+pub struct Bound {
+    pub config: ListenerConfig,
+    /// The address bound (port 0 resolved to the real port).
+    pub addr: SocketAddr,
+    pub sockets: Vec<std::net::TcpListener>,
+}
+
+/// Binds each configured listener once per worker, or takes the sockets a handover
+/// passed (`upgrade::Inherited`) and binds only what more the workers need.
 pub fn bind_all(
     listeners: &[ListenerConfig],
     workers: usize,
-) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>), StartupError> {
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut addrs = Vec::new();
+    inherited: &mut crate::upgrade::Inherited,
+) -> Result<Vec<Bound>, StartupError> {
+    let mut all = Vec::new();
     for l in listeners {
+        let err = |addr| move |e| StartupError::Bind { addr, source: e };
+        let mut sockets = inherited.take(l.bind);
+        if let Some(first) = sockets.first() {
+            // The old process's sockets, with the connections queued on them: the new
+            // config's backlog applies (listen(2) again only resizes the queue).
+            let addr = first.local_addr().map_err(err(l.bind))?;
+            for s in &sockets {
+                socket2::SockRef::from(s)
+                    .listen(l.backlog.min(i32::MAX as u32) as i32)
+                    .map_err(err(addr))?;
+            }
+            while sockets.len() < workers {
+                sockets.push(bind(addr, l.backlog).map_err(err(addr))?);
+            }
+            all.push(Bound {
+                config: l.clone(),
+                addr,
+                sockets,
+            });
+            continue;
+        }
         let taken = l.bind.port() != 0 && already_bound(l.bind);
-        let first = bind(l.bind, l.backlog).map_err(|e| StartupError::Bind {
-            addr: l.bind,
-            source: e,
-        })?;
+        let first = bind(l.bind, l.backlog).map_err(err(l.bind))?;
         if taken {
             // The holder also set SO_REUSEPORT (or our bind would have failed), so the
             // kernel now splits new connections between it and rampart, silently.
             tracing::warn!(
                 addr = %l.bind,
                 "another socket was already listening on this address, and the kernel will share \
-                 new connections between it and rampart (SO_REUSEPORT): expected only while a new \
-                 rampart takes over from an old one; otherwise stop the other process"
+                 new connections between it and rampart (SO_REUSEPORT); to replace a running \
+                 rampart, send it SIGUSR2 instead, or stop the other process"
             );
         }
-        let addr = first.local_addr().map_err(|e| StartupError::Bind {
-            addr: l.bind,
-            source: e,
-        })?;
-        per_worker[0].push(first);
-        for w in per_worker.iter_mut().skip(1) {
-            w.push(bind(addr, l.backlog).map_err(|e| StartupError::Bind { addr, source: e })?);
+        let addr = first.local_addr().map_err(err(l.bind))?;
+        sockets.push(first);
+        for _ in 1..workers {
+            sockets.push(bind(addr, l.backlog).map_err(err(addr))?);
         }
-        addrs.push(addr);
+        all.push(Bound {
+            config: l.clone(),
+            addr,
+            sockets,
+        });
     }
-    Ok((per_worker, addrs))
+    Ok(all)
+}
+
+/// Deals each listener's sockets out to the workers, round robin: every worker gets
+/// one of each, and a handover from a process with more workers gives some two, so no
+/// inherited socket (nor the connections queued on it) is closed unread.
+pub fn deal(bound: Vec<Bound>, workers: usize) -> Vec<Vec<(std::net::TcpListener, ListenerConfig)>> {
+    let mut per_worker: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
+    for b in bound {
+        for (i, s) in b.sockets.into_iter().enumerate() {
+            per_worker[i % workers].push((s, b.config.clone()));
+        }
+    }
+    per_worker
 }
 
 /// The connection builders, with limits from `[server]`.

@@ -1,7 +1,9 @@
 //! The `rampart` command: CLI, logging setup and signals. Nothing else lives here.
 //!
 //! - `rampart --config FILE`: run. SIGTERM/SIGINT drain and exit 0; SIGHUP reloads
-//!   the file (a bad file keeps the running config).
+//!   the file (a bad file keeps the running config); SIGUSR1 reopens the access log;
+//!   SIGUSR2 hands the listening sockets to a new process of the binary and, once it
+//!   serves, drains and exits (`rampart::upgrade`).
 //! - `rampart check --config FILE`: validate, print every error, exit 0 or 1.
 //! - `rampart demo`: three demo origins plus rampart in front of them.
 
@@ -95,6 +97,14 @@ fn main() -> ExitCode {
             report(run_demo())
         }
         None => {
+            // First, before any thread starts: it edits the environment.
+            let inherited = match rampart::upgrade::Inherited::from_env() {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("rampart: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             init_logging(&cli.log_level);
             let config = match Config::load(&cli.config) {
                 Ok(c) => c,
@@ -103,7 +113,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            report(run(config, Some(cli.config)))
+            report(run(config, Some(cli.config), inherited))
         }
     }
 }
@@ -140,27 +150,46 @@ fn reload(server: &Server, path: &std::path::Path) -> Result<(), String> {
     server.reload(config).map_err(|e| e.to_string())
 }
 
-/// Runs until SIGTERM or SIGINT; SIGHUP reloads `path`; SIGUSR1 reopens the access log.
-fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs until SIGTERM or SIGINT, or until a new process took over after SIGUSR2;
+/// SIGHUP reloads `path`; SIGUSR1 reopens the access log. `path` is `None` for the
+/// demo, which neither reloads nor hands over.
+fn run(config: Config, path: Option<PathBuf>, mut inherited: rampart::upgrade::Inherited) -> anyhow::Result<()> {
+    // Where this binary was started from, read now: an upgrade installs a new binary
+    // there, and /proc/self/exe would then name the old, deleted file.
+    let exe = std::env::current_exe().context("cannot tell where this binary is")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("signal runtime")?;
     // The handlers go in before the listeners accept: a signal sent as soon as rampart
     // answers (a `systemctl reload` right after start, say) would otherwise meet the
-    // default action, and SIGHUP, SIGTERM and SIGUSR1 all end the process on the spot.
-    let (mut term, mut int, mut hup, mut usr1) = {
+    // default action, and SIGHUP, SIGTERM, SIGUSR1 and SIGUSR2 all end the process on
+    // the spot.
+    let (mut term, mut int, mut hup, mut usr1, mut usr2) = {
         let _rt = rt.enter();
         (
             signal(SignalKind::terminate()).context("SIGTERM handler")?,
             signal(SignalKind::interrupt()).context("SIGINT handler")?,
             signal(SignalKind::hangup()).context("SIGHUP handler")?,
             signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
+            signal(SignalKind::user_defined2()).context("SIGUSR2 handler")?,
         )
     };
-    let server = Server::start(config).context("startup failed")?;
+    let server = Server::start_with(config, &mut inherited).context("startup failed")?;
+    // Serving: tell systemd, and the process we take over from, if any.
+    inherited.serving();
+    drop(inherited);
     rt.block_on(async {
+        // The new process of an upgrade under way: its pid, and whether it serves.
+        let mut upgrading: Option<(u32, tokio::sync::oneshot::Receiver<Result<(), String>>)> = None;
         loop {
+            let outcome = async {
+                match upgrading.as_mut() {
+                    Some((_, rx)) => rx.await.unwrap_or_else(|_| Err("lost track of it".into())),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -177,6 +206,31 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                     Ok(()) => tracing::info!("access log reopened"),
                     Err(e) => tracing::error!(error = %e, "cannot reopen the access log; still writing to the old file"),
                 },
+                _ = usr2.recv() => {
+                    if path.is_none() {
+                        tracing::warn!("SIGUSR2 ignored: the demo does not upgrade");
+                    } else if let Some((pid, _)) = &upgrading {
+                        tracing::warn!(pid, "SIGUSR2 ignored: an upgrade is already under way");
+                    } else {
+                        match start_upgrade(&server, &exe, &args) {
+                            Ok(u) => upgrading = Some(u),
+                            Err(e) => tracing::error!(exe = %exe.display(), error = %e, "upgrade failed: cannot start the new process; still serving"),
+                        }
+                    }
+                }
+                result = outcome => {
+                    let Some((pid, _)) = upgrading.take() else { continue };
+                    match result {
+                        Ok(()) => {
+                            tracing::info!(pid, "upgrade: the new process serves on the listening sockets; this one stops accepting");
+                            // The new process said so too; from us, the main process,
+                            // systemd takes it whatever its NotifyAccess.
+                            rampart::upgrade::notify(&format!("MAINPID={pid}"));
+                            break;
+                        }
+                        Err(e) => tracing::error!(pid, "upgrade failed: the new process {e}; still serving"),
+                    }
+                }
             }
         }
         anyhow::Ok(())
@@ -185,6 +239,49 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     server.join();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long a new process has to load its config and serve before it is stopped and
+/// the upgrade given up. Generous: loading resolves every backend's name.
+const UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts the new process of an upgrade, and a thread that waits for it to serve
+/// (or to exit, or to run out of time) and reports on the returned channel.
+fn start_upgrade(
+    server: &Server,
+    exe: &std::path::Path,
+    args: &[std::ffi::OsString],
+) -> std::io::Result<(u32, tokio::sync::oneshot::Receiver<Result<(), String>>)> {
+    let mut up = server.hand_over(exe, args)?;
+    let pid = up.child.id();
+    tracing::info!(pid, exe = %exe.display(), "upgrade: started a new process with the listening sockets");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A watchdog: past the timeout, the new process is stopped, which ends the wait.
+    let (done, watched) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("rampart-upgrade".into())
+        .spawn(move || {
+            if watched.recv_timeout(UPGRADE_TIMEOUT).is_err() {
+                // SAFETY: a signal to the process we started, not yet reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        })?;
+    std::thread::Builder::new()
+        .name("rampart-upgrade".into())
+        .spawn(move || {
+            let ready = up.wait_ready();
+            let _ = done.send(());
+            let result = if ready {
+                Ok(())
+            } else {
+                match up.child.wait() {
+                    Ok(status) => Err(format!("exited ({status}) before it served")),
+                    Err(e) => Err(format!("ended before it served ({e})")),
+                }
+            };
+            let _ = tx.send(result);
+        })?;
+    Ok((pid, rx))
 }
 
 /// The demo runs the shipped minimal config, so what the README shows is what runs.
@@ -214,5 +311,5 @@ fn run_demo() -> anyhow::Result<()> {
         "demo: origins on 127.0.0.1:9001-9003, rampart on http://127.0.0.1:8080, admin on http://127.0.0.1:9901/status"
     );
     println!("try:  curl -s http://127.0.0.1:8080/   (Ctrl-C to stop)");
-    run(config, None)
+    run(config, None, rampart::upgrade::Inherited::default())
 }

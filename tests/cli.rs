@@ -1,6 +1,7 @@
 //! The `rampart` binary: `check` reports every error with file and field, and exits 1;
 //! diagnostics go to stderr and the access log to stdout; SIGHUP reloads the file, and a
-//! bad one is rejected with its reason while the running config stays.
+//! bad one is rejected with its reason while the running config stays; SIGUSR2 hands
+//! the listening sockets to a new process without refusing a connection.
 
 use std::process::Command;
 
@@ -145,14 +146,14 @@ health_check = {{ type = "none" }}
 /// The binary on config file `p`, stdout captured and stderr to `stderr`, as soon as
 /// it accepts on `port` (polled every millisecond: a signal sent then must be handled).
 fn spawn_listening(p: &std::path::Path, port: u16, stderr: std::process::Stdio) -> std::process::Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .arg("--config")
-        .arg(p)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    cmd.stdout(std::process::Stdio::piped()).stderr(stderr);
+    start_listening(cmd, p, port)
+}
+
+/// `cmd` (the binary) on config file `p`, as soon as it accepts on `port`.
+fn start_listening(mut cmd: Command, p: &std::path::Path, port: u16) -> std::process::Child {
+    let mut child = cmd.arg("--config").arg(p).env_remove("RUST_LOG").spawn().unwrap();
     let start = std::time::Instant::now();
     loop {
         match std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -292,4 +293,198 @@ fn a_sighup_sent_as_soon_as_rampart_accepts_reloads_instead_of_killing_it() {
         let out = child.wait_with_output().unwrap();
         assert_eq!(out.status.code(), Some(0), "round {round}");
     }
+}
+
+/// An origin on plain threads (these tests have no runtime): `/slow` is answered
+/// after 1.5 s, anything else at once, each on a connection of its own.
+fn thread_origin() -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /slow") {
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            });
+        }
+    });
+    port
+}
+
+fn upgrade_config(port: u16, admin: u16, origin: u16, workers: usize, max_connections: usize) -> String {
+    format!(
+        r#"
+[server]
+workers = {workers}
+max_connections = {max_connections}
+shutdown_grace = "10s"
+[admin]
+bind = "127.0.0.1:{admin}"
+[[listeners]]
+bind = "127.0.0.1:{port}"
+[[routes]]
+pool = "app"
+[pools.app]
+backends = ["127.0.0.1:{origin}"]
+health_check = {{ type = "none" }}
+"#
+    )
+}
+
+/// `request`, for a caller that counts failures rather than panics on them.
+fn try_request(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    // A connection left in a queue nobody reads fails here rather than hangs.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// Stops a process this test did not start (the new one of an upgrade) when dropped,
+/// so a failed test leaves nothing listening.
+struct Reap(i32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the process the test's upgrade started.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+    }
+}
+
+/// The next message on the `NOTIFY_SOCKET` the test made.
+fn notified(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("no sd_notify message within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn sigusr2_hands_the_sockets_to_a_new_process_without_refusing_a_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (port, admin, origin) = (free_port(), free_port(), thread_origin());
+    // One worker taking one connection at a time before; two workers after, so the
+    // new process binds one more socket.
+    let p = write("upgrade.toml", &upgrade_config(port, admin, origin, 1, 1));
+    let log = write("upgrade.stderr", "");
+    let notify_path = log.with_file_name("notify.sock");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    cmd.env("NOTIFY_SOCKET", &notify_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut old = start_listening(cmd, &p, port);
+    assert_eq!(notified(&notify), "READY=1");
+    std::fs::write(&p, upgrade_config(port, admin, origin, 2, 1000)).unwrap();
+
+    // A request in flight on the old process when it hands over: it drains. It holds
+    // the old process's one connection, so the clients' connections wait, accepted
+    // by the kernel, in the listening socket's queue: a socket that closed would
+    // reset them.
+    let slow = std::thread::spawn(move || try_request(port, "/slow"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                // Each request on a connection of its own, until told to stop.
+                while !stop.load(Ordering::Relaxed) {
+                    match try_request(port, "/") {
+                        Ok(a) if a.starts_with("HTTP/1.1 200") => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        ok.load(Ordering::Relaxed),
+        0,
+        "the clients' connections wait in the queue"
+    );
+    signal(&old, libc::SIGUSR2);
+    let msg = notified(&notify);
+    let new_pid: i32 = msg
+        .strip_prefix("MAINPID=")
+        .and_then(|m| m.strip_suffix("\nREADY=1"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("not MAINPID=<pid>\\nREADY=1: {msg:?}"));
+    let _reap = Reap(new_pid);
+    assert_ne!(new_pid as u32, old.id());
+    // And the old one, systemd's main process until then, names it too.
+    assert_eq!(notified(&notify), format!("MAINPID={new_pid}"));
+    let status = old.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "the old process drains and exits 0");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let slow = slow.join().unwrap().expect("the request in flight at the handover");
+    assert!(slow.starts_with("HTTP/1.1 200"), "{slow}");
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(failed, 0, "{failed} requests failed, {ok} passed:\n{text}");
+    assert!(ok >= 20, "only {ok} requests");
+    // The new process answers on the same sockets, with the new config.
+    let status = request(admin, "/status");
+    assert!(status.contains(&format!("\"pid\":{new_pid}")), "{status}");
+    assert!(text.contains("workers=2"), "{text}");
+    assert!(text.contains("upgrade: the new process serves"), "{text}");
+}
+
+#[test]
+fn sigusr2_with_a_new_process_that_cannot_start_keeps_the_old_one() {
+    let (port, admin, origin) = (free_port(), free_port(), thread_origin());
+    let p = write("upgrade-bad.toml", &upgrade_config(port, admin, origin, 1, 1000));
+    let log = write("upgrade-bad.stderr", "");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let old = start_listening(cmd, &p, port);
+    std::fs::write(&p, "[server]\ncolour = 1\n").unwrap();
+    signal(&old, libc::SIGUSR2);
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains("upgrade failed") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no upgrade outcome logged:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Still serving, on the config it had.
+    assert!(request(port, "/").starts_with("HTTP/1.1 200"));
+    let status = request(admin, "/status");
+    assert!(status.contains(&format!("\"pid\":{}", old.id())), "{status}");
+    signal(&old, libc::SIGTERM);
+    let out = old.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("unknown field `colour`"),
+        "the new process says why:\n{text}"
+    );
+    assert!(text.contains("exited (exit status: 1) before it served"), "{text}");
 }
