@@ -7,7 +7,8 @@
 //!
 //! When bytes arrive, the socket goes back to tokio and a new connection task starts
 //! (`listener::resume`). A dormant connection closes when `keepalive_timeout` passes,
-//! or at once when the worker stops (it has nothing in flight).
+//! or when a stopping worker closes its idle connections (`listener::DRAIN_IDLE`
+//! after the stop; one that sends a request before then is answered, and closed).
 //!
 //! Owns: the epoll set, the slots (40 bytes each, allocated `CHUNK` at a time) and
 //! their deadlines (checked by a scan every `SCAN_EVERY`, so a dormant connection
@@ -294,7 +295,7 @@ fn untoken(t: u64) -> (u32, u32) {
 
 /// The worker's dormant-connection task: wakes connections that have bytes to read
 /// (handing each to `resume`), closes those past their deadline, and closes all of
-/// them when the worker stops.
+/// them when the stopping worker closes its idle connections.
 pub async fn run(dormant: Rc<Dormant>, tracker: Rc<ConnTracker>, resume: impl Fn(Woken)) {
     let mut woken = Vec::new();
     let mut next_scan = Instant::now() + SCAN_EVERY;
@@ -308,7 +309,7 @@ pub async fn run(dormant: Rc<Dormant>, tracker: Rc<ConnTracker>, resume: impl Fn
         };
         tokio::select! {
             biased;
-            _ = tracker.stopped() => {
+            _ = tracker.idle_closed() => {
                 dormant.close_all();
                 return;
             }

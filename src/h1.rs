@@ -114,8 +114,10 @@ pub async fn serve(
     let mut head_started: Option<Instant> = None;
     let timer = tokio::time::sleep_until(idle_since + limits.header_timeout);
     tokio::pin!(timer);
-    // Registered once for the busy period, not once per wait.
-    let stopped = tracker.stopped();
+    // Registered once for the busy period, not once per wait. A stopping worker
+    // answers the next request with `Connection: close` (below) and closes the
+    // connection only if none comes before it closes idle ones.
+    let stopped = tracker.idle_closed();
     tokio::pin!(stopped);
     loop {
         // 1. A complete request head.

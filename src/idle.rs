@@ -601,7 +601,8 @@ impl IdleWaits {
 }
 
 /// Waits, holding no buffer, until the client sends its next bytes. `None`: timed
-/// out, closed by the client, a socket error, or the worker is stopping.
+/// out, closed by the client, a socket error, or the stopping worker closing its idle
+/// connections.
 pub async fn wait_for_request(
     stream: &TcpStream,
     tracker: &ConnTracker,
@@ -610,7 +611,7 @@ pub async fn wait_for_request(
 ) -> Option<usize> {
     tokio::select! {
         biased;
-        _ = tracker.stopped() => None,
+        _ = tracker.idle_closed() => None,
         r = tokio::time::timeout(wait, peek_request(stream, buf)) => match r {
             Ok(Ok(n)) if n > 0 => Some(n),
             _ => None,
@@ -637,10 +638,26 @@ pub async fn run_h1(
     let result = tokio::select! {
         r = poll_fn(|cx| conn.poll_without_shutdown(cx)) => r,
         _ = tracker.stopped() => {
-            // Finish the request in flight; hyper then closes.
-            stopping = true;
-            Pin::new(&mut conn).graceful_shutdown();
-            poll_fn(|cx| conn.poll_without_shutdown(cx)).await
+            // The request in flight, or else the next one if it comes before the idle
+            // connections close, is answered with `Connection: close` and ends the
+            // connection (hyper's graceful shutdown, once a request is under way).
+            let idle_closed = tracker.idle_closed();
+            tokio::pin!(idle_closed);
+            poll_fn(|cx| {
+                if !stopping && (!state.waiting.get() || idle_closed.as_mut().poll(cx).is_ready()) {
+                    stopping = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                }
+                let r = conn.poll_without_shutdown(cx);
+                if r.is_pending() && !stopping && !state.waiting.get() {
+                    // A request began in that poll: a busy connection is woken by
+                    // its own work, so no poll is lost.
+                    stopping = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                }
+                r
+            })
+            .await
         }
     };
     let parts = conn.into_parts();

@@ -217,9 +217,20 @@ pub struct ConnTracker {
     changed: Notify,
     stopping: Cell<bool>,
     stop: Notify,
+    /// Set `DRAIN_IDLE` after `stopping`: idle connections close.
+    closing_idle: Cell<bool>,
+    close_idle: Notify,
     /// Holds the process-wide count (`Shared::client_connections`).
     shared: Arc<Shared>,
 }
+
+/// How long a stopping worker keeps an idle HTTP/1.1 keep-alive connection open for
+/// one more request (answered with `Connection: close`) before it closes it. A
+/// client sends its next request on a connection it believes open: one closed under
+/// it at that moment is reset, and the request fails (nginx closes idle connections
+/// at once and loses some; HAProxy, like this, closes a connection after a response).
+/// A client quiet for this long is idle indeed, and is closed.
+pub const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 impl ConnTracker {
     pub fn new(shared: Arc<Shared>) -> ConnTracker {
@@ -228,14 +239,24 @@ impl ConnTracker {
             changed: Notify::new(),
             stopping: Cell::new(false),
             stop: Notify::new(),
+            closing_idle: Cell::new(false),
+            close_idle: Notify::new(),
             shared,
         }
     }
 
-    /// Tells every connection to finish: idle ones close, busy ones drain.
+    /// Tells every connection to finish: each busy one ends after its response, which
+    /// says `Connection: close` (HTTP/2: GOAWAY), and so does each idle one if its next
+    /// request comes before `close_idle`.
     pub fn stop(&self) {
         self.stopping.set(true);
         self.stop.notify_waiters();
+    }
+
+    /// Closes the idle connections (`DRAIN_IDLE` after `stop`).
+    pub fn close_idle(&self) {
+        self.closing_idle.set(true);
+        self.close_idle.notify_waiters();
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -244,10 +265,19 @@ impl ConnTracker {
 
     /// Resolves once `stop` has been called.
     pub async fn stopped(&self) {
-        let notified = self.stop.notified();
+        Self::once(&self.stop, &self.stopping).await
+    }
+
+    /// Resolves once `close_idle` has been called: what an idle connection waits on.
+    pub async fn idle_closed(&self) {
+        Self::once(&self.close_idle, &self.closing_idle).await
+    }
+
+    async fn once(notify: &Notify, flag: &Cell<bool>) {
+        let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if self.stopping.get() {
+        if flag.get() {
             return;
         }
         notified.await
@@ -482,13 +512,15 @@ async fn serve_h1(
         if !replay.is_empty() {
             continue;
         }
-        // Idle: hand the socket to the worker's dormant set and end this task.
+        // Idle: hand the socket to the worker's dormant set and end this task (but
+        // not while stopping: the dormant set is closing; wait here, for one more
+        // request or for the idle connections to close).
         if let Some(dormant) = &dormant {
             if !tracker.is_stopping() {
                 drop((svc, state));
                 dormant.park(stream, peer, guard, keepalive);
+                return;
             }
-            return;
         }
         if idle::wait_for_request(&stream, tracker, keepalive, &mut [0u8; 1])
             .await
@@ -586,7 +618,7 @@ async fn serve_tls_h1(
         // the next request starts with the socket becoming readable.
         let woke = tokio::select! {
             biased;
-            _ = tracker.stopped() => false,
+            _ = tracker.idle_closed() => false,
             r = tokio::time::timeout(keepalive, io.tcp().readable()) => matches!(r, Ok(Ok(()))),
         };
         if !woke {

@@ -212,7 +212,16 @@ async fn run(
     tracing::info!(worker = index, open_connections = open, "draining");
     // As the config is now, after any reload.
     let grace = ctx.shared.snapshot.load().config.server.shutdown_grace;
-    if tokio::time::timeout(grace, tracker.drained()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + grace;
+    let drained = async {
+        // Idle keep-alive connections first get a moment for one more request.
+        tokio::select! {
+            _ = tracker.drained() => return,
+            _ = tokio::time::sleep(listener::DRAIN_IDLE.min(grace)) => tracker.close_idle(),
+        }
+        tracker.drained().await
+    };
+    if tokio::time::timeout_at(deadline, drained).await.is_err() {
         tracing::warn!(
             worker = index,
             open_connections = tracker.active(),

@@ -1374,6 +1374,50 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     );
 }
 
+/// A stopping rampart answers one more request on an idle keep-alive connection, with
+/// `Connection: close`, rather than close it under a client that may be sending one:
+/// whether the connection was idle a moment (rampart's own path) or long enough to go
+/// dormant. A connection that sends nothing is closed soon after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_one_more_request_on_an_idle_keepalive_connection() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
+    let ask = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let open = || async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(ask).await.unwrap();
+        let (head, _) = read_one_response(&mut s, &mut Vec::new(), false).await;
+        assert!(
+            head.starts_with("http/1.1 200") && !head.contains("connection: close"),
+            "{head}"
+        );
+        s
+    };
+    let (mut dormant, mut silent) = (open().await, open().await);
+    // Idle past 250 ms: both have gone dormant.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut fresh = open().await;
+    let stopping = tokio::task::spawn_blocking(move || srv.join());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for s in [&mut fresh, &mut dormant] {
+        s.write_all(ask).await.unwrap();
+        let (head, body) = read_one_response(s, &mut Vec::new(), false).await;
+        assert!(
+            head.starts_with("http/1.1 200") && head.contains("connection: close"),
+            "{head}"
+        );
+        assert_eq!(body, b"o");
+        closed_soon(s).await;
+    }
+    closed_soon(&mut silent).await;
+    stopping.await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_requests_reuse_one_upstream_connection() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;

@@ -581,6 +581,35 @@ async fn shutdown_finishes_https_requests_in_flight_over_http1_and_http2() {
     assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
 }
 
+/// The HTTPS form of `shutdown_answers_one_more_request_on_an_idle_keepalive_connection`
+/// (tests/proxy.rs), where hyper serves HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_one_more_https_request_on_an_idle_keepalive_connection() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &["site.test"]);
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&tls_config(&[o.addr], &[&leaf], ""));
+    let mut fresh = served_once(addr, &pki).await;
+    let mut parked = served_once(addr, &pki).await;
+    let mut silent = served_once(addr, &pki).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (head, _) = get_on(&mut fresh, "site.test").await;
+    assert!(!head.contains("connection: close"), "{head}");
+    let stopping = tokio::task::spawn_blocking(move || srv.join());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for s in [&mut fresh, &mut parked] {
+        let (head, body) = get_on(s, "site.test").await;
+        assert!(
+            head.starts_with("http/1.1 200") && head.contains("connection: close"),
+            "{head}"
+        );
+        assert_eq!(body, "o");
+        closed_soon(s).await;
+    }
+    closed_soon(&mut silent).await;
+    stopping.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
     let pki = Pki::new();

@@ -744,3 +744,15 @@ pub async fn read_one_response<S: tokio::io::AsyncRead + Unpin>(
     }
     (head, body)
 }
+
+/// Asserts that the peer closes `s` (a read returns end of stream, or an error) within
+/// a few seconds, with no bytes before it.
+pub async fn closed_soon<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(_)) => panic!("bytes where the connection should have closed"),
+        Err(_) => panic!("the connection stayed open"),
+    }
+}
