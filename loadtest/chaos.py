@@ -9,7 +9,9 @@ proxy: rampart with the README's minimal config, nginx and HAProxy tuned for fai
 (loadtest/peers/). `--proxies rampart-h2` adds rampart speaking HTTP/2 to the origins
 (`protocol = "h2"`), which a default run leaves out.
 For each scenario and proxy, oha drives 32 keep-alive clients for --duration seconds;
-the fault starts at 1/4 and heals at 3/4 of the run. Client-visible failures are non-2xx
+the fault starts at 1/4 and heals at 3/4 of the run. In `upgrade` the backends stay
+healthy and the proxy itself is upgraded, at 1/4, 1/2 and 3/4 of the run, by its own
+procedure for replacing a running binary (`upgrade_proxy`). Client-visible failures are non-2xx
 responses plus transport errors; "max" is the slowest request. The table goes to stdout,
 and to loadtest/RESULTS.md when every scenario ran on every proxy (a subset run leaves
 the committed results alone; --results PATH writes its table there). Load goes to
@@ -40,7 +42,7 @@ PROXIES = {"rampart": 28080, "nginx": 28081, "haproxy": 28082, "rampart-h2": 280
 # HTTP/2 to the origins) runs only when named.
 DEFAULT_PROXIES = ["rampart", "nginx", "haproxy"]
 SCENARIOS = ["steady", "killed", "killed_post", "frozen", "503s", "slow", "reset", "backlog", "flapping",
-             "rolling", "rolling_post", "all_down", "post_unsafe"]
+             "rolling", "rolling_post", "all_down", "post_unsafe", "upgrade"]
 POST_BODY = "x" * 512
 
 
@@ -145,19 +147,29 @@ class Origins:
             self.kill(port)
 
 
-def start_proxy(name, run, log):
+def rampart_config(name):
+    return PEERS / ("rampart-h2.toml" if name == "rampart-h2" else "rampart.toml")
+
+
+def start_proxy(name, run, log, scenario):
     if name.startswith("rampart"):
-        config = PEERS / ("rampart-h2.toml" if name == "rampart-h2" else "rampart.toml")
-        cmd = [str(ROOT / "target/release/rampart"), "--config", str(config),
+        cmd = [str(ROOT / "target/release/rampart"), "--config", str(rampart_config(name)),
                "--log-level", "warn" if log else "error"]
     elif name == "nginx":
         conf = run / "nginx.conf"
         conf.write_text((PEERS / "nginx-tuned.conf").read_text().replace("{RUN}", str(run)))
         cmd = ["nginx", "-g", "daemon off;", "-c", str(conf)]
+        if scenario == "upgrade":
+            # nginx changes its binary only as a daemon, and executes its argv[0] anew.
+            cmd = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf)]
     else:
         conf = run / "haproxy.cfg"
         conf.write_text((PEERS / "haproxy-tuned.cfg").read_text().replace("{RUN}", str(run)))
+        # Master-worker mode (-W, as Debian's unit runs it with -Ws) for the upgrade
+        # scenario: its master re-executes the binary on SIGUSR2.
         cmd = ["haproxy", "-db", "-f", str(conf)]
+        if scenario == "upgrade":
+            cmd.insert(1, "-W")
     out = open(log, "w") if log else subprocess.DEVNULL
     p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     wait_port(PROXIES[name])
@@ -165,10 +177,52 @@ def start_proxy(name, run, log):
     return p
 
 
-def fault_plan(scenario, origins, d):
+def newest_pid(pattern):
+    out = subprocess.run(["pgrep", "-n", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def upgrade_proxy(name, run):
+    """Replaces the proxy's running binary by each one's own hitless procedure: rampart
+    and HAProxy (master-worker) on SIGUSR2; nginx on SIGUSR2 to start the new master,
+    then SIGQUIT to the old one once the new one runs."""
+    if name.startswith("rampart"):
+        os.kill(newest_pid(str(rampart_config(name))), signal.SIGUSR2)
+    elif name == "nginx":
+        pidfile = run / "nginx.pid"
+        old = int(pidfile.read_text())
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            try:
+                if int(pidfile.read_text()) != old:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        os.kill(old, signal.SIGQUIT)
+    else:
+        os.kill(int((run / "haproxy.pid").read_text().split()[0]), signal.SIGUSR2)
+
+
+def stop_leftovers(name, run):
+    """The processes an upgrade started, which the proxy's Popen handle does not reach."""
+    conf = {"nginx": "nginx.conf", "haproxy": "haproxy.cfg"}
+    pattern = str(rampart_config(name)) if name.startswith("rampart") else str(run / conf[name])
+    subprocess.run(["pkill", "-TERM", "-f", pattern], capture_output=True)
+    deadline = time.time() + 10
+    while newest_pid(pattern) and time.time() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-KILL", "-f", pattern], capture_output=True)
+
+
+def fault_plan(scenario, origins, d, proxy=None, run=None):
     """Returns (break, heal) callables run at d/4 and 3d/4, or a timed list."""
     o2 = ORIGIN_PORTS[1]
     t0, t1 = d / 4, 3 * d / 4
+    if scenario == "upgrade":
+        # The proxy's own binary upgrade, three times over, the backends all healthy.
+        return [(t, lambda: upgrade_proxy(proxy, run)) for t in (t0, (t0 + t1) / 2, t1)]
     if scenario in ("killed", "killed_post"):
         return [(t0, lambda: origins.kill(o2)), (t1, lambda: origins.start(o2))]
     if scenario == "frozen":
@@ -229,7 +283,7 @@ def timeline(csv_text, duration):
 def run_one(name, scenario, duration, run, logs=None):
     origins = Origins()
     origins.start_all()
-    proxy = start_proxy(name, run, logs / f"{name}-{scenario}.log" if logs else None)
+    proxy = start_proxy(name, run, logs / f"{name}-{scenario}.log" if logs else None, scenario)
     post = scenario in ("killed_post", "rolling_post", "post_unsafe")
     posts_before = sum(origins.posts(p) for p in ORIGIN_PORTS)
 
@@ -250,7 +304,7 @@ def run_one(name, scenario, duration, run, logs=None):
     probe = None if post else subprocess.Popen(oha(PROBE_CLIENTS, "csv"), stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True)
     start = time.time()
-    for at, action in fault_plan(scenario, origins, duration):
+    for at, action in fault_plan(scenario, origins, duration, name, run):
         delay = at - (time.time() - start)
         if delay > 0:
             time.sleep(delay)
@@ -288,6 +342,8 @@ def run_one(name, scenario, duration, run, logs=None):
         proxy.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proxy.kill()
+    if scenario == "upgrade":
+        stop_leftovers(name, run)
     origins.stop_all()
     time.sleep(0.3)
     return result
