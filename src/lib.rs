@@ -129,6 +129,18 @@ impl Server {
         crate::tls::log_certificates(&config);
         let shared = Arc::new(Shared::new(Arc::new(config)));
         shared.access_log.store(sink);
+        if let Some(bytes) = inherited.take_state() {
+            match serde_json::from_slice::<Vec<state::Handed>>(&bytes) {
+                Ok(handed) => {
+                    let taken = shared.snapshot.load().take_over(&handed);
+                    tracing::info!(
+                        backends = taken,
+                        "took over the old process's backend health and ejections"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the old process's backend state; starting afresh"),
+            }
+        }
         let (tx, rx) = watch::channel(false);
 
         let mut threads = Vec::new();
@@ -260,7 +272,8 @@ impl Server {
             .sockets
             .lock()
             .map_err(|_| std::io::Error::other("socket inventory poisoned"))?;
-        upgrade::spawn(exe, args, &inventory)
+        let state = serde_json::to_vec(&self.shared.snapshot.load().hand_over()).map_err(std::io::Error::other)?;
+        upgrade::spawn(exe, args, &inventory, &state)
     }
 
     /// Stops accepting and lets in-flight requests finish within `shutdown_grace`.

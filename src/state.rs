@@ -381,6 +381,77 @@ pub struct Snapshot {
     pub pools: Vec<Arc<Pool>>,
 }
 
+/// One backend's verdicts as a binary upgrade hands them to the new process
+/// (`upgrade`), which would otherwise start with every backend healthy and sent
+/// traffic: a backend down or ejected stays so across the upgrade.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Handed {
+    pub pool: String,
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    pub check_passes: u32,
+    pub check_failures: u32,
+    pub consecutive_failures: u32,
+    pub ejections: u32,
+    /// What is left of the ejection (the `now_ms` clocks of two processes differ).
+    pub ejected_for_ms: u64,
+    pub probation: bool,
+}
+
+impl Snapshot {
+    /// Every backend's verdicts, for the new process of an upgrade.
+    pub fn hand_over(&self) -> Vec<Handed> {
+        let now = now_ms();
+        let mut all = Vec::new();
+        for p in &self.pools {
+            for b in &p.backends {
+                let st = &b.state;
+                all.push(Handed {
+                    pool: p.name.clone(),
+                    addr: b.addr,
+                    healthy: st.is_healthy(),
+                    check_passes: st.check_passes.load(Ordering::Relaxed),
+                    check_failures: st.check_failures.load(Ordering::Relaxed),
+                    consecutive_failures: st.consecutive_failures.load(Ordering::Relaxed),
+                    ejections: st.ejections.load(Ordering::Relaxed),
+                    ejected_for_ms: st.ejected_until.load(Ordering::Relaxed).saturating_sub(now),
+                    probation: st.probation.load(Ordering::Relaxed),
+                });
+            }
+        }
+        all
+    }
+
+    /// Takes the verdicts the old process handed over for the backends this one has
+    /// too (same pool name and address); returns how many it took.
+    pub fn take_over(&self, handed: &[Handed]) -> usize {
+        let now = now_ms();
+        let mut taken = 0;
+        for h in handed {
+            let Some(pool) = self.pools.iter().find(|p| p.name == h.pool) else {
+                continue;
+            };
+            for b in pool.backends.iter().filter(|b| b.addr == h.addr) {
+                let st = &b.state;
+                st.healthy.store(h.healthy, Ordering::Relaxed);
+                st.check_passes.store(h.check_passes, Ordering::Relaxed);
+                st.check_failures.store(h.check_failures, Ordering::Relaxed);
+                st.consecutive_failures.store(h.consecutive_failures, Ordering::Relaxed);
+                st.ejections.store(h.ejections, Ordering::Relaxed);
+                let until = if h.ejected_for_ms > 0 {
+                    now + h.ejected_for_ms
+                } else {
+                    0
+                };
+                st.ejected_until.store(until, Ordering::Relaxed);
+                st.probation.store(h.probation, Ordering::Relaxed);
+                taken += 1;
+            }
+        }
+        taken
+    }
+}
+
 impl Snapshot {
     /// Builds a snapshot, reusing `previous`' backend state for unchanged backends:
     /// same pool name, address and transport. A backend whose pool gained, lost or
@@ -554,5 +625,35 @@ mod tests {
                 decay(x)
             );
         }
+    }
+
+    #[test]
+    fn an_upgrade_carries_health_checks_and_ejections_by_pool_and_address() {
+        let toml = "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\npool = \"app\"\n[pools.app]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\"]\n";
+        let config = Arc::new(Config::parse(toml, "t").unwrap());
+        let old = Snapshot::build(config.clone(), None);
+        let b = |s: &Snapshot, i: usize| s.pools[0].backends[i].state.clone();
+        b(&old, 0).healthy.store(false, Ordering::Relaxed);
+        b(&old, 0).check_failures.store(4, Ordering::Relaxed);
+        b(&old, 1).ejected_until.store(now_ms() + 60_000, Ordering::Relaxed);
+        b(&old, 1).ejections.store(2, Ordering::Relaxed);
+        b(&old, 1).probation.store(true, Ordering::Relaxed);
+        // Through the bytes the new process gets.
+        let bytes = serde_json::to_vec(&old.hand_over()).unwrap();
+        let handed: Vec<Handed> = serde_json::from_slice(&bytes).unwrap();
+        let new = Snapshot::build(config, None);
+        assert_eq!(new.take_over(&handed), 3);
+        let now = now_ms();
+        assert!(!b(&new, 0).is_healthy());
+        assert_eq!(b(&new, 0).check_failures.load(Ordering::Relaxed), 4);
+        assert!(b(&new, 1).is_ejected(now) && b(&new, 1).is_healthy());
+        assert!(b(&new, 1).ejected_until.load(Ordering::Relaxed) <= now + 60_000);
+        assert_eq!(b(&new, 1).ejections.load(Ordering::Relaxed), 2);
+        assert!(b(&new, 1).probation.load(Ordering::Relaxed));
+        assert!(b(&new, 2).is_available(now));
+        // Another pool's backend at the same address is not this one.
+        let text = String::from_utf8(bytes).unwrap().replace("\"app\"", "\"web\"");
+        let other: Vec<Handed> = serde_json::from_str(&text).unwrap();
+        assert_eq!(new.take_over(&other), 0);
     }
 }

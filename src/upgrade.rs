@@ -10,6 +10,10 @@
 //! even one waiting in an accept queue. A new process that fails (a bad config, a
 //! binary that does not start) exits, and the old one goes on serving.
 //!
+//! With the sockets go the backends' verdicts (health, the checks passed or failed in
+//! a row, ejections: `state::Handed`), in a memory file (`RAMPART_UPGRADE_STATE_FD`),
+//! so that a backend down before the upgrade gets no traffic after it.
+//!
 //! This module owns the inventory of listening sockets the handover passes
 //! (`Inventory`, a duplicate of every worker's socket, kept in step with reloads), the
 //! new process's side (`Inherited`), and `sd_notify` (`READY=1`, and `MAINPID=` so
@@ -27,6 +31,8 @@ use std::process::{Child, Command};
 pub const LISTEN_FDS: &str = "RAMPART_LISTEN_FDS";
 /// The pipe on which the new process says it serves.
 pub const READY_FD: &str = "RAMPART_UPGRADE_READY_FD";
+/// A memory file holding the old process's backend verdicts (`state::Handed`, JSON).
+pub const STATE_FD: &str = "RAMPART_UPGRADE_STATE_FD";
 
 /// A duplicate of every listening socket, by configured address, for a handover.
 /// Control plane only (start, reload, SIGUSR2), never the request path.
@@ -105,15 +111,23 @@ pub struct Upgrade {
     ready: std::fs::File,
 }
 
-/// Starts `exe` with `args`, handing it every socket in `inventory`.
-pub fn spawn(exe: &std::path::Path, args: &[std::ffi::OsString], inventory: &Inventory) -> io::Result<Upgrade> {
+/// Starts `exe` with `args`, handing it every socket in `inventory`, and `state`.
+pub fn spawn(
+    exe: &std::path::Path,
+    args: &[std::ffi::OsString],
+    inventory: &Inventory,
+    state: &[u8],
+) -> io::Result<Upgrade> {
     let (read, write) = pipe()?;
+    let state = memory_file(state)?;
     let mut inherit = inventory.fds();
     inherit.push(write.as_raw_fd());
+    inherit.push(state.as_raw_fd());
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env(LISTEN_FDS, inventory.spec())
-        .env(READY_FD, write.as_raw_fd().to_string());
+        .env(READY_FD, write.as_raw_fd().to_string())
+        .env(STATE_FD, state.as_raw_fd().to_string());
     // SAFETY: runs in the forked child before exec and calls only fcntl, which is
     // async-signal-safe; the descriptors are open in the parent, so in the child too.
     unsafe {
@@ -129,7 +143,7 @@ pub fn spawn(exe: &std::path::Path, args: &[std::ffi::OsString], inventory: &Inv
     let child = cmd.spawn()?;
     // Our end of the pipe's write side closes here, so the read sees EOF if the new
     // process exits without saying it serves.
-    drop(write);
+    drop((write, state));
     Ok(Upgrade { child, ready: read })
 }
 
@@ -140,6 +154,22 @@ impl Upgrade {
         let mut byte = [0u8; 1];
         matches!(self.ready.read(&mut byte), Ok(1))
     }
+}
+
+/// An anonymous file in memory holding `bytes`, read from its start.
+fn memory_file(bytes: &[u8]) -> io::Result<std::fs::File> {
+    use std::io::Seek;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new
+    // descriptor that nothing else owns.
+    let fd = unsafe { libc::memfd_create(c"rampart-state".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned here alone.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file)
 }
 
 fn pipe() -> io::Result<(std::fs::File, std::fs::File)> {
@@ -158,6 +188,7 @@ pub struct Inherited {
     listeners: HashMap<SocketAddr, Vec<TcpListener>>,
     admin: Option<(SocketAddr, TcpListener)>,
     ready: Option<std::fs::File>,
+    state: Option<Vec<u8>>,
 }
 
 impl Inherited {
@@ -167,13 +198,25 @@ impl Inherited {
     pub fn from_env() -> Result<Inherited, String> {
         let spec = std::env::var(LISTEN_FDS).ok();
         let ready = std::env::var(READY_FD).ok();
-        std::env::remove_var(LISTEN_FDS);
-        std::env::remove_var(READY_FD);
+        let state = std::env::var(STATE_FD).ok();
+        for var in [LISTEN_FDS, READY_FD, STATE_FD] {
+            std::env::remove_var(var);
+        }
         let mut inherited = Inherited::default();
-        if let Some(fd) = ready {
-            let fd = parse_fd(&fd).ok_or_else(|| format!("{READY_FD}: not a descriptor: {fd:?}"))?;
+        let file = |var: &str, fd: String| {
+            let fd = parse_fd(&fd).ok_or_else(|| format!("{var}: not a descriptor: {fd:?}"))?;
             // SAFETY: the parent opened it for us (`spawn`) and nothing else owns it.
-            inherited.ready = Some(unsafe { std::fs::File::from_raw_fd(fd) });
+            Ok::<_, String>(unsafe { std::fs::File::from_raw_fd(fd) })
+        };
+        if let Some(fd) = ready {
+            inherited.ready = Some(file(READY_FD, fd)?);
+        }
+        if let Some(fd) = state {
+            let mut bytes = Vec::new();
+            file(STATE_FD, fd)?
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("{STATE_FD}: {e}"))?;
+            inherited.state = Some(bytes);
         }
         let Some(spec) = spec.filter(|s| !s.is_empty()) else {
             return Ok(inherited);
@@ -198,8 +241,9 @@ impl Inherited {
         Ok(inherited)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty() && self.admin.is_none()
+    /// The backend verdicts the old process handed over, if any.
+    pub fn take_state(&mut self) -> Option<Vec<u8>> {
+        self.state.take()
     }
 
     /// The sockets inherited for listener `bind`, if any; they are then ours.

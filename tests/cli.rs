@@ -488,3 +488,72 @@ fn sigusr2_with_a_new_process_that_cannot_start_keeps_the_old_one() {
     );
     assert!(text.contains("exited (exit status: 1) before it served"), "{text}");
 }
+
+/// The old process's `/status`, parsed.
+fn status(admin: u16) -> serde_json::Value {
+    let answer = request(admin, "/status");
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+fn healthy(st: &serde_json::Value, backend: u16) -> bool {
+    let addr = format!("127.0.0.1:{backend}");
+    st["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == addr.as_str())
+        .unwrap_or_else(|| panic!("no {addr} in {st}"))["healthy"]
+        .as_bool()
+        .unwrap()
+}
+
+#[test]
+fn an_upgrade_hands_over_which_backends_are_down() {
+    let (port, admin, origin, dead) = (free_port(), free_port(), thread_origin(), free_port());
+    // Two failed checks 2 s apart mark a backend down: the new process, on its own,
+    // would send it traffic for 2 s.
+    let config = upgrade_config(port, admin, origin, 1, 1000).replace(
+        &format!("backends = [\"127.0.0.1:{origin}\"]\nhealth_check = {{ type = \"none\" }}"),
+        &format!(
+            "backends = [\"127.0.0.1:{origin}\", \"127.0.0.1:{dead}\"]\nhealth_check = {{ interval = \"2s\", fall = 2 }}"
+        ),
+    );
+    assert!(config.contains(&dead.to_string()), "{config}");
+    let p = write("upgrade-state.toml", &config);
+    let log = write("upgrade-state.stderr", "");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut old = start_listening(cmd, &p, port);
+    let start = std::time::Instant::now();
+    while healthy(&status(admin), dead) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "never marked down"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    signal(&old, libc::SIGUSR2);
+    let new = loop {
+        let st = status(admin);
+        let pid = st["pid"].as_u64().unwrap() as u32;
+        if pid != old.id() {
+            break st;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "no new process");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let _reap = Reap(new["pid"].as_u64().unwrap() as i32);
+    assert!(
+        !healthy(&new, dead),
+        "the new process takes the old one's verdict: {new}"
+    );
+    assert!(healthy(&new, origin), "{new}");
+    assert_eq!(old.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("took over the old process's backend health and ejections backends=2"),
+        "{text}"
+    );
+}
