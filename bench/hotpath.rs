@@ -71,6 +71,7 @@ fn routes(c: &mut Criterion) {
             request_headers: None,
             response_headers: None,
             prefix_rewrite: None,
+            rate_limit: None,
         });
     }
     table.push(RouteConfig {
@@ -82,6 +83,7 @@ fn routes(c: &mut Criterion) {
         request_headers: None,
         response_headers: None,
         prefix_rewrite: None,
+        rate_limit: None,
     });
     table.push(RouteConfig {
         host: None,
@@ -92,6 +94,7 @@ fn routes(c: &mut Criterion) {
         request_headers: None,
         response_headers: None,
         prefix_rewrite: None,
+        rate_limit: None,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {
@@ -217,5 +220,27 @@ fn client_side(c: &mut Criterion) {
     });
 }
 
-criterion_group!(hot, balancers, routes, headers, codec, client_side);
+/// A route's `rate_limit` check: 1,000 clients, each well under its limit (the
+/// common case: a compare-and-swap on its slot).
+fn rate_limit(c: &mut Criterion) {
+    let limiter = rampart::ratelimit::RateLimiter::new(rampart::config::RateLimitConfig {
+        requests_per_second: 1_000_000.0,
+        burst: 1_000,
+        key: rampart::config::HashKey::ClientIp,
+    });
+    let keys: Vec<u64> = (0..1000u32)
+        .map(|i| rampart::balancer::hash64(&i.to_le_bytes()))
+        .collect();
+    let mut i = 0usize;
+    let mut now = 1_000_000u64;
+    c.bench_function("ratelimit/check", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            now += 1;
+            black_box(limiter.check(black_box(keys[i]), now))
+        })
+    });
+}
+
+criterion_group!(hot, balancers, routes, headers, codec, client_side, rate_limit);
 criterion_main!(hot);

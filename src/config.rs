@@ -204,6 +204,17 @@ pub struct RouteConfig {
     pub response_headers: Option<Arc<HeaderRules>>,
     /// Replaces the matched `path_prefix` in the path the backend gets.
     pub prefix_rewrite: Option<String>,
+    /// Requests per client (by `key`) past which the route answers 429.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// A route's `rate_limit`: each client (as `key` tells them apart) may send
+/// `requests_per_second` on average, and `burst` at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub key: HashKey,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -496,6 +507,15 @@ struct FileRoute {
     prefix_rewrite: Option<String>,
     request_headers: Option<toml::Value>,
     response_headers: Option<toml::Value>,
+    rate_limit: Option<FileRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRateLimit {
+    requests_per_second: f64,
+    burst: Option<u32>,
+    key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -802,6 +822,29 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 "must be greater than 0 (omit it for no limit)",
             );
         }
+        let rate_limit = raw.rate_limit.as_ref().map(|r| {
+            let at = format!("{path}.rate_limit");
+            let rps = r.requests_per_second;
+            if !(rps.is_finite() && rps > 0.0 && rps <= 1_000_000.0) {
+                errs.push(
+                    format!("{at}.requests_per_second"),
+                    format!("must be above 0 and at most 1000000, got {rps}"),
+                );
+            }
+            let burst = r.burst.unwrap_or_else(|| rps.ceil().clamp(1.0, 1_000_000.0) as u32);
+            if burst == 0 || burst > 1_000_000 {
+                errs.push(
+                    format!("{at}.burst"),
+                    format!("must be between 1 and 1000000, got {burst}"),
+                );
+            }
+            let key = parse_key(r.key.as_deref(), &format!("{at}.key"), errs);
+            RateLimitConfig {
+                requests_per_second: rps,
+                burst,
+                key,
+            }
+        });
         let mut rules = |value: &Option<toml::Value>, field: &str, dir| {
             let value = value.as_ref()?;
             let mut problems = Vec::new();
@@ -824,6 +867,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 prefix_rewrite: raw.prefix_rewrite,
                 request_headers,
                 response_headers,
+                rate_limit,
             }),
             None if pool_names_seen.contains(&raw.pool) => {} // the pool itself had errors
             None => {
@@ -996,6 +1040,29 @@ fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) 
 
 /// `ns`: the nameservers for a `dns_refresh` pool's names; `None` when `[server]`
 /// itself is in error, and the names are then not looked up.
+/// What tells requests apart, for `hash_key` and a rate limit's `key`:
+/// `"client_ip"` (the default), `"header:NAME"` or `"cookie:NAME"`.
+fn parse_key(value: Option<&str>, at: &str, errs: &mut Errors) -> HashKey {
+    match value {
+        None | Some("client_ip") => HashKey::ClientIp,
+        Some(s) if s.starts_with("header:") => match http::HeaderName::from_bytes(s[7..].trim().as_bytes()) {
+            Ok(h) => HashKey::Header(h),
+            Err(_) => {
+                errs.push(at, format!("invalid header name in {s:?}"));
+                HashKey::ClientIp
+            }
+        },
+        Some(s) if s.starts_with("cookie:") && s.len() > 7 => HashKey::Cookie(s[7..].trim().to_string()),
+        Some(s) => {
+            errs.push(
+                at,
+                format!("expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got {s:?}"),
+            );
+            HashKey::ClientIp
+        }
+    }
+}
+
 fn validate_pool(
     name: &str,
     value: &toml::Value,
@@ -1182,24 +1249,7 @@ fn validate_pool(
     if raw.backends.is_empty() {
         errs.push(format!("{path}.backends"), "a pool needs at least one backend");
     }
-    let hash_key = match raw.hash_key.as_deref() {
-        None | Some("client_ip") => HashKey::ClientIp,
-        Some(s) if s.starts_with("header:") => match http::HeaderName::from_bytes(s[7..].trim().as_bytes()) {
-            Ok(h) => HashKey::Header(h),
-            Err(_) => {
-                errs.push(format!("{path}.hash_key"), format!("invalid header name in {s:?}"));
-                HashKey::ClientIp
-            }
-        },
-        Some(s) if s.starts_with("cookie:") && s.len() > 7 => HashKey::Cookie(s[7..].trim().to_string()),
-        Some(s) => {
-            errs.push(
-                format!("{path}.hash_key"),
-                format!("expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got {s:?}"),
-            );
-            HashKey::ClientIp
-        }
-    };
+    let hash_key = parse_key(raw.hash_key.as_deref(), &format!("{path}.hash_key"), errs);
     let balancer = raw.balancer.unwrap_or(BalancerKind::PeakEwma);
     if raw.hash_key.is_some() && balancer != BalancerKind::ConsistentHash {
         errs.push(

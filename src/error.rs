@@ -103,6 +103,9 @@ pub enum ProxyError {
     ClientBodyTimeout(std::time::Duration),
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The route's `rate_limit` refused the client; it may try again after this long.
+    #[error("rate limit: the client may send again in {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
 }
 
 impl ProxyError {
@@ -133,6 +136,7 @@ impl ProxyError {
             BadRequest(_) | ClientBody(_) => StatusCode::BAD_REQUEST,
             NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -147,7 +151,8 @@ impl ProxyError {
             | BadRequest(_)
             | NotImplemented(_)
             | ClientBody(_)
-            | ClientBodyTimeout(_) => Side::Client,
+            | ClientBodyTimeout(_)
+            | RateLimited { .. } => Side::Client,
             NoHealthyBackend { .. } | CircuitOpen { .. } | ShuttingDown => Side::Internal,
             Connect { .. }
             | ConnectTimeout { .. }
@@ -243,6 +248,7 @@ impl ProxyError {
             ClientBody(_) => "client_body",
             ClientBodyTimeout(_) => "client_body_timeout",
             ShuttingDown => "shutting_down",
+            RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -302,6 +308,12 @@ pub fn error_response<B: From<Bytes>>(
     h.insert(crate::proxy::X_REQUEST_ID, request_id.clone());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, RETRY_AFTER_SECS);
+    }
+    if let ProxyError::RateLimited { retry_after } = err {
+        // Whole seconds (RFC 9110 §10.2.3), rounded up, so a client that waits that
+        // long is admitted.
+        let secs = retry_after.as_micros().div_ceil(1_000_000).max(1);
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
     }
     if err.closes_connection() {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -33,6 +33,7 @@ pub mod netio;
 pub mod outlier;
 pub mod proxy;
 pub mod proxyproto;
+pub mod ratelimit;
 pub mod rawfields;
 pub mod retry;
 pub mod router;

@@ -469,6 +469,9 @@ fn prepare(
     if route.https_redirect && !conn.tls {
         return Err(https_redirect(host, &req));
     }
+    if let Some(limiter) = &snap.limiters[route_idx] {
+        rate_limit(limiter, &req, raw.as_ref(), conn)?;
+    }
     let pool = &snap.pools[route.pool];
     // The target as routed, kept for `$request_uri` when the backend gets another.
     let routed_target = match &route.prefix_rewrite {
@@ -1006,6 +1009,28 @@ fn with_path(uri: &Uri, mut path: String) -> Result<Uri, ProxyError> {
     parts.path_and_query =
         Some(PathAndQuery::from_maybe_shared(path).map_err(|_| ProxyError::BadRequest("invalid path"))?);
     Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid path"))
+}
+
+/// A route's `rate_limit`: a request without the key (no such header or cookie) is
+/// not limited, as in nginx's `limit_req` and Envoy's descriptors. Out of line: most
+/// routes have no limit.
+#[inline(never)]
+fn rate_limit<B>(
+    limiter: &crate::ratelimit::RateLimiter,
+    req: &Request<B>,
+    raw: Option<&RawRequest>,
+    conn: &ConnInfo,
+) -> Result<(), ProxyError> {
+    let key = match (&limiter.config.key, raw) {
+        (HashKey::ClientIp, _) | (_, None) => hash_key(&limiter.config.key, req.headers(), conn),
+        (_, Some(r)) => hash_key(&limiter.config.key, &r.header_map(), conn),
+    };
+    match key {
+        Some(k) => limiter
+            .check(k, crate::state::clock_ns() / 1000)
+            .map_err(|retry_after| ProxyError::RateLimited { retry_after }),
+        None => Ok(()),
+    }
 }
 
 fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> {

@@ -326,6 +326,7 @@ mod tests {
             request_headers: None,
             response_headers: None,
             prefix_rewrite: None,
+            rate_limit: None,
         }
     }
 

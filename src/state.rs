@@ -21,6 +21,7 @@ use crate::balancer::Balancer;
 use crate::breaker::Breakers;
 use crate::config::{BalancerKind, Config, PoolConfig, RouteConfig};
 use crate::metrics::PoolMetrics;
+use crate::ratelimit::RateLimiter;
 use crate::retry::{LatencyTracker, RetryBudget};
 use crate::router::Router;
 
@@ -378,7 +379,38 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub router: Router,
     pub routes: Vec<RouteConfig>,
+    /// Each route's `rate_limit` state, by route index.
+    pub limiters: Vec<Option<Arc<RateLimiter>>>,
     pub pools: Vec<Arc<Pool>>,
+}
+
+/// The routes' rate limiters. A route a reload kept (same `host` and `path_prefix`)
+/// keeps its clients' state: the same limiter if the limit is unchanged, else a new
+/// one that takes over each client's debt, so a reload hands no one a fresh burst.
+fn limiters(routes: &[RouteConfig], previous: Option<&Snapshot>) -> Vec<Option<Arc<RateLimiter>>> {
+    routes
+        .iter()
+        .map(|r| {
+            let limit = r.rate_limit.as_ref()?;
+            let old = previous.and_then(|p| {
+                p.routes
+                    .iter()
+                    .zip(&p.limiters)
+                    .find(|(o, _)| o.host == r.host && o.path_prefix == r.path_prefix)
+                    .and_then(|(_, l)| l.clone())
+            });
+            Some(match old {
+                Some(old) if old.config == *limit => old,
+                old => {
+                    let new = RateLimiter::new(limit.clone());
+                    if let Some(old) = old {
+                        new.carry(&old);
+                    }
+                    Arc::new(new)
+                }
+            })
+        })
+        .collect()
 }
 
 /// One backend's verdicts as a binary upgrade hands them to the new process
@@ -538,6 +570,7 @@ impl Snapshot {
         Snapshot {
             router: Router::new(&config.routes),
             routes: config.routes.clone(),
+            limiters: limiters(&config.routes, previous),
             pools,
             config,
         }

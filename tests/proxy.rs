@@ -2019,3 +2019,113 @@ async fn a_small_body_sent_with_its_head_reaches_the_backend_whether_kept_for_re
         );
     }
 }
+
+/// One GET from `local` (an address of the loopback network) with `extra` header
+/// lines: the status and the lower-cased head.
+async fn get_from(local: &str, addr: std::net::SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_one_response(&mut s, &mut Vec::new(), false).await;
+    let status = head[9..12].parse().unwrap();
+    (status, head)
+}
+
+/// A route's `rate_limit` gives each client its burst, then answers 429 with a
+/// `Retry-After` that covers the wait; clients (by address, or by the key a header
+/// carries) have budgets of their own; a request without the key is not limited, nor
+/// is another route; and a reload keeps what each client has spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_answers_429_past_each_clients_burst() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    // One request per 10 s, so nothing refills during the test.
+    let toml = format!(
+        r#"
+[server]
+workers = 2
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/ip/"
+pool = "app"
+rate_limit = {{ requests_per_second = 0.1, burst = 3 }}
+[[routes]]
+path_prefix = "/key/"
+pool = "app"
+rate_limit = {{ requests_per_second = 0.1, burst = 2, key = "header:x-api-key" }}
+[[routes]]
+pool = "app"
+[pools.app]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+"#,
+        o.addr
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let statuses = |local: &'static str, path: &'static str, extra: &'static str, n: usize| async move {
+        let mut all = Vec::new();
+        for _ in 0..n {
+            all.push(get_from(local, addr, path, extra).await);
+        }
+        all
+    };
+    let a = statuses("127.0.0.1", "/ip/x", "", 5).await;
+    assert_eq!(a.iter().map(|r| r.0).collect::<Vec<_>>(), [200, 200, 200, 429, 429]);
+    let refused = &a[3].1;
+    let wait: u64 = refused
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .unwrap_or_else(|| panic!("no retry-after: {refused}"))
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&wait), "{refused}");
+    assert!(refused.contains("x-request-id: "), "{refused}");
+    // Another client address has its own burst; another route has no limit.
+    let b = statuses("127.0.0.2", "/ip/x", "", 4).await;
+    assert_eq!(b.iter().map(|r| r.0).collect::<Vec<_>>(), [200, 200, 200, 429]);
+    let other = statuses("127.0.0.1", "/other", "", 5).await;
+    assert!(other.iter().all(|r| r.0 == 200));
+    // By API key: each key its own budget, whatever the address; no key, no limit.
+    let k1 = statuses("127.0.0.1", "/key/x", "x-api-key: k1\r\n", 3).await;
+    assert_eq!(k1.iter().map(|r| r.0).collect::<Vec<_>>(), [200, 200, 429]);
+    let k2 = statuses("127.0.0.1", "/key/x", "x-api-key: k2\r\n", 1).await;
+    assert_eq!(k2[0].0, 200);
+    let none = statuses("127.0.0.1", "/key/x", "", 4).await;
+    assert!(none.iter().all(|r| r.0 == 200));
+    // Refused requests never reached the backend.
+    assert_eq!(o.hits(), 3 + 3 + 5 + 2 + 1 + 4);
+    // A reload keeps what each client has spent.
+    srv.reload(rampart::Config::parse(&toml, "t").unwrap()).unwrap();
+    assert_eq!(get_from("127.0.0.1", addr, "/ip/x", "").await.0, 429);
+    stop_proxy(srv).await;
+}
+
+#[test]
+fn rate_limit_errors_name_their_field() {
+    let toml = r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+pool = "app"
+rate_limit = { requests_per_second = 0, burst = 0, key = "ip" }
+[[routes]]
+path_prefix = "/x"
+pool = "app"
+rate_limit = { burst = 5 }
+[pools.app]
+backends = ["127.0.0.1:1"]
+"#;
+    let e = rampart::Config::parse(toml, "t.toml").unwrap_err().to_string();
+    for want in [
+        "routes[0].rate_limit.requests_per_second: must be above 0 and at most 1000000, got 0",
+        "routes[0].rate_limit.burst: must be between 1 and 1000000, got 0",
+        "routes[0].rate_limit.key: expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got \"ip\"",
+        "routes[1].rate_limit: missing field `requests_per_second`",
+    ] {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
+}
