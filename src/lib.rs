@@ -94,14 +94,7 @@ impl Server {
         let mut inventory = upgrade::Inventory::default();
         let bound = listener::bind_all(&config.listeners, workers, inherited)?;
         let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.addr).collect();
-        for b in &bound {
-            inventory
-                .add(b.config.bind, &b.sockets.iter().collect::<Vec<_>>())
-                .map_err(|e| StartupError::Bind {
-                    addr: b.addr,
-                    source: e,
-                })?;
-        }
+        inventory.add(&bound)?;
         let admin = match &config.admin {
             Some(a) => {
                 let l = match inherited.take_admin(a.bind) {
@@ -203,14 +196,7 @@ impl Server {
         let workers = self.listeners.len();
         let bound = listener::bind_all(&added, workers, &mut upgrade::Inherited::default())?;
         let mut copies = upgrade::Inventory::default();
-        for b in &bound {
-            copies
-                .add(b.config.bind, &b.sockets.iter().collect::<Vec<_>>())
-                .map_err(|e| StartupError::Bind {
-                    addr: b.addr,
-                    source: e,
-                })?;
-        }
+        copies.add(&bound)?;
         let target = &config.server.access_log;
         let current = self.shared.access_log.load_full();
         match current.as_deref() {

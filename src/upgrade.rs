@@ -43,8 +43,19 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Records `sockets`, the workers' sockets for listener `bind`.
-    pub fn add(&mut self, bind: SocketAddr, sockets: &[&TcpListener]) -> io::Result<()> {
+    /// Records the workers' sockets of each listener just bound.
+    pub fn add(&mut self, bound: &[crate::listener::Bound]) -> Result<(), crate::StartupError> {
+        for b in bound {
+            self.push(b.config.bind, &b.sockets)
+                .map_err(|e| crate::StartupError::Bind {
+                    addr: b.addr,
+                    source: e,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, bind: SocketAddr, sockets: &[TcpListener]) -> io::Result<()> {
         let fds = sockets
             .iter()
             .map(|s| s.try_clone().map(OwnedFd::from))
@@ -334,12 +345,11 @@ mod tests {
 
     #[test]
     fn the_spec_names_each_listener_and_the_admin_socket_by_configured_address() {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let b = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = || TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = socket();
         let mut inv = Inventory::default();
-        inv.add("127.0.0.1:0".parse().unwrap(), &[&a, &b]).unwrap();
-        inv.add("[::1]:443".parse().unwrap(), &[&a]).unwrap();
+        inv.push("127.0.0.1:0".parse().unwrap(), &[socket(), socket()]).unwrap();
+        inv.push("[::1]:443".parse().unwrap(), &[socket()]).unwrap();
         inv.set_admin("127.0.0.1:9901".parse().unwrap(), &c).unwrap();
         let fds = inv.fds();
         assert_eq!(fds.len(), 4);
