@@ -155,17 +155,20 @@ fn backend_series(shared: &Shared, out: &mut String) {
             |st, _| st.counters.restores.load(std::sync::atomic::Ordering::Relaxed),
         ),
     ];
-    let backends = || {
-        snap.pools.iter().flat_map(|p| {
+    // Labels escaped once, for all six series.
+    let backends: Vec<_> = snap
+        .pools
+        .iter()
+        .flat_map(|p| {
             p.backends
                 .iter()
                 .map(move |b| (label_value(&p.name), label_value(&b.name), &b.state))
         })
-    };
+        .collect();
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (pool, backend, st) in backends() {
+        for (pool, backend, st) in &backends {
             let _ = writeln!(
                 out,
                 "{name}{{pool=\"{pool}\",backend=\"{backend}\"}} {}",
@@ -180,7 +183,7 @@ fn backend_series(shared: &Shared, out: &mut String) {
         "# HELP {name} Failed attempts to a backend, by pool, backend and kind"
     );
     let _ = writeln!(out, "# TYPE {name} counter");
-    for (pool, backend, st) in backends() {
+    for (pool, backend, st) in &backends {
         for (kind, n) in st.counters.errors().filter(|(_, n)| *n > 0) {
             let _ = writeln!(
                 out,

@@ -117,8 +117,8 @@ pub async fn serve(
     // Registered once for the busy period, not once per wait. A stopping worker
     // answers the next request with `Connection: close` (below) and closes the
     // connection only if none comes before it closes idle ones.
-    let stopped = tracker.idle_closed();
-    tokio::pin!(stopped);
+    let idle_closed = tracker.idle_closed();
+    tokio::pin!(idle_closed);
     loop {
         // 1. A complete request head.
         let (req, raw, facts) = loop {
@@ -156,7 +156,7 @@ pub async fn serve(
                     // EOF or an error; hyper also closes quietly on both.
                     _ => return Ended::Closed,
                 },
-                _ = stopped.as_mut() => return Ended::Closed,
+                _ = idle_closed.as_mut() => return Ended::Closed,
                 _ = timer.as_mut() => {
                     if crate::clock::tokio_now() < deadline {
                         // An earlier deadline, since moved: wait for the real one.

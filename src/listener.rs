@@ -111,40 +111,39 @@ pub fn bind_all(
     for l in listeners {
         let err = |addr| move |e| StartupError::Bind { addr, source: e };
         let mut sockets = inherited.take(l.bind);
-        if let Some(first) = sockets.first() {
-            // The old process's sockets, with the connections queued on them: the new
-            // config's backlog applies (listen(2) again only resizes the queue).
-            let addr = first.local_addr().map_err(err(l.bind))?;
-            for s in &sockets {
-                socket2::SockRef::from(s)
-                    .listen(l.backlog.min(i32::MAX as u32) as i32)
-                    .map_err(err(addr))?;
+        let addr = match sockets.first() {
+            Some(first) => {
+                // The old process's sockets, with the connections queued on them: the
+                // new config's backlog applies (listen(2) again only resizes the queue).
+                let addr = first.local_addr().map_err(err(l.bind))?;
+                for s in &sockets {
+                    socket2::SockRef::from(s)
+                        .listen(l.backlog.min(i32::MAX as u32) as i32)
+                        .map_err(err(addr))?;
+                }
+                addr
             }
-            while sockets.len() < workers {
-                sockets.push(bind(addr, l.backlog).map_err(err(addr))?);
+            None => {
+                let taken = l.bind.port() != 0 && already_bound(l.bind);
+                let first = bind(l.bind, l.backlog).map_err(err(l.bind))?;
+                if taken {
+                    // The holder also set SO_REUSEPORT (or our bind would have failed),
+                    // so the kernel now splits new connections between it and
+                    // rampart, silently.
+                    tracing::warn!(
+                        addr = %l.bind,
+                        "another socket was already listening on this address, and the kernel will share \
+                         new connections between it and rampart (SO_REUSEPORT); to replace a running \
+                         rampart, send it SIGUSR2 instead, or stop the other process"
+                    );
+                }
+                let addr = first.local_addr().map_err(err(l.bind))?;
+                sockets.push(first);
+                addr
             }
-            all.push(Bound {
-                config: l.clone(),
-                addr,
-                sockets,
-            });
-            continue;
-        }
-        let taken = l.bind.port() != 0 && already_bound(l.bind);
-        let first = bind(l.bind, l.backlog).map_err(err(l.bind))?;
-        if taken {
-            // The holder also set SO_REUSEPORT (or our bind would have failed), so the
-            // kernel now splits new connections between it and rampart, silently.
-            tracing::warn!(
-                addr = %l.bind,
-                "another socket was already listening on this address, and the kernel will share \
-                 new connections between it and rampart (SO_REUSEPORT); to replace a running \
-                 rampart, send it SIGUSR2 instead, or stop the other process"
-            );
-        }
-        let addr = first.local_addr().map_err(err(l.bind))?;
-        sockets.push(first);
-        for _ in 1..workers {
+        };
+        // Every worker binds its own (the first bound above resolved port 0).
+        while sockets.len() < workers {
             sockets.push(bind(addr, l.backlog).map_err(err(addr))?);
         }
         all.push(Bound {
