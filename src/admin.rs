@@ -4,8 +4,12 @@
 //!   and of TLS certificates (names, expiry).
 //! - `GET /healthz`: liveness, 200 while the process serves.
 //! - `GET /ready`: readiness, 503 while draining or when no route can reach a backend.
+//! - `POST /backends/POOL/BACKEND/STATE`: an operator drains a backend, puts it in
+//!   maintenance or makes it ready again (`state::AdminState`), from loopback only
+//!   unless `[admin] control` says otherwise.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,7 +25,7 @@ use crate::state::{now_ms, Shared};
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -36,7 +40,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req)) }
+                async move { Ok::<_, Infallible>(route(&shared, req, peer)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -45,7 +49,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
     }
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if let Some(rest) = req.uri().path().strip_prefix("/backends/") {
+        return set_backend_state(shared, req.method(), rest, peer);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -74,16 +81,119 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n")
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "endpoints: /metrics /status /healthz /ready\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "endpoints: GET /metrics /status /healthz /ready, POST /backends/POOL/BACKEND/{ready,drain,maint}\n",
+        ),
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+const BACKENDS_USAGE: &str = "POST /backends/POOL/BACKEND/STATE: POOL a pool's name or *, BACKEND its label or address (ip:port) or as written in backends, STATE ready, drain or maint";
+
+/// `POST /backends/POOL/BACKEND/STATE`: sets the operator's state of every backend
+/// that matches, and answers what each was, as JSON.
+fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        let mut r = owned_text(StatusCode::METHOD_NOT_ALLOWED, format!("{BACKENDS_USAGE}\n"));
+        r.headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        return r;
+    }
+    let snap = shared.snapshot.load();
+    let control = snap.config.admin.as_ref().map(|a| a.control).unwrap_or_default();
+    if let Some(why) = refusal(control, peer) {
+        tracing::warn!(%peer, path = %rest, "admin: backend state change refused");
+        return text(StatusCode::FORBIDDEN, why);
+    }
+    let bad = |msg: String| owned_text(StatusCode::BAD_REQUEST, format!("{msg}\n{BACKENDS_USAGE}\n"));
+    // The state is the last segment and the pool the first, so a backend's label may
+    // hold anything between.
+    let Some((head, state)) = rest.rsplit_once('/') else {
+        return bad(format!("no state in /backends/{rest}"));
+    };
+    let Some((pool, backend)) = head.split_once('/') else {
+        return bad(format!("no backend in /backends/{rest}"));
+    };
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let (pool, backend) = (decode(pool), decode(backend));
+    let Some(to) = crate::state::AdminState::parse(state) else {
+        return bad(format!("unknown state {state:?}"));
+    };
+    let pools: Vec<_> = snap.pools.iter().filter(|p| pool == "*" || p.name == pool).collect();
+    if pools.is_empty() {
+        let names: Vec<_> = snap.pools.iter().map(|p| p.name.as_str()).collect();
+        return owned_text(
+            StatusCode::NOT_FOUND,
+            format!("no pool {pool:?}; pools: {}\n", names.join(", ")),
+        );
+    }
+    let mut changed = Vec::new();
+    for p in &pools {
+        for b in &p.backends {
+            if b.name != backend && b.written != backend && b.addr.to_string() != backend {
+                continue;
+            }
+            let was = b.state.set_admin_state(to);
+            if was != to {
+                tracing::info!(pool = %p.name, backend = %b.name, from = was.as_str(), to = to.as_str(), %peer, "admin: backend state set");
+            }
+            changed.push(serde_json::json!({
+                "pool": p.name,
+                "backend": b.name,
+                "was": was.as_str(),
+                "admin_state": to.as_str(),
+                "in_flight": b.state.in_flight(),
+            }));
+        }
+    }
+    if changed.is_empty() {
+        let names: Vec<_> = pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| b.name.as_str()))
+            .collect();
+        return owned_text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no backend {backend:?} in pool {pool:?}; backends: {}\n",
+                names.join(", ")
+            ),
+        );
+    }
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::json!({ "backends": changed }).to_string(),
+    )));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Why `[admin] control` refuses a change from `peer`, if it does.
+fn refusal(control: crate::config::AdminControl, peer: SocketAddr) -> Option<&'static str> {
+    use crate::config::AdminControl;
+    // An IPv4 client of a dual-stack socket shows as ::ffff:127.0.0.1.
+    let loopback = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        ip => ip.is_loopback(),
+    };
+    match control {
+        AdminControl::None => Some("backend state changes are off ([admin] control = \"none\")\n"),
+        AdminControl::Loopback if !loopback => {
+            Some("backend state changes are taken from loopback clients only ([admin] control = \"loopback\")\n")
+        }
+        _ => None,
+    }
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut()
-        .insert(header::CONTENT_TYPE, "text/plain".parse().expect("static"));
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
     r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    owned_text(status, body.to_string())
 }
 
 fn any_backend_available(shared: &Shared) -> bool {
@@ -176,6 +286,25 @@ fn backend_series(shared: &Shared, out: &mut String) {
             );
         }
     }
+    // The operator's state, one series per state (1 for the one set), as Prometheus
+    // writes an enum.
+    let name = crate::metrics::BACKEND_ADMIN_STATE;
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 for the state an operator set on the backend (ready, drain, maint)"
+    );
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for (pool, backend, st) in &backends {
+        let set = st.admin_state();
+        for state in crate::state::AdminState::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{pool=\"{pool}\",backend=\"{backend}\",state=\"{}\"}} {}",
+                state.as_str(),
+                (state == set) as u8
+            );
+        }
+    }
     // Only the kinds a backend has had: twelve zeros per backend would bury the rest.
     let name = crate::metrics::UPSTREAM_ERRORS;
     let _ = writeln!(
@@ -246,6 +375,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                         "ejected": b.state.is_ejected(now),
                         "probation": b.state.probation.load(std::sync::atomic::Ordering::Relaxed),
                         "available": b.state.is_available(now),
+                        "admin_state": b.state.admin_state().as_str(),
                         "ejected_for_ms": until.saturating_sub(now),
                         "in_flight": b.state.in_flight(),
                         "ewma_ms": b.state.ewma() / 1e6,
@@ -294,4 +424,28 @@ fn tls_json(snap: &crate::state::Snapshot) -> Vec<serde_json::Value> {
             v
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AdminControl;
+
+    #[test]
+    fn backend_changes_come_from_where_control_allows() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for local in [
+            "127.0.0.1:5000",
+            "127.9.9.9:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert_eq!(refusal(AdminControl::Loopback, addr(local)), None, "{local}");
+            assert!(refusal(AdminControl::None, addr(local)).is_some(), "{local}");
+        }
+        for remote in ["10.0.0.7:5000", "[2001:db8::1]:5000", "[::ffff:10.0.0.7]:5000"] {
+            assert!(refusal(AdminControl::Loopback, addr(remote)).is_some(), "{remote}");
+            assert_eq!(refusal(AdminControl::Any, addr(remote)), None, "{remote}");
+        }
+    }
 }

@@ -170,6 +170,22 @@ impl std::fmt::Display for AccessLog {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    pub control: AdminControl,
+}
+
+/// Who may change backends' states through the admin listener (`POST /backends/...`).
+/// Loopback by default, as HAProxy's `stats admin if LOCALHOST`: an admin port opened
+/// to a network for Prometheus should not also let that network drain the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminControl {
+    /// Clients connecting from 127.0.0.0/8 or ::1.
+    #[default]
+    Loopback,
+    /// Every client that can reach the admin listener.
+    Any,
+    /// Nobody: the admin listener is read-only.
+    None,
 }
 
 #[derive(Debug, Clone)]
@@ -466,6 +482,7 @@ struct FileServer {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     bind: String,
+    control: Option<AdminControl>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -722,7 +739,10 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
 
     let admin = table.get("admin").and_then(|v| {
         let raw: FileAdmin = section(v, "admin", errs)?;
-        parse_bind(&raw.bind, "admin.bind", errs).map(|bind| AdminConfig { bind })
+        parse_bind(&raw.bind, "admin.bind", errs).map(|bind| AdminConfig {
+            bind,
+            control: raw.control.unwrap_or_default(),
+        })
     });
 
     let mut listeners = Vec::new();
@@ -1870,6 +1890,22 @@ connect_timeout = "soon"
         assert!(joined.contains("listeners[1].nope: unknown field `nope`"), "{joined}");
         assert!(joined.contains("pools.app.connect_timeout"), "{joined}");
         assert!(errs.len() >= 5, "{joined}");
+    }
+
+    #[test]
+    fn admin_control_is_loopback_unless_set() {
+        assert!(MINIMAL.contains("[admin]\n"));
+        let with = |extra: &str| MINIMAL.replacen("[admin]\n", &format!("[admin]\n{extra}\n"), 1);
+        let control = |extra: &str| Config::parse(&with(extra), "t").unwrap().admin.unwrap().control;
+        assert_eq!(control(""), AdminControl::Loopback);
+        assert_eq!(control("control = \"any\""), AdminControl::Any);
+        assert_eq!(control("control = \"none\""), AdminControl::None);
+        let errs = errors_of(&with("control = \"everyone\""));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("admin.control: unknown variant `everyone`"),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!
 //! The same loop probes a backend whose outlier ejection has just ended (probation)
 //! and restores or re-ejects it; with `type = "none"` that probe is a TCP connect.
+//! A backend an operator put in `maint` is not probed until it leaves it, and then at
+//! once, on probation.
 //! The control loop here also refreshes each pool's hedge delay and retry budget, and
 //! drains the metrics exporter's pending histogram samples.
 
@@ -22,7 +24,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use crate::config::{HealthCheckConfig, HealthCheckKind};
 use crate::error::ProxyError;
 use crate::outlier;
-use crate::state::{now_ms, Pool, Shared, Snapshot};
+use crate::state::{now_ms, AdminState, Pool, Shared, Snapshot};
 
 /// How often the control loop looks for a new snapshot, refreshes hedge delays and
 /// refills retry budgets.
@@ -130,8 +132,13 @@ async fn check_loop(mut place: watch::Receiver<Place>) {
         // backends for the ejection cap.
         let (pool, bi) = place.borrow_and_update().clone();
         let wake = check_once(&pool, bi).await;
+        let state = pool.backends[bi].state.clone();
         drop(pool);
-        tokio::time::sleep(wake).await;
+        // A backend leaving `maint` is probed at once, not an interval later.
+        tokio::select! {
+            _ = tokio::time::sleep(wake) => {}
+            _ = state.check_now.notified() => {}
+        }
     }
 }
 
@@ -139,6 +146,11 @@ async fn check_loop(mut place: watch::Receiver<Place>) {
 async fn check_once(pool: &Arc<Pool>, bi: usize) -> Duration {
     let cfg = &pool.config.health_check;
     let backend = &pool.backends[bi];
+    if backend.state.admin_state() == AdminState::Maint {
+        // Maintenance pauses the checks (the backend may be down on purpose); the
+        // verdicts wait, and leaving it puts the backend on probation.
+        return cfg.interval;
+    }
     let active = cfg.kind != HealthCheckKind::None;
     // Probation first: an ejection that has ended is probed right away.
     let now = now_ms();

@@ -21,6 +21,7 @@ pub const RESTORES: &str = "rampart_restores_total";
 pub const BACKEND_HEALTHY: &str = "rampart_backend_healthy";
 pub const BACKEND_EJECTED: &str = "rampart_backend_ejected";
 pub const BACKEND_IN_FLIGHT: &str = "rampart_backend_in_flight";
+pub const BACKEND_ADMIN_STATE: &str = "rampart_backend_admin_state";
 pub const CONFIG_RELOADS: &str = "rampart_config_reloads_total";
 pub const DORMANT_CONNECTIONS: &str = "rampart_dormant_connections";
 pub const CLIENT_CONNECTIONS: &str = "rampart_client_connections";

@@ -102,14 +102,17 @@ pub fn try_eject(pool: &Pool, bi: usize, reason: &str) {
         return;
     }
     let on_probation = st.probation.load(Ordering::Relaxed);
-    let ejected = pool
-        .backends
-        .iter()
-        .enumerate()
-        .filter(|(i, b)| *i != bi && (b.state.is_ejected(now) || b.state.probation.load(Ordering::Relaxed)))
-        .count();
+    // The cap is a share of the backends in service: one the operator drained is
+    // neither ejected nor there to take the load.
+    let (mut in_service, mut ejected) = (0, 0);
+    for (i, b) in pool.backends.iter().enumerate() {
+        if b.state.in_service() {
+            in_service += 1;
+            ejected += (i != bi && (b.state.is_ejected(now) || b.state.probation.load(Ordering::Relaxed))) as usize;
+        }
+    }
     // The first ejection in a pool is always allowed; past that, respect the cap.
-    if !on_probation && ejected > 0 && (ejected + 1) * 100 > pool.backends.len() * cfg.max_ejected_percent as usize {
+    if !on_probation && ejected > 0 && (ejected + 1) * 100 > in_service * cfg.max_ejected_percent as usize {
         tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, "not ejecting: max_ejected_percent reached");
         return;
     }
@@ -141,5 +144,28 @@ pub fn restore(pool: &Pool, bi: usize) {
         st.ramp_from.store(now_ms(), Ordering::Relaxed);
         tracing::info!(pool = %pool.name, backend = %pool.backends[bi].name, "probe passed: backend restored");
         st.counters.restores.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AdminState, Snapshot};
+    use std::sync::Arc;
+
+    #[test]
+    fn the_ejection_cap_is_a_share_of_the_backends_in_service() {
+        let toml = "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\npool = \"app\"\n[pools.app]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\", \"127.0.0.1:4\"]\n";
+        let snap = Snapshot::build(Arc::new(crate::config::Config::parse(toml, "t").unwrap()), None);
+        let pool = &snap.pools[0];
+        let now = now_ms();
+        pool.backends[0].state.set_admin_state(AdminState::Drain);
+        pool.backends[1].state.set_admin_state(AdminState::Maint);
+        try_eject(pool, 2, "test");
+        assert!(pool.backends[2].state.is_ejected(now));
+        // Ejecting the other would take the last backend in service (2 of 2 over
+        // the 50% cap; counting the four, 2 of 4 would pass).
+        try_eject(pool, 3, "test");
+        assert!(!pool.backends[3].state.is_ejected(now));
     }
 }

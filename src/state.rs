@@ -68,6 +68,47 @@ pub struct BackendState {
     ewma_stamp_ns: AtomicU64,
     /// Errors, ejections and restores, for `/metrics`.
     pub counters: BackendCounters,
+    /// What an operator set through the admin API (`AdminState`, as `u8`).
+    admin: std::sync::atomic::AtomicU8,
+    /// Wakes the backend's health-check loop at once (a backend leaving `maint`).
+    pub check_now: tokio::sync::Notify,
+}
+
+/// A backend's state as an operator sets it (`POST /backends/POOL/BACKEND/STATE` on
+/// the admin listener), HAProxy's `set server state`. Only `Ready` gets new requests;
+/// both others let the requests in flight finish. `Maint` also pauses health checks,
+/// and a backend leaving it is probed before it gets traffic again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    #[default]
+    Ready = 0,
+    Drain = 1,
+    Maint = 2,
+}
+
+impl AdminState {
+    pub const ALL: [AdminState; 3] = [AdminState::Ready, AdminState::Drain, AdminState::Maint];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AdminState> {
+        AdminState::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    fn from_u8(v: u8) -> AdminState {
+        match v {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
 }
 
 /// The kinds of failed try `rampart_upstream_errors_total` counts (`ProxyError::kind`,
@@ -135,7 +176,31 @@ impl BackendState {
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
             ewma_stamp_ns: AtomicU64::new(0),
             counters: BackendCounters::default(),
+            admin: std::sync::atomic::AtomicU8::new(AdminState::Ready as u8),
+            check_now: tokio::sync::Notify::new(),
         }
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Ordering::Relaxed))
+    }
+
+    /// Whether the operator lets the backend take new requests (`AdminState::Ready`).
+    #[inline]
+    pub fn in_service(&self) -> bool {
+        self.admin.load(Ordering::Relaxed) == AdminState::Ready as u8
+    }
+
+    /// Sets the operator's state; returns the one it replaced. A backend leaving
+    /// `maint` had no health checks meanwhile, so it is put on probation: the health
+    /// loop, woken now, probes it before it gets traffic, as after an ejection.
+    pub fn set_admin_state(&self, to: AdminState) -> AdminState {
+        let was = AdminState::from_u8(self.admin.swap(to as u8, Ordering::Relaxed));
+        if was == AdminState::Maint && to != AdminState::Maint {
+            self.probation.store(true, Ordering::Relaxed);
+            self.check_now.notify_one();
+        }
+        was
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -147,6 +212,12 @@ impl BackendState {
     }
 
     pub fn is_available(&self, now_ms: u64) -> bool {
+        self.in_service() && self.is_judged_fit(now_ms)
+    }
+
+    /// Healthy, not ejected, not on probation: whether the checks and the traffic would
+    /// send it requests, whatever the operator's state.
+    pub fn is_judged_fit(&self, now_ms: u64) -> bool {
         self.is_healthy() && !self.is_ejected(now_ms) && !self.probation.load(Ordering::Relaxed)
     }
 
@@ -327,18 +398,24 @@ impl Pool {
 
     /// Picks an available backend that is not in `exclude`. Below the panic threshold
     /// every backend counts as available (Envoy's panic mode): better to try a backend
-    /// marked down than to fail every request.
+    /// marked down than to fail every request. A backend the operator drained or put
+    /// in maintenance is never picked, panic or not, and is not counted in the pool.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         // One clock read per pick: it was three (availability, two EWMA decays).
         let now_ns = clock_ns();
         let now = ms_of(now_ns);
-        let total = self.backends.len();
-        let available = self.backends.iter().filter(|b| b.state.is_available(now)).count();
+        let (mut total, mut available) = (0, 0);
+        for b in &self.backends {
+            if b.state.in_service() {
+                total += 1;
+                available += b.state.is_judged_fit(now) as usize;
+            }
+        }
         let panic = available * 100 < total * self.config.outlier.panic_threshold as usize;
         if panic != self.panic.load(Ordering::Relaxed) {
             self.panic.store(panic, Ordering::Relaxed);
             if panic {
-                tracing::warn!(pool = %self.name, available, total, "panic mode: balancing over all backends");
+                tracing::warn!(pool = %self.name, available, total, "panic mode: balancing over all backends in service");
                 metrics::counter!("rampart_panic_mode_total", "pool" => self.name.clone()).increment(1);
             } else {
                 tracing::info!(pool = %self.name, available, total, "left panic mode");
@@ -352,7 +429,7 @@ impl Pool {
             }
             let st = &self.backends[i].state;
             if panic {
-                return true;
+                return st.in_service();
             }
             if !st.is_available(now) {
                 return false;
@@ -367,7 +444,10 @@ impl Pool {
                 if !ramping {
                     return None;
                 }
-                let plain = |i: usize| !exclude.contains(&i) && (panic || self.backends[i].state.is_available(now));
+                let plain = |i: usize| {
+                    let st = &self.backends[i].state;
+                    !exclude.contains(&i) && (if panic { st.in_service() } else { st.is_available(now) })
+                };
                 self.balancer.pick(&self.backends, hash, now_ns, &plain)
             })
     }
@@ -428,6 +508,9 @@ pub struct Handed {
     /// What is left of the ejection (the `now_ms` clocks of two processes differ).
     pub ejected_for_ms: u64,
     pub probation: bool,
+    /// What the operator set; absent from an older process's handover.
+    #[serde(default)]
+    pub admin: AdminState,
 }
 
 impl Snapshot {
@@ -448,6 +531,7 @@ impl Snapshot {
                     ejections: st.ejections.load(Ordering::Relaxed),
                     ejected_for_ms: st.ejected_until.load(Ordering::Relaxed).saturating_sub(now),
                     probation: st.probation.load(Ordering::Relaxed),
+                    admin: st.admin_state(),
                 });
             }
         }
@@ -477,6 +561,7 @@ impl Snapshot {
                 };
                 st.ejected_until.store(until, Ordering::Relaxed);
                 st.probation.store(h.probation, Ordering::Relaxed);
+                st.admin.store(h.admin as u8, Ordering::Relaxed);
                 taken += 1;
             }
         }
@@ -531,6 +616,11 @@ impl Snapshot {
                             .map(|(st, _)| st.clone())
                             .unwrap_or_else(|| {
                                 let st = BackendState::new();
+                                if let Some((old, _)) = carried.get(&(pc.name.as_str(), bc.addr)) {
+                                    // New TLS settings make it a new backend, but one
+                                    // the operator drained stays drained.
+                                    st.admin.store(old.admin_state() as u8, Ordering::Relaxed);
+                                }
                                 if previous.is_some() {
                                     // Added by a reload: slow start applies (if configured).
                                     st.ramp_from.store(now, Ordering::Relaxed);
@@ -671,6 +761,7 @@ mod tests {
         b(&old, 1).ejected_until.store(now_ms() + 60_000, Ordering::Relaxed);
         b(&old, 1).ejections.store(2, Ordering::Relaxed);
         b(&old, 1).probation.store(true, Ordering::Relaxed);
+        b(&old, 2).set_admin_state(AdminState::Drain);
         // Through the bytes the new process gets.
         let bytes = serde_json::to_vec(&old.hand_over()).unwrap();
         let handed: Vec<Handed> = serde_json::from_slice(&bytes).unwrap();
@@ -683,10 +774,82 @@ mod tests {
         assert!(b(&new, 1).ejected_until.load(Ordering::Relaxed) <= now + 60_000);
         assert_eq!(b(&new, 1).ejections.load(Ordering::Relaxed), 2);
         assert!(b(&new, 1).probation.load(Ordering::Relaxed));
-        assert!(b(&new, 2).is_available(now));
+        assert_eq!(b(&new, 2).admin_state(), AdminState::Drain);
+        assert!(!b(&new, 2).is_available(now) && b(&new, 2).is_judged_fit(now));
+        assert_eq!(b(&new, 0).admin_state(), AdminState::Ready);
         // Another pool's backend at the same address is not this one.
         let text = String::from_utf8(bytes).unwrap().replace("\"app\"", "\"web\"");
         let other: Vec<Handed> = serde_json::from_str(&text).unwrap();
         assert_eq!(new.take_over(&other), 0);
+        // A process from before the operator's state was handed over sends none.
+        let older: Vec<Handed> = serde_json::from_str(
+            &serde_json::to_string(&old.hand_over())
+                .unwrap()
+                .replace(",\"admin\":\"drain\"", ""),
+        )
+        .unwrap();
+        assert_eq!(older[2].admin, AdminState::Ready);
+    }
+
+    fn pool_of(backends: usize, extra: &str) -> Snapshot {
+        let list: Vec<_> = (1..=backends).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let toml = format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\npool = \"app\"\n[pools.app]\nbackends = [{}]\n{extra}",
+            list.join(", ")
+        );
+        Snapshot::build(Arc::new(Config::parse(&toml, "t").unwrap()), None)
+    }
+
+    #[test]
+    fn backends_out_of_service_are_never_picked_nor_counted_toward_panic() {
+        let snap = pool_of(4, "balancer = \"round_robin\"\n");
+        let pool = &snap.pools[0];
+        let st = |i: usize| &pool.backends[i].state;
+        st(0).set_admin_state(AdminState::Drain);
+        st(1).set_admin_state(AdminState::Maint);
+        for _ in 0..20 {
+            let bi = pool.pick(None, &[]).unwrap();
+            assert!(bi >= 2, "picked backend {bi}, which is out of service");
+        }
+        // One of the two in service down is 50% of them: not yet panic, so only the
+        // healthy one is picked. (Counting the four, it would be 25%: panic.)
+        st(2).healthy.store(false, Ordering::Relaxed);
+        for _ in 0..20 {
+            assert_eq!(pool.pick(None, &[]), Some(3));
+        }
+        // Both down: panic balances over the two in service, never the others.
+        st(3).healthy.store(false, Ordering::Relaxed);
+        for _ in 0..20 {
+            assert!(pool.pick(None, &[]).unwrap() >= 2);
+        }
+        assert!(pool.panic.load(Ordering::Relaxed));
+        // Every backend out of service: nothing to pick, panic or not.
+        st(2).set_admin_state(AdminState::Drain);
+        st(3).set_admin_state(AdminState::Drain);
+        assert_eq!(pool.pick(None, &[]), None);
+        // Leaving drain gives traffic back at once; leaving maint waits for a probe.
+        assert_eq!(st(0).set_admin_state(AdminState::Ready), AdminState::Drain);
+        assert_eq!(pool.pick(None, &[]), Some(0));
+        assert_eq!(st(1).set_admin_state(AdminState::Ready), AdminState::Maint);
+        assert!(st(1).probation.load(Ordering::Relaxed));
+        for _ in 0..20 {
+            assert_eq!(pool.pick(None, &[]), Some(0));
+        }
+    }
+
+    #[test]
+    fn a_backend_a_reload_remakes_keeps_the_operators_state() {
+        let old = pool_of(2, "");
+        old.pools[0].backends[1].state.set_admin_state(AdminState::Maint);
+        // A new protocol makes new backends (their pooled connections speak the old).
+        let toml = "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\npool = \"app\"\n[pools.app]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nprotocol = \"h2\"\n";
+        let new = Snapshot::build(Arc::new(Config::parse(toml, "t").unwrap()), Some(&old));
+        let (o, n) = (&old.pools[0].backends[1].state, &new.pools[0].backends[1].state);
+        assert_ne!(o.id, n.id);
+        assert_eq!(n.admin_state(), AdminState::Maint);
+        assert_eq!(new.pools[0].backends[0].state.admin_state(), AdminState::Ready);
+        // A reload that keeps the backend keeps its state, the same one.
+        let same = Snapshot::build(old.config.clone(), Some(&old));
+        assert!(Arc::ptr_eq(&same.pools[0].backends[1].state, o));
     }
 }

@@ -888,3 +888,219 @@ async fn status_of_raw(addr: std::net::SocketAddr, request: &[u8]) -> u16 {
         .and_then(|c| c.parse().ok())
         .expect("a status line")
 }
+
+/// `pool_config` with an admin listener.
+fn with_admin(backends: &[std::net::SocketAddr], pool_extra: &str, admin_extra: &str) -> String {
+    format!(
+        "{}\n[admin]\nbind = \"127.0.0.1:0\"\n{admin_extra}\n",
+        pool_config(backends, pool_extra)
+    )
+}
+
+/// A request to the admin listener's backend API.
+async fn admin(srv: &rampart::Server, method: &str, path: &str) -> Reply {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(srv.admin_addr().unwrap(), req).await.unwrap()
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "waited 10 s for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Which origin answered each of `n` GETs of `path`, by the body's name.
+async fn answers(addr: std::net::SocketAddr, path: &str, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..n {
+        let r = get(addr, path).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        names.push(r.text());
+    }
+    names
+}
+
+/// How many requests for `path` the origin got (health checks have their own).
+fn requests_for(o: &TestOrigin, path: &str) -> usize {
+    o.seen_headers
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.get(SEEN_TARGET).is_some_and(|t| t == path))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_finishes_its_requests_and_gets_no_new_ones() {
+    let slow = Behavior::Slow(Duration::from_millis(800));
+    let a = TestOrigin::start("a", slow.clone()).await;
+    let b = TestOrigin::start("b", slow).await;
+    let toml = with_admin(&[a.addr, b.addr], "balancer = \"round_robin\"", "");
+    let (srv, addr) = start_proxy(&toml);
+    // A POST in flight on each backend (round robin alternates).
+    let posts: Vec<_> = (0..2).map(|_| tokio::spawn(post(addr, "order"))).collect();
+    wait_for("a POST on each backend", || a.hits() == 1 && b.hits() == 1).await;
+    a.set(Behavior::Healthy);
+    b.set(Behavior::Healthy);
+
+    let r = admin(&srv, "POST", &format!("/backends/app/{}/drain", a.addr)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let changed: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let one = &changed["backends"][0];
+    assert_eq!(
+        (one["was"].as_str(), one["admin_state"].as_str()),
+        (Some("ready"), Some("drain"))
+    );
+    assert_eq!(one["in_flight"], 1, "{changed}");
+
+    assert!(answers(addr, "/x", 10).await.iter().all(|n| n == "b"));
+    assert_eq!(a.hits(), 1, "a drained backend got a new request");
+    // What it had in flight finished, answered by it.
+    let mut got: Vec<String> = Vec::new();
+    for p in posts {
+        let r = p.await.unwrap();
+        assert_eq!(r.status, 200);
+        got.push(r.text());
+    }
+    got.sort();
+    assert_eq!(got, ["a", "b"]);
+    let status = status_of(&srv).await;
+    assert_eq!(backend_field(&status, a.addr, "admin_state"), "drain");
+    assert_eq!(backend_field(&status, a.addr, "available"), false);
+    assert_eq!(backend_field(&status, b.addr, "admin_state"), "ready");
+    let series = |state: &str| {
+        server_metric(
+            &srv,
+            &format!(
+                "rampart_backend_admin_state{{pool=\"app\",backend=\"{}\",state=\"{state}\"}}",
+                a.addr
+            ),
+        )
+    };
+    assert_eq!(
+        (series("ready"), series("drain"), series("maint")),
+        ("0".into(), "1".into(), "0".into())
+    );
+
+    // A reload keeps it drained.
+    srv.reload(rampart::config::Config::parse(&toml, "test.toml").unwrap())
+        .unwrap();
+    assert!(answers(addr, "/x", 6).await.iter().all(|n| n == "b"));
+
+    let r = admin(&srv, "POST", &format!("/backends/app/{}/ready", a.addr)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"was\":\"drain\""), "{}", r.text());
+    let names = answers(addr, "/x", 10).await;
+    assert!(names.iter().filter(|n| *n == "a").count() >= 3, "{names:?}");
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maint_pauses_health_checks_and_a_backend_leaving_it_is_probed_first() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let toml = with_admin(
+        &[a.addr, b.addr],
+        "balancer = \"round_robin\"\nhealth_check = { path = \"/health\", interval = \"100ms\", jitter = \"0s\" }",
+        "",
+    );
+    let (srv, addr) = start_proxy(&toml);
+    wait_for("two health checks of a", || requests_for(&a, "/health") >= 2).await;
+
+    let r = admin(&srv, "POST", &format!("/backends/app/{}/maint", a.addr)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(150)).await; // a probe under way ends
+    let probes = requests_for(&a, "/health");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        requests_for(&a, "/health"),
+        probes,
+        "a backend in maint was still probed"
+    );
+    assert!(answers(addr, "/x", 6).await.iter().all(|n| n == "b"));
+
+    // It comes back broken. Its checks were paused, so its verdict is stale: it is
+    // probed at once, fails, and gets no request.
+    a.set(Behavior::Status(503));
+    let r = admin(&srv, "POST", &format!("/backends/app/{}/ready", a.addr)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for("a probe of a", || requests_for(&a, "/health") > probes).await;
+    assert!(answers(addr, "/x", 20).await.iter().all(|n| n == "b"));
+    assert_eq!(
+        requests_for(&a, "/x"),
+        0,
+        "a backend back from maint got traffic before a probe"
+    );
+
+    // Every backend out of service: a fast 503, not panic mode's try of each.
+    for (pool, o) in [("app", &a), ("*", &b)] {
+        let r = admin(&srv, "POST", &format!("/backends/{pool}/{}/drain", o.addr)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let before = requests_for(&b, "/x");
+    let r = get(addr, "/x").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(requests_for(&b, "/x"), before);
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_api_says_what_is_wrong_and_obeys_control() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let toml = with_admin(&[a.addr], "", "");
+    let (srv, _addr) = start_proxy(&toml);
+    let drain = format!("/backends/app/{}/drain", a.addr);
+    let r = admin(&srv, "GET", &drain).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "POST");
+    let cases = [
+        (
+            "/backends/web/127.0.0.1:1/drain".to_string(),
+            404,
+            "no pool \"web\"; pools: app",
+        ),
+        (
+            "/backends/app/127.0.0.1:1/drain".to_string(),
+            404,
+            "no backend \"127.0.0.1:1\" in pool \"app\"",
+        ),
+        (
+            format!("/backends/app/{}/pause", a.addr),
+            400,
+            "unknown state \"pause\"",
+        ),
+        (
+            "/backends/app/drain".to_string(),
+            400,
+            "no backend in /backends/app/drain",
+        ),
+        ("/backends/app".to_string(), 400, "no state in /backends/app"),
+    ];
+    for (path, status, says) in cases {
+        let r = admin(&srv, "POST", &path).await;
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        assert!(r.text().contains(says), "{path}: {}", r.text());
+    }
+    assert_eq!(backend_field(&status_of(&srv).await, a.addr, "admin_state"), "ready");
+    // The address may come percent-encoded.
+    let encoded = format!("/backends/app/{}/drain", a.addr.to_string().replace(':', "%3A"));
+    assert_eq!(admin(&srv, "POST", &encoded).await.status, 200);
+    assert_eq!(backend_field(&status_of(&srv).await, a.addr, "admin_state"), "drain");
+    // `control` follows reloads.
+    let off = with_admin(&[a.addr], "", "control = \"none\"");
+    srv.reload(rampart::config::Config::parse(&off, "test.toml").unwrap())
+        .unwrap();
+    let r = admin(&srv, "POST", &format!("/backends/app/{}/ready", a.addr)).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("control = \"none\""), "{}", r.text());
+    assert_eq!(backend_field(&status_of(&srv).await, a.addr, "admin_state"), "drain");
+    stop_proxy(srv).await;
+}
