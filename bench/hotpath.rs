@@ -24,6 +24,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
                 written: addr.to_string(),
                 addr,
                 weight: 1,
+                backup: false,
                 tls_name: None,
             }
         })
@@ -35,6 +36,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
             written: c.written.clone(),
             addr: c.addr,
             weight: 1,
+            backup: false,
             tls_name: None,
             state: Arc::new(BackendState::new()),
         })

@@ -371,6 +371,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     serde_json::json!({
                         "addr": b.name,
                         "weight": b.weight,
+                        "backup": b.backup,
                         "healthy": b.state.is_healthy(),
                         "ejected": b.state.is_ejected(now),
                         "probation": b.state.probation.load(std::sync::atomic::Ordering::Relaxed),

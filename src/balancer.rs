@@ -258,6 +258,7 @@ mod tests {
                     written: a.to_string(),
                     addr: a.parse().unwrap(),
                     weight: 1,
+                    backup: false,
                     tls_name: None,
                 })
                 .collect::<Vec<_>>()

@@ -259,6 +259,9 @@ pub struct BackendConfig {
     pub written: String,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Gets requests only while no other backend of the pool can take them (nginx's
+    /// and HAProxy's `backup`).
+    pub backup: bool,
     /// For a pool with `tls`: the name its certificate is verified against (and
     /// sent as SNI).
     pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
@@ -540,6 +543,7 @@ struct FileRateLimit {
 struct FileBackend {
     addr: String,
     weight: Option<u32>,
+    backup: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1128,18 +1132,21 @@ fn validate_pool(
     let mut items = Vec::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
-        let (addr_text, weight) = match b {
-            toml::Value::String(s) => (s.clone(), DEFAULT_WEIGHT),
+        let (addr_text, weight, backup) = match b {
+            toml::Value::String(s) => (s.clone(), DEFAULT_WEIGHT, false),
             toml::Value::Table(_) => {
                 let Some(fb) = section::<FileBackend>(b, &bpath, errs) else {
                     continue;
                 };
-                (fb.addr, fb.weight.unwrap_or(DEFAULT_WEIGHT))
+                (fb.addr, fb.weight.unwrap_or(DEFAULT_WEIGHT), fb.backup.unwrap_or(false))
             }
             other => {
                 errs.push(
                     &bpath,
-                    format!("expected \"host:port\" or {{ addr, weight }}, got {}", other.type_str()),
+                    format!(
+                        "expected \"host:port\" or {{ addr, weight, backup }}, got {}",
+                        other.type_str()
+                    ),
                 );
                 continue;
             }
@@ -1150,7 +1157,7 @@ fn validate_pool(
                 format!("must be between 1 and {MAX_WEIGHT}, got {weight}"),
             );
         }
-        items.push((i, bpath, addr_text, weight));
+        items.push((i, bpath, addr_text, (weight, backup)));
     }
     let dns_refresh = raw.dns_refresh;
     if let Some(d) = dns_refresh {
@@ -1211,7 +1218,7 @@ fn validate_pool(
     let (mut entries, mut answers) = (Vec::new(), Vec::new());
     // Each IP address written so far, with its index in `backends`.
     let mut fixed: Vec<(SocketAddr, usize)> = Vec::new();
-    for (k, ((i, bpath, addr_text, weight), found)) in items.iter().zip(resolved).enumerate() {
+    for (k, ((i, bpath, addr_text, (weight, backup)), found)) in items.iter().zip(resolved).enumerate() {
         let Some((addrs, host)) = found else {
             continue;
         };
@@ -1252,6 +1259,7 @@ fn validate_pool(
             written: addr_text.clone(),
             addr: first,
             weight: *weight,
+            backup: *backup,
             tls_name,
         };
         match dns_refresh {
@@ -1265,6 +1273,12 @@ fn validate_pool(
     let dns = dns_refresh.map(|refresh| crate::dns::DnsPool { refresh, entries });
     if let Some(d) = &dns {
         backends = d.expand(&answers);
+    }
+    if !items.is_empty() && items.iter().all(|(_, _, _, (_, backup))| *backup) {
+        errs.push(
+            format!("{path}.backends"),
+            "every backend is a backup: a backup stands in for the others, so at least one must not be",
+        );
     }
     if raw.backends.is_empty() {
         errs.push(format!("{path}.backends"), "a pool needs at least one backend");
@@ -1904,6 +1918,30 @@ connect_timeout = "soon"
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
             errs[0].starts_with("admin.control: unknown variant `everyone`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_pool_of_backups_alone_is_refused() {
+        let pool = |list: &str| {
+            format!(
+                "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\npool = \"app\"\n[pools.app]\nbackends = [{list}]\n"
+            )
+        };
+        let c = Config::parse(&pool("\"127.0.0.1:1\", { addr = \"127.0.0.1:2\", backup = true }"), "t").unwrap();
+        assert_eq!(
+            c.pools[0].backends.iter().map(|b| b.backup).collect::<Vec<_>>(),
+            [false, true]
+        );
+        let errs = errors_of(&pool("{ addr = \"127.0.0.1:2\", backup = true }"));
+        assert_eq!(
+            errs,
+            ["pools.app.backends: every backend is a backup: a backup stands in for the others, so at least one must not be"]
+        );
+        let errs = errors_of(&pool("{ addr = \"127.0.0.1:2\", backup = \"yes\" }"));
+        assert!(
+            errs[0].starts_with("pools.app.backends[0].backup: invalid type"),
             "{errs:?}"
         );
     }

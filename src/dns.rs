@@ -321,6 +321,7 @@ mod tests {
                 written: written.into(),
                 addr,
                 weight: 1,
+                backup: false,
                 tls_name: None,
             },
             host: host.then(|| written.split(':').next().unwrap().to_string()),

@@ -365,6 +365,8 @@ pub struct Backend {
     pub written: String,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Picked only when no other backend can be (`BackendConfig::backup`).
+    pub backup: bool,
     /// For a pool with `tls`: the name the backend's certificate is verified against.
     pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     pub state: Arc<BackendState>,
@@ -380,8 +382,11 @@ pub struct Pool {
     pub budget: RetryBudget,
     pub breakers: Arc<Breakers>,
     pub latency: LatencyTracker,
-    /// Set while fewer than `panic_threshold`% of backends are available.
+    /// Set while fewer than `panic_threshold`% of backends are available (with
+    /// backups: while none is).
     pub panic: AtomicBool,
+    /// Whether any backend is a backup, so `pick` has a second tier to try.
+    pub has_backups: bool,
 }
 
 impl Pool {
@@ -400,18 +405,33 @@ impl Pool {
     /// every backend counts as available (Envoy's panic mode): better to try a backend
     /// marked down than to fail every request. A backend the operator drained or put
     /// in maintenance is never picked, panic or not, and is not counted in the pool.
+    ///
+    /// Backups (nginx's and HAProxy's `backup`) are a second tier: tried only when no
+    /// other backend can be, down or all tried already by this request. A pool with
+    /// backups panics only when no backend of either tier is available: the backups
+    /// are the operator's answer to a thin pool.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         // One clock read per pick: it was three (availability, two EWMA decays).
         let now_ns = clock_ns();
         let now = ms_of(now_ns);
-        let (mut total, mut available) = (0, 0);
+        let (mut total, mut available, mut backups_available) = (0, 0, 0);
         for b in &self.backends {
-            if b.state.in_service() {
+            if !b.state.in_service() {
+                continue;
+            }
+            let fit = b.state.is_judged_fit(now) as usize;
+            if b.backup {
+                backups_available += fit;
+            } else {
                 total += 1;
-                available += b.state.is_judged_fit(now) as usize;
+                available += fit;
             }
         }
-        let panic = available * 100 < total * self.config.outlier.panic_threshold as usize;
+        let panic = if self.has_backups {
+            available == 0 && backups_available == 0
+        } else {
+            available * 100 < total * self.config.outlier.panic_threshold as usize
+        };
         if panic != self.panic.load(Ordering::Relaxed) {
             self.panic.store(panic, Ordering::Relaxed);
             if panic {
@@ -422,34 +442,32 @@ impl Pool {
             }
         }
         let window = self.config.slow_start;
-        let ramping = !window.is_zero() && self.config.balancer != BalancerKind::ConsistentHash;
-        let ok = |i: usize| {
-            if exclude.contains(&i) {
-                return false;
-            }
-            let st = &self.backends[i].state;
-            if panic {
-                return st.in_service();
-            }
-            if !st.is_available(now) {
-                return false;
-            }
-            // Slow start: a ramping backend is passed over in proportion to its ramp.
-            !ramping || fastrand::f64() < st.ramp_factor(now, window)
-        };
-        self.balancer
-            .pick(&self.backends, hash, now_ns, &ok)
-            // Slow start must never make a pool refuse: retry without the ramp.
-            .or_else(|| {
-                if !ramping {
-                    return None;
+        let ramping = !panic && !window.is_zero() && self.config.balancer != BalancerKind::ConsistentHash;
+        let tier = |backup: bool, ramp: bool| {
+            let ok = |i: usize| {
+                if exclude.contains(&i) {
+                    return false;
                 }
-                let plain = |i: usize| {
-                    let st = &self.backends[i].state;
-                    !exclude.contains(&i) && (if panic { st.in_service() } else { st.is_available(now) })
-                };
-                self.balancer.pick(&self.backends, hash, now_ns, &plain)
-            })
+                let b = &self.backends[i];
+                if b.backup != backup || !b.state.in_service() {
+                    return false;
+                }
+                if panic {
+                    return true;
+                }
+                if !b.state.is_judged_fit(now) {
+                    return false;
+                }
+                // Slow start: a ramping backend is passed over in proportion to its ramp.
+                !ramp || fastrand::f64() < b.state.ramp_factor(now, window)
+            };
+            self.balancer.pick(&self.backends, hash, now_ns, &ok)
+        };
+        let tiers: &[bool] = if self.has_backups { &[false, true] } else { &[false] };
+        tiers.iter().find_map(|&backup| {
+            // Slow start must never make a pool refuse: try again without the ramp.
+            (ramping.then(|| tier(backup, true)).flatten()).or_else(|| tier(backup, false))
+        })
     }
 }
 
@@ -609,6 +627,7 @@ impl Snapshot {
                         written: bc.written.clone(),
                         addr: bc.addr,
                         weight: bc.weight,
+                        backup: bc.backup,
                         tls_name: bc.tls_name.clone(),
                         state: carried
                             .get(&(pc.name.as_str(), bc.addr))
@@ -654,6 +673,7 @@ impl Snapshot {
                     breakers: old.map_or_else(|| Arc::new(Breakers::default()), |p| p.breakers.clone()),
                     latency,
                     panic: AtomicBool::new(false),
+                    has_backups: pc.backends.iter().any(|b| b.backup),
                 })
             })
             .collect();
@@ -791,12 +811,15 @@ mod tests {
         assert_eq!(older[2].admin, AdminState::Ready);
     }
 
+    /// A pool of `backends` backends (none: `extra` lists them).
     fn pool_of(backends: usize, extra: &str) -> Snapshot {
         let list: Vec<_> = (1..=backends).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
-        let toml = format!(
-            "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\npool = \"app\"\n[pools.app]\nbackends = [{}]\n{extra}",
-            list.join(", ")
-        );
+        let listed = match backends {
+            0 => String::new(),
+            _ => format!("backends = [{}]\n", list.join(", ")),
+        };
+        let toml =
+            format!("[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\npool = \"app\"\n[pools.app]\n{listed}{extra}");
         Snapshot::build(Arc::new(Config::parse(&toml, "t").unwrap()), None)
     }
 
@@ -835,6 +858,39 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(pool.pick(None, &[]), Some(0));
         }
+    }
+
+    #[test]
+    fn backups_take_requests_only_when_no_other_backend_can() {
+        let snap = pool_of(
+            0,
+            "backends = [\"127.0.0.1:1\", \"127.0.0.1:2\", { addr = \"127.0.0.1:3\", backup = true }]\nbalancer = \"round_robin\"\n",
+        );
+        let pool = &snap.pools[0];
+        assert!(pool.has_backups && pool.backends[2].backup);
+        let st = |i: usize| &pool.backends[i].state;
+        let picks = |exclude: &[usize]| (0..12).map(|_| pool.pick(None, exclude)).collect::<Vec<_>>();
+        assert!(picks(&[]).iter().all(|p| matches!(p, Some(0 | 1))));
+        // One primary down is below the panic threshold, but with a backup there is no
+        // panic: the primary that is up takes everything.
+        st(0).healthy.store(false, Ordering::Relaxed);
+        assert!(picks(&[]).iter().all(|p| *p == Some(1)));
+        assert!(!pool.panic.load(Ordering::Relaxed));
+        // A request that has tried the other primary already goes to the backup.
+        assert!(picks(&[1]).iter().all(|p| *p == Some(2)));
+        st(1).healthy.store(false, Ordering::Relaxed);
+        assert!(picks(&[]).iter().all(|p| *p == Some(2)));
+        assert!(!pool.panic.load(Ordering::Relaxed));
+        // Nothing available in either tier: panic tries the primaries first.
+        st(2).healthy.store(false, Ordering::Relaxed);
+        assert!(picks(&[]).iter().all(|p| matches!(p, Some(0 | 1))));
+        assert!(pool.panic.load(Ordering::Relaxed));
+        assert_eq!(pool.pick(None, &[0, 1]), Some(2));
+        // A primary back up takes the traffic back from the backup.
+        st(0).healthy.store(true, Ordering::Relaxed);
+        st(2).healthy.store(true, Ordering::Relaxed);
+        assert!(picks(&[]).iter().all(|p| *p == Some(0)));
+        assert!(!pool.panic.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -1104,3 +1104,73 @@ async fn the_backend_api_says_what_is_wrong_and_obeys_control() {
     assert_eq!(backend_field(&status_of(&srv).await, a.addr, "admin_state"), "drain");
     stop_proxy(srv).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_stands_in_while_no_primary_can_answer() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let backup = TestOrigin::start("backup", Behavior::Healthy).await;
+    let toml = pool_config(
+        &[a.addr, b.addr],
+        "health_check = { interval = \"100ms\", jitter = \"0s\" }",
+    )
+    .replace(
+        &format!("\"{}\"]", b.addr),
+        &format!("\"{}\", {{ addr = \"{}\", backup = true }}]", b.addr, backup.addr),
+    );
+    assert!(toml.contains("backup = true"), "{toml}");
+    let (srv, addr) = start_proxy(&toml);
+    let names = answers(addr, "/x", 10).await;
+    assert!(names.iter().all(|n| n != "backup"), "{names:?}");
+    assert_eq!(backend_field(&status_of(&srv).await, backup.addr, "backup"), true);
+
+    // One primary gone: the other takes it all, the backup still nothing.
+    a.stop();
+    assert!(answers(addr, "/x", 10).await.iter().all(|n| n == "b"));
+    // Both gone: the backup answers every request, the first ones too (their
+    // connect failures are retried there), a POST as well.
+    b.stop();
+    assert!(answers(addr, "/x", 10).await.iter().all(|n| n == "backup"));
+    let r = post(addr, "order").await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "backup".to_string()));
+    // And once their checks have marked both down, it takes them straight, with no
+    // panic mode sending requests to the primaries first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status_of(&srv).await;
+        if [a.addr, b.addr]
+            .iter()
+            .all(|o| backend_field(&st, *o, "healthy") == false)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "primaries never marked down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tries = || {
+        let text = rampart::admin::metrics_text(srv.shared());
+        [a.addr, b.addr]
+            .iter()
+            .map(|o| {
+                let series =
+                    format!("rampart_upstream_errors_total{{pool=\"app\",backend=\"{o}\",kind=\"connect_failed\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(series.as_str()))
+                    .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+            })
+            .sum::<u64>()
+    };
+    let before = tries();
+    assert!(answers(addr, "/x", 10).await.iter().all(|n| n == "backup"));
+    assert_eq!(tries(), before, "requests went to primaries marked down");
+
+    // A primary back: once its checks pass, the traffic goes back to it.
+    let a2 = TestOrigin::start_on("a", a.addr, Behavior::Healthy).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend_field(&status_of(&srv).await, a2.addr, "available") != true {
+        assert!(Instant::now() < deadline, "a never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(answers(addr, "/x", 10).await.iter().all(|n| n == "a"));
+    stop_proxy(srv).await;
+}
