@@ -24,9 +24,10 @@ use tokio::sync::watch;
 use crate::state::{now_ms, Shared};
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = crate::stopped(&mut shutdown) => return,
+            _ = crate::stopped(&mut shutdown) => break,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -36,17 +37,52 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
                 }
             },
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req, peer)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+        while conns.try_join_next().is_some() {}
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        conns.spawn(serve_connection(stream, peer, shared, shutdown));
     }
+    // Stop accepting (after an upgrade the new process takes the admin socket's
+    // connections), and let each open one end cleanly, as the workers do.
+    drop(listener);
+    let _ = tokio::time::timeout(ADMIN_DRAIN_LIMIT, async { while conns.join_next().await.is_some() {} }).await;
+}
+
+/// Longest a stopping process waits for its admin connections.
+const ADMIN_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One admin connection. When the process stops, it is drained like a client
+/// connection: for `listener::DRAIN_IDLE` a request on it is still answered, with
+/// `Connection: close`, and then it closes; cut at once, a scrape sent on a kept-alive
+/// connection just as the old process of an upgrade stopped would fail.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        async move {
+            let mut r = route(&shared, req, peer);
+            if shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+                r.headers_mut()
+                    .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(r)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = crate::stopped(&mut shutdown) => {}
+    }
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = tokio::time::sleep(crate::listener::DRAIN_IDLE) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 fn route(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {

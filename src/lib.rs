@@ -295,17 +295,20 @@ fn spawn_control(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, StartupError> {
     worker::spawn_runtime_thread("rampart-control".into(), move || async move {
-        if let Some(l) = admin {
-            match tokio::net::TcpListener::from_std(l) {
-                Ok(l) => {
-                    tokio::spawn(admin::serve(l, shared.clone(), shutdown.clone()));
-                }
-                Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+        let admin = admin.and_then(|l| match tokio::net::TcpListener::from_std(l) {
+            Ok(l) => Some(tokio::spawn(admin::serve(l, shared.clone(), shutdown.clone()))),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register admin listener");
+                None
             }
-        }
+        });
         tokio::spawn(health::run(shared.clone(), shutdown.clone()));
         tokio::spawn(dns::run(shared.clone(), shutdown.clone()));
         stopped(&mut shutdown).await;
+        // The admin listener drains its connections before the runtime goes.
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
     })
 }
 

@@ -1419,6 +1419,42 @@ async fn shutdown_answers_one_more_request_on_an_idle_keepalive_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_one_more_request_on_an_idle_admin_connection() {
+    use tokio::io::AsyncWriteExt;
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = format!(
+        "{}\n[admin]\nbind = \"127.0.0.1:0\"\n",
+        pool_config(&[o.addr], NO_HEALTH_CHECKS)
+    );
+    let (srv, _) = start_proxy(&toml);
+    let admin = srv.admin_addr().unwrap();
+    let ask = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(ask).await.unwrap();
+    let (head, _) = read_one_response(&mut s, &mut Vec::new(), false).await;
+    assert!(
+        head.starts_with("http/1.1 200") && !head.contains("connection: close"),
+        "{head}"
+    );
+    let stopping = tokio::task::spawn_blocking(move || srv.join());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A scrape sent on the kept-alive connection as the process stops is answered.
+    s.write_all(ask).await.unwrap();
+    let (head, body) = read_one_response(&mut s, &mut Vec::new(), false).await;
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(body, b"ok\n");
+    closed_soon(&mut s).await;
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "the admin listener is closed"
+    );
+    stopping.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_requests_reuse_one_upstream_connection() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let (_srv, addr) = start_proxy(&pool_config(&[o.addr], NO_HEALTH_CHECKS));
