@@ -404,7 +404,16 @@ async fn try_backend(
     let addr = backend.addr;
     let mut stale_left = MAX_STALE_RESENDS;
     loop {
-        let (mut conn, reused) = match ctx.conns.checkout(backend.state.id) {
+        // A body streamed from the client can be sent once only, so it never goes on
+        // a pooled connection, which the backend may close as it arrives (the
+        // keep-alive race), leaving the upload spent and unanswered. A new connection
+        // costs a connect per upload past `max_replay_bytes` (or chunked); HAProxy's
+        // default `http-reuse safe` keeps such requests off reused connections too.
+        let pooled = match request.body {
+            ReqBody::Stream(_) => None,
+            ReqBody::Buffered(_) => ctx.conns.checkout(backend.state.id),
+        };
+        let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => {
                 let (pending, conn_slot) = match connect_slots(pool) {

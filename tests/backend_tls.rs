@@ -62,7 +62,9 @@ async fn requests_reach_an_https_backend_verified_by_its_ip_and_reuse_the_connec
     let n = 2 * 1024 * 1024;
     let r = send(addr, post("/echo", n)).await.unwrap();
     assert_eq!((r.status.as_u16(), r.body.len()), (200, n));
-    assert_eq!(origin.connections(), 1, "one TLS connection, kept alive and reused");
+    // The GETs reused the first upload's connection; a streamed upload never takes a
+    // pooled one (the keep-alive race could spend it), so the second made its own.
+    assert_eq!(origin.connections(), 2, "TLS connections kept alive and reused");
     let tls = status_of(&srv).await["pools"][0]["tls"].as_str().unwrap().to_string();
     assert!(
         tls.contains("verified against") && tls.contains("(1 CA certificates)"),

@@ -459,6 +459,26 @@ async fn a_pooled_connection_reset_unanswered_is_resent_on_a_new_one_to_the_same
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_upload_never_meets_the_keep_alive_race() {
+    use std::sync::atomic::Ordering;
+    let (origin, reads) = one_answer_per_connection_origin().await;
+    let (_srv, addr) = start_proxy(&pool_config(&[origin], NO_HEALTH_CHECKS));
+    // An idle pooled connection that the backend will reset under the next request.
+    assert_eq!(get(addr, "/a").await.status, 200);
+    // Past max_replay_bytes (64 KiB) the body streams: it could not be sent again, so
+    // it goes on a new connection, not the pooled one, and is answered. On the
+    // pooled one it was a 502.
+    let big = Bytes::from(vec![b'x'; 200 * 1024]);
+    let r = post_bytes(addr, "/upload", big).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "ok".to_string()));
+    assert_eq!(reads.load(Ordering::SeqCst), 2);
+    // A chunked body of unknown length streams too.
+    let chunked = Request::post("/upload").header("host", "t").body(big_body(3)).unwrap();
+    let r = send(addr, chunked).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "ok".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_passed_through_when_no_retry_is_possible() {
     let sick = TestOrigin::start("sick", Behavior::Status(503)).await;
     let (_srv, addr) = start_proxy(&pool_config(&[sick.addr], ""));
