@@ -74,6 +74,7 @@ fn routes(c: &mut Criterion) {
             response_headers: None,
             prefix_rewrite: None,
             rate_limit: None,
+            matches: None,
         });
     }
     table.push(RouteConfig {
@@ -86,6 +87,7 @@ fn routes(c: &mut Criterion) {
         response_headers: None,
         prefix_rewrite: None,
         rate_limit: None,
+        matches: None,
     });
     table.push(RouteConfig {
         host: None,
@@ -97,13 +99,18 @@ fn routes(c: &mut Criterion) {
         response_headers: None,
         prefix_rewrite: None,
         rate_limit: None,
+        matches: None,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {
-        b.iter(|| r.find(black_box(Some("svc7.example.com")), black_box("/api/v7/users")))
+        b.iter(|| {
+            r.find(black_box(Some("svc7.example.com")), black_box("/api/v7/users"), &|_| {
+                true
+            })
+        })
     });
     c.bench_function("route/catch-all", |b| {
-        b.iter(|| r.find(black_box(Some("other.org")), black_box("/x")))
+        b.iter(|| r.find(black_box(Some("other.org")), black_box("/x"), &|_| true))
     });
 }
 

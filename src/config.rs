@@ -222,6 +222,47 @@ pub struct RouteConfig {
     pub prefix_rewrite: Option<String>,
     /// Requests per client (by `key`) past which the route answers 429.
     pub rate_limit: Option<RateLimitConfig>,
+    /// What else a request must have to take this route (`None`: nothing).
+    pub matches: Option<Arc<RouteMatch>>,
+}
+
+/// A route's conditions beyond host and path: its `methods` and `headers`. A route
+/// with conditions is tried before one without at the same host and prefix
+/// (`router`), as Envoy's and HAProxy's ordered rules let a canary route sit above
+/// its catch-all.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RouteMatch {
+    /// Any of these (empty: any method).
+    pub methods: Vec<http::Method>,
+    /// Every one of these.
+    pub headers: Vec<(http::HeaderName, HeaderCondition)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderCondition {
+    /// A field of that name has exactly this value.
+    Equals(http::HeaderValue),
+    Present,
+    Absent,
+}
+
+impl RouteMatch {
+    /// Whether a request with `method` and the fields `headers` gives (asked only when
+    /// a header condition needs them) meets every condition.
+    pub fn fits<'h>(&self, method: &http::Method, headers: impl FnOnce() -> &'h http::HeaderMap) -> bool {
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return false;
+        }
+        if self.headers.is_empty() {
+            return true;
+        }
+        let fields = headers();
+        self.headers.iter().all(|(name, cond)| match cond {
+            HeaderCondition::Present => fields.contains_key(name),
+            HeaderCondition::Absent => !fields.contains_key(name),
+            HeaderCondition::Equals(v) => fields.get_all(name).iter().any(|x| x == v),
+        })
+    }
 }
 
 /// A route's `rate_limit`: each client (as `key` tells them apart) may send
@@ -528,6 +569,8 @@ struct FileRoute {
     request_headers: Option<toml::Value>,
     response_headers: Option<toml::Value>,
     rate_limit: Option<FileRateLimit>,
+    methods: Option<Vec<String>>,
+    headers: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -697,6 +740,61 @@ impl Config {
 }
 
 /// Deserializes one section, recording the error under `path` (plus the inner path).
+/// A route's `methods` and `headers` conditions.
+fn route_match(
+    methods: Option<&[String]>,
+    headers: Option<&toml::Table>,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<Arc<RouteMatch>> {
+    let mut m = RouteMatch::default();
+    if let Some(methods) = methods {
+        if methods.is_empty() {
+            errs.push(
+                format!("{path}.methods"),
+                "is empty: no request could match (omit it for any method)",
+            );
+        }
+        for (i, name) in methods.iter().enumerate() {
+            // Methods are case-sensitive (RFC 9110 §9.1): `get` is not GET.
+            match http::Method::from_bytes(name.as_bytes()) {
+                Ok(method) if !name.is_empty() => m.methods.push(method),
+                _ => errs.push(format!("{path}.methods[{i}]"), format!("{name:?} is not a method")),
+            }
+        }
+    }
+    for (name, value) in headers.into_iter().flatten() {
+        let at = format!("{path}.headers.{name}");
+        let Ok(field) = http::HeaderName::from_bytes(name.as_bytes()) else {
+            errs.push(at, format!("{name:?} is not a header field name"));
+            continue;
+        };
+        let cond = match value {
+            toml::Value::String(v) => match http::HeaderValue::from_str(v) {
+                Ok(v) => HeaderCondition::Equals(v),
+                Err(_) => {
+                    errs.push(at, format!("{v:?} is not a valid field value"));
+                    continue;
+                }
+            },
+            toml::Value::Boolean(true) => HeaderCondition::Present,
+            toml::Value::Boolean(false) => HeaderCondition::Absent,
+            other => {
+                errs.push(
+                    at,
+                    format!(
+                        "expected a string (the exact value) or true/false (present/absent), got {}",
+                        other.type_str()
+                    ),
+                );
+                continue;
+            }
+        };
+        m.headers.push((field, cond));
+    }
+    (m != RouteMatch::default()).then(|| Arc::new(m))
+}
+
 fn section<T: DeserializeOwned>(value: &toml::Value, path: &str, errs: &mut Errors) -> Option<T> {
     match serde_path_to_error::deserialize::<_, T>(value.clone()) {
         Ok(v) => Some(v),
@@ -820,6 +918,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             .host
             .as_deref()
             .and_then(|h| parse_host(h, &format!("{path}.host"), errs));
+        let matches = route_match(raw.methods.as_deref(), raw.headers.as_ref(), &path, errs);
         let path_prefix = raw.path_prefix.unwrap_or_else(|| "/".to_string());
         if !path_prefix.starts_with('/') {
             errs.push(
@@ -892,6 +991,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 request_headers,
                 response_headers,
                 rate_limit,
+                matches,
             }),
             None if pool_names_seen.contains(&raw.pool) => {} // the pool itself had errors
             None => {
@@ -907,7 +1007,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
     for (i, a) in routes.iter().enumerate() {
         if let Some(j) = routes[..i]
             .iter()
-            .position(|b| b.host == a.host && b.path_prefix == a.path_prefix)
+            .position(|b| b.host == a.host && b.path_prefix == a.path_prefix && b.matches == a.matches)
         {
             errs.push(
                 format!("routes[{i}]"),
@@ -1919,6 +2019,48 @@ connect_timeout = "soon"
         assert!(
             errs[0].starts_with("admin.control: unknown variant `everyone`"),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn route_conditions_are_parsed_and_every_bad_one_named() {
+        let with = |extra: &str| MINIMAL.replacen("[[routes]]\n", &format!("[[routes]]\n{extra}\n"), 1);
+        let c = Config::parse(
+            &with("methods = [\"GET\", \"PURGE\"]\nheaders = { x-canary = \"1\", x-debug = true, x-old = false }"),
+            "t",
+        )
+        .unwrap();
+        let m = c.routes[0].matches.as_deref().unwrap();
+        assert_eq!(
+            m.methods,
+            [http::Method::GET, http::Method::from_bytes(b"PURGE").unwrap()]
+        );
+        assert!(m.headers.contains(&(
+            http::HeaderName::from_static("x-canary"),
+            HeaderCondition::Equals(http::HeaderValue::from_static("1"))
+        )));
+        assert!(m
+            .headers
+            .contains(&(http::HeaderName::from_static("x-debug"), HeaderCondition::Present)));
+        assert!(m
+            .headers
+            .contains(&(http::HeaderName::from_static("x-old"), HeaderCondition::Absent)));
+        assert!(Config::parse(MINIMAL, "t").unwrap().routes[0].matches.is_none());
+        let errs = errors_of(&with(
+            "methods = [\"GE T\"]\nheaders = { \"x y\" = \"1\", x-n = 3, x-v = \"a\\nb\" }",
+        ));
+        assert_eq!(
+            errs,
+            [
+                "routes[0].methods[0]: \"GE T\" is not a method",
+                "routes[0].headers.x y: \"x y\" is not a header field name",
+                "routes[0].headers.x-n: expected a string (the exact value) or true/false (present/absent), got integer",
+                "routes[0].headers.x-v: \"a\\nb\" is not a valid field value",
+            ]
+        );
+        assert_eq!(
+            errors_of(&with("methods = []")),
+            ["routes[0].methods: is empty: no request could match (omit it for any method)"]
         );
     }
 

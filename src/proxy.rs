@@ -460,9 +460,20 @@ fn prepare(
         .is_none_or(|pq| crate::router::plain_path(pq.as_str()));
     let asterisk = !plain && unusual_path(&mut req)?;
     let path = if asterisk { "/" } else { req.uri().path() };
+    // A route's header conditions read the client's fields: on the HTTP/1.1 fast path
+    // they are still raw, so they are parsed once, if a route asks.
+    let parsed = std::cell::OnceCell::new();
+    let fits = |i: usize| {
+        snap.routes[i].matches.as_ref().is_none_or(|m| {
+            m.fits(req.method(), || match &raw {
+                Some(r) => parsed.get_or_init(|| r.header_map()),
+                None => req.headers(),
+            })
+        })
+    };
     let route_idx = snap
         .router
-        .find(host.map(host_without_port), path)
+        .find(host.map(host_without_port), path, &fits)
         .ok_or(ProxyError::NoRoute)?;
     *routed = Some(route_idx);
     let route = &snap.routes[route_idx];

@@ -5,7 +5,9 @@
 //! without a host); within a host group, the longest `path_prefix` wins. When a host
 //! group has no matching prefix the lookup falls through to the less specific groups,
 //! so a catch-all route still catches. Prefixes are plain string prefixes, as in nginx
-//! `location /api` and Envoy `prefix`.
+//! `location /api` and Envoy `prefix`. At the same prefix, routes with conditions
+//! (`methods`, `headers`) come first, in config order, and one whose conditions the
+//! request does not meet is passed over, so a canary route sits above its catch-all.
 //!
 //! Also what a host is: `valid_host` checks a `Host` value before it is routed on;
 //! and what a path is: `normalize_path` removes dot segments before it is routed on.
@@ -26,6 +28,8 @@ pub struct Router {
 struct Entry {
     prefix: String,
     route: usize,
+    /// The route has `methods` or `headers` conditions to check.
+    conditional: bool,
 }
 
 impl Router {
@@ -35,6 +39,7 @@ impl Router {
             let e = Entry {
                 prefix: route.path_prefix.clone(),
                 route: i,
+                conditional: route.matches.is_some(),
             };
             match &route.host {
                 None => r.any_host.push(e),
@@ -45,8 +50,13 @@ impl Router {
                 },
             }
         }
-        let sort =
-            |v: &mut Vec<Entry>| v.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then(a.route.cmp(&b.route)));
+        let sort = |v: &mut Vec<Entry>| {
+            v.sort_by(|a, b| {
+                (b.prefix.len().cmp(&a.prefix.len()))
+                    .then(b.conditional.cmp(&a.conditional))
+                    .then(a.route.cmp(&b.route))
+            })
+        };
         r.exact.values_mut().for_each(sort);
         r.suffix.iter_mut().for_each(|(_, v)| sort(v));
         sort(&mut r.any_host);
@@ -54,9 +64,16 @@ impl Router {
         r
     }
 
-    /// `host` is the request's host without port, any case. Returns the route index.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        let first = |entries: &[Entry]| entries.iter().find(|e| path.starts_with(&e.prefix)).map(|e| e.route);
+    /// `host` is the request's host without port, any case. `fits` says whether the
+    /// request meets a route's conditions (asked only of routes that have some).
+    /// Returns the route index.
+    pub fn find(&self, host: Option<&str>, path: &str, fits: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let first = |entries: &[Entry]| {
+            entries
+                .iter()
+                .find(|e| path.starts_with(&e.prefix) && (!e.conditional || fits(e.route)))
+                .map(|e| e.route)
+        };
         if let Some(host) = host.filter(|_| !self.exact.is_empty() || !self.suffix.is_empty()) {
             let lowered;
             let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -327,7 +344,33 @@ mod tests {
             response_headers: None,
             prefix_rewrite: None,
             rate_limit: None,
+            matches: None,
         }
+    }
+
+    /// A router whose conditions every request meets.
+    struct Finder<'a>(&'a Router);
+
+    impl Finder<'_> {
+        fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+            self.0.find(host, path, &|_| true)
+        }
+    }
+
+    #[test]
+    fn a_route_with_conditions_comes_before_its_catch_all_and_is_passed_over_when_unmet() {
+        let canary = |prefix: &str| RouteConfig {
+            matches: Some(std::sync::Arc::new(crate::config::RouteMatch::default())),
+            ..route(None, prefix)
+        };
+        // Config order puts the catch-all first; the conditional route still wins.
+        let routes = vec![route(None, "/"), canary("/"), route(None, "/api"), canary("/")];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(None, "/x", &|_| true), Some(1));
+        assert_eq!(r.find(None, "/x", &|i| i == 3), Some(3));
+        assert_eq!(r.find(None, "/x", &|_| false), Some(0));
+        // A longer prefix still beats a conditional shorter one.
+        assert_eq!(r.find(None, "/api/x", &|_| true), Some(2));
     }
 
     #[test]
@@ -339,7 +382,8 @@ mod tests {
             route(Some(HostMatch::Suffix(".example.com".into())), "/"),
             route(Some(HostMatch::Exact("a.example.com".into())), "/api/v2"),
         ];
-        let r = Router::new(&routes);
+        let router = Router::new(&routes);
+        let r = Finder(&router);
         assert_eq!(r.find(None, "/x"), Some(0));
         assert_eq!(r.find(None, "/api/x"), Some(1));
         assert_eq!(r.find(Some("A.Example.com"), "/x"), Some(2));
@@ -351,7 +395,8 @@ mod tests {
 
     #[test]
     fn no_match_without_catch_all() {
-        let r = Router::new(&[route(Some(HostMatch::Exact("a".into())), "/only")]);
+        let router = Router::new(&[route(Some(HostMatch::Exact("a".into())), "/only")]);
+        let r = Finder(&router);
         assert_eq!(r.find(Some("a"), "/other"), None);
         assert_eq!(r.find(Some("b"), "/only"), None);
     }

@@ -494,7 +494,7 @@ fn limiters(routes: &[RouteConfig], previous: Option<&Snapshot>) -> Vec<Option<A
                 p.routes
                     .iter()
                     .zip(&p.limiters)
-                    .find(|(o, _)| o.host == r.host && o.path_prefix == r.path_prefix)
+                    .find(|(o, _)| o.host == r.host && o.path_prefix == r.path_prefix && o.matches == r.matches)
                     .and_then(|(_, l)| l.clone())
             });
             Some(match old {

@@ -2165,3 +2165,68 @@ backends = ["127.0.0.1:1"]
         assert!(e.contains(want), "{want:?} not in:\n{e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_with_header_and_method_conditions_take_their_requests_first() {
+    let main = TestOrigin::start("main", Behavior::Healthy).await;
+    let canary = TestOrigin::start("canary", Behavior::Healthy).await;
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "app"
+
+[[routes]]
+pool = "canary"
+headers = {{ x-canary = "1", x-opt-out = false }}
+
+[[routes]]
+path_prefix = "/cache/"
+pool = "canary"
+methods = ["PURGE"]
+
+[pools.app]
+backends = ["{}"]
+{NO_HEALTH_CHECKS}
+
+[pools.canary]
+backends = ["{}"]
+{NO_HEALTH_CHECKS}
+"#,
+        main.addr, canary.addr
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[], "main"),
+        (&[("x-canary", "1")], "canary"),
+        (&[("x-canary", "2")], "main"),
+        (&[("X-Canary", "1"), ("x-opt-out", "yes")], "main"),
+        (&[("x-other", "a"), ("x-canary", "1")], "canary"),
+    ];
+    for (fields, want) in cases {
+        assert_eq!(get_with(addr, "/x", fields).await.text(), want, "{fields:?}");
+    }
+    // Over HTTP/2 (hyper's path, not the HTTP/1.1 fast path) alike.
+    for (value, want) in [("1", "canary"), ("0", "main")] {
+        let req = Request::get("http://test.local/x")
+            .header("x-canary", value)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(send_h2(addr, req).await.text(), want);
+    }
+    // A method condition: PURGE under /cache/ goes to the canary pool, GET does not.
+    let purge = Request::builder()
+        .method("PURGE")
+        .uri("/cache/a")
+        .header("host", "t")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(addr, purge).await.unwrap().text(), "canary");
+    assert_eq!(get(addr, "/cache/a").await.text(), "main");
+    stop_proxy(srv).await;
+}
