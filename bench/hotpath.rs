@@ -73,6 +73,7 @@ fn routes(c: &mut Criterion) {
             request_headers: None,
             response_headers: None,
             prefix_rewrite: None,
+            rewrite_location: false,
             rate_limit: None,
             matches: None,
         });
@@ -86,6 +87,7 @@ fn routes(c: &mut Criterion) {
         request_headers: None,
         response_headers: None,
         prefix_rewrite: None,
+        rewrite_location: false,
         rate_limit: None,
         matches: None,
     });
@@ -98,6 +100,7 @@ fn routes(c: &mut Criterion) {
         request_headers: None,
         response_headers: None,
         prefix_rewrite: None,
+        rewrite_location: false,
         rate_limit: None,
         matches: None,
     });

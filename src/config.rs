@@ -220,6 +220,9 @@ pub struct RouteConfig {
     pub response_headers: Option<Arc<HeaderRules>>,
     /// Replaces the matched `path_prefix` in the path the backend gets.
     pub prefix_rewrite: Option<String>,
+    /// With `prefix_rewrite`: a backend's `Location` under the rewritten prefix is
+    /// mapped back under `path_prefix` (nginx's `proxy_redirect default`).
+    pub rewrite_location: bool,
     /// Requests per client (by `key`) past which the route answers 429.
     pub rate_limit: Option<RateLimitConfig>,
     /// What else a request must have to take this route (`None`: nothing).
@@ -566,6 +569,7 @@ struct FileRoute {
     max_body_bytes: Option<u64>,
     https_redirect: Option<bool>,
     prefix_rewrite: Option<String>,
+    rewrite_location: Option<bool>,
     request_headers: Option<toml::Value>,
     response_headers: Option<toml::Value>,
     rate_limit: Option<FileRateLimit>,
@@ -939,6 +943,12 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 );
             }
         }
+        if raw.rewrite_location.is_some() && raw.prefix_rewrite.is_none() {
+            errs.push(
+                format!("{path}.rewrite_location"),
+                "has no effect without prefix_rewrite",
+            );
+        }
         if raw.max_body_bytes == Some(0) {
             errs.push(
                 format!("{path}.max_body_bytes"),
@@ -987,6 +997,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 pool,
                 max_body_bytes: raw.max_body_bytes,
                 https_redirect: raw.https_redirect.unwrap_or(false),
+                rewrite_location: raw.prefix_rewrite.is_some() && raw.rewrite_location.unwrap_or(true),
                 prefix_rewrite: raw.prefix_rewrite,
                 request_headers,
                 response_headers,
@@ -2058,6 +2069,12 @@ connect_timeout = "soon"
                 "routes[0].headers.x-v: \"a\\nb\" is not a valid field value",
             ]
         );
+        assert_eq!(
+            errors_of(&with("rewrite_location = false")),
+            ["routes[0].rewrite_location: has no effect without prefix_rewrite"]
+        );
+        let c = Config::parse(&with("path_prefix = \"/a/\"\nprefix_rewrite = \"/\""), "t").unwrap();
+        assert!(c.routes[0].rewrite_location, "on by default with prefix_rewrite");
         assert_eq!(
             errors_of(&with("methods = []")),
             ["routes[0].methods: is empty: no request could match (omit it for any method)"]

@@ -260,7 +260,7 @@ pub fn handle(
             };
             let req = UpRequest { head: p.head, body };
             let Forwarded {
-                response,
+                mut response,
                 backend: addr,
                 upgraded,
                 raw: fields,
@@ -270,6 +270,11 @@ pub fn handle(
             };
             backend = Some(addr);
             backend_fields = fields;
+            if let (Some(host), Some(route)) = (&p.location_host, route_idx.map(|i| &snap.routes[i])) {
+                if let Some(to) = &route.prefix_rewrite {
+                    map_location_back(response.headers_mut(), &route.path_prefix, to, host);
+                }
+            }
             if let (Some(client_upgrade), Some(upstream)) = (p.client_upgrade, upgraded) {
                 let client = match client_upgrade {
                     ClientUpgrade::Hyper(on) => ClientSide::Hyper(on),
@@ -529,8 +534,13 @@ fn prepare(
         headers,
         raw: raw.map(|r| r.block),
         added: AddedFields::default(),
-        // Response rules need the backend's fields as a map.
-        raw_response: h1_writer && route.response_headers.is_none(),
+        // Response rules, and a `Location` to map back, need the backend's fields
+        // as a map.
+        raw_response: h1_writer && route.response_headers.is_none() && !route.rewrite_location,
+    };
+    let location_host = match (route.rewrite_location, host) {
+        (true, Some(h)) => Some(Box::from(h)),
+        _ => None,
     };
     rewrite_with(
         &mut head.headers,
@@ -555,6 +565,7 @@ fn prepare(
         max_body_bytes: route.max_body_bytes,
         hash,
         client_upgrade,
+        location_host,
     })
 }
 
@@ -567,6 +578,9 @@ struct Prepared {
     max_body_bytes: Option<u64>,
     hash: Option<u64>,
     client_upgrade: Option<ClientUpgrade>,
+    /// For a route that maps a backend's `Location` back: the host the client asked
+    /// for (with any port), whose absolute URLs are mapped. Boxed: rare.
+    location_host: Option<Box<str>>,
 }
 
 enum ClientUpgrade {
@@ -931,6 +945,47 @@ fn rewrite_prefix<B>(req: &mut Request<B>, prefix: &str, to: &str) -> Result<Opt
     Ok(Some(routed))
 }
 
+/// nginx's `proxy_redirect default` for a route with `prefix_rewrite`: a `Location`
+/// the backend wrote under the prefix the route rewrote to (`to`) goes back under the
+/// prefix the client used (`prefix`), so a redirect does not send the client outside
+/// the route. A path is mapped, and so is an absolute http(s) URL on the host the
+/// client asked for (`host`); any other URL (another site) is left alone.
+#[cold]
+fn map_location_back(headers: &mut HeaderMap, prefix: &str, to: &str, host: &str) {
+    let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let (origin, path) = if location.starts_with('/') && !location.starts_with("//") {
+        ("", location)
+    } else {
+        let Some((scheme, rest)) = location.split_once("://") else {
+            return;
+        };
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return;
+        }
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if !rest[..end].eq_ignore_ascii_case(host) {
+            return;
+        }
+        location.split_at(location.len() - rest.len() + end)
+    };
+    let Some(rest) = path.strip_prefix(to) else {
+        return;
+    };
+    // The inverse of `rewrite_prefix`, which drops one of two slashes where a rewrite
+    // ending in `/` meets the rest of the path: `/api/users` went as `/users`.
+    let slash = if to.ends_with('/') && !prefix.ends_with('/') {
+        "/"
+    } else {
+        ""
+    };
+    let mapped = format!("{origin}{prefix}{slash}{rest}");
+    if let Ok(v) = HeaderValue::from_str(&mapped) {
+        headers.insert(header::LOCATION, v);
+    }
+}
+
 /// Joins every `Cookie` field into one, with "; " (RFC 9113 §8.2.3).
 #[cold]
 fn join_cookies(headers: &mut HeaderMap) {
@@ -1062,6 +1117,32 @@ fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_location_maps_back_as_its_path_was_rewritten() {
+        let back = |prefix: &str, to: &str, location: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::LOCATION, HeaderValue::from_str(location).unwrap());
+            map_location_back(&mut h, prefix, to, "a.test");
+            h[header::LOCATION].to_str().unwrap().to_string()
+        };
+        // `path_prefix = "/api"`, `prefix_rewrite = "/"`: /api/users went as /users.
+        assert_eq!(back("/api", "/", "/login"), "/api/login");
+        assert_eq!(back("/api", "/", "/"), "/api/");
+        assert_eq!(back("/api/", "/", "/login?x=1"), "/api/login?x=1");
+        assert_eq!(back("/api/", "/internal/", "/internal/a"), "/api/a");
+        assert_eq!(back("/v1", "/internal/v2", "/internal/v2beta"), "/v1beta");
+        // Not under the rewritten prefix, a relative reference, another host or
+        // scheme: as the backend wrote it.
+        assert_eq!(back("/api/", "/internal/", "/other/a"), "/other/a");
+        assert_eq!(back("/api/", "/", "login"), "login");
+        assert_eq!(back("/api/", "/", "//a.test/x"), "//a.test/x");
+        assert_eq!(back("/api/", "/", "http://b.test/x"), "http://b.test/x");
+        assert_eq!(back("/api/", "/", "ftp://a.test/x"), "ftp://a.test/x");
+        assert_eq!(back("/api/", "/", "HTTPS://A.test/x#f"), "HTTPS://A.test/api/x#f");
+        assert_eq!(back("/api/", "/", "http://a.test"), "http://a.test");
+        assert_eq!(back("/api/", "/", "http://a.test?q"), "http://a.test?q");
+    }
 
     fn conn() -> ConnInfo {
         ConnInfo::new("10.1.2.3:5555".parse().unwrap(), false)

@@ -343,6 +343,7 @@ mod tests {
             request_headers: None,
             response_headers: None,
             prefix_rewrite: None,
+            rewrite_location: false,
             rate_limit: None,
             matches: None,
         }

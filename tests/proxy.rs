@@ -2230,3 +2230,85 @@ backends = ["{}"]
     assert_eq!(get(addr, "/cache/a").await.text(), "main");
     stop_proxy(srv).await;
 }
+
+/// An origin that answers every request with a 302 whose `Location` the request's
+/// path picks: `/rel` a path under the rewritten prefix, `/abs` an absolute URL on the
+/// host it was asked for, `/away` another site.
+async fn redirecting_origin() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                let host = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("host: ").or_else(|| l.strip_prefix("Host: ")))
+                    .unwrap_or("")
+                    .to_string();
+                let location = match path.as_str() {
+                    "/v2/rel" => "/v2/login?next=%2Fx".to_string(),
+                    "/v2/abs" => format!("http://{host}/v2/login"),
+                    _ => "https://accounts.example.org/v2/login".to_string(),
+                };
+                let reply = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_under_the_rewritten_prefix_comes_back_under_the_routes() {
+    let origin = redirecting_origin().await;
+    let toml = pool_config(&[origin], NO_HEALTH_CHECKS).replace(
+        "pool = \"app\"\n",
+        "pool = \"app\"\npath_prefix = \"/api/\"\nprefix_rewrite = \"/v2/\"\n",
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let location = |r: &Reply| r.headers["location"].to_str().unwrap().to_string();
+    let host = [("host", "shop.example.com:8443")];
+    let r = get_with(addr, "/api/rel", &host).await;
+    assert_eq!(
+        (r.status.as_u16(), location(&r)),
+        (302, "/api/login?next=%2Fx".to_string())
+    );
+    let r = get_with(addr, "/api/abs", &host).await;
+    assert_eq!(location(&r), "http://shop.example.com:8443/api/login");
+    let r = get_with(addr, "/api/away", &host).await;
+    assert_eq!(
+        location(&r),
+        "https://accounts.example.org/v2/login",
+        "another site's URL is left alone"
+    );
+    // Over HTTP/2 alike.
+    let req = Request::get("http://shop.example.com:8443/api/abs")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        location(&send_h2(addr, req).await),
+        "http://shop.example.com:8443/api/login"
+    );
+    stop_proxy(srv).await;
+
+    // Turned off, the backend's Location goes as written.
+    let (srv, addr) = start_proxy(&toml.replace("prefix_rewrite", "rewrite_location = false\nprefix_rewrite"));
+    assert_eq!(
+        location(&get_with(addr, "/api/rel", &host).await),
+        "/v2/login?next=%2Fx"
+    );
+    stop_proxy(srv).await;
+}
