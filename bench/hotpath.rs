@@ -76,6 +76,7 @@ fn routes(c: &mut Criterion) {
             rewrite_location: false,
             rate_limit: None,
             matches: None,
+            split: None,
         });
     }
     table.push(RouteConfig {
@@ -90,6 +91,7 @@ fn routes(c: &mut Criterion) {
         rewrite_location: false,
         rate_limit: None,
         matches: None,
+        split: None,
     });
     table.push(RouteConfig {
         host: None,
@@ -103,6 +105,7 @@ fn routes(c: &mut Criterion) {
         rewrite_location: false,
         rate_limit: None,
         matches: None,
+        split: None,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {

@@ -227,6 +227,43 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// What else a request must have to take this route (`None`: nothing).
     pub matches: Option<Arc<RouteMatch>>,
+    /// `pools`: the requests split over several pools by weight (`pool` is then the
+    /// first with a weight, for what needs one).
+    pub split: Option<Arc<PoolSplit>>,
+}
+
+/// A route's `pools = { NAME = WEIGHT, ... }`: Envoy's `weighted_clusters`, nginx's
+/// `split_clients`, for a canary that takes a share of the traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSplit {
+    /// Pool indexes and weights, in name order; weights may be 0.
+    pub pools: Vec<(usize, u32)>,
+    pub total: u32,
+    /// `split_key`: a client's share is fixed by this (same key, same pool while the
+    /// weights stay); without it each request is drawn at random.
+    pub key: Option<HashKey>,
+}
+
+impl PoolSplit {
+    /// The pool for a request whose `split_key` hashed to `hash` (`None`: random).
+    pub fn pick(&self, hash: Option<u64>) -> usize {
+        // The hash's top bits as a fraction of the total, so a client keeps its place
+        // in the line when the total changes, and a canary that grows keeps the
+        // clients it had (those at the end of the line).
+        let at = match hash {
+            Some(h) => (((h >> 32) * self.total as u64) >> 32) as u32,
+            None => fastrand::u32(..self.total),
+        };
+        let mut acc = 0;
+        for &(pool, weight) in &self.pools {
+            acc += weight;
+            if at < acc {
+                return pool;
+            }
+        }
+        // `total` is the sum of the weights, so `at` always falls inside.
+        self.pools.last().map_or(0, |p| p.0)
+    }
 }
 
 /// A route's conditions beyond host and path: its `methods` and `headers`. A route
@@ -565,7 +602,9 @@ struct FileCert {
 struct FileRoute {
     host: Option<String>,
     path_prefix: Option<String>,
-    pool: String,
+    pool: Option<String>,
+    pools: Option<toml::Table>,
+    split_key: Option<String>,
     max_body_bytes: Option<u64>,
     https_redirect: Option<bool>,
     prefix_rewrite: Option<String>,
@@ -989,9 +1028,39 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         };
         let request_headers = rules(&raw.request_headers, "request_headers", Direction::Request);
         let response_headers = rules(&raw.response_headers, "response_headers", Direction::Response);
-        let pool = pools.iter().position(|p: &PoolConfig| p.name == raw.pool);
-        match pool {
-            Some(pool) => routes.push(RouteConfig {
+        let known = |name: &str, at: String, errs: &mut Errors| -> Option<usize> {
+            let found = pools.iter().position(|p: &PoolConfig| p.name == name);
+            if found.is_none() && !pool_names_seen.iter().any(|n| n == name) {
+                let known = if pool_names_seen.is_empty() {
+                    "no pools are defined".to_string()
+                } else {
+                    format!("defined pools: {}", pool_names_seen.join(", "))
+                };
+                errs.push(at, format!("unknown pool '{name}' ({known})"));
+            }
+            // A pool that had errors of its own is not named again.
+            found
+        };
+        let target = match (&raw.pool, &raw.pools) {
+            (Some(_), Some(_)) => {
+                errs.push(&path, "set pool or pools, not both");
+                None
+            }
+            (None, None) => {
+                errs.push(
+                    format!("{path}.pool"),
+                    "missing: the pool that serves the route (or pools, to split its requests by weight)",
+                );
+                None
+            }
+            (Some(name), None) => known(name, format!("{path}.pool"), errs).map(|p| (p, None)),
+            (None, Some(table)) => pool_split(table, raw.split_key.as_deref(), &path, &known, errs),
+        };
+        if raw.split_key.is_some() && raw.pools.is_none() {
+            errs.push(format!("{path}.split_key"), "has no effect without pools");
+        }
+        if let Some((pool, split)) = target {
+            routes.push(RouteConfig {
                 host,
                 path_prefix,
                 pool,
@@ -1003,16 +1072,8 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 response_headers,
                 rate_limit,
                 matches,
-            }),
-            None if pool_names_seen.contains(&raw.pool) => {} // the pool itself had errors
-            None => {
-                let known = if pool_names_seen.is_empty() {
-                    "no pools are defined".to_string()
-                } else {
-                    format!("defined pools: {}", pool_names_seen.join(", "))
-                };
-                errs.push(format!("{path}.pool"), format!("unknown pool '{}' ({known})", raw.pool));
-            }
+                split,
+            });
         }
     }
     for (i, a) in routes.iter().enumerate() {
@@ -1177,6 +1238,63 @@ fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) 
 /// itself is in error, and the names are then not looked up.
 /// What tells requests apart, for `hash_key` and a rate limit's `key`:
 /// `"client_ip"` (the default), `"header:NAME"` or `"cookie:NAME"`.
+/// A route's `pools` table: the pools (each known) and weights, and the first pool
+/// with a weight, which stands for the route where one pool is needed.
+fn pool_split(
+    table: &toml::Table,
+    key: Option<&str>,
+    path: &str,
+    known: &dyn Fn(&str, String, &mut Errors) -> Option<usize>,
+    errs: &mut Errors,
+) -> Option<(usize, Option<Arc<PoolSplit>>)> {
+    let mut split = Vec::new();
+    let mut whole = true;
+    for (name, weight) in table {
+        let at = format!("{path}.pools.{name}");
+        let weight = match weight {
+            toml::Value::Integer(w) if (0..=MAX_SPLIT_WEIGHT).contains(w) => *w as u32,
+            other => {
+                errs.push(
+                    &at,
+                    format!("must be a weight from 0 to {MAX_SPLIT_WEIGHT}, got {other}"),
+                );
+                whole = false;
+                continue;
+            }
+        };
+        match known(name, at, errs) {
+            Some(pool) => split.push((pool, weight)),
+            None => whole = false,
+        }
+    }
+    let total: u32 = split.iter().map(|(_, w)| w).sum();
+    if table.is_empty() {
+        errs.push(format!("{path}.pools"), "is empty: name the pools and their weights");
+        return None;
+    }
+    if whole && total == 0 {
+        errs.push(
+            format!("{path}.pools"),
+            "every weight is 0: no pool would get a request",
+        );
+    }
+    let key = key.map(|k| parse_key(Some(k), &format!("{path}.split_key"), errs));
+    let first = split.iter().find(|(_, w)| *w > 0)?.0;
+    (whole && total > 0).then(|| {
+        (
+            first,
+            Some(Arc::new(PoolSplit {
+                pools: split,
+                total,
+                key,
+            })),
+        )
+    })
+}
+
+/// A route's `pools` weight at most (so a sum of many stays far from `u32::MAX`).
+const MAX_SPLIT_WEIGHT: i64 = 1_000_000;
+
 fn parse_key(value: Option<&str>, at: &str, errs: &mut Errors) -> HashKey {
     match value {
         None | Some("client_ip") => HashKey::ClientIp,
@@ -2079,6 +2197,67 @@ connect_timeout = "soon"
             errors_of(&with("methods = []")),
             ["routes[0].methods: is empty: no request could match (omit it for any method)"]
         );
+    }
+
+    #[test]
+    fn a_route_splits_over_pools_by_weight() {
+        let two = "[pools.web]\nbackends = [\"127.0.0.1:9101\"]\n";
+        let with = |route: &str| {
+            format!(
+                "{}\n{two}",
+                MINIMAL.replacen("[[routes]]\npool = \"app\"\n", &format!("[[routes]]\n{route}\n"), 1)
+            )
+        };
+        assert!(MINIMAL.contains("[[routes]]\npool = \"app\"\n"));
+        let c = Config::parse(&with("pools = { web = 1, app = 3 }\nsplit_key = \"cookie:uid\""), "t").unwrap();
+        let split = c.routes[0].split.as_deref().unwrap();
+        // Name order: app (0), then web (1).
+        assert_eq!((split.pools.as_slice(), split.total), (&[(0, 3), (1, 1)][..], 4));
+        assert_eq!(split.key, Some(HashKey::Cookie("uid".into())));
+        assert_eq!(c.routes[0].pool, 0);
+        // A client's place is the hash's top bits as a share of the total.
+        assert_eq!(split.pick(Some(0)), 0);
+        assert_eq!(split.pick(Some(u64::MAX)), 1);
+        assert_eq!(split.pick(Some(3 << 62)), 1);
+        assert_eq!(split.pick(Some((3 << 62) - (1 << 32))), 0);
+        let zero = Config::parse(&with("pools = { web = 0, app = 1 }"), "t").unwrap();
+        assert!((0..100).all(|_| zero.routes[0].split.as_ref().unwrap().pick(None) == 0));
+        for (route, want) in [
+            (
+                "pool = \"app\"\npools = { web = 1 }",
+                "routes[0]: set pool or pools, not both",
+            ),
+            (
+                "path_prefix = \"/\"",
+                "routes[0].pool: missing: the pool that serves the route (or pools, to split its requests by weight)",
+            ),
+            (
+                "pools = { web = 1, nope = 1 }",
+                "routes[0].pools.nope: unknown pool 'nope' (defined pools: app, web)",
+            ),
+            (
+                "pools = { web = -1 }",
+                "routes[0].pools.web: must be a weight from 0 to 1000000, got -1",
+            ),
+            (
+                "pools = { web = 0, app = 0 }",
+                "routes[0].pools: every weight is 0: no pool would get a request",
+            ),
+            (
+                "pools = {}",
+                "routes[0].pools: is empty: name the pools and their weights",
+            ),
+            (
+                "pool = \"app\"\nsplit_key = \"client_ip\"",
+                "routes[0].split_key: has no effect without pools",
+            ),
+            (
+                "pools = { web = 1 }\nsplit_key = \"ip\"",
+                "routes[0].split_key: expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got \"ip\"",
+            ),
+        ] {
+            assert_eq!(errors_of(&with(route)), [want], "{route}");
+        }
     }
 
     #[test]

@@ -488,7 +488,11 @@ fn prepare(
     if let Some(limiter) = &snap.limiters[route_idx] {
         rate_limit(limiter, &req, raw.as_ref(), conn)?;
     }
-    let pool = &snap.pools[route.pool];
+    let pool_idx = match &route.split {
+        None => route.pool,
+        Some(split) => split_pool(split, &req, raw.as_ref(), conn),
+    };
+    let pool = &snap.pools[pool_idx];
     // The target as routed, kept for `$request_uri` when the backend gets another.
     let routed_target = match &route.prefix_rewrite {
         Some(to) if !asterisk => rewrite_prefix(&mut req, &route.path_prefix, to)?,
@@ -558,7 +562,7 @@ fn prepare(
     let head = Rc::new(head);
 
     Ok(Prepared {
-        pool: route.pool,
+        pool: pool_idx,
         head,
         body: incoming,
         content_length,
@@ -1097,6 +1101,23 @@ fn rate_limit<B>(
             .map_err(|retry_after| ProxyError::RateLimited { retry_after }),
         None => Ok(()),
     }
+}
+
+/// The pool a route's `pools` split gives this request: by its `split_key`, or at
+/// random when it has none (or the request lacks that field or cookie).
+#[cold]
+fn split_pool<B>(
+    split: &crate::config::PoolSplit,
+    req: &Request<B>,
+    raw: Option<&RawRequest>,
+    conn: &ConnInfo,
+) -> usize {
+    let hash = match (&split.key, raw) {
+        (None, _) => None,
+        (Some(k @ HashKey::ClientIp), _) | (Some(k), None) => hash_key(k, req.headers(), conn),
+        (Some(k), Some(r)) => hash_key(k, &r.header_map(), conn),
+    };
+    split.pick(hash)
 }
 
 fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> {

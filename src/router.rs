@@ -346,6 +346,7 @@ mod tests {
             rewrite_location: false,
             rate_limit: None,
             matches: None,
+            split: None,
         }
     }
 

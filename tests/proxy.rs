@@ -2312,3 +2312,65 @@ async fn a_redirect_under_the_rewritten_prefix_comes_back_under_the_routes() {
     );
     stop_proxy(srv).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_splits_its_requests_over_pools_by_weight() {
+    let stable = TestOrigin::start("stable", Behavior::Healthy).await;
+    let canary = TestOrigin::start("canary", Behavior::Healthy).await;
+    let config = |route: &str| {
+        format!(
+            r#"
+[server]
+workers = 1
+
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+{route}
+
+[pools.app]
+backends = ["{}"]
+{NO_HEALTH_CHECKS}
+
+[pools.canary]
+backends = ["{}"]
+{NO_HEALTH_CHECKS}
+"#,
+            stable.addr, canary.addr
+        )
+    };
+    // At random: a quarter of 400 requests (binomial: 100 ± 8.7; the bounds are
+    // beyond 5 standard deviations).
+    let (srv, addr) = start_proxy(&config("pools = { app = 3, canary = 1 }"));
+    let mut to_canary = 0;
+    for _ in 0..400 {
+        to_canary += (get(addr, "/").await.text() == "canary") as usize;
+    }
+    assert!((50..=150).contains(&to_canary), "{to_canary} of 400 went to the canary");
+    stop_proxy(srv).await;
+
+    // By a key: each user stays with one pool; both pools get users.
+    let (srv, addr) = start_proxy(&config(
+        "pools = { app = 3, canary = 1 }\nsplit_key = \"header:x-user\"",
+    ));
+    let mut users_on = std::collections::HashMap::new();
+    for user in 0..60 {
+        let user = format!("user-{user}");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            seen.insert(get_with(addr, "/", &[("x-user", &user)]).await.text());
+        }
+        assert_eq!(seen.len(), 1, "{user} went to {seen:?}");
+        *users_on.entry(seen.into_iter().next().unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(users_on.len(), 2, "{users_on:?}");
+    stop_proxy(srv).await;
+
+    // A weight of 0 takes a pool out of the split.
+    let (srv, addr) = start_proxy(&config("pools = { app = 1, canary = 0 }"));
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").await.text(), "stable");
+    }
+    stop_proxy(srv).await;
+}
