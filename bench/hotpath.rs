@@ -77,6 +77,7 @@ fn routes(c: &mut Criterion) {
             rate_limit: None,
             matches: None,
             split: None,
+            response_timeout: None,
         });
     }
     table.push(RouteConfig {
@@ -92,6 +93,7 @@ fn routes(c: &mut Criterion) {
         rate_limit: None,
         matches: None,
         split: None,
+        response_timeout: None,
     });
     table.push(RouteConfig {
         host: None,
@@ -106,6 +108,7 @@ fn routes(c: &mut Criterion) {
         rate_limit: None,
         matches: None,
         split: None,
+        response_timeout: None,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {

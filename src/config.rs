@@ -230,6 +230,9 @@ pub struct RouteConfig {
     /// `pools`: the requests split over several pools by weight (`pool` is then the
     /// first with a weight, for what needs one).
     pub split: Option<Arc<PoolSplit>>,
+    /// Replaces the pool's time to response headers, per try, for this route's
+    /// requests (nginx's `proxy_read_timeout` in one `location`).
+    pub response_timeout: Option<Duration>,
 }
 
 /// A route's `pools = { NAME = WEIGHT, ... }`: Envoy's `weighted_clusters`, nginx's
@@ -605,6 +608,8 @@ struct FileRoute {
     pool: Option<String>,
     pools: Option<toml::Table>,
     split_key: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    response_timeout: Option<Duration>,
     max_body_bytes: Option<u64>,
     https_redirect: Option<bool>,
     prefix_rewrite: Option<String>,
@@ -988,6 +993,9 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 "has no effect without prefix_rewrite",
             );
         }
+        if raw.response_timeout.is_some_and(|t| t.is_zero()) {
+            errs.push(format!("{path}.response_timeout"), "must be greater than 0");
+        }
         if raw.max_body_bytes == Some(0) {
             errs.push(
                 format!("{path}.max_body_bytes"),
@@ -1073,6 +1081,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 rate_limit,
                 matches,
                 split,
+                response_timeout: raw.response_timeout,
             });
         }
     }
@@ -2187,6 +2196,12 @@ connect_timeout = "soon"
                 "routes[0].headers.x-v: \"a\\nb\" is not a valid field value",
             ]
         );
+        assert_eq!(
+            errors_of(&with("response_timeout = \"0s\"")),
+            ["routes[0].response_timeout: must be greater than 0"]
+        );
+        let c = Config::parse(&with("response_timeout = \"2m\""), "t").unwrap();
+        assert_eq!(c.routes[0].response_timeout, Some(Duration::from_secs(120)));
         assert_eq!(
             errors_of(&with("rewrite_location = false")),
             ["routes[0].rewrite_location: has no effect without prefix_rewrite"]

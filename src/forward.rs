@@ -80,11 +80,13 @@ fn breaker_error(pool: &Pool, l: Limit) -> ProxyError {
     }
 }
 
+/// `try_timeout`: each try's time to response headers (the pool's, or the route's).
 pub async fn forward(
     ctx: &Rc<WorkerCtx>,
     pool: &Arc<Pool>,
     req: UpRequest,
     hash: Option<u64>,
+    try_timeout: Duration,
 ) -> Result<Forwarded, ProxyError> {
     let cfg = &pool.config;
     let request_slot = pool
@@ -93,7 +95,6 @@ pub async fn forward(
         .map_err(|l| breaker_error(pool, l))?;
     pool.budget.deposit();
     let mut attempts = Attempts::new(pool, &req);
-    let try_timeout = cfg.try_timeout();
     // A replay template exists only for replay-safe (idempotent) requests.
     let retryable_after_send = attempts.replayable();
     let opts = TryOpts {

@@ -246,12 +246,16 @@ pub fn handle(
             };
             pool_idx = Some(p.pool);
             let pool = &snap.pools[p.pool];
+            let try_timeout = route_idx
+                .and_then(|i| snap.routes[i].response_timeout)
+                .unwrap_or_else(|| pool.config.try_timeout());
             let body = match retry::prepare_body(
                 p.body,
                 p.content_length,
                 p.max_body_bytes,
                 &pool.config,
                 snap.config.server.client_body_timeout,
+                try_timeout,
             )
             .await
             {
@@ -264,7 +268,7 @@ pub fn handle(
                 backend: addr,
                 upgraded,
                 raw: fields,
-            } = match crate::forward::forward(&ctx, pool, req, p.hash).await {
+            } = match crate::forward::forward(&ctx, pool, req, p.hash, try_timeout).await {
                 Ok(f) => f,
                 Err(e) => break 'proxied Err(e),
             };

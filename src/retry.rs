@@ -55,6 +55,8 @@ pub async fn prepare_body(
     limit: Option<u64>,
     pool: &PoolConfig,
     idle: Duration,
+    // Bounds each wait for the backend to take more of a streamed body.
+    try_timeout: Duration,
 ) -> Result<ReqBody, ProxyError> {
     // A body is kept for replay when a retry may happen and it is small enough.
     let kept = |len: u64| pool.retry.attempts > 1 && len <= pool.retry.max_replay_bytes;
@@ -63,11 +65,11 @@ pub async fn prepare_body(
         InBody::Full(b) if b.is_empty() => return Ok(ReqBody::empty()),
         // Its length is its Content-Length, already checked against `limit`.
         InBody::Full(b) if kept(b.len() as u64) => return Ok(ReqBody::Buffered(Some(b))),
-        InBody::Full(b) => return Ok(ReqBody::Stream(Box::new(StreamBody::once(b, pool.try_timeout())))),
+        InBody::Full(b) => return Ok(ReqBody::Stream(Box::new(StreamBody::once(b, try_timeout)))),
         InBody::Incoming(i) if i.is_end_stream() => return Ok(ReqBody::empty()),
         InBody::Incoming(i) => i,
     };
-    let mut stream = StreamBody::new(incoming, limit, idle, pool.try_timeout());
+    let mut stream = StreamBody::new(incoming, limit, idle, try_timeout);
     if let Some(len) = content_length.filter(|&l| kept(l)) {
         let cap = limit.map_or(len, |l| l.min(len)) as usize;
         if let Some(bytes) = collect_limited(&mut stream, cap).await? {

@@ -347,6 +347,7 @@ mod tests {
             rate_limit: None,
             matches: None,
             split: None,
+            response_timeout: None,
         }
     }
 

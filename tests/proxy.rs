@@ -2374,3 +2374,25 @@ backends = ["{}"]
     }
     stop_proxy(srv).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_may_wait_longer_or_shorter_than_its_pool() {
+    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(600))).await;
+    let toml = pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\nresponse_timeout = \"200ms\"")).replace(
+        "[[routes]]\npool = \"app\"\n",
+        "[[routes]]\npool = \"app\"\n\n[[routes]]\npath_prefix = \"/export\"\npool = \"app\"\nresponse_timeout = \"5s\"\n",
+    );
+    assert!(toml.contains("/export"), "{toml}");
+    let (srv, addr) = start_proxy(&toml);
+    // The pool's 200 ms: a 600 ms answer is a 504.
+    assert_eq!(get(addr, "/report").await.status, 504);
+    // The route's 5 s: the same backend's answer arrives, for a GET and a POST
+    // whose body streams (past max_replay_bytes), whose clock starts after it.
+    let r = get(addr, "/export/all").await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "o".to_string()));
+    let r = post_bytes(addr, "/export/count", Bytes::from(vec![b'x'; 100 * 1024]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    stop_proxy(srv).await;
+}
