@@ -1095,11 +1095,7 @@ fn rate_limit<B>(
     raw: Option<&RawRequest>,
     conn: &ConnInfo,
 ) -> Result<(), ProxyError> {
-    let key = match (&limiter.config.key, raw) {
-        (HashKey::ClientIp, _) | (_, None) => hash_key(&limiter.config.key, req.headers(), conn),
-        (_, Some(r)) => hash_key(&limiter.config.key, &r.header_map(), conn),
-    };
-    match key {
+    match request_key(&limiter.config.key, req, raw, conn) {
         Some(k) => limiter
             .check(k, crate::state::clock_ns() / 1000)
             .map_err(|retry_after| ProxyError::RateLimited { retry_after }),
@@ -1116,12 +1112,17 @@ fn split_pool<B>(
     raw: Option<&RawRequest>,
     conn: &ConnInfo,
 ) -> usize {
-    let hash = match (&split.key, raw) {
-        (None, _) => None,
-        (Some(k @ HashKey::ClientIp), _) | (Some(k), None) => hash_key(k, req.headers(), conn),
-        (Some(k), Some(r)) => hash_key(k, &r.header_map(), conn),
-    };
+    let hash = split.key.as_ref().and_then(|k| request_key(k, req, raw, conn));
     split.pick(hash)
+}
+
+/// `hash_key` for a request whose fields may still be raw (the HTTP/1.1 fast path):
+/// parsed into a map only when the key is a field or a cookie.
+fn request_key<B>(key: &HashKey, req: &Request<B>, raw: Option<&RawRequest>, conn: &ConnInfo) -> Option<u64> {
+    match (key, raw) {
+        (HashKey::ClientIp, _) | (_, None) => hash_key(key, req.headers(), conn),
+        (_, Some(r)) => hash_key(key, &r.header_map(), conn),
+    }
 }
 
 fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> {

@@ -2170,35 +2170,22 @@ backends = ["127.0.0.1:1"]
 async fn routes_with_header_and_method_conditions_take_their_requests_first() {
     let main = TestOrigin::start("main", Behavior::Healthy).await;
     let canary = TestOrigin::start("canary", Behavior::Healthy).await;
-    let toml = format!(
+    let toml = two_pools(
         r#"
-[server]
-workers = 1
-
-[[listeners]]
-bind = "127.0.0.1:0"
-
 [[routes]]
 pool = "app"
 
 [[routes]]
 pool = "canary"
-headers = {{ x-canary = "1", x-opt-out = false }}
+headers = { x-canary = "1", x-opt-out = false }
 
 [[routes]]
 path_prefix = "/cache/"
 pool = "canary"
 methods = ["PURGE"]
-
-[pools.app]
-backends = ["{}"]
-{NO_HEALTH_CHECKS}
-
-[pools.canary]
-backends = ["{}"]
-{NO_HEALTH_CHECKS}
 "#,
-        main.addr, canary.addr
+        main.addr,
+        canary.addr,
     );
     let (srv, addr) = start_proxy(&toml);
     let cases: [(&[(&str, &str)], &str); 5] = [
@@ -2231,49 +2218,25 @@ backends = ["{}"]
     stop_proxy(srv).await;
 }
 
-/// An origin that answers every request with a 302 whose `Location` the request's
-/// path picks: `/rel` a path under the rewritten prefix, `/abs` an absolute URL on the
-/// host it was asked for, `/away` another site.
-async fn redirecting_origin() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_string();
-                let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                let host = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("host: ").or_else(|| l.strip_prefix("Host: ")))
-                    .unwrap_or("")
-                    .to_string();
-                let location = match path.as_str() {
-                    "/v2/rel" => "/v2/login?next=%2Fx".to_string(),
-                    "/v2/abs" => format!("http://{host}/v2/login"),
-                    _ => "https://accounts.example.org/v2/login".to_string(),
-                };
-                let reply = format!(
-                    "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
-                let _ = s.write_all(reply.as_bytes()).await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_under_the_rewritten_prefix_comes_back_under_the_routes() {
-    let origin = redirecting_origin().await;
+    // A 302 to a path under the rewritten prefix, to an absolute URL on the host the
+    // test asks for, and to another site.
+    let origin = scripted_origin(&[
+        (
+            "/v2/rel",
+            b"HTTP/1.1 302 Found\r\nLocation: /v2/login?next=%2Fx\r\nContent-Length: 0\r\n\r\n",
+        ),
+        (
+            "/v2/abs",
+            b"HTTP/1.1 302 Found\r\nLocation: http://shop.example.com:8443/v2/login\r\nContent-Length: 0\r\n\r\n",
+        ),
+        (
+            "/v2/away",
+            b"HTTP/1.1 302 Found\r\nLocation: https://accounts.example.org/v2/login\r\nContent-Length: 0\r\n\r\n",
+        ),
+    ])
+    .await;
     let toml = pool_config(&[origin], NO_HEALTH_CHECKS).replace(
         "pool = \"app\"\n",
         "pool = \"app\"\npath_prefix = \"/api/\"\nprefix_rewrite = \"/v2/\"\n",
@@ -2317,29 +2280,7 @@ async fn a_redirect_under_the_rewritten_prefix_comes_back_under_the_routes() {
 async fn a_route_splits_its_requests_over_pools_by_weight() {
     let stable = TestOrigin::start("stable", Behavior::Healthy).await;
     let canary = TestOrigin::start("canary", Behavior::Healthy).await;
-    let config = |route: &str| {
-        format!(
-            r#"
-[server]
-workers = 1
-
-[[listeners]]
-bind = "127.0.0.1:0"
-
-[[routes]]
-{route}
-
-[pools.app]
-backends = ["{}"]
-{NO_HEALTH_CHECKS}
-
-[pools.canary]
-backends = ["{}"]
-{NO_HEALTH_CHECKS}
-"#,
-            stable.addr, canary.addr
-        )
-    };
+    let config = |route: &str| two_pools(&format!("[[routes]]\n{route}\n"), stable.addr, canary.addr);
     // At random: a quarter of 400 requests (binomial: 100 ± 8.7; the bounds are
     // beyond 5 standard deviations).
     let (srv, addr) = start_proxy(&config("pools = { app = 3, canary = 1 }"));
@@ -2395,4 +2336,13 @@ async fn a_route_may_wait_longer_or_shorter_than_its_pool() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     stop_proxy(srv).await;
+}
+
+/// A config with `routes` and two pools of one backend each: `app` and `canary`.
+fn two_pools(routes: &str, app: std::net::SocketAddr, canary: std::net::SocketAddr) -> String {
+    format!(
+        "[server]\nworkers = 1\n\n[[listeners]]\nbind = \"127.0.0.1:0\"\n\n{routes}\n\
+         [pools.app]\nbackends = [\"{app}\"]\n{NO_HEALTH_CHECKS}\n\n\
+         [pools.canary]\nbackends = [\"{canary}\"]\n{NO_HEALTH_CHECKS}\n"
+    )
 }
