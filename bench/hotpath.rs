@@ -78,6 +78,7 @@ fn routes(c: &mut Criterion) {
             matches: None,
             split: None,
             response_timeout: None,
+            access: None,
         });
     }
     table.push(RouteConfig {
@@ -94,6 +95,7 @@ fn routes(c: &mut Criterion) {
         matches: None,
         split: None,
         response_timeout: None,
+        access: None,
     });
     table.push(RouteConfig {
         host: None,
@@ -109,6 +111,7 @@ fn routes(c: &mut Criterion) {
         matches: None,
         split: None,
         response_timeout: None,
+        access: None,
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {

@@ -233,6 +233,31 @@ pub struct RouteConfig {
     /// Replaces the pool's time to response headers, per try, for this route's
     /// requests (nginx's `proxy_read_timeout` in one `location`).
     pub response_timeout: Option<Duration>,
+    /// `allow` and `deny`: which client addresses the route admits (`None`: all).
+    pub access: Option<Arc<AccessRules>>,
+}
+
+/// A route's `allow` and `deny` lists of addresses and CIDR blocks (nginx's
+/// `allow`/`deny`, HAProxy's `src` ACLs, Envoy's RBAC on the source IP). Matched
+/// against the client's address, the PROXY protocol header's source on a
+/// `proxy_protocol` listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessRules {
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+impl AccessRules {
+    /// Denied if `deny` holds the address; else admitted if `allow` is empty or
+    /// holds it. An IPv4 client of a dual-stack socket is matched as IPv4.
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        !self.deny.iter().any(|n| n.contains(&ip))
+            && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
+    }
 }
 
 /// A route's `pools = { NAME = WEIGHT, ... }`: Envoy's `weighted_clusters`, nginx's
@@ -610,6 +635,8 @@ struct FileRoute {
     split_key: Option<String>,
     #[serde(default, with = "humantime_serde")]
     response_timeout: Option<Duration>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
     max_body_bytes: Option<u64>,
     https_redirect: Option<bool>,
     prefix_rewrite: Option<String>,
@@ -993,6 +1020,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 "has no effect without prefix_rewrite",
             );
         }
+        let access = access_rules(raw.allow.as_deref(), raw.deny.as_deref(), &path, errs);
         if raw.response_timeout.is_some_and(|t| t.is_zero()) {
             errs.push(format!("{path}.response_timeout"), "must be greater than 0");
         }
@@ -1082,6 +1110,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 matches,
                 split,
                 response_timeout: raw.response_timeout,
+                access,
             });
         }
     }
@@ -1247,6 +1276,51 @@ fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) 
 /// itself is in error, and the names are then not looked up.
 /// What tells requests apart, for `hash_key` and a rate limit's `key`:
 /// `"client_ip"` (the default), `"header:NAME"` or `"cookie:NAME"`.
+/// A route's `allow` and `deny`: each item an address (`10.0.0.7`, `::1`) or a CIDR
+/// block (`10.0.0.0/8`).
+fn access_rules(
+    allow: Option<&[String]>,
+    deny: Option<&[String]>,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<Arc<AccessRules>> {
+    let mut nets = |list: Option<&[String]>, field: &str| -> Vec<ipnet::IpNet> {
+        let list = list.unwrap_or_default();
+        if list.is_empty() && field == "allow" && allow.is_some() {
+            errs.push(
+                format!("{path}.allow"),
+                "is empty: it would admit nobody (omit it to admit every address; deny = [\"0.0.0.0/0\", \"::/0\"] to refuse all)",
+            );
+        }
+        let mut out = Vec::new();
+        for (i, item) in list.iter().enumerate() {
+            let text = item.trim();
+            match text.parse::<ipnet::IpNet>() {
+                // `10.0.0.7/8` names a host but means the block: nginx takes it as
+                // `10.0.0.0/8` with a warning; here it is an error.
+                Ok(net) if net.trunc() != net => errs.push(
+                    format!("{path}.{field}[{i}]"),
+                    format!("{text:?} has host bits set: the block is {}", net.trunc()),
+                ),
+                Ok(net) => out.push(net),
+                Err(_) => match text.parse::<std::net::IpAddr>() {
+                    Ok(ip) => out.push(ipnet::IpNet::from(ip)),
+                    Err(_) => errs.push(
+                        format!("{path}.{field}[{i}]"),
+                        format!("{text:?} is not an IP address or CIDR block"),
+                    ),
+                },
+            }
+        }
+        out
+    };
+    let rules = AccessRules {
+        allow: nets(allow, "allow"),
+        deny: nets(deny, "deny"),
+    };
+    (allow.is_some() || deny.is_some()).then(|| Arc::new(rules))
+}
+
 /// A route's `pools` table: the pools (each known) and weights, and the first pool
 /// with a weight, which stands for the route where one pool is needed.
 fn pool_split(
@@ -2211,6 +2285,38 @@ connect_timeout = "soon"
         assert_eq!(
             errors_of(&with("methods = []")),
             ["routes[0].methods: is empty: no request could match (omit it for any method)"]
+        );
+    }
+
+    #[test]
+    fn a_route_admits_by_address_deny_first() {
+        let with = |extra: &str| MINIMAL.replacen("[[routes]]\n", &format!("[[routes]]\n{extra}\n"), 1);
+        let c = Config::parse(
+            &with("allow = [\"10.0.0.0/8\", \"2001:db8::/32\", \" 192.0.2.1 \"]\ndeny = [\"10.6.6.0/24\"]"),
+            "t",
+        )
+        .unwrap();
+        let a = c.routes[0].access.as_deref().unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(a.admits(ip("10.1.2.3")) && a.admits(ip("192.0.2.1")) && a.admits(ip("2001:db8::7")));
+        assert!(a.admits(ip("::ffff:10.1.2.3")), "an IPv4 client of a dual-stack socket");
+        assert!(!a.admits(ip("10.6.6.6")), "deny comes first");
+        assert!(!a.admits(ip("192.0.2.2")) && !a.admits(ip("127.0.0.1")) && !a.admits(ip("::1")));
+        let open = Config::parse(&with("deny = [\"0.0.0.0/0\"]"), "t").unwrap();
+        let open = open.routes[0].access.as_deref().unwrap();
+        assert!(!open.admits(ip("8.8.8.8")) && open.admits(ip("::1")));
+        assert!(Config::parse(MINIMAL, "t").unwrap().routes[0].access.is_none());
+        assert_eq!(
+            errors_of(&with("allow = [\"10.0.0.1/8\", \"ten\"]\ndeny = [\"::1/129\"]")),
+            [
+                "routes[0].allow[0]: \"10.0.0.1/8\" has host bits set: the block is 10.0.0.0/8",
+                "routes[0].allow[1]: \"ten\" is not an IP address or CIDR block",
+                "routes[0].deny[0]: \"::1/129\" is not an IP address or CIDR block",
+            ]
+        );
+        assert_eq!(
+            errors_of(&with("allow = []")),
+            ["routes[0].allow: is empty: it would admit nobody (omit it to admit every address; deny = [\"0.0.0.0/0\", \"::/0\"] to refuse all)"]
         );
     }
 

@@ -34,6 +34,9 @@ impl Side {
 pub enum ProxyError {
     #[error("no route matches this host and path")]
     NoRoute,
+    /// The route's `allow`/`deny` refused the client's address.
+    #[error("the route does not admit this client's address")]
+    Forbidden,
     /// Not a failure: a plain-HTTP request to an `https_redirect` route, answered
     /// with a redirect to this location (`proxy::redirect_response`), not an error page.
     #[error("redirected to {0:?}")]
@@ -114,6 +117,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => StatusCode::NOT_FOUND,
+            Forbidden => StatusCode::FORBIDDEN,
             HttpsRedirect(_) => StatusCode::MOVED_PERMANENTLY,
             // Also `NotReceived`: like a refused connect, no application saw the
             // request, and a 503 with `Retry-After` tells the client a retry is safe.
@@ -144,6 +148,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute
+            | Forbidden
             | HttpsRedirect(_)
             | BodyTooLarge { .. }
             | UriTooLong { .. }
@@ -227,6 +232,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => "no_route",
+            Forbidden => "forbidden",
             HttpsRedirect(_) => "https_redirect",
             NoHealthyBackend { .. } => "no_healthy_backend",
             Connect { .. } => "connect_failed",
@@ -351,6 +357,7 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let cases = [
             (ProxyError::NoRoute, 404),
+            (ProxyError::Forbidden, 403),
             (ProxyError::NoHealthyBackend { pool: "p".into() }, 503),
             (
                 ProxyError::Connect {

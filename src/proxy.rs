@@ -486,6 +486,9 @@ fn prepare(
         .ok_or(ProxyError::NoRoute)?;
     *routed = Some(route_idx);
     let route = &snap.routes[route_idx];
+    if route.access.as_ref().is_some_and(|a| !a.admits(conn.peer.ip())) {
+        return Err(ProxyError::Forbidden);
+    }
     if route.https_redirect && !conn.tls {
         return Err(https_redirect(host, &req));
     }

@@ -348,6 +348,7 @@ mod tests {
             matches: None,
             split: None,
             response_timeout: None,
+            access: None,
         }
     }
 

@@ -2346,3 +2346,57 @@ fn two_pools(routes: &str, app: std::net::SocketAddr, canary: std::net::SocketAd
          [pools.canary]\nbackends = [\"{canary}\"]\n{NO_HEALTH_CHECKS}\n"
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_admits_only_the_addresses_it_allows() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let routes = r#"
+[[routes]]
+pool = "app"
+
+[[routes]]
+path_prefix = "/admin/"
+pool = "app"
+allow = ["10.0.0.0/8", "192.0.2.1"]
+
+[[routes]]
+path_prefix = "/local/"
+pool = "app"
+allow = ["127.0.0.0/8", "::1"]
+
+[[routes]]
+path_prefix = "/open/"
+pool = "app"
+deny = ["127.0.0.1"]
+"#;
+    let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replace("[[routes]]\npool = \"app\"\n", routes);
+    let (srv, addr) = start_proxy(&toml);
+    // From 127.0.0.1.
+    for (path, want) in [("/x", 200), ("/admin/x", 403), ("/local/x", 200), ("/open/x", 403)] {
+        assert_eq!(get(addr, path).await.status, want, "{path}");
+    }
+    let hits = o.hits();
+    assert_eq!(get(addr, "/admin/y").await.status, 403);
+    assert_eq!(o.hits(), hits, "a refused request reached the backend");
+    stop_proxy(srv).await;
+
+    // Behind a balancer speaking the PROXY protocol, the header's client is the one.
+    let (srv, addr) = start_proxy(&toml.replace(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\nproxy_protocol = true\n",
+    ));
+    for (client, path, want) in [
+        ("10.9.8.7", "/admin/x", "200"),
+        ("192.0.2.1", "/admin/x", "200"),
+        ("192.0.2.2", "/admin/x", "403"),
+        ("10.9.8.7", "/local/x", "403"),
+        ("10.9.8.7", "/open/x", "200"),
+    ] {
+        let ask = format!(
+            "PROXY TCP4 {client} 127.0.0.1 5555 80\r\nGET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        );
+        let r = raw(addr, ask.as_bytes(), Duration::from_secs(10)).await;
+        assert!(r.starts_with(&format!("HTTP/1.1 {want}")), "{client} {path}: {r}");
+    }
+    stop_proxy(srv).await;
+}
