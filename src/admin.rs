@@ -130,7 +130,7 @@ const BACKENDS_USAGE: &str = "POST /backends/POOL/BACKEND/STATE: POOL a pool's n
 /// that matches, and answers what each was, as JSON.
 fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
     if method != Method::POST {
-        let mut r = owned_text(StatusCode::METHOD_NOT_ALLOWED, format!("{BACKENDS_USAGE}\n"));
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, format!("{BACKENDS_USAGE}\n"));
         r.headers_mut()
             .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
         return r;
@@ -141,7 +141,7 @@ fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketA
         tracing::warn!(%peer, path = %rest, "admin: backend state change refused");
         return text(StatusCode::FORBIDDEN, why);
     }
-    let bad = |msg: String| owned_text(StatusCode::BAD_REQUEST, format!("{msg}\n{BACKENDS_USAGE}\n"));
+    let bad = |msg: String| text(StatusCode::BAD_REQUEST, format!("{msg}\n{BACKENDS_USAGE}\n"));
     // The state is the last segment and the pool the first, so a backend's label may
     // hold anything between.
     let Some((head, state)) = rest.rsplit_once('/') else {
@@ -158,7 +158,7 @@ fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketA
     let pools: Vec<_> = snap.pools.iter().filter(|p| pool == "*" || p.name == pool).collect();
     if pools.is_empty() {
         let names: Vec<_> = snap.pools.iter().map(|p| p.name.as_str()).collect();
-        return owned_text(
+        return text(
             StatusCode::NOT_FOUND,
             format!("no pool {pool:?}; pools: {}\n", names.join(", ")),
         );
@@ -187,7 +187,7 @@ fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketA
             .iter()
             .flat_map(|p| p.backends.iter().map(|b| b.name.as_str()))
             .collect();
-        return owned_text(
+        return text(
             StatusCode::NOT_FOUND,
             format!(
                 "no backend {backend:?} in pool {pool:?}; backends: {}\n",
@@ -207,10 +207,7 @@ fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketA
 fn refusal(control: crate::config::AdminControl, peer: SocketAddr) -> Option<&'static str> {
     use crate::config::AdminControl;
     // An IPv4 client of a dual-stack socket shows as ::ffff:127.0.0.1.
-    let loopback = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
-        ip => ip.is_loopback(),
-    };
+    let loopback = crate::netio::canonical_ip(peer.ip()).is_loopback();
     match control {
         AdminControl::None => Some("backend state changes are off ([admin] control = \"none\")\n"),
         AdminControl::Loopback if !loopback => {
@@ -220,16 +217,13 @@ fn refusal(control: crate::config::AdminControl, peer: SocketAddr) -> Option<&'s
     }
 }
 
-fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+/// A plain-text answer: a `&'static str` is sent without a copy, a `String` as made.
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
     r
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    owned_text(status, body.to_string())
 }
 
 fn any_backend_available(shared: &Shared) -> bool {

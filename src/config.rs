@@ -251,10 +251,7 @@ impl AccessRules {
     /// Denied if `deny` holds the address; else admitted if `allow` is empty or
     /// holds it. An IPv4 client of a dual-stack socket is matched as IPv4.
     pub fn admits(&self, ip: std::net::IpAddr) -> bool {
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = crate::netio::canonical_ip(ip);
         !self.deny.iter().any(|n| n.contains(&ip))
             && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
     }

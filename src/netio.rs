@@ -4,11 +4,12 @@
 //! (`upstream::Conn`); `ClientIo` and `UpIo`, a client's and a backend's socket with
 //! or without TLS (`MaybeTls`); and `Stall`, the limit on how long a peer may keep us
 //! waiting (`send_timeout` for clients' sockets, `client_body_timeout` for their
-//! request bodies).
+//! request bodies); `canonical_ip`, a peer's address as rules and logs match it.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,6 +17,16 @@ use std::time::Duration;
 use hyper::rt::ReadBufCursor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+/// A peer's address with an IPv4 client of a dual-stack socket (`::ffff:a.b.c.d`)
+/// as the IPv4 address it is: what `X-Forwarded-For`, a route's `allow`/`deny` and
+/// the admin listener's loopback check see.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
 
 /// Gathered writes up to this size are copied into one buffer and go out in one
 /// `send`. On Linux, `writev` takes the VFS path (`vfs_writev`, iovec import) and

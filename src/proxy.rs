@@ -9,7 +9,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -82,7 +82,7 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
-        let ip = canonical_ip(peer.ip());
+        let ip = crate::netio::canonical_ip(peer.ip());
         ConnInfo {
             peer,
             peer_ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
@@ -123,13 +123,6 @@ impl ConnInfo {
     pub fn with_park(mut self, park: Rc<ParkState>) -> ConnInfo {
         self.park = Some(park);
         self
-    }
-}
-
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
     }
 }
 
