@@ -67,51 +67,18 @@ fn routes(c: &mut Criterion) {
         table.push(RouteConfig {
             host: Some(HostMatch::Exact(format!("svc{i}.example.com"))),
             path_prefix: format!("/api/v{i}"),
-            pool: 0,
-            max_body_bytes: None,
-            https_redirect: false,
-            request_headers: None,
-            response_headers: None,
-            prefix_rewrite: None,
-            rewrite_location: false,
-            rate_limit: None,
-            matches: None,
-            split: None,
-            response_timeout: None,
-            access: None,
+            ..RouteConfig::default()
         });
     }
     table.push(RouteConfig {
         host: Some(HostMatch::Suffix(".example.com".into())),
         path_prefix: "/".into(),
-        pool: 0,
-        max_body_bytes: None,
-        https_redirect: false,
-        request_headers: None,
-        response_headers: None,
-        prefix_rewrite: None,
-        rewrite_location: false,
-        rate_limit: None,
-        matches: None,
-        split: None,
-        response_timeout: None,
-        access: None,
+        ..RouteConfig::default()
     });
     table.push(RouteConfig {
         host: None,
         path_prefix: "/".into(),
-        pool: 0,
-        max_body_bytes: None,
-        https_redirect: false,
-        request_headers: None,
-        response_headers: None,
-        prefix_rewrite: None,
-        rewrite_location: false,
-        rate_limit: None,
-        matches: None,
-        split: None,
-        response_timeout: None,
-        access: None,
+        ..RouteConfig::default()
     });
     let r = Router::new(&table);
     c.bench_function("route/exact-host-prefix", |b| {

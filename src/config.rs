@@ -206,7 +206,9 @@ pub enum HostMatch {
     Suffix(String),
 }
 
-#[derive(Debug, Clone)]
+/// `Default` is for tests and benches that build a route by hand (with every option
+/// off and an empty prefix); a config's routes come from `Config::parse`.
+#[derive(Debug, Clone, Default)]
 pub struct RouteConfig {
     pub host: Option<HostMatch>,
     pub path_prefix: String,

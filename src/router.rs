@@ -337,18 +337,7 @@ mod tests {
         RouteConfig {
             host,
             path_prefix: prefix.into(),
-            pool: 0,
-            max_body_bytes: None,
-            https_redirect: false,
-            request_headers: None,
-            response_headers: None,
-            prefix_rewrite: None,
-            rewrite_location: false,
-            rate_limit: None,
-            matches: None,
-            split: None,
-            response_timeout: None,
-            access: None,
+            ..RouteConfig::default()
         }
     }
 
