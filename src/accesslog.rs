@@ -1,29 +1,47 @@
-//! The access log: one line per answered request. Owns the line format, each worker's
-//! buffer (`LogBuf`), and the process's `Sink` (a file, or standard output) that the
-//! buffers are written to.
+//! The access log: one line per request, written when its response has ended. Owns
+//! the line formats (`LogFormat`: the `rampart`, `combined` and `json` presets and
+//! templates of `$variables`), the record of a request in progress (`Pending`, which
+//! writes its line when dropped), each worker's buffer (`LogBuf`), and the process's
+//! `Sink` (a file, or standard output) that the buffers are written to.
 //!
 //! Why not a `tracing` event per request: formatting one through `tracing-subscriber`
 //! (field by field, through `fmt`) and writing it with its own system call added 5-7
 //! µs of CPU to a 16 µs request. Here a worker formats the line straight into its
 //! buffer and writes the buffer when it holds `FLUSH_BYTES` or is `FLUSH_AFTER` old,
-//! as nginx's `access_log ... buffer=64k flush=1s` does: about 1,500 instructions a
-//! request (nginx's buffered log: 2,050), below the noise in CPU time (README,
-//! "Benchmarks"). The sink's lock is taken once per buffer written, never per request.
+//! as nginx's `access_log ... buffer=64k flush=1s` does (README, "Benchmarks"). The
+//! sink's lock is taken once per buffer written, never per request.
+//!
+//! Why the line is written from a `Drop`: a request ends in many places (its response
+//! body read to the end, a client that goes away mid-body or before the head, a
+//! backend that breaks off), and each must give one line. The record rides with the
+//! request, then inside the response body (`RespBody::Logged`), and whichever way it
+//! is dropped, the line says how the request ended (`$termination`).
 
 use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::{Method, Version};
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Version};
+use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 
+use crate::body::{InBody, RespBody};
 use crate::codec::push_decimal;
 use crate::config::AccessLog;
-use crate::state::Shared;
+use crate::proxy::ConnInfo;
+use crate::rawfields::RawRequest;
+use crate::state::{Pool, Shared};
+use crate::worker::WorkerCtx;
 
 /// A worker writes its buffer once it holds this much...
 pub const FLUSH_BYTES: usize = 64 * 1024;
@@ -93,47 +111,680 @@ fn open_file(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).mode(0o640).open(path)
 }
 
-/// One answered request, as the access log records it.
-pub struct Entry<'a> {
-    /// The client's address, rendered (`ConnInfo::peer_ip`).
-    pub client: &'a [u8],
-    pub method: &'a Method,
-    /// The request target as received (path and query).
-    pub target: &'a str,
-    pub version: Version,
+// ---- formats --------------------------------------------------------------------------
+
+/// The default: every field rampart knows about a request, space-separated.
+const RAMPART: &str = "$time_iso8601 $remote_addr \"$request\" $status $body_bytes_sent $request_time \
+                       $upstream_header_time $pool $upstream_addr $upstream_attempts $termination $request_id";
+/// nginx's and Apache's `combined`, which log analysers read as it is.
+const COMBINED: &str =
+    "$remote_addr - - [$time_local] \"$request\" $status $body_bytes_sent \"$http_referer\" \"$http_user_agent\"";
+/// One JSON object per line; each variable is a JSON value (a string, a number, or
+/// `null` when it has none), so the template holds no quotes around them.
+const JSON: &str = "{\"time\":$time_iso8601,\"remote_addr\":$remote_addr,\"request_method\":$request_method,\
+                    \"request_uri\":$request_uri,\"server_protocol\":$server_protocol,\"host\":$host,\
+                    \"status\":$status,\"body_bytes_sent\":$body_bytes_sent,\"request_time\":$request_time,\
+                    \"upstream_header_time\":$upstream_header_time,\"pool\":$pool,\"upstream_addr\":$upstream_addr,\
+                    \"upstream_attempts\":$upstream_attempts,\"termination\":$termination,\"request_id\":$request_id,\
+                    \"http_referer\":$http_referer,\"http_user_agent\":$http_user_agent}";
+
+/// The variables a format may use, for `rampart check`'s message.
+const VARIABLES: &[(&str, Var)] = &[
+    ("remote_addr", Var::RemoteAddr),
+    ("remote_port", Var::RemotePort),
+    ("time_iso8601", Var::TimeIso8601),
+    ("time_local", Var::TimeLocal),
+    ("msec", Var::Msec),
+    ("request", Var::Request),
+    ("request_method", Var::RequestMethod),
+    ("request_uri", Var::RequestUri),
+    ("server_protocol", Var::ServerProtocol),
+    ("host", Var::Host),
+    ("status", Var::Status),
+    ("body_bytes_sent", Var::BodyBytesSent),
+    ("request_time", Var::RequestTime),
+    ("upstream_header_time", Var::UpstreamHeaderTime),
+    ("upstream_addr", Var::UpstreamAddr),
+    ("upstream_attempts", Var::UpstreamAttempts),
+    ("pool", Var::Pool),
+    ("termination", Var::Termination),
+    ("request_id", Var::RequestId),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Var {
+    RemoteAddr,
+    RemotePort,
+    TimeIso8601,
+    TimeLocal,
+    Msec,
+    Request,
+    RequestMethod,
+    RequestUri,
+    ServerProtocol,
+    Host,
+    Status,
+    BodyBytesSent,
+    RequestTime,
+    UpstreamHeaderTime,
+    UpstreamAddr,
+    UpstreamAttempts,
+    Pool,
+    Termination,
+    RequestId,
+    /// `$http_NAME`: the request's first `NAME` field; an index into `LogFormat::headers`.
+    Header(usize),
+}
+
+#[derive(Debug)]
+enum Part {
+    Text(Box<[u8]>),
+    /// Text of up to 4 bytes (most separators), written with one 4-byte store.
+    Short([u8; 4], u8),
+    Var(Var),
+}
+
+impl Part {
+    fn text(t: Vec<u8>) -> Part {
+        match t.len() {
+            n @ 1..=4 => {
+                let mut short = [0u8; 4];
+                short[..n].copy_from_slice(&t);
+                Part::Short(short, n as u8)
+            }
+            _ => Part::Text(t.into()),
+        }
+    }
+}
+
+/// A compiled `server.access_log_format`. Equal when written the same.
+#[derive(Debug)]
+pub struct LogFormat {
+    source: String,
+    parts: Vec<Part>,
+    /// Variables are written as JSON values (the `json` preset).
+    json: bool,
+    /// The request fields `$http_NAME` variables read, captured as the request starts.
+    headers: Vec<HeaderName>,
+    /// Whether `$host` is used, so the request's host is kept.
+    host: bool,
+}
+
+impl PartialEq for LogFormat {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for LogFormat {}
+
+impl Default for LogFormat {
+    fn default() -> Self {
+        LogFormat::parse("rampart").unwrap_or_else(|_| unreachable!("the rampart preset parses"))
+    }
+}
+
+impl LogFormat {
+    /// `"rampart"`, `"combined"`, `"json"`, or a template of text and `$variables`
+    /// (nginx's `log_format`). The error says what is wrong, for `rampart check`.
+    pub fn parse(spec: &str) -> Result<LogFormat, String> {
+        let (template, json) = match spec {
+            "rampart" => (RAMPART, false),
+            "combined" => (COMBINED, false),
+            "json" => (JSON, true),
+            t if t.contains('$') => (t, false),
+            _ => {
+                return Err(format!(
+                    "must be \"rampart\", \"combined\", \"json\" or a template with $variables, got {spec:?}"
+                ))
+            }
+        };
+        if let Some(c) = template.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "must not hold control characters (found {c:?}): a line is one line"
+            ));
+        }
+        let mut format = LogFormat {
+            source: spec.to_string(),
+            parts: Vec::new(),
+            json,
+            headers: Vec::new(),
+            host: false,
+        };
+        let mut text = Vec::new();
+        let mut rest = template;
+        while let Some(at) = rest.find('$') {
+            text.extend_from_slice(&rest.as_bytes()[..at]);
+            rest = &rest[at + 1..];
+            let name = if let Some(braced) = rest.strip_prefix('{') {
+                let Some(end) = braced.find('}') else {
+                    return Err(format!("\"${{\" with no closing \"}}\" in {template:?}"));
+                };
+                rest = &braced[end + 1..];
+                &braced[..end]
+            } else {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let name = &rest[..end];
+                rest = &rest[end..];
+                name
+            };
+            if name.is_empty() {
+                return Err(format!(
+                    "a \"$\" must start a variable name (\"$status\", \"${{status}}\") in {template:?}"
+                ));
+            }
+            let var = format.variable(name)?;
+            if !text.is_empty() {
+                format.parts.push(Part::text(std::mem::take(&mut text)));
+            }
+            format.parts.push(Part::Var(var));
+        }
+        text.extend_from_slice(rest.as_bytes());
+        if !text.is_empty() {
+            format.parts.push(Part::text(text));
+        }
+        Ok(format)
+    }
+
+    fn variable(&mut self, name: &str) -> Result<Var, String> {
+        if let Some(field) = name.strip_prefix("http_") {
+            let field = field.replace('_', "-").to_ascii_lowercase();
+            let Ok(h) = HeaderName::from_bytes(field.as_bytes()) else {
+                return Err(format!("${name}: {field:?} is not a header field name"));
+            };
+            let i = match self.headers.iter().position(|x| *x == h) {
+                Some(i) => i,
+                None => {
+                    self.headers.push(h);
+                    self.headers.len() - 1
+                }
+            };
+            return Ok(Var::Header(i));
+        }
+        match VARIABLES.iter().find(|(n, _)| *n == name) {
+            Some(&(_, v)) => {
+                self.host |= v == Var::Host;
+                Ok(v)
+            }
+            None => {
+                let known: Vec<String> = VARIABLES.iter().map(|(n, _)| format!("${n}")).collect();
+                Err(format!(
+                    "unknown variable ${name}; known: {}, and $http_NAME for any request field",
+                    known.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// The spec as written, for messages.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+// ---- one request ------------------------------------------------------------------------
+
+/// How a request ended, for `$termination` when rampart itself did not answer with an
+/// error (that one's kind is logged instead).
+const COMPLETE: &str = "-";
+/// The client closed (or stalled past `send_timeout`) before the response was sent
+/// whole; before its head, the status logged is 499, as nginx logs it.
+const CLIENT_ABORTED: &str = "client_aborted";
+/// The backend's body broke off (a reset, or no bytes for `read_timeout`).
+const UPSTREAM_BODY_FAILED: &str = "upstream_body_failed";
+
+/// A request on its way, for its log line. Created as the request starts (only when
+/// the log is on), filled in as it is answered, then carried in the response body
+/// (`RespBody::Logged`). Its line is written when it is dropped.
+pub struct Pending {
+    ctx: Rc<WorkerCtx>,
+    rec: Record,
+    body: RespBody,
+}
+
+/// What a line is made of.
+struct Record {
+    conn: Rc<ConnInfo>,
+    format: Arc<LogFormat>,
+    start: Instant,
+    method: Method,
+    target: Option<PathAndQuery>,
+    version: Version,
+    request_id: HeaderValue,
+    host: Option<HeaderValue>,
+    /// `$http_NAME` values, in `format.headers` order.
+    fields: Box<[Option<HeaderValue>]>,
+    /// `None` until the response head is ready.
+    answer: Option<Answered>,
+    sent: u64,
+    body_failed: bool,
+}
+
+/// What is known once the response head is ready.
+pub struct Answered {
     pub status: u16,
-    /// From the request's start to its response head.
-    pub elapsed: Duration,
-    pub pool: Option<&'a str>,
+    pub pool: Option<Arc<Pool>>,
     pub backend: Option<SocketAddr>,
-    pub request_id: &'a [u8],
+    /// From the request's start to the backend's response head.
+    pub head_time: Duration,
+    pub tries: u8,
+    /// The kind of the error rampart answered with (`ProxyError::kind`).
+    pub error: Option<&'static str>,
+}
+
+impl Pending {
+    /// Starts the record of `req`, whose fields are `raw` when they came as written,
+    /// else in its map. `host` is the first `Host` value.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin(
+        ctx: &Rc<WorkerCtx>,
+        conn: &Rc<ConnInfo>,
+        format: &Arc<LogFormat>,
+        req: &Request<InBody>,
+        raw: Option<&RawRequest>,
+        host: Option<&HeaderValue>,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> Box<Pending> {
+        let fields = format
+            .headers
+            .iter()
+            .map(|name| match raw {
+                Some(r) => crate::rawfields::find(&r.block, name),
+                None => req.headers().get(name).cloned(),
+            })
+            .collect();
+        // The target's authority (HTTP/2, absolute-form) is the host, as routing reads it.
+        let host = match (format.host, req.uri().authority()) {
+            (false, _) => None,
+            (true, Some(a)) => HeaderValue::from_str(a.as_str()).ok(),
+            (true, None) => host.cloned(),
+        };
+        // Built in its box: on the stack first, it was copied in.
+        std::pin::Pin::into_inner(crate::alloc::boxed(|| Pending {
+            ctx: ctx.clone(),
+            body: RespBody::empty(),
+            rec: Record {
+                conn: conn.clone(),
+                format: format.clone(),
+                start,
+                method: req.method().clone(),
+                target: req.uri().path_and_query().cloned(),
+                version: req.version(),
+                request_id: request_id.clone(),
+                host,
+                fields,
+                answer: None,
+                sent: 0,
+                body_failed: false,
+            },
+        }))
+    }
+
+    /// The response head is ready; `body` is its body, whose end ends the request.
+    pub fn answered(mut self: Box<Self>, a: Answered, body: RespBody) -> RespBody {
+        self.rec.answer = Some(a);
+        self.body = body;
+        RespBody::Logged(self)
+    }
+
+    /// `RespBody::Logged`'s frames: the inner body's, counted.
+    #[inline(never)]
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let res = Pin::new(&mut self.body).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.rec.sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.rec.body_failed = true,
+            _ => {}
+        }
+        res
+    }
+
+    #[inline(never)]
+    pub fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    #[inline(never)]
+    pub fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let ended = crate::clock::now();
+        let rec = &self.rec;
+        let termination = match &rec.answer {
+            None => CLIENT_ABORTED,
+            Some(_) if rec.body_failed => UPSTREAM_BODY_FAILED,
+            Some(Answered { error: Some(kind), .. }) => kind,
+            Some(_) if self.body.is_end_stream() => COMPLETE,
+            Some(_) => CLIENT_ABORTED,
+        };
+        let ctx = self.ctx.clone();
+        ctx.access_log.record(&ctx.shared, |out, stamp, addrs| {
+            render(
+                out,
+                rec,
+                stamp,
+                addrs,
+                ended.saturating_duration_since(rec.start),
+                termination,
+            )
+        });
+    }
+}
+
+/// Writes `p`'s line into `out`.
+fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, took: Duration, termination: &str) {
+    let json = p.format.json;
+    out.reserve(256);
+    let a = p.answer.as_ref();
+    for part in &p.format.parts {
+        let var = match part {
+            Part::Text(t) => {
+                out.extend_from_slice(t);
+                continue;
+            }
+            Part::Short(t, n) => {
+                out.reserve(4);
+                let at = out.len();
+                // SAFETY: 4 bytes reserved past the length; the first `n` are kept.
+                unsafe {
+                    out.as_mut_ptr().add(at).cast::<[u8; 4]>().write_unaligned(*t);
+                    out.set_len(at + *n as usize);
+                }
+                continue;
+            }
+            Part::Var(v) => *v,
+        };
+        match var {
+            Var::RemoteAddr => put_raw(out, json, p.conn.peer_ip.as_bytes()),
+            Var::RemotePort => put_num(out, json, Some(p.conn.peer.port() as u64)),
+            Var::TimeIso8601 => {
+                quote(out, json);
+                out.extend_from_slice(&stamp.iso);
+                push_padded(out, stamp.millis as u64, 3);
+                out.push(b'Z');
+                quote(out, json);
+            }
+            Var::TimeLocal => put_raw(out, json, &stamp.local),
+            Var::Msec => {
+                push_decimal(out, stamp.secs);
+                out.push(b'.');
+                push_padded(out, stamp.millis as u64, 3);
+            }
+            Var::Request => {
+                quote(out, json);
+                out.extend_from_slice(p.method.as_str().as_bytes());
+                out.push(b' ');
+                escape(out, json, target(p).as_bytes(), false);
+                out.push(b' ');
+                out.extend_from_slice(protocol(p.version));
+                quote(out, json);
+            }
+            Var::RequestMethod => put_raw(out, json, p.method.as_str().as_bytes()),
+            Var::RequestUri => put_str(out, json, Some(target(p).as_bytes()), false),
+            Var::ServerProtocol => put_raw(out, json, protocol(p.version)),
+            Var::Host => match &p.host {
+                Some(h) => {
+                    let h = std::str::from_utf8(h.as_bytes()).unwrap_or("");
+                    let h = crate::router::host_without_port(h).to_ascii_lowercase();
+                    put_str(out, json, Some(h.as_bytes()), true)
+                }
+                None => put_str(out, json, None, true),
+            },
+            Var::Status => put_num(out, json, Some(a.map_or(499, |a| a.status as u64))),
+            Var::BodyBytesSent => put_num(out, json, Some(p.sent)),
+            Var::RequestTime => put_secs(out, json, Some(took)),
+            Var::UpstreamHeaderTime => put_secs(out, json, a.filter(|a| a.backend.is_some()).map(|a| a.head_time)),
+            Var::UpstreamAddr => match a.and_then(|a| a.backend) {
+                Some(b) => {
+                    quote(out, json);
+                    addrs.push(out, b);
+                    quote(out, json);
+                }
+                None => put_str(out, json, None, false),
+            },
+            Var::UpstreamAttempts => put_num(out, json, Some(a.map_or(0, |a| a.tries as u64))),
+            Var::Pool => put_str(
+                out,
+                json,
+                a.and_then(|a| a.pool.as_ref()).map(|p| p.name.as_bytes()),
+                false,
+            ),
+            Var::Termination => put_raw(out, json, termination.as_bytes()),
+            Var::RequestId => put_str(out, json, Some(p.request_id.as_bytes()), true),
+            Var::Header(i) => put_str(out, json, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
+        }
+    }
+    out.push(b'\n');
+}
+
+fn target(p: &Record) -> &str {
+    p.target.as_ref().map_or("/", |t| t.as_str())
+}
+
+fn protocol(v: Version) -> &'static [u8] {
+    match v {
+        Version::HTTP_09 => b"HTTP/0.9",
+        Version::HTTP_10 => b"HTTP/1.0",
+        Version::HTTP_2 => b"HTTP/2.0",
+        Version::HTTP_3 => b"HTTP/3.0",
+        _ => b"HTTP/1.1",
+    }
+}
+
+fn quote(out: &mut Vec<u8>, json: bool) {
+    if json {
+        out.push(b'"');
+    }
+}
+
+/// A string value: escaped, quoted in JSON; `-` (JSON `null`) when there is none.
+/// `space`: spaces are escaped too, in text, for a value a client chose that is
+/// logged unquoted (the request id).
+fn put_str(out: &mut Vec<u8>, json: bool, v: Option<&[u8]>, space: bool) {
+    match v {
+        None if json => out.extend_from_slice(b"null"),
+        None => out.push(b'-'),
+        Some(v) => {
+            quote(out, json);
+            escape(out, json, v, space);
+            quote(out, json);
+        }
+    }
+}
+
+/// A value rampart made, which holds nothing to escape: an address, a method (an HTTP
+/// token), a protocol, a date, a termination.
+fn put_raw(out: &mut Vec<u8>, json: bool, v: &[u8]) {
+    quote(out, json);
+    out.extend_from_slice(v);
+    quote(out, json);
+}
+
+fn put_num(out: &mut Vec<u8>, json: bool, n: Option<u64>) {
+    match n {
+        Some(n) => push_decimal(out, n),
+        None if json => out.extend_from_slice(b"null"),
+        None => out.push(b'-'),
+    }
+}
+
+/// Seconds with microseconds (`0.000412`): nginx's times have milliseconds, too coarse
+/// for a proxy that adds tens of microseconds.
+fn put_secs(out: &mut Vec<u8>, json: bool, d: Option<Duration>) {
+    let Some(d) = d else {
+        return put_num(out, json, None);
+    };
+    push_decimal(out, d.as_secs());
+    out.push(b'.');
+    push_padded(out, d.subsec_micros() as u64, 6);
+}
+
+/// Backend addresses as text, for the backends a worker logs most: a pool rarely has
+/// more, and rendering one took five numbers (about 300 instructions a line).
+#[derive(Default)]
+struct AddrTexts(Vec<(SocketAddr, Box<[u8]>)>);
+
+impl AddrTexts {
+    const MAX: usize = 16;
+
+    fn push(&mut self, out: &mut Vec<u8>, addr: SocketAddr) {
+        if let Some((_, text)) = self.0.iter().find(|(a, _)| *a == addr) {
+            out.extend_from_slice(text);
+            return;
+        }
+        let start = out.len();
+        push_addr(out, addr);
+        if self.0.len() < Self::MAX {
+            self.0.push((addr, out[start..].into()));
+        }
+    }
+}
+
+fn push_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            for (i, o) in a.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, *o as u64);
+            }
+            out.push(b':');
+            push_decimal(out, a.port() as u64);
+        }
+        a => {
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
+fn escape(out: &mut Vec<u8>, json: bool, s: &[u8], space: bool) {
+    if json {
+        push_json_escaped(out, s)
+    } else {
+        push_escaped(out, s, space)
+    }
+}
+
+/// Copies `s`, writing `"`, `\`, controls and bytes past ASCII as `\xHH`, as nginx
+/// does, and spaces too when `space`: a line always splits into its fields, and a
+/// client cannot forge one.
+fn push_escaped(out: &mut Vec<u8>, s: &[u8], space: bool) {
+    // Bit 0: plain inside quotes; bit 1: plain anywhere (not a space either).
+    const PLAIN: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut b = 0x20;
+        while b <= 0x7e {
+            if b != b'"' as usize && b != b'\\' as usize {
+                t[b] = if b == b' ' as usize { 1 } else { 3 };
+            }
+            b += 1;
+        }
+        t
+    };
+    let need = if space { 2 } else { 1 };
+    let plain = |b: u8| PLAIN[b as usize] & need != 0;
+    if s.iter().all(|&b| plain(b)) {
+        out.extend_from_slice(s);
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in s {
+        if plain(b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'\\', b'x', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+        }
+    }
+}
+
+/// Copies `s` as the inside of a JSON string (RFC 8259 §7). Bytes that are not UTF-8
+/// (a field value may hold any) become U+FFFD, so every line parses.
+fn push_json_escaped(out: &mut Vec<u8>, s: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for c in String::from_utf8_lossy(s).chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let b = c as u8;
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+            }
+            c => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+}
+
+// ---- a worker's buffer ----------------------------------------------------------------
+
+/// The time of a line, its date parts formatted once per second.
+#[derive(Clone, Copy)]
+struct Stamp {
+    secs: u64,
+    millis: u32,
+    /// `2026-11-25T00:12:17.`
+    iso: [u8; 20],
+    /// `25/Nov/2026:00:12:17 +0000`
+    local: [u8; 26],
 }
 
 /// A worker's unwritten lines.
 #[derive(Default)]
 pub struct LogBuf {
     buf: RefCell<Vec<u8>>,
-    /// The second the cached date-time prefix is for, and the prefix
-    /// (`2026-11-25T00:12:17.`).
-    stamp: Cell<(u64, [u8; 20])>,
+    addrs: RefCell<AddrTexts>,
+    /// The last line's time; `None` before the first.
+    stamp: Cell<Option<Stamp>>,
     /// Signalled when a line goes into an empty buffer: the flusher starts its wait.
     pending: Notify,
 }
 
 impl LogBuf {
-    /// Appends `e`'s line; writes the buffer if it is full.
-    pub fn record(&self, shared: &Shared, e: &Entry<'_>) {
+    /// Appends the line `line` writes; writes the buffer if it is full.
+    fn record(&self, shared: &Shared, line: impl FnOnce(&mut Vec<u8>, &Stamp, &mut AddrTexts)) {
+        let stamp = self.stamp(SystemTime::now());
         let full = {
             let mut buf = self.buf.borrow_mut();
             if buf.is_empty() {
                 self.pending.notify_one();
             }
-            self.format(&mut buf, e, SystemTime::now());
+            line(&mut buf, &stamp, &mut self.addrs.borrow_mut());
             buf.len() >= FLUSH_BYTES
         };
         if full {
             self.flush(shared);
         }
+    }
+
+    fn stamp(&self, now: SystemTime) -> Stamp {
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (secs, millis) = (since.as_secs(), since.subsec_millis());
+        let mut stamp = match self.stamp.get() {
+            Some(s) if s.secs == secs => s,
+            _ => Stamp {
+                secs,
+                millis,
+                iso: date_time_prefix(secs),
+                local: local_time(secs),
+            },
+        };
+        stamp.millis = millis;
+        self.stamp.set(Some(stamp));
+        stamp
     }
 
     /// Writes what the buffer holds to the current sink. Lines are dropped, with a
@@ -166,92 +817,11 @@ impl LogBuf {
             self.flush(shared);
         }
     }
-
-    /// `2026-11-25T00:12:17.561Z 127.0.0.1 "GET /a?b=1 HTTP/1.1" 200 0.412 app 10.0.0.5:8080 <request id>`
-    fn format(&self, out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
-        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let (secs, millis) = (since.as_secs(), since.subsec_millis());
-        let (at, mut prefix) = self.stamp.get();
-        if at != secs || prefix[0] == 0 {
-            prefix = date_time_prefix(secs);
-            self.stamp.set((secs, prefix));
-        }
-        out.extend_from_slice(&prefix);
-        push_padded(out, millis as u64, 3);
-        out.extend_from_slice(b"Z ");
-        out.extend_from_slice(e.client);
-        out.extend_from_slice(b" \"");
-        out.extend_from_slice(e.method.as_str().as_bytes());
-        out.push(b' ');
-        push_escaped(out, e.target.as_bytes());
-        out.extend_from_slice(match e.version {
-            Version::HTTP_09 => b" HTTP/0.9\" ",
-            Version::HTTP_10 => b" HTTP/1.0\" ",
-            Version::HTTP_2 => b" HTTP/2.0\" ",
-            Version::HTTP_3 => b" HTTP/3.0\" ",
-            _ => b" HTTP/1.1\" ",
-        });
-        push_decimal(out, e.status as u64);
-        out.push(b' ');
-        let micros = e.elapsed.as_micros().min(u64::MAX as u128) as u64;
-        push_decimal(out, micros / 1000);
-        out.push(b'.');
-        push_padded(out, micros % 1000, 3);
-        out.push(b' ');
-        out.extend_from_slice(e.pool.unwrap_or("-").as_bytes());
-        out.push(b' ');
-        match e.backend {
-            Some(SocketAddr::V4(a)) => {
-                for (i, o) in a.ip().octets().iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'.');
-                    }
-                    push_decimal(out, *o as u64);
-                }
-                out.push(b':');
-                push_decimal(out, a.port() as u64);
-            }
-            Some(a) => {
-                let _ = write!(out, "{a}");
-            }
-            None => out.push(b'-'),
-        }
-        out.push(b' ');
-        if e.request_id.is_empty() {
-            out.push(b'-');
-        } else {
-            push_escaped(out, e.request_id);
-        }
-        out.push(b'\n');
-    }
-}
-
-/// Copies `s`, writing `"`, `\`, spaces, controls and non-ASCII bytes as `\xHH` (as
-/// nginx does), so a line always splits into its fields and a client cannot forge one.
-fn push_escaped(out: &mut Vec<u8>, s: &[u8]) {
-    let plain = |b: u8| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\';
-    if s.iter().all(|&b| plain(b)) {
-        out.extend_from_slice(s);
-        return;
-    }
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in s {
-        if plain(b) {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'\\', b'x', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
-        }
-    }
 }
 
 /// `n` in `width` digits, zero-padded (`n` < 10^width).
-fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
-    let start = out.len();
-    out.resize(start + width, b'0');
-    for d in out[start..].iter_mut().rev() {
-        *d = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
+fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
+    crate::codec::push_digits(out, n, width);
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.` (UTC) for `secs` since the epoch.
@@ -291,84 +861,249 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// `DD/Mon/YYYY:HH:MM:SS +0000` (nginx's `$time_local`, here always UTC) for `secs`.
+fn local_time(secs: u64) -> [u8; 26] {
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
+    ];
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    let mut v = Vec::with_capacity(26);
+    push_padded(&mut v, d as u64, 2);
+    v.push(b'/');
+    v.extend_from_slice(MONTHS[(m as usize).clamp(1, 12) - 1]);
+    v.push(b'/');
+    push_padded(&mut v, y.clamp(0, 9999) as u64, 4);
+    v.push(b':');
+    push_padded(&mut v, s / 3600, 2);
+    v.push(b':');
+    push_padded(&mut v, s / 60 % 60, 2);
+    v.push(b':');
+    push_padded(&mut v, s % 60, 2);
+    v.extend_from_slice(b" +0000");
+    let mut out = [0u8; 26];
+    out.copy_from_slice(&v);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn line(e: &Entry<'_>, now: SystemTime) -> String {
-        let b = LogBuf::default();
-        let mut out = Vec::new();
-        b.format(&mut out, e, now);
-        String::from_utf8(out).unwrap()
-    }
-
-    fn entry<'a>(target: &'a str, request_id: &'a [u8]) -> Entry<'a> {
-        Entry {
-            client: b"192.0.2.7",
-            method: &Method::GET,
-            target,
+    fn record(spec: &str, target: &str, request_id: &str) -> Record {
+        let format = Arc::new(LogFormat::parse(spec).unwrap());
+        let fields = format
+            .headers
+            .iter()
+            .map(|h| match h.as_str() {
+                "user-agent" => Some(HeaderValue::from_static("curl/8.5.0 (x86_64)")),
+                _ => None,
+            })
+            .collect();
+        Record {
+            conn: Rc::new(ConnInfo::new("192.0.2.7:50123".parse().unwrap(), false)),
+            format,
+            start: Instant::now(),
+            method: Method::GET,
+            target: Some(PathAndQuery::try_from(target).unwrap()),
             version: Version::HTTP_11,
-            status: 200,
-            elapsed: Duration::from_micros(1_412),
-            pool: Some("app"),
-            backend: Some("10.0.0.5:8080".parse().unwrap()),
-            request_id,
+            request_id: HeaderValue::from_bytes(request_id.as_bytes()).unwrap(),
+            host: Some(HeaderValue::from_static("Example.COM:8080")),
+            fields,
+            answer: Some(Answered {
+                status: 200,
+                pool: None,
+                backend: Some("10.0.0.5:8080".parse().unwrap()),
+                head_time: Duration::from_micros(1_412),
+                tries: 2,
+                error: None,
+            }),
+            sent: 13,
+            body_failed: false,
         }
     }
 
+    fn line(r: &Record, at_millis: u64, termination: &str) -> String {
+        let b = LogBuf::default();
+        let stamp = b.stamp(UNIX_EPOCH + Duration::from_millis(at_millis));
+        let mut out = Vec::new();
+        render(
+            &mut out,
+            r,
+            &stamp,
+            &mut AddrTexts::default(),
+            Duration::from_micros(2_500),
+            termination,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    // 2026-11-25T00:12:17.561Z
+    const AT: u64 = 1_795_565_537_561;
+
     #[test]
-    fn a_line_has_every_field_in_order() {
-        // 2026-11-25T00:12:17.561Z
-        let now = UNIX_EPOCH + Duration::from_millis(1_795_565_537_561);
+    fn the_rampart_line_has_every_field_in_order() {
+        let r = record("rampart", "/a?b=1", "abc123");
         assert_eq!(
-            line(&entry("/a?b=1", b"abc123"), now),
-            "2026-11-25T00:12:17.561Z 192.0.2.7 \"GET /a?b=1 HTTP/1.1\" 200 1.412 app 10.0.0.5:8080 abc123\n"
+            line(&r, AT, COMPLETE),
+            "2026-11-25T00:12:17.561Z 192.0.2.7 \"GET /a?b=1 HTTP/1.1\" 200 13 0.002500 0.001412 - 10.0.0.5:8080 2 - abc123\n"
         );
-        let mut e = entry("/", b"");
-        e.pool = None;
-        e.backend = Some("[2001:db8::1]:443".parse().unwrap());
-        e.version = Version::HTTP_2;
-        e.status = 503;
-        e.elapsed = Duration::from_micros(7);
+        let mut r = record("rampart", "/", "");
+        r.version = Version::HTTP_2;
+        r.answer = Some(Answered {
+            status: 503,
+            pool: None,
+            backend: None,
+            head_time: Duration::ZERO,
+            tries: 3,
+            error: Some("connect_failed"),
+        });
+        r.sent = 0;
         assert_eq!(
-            line(&e, UNIX_EPOCH),
-            "1970-01-01T00:00:00.000Z 192.0.2.7 \"GET / HTTP/2.0\" 503 0.007 - [2001:db8::1]:443 -\n"
+            line(&r, 0, "connect_failed"),
+            "1970-01-01T00:00:00.000Z 192.0.2.7 \"GET / HTTP/2.0\" 503 0 0.002500 - - - 3 connect_failed \n"
         );
+        r.answer = None;
+        assert!(line(&r, 0, CLIENT_ABORTED).contains(" 499 0 0.002500 - - - 0 client_aborted "));
+    }
+
+    #[test]
+    fn combined_is_nginx_s_combined() {
+        let r = record("combined", "/x", "id");
+        assert_eq!(
+            line(&r, AT, COMPLETE),
+            "192.0.2.7 - - [25/Nov/2026:00:12:17 +0000] \"GET /x HTTP/1.1\" 200 13 \"-\" \"curl/8.5.0 (x86_64)\"\n"
+        );
+    }
+
+    #[test]
+    fn json_lines_parse_with_typed_values_and_nulls() {
+        let mut r = record("json", "/q?a=%22x%22", "id \"1\"\t");
+        r.fields[0] = Some(HeaderValue::from_bytes(b"caf\xc3\xa9 \xff").unwrap());
+        let l = line(&r, AT, COMPLETE);
+        assert!(l.ends_with("}\n") && l.matches('\n').count() == 1, "{l}");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["time"], "2026-11-25T00:12:17.561Z");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["body_bytes_sent"], 13);
+        assert_eq!(v["request_time"], 0.0025);
+        assert_eq!(v["upstream_header_time"], 0.001412);
+        assert_eq!(v["upstream_attempts"], 2);
+        assert_eq!(v["pool"], serde_json::Value::Null);
+        assert_eq!(v["host"], "example.com");
+        assert_eq!(v["request_uri"], "/q?a=%22x%22");
+        assert_eq!(v["request_id"], "id \"1\"\t");
+        assert_eq!(v["termination"], "-");
+        assert_eq!(v["http_referer"], "caf\u{e9} \u{fffd}");
+        assert_eq!(v["http_user_agent"], "curl/8.5.0 (x86_64)");
+    }
+
+    #[test]
+    fn templates_take_nginx_variables_and_any_request_field() {
+        let f =
+            LogFormat::parse("$remote_addr:$remote_port ${status}ok $http_X_Forwarded_For $http_x_forwarded_for $msec")
+                .unwrap();
+        assert_eq!(
+            f.headers,
+            [HeaderName::from_static("x-forwarded-for")],
+            "one capture per field"
+        );
+        let mut r = record(
+            "$remote_addr:$remote_port ${status}ok [$http_user_agent] $msec $host $termination",
+            "/",
+            "i",
+        );
+        r.format = Arc::new(
+            LogFormat::parse("$remote_addr:$remote_port ${status}ok [$http_user_agent] $msec $host $termination")
+                .unwrap(),
+        );
+        r.fields = vec![Some(HeaderValue::from_static("a\"b"))].into();
+        assert_eq!(
+            line(&r, AT, UPSTREAM_BODY_FAILED),
+            "192.0.2.7:50123 200ok [a\\x22b] 1795565537.561 example.com upstream_body_failed\n"
+        );
+    }
+
+    #[test]
+    fn a_bad_format_says_what_is_wrong() {
+        for (spec, want) in [
+            ("main", "must be \"rampart\", \"combined\", \"json\" or a template"),
+            (
+                "$status $bytes_sent",
+                "unknown variable $bytes_sent; known: $remote_addr",
+            ),
+            ("$ status", "a \"$\" must start a variable name"),
+            ("${status", "with no closing"),
+            ("$status\n$pool", "control characters"),
+            ("${http_a b}", "is not a header field name"),
+        ] {
+            let e = LogFormat::parse(spec).unwrap_err();
+            assert!(e.contains(want), "{spec:?}: {e}");
+        }
+        assert_eq!(LogFormat::parse("rampart").unwrap(), LogFormat::default());
+        assert_ne!(LogFormat::parse("json").unwrap(), LogFormat::default());
     }
 
     #[test]
     fn quotes_spaces_and_controls_cannot_forge_a_field_or_a_line() {
-        let l = line(&entry("/x\"y\\z", b"id 1\"\n2026 fake"), UNIX_EPOCH);
-        assert!(l.contains("\"GET /x\\x22y\\x5Cz HTTP/1.1\""), "{l}");
-        assert!(l.ends_with(" id\\x201\\x22\\x0A2026\\x20fake\n"), "{l}");
+        // A target cannot hold a quote or a control (`http::Uri` refuses them), but a
+        // field value can hold a tab and bytes past ASCII.
+        let r = record("rampart", "/x", "id 1\"\t2026 fake\\\u{e9}");
+        let l = line(&r, 0, COMPLETE);
+        assert!(l.ends_with(" id\\x201\\x22\\x092026\\x20fake\\x5C\\xC3\\xA9\n"), "{l}");
         assert_eq!(l.matches('\n').count(), 1);
     }
 
     #[test]
     fn every_byte_outside_printable_ascii_is_escaped() {
         for b in 0..=255u8 {
-            let mut out = Vec::new();
-            push_escaped(&mut out, &[b]);
-            let plain = (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\';
-            let want = if plain {
-                vec![b]
-            } else {
-                format!("\\x{b:02X}").into_bytes()
-            };
-            assert_eq!(out, want, "byte {b:#04x}");
+            for space in [false, true] {
+                let mut out = Vec::new();
+                push_escaped(&mut out, &[b], space);
+                let plain = (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\' && !(space && b == b' ');
+                let want = if plain {
+                    vec![b]
+                } else {
+                    format!("\\x{b:02X}").into_bytes()
+                };
+                assert_eq!(out, want, "byte {b:#04x}");
+            }
+            let mut out = vec![b'"'];
+            push_json_escaped(&mut out, &[b]);
+            out.push(b'"');
+            assert!(serde_json::from_slice::<String>(&out).is_ok(), "byte {b:#04x}");
         }
     }
 
     #[test]
+    fn backend_addresses_are_kept_as_text_for_the_next_line() {
+        let mut texts = AddrTexts::default();
+        let addrs: Vec<SocketAddr> = (0..20u16)
+            .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 8000 + i)))
+            .chain(["[2001:db8::1]:443".parse().unwrap()])
+            .collect();
+        for round in 0..2 {
+            for a in &addrs {
+                let mut out = b"x".to_vec();
+                texts.push(&mut out, *a);
+                assert_eq!(out, format!("x{a}").into_bytes(), "round {round}");
+            }
+        }
+        assert_eq!(texts.0.len(), AddrTexts::MAX);
+    }
+
+    #[test]
     fn dates_match_the_calendar() {
-        for (secs, want) in [
-            (0u64, "1970-01-01T00:00:00."),
-            (951_782_400, "2000-02-29T00:00:00."),
-            (1_709_251_199, "2024-02-29T23:59:59."),
-            (4_102_444_800, "2100-01-01T00:00:00."),
-            (1_795_565_537, "2026-11-25T00:12:17."),
+        for (secs, iso, local) in [
+            (0u64, "1970-01-01T00:00:00.", "01/Jan/1970:00:00:00 +0000"),
+            (951_782_400, "2000-02-29T00:00:00.", "29/Feb/2000:00:00:00 +0000"),
+            (1_709_251_199, "2024-02-29T23:59:59.", "29/Feb/2024:23:59:59 +0000"),
+            (4_102_444_800, "2100-01-01T00:00:00.", "01/Jan/2100:00:00:00 +0000"),
+            (1_795_565_537, "2026-11-25T00:12:17.", "25/Nov/2026:00:12:17 +0000"),
+            (1_796_601_599, "2026-12-06T23:59:59.", "06/Dec/2026:23:59:59 +0000"),
         ] {
-            assert_eq!(std::str::from_utf8(&date_time_prefix(secs)).unwrap(), want, "{secs}");
+            assert_eq!(std::str::from_utf8(&date_time_prefix(secs)).unwrap(), iso, "{secs}");
+            assert_eq!(std::str::from_utf8(&local_time(secs)).unwrap(), local, "{secs}");
         }
     }
 }

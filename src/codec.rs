@@ -154,18 +154,22 @@ fn push_field(dst: &mut Vec<u8>, name: &str, value: &HeaderValue) {
 }
 
 /// `n` in decimal (also the access log's numbers, `accesslog`).
-pub(crate) fn push_decimal(dst: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+pub(crate) fn push_decimal(dst: &mut Vec<u8>, n: u64) {
+    let len = n.checked_ilog10().unwrap_or(0) as usize + 1;
+    push_digits(dst, n, len);
+}
+
+/// The last `len` decimal digits of `n`, zero-padded. Written straight into the
+/// vector's spare room: a `push` per digit, or a copy from a digit buffer (a `memcpy`
+/// call), cost more than the digits (callgrind: 70-110 instructions a number).
+pub(crate) fn push_digits(dst: &mut Vec<u8>, mut n: u64, len: usize) {
+    dst.reserve(len);
+    for slot in dst.spare_capacity_mut()[..len].iter_mut().rev() {
+        slot.write(b'0' + (n % 10) as u8);
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
-    dst.extend_from_slice(&digits[i..]);
+    // SAFETY: the `len` bytes past the length were written just above.
+    unsafe { dst.set_len(dst.len() + len) };
 }
 
 /// The chunk-size line for `len` bytes of data: hex digits and CRLF.

@@ -141,6 +141,8 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub h2_max_concurrent_streams: u32,
     pub access_log: AccessLog,
+    /// The line format (`accesslog::LogFormat`): `"rampart"` unless set.
+    pub access_log_format: Arc<crate::accesslog::LogFormat>,
     /// The nameservers `dns_refresh` pools ask; `None`: /etc/resolv.conf's.
     pub resolvers: crate::dns::Nameservers,
 }
@@ -586,6 +588,7 @@ struct FileServer {
     h2_max_concurrent_streams: Option<u32>,
     /// `true`, `false` or a file path: checked in `validate_server`.
     access_log: Option<toml::Value>,
+    access_log_format: Option<String>,
     resolvers: Option<Vec<String>>,
 }
 
@@ -1204,6 +1207,14 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         max_headers,
         h2_max_concurrent_streams,
         access_log: validate_access_log(raw.access_log.as_ref(), base, errs),
+        access_log_format: match raw.access_log_format.as_deref().map(crate::accesslog::LogFormat::parse) {
+            None => Arc::default(),
+            Some(Ok(f)) => Arc::new(f),
+            Some(Err(e)) => {
+                errs.push("server.access_log_format", e);
+                Arc::default()
+            }
+        },
         resolvers: validate_resolvers(raw.resolvers.as_deref(), errs),
     })
 }
@@ -2480,10 +2491,18 @@ connect_timeout = "soon"
                 "server.access_log: directory /nonexistent-rampart-dir does not exist",
             ),
             ("\"/tmp\"", "server.access_log: /tmp is a directory"),
+            (
+                "true\naccess_log_format = \"$status $bytes\"",
+                "server.access_log_format: unknown variable $bytes; known:",
+            ),
         ] {
             let errs = errors_of(&with(v)).join("\n");
             assert!(errs.contains(want), "{v}: {errs}");
         }
+        let c = Config::parse(&with("true\naccess_log_format = \"combined\""), "t").unwrap();
+        assert_eq!(c.server.access_log_format.source(), "combined");
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.server.access_log_format.source(), "rampart");
     }
 
     #[test]

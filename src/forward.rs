@@ -9,6 +9,7 @@
 //!
 //! `proxy.rs` prepares the request and turns the result into the client's response.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -81,12 +82,14 @@ fn breaker_error(pool: &Pool, l: Limit) -> ProxyError {
 }
 
 /// `try_timeout`: each try's time to response headers (the pool's, or the route's).
+/// `tries` counts the tries sent, hedges included, for the access log.
 pub async fn forward(
     ctx: &Rc<WorkerCtx>,
     pool: &Arc<Pool>,
     req: UpRequest,
     hash: Option<u64>,
     try_timeout: Duration,
+    tries: &Cell<u8>,
 ) -> Result<Forwarded, ProxyError> {
     let cfg = &pool.config;
     let request_slot = pool
@@ -126,7 +129,8 @@ pub async fn forward(
         } else {
             None
         };
-        let (bi, outcome) = attempt(ctx, pool, hash, bi, request, &mut attempts, opts, hedge).await;
+        tries.set(tries.get().saturating_add(1));
+        let (bi, outcome) = attempt(ctx, pool, hash, bi, request, &mut attempts, opts, hedge, tries).await;
         let (err, unsent) = match outcome {
             Outcome::Response(mut fwd) => {
                 attach_slot(&mut fwd, request_slot);
@@ -188,7 +192,7 @@ fn attach_slot(fwd: &mut Forwarded, slot: crate::breaker::Slot) {
     match fwd.response.body_mut() {
         RespBody::Upstream { request_slot, .. } => *request_slot = Some(slot),
         RespBody::H2(h2) => h2.request_slot = Some(slot),
-        RespBody::Full(_) => {}
+        RespBody::Full(_) | RespBody::Logged(_) => {}
     }
 }
 
@@ -212,6 +216,7 @@ async fn attempt(
     attempts: &mut Attempts,
     opts: TryOpts,
     hedge: bool,
+    tries: &Cell<u8>,
 ) -> (usize, Outcome) {
     let start = crate::clock::tokio_now();
     let deadline = start + opts.timeout;
@@ -249,6 +254,7 @@ async fn attempt(
         return (bi, by_deadline(pool, bi, first, timer).await);
     }
     metrics::counter!("rampart_hedges_total", "pool" => pool.name.clone()).increment(1);
+    tries.set(tries.get().saturating_add(1));
     tracing::debug!(pool = %pool.name, slow = %pool.backends[bi].name, hedge = %pool.backends[hb].name, delay_ms = delay.as_millis() as u64, "hedging");
     // Both count as tried: whichever fails, a retry goes to a third backend.
     attempts.mark_tried(bi);

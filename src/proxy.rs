@@ -17,7 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 
-use crate::accesslog::Entry;
+use crate::accesslog::{Answered, Pending};
 use crate::balancer::{hash64, Balancer};
 use crate::body::{InBody, RespBody};
 use crate::codec::{AddedFields, UpHead};
@@ -222,9 +222,22 @@ pub fn handle(
             _ => ctx.ids.next(),
         };
         let method = req.method().clone();
-        // The target as received (a `Bytes` clone, not a copy), for the access log.
-        let logged = (!matches!(snap.config.server.access_log, AccessLog::Off))
-            .then(|| (req.uri().path_and_query().cloned(), req.version()));
+        // The access-log record; boxed, so a request without one carries a null pointer.
+        // Dropped with the request if it ends before an answer: a line saying so.
+        let log = (!matches!(snap.config.server.access_log, AccessLog::Off)).then(|| {
+            let format = &snap.config.server.access_log_format;
+            Pending::begin(
+                &ctx,
+                &conn,
+                format,
+                &req,
+                raw.as_ref(),
+                fields.host.as_ref(),
+                &request_id,
+                start,
+            )
+        });
+        let tries = Cell::new(0u8);
         let mut pool_idx = None;
         let mut route_idx = None;
         let mut backend = None;
@@ -261,7 +274,7 @@ pub fn handle(
                 backend: addr,
                 upgraded,
                 raw: fields,
-            } = match crate::forward::forward(&ctx, pool, req, p.hash, try_timeout).await {
+            } = match crate::forward::forward(&ctx, pool, req, p.hash, try_timeout, &tries).await {
                 Ok(f) => f,
                 Err(e) => break 'proxied Err(e),
             };
@@ -284,6 +297,7 @@ pub fn handle(
             Ok(response)
         };
         let pool = pool_idx.map(|i| &snap.pools[i]);
+        let mut error = None;
         let mut response = match result {
             Ok(r) => r,
             Err(ProxyError::HttpsRedirect(location)) => redirect_response(location, &method),
@@ -291,6 +305,7 @@ pub fn handle(
                 log_failure(&e, &method, pool.map(|p| p.name.as_str()), &request_id);
                 metrics::counter!(crate::metrics::PROXY_ERRORS, "kind" => e.kind()).increment(1);
                 let custom = snap.config.error_pages.get(&e.status().as_u16());
+                error = Some(e.kind());
                 error_response(&e, &request_id, custom)
             }
         };
@@ -306,21 +321,17 @@ pub fn handle(
         if let Some(p) = pool {
             p.metrics.record(response.status().as_u16(), elapsed);
         }
-        if let Some((target, version)) = logged {
-            ctx.access_log.record(
-                &ctx.shared,
-                &Entry {
-                    client: conn.peer_ip.as_bytes(),
-                    method: &method,
-                    target: target.as_ref().map_or("/", |t| t.as_str()),
-                    version,
-                    status: response.status().as_u16(),
-                    elapsed,
-                    pool: pool.map(|p| p.name.as_str()),
-                    backend,
-                    request_id: request_id.as_bytes(),
-                },
-            );
+        if let Some(log) = log {
+            let answered = Answered {
+                status: response.status().as_u16(),
+                pool: pool.cloned(),
+                backend,
+                head_time: elapsed,
+                tries: tries.get(),
+                error,
+            };
+            let body = std::mem::replace(response.body_mut(), RespBody::empty());
+            *response.body_mut() = log.answered(answered, body);
         }
         Answer {
             response,

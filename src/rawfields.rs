@@ -11,7 +11,7 @@
 //! that go out byte for byte anyway. nginx passes the lines the same way.
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
 
 use crate::codec::{eq_lower, header_name, Span};
 
@@ -141,6 +141,28 @@ impl RawRequest {
     }
 }
 
+/// The first value of field `name` in a `RawRequest::block` (for the access log's
+/// `$http_NAME`), sharing the block's bytes.
+pub fn find(block: &Bytes, name: &HeaderName) -> Option<HeaderValue> {
+    let want = name.as_str().as_bytes();
+    let mut at = 0;
+    while at < block.len() {
+        let line_end = at
+            + block[at..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(block.len() - at, |p| p + 1);
+        let line = &block[at..line_end];
+        if line.len() > want.len() && line[want.len()] == b':' && eq_lower(&line[..want.len()], want) {
+            let rest = &line[want.len() + 1..];
+            let start = at + want.len() + 1 + (rest.len() - rest.trim_ascii_start().len());
+            return HeaderValue::from_maybe_shared(block.slice(start..start + rest.trim_ascii().len())).ok();
+        }
+        at = line_end;
+    }
+    None
+}
+
 /// A `RawRequest::block` as a map (a route's request header rules need one).
 pub fn block_map(block: &Bytes) -> HeaderMap {
     let mut map = HeaderMap::new();
@@ -195,10 +217,21 @@ pub fn field_block(buf: &[u8], spans: &[[u32; 4]]) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::BytesMut;
+    use bytes::{Bytes, BytesMut};
     use http::header::HeaderName;
 
     use crate::codec::{parse_response, Head};
+
+    #[test]
+    fn find_reads_the_first_value_of_a_field_in_a_block() {
+        let block = Bytes::from_static(b"Host: a\r\nUser-Agent:  x y \r\nuser-agent: z\r\nX-Agent: no\r\nAgent: w\r\n");
+        let find = |n: &'static str| super::find(&block, &HeaderName::from_static(n));
+        assert_eq!(find("user-agent").unwrap(), "x y");
+        assert_eq!(find("agent").unwrap(), "w");
+        assert_eq!(find("host").unwrap(), "a");
+        assert!(find("referer").is_none());
+        assert!(super::find(&Bytes::new(), &HeaderName::from_static("host")).is_none());
+    }
 
     fn head(raw: &str) -> Head {
         parse_response(&mut BytesMut::from(raw), false, true, &mut Vec::new())

@@ -83,6 +83,14 @@ pub struct WorkerCtx {
     builder: RefCell<(Arc<Config>, Rc<HttpBuilder>)>,
 }
 
+/// Lines recorded after the worker's last flush (requests whose tasks were dropped with
+/// the runtime, each logging how it ended) are written when the last task lets go.
+impl Drop for WorkerCtx {
+    fn drop(&mut self) {
+        self.access_log.flush(&self.shared);
+    }
+}
+
 impl WorkerCtx {
     /// The builders for a new connection (or a dormant one waking): remade after a
     /// reload changed `[server]`, so its timeouts and limits apply without a restart.

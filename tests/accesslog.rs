@@ -1,5 +1,6 @@
-//! The access log over real sockets: one line per answered request with its fields,
-//! written within `FLUSH_AFTER` without a shutdown, reopened by name for log rotation,
+//! The access log over real sockets: one line per request with its fields, how it
+//! ended (retried, client gone, backend broke off), the `combined`, `json` and
+//! template formats, written within `FLUSH_AFTER` without a shutdown, reopened by name for log rotation,
 //! moved by a reload, a reload to a file that cannot be opened is refused whole, and a
 //! write that fails (a full disk) loses only its lines.
 
@@ -44,6 +45,15 @@ async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
     }
 }
 
+/// The default line's fields, split on spaces (the request's three parts apart):
+/// time client "method target protocol" status bytes request_time header_time pool
+/// backend attempts termination request-id.
+fn fields(line: &str) -> Vec<&str> {
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!(f.len(), 14, "{line}");
+    f
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answered_request_gets_one_line_with_its_fields() {
     let origin = TestOrigin::start("a", Behavior::Healthy).await;
@@ -63,48 +73,224 @@ async fn every_answered_request_gets_one_line_with_its_fields() {
 
     let got = lines(&log);
     assert_eq!(got.len(), 3, "{got:#?}");
-    let fields: Vec<Vec<&str>> = got.iter().map(|l| l.split(' ').collect()).collect();
+    let f: Vec<Vec<&str>> = got.iter().map(|l| fields(l)).collect();
     let backend = origin.addr.to_string();
-    // time client "method target version" status ms pool backend request-id
     assert_eq!(
-        fields[0][1..],
+        f[0][1..],
         [
             "127.0.0.1",
             "\"GET",
             "/a/b?q=1&r=2",
             "HTTP/1.1\"",
             "200",
-            fields[0][6],
+            "1",
+            f[0][7],
+            f[0][8],
             "app",
             backend.as_str(),
+            "1",
+            "-",
             "client-id-1"
         ]
     );
-    assert!(
-        fields[0][0].ends_with('Z') && fields[0][0].len() == 24,
-        "{}",
-        fields[0][0]
-    );
-    assert!(fields[0][6].parse::<f64>().is_ok(), "{}", fields[0][6]);
-    assert_eq!(fields[1].len(), 10, "{}", got[1]);
-    assert_eq!(fields[1][9], "id\\x20\\x22x\\x22", "{}", got[1]);
-    assert_eq!(fields[2][2..5], ["\"GET", "/two", "HTTP/2.0\""]);
-    assert_eq!(fields[2][9], generated, "the line carries the id the client was sent");
+    assert!(f[0][0].ends_with('Z') && f[0][0].len() == 24, "{}", f[0][0]);
+    let (total, head): (f64, f64) = (f[0][7].parse().unwrap(), f[0][8].parse().unwrap());
+    assert!(head > 0.0 && head <= total, "{}", got[0]);
+    assert_eq!(f[1][13], "id\\x20\\x22x\\x22", "{}", got[1]);
+    assert_eq!(f[2][2..5], ["\"GET", "/two", "HTTP/2.0\""]);
+    assert_eq!(f[2][13], generated, "the line carries the id the client was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_requests_are_logged_with_their_status_and_no_backend() {
+async fn failed_requests_are_logged_with_their_status_error_and_tries() {
     let dead = refused_addr().await;
+    let dead2 = refused_addr().await;
     let dir = temp_dir("failed");
     let log = dir.join("access.log");
-    let (srv, addr) = start_proxy(&config(&[dead], &log));
+    let (srv, addr) = start_proxy(&config(&[dead, dead2], &log));
     let r = get(addr, "/gone").await;
     assert_eq!(r.status, 503);
     stop_proxy(srv).await;
     let got = lines(&log);
     assert_eq!(got.len(), 1, "{got:#?}");
-    let f: Vec<&str> = got[0].split(' ').collect();
-    assert_eq!([f[5], f[7], f[8]], ["503", "app", "-"], "{}", got[0]);
+    let f = fields(&got[0]);
+    // Both backends were tried; rampart answered itself, so no backend and no time to
+    // a backend's head, and the error's kind as in `rampart_proxy_errors_total`.
+    assert_eq!(
+        [f[5], f[8], f[9], f[10], f[11], f[12]],
+        ["503", "-", "app", "-", "2", "connect_failed"],
+        "{}",
+        got[0]
+    );
+    assert_ne!(f[6], "0", "the error page's bytes: {}", got[0]);
+}
+
+/// A request retried on another backend says so; one whose client left before the
+/// answer is logged as nginx logs it (499); one whose backend broke off mid-body is
+/// logged with the status it started with, the bytes that got through, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_says_how_its_request_ended() {
+    let dead = refused_addr().await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let frozen = TestOrigin::start("frozen", Behavior::Freeze).await;
+    let reset = TestOrigin::start("reset", Behavior::ResetMidBody).await;
+    let dir = temp_dir("ended");
+    let log = dir.join("access.log");
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+shutdown_grace = "5s"
+access_log = "{log}"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+path_prefix = "/frozen"
+pool = "frozen"
+
+[[routes]]
+path_prefix = "/reset"
+pool = "reset"
+
+[[routes]]
+pool = "app"
+
+[pools.app]
+backends = ["{dead}", "{good}"]
+balancer = "round_robin"
+health_check = {{ type = "none" }}
+
+[pools.frozen]
+backends = ["{frozen}"]
+health_check = {{ type = "none" }}
+
+[pools.reset]
+backends = ["{reset}"]
+health_check = {{ type = "none" }}
+retry = {{ response_buffer_bytes = 0 }}
+"#,
+        log = log.display(),
+        good = good.addr,
+        frozen = frozen.addr,
+        reset = reset.addr,
+    );
+    let (srv, addr) = start_proxy(&toml);
+    for _ in 0..2 {
+        assert_eq!(get(addr, "/retried").await.text(), "good");
+    }
+
+    // The client sends its request and leaves while the backend holds it.
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut c, b"GET /frozen HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while frozen.hits() == 0 && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(c);
+
+    assert!(try_get(addr, "/reset").await.is_err(), "the body breaks off");
+    let got = wait_for_lines(&log, 4).await;
+    stop_proxy(srv).await;
+    assert_eq!(got.len(), 4, "{got:#?}");
+    let f: Vec<Vec<&str>> = got.iter().map(|l| fields(l)).collect();
+
+    let retried: Vec<&str> = f[..2].iter().map(|f| f[11]).collect();
+    assert!(
+        retried.contains(&"2"),
+        "one of two round-robin requests met the dead backend first: {got:#?}"
+    );
+    for f in &f[..2] {
+        assert_eq!(
+            [f[5], f[6], f[10], f[12]],
+            ["200", "4", good.addr.to_string().as_str(), "-"]
+        );
+    }
+    let frozen_line = got.iter().position(|l| l.contains(" /frozen ")).unwrap();
+    let reset_line = got.iter().position(|l| l.contains(" /reset ")).unwrap();
+    let (fr, rs) = (&f[frozen_line], &f[reset_line]);
+    assert_eq!(
+        [fr[5], fr[6], fr[8], fr[9], fr[10], fr[12]],
+        ["499", "0", "-", "-", "-", "client_aborted"],
+        "{}",
+        got[frozen_line]
+    );
+    assert_eq!(
+        [rs[5], rs[9], rs[11], rs[12]],
+        ["200", "reset", "1", "upstream_body_failed"],
+        "{}",
+        got[reset_line]
+    );
+    let sent: u64 = rs[6].parse().unwrap();
+    assert!(
+        sent > 0 && sent < 1_000_000,
+        "part of the promised 1 MB got through: {sent}"
+    );
+}
+
+/// `combined` and `json` lines, `$http_NAME` from every way a request's fields arrive
+/// (as written on the HTTP/1.1 fast path, in a map with a body, over HTTP/2), and a
+/// reload that changes the format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formats_are_nginx_s_combined_json_or_a_template() {
+    let origin = TestOrigin::start("a", Behavior::Healthy).await;
+    let dir = temp_dir("formats");
+    let log = dir.join("access.log");
+    let with_format =
+        |f: &str| with_server_setting(&config(&[origin.addr], &log), &format!("access_log_format = {f:?}"));
+    let (srv, addr) = start_proxy(&with_format("combined"));
+    let ua = [("user-agent", "probe/1.0 (test; \"x\")"), ("referer", "http://r/")];
+    assert_eq!(get_with(addr, "/c?x=1", &ua).await.status, 200);
+    let got = wait_for_lines(&log, 1).await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    let l = &got[0];
+    assert!(l.starts_with("127.0.0.1 - - ["), "{l}");
+    assert!(
+        l.ends_with("] \"GET /c?x=1 HTTP/1.1\" 200 1 \"http://r/\" \"probe/1.0 (test; \\x22x\\x22)\""),
+        "{l}"
+    );
+
+    srv.reload(rampart::Config::parse(&with_format("json"), "t").unwrap())
+        .unwrap();
+    assert_eq!(get_with(addr, "/j", &ua).await.status, 200);
+    let posted = send(
+        addr,
+        http::Request::post("/p")
+            .header("host", "Site.Example:99")
+            .header("user-agent", "poster")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"body")))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(posted.status, 200);
+    assert_eq!(get_h2(addr, "/h2").await.status, 200);
+    let got = wait_for_lines(&log, 4).await;
+    assert_eq!(got.len(), 4, "{got:#?}");
+    let v: Vec<serde_json::Value> = got[1..].iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(v[0]["request_uri"], "/j");
+    assert_eq!(v[0]["http_user_agent"], "probe/1.0 (test; \"x\")");
+    assert_eq!(v[0]["http_referer"], "http://r/");
+    assert_eq!(v[0]["status"], 200);
+    assert_eq!(v[0]["upstream_attempts"], 1);
+    assert_eq!(v[0]["pool"], "app");
+    assert_eq!(v[1]["request_method"], "POST");
+    assert_eq!(v[1]["http_user_agent"], "poster");
+    assert_eq!(v[1]["host"], "site.example");
+    assert_eq!(v[1]["http_referer"], serde_json::Value::Null);
+    assert_eq!(v[2]["server_protocol"], "HTTP/2.0");
+    assert!(v[2]["request_time"].as_f64().unwrap() > 0.0);
+
+    let template = "$status $request_method [$http_x_trace] ${pool}!";
+    srv.reload(rampart::Config::parse(&with_format(template), "t").unwrap())
+        .unwrap();
+    assert_eq!(get_with(addr, "/t", &[("x-trace", "t 1")]).await.status, 200);
+    stop_proxy(srv).await;
+    let got = lines(&log);
+    assert_eq!(got.last().unwrap(), "200 GET [t 1] app!", "{got:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
