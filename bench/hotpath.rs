@@ -39,6 +39,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
             backup: false,
             tls_name: None,
             state: Arc::new(BackendState::new()),
+            sticky_id: 0,
         })
         .collect();
     (cfg, live)

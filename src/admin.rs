@@ -410,6 +410,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                         "ejected_for_ms": until.saturating_sub(now),
                         "in_flight": b.state.in_flight(),
                         "ewma_ms": b.state.ewma() / 1e6,
+                        // The value a sticky pool's cookie names it by.
+                        "sticky_id": p.config.sticky.as_ref().map(|_| format!("{:016x}", b.sticky_id)),
                     })
                 })
                 .collect();
@@ -419,6 +421,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 "balancer": p.balancer.kind(),
                 "protocol": p.config.protocol.as_str(),
                 "dns_refresh_ms": p.config.dns.as_ref().map(|d| d.refresh.as_millis() as u64),
+                "sticky_cookie": p.config.sticky.as_ref().map(|s| s.cookie.as_str()),
                 "tls": tls,
                 "backends": backends,
             })

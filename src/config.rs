@@ -408,6 +408,18 @@ pub struct PoolConfig {
     /// With `dns_refresh`: the backends as written, looked up again every so often
     /// (`dns`); `backends` then holds the last answer's addresses.
     pub dns: Option<crate::dns::DnsPool>,
+    /// Session affinity by a cookie rampart sets (`sticky = { cookie = ... }`).
+    pub sticky: Option<StickyConfig>,
+}
+
+/// `[pools.NAME] sticky`: a client keeps to the backend its cookie names (HAProxy's
+/// `cookie NAME insert`, Traefik's and Envoy's sticky cookies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyConfig {
+    pub cookie: String,
+    /// What follows `NAME=VALUE` in the `Set-Cookie` field: `; Path=/; HttpOnly`,
+    /// with `Max-Age` when one is set.
+    pub attributes: String,
 }
 
 /// A pool's protocol to its backends.
@@ -694,6 +706,16 @@ struct FilePool {
     h2_max_streams: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     dns_refresh: Option<Duration>,
+    sticky: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSticky {
+    cookie: String,
+    #[serde(default, with = "humantime_serde")]
+    max_age: Option<Duration>,
+    path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1633,6 +1655,10 @@ fn validate_pool(
     let outlier = validate_outlier(raw.outlier.as_ref(), &format!("{path}.outlier"), errs);
     let retry = validate_retry(raw.retry.as_ref(), &format!("{path}.retry"), response_timeout, errs);
     let circuit_breaker = validate_breaker(raw.circuit_breaker.as_ref(), &format!("{path}.circuit_breaker"), errs);
+    let sticky = match &raw.sticky {
+        None => None,
+        Some(v) => validate_sticky(v, &format!("{path}.sticky"), errs),
+    };
     if errs.0.len() > before {
         return None;
     }
@@ -1656,6 +1682,50 @@ fn validate_pool(
         protocol,
         h2_max_streams,
         dns,
+        sticky,
+    })
+}
+
+/// `sticky = { cookie = "srv", max_age = "8h", path = "/" }`.
+fn validate_sticky(value: &toml::Value, path: &str, errs: &mut Errors) -> Option<StickyConfig> {
+    let raw: FileSticky = section(value, path, errs)?;
+    // A cookie name is an RFC 9110 token (RFC 6265 §4.1.1).
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    let mut ok = true;
+    if raw.cookie.is_empty() || !raw.cookie.chars().all(token) {
+        errs.push(
+            format!("{path}.cookie"),
+            format!(
+                "must be a cookie name (letters, digits and !#$%&'*+-.^_`|~), got {:?}",
+                raw.cookie
+            ),
+        );
+        ok = false;
+    }
+    let cookie_path = raw.path.unwrap_or_else(|| "/".to_string());
+    if !cookie_path.starts_with('/') || cookie_path.chars().any(|c| c == ';' || !(' '..='~').contains(&c)) {
+        errs.push(
+            format!("{path}.path"),
+            format!("must start with / and hold no ';' or control characters, got {cookie_path:?}"),
+        );
+        ok = false;
+    }
+    let mut attributes = format!("; Path={cookie_path}");
+    match raw.max_age {
+        Some(d) if d.as_secs() == 0 => {
+            errs.push(
+                format!("{path}.max_age"),
+                "must be at least 1s (omit it for a session cookie)",
+            );
+            ok = false;
+        }
+        Some(d) => attributes.push_str(&format!("; Max-Age={}", d.as_secs())),
+        None => {}
+    }
+    attributes.push_str("; HttpOnly");
+    ok.then_some(StickyConfig {
+        cookie: raw.cookie,
+        attributes,
     })
 }
 
@@ -2475,6 +2545,43 @@ connect_timeout = "soon"
         )
         .unwrap();
         assert_eq!(c.server.access_log, AccessLog::File(abs));
+    }
+
+    #[test]
+    fn sticky_takes_a_cookie_name_and_says_what_is_wrong() {
+        let with = |v: &str| format!("{MINIMAL}\nsticky = {v}\n");
+        let c = Config::parse(&with("{ cookie = \"srv\" }"), "t").unwrap();
+        let s = c.pools[0].sticky.as_ref().unwrap();
+        assert_eq!(
+            (s.cookie.as_str(), s.attributes.as_str()),
+            ("srv", "; Path=/; HttpOnly")
+        );
+        let c = Config::parse(&with("{ cookie = \"srv\", max_age = \"8h\", path = \"/app\" }"), "t").unwrap();
+        assert_eq!(
+            c.pools[0].sticky.as_ref().unwrap().attributes,
+            "; Path=/app; Max-Age=28800; HttpOnly"
+        );
+        for (v, want) in [
+            ("{ cookie = \"a b\" }", "pools.app.sticky.cookie: must be a cookie name"),
+            ("{ cookie = \"\" }", "pools.app.sticky.cookie: must be a cookie name"),
+            (
+                "{ cookie = \"s\", path = \"x\" }",
+                "pools.app.sticky.path: must start with /",
+            ),
+            (
+                "{ cookie = \"s\", path = \"/a;b\" }",
+                "pools.app.sticky.path: must start with /",
+            ),
+            (
+                "{ cookie = \"s\", max_age = \"0s\" }",
+                "pools.app.sticky.max_age: must be at least 1s",
+            ),
+            ("{ name = \"s\" }", "pools.app.sticky"),
+            ("\"srv\"", "pools.app.sticky"),
+        ] {
+            let errs = errors_of(&with(v)).join("\n");
+            assert!(errs.contains(want), "{v}: {errs}");
+        }
     }
 
     #[test]

@@ -82,12 +82,16 @@ fn breaker_error(pool: &Pool, l: Limit) -> ProxyError {
 }
 
 /// `try_timeout`: each try's time to response headers (the pool's, or the route's).
-/// `tries` counts the tries sent, hedges included, for the access log.
+/// `tries` counts the tries sent, hedges included, for the access log. `prefer`: the
+/// backend a sticky client's cookie names, tried first if it may be
+/// (`Pool::sticky_fit`); a retry goes where the balancer says.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward(
     ctx: &Rc<WorkerCtx>,
     pool: &Arc<Pool>,
     req: UpRequest,
     hash: Option<u64>,
+    prefer: Option<usize>,
     try_timeout: Duration,
     tries: &Cell<u8>,
 ) -> Result<Forwarded, ProxyError> {
@@ -114,7 +118,8 @@ pub async fn forward(
     let hedge = cfg.retry.hedge && retryable_after_send && !upgrade && pool.backends.len() > 1;
     let mut req = Some(req);
     let mut gateway_reply: Option<Forwarded> = None;
-    while let Some(bi) = pool.pick(hash, attempts.tried()) {
+    let mut prefer = prefer.filter(|&bi| pool.sticky_fit(bi));
+    while let Some(bi) = prefer.take().or_else(|| pool.pick(hash, attempts.tried())) {
         let Some(request) = req.take().or_else(|| attempts.replay()) else {
             break;
         };

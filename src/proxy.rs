@@ -29,7 +29,7 @@ use crate::idle::ParkState;
 use crate::rawfields::{RawFields, RawRequest};
 use crate::retry;
 use crate::router::host_without_port;
-use crate::state::Snapshot;
+use crate::state::{Pool, Snapshot};
 use crate::tunnel::ClientSide;
 use crate::upstream::UpRequest;
 use crate::worker::WorkerCtx;
@@ -269,17 +269,24 @@ pub fn handle(
                 Err(e) => break 'proxied Err(e),
             };
             let req = UpRequest { head: p.head, body };
+            let prefer = match p.sticky {
+                Sticky::Named(bi) => Some(bi as usize),
+                _ => None,
+            };
             let Forwarded {
                 mut response,
                 backend: addr,
                 upgraded,
                 raw: fields,
-            } = match crate::forward::forward(&ctx, pool, req, p.hash, try_timeout, &tries).await {
+            } = match crate::forward::forward(&ctx, pool, req, p.hash, prefer, try_timeout, &tries).await {
                 Ok(f) => f,
                 Err(e) => break 'proxied Err(e),
             };
             backend = Some(addr);
             backend_fields = fields;
+            if let Some(cookie) = sticky_cookie(pool, p.sticky, addr, conn.tls) {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
             if let (Some(host), Some(route)) = (&p.location_host, route_idx.map(|i| &snap.routes[i])) {
                 if let Some(to) = &route.prefix_rewrite {
                     map_location_back(response.headers_mut(), &route.path_prefix, to, host);
@@ -523,6 +530,11 @@ fn prepare(
         _ => None,
     };
 
+    let sticky = match &pool.config.sticky {
+        None => Sticky::Off,
+        Some(s) => sticky_backend(pool, &s.cookie, &req, raw.as_ref()),
+    };
+
     let upgrade = fields.upgrade && is_upgrade(&req);
     if upgrade && pool.config.protocol == crate::config::UpstreamProtocol::H2 {
         return Err(ProxyError::NotImplemented(
@@ -579,6 +591,7 @@ fn prepare(
         content_length,
         max_body_bytes: route.max_body_bytes,
         hash,
+        sticky,
         client_upgrade,
         location_host,
     })
@@ -592,10 +605,67 @@ struct Prepared {
     content_length: Option<u64>,
     max_body_bytes: Option<u64>,
     hash: Option<u64>,
+    sticky: Sticky,
     client_upgrade: Option<ClientUpgrade>,
     /// For a route that maps a backend's `Location` back: the host the client asked
     /// for (with any port), whose absolute URLs are mapped. Boxed: rare.
     location_host: Option<Box<str>>,
+}
+
+/// A request to a sticky pool (`sticky`): whether its cookie names one of the pool's
+/// backends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sticky {
+    /// Not a sticky pool.
+    Off,
+    /// No cookie, or one that names no backend of the pool (any longer).
+    Unnamed,
+    /// A backend's index; `u32` keeps the enum, moved with every request, at 8 bytes.
+    Named(u32),
+}
+
+/// The backend a sticky pool's cookie names. The fast path's raw fields are parsed
+/// for it: only for sticky pools.
+#[cold]
+fn sticky_backend<B>(pool: &Pool, name: &str, req: &Request<B>, raw: Option<&RawRequest>) -> Sticky {
+    let id = |headers: &HeaderMap| {
+        cookie(headers, name)
+            .filter(|v| v.len() == 16)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+    };
+    let id = match raw {
+        Some(r) => id(&r.header_map()),
+        None => id(req.headers()),
+    };
+    match id.and_then(|id| pool.backends.iter().position(|b| b.sticky_id == id)) {
+        Some(bi) => Sticky::Named(bi as u32),
+        None => Sticky::Unnamed,
+    }
+}
+
+/// The `Set-Cookie` for a sticky pool's response from `answered`, unless the client's
+/// cookie already names it. `Secure` when the client came over TLS.
+fn sticky_cookie(pool: &Pool, sticky: Sticky, answered: SocketAddr, tls: bool) -> Option<HeaderValue> {
+    let cfg = pool.config.sticky.as_ref()?;
+    if let Sticky::Named(bi) = sticky {
+        if pool.backends[bi as usize].addr == answered {
+            return None;
+        }
+    }
+    sticky_set_cookie(pool, cfg, answered, tls)
+}
+
+#[cold]
+fn sticky_set_cookie(
+    pool: &Pool,
+    cfg: &crate::config::StickyConfig,
+    answered: SocketAddr,
+    tls: bool,
+) -> Option<HeaderValue> {
+    let b = pool.backends.iter().find(|b| b.addr == answered)?;
+    let secure = if tls { "; Secure" } else { "" };
+    let v = format!("{}={:016x}{}{secure}", cfg.cookie, b.sticky_id, cfg.attributes);
+    HeaderValue::from_str(&v).ok()
 }
 
 enum ClientUpgrade {
@@ -1136,15 +1206,20 @@ fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> 
     match key {
         HashKey::ClientIp => Some(hash64(conn.peer_ip.as_bytes())),
         HashKey::Header(name) => headers.get(name).map(|v| hash64(v.as_bytes())),
-        HashKey::Cookie(name) => headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| hash64(v.as_bytes())),
+        HashKey::Cookie(name) => cookie(headers, name).map(|v| hash64(v.as_bytes())),
     }
+}
+
+/// The value of cookie `name` in the request's `Cookie` fields.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 #[cfg(test)]

@@ -370,6 +370,10 @@ pub struct Backend {
     /// For a pool with `tls`: the name the backend's certificate is verified against.
     pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     pub state: Arc<BackendState>,
+    /// Its value in a sticky pool's cookie: a hash of its address, so that every
+    /// rampart with the same backends, and every restart, reads the cookie alike,
+    /// and the cookie does not show the address.
+    pub sticky_id: u64,
 }
 
 #[derive(Debug)]
@@ -410,6 +414,14 @@ impl Pool {
     /// other backend can be, down or all tried already by this request. A pool with
     /// backups panics only when no backend of either tier is available: the backups
     /// are the operator's answer to a thin pool.
+    /// Whether a sticky client may keep to backend `bi`: healthy, not ejected, and
+    /// not in maintenance. A drained backend keeps its sticky clients, as HAProxy's
+    /// drain does: their sessions end there, while no new client is sent to it.
+    pub fn sticky_fit(&self, bi: usize) -> bool {
+        let b = &self.backends[bi];
+        b.state.admin_state() != AdminState::Maint && b.state.is_judged_fit(ms_of(clock_ns()))
+    }
+
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         // One clock read per pick: it was three (availability, two EWMA decays).
         let now_ns = clock_ns();
@@ -623,6 +635,7 @@ impl Snapshot {
                     .backends
                     .iter()
                     .map(|bc| Backend {
+                        sticky_id: crate::balancer::hash64(bc.addr.to_string().as_bytes()),
                         name: bc.name.clone(),
                         written: bc.written.clone(),
                         addr: bc.addr,

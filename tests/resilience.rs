@@ -1194,3 +1194,121 @@ async fn a_backup_stands_in_while_no_primary_can_answer() {
     assert!(answers(addr, "/x", 10).await.iter().all(|n| n == "a"));
     stop_proxy(srv).await;
 }
+
+/// The `Set-Cookie` a sticky pool sent, as `NAME=VALUE` to send back, if any.
+fn sticky_set(r: &Reply) -> Option<String> {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|v| v.starts_with("srv="))
+        .map(|v| {
+            assert!(v.ends_with("; Path=/; Max-Age=3600; HttpOnly"), "{v}");
+            v.split(';').next().unwrap().to_string()
+        })
+}
+
+/// A sticky pool: a client's first answer sets a cookie naming its backend, and
+/// every request with it goes there, over HTTP/1.1 (as written, and with a body) and
+/// HTTP/2, among other cookies. A backend that cannot take it (refused, then in
+/// maintenance) loses the client to another, whose answer re-sets the cookie with
+/// no failed request; a drained one keeps its sticky clients (HAProxy's drain) and
+/// gets no new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_cookie_keeps_a_client_on_its_backend_until_it_cannot_serve() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let extra =
+        format!("balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}\nsticky = {{ cookie = \"srv\", max_age = \"1h\" }}");
+    let (srv, addr) = start_proxy(&with_admin(&[a.addr, b.addr, c.addr], &extra, ""));
+    let status = status_of(&srv).await;
+    assert_eq!(status["pools"][0]["sticky_cookie"], "srv");
+
+    // Three new clients: round robin spreads them, and each is told where it went.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let r = get(addr, "/").await;
+        let cookie = sticky_set(&r).expect("a new client gets the cookie");
+        let id = cookie.trim_start_matches("srv=").to_string();
+        let origin = [&a, &b, &c].into_iter().find(|o| o.name == r.text()).unwrap();
+        assert_eq!(backend_field(&status, origin.addr, "sticky_id"), id.as_str());
+        clients.push((cookie, r.text()));
+    }
+    let mut names: Vec<&str> = clients.iter().map(|(_, n)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"]);
+
+    // Each keeps to its own, however it asks, and is not told again.
+    for (cookie, name) in &clients {
+        let with_others = format!("theme=dark; {cookie}; lang=en");
+        for _ in 0..4 {
+            let r = get_with(addr, "/", &[("cookie", with_others.as_str())]).await;
+            assert_eq!((r.text(), sticky_set(&r)), (name.clone(), None));
+        }
+        let post = send(
+            addr,
+            Request::post("/echo")
+                .header("host", "t")
+                .header("cookie", cookie.as_str())
+                .body(Full::new(Bytes::from_static(b"x")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(post.status, 200);
+        assert_eq!(
+            requests_for([&a, &b, &c].into_iter().find(|o| &o.name == name).unwrap(), "/echo"),
+            1
+        );
+        let h2 = send_h2(
+            addr,
+            Request::get(format!("http://{addr}/"))
+                .header("cookie", "theme=dark")
+                .header("cookie", cookie.as_str())
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((h2.text(), sticky_set(&h2)), (name.clone(), None), "over HTTP/2");
+    }
+    // A cookie that names no backend is a new client.
+    let r = get_with(addr, "/", &[("cookie", "srv=00000000000000aa")]).await;
+    assert!(sticky_set(&r).is_some());
+
+    // Drained: its sticky client stays, no new client comes.
+    let (a_cookie, _) = clients.iter().find(|(_, n)| n == "a").unwrap().clone();
+    let r = admin(&srv, "POST", &format!("/backends/app/{}/drain", a.addr)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for _ in 0..3 {
+        let r = get_with(addr, "/", &[("cookie", a_cookie.as_str())]).await;
+        assert_eq!(
+            (r.text(), sticky_set(&r)),
+            ("a".to_string(), None),
+            "drained keeps its own"
+        );
+    }
+    for _ in 0..6 {
+        assert_ne!(get(addr, "/").await.text(), "a", "a drained backend got a new client");
+    }
+    // Maintenance: the client moves, with no failure, and is told where to.
+    admin(&srv, "POST", &format!("/backends/app/{}/maint", a.addr)).await;
+    let r = get_with(addr, "/", &[("cookie", a_cookie.as_str())]).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.text(), "a");
+    let moved = sticky_set(&r).expect("the new backend's cookie");
+    assert_ne!(moved, a_cookie);
+    let again = get_with(addr, "/", &[("cookie", moved.as_str())]).await;
+    assert_eq!((again.text(), sticky_set(&again)), (r.text(), None));
+
+    // Its backend dies (refused, no health checks): the request is retried
+    // elsewhere, never failed, and the cookie follows.
+    admin(&srv, "POST", &format!("/backends/app/{}/ready", a.addr)).await;
+    let (b_cookie, _) = clients.iter().find(|(_, n)| n == "b").unwrap().clone();
+    b.stop();
+    let r = get_with(addr, "/", &[("cookie", b_cookie.as_str())]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(r.text(), "b");
+    assert!(sticky_set(&r).is_some_and(|c| c != b_cookie));
+    stop_proxy(srv).await;
+}
