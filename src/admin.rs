@@ -335,6 +335,33 @@ fn backend_series(shared: &Shared, out: &mut String) {
             );
         }
     }
+    let name = crate::metrics::BACKEND_RESPONSES;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Responses a backend sent, by status class (those a retry replaced included)"
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (pool, backend, st) in &backends {
+        for (code, n) in st.counters.responses() {
+            let _ = writeln!(
+                out,
+                "{name}{{pool=\"{pool}\",backend=\"{backend}\",code=\"{code}\"}} {n}"
+            );
+        }
+    }
+    let name = crate::metrics::BACKEND_LATENCY;
+    let _ = writeln!(
+        out,
+        "# HELP {name} The balancer's estimate of the backend's time to response headers (peak EWMA, decaying while idle)"
+    );
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for (pool, backend, st) in &backends {
+        let _ = writeln!(
+            out,
+            "{name}{{pool=\"{pool}\",backend=\"{backend}\"}} {}",
+            st.ewma() / 1e9
+        );
+    }
     // Only the kinds a backend has had: twelve zeros per backend would bury the rest.
     let name = crate::metrics::UPSTREAM_ERRORS;
     let _ = writeln!(

@@ -138,11 +138,19 @@ pub async fn forward(
         let (bi, outcome) = attempt(ctx, pool, hash, bi, request, &mut attempts, opts, hedge, tries).await;
         let (err, unsent) = match outcome {
             Outcome::Response(mut fwd) => {
+                pool.backends[bi]
+                    .state
+                    .counters
+                    .count_response(fwd.response.status().as_u16());
                 attach_slot(&mut fwd, request_slot);
                 return Ok(fwd);
             }
             Outcome::Fatal(e) => return Err(e),
             Outcome::Gateway(err, mut fwd) => {
+                pool.backends[bi]
+                    .state
+                    .counters
+                    .count_response(fwd.response.status().as_u16());
                 let another = pool.pick(hash, &[attempts.tried(), &[bi]].concat()).is_some();
                 if !(retryable_after_send && another && attempts.has_tries_left()) {
                     attach_slot(&mut fwd, request_slot);

@@ -131,9 +131,13 @@ pub const BACKEND_ERROR_KINDS: [&str; 12] = [
 /// A backend's counters, kept on the backend rather than in the metrics recorder so
 /// that a backend a reload or a DNS answer removed takes its series with it (the
 /// recorder keeps every series it ever saw). `admin` renders them at each scrape.
-/// Written only on failures, so they cost the request path nothing.
+/// A response costs one relaxed add, on a line the try already wrote (in-flight
+/// count, latency); the rest are written only on failures.
 #[derive(Debug, Default)]
 pub struct BackendCounters {
+    /// Responses the backend sent, by status class (1xx at 0 ... 5xx at 4), those a
+    /// retry then replaced included.
+    responses: [AtomicU64; 5],
     /// By `BACKEND_ERROR_KINDS` index; the last slot counts any other kind.
     errors: [AtomicU64; BACKEND_ERROR_KINDS.len() + 1],
     pub ejections: AtomicU64,
@@ -141,6 +145,19 @@ pub struct BackendCounters {
 }
 
 impl BackendCounters {
+    #[inline]
+    pub fn count_response(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `("1xx", n)` ... `("5xx", n)`.
+    pub fn responses(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .into_iter()
+            .zip(self.responses.iter().map(|c| c.load(Ordering::Relaxed)))
+    }
+
     pub fn count_error(&self, kind: &str) {
         let i = BACKEND_ERROR_KINDS
             .iter()

@@ -1312,3 +1312,51 @@ async fn a_sticky_cookie_keeps_a_client_on_its_backend_until_it_cannot_serve() {
     assert!(sticky_set(&r).is_some_and(|c| c != b_cookie));
     stop_proxy(srv).await;
 }
+
+/// Per-backend responses by status class, those a retry replaced included, and the
+/// balancer's latency estimate, in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_each_backend_s_responses_by_class() {
+    let bad = TestOrigin::start("bad", Behavior::Status(503)).await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&pool_config(
+        &[bad.addr, good.addr],
+        &format!("balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}"),
+    ));
+    assert!(answers(addr, "/x", 6).await.iter().all(|n| n == "good"));
+    good.set(Behavior::Status(404));
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/missing").await.status, 404);
+    }
+    let n = |o: &TestOrigin, code: &str| -> u64 {
+        server_metric(
+            &srv,
+            &format!(
+                "rampart_backend_responses_total{{pool=\"app\",backend=\"{}\",code=\"{code}\"}}",
+                o.addr
+            ),
+        )
+        .parse()
+        .unwrap()
+    };
+    assert_eq!((n(&good, "2xx"), n(&good, "4xx"), n(&good, "5xx")), (6, 3, 0));
+    assert_eq!(n(&bad, "2xx"), 0);
+    // Every 503 it sent was retried on `good`; outlier detection ejects it after a few.
+    let tried = requests_for(&bad, "/x") + requests_for(&bad, "/missing");
+    assert!(
+        tried >= 1 && n(&bad, "5xx") == tried as u64,
+        "{tried} tries, {} 5xx",
+        n(&bad, "5xx")
+    );
+    let latency: f64 = server_metric(
+        &srv,
+        &format!(
+            "rampart_backend_latency_ewma_seconds{{pool=\"app\",backend=\"{}\"}}",
+            good.addr
+        ),
+    )
+    .parse()
+    .unwrap();
+    assert!(latency > 0.0 && latency < 5.0, "{latency}");
+    stop_proxy(srv).await;
+}
