@@ -239,6 +239,19 @@ pub struct RouteConfig {
     pub response_timeout: Option<Duration>,
     /// `allow` and `deny`: which client addresses the route admits (`None`: all).
     pub access: Option<Arc<AccessRules>>,
+    /// `return`: the route answers itself (nginx's `return`, Envoy's
+    /// `direct_response` and `redirect`); `pool` is then unused.
+    pub direct: Option<Arc<DirectResponse>>,
+}
+
+/// A route's own answer (`return = { status = 301, location = "..." }`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct DirectResponse {
+    pub status: http::StatusCode,
+    /// For a redirect: with `$variables`, filled in per request.
+    pub location: Option<crate::header_rules::Value>,
+    pub body: bytes::Bytes,
+    pub content_type: Option<http::HeaderValue>,
 }
 
 /// A route's `allow` and `deny` lists of addresses and CIDR blocks (nginx's
@@ -653,6 +666,8 @@ struct FileRoute {
     deny: Option<Vec<String>>,
     max_body_bytes: Option<u64>,
     https_redirect: Option<bool>,
+    #[serde(rename = "return")]
+    direct: Option<toml::Value>,
     prefix_rewrite: Option<String>,
     rewrite_location: Option<bool>,
     request_headers: Option<toml::Value>,
@@ -1101,7 +1116,21 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             // A pool that had errors of its own is not named again.
             found
         };
+        let direct = raw
+            .direct
+            .as_ref()
+            .and_then(|v| validate_return(v, &format!("{path}.return"), errs));
         let target = match (&raw.pool, &raw.pools) {
+            _ if raw.direct.is_some() => {
+                if raw.pool.is_some() || raw.pools.is_some() {
+                    errs.push(
+                        format!("{path}.return"),
+                        "a route with return answers itself: remove its pool (or pools)",
+                    );
+                }
+                // Never read: the route answers before a pool is chosen.
+                direct.is_some().then_some((0, None))
+            }
             (Some(_), Some(_)) => {
                 errs.push(&path, "set pool or pools, not both");
                 None
@@ -1135,6 +1164,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 split,
                 response_timeout: raw.response_timeout,
                 access,
+                direct: direct.map(Arc::new),
             });
         }
     }
@@ -1683,6 +1713,80 @@ fn validate_pool(
         h2_max_streams,
         dns,
         sticky,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReturn {
+    status: u16,
+    location: Option<String>,
+    body: Option<String>,
+    content_type: Option<String>,
+}
+
+/// `return = { status = 301, location = "https://example.com$request_uri" }`, or
+/// `{ status = 200, body = "ok\n" }`. A redirect status needs a `location`, and only
+/// a redirect may have one.
+fn validate_return(value: &toml::Value, path: &str, errs: &mut Errors) -> Option<DirectResponse> {
+    let raw: FileReturn = section(value, path, errs)?;
+    let before = errs.0.len();
+    let status = match http::StatusCode::from_u16(raw.status) {
+        Ok(s) if (200..=599).contains(&s.as_u16()) => Some(s),
+        _ => {
+            errs.push(
+                format!("{path}.status"),
+                format!("must be a status from 200 to 599, got {}", raw.status),
+            );
+            None
+        }
+    };
+    let redirect = matches!(raw.status, 301 | 302 | 303 | 307 | 308);
+    let location = match (&raw.location, redirect) {
+        (Some(l), true) => match crate::header_rules::parse_value(l, crate::header_rules::Direction::Request) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errs.push(format!("{path}.location"), e);
+                None
+            }
+        },
+        (None, true) => {
+            errs.push(
+                format!("{path}.location"),
+                format!("missing: a {} redirect needs the URL to send the client to", raw.status),
+            );
+            None
+        }
+        (Some(_), false) => {
+            errs.push(
+                format!("{path}.location"),
+                "only a redirect (301, 302, 303, 307, 308) has a location",
+            );
+            None
+        }
+        (None, false) => None,
+    };
+    let content_type = match &raw.content_type {
+        Some(t) => match http::HeaderValue::from_str(t) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                errs.push(format!("{path}.content_type"), format!("not a header value: {t:?}"));
+                None
+            }
+        },
+        None => raw
+            .body
+            .as_ref()
+            .map(|_| http::HeaderValue::from_static("text/plain; charset=utf-8")),
+    };
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(DirectResponse {
+        status: status?,
+        location,
+        body: raw.body.map(bytes::Bytes::from).unwrap_or_default(),
+        content_type,
     })
 }
 
@@ -2545,6 +2649,47 @@ connect_timeout = "soon"
         )
         .unwrap();
         assert_eq!(c.server.access_log, AccessLog::File(abs));
+    }
+
+    #[test]
+    fn a_return_route_needs_no_pool_and_says_what_is_wrong() {
+        let with = |v: &str| MINIMAL.replace("[[routes]]\npool = \"app\"", &format!("[[routes]]\n{v}"));
+        let c = Config::parse(&with("return = { status = 204 }"), "t").unwrap();
+        let d = c.routes[0].direct.as_ref().unwrap();
+        assert_eq!(
+            (d.status.as_u16(), d.body.len(), d.content_type.is_none()),
+            (204, 0, true)
+        );
+        for (v, want) in [
+            (
+                "return = { status = 99 }",
+                "routes[0].return.status: must be a status from 200 to 599, got 99",
+            ),
+            (
+                "return = { status = 600 }",
+                "routes[0].return.status: must be a status from 200 to 599",
+            ),
+            (
+                "return = { status = 302 }",
+                "routes[0].return.location: missing: a 302 redirect needs",
+            ),
+            (
+                "return = { status = 200, location = \"/x\" }",
+                "routes[0].return.location: only a redirect",
+            ),
+            (
+                "return = { status = 301, location = \"$nope\" }",
+                "routes[0].return.location:",
+            ),
+            (
+                "pool = \"app\"\nreturn = { status = 404 }",
+                "routes[0].return: a route with return answers itself: remove its pool",
+            ),
+            ("return = { code = 404 }", "routes[0].return"),
+        ] {
+            let errs = errors_of(&with(v)).join("\n");
+            assert!(errs.contains(want), "{v}: {errs}");
+        }
     }
 
     #[test]

@@ -30,6 +30,15 @@ impl Side {
     }
 }
 
+/// A route's `return`, made for one request.
+#[derive(Debug)]
+pub struct DirectAnswer {
+    pub status: StatusCode,
+    pub location: Option<HeaderValue>,
+    pub body: bytes::Bytes,
+    pub content_type: Option<HeaderValue>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this host and path")]
@@ -41,6 +50,9 @@ pub enum ProxyError {
     /// with a redirect to this location (`proxy::redirect_response`), not an error page.
     #[error("redirected to {0:?}")]
     HttpsRedirect(HeaderValue),
+    /// Not a failure either: a route with `return` answered (`proxy::direct`).
+    #[error("answered by the route's return: {}", .0.status)]
+    Direct(Box<DirectAnswer>),
     #[error("no healthy backend in pool '{pool}'")]
     NoHealthyBackend { pool: String },
     #[error("connect to {backend} failed: {source}")]
@@ -119,6 +131,7 @@ impl ProxyError {
             NoRoute => StatusCode::NOT_FOUND,
             Forbidden => StatusCode::FORBIDDEN,
             HttpsRedirect(_) => StatusCode::MOVED_PERMANENTLY,
+            Direct(d) => d.status,
             // Also `NotReceived`: like a refused connect, no application saw the
             // request, and a 503 with `Retry-After` tells the client a retry is safe.
             NoHealthyBackend { .. }
@@ -150,6 +163,7 @@ impl ProxyError {
             NoRoute
             | Forbidden
             | HttpsRedirect(_)
+            | Direct(_)
             | BodyTooLarge { .. }
             | UriTooLong { .. }
             | HeadersTooLarge { .. }
@@ -234,6 +248,7 @@ impl ProxyError {
             NoRoute => "no_route",
             Forbidden => "forbidden",
             HttpsRedirect(_) => "https_redirect",
+            Direct(_) => "return",
             NoHealthyBackend { .. } => "no_healthy_backend",
             Connect { .. } => "connect_failed",
             ConnectTimeout { .. } => "connect_timeout",

@@ -145,7 +145,7 @@ impl HeaderRules {
 }
 
 impl Value {
-    fn resolve(&self, vars: &Vars, request: &HeaderMap) -> Option<HeaderValue> {
+    pub(crate) fn resolve(&self, vars: &Vars, request: &HeaderMap) -> Option<HeaderValue> {
         let parts = match self {
             Value::Fixed(v) => return (!v.is_empty()).then(|| v.clone()),
             Value::Template(parts) => parts,
@@ -240,7 +240,7 @@ const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_ur
 
 /// Parses a rule's value: text with `$name` or `${name}` variables, and `$$` for a
 /// literal `$`.
-fn parse_value(text: &str, dir: Direction) -> Result<Value, String> {
+pub(crate) fn parse_value(text: &str, dir: Direction) -> Result<Value, String> {
     let mut parts = Vec::new();
     let mut literal = String::new();
     let mut rest = text;

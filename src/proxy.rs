@@ -308,6 +308,7 @@ pub fn handle(
         let mut response = match result {
             Ok(r) => r,
             Err(ProxyError::HttpsRedirect(location)) => redirect_response(location, &method),
+            Err(ProxyError::Direct(d)) => direct_response(*d),
             Err(e) => {
                 log_failure(&e, &method, pool.map(|p| p.name.as_str()), &request_id);
                 metrics::counter!(crate::metrics::PROXY_ERRORS, "kind" => e.kind()).increment(1);
@@ -374,6 +375,59 @@ fn https_redirect<B>(host: Option<&str>, req: &Request<B>) -> ProxyError {
         Ok(location) => ProxyError::HttpsRedirect(location),
         Err(_) => ProxyError::BadRequest("invalid Host header"),
     }
+}
+
+/// A route's `return` for this request: its `location` filled in with the request's
+/// variables. A location that comes out empty or invalid is a 500, as nginx answers
+/// a `return` whose URL it cannot make.
+#[cold]
+fn direct<B>(
+    d: &crate::config::DirectResponse,
+    conn: &ConnInfo,
+    req: &Request<B>,
+    raw: Option<&RawRequest>,
+    host: Option<&HeaderValue>,
+    request_id: &HeaderValue,
+) -> ProxyError {
+    let location = match &d.location {
+        None => None,
+        Some(template) => {
+            let mut vars = conn.vars(req.method(), request_id, None);
+            vars.host = host;
+            vars.target = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
+            let fields = raw.map(|r| r.header_map());
+            match template.resolve(&vars, fields.as_ref().unwrap_or(req.headers())) {
+                Some(l) => Some(l),
+                None => {
+                    return ProxyError::Direct(Box::new(crate::error::DirectAnswer {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        location: None,
+                        body: Bytes::from_static(b"500 the route's return location came out empty\n"),
+                        content_type: Some(HeaderValue::from_static("text/plain; charset=utf-8")),
+                    }))
+                }
+            }
+        }
+    };
+    ProxyError::Direct(Box::new(crate::error::DirectAnswer {
+        status: d.status,
+        location,
+        body: d.body.clone(),
+        content_type: d.content_type.clone(),
+    }))
+}
+
+fn direct_response(d: crate::error::DirectAnswer) -> Response<RespBody> {
+    let mut resp = Response::new(RespBody::from(d.body));
+    *resp.status_mut() = d.status;
+    let h = resp.headers_mut();
+    if let Some(l) = d.location {
+        h.insert(header::LOCATION, l);
+    }
+    if let Some(t) = d.content_type {
+        h.insert(header::CONTENT_TYPE, t);
+    }
+    resp
 }
 
 /// 301 for GET and HEAD, as nginx and Envoy send; 308 for other methods, which must
@@ -505,6 +559,9 @@ fn prepare(
     }
     if let Some(limiter) = &snap.limiters[route_idx] {
         rate_limit(limiter, &req, raw.as_ref(), conn)?;
+    }
+    if let Some(d) = &route.direct {
+        return Err(direct(d, conn, &req, raw.as_ref(), host_value.as_ref(), request_id));
     }
     let pool_idx = match &route.split {
         None => route.pool,

@@ -2400,3 +2400,56 @@ deny = ["127.0.0.1"]
     }
     stop_proxy(srv).await;
 }
+
+/// A route with `return` answers itself: a redirect built from the request's
+/// variables, a fixed page, an empty status, over HTTP/1.1 (as written, and HEAD) and
+/// HTTP/2; the backend never sees those requests, and the route's response rules
+/// still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_return_answers_itself() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replace(
+        "[[routes]]\npool = \"app\"",
+        r#"[[routes]]
+path_prefix = "/old/"
+return = { status = 301, location = "https://$host/new$request_uri" }
+
+[[routes]]
+path_prefix = "/healthz"
+return = { status = 200, body = "ok\n" }
+response_headers = { set = { cache-control = "no-store" } }
+
+[[routes]]
+path_prefix = "/private"
+return = { status = 403 }
+
+[[routes]]
+pool = "app""#,
+    );
+    let (_srv, addr) = start_proxy(&toml);
+    let r = get_with(addr, "/old/a?b=1", &[("host", "Site.Example:8080")]).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.headers["location"], "https://site.example/new/old/a?b=1");
+    let r = get(addr, "/healthz").await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "ok\n".to_string()));
+    assert_eq!(r.headers["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert!(r.headers.contains_key("x-request-id"));
+    let head = raw(
+        addr,
+        b"HEAD /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("ok\n"), "a HEAD gets no body: {head}");
+    let r = get_h2(addr, "/private/x").await;
+    assert_eq!((r.status.as_u16(), r.body.len()), (403, 0));
+    let r = get_h2(addr, "/old/h2").await;
+    assert_eq!(r.headers["location"], "https://test.local/new/old/h2");
+    assert_eq!(o.hits(), 0, "no return route reached the backend");
+    assert_eq!(get(addr, "/other").await.text(), "o");
+}
