@@ -25,6 +25,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
                 addr,
                 weight: 1,
                 backup: false,
+                max_in_flight: None,
                 tls_name: None,
             }
         })
@@ -37,6 +38,7 @@ fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
             addr: c.addr,
             weight: 1,
             backup: false,
+            max_in_flight: u32::MAX,
             tls_name: None,
             state: Arc::new(BackendState::new()),
             sticky_id: 0,

@@ -429,6 +429,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                         "addr": b.name,
                         "weight": b.weight,
                         "backup": b.backup,
+                        "max_in_flight": (b.max_in_flight != u32::MAX).then_some(b.max_in_flight),
                         "healthy": b.state.is_healthy(),
                         "ejected": b.state.is_ejected(now),
                         "probation": b.state.probation.load(std::sync::atomic::Ordering::Relaxed),

@@ -259,6 +259,7 @@ mod tests {
                     addr: a.parse().unwrap(),
                     weight: 1,
                     backup: false,
+                    max_in_flight: None,
                     tls_name: None,
                 })
                 .collect::<Vec<_>>()

@@ -385,6 +385,9 @@ pub struct BackendConfig {
     /// Gets requests only while no other backend of the pool can take them (nginx's
     /// and HAProxy's `backup`).
     pub backup: bool,
+    /// The most requests it may have in flight, all workers together (nginx's
+    /// `max_conns`, HAProxy's `maxconn`); `None`: no limit.
+    pub max_in_flight: Option<u32>,
     /// For a pool with `tls`: the name its certificate is verified against (and
     /// sent as SNI).
     pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
@@ -691,6 +694,7 @@ struct FileBackend {
     addr: String,
     weight: Option<u32>,
     backup: Option<bool>,
+    max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1506,19 +1510,24 @@ fn validate_pool(
     let mut items = Vec::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
-        let (addr_text, weight, backup) = match b {
-            toml::Value::String(s) => (s.clone(), DEFAULT_WEIGHT, false),
+        let (addr_text, weight, backup, max_in_flight) = match b {
+            toml::Value::String(s) => (s.clone(), DEFAULT_WEIGHT, false, None),
             toml::Value::Table(_) => {
                 let Some(fb) = section::<FileBackend>(b, &bpath, errs) else {
                     continue;
                 };
-                (fb.addr, fb.weight.unwrap_or(DEFAULT_WEIGHT), fb.backup.unwrap_or(false))
+                (
+                    fb.addr,
+                    fb.weight.unwrap_or(DEFAULT_WEIGHT),
+                    fb.backup.unwrap_or(false),
+                    fb.max_in_flight,
+                )
             }
             other => {
                 errs.push(
                     &bpath,
                     format!(
-                        "expected \"host:port\" or {{ addr, weight, backup }}, got {}",
+                        "expected \"host:port\" or {{ addr, weight, backup, max_in_flight }}, got {}",
                         other.type_str()
                     ),
                 );
@@ -1531,7 +1540,13 @@ fn validate_pool(
                 format!("must be between 1 and {MAX_WEIGHT}, got {weight}"),
             );
         }
-        items.push((i, bpath, addr_text, (weight, backup)));
+        if max_in_flight == Some(0) {
+            errs.push(
+                format!("{bpath}.max_in_flight"),
+                "must be at least 1 (use the admin API's maint to stop a backend's traffic)",
+            );
+        }
+        items.push((i, bpath, addr_text, (weight, backup, max_in_flight)));
     }
     let dns_refresh = raw.dns_refresh;
     if let Some(d) = dns_refresh {
@@ -1592,7 +1607,7 @@ fn validate_pool(
     let (mut entries, mut answers) = (Vec::new(), Vec::new());
     // Each IP address written so far, with its index in `backends`.
     let mut fixed: Vec<(SocketAddr, usize)> = Vec::new();
-    for (k, ((i, bpath, addr_text, (weight, backup)), found)) in items.iter().zip(resolved).enumerate() {
+    for (k, ((i, bpath, addr_text, (weight, backup, max_in_flight)), found)) in items.iter().zip(resolved).enumerate() {
         let Some((addrs, host)) = found else {
             continue;
         };
@@ -1634,6 +1649,7 @@ fn validate_pool(
             addr: first,
             weight: *weight,
             backup: *backup,
+            max_in_flight: *max_in_flight,
             tls_name,
         };
         match dns_refresh {
@@ -1648,7 +1664,7 @@ fn validate_pool(
     if let Some(d) = &dns {
         backends = d.expand(&answers);
     }
-    if !items.is_empty() && items.iter().all(|(_, _, _, (_, backup))| *backup) {
+    if !items.is_empty() && items.iter().all(|(_, _, _, (_, backup, _))| *backup) {
         errs.push(
             format!("{path}.backends"),
             "every backend is a backup: a backup stands in for the others, so at least one must not be",

@@ -322,6 +322,7 @@ mod tests {
                 addr,
                 weight: 1,
                 backup: false,
+                max_in_flight: None,
                 tls_name: None,
             },
             host: host.then(|| written.split(':').next().unwrap().to_string()),

@@ -197,7 +197,25 @@ pub async fn forward(
         attach_slot(&mut fwd, request_slot);
         return Ok(fwd);
     }
+    if attempts.tried().is_empty() {
+        return Err(nothing_tried(pool, attempts));
+    }
     Err(attempts.into_error(pool))
+}
+
+/// No backend could be tried: when one in service was at its `max_in_flight`, a full
+/// pool says so (a 503, `circuit_open`), not that no backend is healthy.
+#[cold]
+fn nothing_tried(pool: &Pool, attempts: Attempts) -> ProxyError {
+    const LIMIT: &str = "backend_max_in_flight";
+    if pool.backends.iter().any(|b| b.state.in_service() && !b.has_room()) {
+        metrics::counter!("rampart_circuit_open_total", "pool" => pool.name.clone(), "limit" => LIMIT).increment(1);
+        return ProxyError::CircuitOpen {
+            pool: pool.name.clone(),
+            limit: LIMIT,
+        };
+    }
+    attempts.into_error(pool)
 }
 
 #[inline]
@@ -424,6 +442,9 @@ async fn try_backend(
     let addr = backend.addr;
     let mut stale_left = MAX_STALE_RESENDS;
     loop {
+        // Counted from before the connection is found, so that a connect in progress
+        // holds its place under `max_in_flight` (and weighs in least-request).
+        let mut in_flight = pool.start_request(bi);
         // A body streamed from the client can be sent once only, so it never goes on
         // a pooled connection, which the backend may close as it arrives (the
         // keep-alive race), leaving the upload spent and unanswered. A new connection
@@ -449,7 +470,6 @@ async fn try_backend(
                 }
             }
         };
-        let mut in_flight = pool.start_request(bi);
         let sent_at = crate::clock::tokio_now();
         // A body still arriving from the client: the try's timeout starts once it is
         // sent (`Conn::send`), not before the upload. Never hedged, so the deadline
@@ -566,6 +586,8 @@ async fn try_backend_h2(
     let tls = cfg.tls.as_deref().zip(backend.tls_name.as_ref());
     let mut stale_left = MAX_STALE_RESENDS;
     loop {
+        // From before the connection is found, as for HTTP/1.1.
+        let mut in_flight = pool.start_request(bi);
         let (mut send, stream, reused) = loop {
             match ctx.h2.checkout(backend.state.id, cfg.h2_max_streams) {
                 h2up::Checkout::Open(s, stream) => break (s, stream, true),
@@ -597,7 +619,6 @@ async fn try_backend_h2(
         };
         let (body, upload) = h2up::take_body(&mut request.body);
         let req = h2up::request(&request.head, body, addr, tls.is_some());
-        let mut in_flight = pool.start_request(bi);
         let sent_at = crate::clock::tokio_now();
         let answer = send.try_send_request(req);
         let answer = match upload {

@@ -374,6 +374,15 @@ impl Drop for InFlight {
     }
 }
 
+impl Backend {
+    /// Below its `max_in_flight`. Read, not reserved: workers picking it at once may
+    /// pass the limit by one each, as nginx's workers pass `max_conns`.
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        self.max_in_flight == u32::MAX || self.state.in_flight() < self.max_in_flight
+    }
+}
+
 #[derive(Debug)]
 pub struct Backend {
     /// For logs and labels, unique in its pool (`BackendConfig::name`).
@@ -384,6 +393,9 @@ pub struct Backend {
     pub weight: u32,
     /// Picked only when no other backend can be (`BackendConfig::backup`).
     pub backup: bool,
+    /// Not picked while this many requests are in flight to it, all workers
+    /// together (`BackendConfig::max_in_flight`; `u32::MAX`: no limit).
+    pub max_in_flight: u32,
     /// For a pool with `tls`: the name the backend's certificate is verified against.
     pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     pub state: Arc<BackendState>,
@@ -436,7 +448,7 @@ impl Pool {
     /// drain does: their sessions end there, while no new client is sent to it.
     pub fn sticky_fit(&self, bi: usize) -> bool {
         let b = &self.backends[bi];
-        b.state.admin_state() != AdminState::Maint && b.state.is_judged_fit(ms_of(clock_ns()))
+        b.state.admin_state() != AdminState::Maint && b.state.is_judged_fit(ms_of(clock_ns())) && b.has_room()
     }
 
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
@@ -478,7 +490,8 @@ impl Pool {
                     return false;
                 }
                 let b = &self.backends[i];
-                if b.backup != backup || !b.state.in_service() {
+                // `max_in_flight` is the operator's limit: kept in panic mode too.
+                if b.backup != backup || !b.state.in_service() || !b.has_room() {
                     return false;
                 }
                 if panic {
@@ -658,6 +671,7 @@ impl Snapshot {
                         addr: bc.addr,
                         weight: bc.weight,
                         backup: bc.backup,
+                        max_in_flight: bc.max_in_flight.unwrap_or(u32::MAX),
                         tls_name: bc.tls_name.clone(),
                         state: carried
                             .get(&(pc.name.as_str(), bc.addr))

@@ -1360,3 +1360,56 @@ async fn metrics_count_each_backend_s_responses_by_class() {
     assert!(latency > 0.0 && latency < 5.0, "{latency}");
     stop_proxy(srv).await;
 }
+
+/// A backend's `max_in_flight` (nginx's `max_conns`, HAProxy's `maxconn`): past it
+/// the backend is passed over, and a pool whose backends are all full answers 503
+/// at once (`circuit_open`) rather than queueing; the backend never sees more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_at_its_max_in_flight_is_passed_over() {
+    let slow = || Behavior::Slow(Duration::from_millis(400));
+    let a = TestOrigin::start("a", slow()).await;
+    let b = TestOrigin::start("b", slow()).await;
+    let backends = format!(
+        "backends = [{{ addr = \"{}\", max_in_flight = 1 }}, \"{}\"]",
+        a.addr, b.addr
+    );
+    // No hedges: each request is one try, so the origins' hits count requests.
+    let extra = format!("balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}\nretry = {{ hedge = false }}");
+    let toml = pool_config(&[a.addr], &extra).replace(&format!("backends = [\"{}\"]", a.addr), &backends);
+    let (srv, addr) = start_proxy(&toml);
+    assert_eq!(backend_field(&status_of(&srv).await, a.addr, "max_in_flight"), 1);
+    let all = futures_lite::future::zip(
+        futures_lite::future::zip(get(addr, "/1"), get(addr, "/2")),
+        futures_lite::future::zip(get(addr, "/3"), get(addr, "/4")),
+    )
+    .await;
+    let replies = [all.0 .0, all.0 .1, all.1 .0, all.1 .1];
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!((a.hits(), b.hits()), (1, 3), "a took one at a time");
+    stop_proxy(srv).await;
+
+    // One backend, full: the rest are refused at once, and it sees only its limit.
+    let c = TestOrigin::start("c", slow()).await;
+    let toml = pool_config(&[c.addr], &extra).replace(
+        &format!("backends = [\"{}\"]", c.addr),
+        &format!("backends = [{{ addr = \"{}\", max_in_flight = 2 }}]", c.addr),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let all = futures_lite::future::zip(
+        futures_lite::future::zip(get(addr, "/1"), get(addr, "/2")),
+        futures_lite::future::zip(get(addr, "/3"), get(addr, "/4")),
+    )
+    .await;
+    let mut statuses: Vec<u16> = [all.0 .0, all.0 .1, all.1 .0, all.1 .1]
+        .iter()
+        .map(|r| r.status.as_u16())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503, 503]);
+    assert_eq!(c.hits(), 2);
+    assert_eq!(
+        server_metric(&srv, "rampart_proxy_errors_total{kind=\"circuit_open\"}"),
+        "2"
+    );
+    stop_proxy(srv).await;
+}
