@@ -124,6 +124,45 @@ fn route(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<
     }
 }
 
+/// Writes every backend's admin state that is not `ready` to `[admin] state_file`,
+/// whole and then renamed into place, so a crash mid-write leaves the last file.
+pub fn save_states(snap: &crate::state::Snapshot) -> Result<(), String> {
+    let Some(path) = snap.config.admin.as_ref().and_then(|a| a.state_file.as_ref()) else {
+        return Ok(());
+    };
+    let text = serde_json::to_string_pretty(&snap.admin_states()).map_err(|e| e.to_string())? + "\n";
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Sets the states `[admin] state_file` saved, at start. A file that is missing (the
+/// first start) is no state; one that cannot be read or parsed is logged and left.
+pub fn load_states(snap: &crate::state::Snapshot) {
+    let Some(path) = snap.config.admin.as_ref().and_then(|a| a.state_file.as_ref()) else {
+        return;
+    };
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the backend state file; every backend starts ready");
+            return;
+        }
+    };
+    match serde_json::from_slice::<Vec<crate::state::SavedState>>(&text) {
+        Ok(saved) => {
+            let set = snap.restore_admin_states(&saved);
+            tracing::info!(file = %path.display(), backends = set, "backend admin states restored");
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot parse the backend state file; every backend starts ready")
+        }
+    }
+}
+
 const BACKENDS_USAGE: &str = "POST /backends/POOL/BACKEND/STATE: POOL a pool's name or *, BACKEND its label or address (ip:port) or as written in backends, STATE ready, drain or maint";
 
 /// `POST /backends/POOL/BACKEND/STATE`: sets the operator's state of every backend
@@ -195,9 +234,13 @@ fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketA
             ),
         );
     }
-    let mut r = Response::new(Full::new(Bytes::from(
-        serde_json::json!({ "backends": changed }).to_string(),
-    )));
+    let mut body = serde_json::json!({ "backends": changed });
+    if let Err(e) = save_states(&snap) {
+        // The change holds in this process; only a restart would forget it.
+        tracing::warn!(error = %e, "admin: cannot save the backend states");
+        body["state_file_error"] = serde_json::Value::String(e);
+    }
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r

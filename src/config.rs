@@ -173,6 +173,9 @@ impl std::fmt::Display for AccessLog {
 pub struct AdminConfig {
     pub bind: SocketAddr,
     pub control: AdminControl,
+    /// Where the backends' admin states (drain, maint) are saved on each change and
+    /// read at start (HAProxy's `server-state-file`); relative to the config file.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Who may change backends' states through the admin listener (`POST /backends/...`).
@@ -625,6 +628,7 @@ struct FileServer {
 struct FileAdmin {
     bind: String,
     control: Option<AdminControl>,
+    state_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -959,9 +963,23 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
 
     let admin = table.get("admin").and_then(|v| {
         let raw: FileAdmin = section(v, "admin", errs)?;
+        let state_file = raw.state_file.as_deref().map(|f| {
+            let full = base.join(f);
+            match full.parent() {
+                _ if f.trim().is_empty() => errs.push("admin.state_file", "must not be empty"),
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => errs.push(
+                    "admin.state_file",
+                    format!("directory {} does not exist", dir.display()),
+                ),
+                _ if full.is_dir() => errs.push("admin.state_file", format!("{} is a directory", full.display())),
+                _ => {}
+            }
+            full
+        });
         parse_bind(&raw.bind, "admin.bind", errs).map(|bind| AdminConfig {
             bind,
             control: raw.control.unwrap_or_default(),
+            state_file,
         })
     });
 
@@ -2706,6 +2724,21 @@ connect_timeout = "soon"
             let errs = errors_of(&with(v)).join("\n");
             assert!(errs.contains(want), "{v}: {errs}");
         }
+    }
+
+    #[test]
+    fn a_state_file_is_relative_to_the_config_and_its_directory_must_exist() {
+        let with = |v: &str| MINIMAL.replace("[admin]\n", &format!("[admin]\nstate_file = {v}\n"));
+        let c = Config::parse_with_base(&with("\"state.json\""), "t", Path::new("/tmp")).unwrap();
+        assert_eq!(c.admin.unwrap().state_file.unwrap(), Path::new("/tmp/state.json"));
+        let errs = errors_of(&with("\"/nonexistent-rampart-dir/s.json\"")).join("\n");
+        assert!(
+            errs.contains("admin.state_file: directory /nonexistent-rampart-dir does not exist"),
+            "{errs}"
+        );
+        assert!(errors_of(&with("\"/tmp\""))
+            .join("\n")
+            .contains("admin.state_file: /tmp is a directory"));
     }
 
     #[test]

@@ -123,6 +123,8 @@ impl Server {
         crate::tls::log_certificates(&config);
         let shared = Arc::new(Shared::new(Arc::new(config)));
         shared.access_log.store(sink);
+        // The saved admin states first: a handover's, below, are newer.
+        admin::load_states(&shared.snapshot.load());
         if let Some(bytes) = inherited.take_state() {
             match serde_json::from_slice::<Vec<state::Handed>>(&bytes) {
                 Ok(handed) => {

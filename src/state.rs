@@ -629,6 +629,49 @@ impl Snapshot {
     }
 }
 
+/// A backend's admin state as `[admin] state_file` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedState {
+    pub pool: String,
+    pub addr: SocketAddr,
+    pub state: AdminState,
+}
+
+impl Snapshot {
+    /// Every backend an operator took out of service, for the state file.
+    pub fn admin_states(&self) -> Vec<SavedState> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.backends
+                    .iter()
+                    .filter(|b| b.state.admin_state() != AdminState::Ready)
+                    .map(|b| SavedState {
+                        pool: p.name.clone(),
+                        addr: b.addr,
+                        state: b.state.admin_state(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Sets the saved states on the backends still in the config (matched by pool
+    /// and address); returns how many were set.
+    pub fn restore_admin_states(&self, saved: &[SavedState]) -> usize {
+        let mut set = 0;
+        for s in saved {
+            let Some(pool) = self.pools.iter().find(|p| p.name == s.pool) else {
+                continue;
+            };
+            for b in pool.backends.iter().filter(|b| b.addr == s.addr) {
+                b.state.admin.store(s.state as u8, Ordering::Relaxed);
+                set += 1;
+            }
+        }
+        set
+    }
+}
+
 impl Snapshot {
     /// Builds a snapshot, reusing `previous`' backend state for unchanged backends:
     /// same pool name, address and transport. A backend whose pool gained, lost or

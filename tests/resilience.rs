@@ -1413,3 +1413,53 @@ async fn a_backend_at_its_max_in_flight_is_passed_over() {
     );
     stop_proxy(srv).await;
 }
+
+/// `[admin] state_file`: each change through the admin API is saved, and a new
+/// process reads it, so a drained backend stays drained across a restart (HAProxy's
+/// `server-state-file`). A file that does not parse leaves every backend ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_states_survive_a_restart_through_the_state_file() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let dir = std::env::temp_dir().join(format!("rampart-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("state.json");
+    let toml = with_admin(
+        &[a.addr, b.addr],
+        &format!("balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}"),
+        &format!("state_file = \"{}\"", file.display()),
+    );
+    let (srv, _) = start_proxy(&toml);
+    for (backend, state) in [(a.addr, "drain"), (b.addr, "maint"), (b.addr, "ready")] {
+        let r = admin(&srv, "POST", &format!("/backends/app/{backend}/{state}")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        saved,
+        serde_json::json!([{ "pool": "app", "addr": a.addr.to_string(), "state": "drain" }])
+    );
+    stop_proxy(srv).await;
+
+    let (srv, addr) = start_proxy(&toml);
+    let status = status_of(&srv).await;
+    assert_eq!(
+        (
+            backend_field(&status, a.addr, "admin_state"),
+            backend_field(&status, b.addr, "admin_state")
+        ),
+        ("drain".into(), "ready".into())
+    );
+    assert!(answers(addr, "/x", 4).await.iter().all(|n| n == "b"));
+    stop_proxy(srv).await;
+
+    std::fs::write(&file, "not json").unwrap();
+    let (srv, addr) = start_proxy(&toml);
+    assert_eq!(backend_field(&status_of(&srv).await, a.addr, "admin_state"), "ready");
+    let mut got = answers(addr, "/x", 4).await;
+    got.sort();
+    got.dedup();
+    assert_eq!(got, ["a", "b"]);
+    stop_proxy(srv).await;
+}
