@@ -835,15 +835,20 @@ fn date_time_prefix(secs: u64) -> [u8; 20] {
     v.push(b'-');
     push_padded(&mut v, d as u64, 2);
     v.push(b'T');
-    push_padded(&mut v, s / 3600, 2);
-    v.push(b':');
-    push_padded(&mut v, s / 60 % 60, 2);
-    v.push(b':');
-    push_padded(&mut v, s % 60, 2);
+    push_clock(&mut v, s);
     v.push(b'.');
     let mut out = [0u8; 20];
     out.copy_from_slice(&v);
     out
+}
+
+/// `HH:MM:SS` for `s` seconds into a day.
+fn push_clock(v: &mut Vec<u8>, s: u64) {
+    push_padded(v, s / 3600, 2);
+    v.push(b':');
+    push_padded(v, s / 60 % 60, 2);
+    v.push(b':');
+    push_padded(v, s % 60, 2);
 }
 
 /// (year, month, day) of the proleptic Gregorian calendar for days since 1970-01-01
@@ -875,11 +880,7 @@ fn local_time(secs: u64) -> [u8; 26] {
     v.push(b'/');
     push_padded(&mut v, y.clamp(0, 9999) as u64, 4);
     v.push(b':');
-    push_padded(&mut v, s / 3600, 2);
-    v.push(b':');
-    push_padded(&mut v, s / 60 % 60, 2);
-    v.push(b':');
-    push_padded(&mut v, s % 60, 2);
+    push_clock(&mut v, s);
     v.extend_from_slice(b" +0000");
     let mut out = [0u8; 26];
     out.copy_from_slice(&v);

@@ -349,8 +349,7 @@ fn backend_series(shared: &Shared, out: &mut String) {
         })
         .collect();
     for (name, kind, help, value) in series {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+        describe(out, name, kind, help);
         for (pool, backend, st) in &backends {
             let _ = writeln!(
                 out,
@@ -362,11 +361,12 @@ fn backend_series(shared: &Shared, out: &mut String) {
     // The operator's state, one series per state (1 for the one set), as Prometheus
     // writes an enum.
     let name = crate::metrics::BACKEND_ADMIN_STATE;
-    let _ = writeln!(
+    describe(
         out,
-        "# HELP {name} 1 for the state an operator set on the backend (ready, drain, maint)"
+        name,
+        "gauge",
+        "1 for the state an operator set on the backend (ready, drain, maint)",
     );
-    let _ = writeln!(out, "# TYPE {name} gauge");
     for (pool, backend, st) in &backends {
         let set = st.admin_state();
         for state in crate::state::AdminState::ALL {
@@ -379,11 +379,12 @@ fn backend_series(shared: &Shared, out: &mut String) {
         }
     }
     let name = crate::metrics::BACKEND_RESPONSES;
-    let _ = writeln!(
+    describe(
         out,
-        "# HELP {name} Responses a backend sent, by status class (those a retry replaced included)"
+        name,
+        "counter",
+        "Responses a backend sent, by status class (those a retry replaced included)",
     );
-    let _ = writeln!(out, "# TYPE {name} counter");
     for (pool, backend, st) in &backends {
         for (code, n) in st.counters.responses() {
             let _ = writeln!(
@@ -393,11 +394,12 @@ fn backend_series(shared: &Shared, out: &mut String) {
         }
     }
     let name = crate::metrics::BACKEND_LATENCY;
-    let _ = writeln!(
+    describe(
         out,
-        "# HELP {name} The balancer's estimate of the backend's time to response headers (peak EWMA, decaying while idle)"
+        name,
+        "gauge",
+        "The balancer's estimate of the backend's time to response headers (peak EWMA, decaying while idle)",
     );
-    let _ = writeln!(out, "# TYPE {name} gauge");
     for (pool, backend, st) in &backends {
         let _ = writeln!(
             out,
@@ -407,11 +409,12 @@ fn backend_series(shared: &Shared, out: &mut String) {
     }
     // Only the kinds a backend has had: twelve zeros per backend would bury the rest.
     let name = crate::metrics::UPSTREAM_ERRORS;
-    let _ = writeln!(
+    describe(
         out,
-        "# HELP {name} Failed attempts to a backend, by pool, backend and kind"
+        name,
+        "counter",
+        "Failed attempts to a backend, by pool, backend and kind",
     );
-    let _ = writeln!(out, "# TYPE {name} counter");
     for (pool, backend, st) in &backends {
         for (kind, n) in st.counters.errors().filter(|(_, n)| *n > 0) {
             let _ = writeln!(
@@ -420,6 +423,13 @@ fn backend_series(shared: &Shared, out: &mut String) {
             );
         }
     }
+}
+
+/// A series' `# HELP` and `# TYPE` lines.
+fn describe(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// A Prometheus label value, its `\` and `"` escaped.
@@ -439,11 +449,12 @@ fn certificate_expiry(shared: &Shared, out: &mut String) {
         if !header {
             header = true;
             let name = crate::metrics::TLS_CERT_EXPIRY;
-            let _ = writeln!(
+            describe(
                 out,
-                "# HELP {name} When each TLS certificate expires (notAfter), Unix seconds"
+                name,
+                "gauge",
+                "When each TLS certificate expires (notAfter), Unix seconds",
             );
-            let _ = writeln!(out, "# TYPE {name} gauge");
         }
         let (label, value) = used.label();
         let _ = writeln!(
