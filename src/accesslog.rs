@@ -360,6 +360,8 @@ struct Record {
     answer: Option<Answered>,
     sent: u64,
     body_failed: bool,
+    /// How a tunnel ended (`tunnel_ended`), which wins over what the body shows.
+    ended: Option<&'static str>,
 }
 
 /// What is known once the response head is ready.
@@ -419,6 +421,7 @@ impl Pending {
                 answer: None,
                 sent: 0,
                 body_failed: false,
+                ended: None,
             },
         }))
     }
@@ -428,6 +431,20 @@ impl Pending {
         self.rec.answer = Some(a);
         self.body = body;
         RespBody::Logged(self)
+    }
+
+    /// The response is a 101 and a tunnel follows: the line waits for the tunnel's
+    /// end (`tunnel_ended`), as nginx logs a WebSocket when it closes.
+    pub fn tunnel(mut self: Box<Self>, a: Answered) -> Box<Self> {
+        self.rec.answer = Some(a);
+        self
+    }
+
+    /// The tunnel closed: `to_client` bytes went to the client through it; `how` is
+    /// `$termination` (`-`, `tunnel_idle_timeout`, `tunnel_error`, `client_aborted`).
+    pub fn tunnel_ended(mut self: Box<Self>, to_client: u64, how: &'static str) {
+        self.rec.sent = to_client;
+        self.rec.ended = Some(how);
     }
 
     /// `RespBody::Logged`'s frames: the inner body's, counted.
@@ -462,6 +479,7 @@ impl Drop for Pending {
         let ended = crate::clock::now();
         let rec = &self.rec;
         let termination = match &rec.answer {
+            _ if rec.ended.is_some() => rec.ended.unwrap_or(COMPLETE),
             None => CLIENT_ABORTED,
             Some(_) if rec.body_failed => UPSTREAM_BODY_FAILED,
             Some(Answered { error: Some(kind), .. }) => kind,
@@ -921,6 +939,7 @@ mod tests {
             }),
             sent: 13,
             body_failed: false,
+            ended: None,
         }
     }
 

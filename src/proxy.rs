@@ -238,6 +238,7 @@ pub fn handle(
             )
         });
         let tries = Cell::new(0u8);
+        let mut tunnel = None;
         let mut pool_idx = None;
         let mut route_idx = None;
         let mut backend = None;
@@ -299,7 +300,9 @@ pub fn handle(
                 };
                 let idle = pool.config.tunnel_idle_timeout;
                 let open = crate::tunnel::Counted::new(ctx.tracker.enter(), ctx.shared.clone());
-                tokio::task::spawn_local(crate::tunnel::run(client, *upstream, addr, idle, open));
+                // Spawned below, once the access-log record (if any) is complete: the
+                // tunnel's end is the request's.
+                tunnel = Some(crate::tunnel::new(client, *upstream, addr, idle, open));
             }
             Ok(response)
         };
@@ -338,8 +341,18 @@ pub fn handle(
                 tries: tries.get(),
                 error,
             };
-            let body = std::mem::replace(response.body_mut(), RespBody::empty());
-            *response.body_mut() = log.answered(answered, body);
+            match tunnel.take() {
+                Some(t) => {
+                    tokio::task::spawn_local(t.logged(log.tunnel(answered)));
+                }
+                None => {
+                    let body = std::mem::replace(response.body_mut(), RespBody::empty());
+                    *response.body_mut() = log.answered(answered, body);
+                }
+            }
+        }
+        if let Some(t) = tunnel {
+            tokio::task::spawn_local(t.unlogged());
         }
         Answer {
             response,

@@ -29,7 +29,7 @@ pub enum ClientSide {
     Manual(tokio::sync::oneshot::Receiver<crate::idle::Upgraded>),
 }
 
-/// How a tunnel ended, for the log.
+/// How a tunnel ended.
 enum Ended {
     Closed,
     Idle,
@@ -55,40 +55,87 @@ impl Drop for Counted {
     }
 }
 
-/// Runs one tunnel to its end. `upstream` holds the backend connection (TLS or not)
-/// and what it sent right after its 101.
-pub async fn run(client: ClientSide, upstream: (UpIo, Bytes), backend: SocketAddr, idle: Duration, _open: Counted) {
-    let (mut upstream, from_backend) = upstream;
-    let result = match client {
-        ClientSide::Hyper(on) => match on.await {
-            Ok(c) => splice(TokioIo::new(c), &mut upstream, &[], &from_backend, idle).await,
+/// One tunnel, ready to run once the 101 goes out. `upstream` holds the backend
+/// connection (TLS or not) and what it sent right after its 101.
+pub struct Tunnel {
+    client: ClientSide,
+    upstream: (UpIo, Bytes),
+    backend: SocketAddr,
+    idle: Duration,
+    open: Counted,
+}
+
+pub fn new(client: ClientSide, upstream: (UpIo, Bytes), backend: SocketAddr, idle: Duration, open: Counted) -> Tunnel {
+    Tunnel {
+        client,
+        upstream,
+        backend,
+        idle,
+        open,
+    }
+}
+
+impl Tunnel {
+    /// Runs the tunnel to its end, then ends the request's access-log line with the
+    /// bytes the backend sent the client through it and how it closed.
+    pub async fn logged(self, log: Box<crate::accesslog::Pending>) {
+        let (to_client, how) = self.run().await;
+        log.tunnel_ended(to_client, how);
+    }
+
+    pub async fn unlogged(self) {
+        self.run().await;
+    }
+
+    /// Returns the bytes sent to the client and, for the log, how the tunnel ended.
+    async fn run(self) -> (u64, &'static str) {
+        let Tunnel {
+            client,
+            upstream,
+            backend,
+            idle,
+            open: _open,
+        } = self;
+        let (mut upstream, from_backend) = upstream;
+        let to_client = Cell::new(0);
+        let result = match client {
+            ClientSide::Hyper(on) => match on.await {
+                Ok(c) => splice(TokioIo::new(c), &mut upstream, &[], &from_backend, idle, &to_client).await,
+                Err(e) => {
+                    tracing::debug!(backend = %backend, error = %e, "client upgrade failed");
+                    return (0, "client_aborted");
+                }
+            },
+            ClientSide::Manual(rx) => match rx.await {
+                // Bytes the client sent right behind its upgrade request go first.
+                Ok((ClientIo::Plain(io), early)) => {
+                    splice(io.into_inner(), &mut upstream, &early, &from_backend, idle, &to_client).await
+                }
+                Ok((ClientIo::Tls(mut io), early)) => {
+                    // rustls writes through the socket's `send_timeout` watch: a tunnel
+                    // waits on a client that reads nothing as long as it would in the
+                    // clear, until it has been idle for `tunnel_idle_timeout`.
+                    io.get_mut().0.set_send_timeout(idle);
+                    splice(io, &mut upstream, &early, &from_backend, idle, &to_client).await
+                }
+                Err(_) => {
+                    tracing::debug!(backend = %backend, "client connection closed before the upgrade");
+                    return (0, "client_aborted");
+                }
+            },
+        };
+        let how = match result {
+            Ok(Ended::Closed) => "-",
+            Ok(Ended::Idle) => {
+                tracing::debug!(backend = %backend, idle = ?idle, "tunnel idle; closed");
+                "tunnel_idle_timeout"
+            }
             Err(e) => {
-                tracing::debug!(backend = %backend, error = %e, "client upgrade failed");
-                return;
+                tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
+                "tunnel_error"
             }
-        },
-        ClientSide::Manual(rx) => match rx.await {
-            // Bytes the client sent right behind its upgrade request go first.
-            Ok((ClientIo::Plain(io), early)) => {
-                splice(io.into_inner(), &mut upstream, &early, &from_backend, idle).await
-            }
-            Ok((ClientIo::Tls(mut io), early)) => {
-                // rustls writes through the socket's `send_timeout` watch: a tunnel
-                // waits on a client that reads nothing as long as it would in the
-                // clear, until it has been idle for `tunnel_idle_timeout`.
-                io.get_mut().0.set_send_timeout(idle);
-                splice(io, &mut upstream, &early, &from_backend, idle).await
-            }
-            Err(_) => {
-                tracing::debug!(backend = %backend, "client connection closed before the upgrade");
-                return;
-            }
-        },
-    };
-    match result {
-        Ok(Ended::Closed) => {}
-        Ok(Ended::Idle) => tracing::debug!(backend = %backend, idle = ?idle, "tunnel idle; closed"),
-        Err(e) => tracing::debug!(backend = %backend, error = %e, "tunnel closed with error"),
+        };
+        (to_client.get(), how)
     }
 }
 
@@ -100,18 +147,22 @@ async fn splice<C>(
     to_backend: &[u8],
     to_client: &[u8],
     idle: Duration,
+    sent: &Cell<u64>,
 ) -> io::Result<Ended>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let last = Cell::new(crate::clock::now());
+    let to_backend_count = Cell::new(0);
     let mut client = Watched {
         io: client,
         last: &last,
+        read: &to_backend_count,
     };
     let mut upstream = Watched {
         io: upstream,
         last: &last,
+        read: sent,
     };
     // Flushed: over TLS the bytes could otherwise wait in rustls until the first
     // write of the copy below.
@@ -119,6 +170,7 @@ where
     upstream.io.flush().await?;
     client.io.write_all(to_client).await?;
     client.io.flush().await?;
+    sent.set(to_client.len() as u64);
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
     // One timer for the tunnel's life, moved on to the last byte's deadline when it
@@ -146,6 +198,8 @@ where
 struct Watched<'a, S> {
     io: S,
     last: &'a Cell<Instant>,
+    /// Bytes read from this side (so written to the other), for the access log.
+    read: &'a Cell<u64>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
@@ -153,8 +207,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             this.last.set(crate::clock::now());
+            this.read.set(this.read.get() + n as u64);
         }
         r
     }

@@ -370,3 +370,47 @@ async fn a_log_that_cannot_be_written_drops_its_lines_and_the_proxy_carries_on()
     // Every line is counted as dropped: the first flush's one, and the 20 at shutdown.
     assert_eq!(metric("rampart_access_log_dropped_lines_total"), "21");
 }
+
+/// A WebSocket is logged when its tunnel closes, as nginx logs it: status 101, the
+/// bytes the backend sent through it, the whole time, and how it closed (the client
+/// left, or it idled past `tunnel_idle_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_logged_when_its_tunnel_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = TestOrigin::start("a", Behavior::Healthy).await;
+    let dir = temp_dir("tunnel");
+    let log = dir.join("access.log");
+    let toml = with_server_setting(
+        &pool_config(
+            &[origin.addr],
+            "health_check = { type = \"none\" }\ntunnel_idle_timeout = \"300ms\"",
+        ),
+        &format!("access_log = \"{}\"", log.display()),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let mut ws = tokio::net::TcpStream::connect(addr).await.unwrap();
+    upgrade_to_websocket(&mut ws).await;
+    let mut echoed = 0;
+    for msg in [&b"ping-1"[..], b"second message"] {
+        ws.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        ws.read_exact(&mut got).await.unwrap();
+        echoed += got.len();
+    }
+    assert!(lines(&log).is_empty(), "no line while the tunnel is open");
+    drop(ws);
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    upgrade_to_websocket(&mut idle).await;
+    assert!(closed_within(&mut idle, Duration::from_secs(10)).await);
+    let got = wait_for_lines(&log, 2).await;
+    stop_proxy(srv).await;
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let f: Vec<Vec<&str>> = got.iter().map(|l| fields(l)).collect();
+    for f in &f {
+        assert_eq!([f[3], f[5], f[9]], ["/ws", "101", "app"], "{f:?}");
+    }
+    let closed = f.iter().find(|f| f[12] == "-").expect("the closed tunnel's line");
+    assert_eq!(closed[6], echoed.to_string(), "the echoes' bytes");
+    let idled = f.iter().find(|f| f[12] == "tunnel_idle_timeout").expect("the idle tunnel's line");
+    assert!(idled[7].parse::<f64>().unwrap() >= 0.3, "the whole tunnel's time: {}", idled[7]);
+}
