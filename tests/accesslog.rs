@@ -411,6 +411,13 @@ async fn a_websocket_is_logged_when_its_tunnel_closes() {
     }
     let closed = f.iter().find(|f| f[12] == "-").expect("the closed tunnel's line");
     assert_eq!(closed[6], echoed.to_string(), "the echoes' bytes");
-    let idled = f.iter().find(|f| f[12] == "tunnel_idle_timeout").expect("the idle tunnel's line");
-    assert!(idled[7].parse::<f64>().unwrap() >= 0.3, "the whole tunnel's time: {}", idled[7]);
+    let idled = f
+        .iter()
+        .find(|f| f[12] == "tunnel_idle_timeout")
+        .expect("the idle tunnel's line");
+    assert!(
+        idled[7].parse::<f64>().unwrap() >= 0.3,
+        "the whole tunnel's time: {}",
+        idled[7]
+    );
 }
