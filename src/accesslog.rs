@@ -426,18 +426,17 @@ impl Pending {
         }))
     }
 
-    /// The response head is ready; `body` is its body, whose end ends the request.
-    pub fn answered(mut self: Box<Self>, a: Answered, body: RespBody) -> RespBody {
-        self.rec.answer = Some(a);
-        self.body = body;
-        RespBody::Logged(self)
-    }
-
-    /// The response is a 101 and a tunnel follows: the line waits for the tunnel's
-    /// end (`tunnel_ended`), as nginx logs a WebSocket when it closes.
-    pub fn tunnel(mut self: Box<Self>, a: Answered) -> Box<Self> {
+    /// The response head is ready: what it says.
+    pub fn head_ready(mut self: Box<Self>, a: Answered) -> Box<Self> {
         self.rec.answer = Some(a);
         self
+    }
+
+    /// The response's body, whose end ends the request (unless a tunnel follows: then
+    /// the tunnel's end does, `tunnel_ended`, as nginx logs a WebSocket when it closes).
+    pub fn into_body(mut self: Box<Self>, body: RespBody) -> RespBody {
+        self.body = body;
+        RespBody::Logged(self)
     }
 
     /// The tunnel closed: `to_client` bytes went to the client through it; `how` is
@@ -478,13 +477,13 @@ impl Drop for Pending {
     fn drop(&mut self) {
         let ended = crate::clock::now();
         let rec = &self.rec;
-        let termination = match &rec.answer {
-            _ if rec.ended.is_some() => rec.ended.unwrap_or(COMPLETE),
-            None => CLIENT_ABORTED,
-            Some(_) if rec.body_failed => UPSTREAM_BODY_FAILED,
-            Some(Answered { error: Some(kind), .. }) => kind,
-            Some(_) if self.body.is_end_stream() => COMPLETE,
-            Some(_) => CLIENT_ABORTED,
+        let termination = match (rec.ended, &rec.answer) {
+            (Some(how), _) => how,
+            (None, None) => CLIENT_ABORTED,
+            (None, Some(_)) if rec.body_failed => UPSTREAM_BODY_FAILED,
+            (None, Some(Answered { error: Some(kind), .. })) => kind,
+            (None, Some(_)) if self.body.is_end_stream() => COMPLETE,
+            (None, Some(_)) => CLIENT_ABORTED,
         };
         let ctx = self.ctx.clone();
         ctx.access_log.record(&ctx.shared, |out, stamp, addrs| {

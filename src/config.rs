@@ -965,14 +965,10 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         let raw: FileAdmin = section(v, "admin", errs)?;
         let state_file = raw.state_file.as_deref().map(|f| {
             let full = base.join(f);
-            match full.parent() {
-                _ if f.trim().is_empty() => errs.push("admin.state_file", "must not be empty"),
-                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => errs.push(
-                    "admin.state_file",
-                    format!("directory {} does not exist", dir.display()),
-                ),
-                _ if full.is_dir() => errs.push("admin.state_file", format!("{} is a directory", full.display())),
-                _ => {}
+            if f.trim().is_empty() {
+                errs.push("admin.state_file", "must not be empty");
+            } else {
+                check_file_path(&full, "admin.state_file", errs);
             }
             full
         });
@@ -1321,6 +1317,19 @@ fn validate_resolvers(list: Option<&[String]>, errs: &mut Errors) -> crate::dns:
     Some(out)
 }
 
+/// A file rampart writes (the access log, the state file): it is opened or written at
+/// start, on reload or on use, where a failure is reported; a directory that does not
+/// exist, or a path that is one, is certain to fail, so `rampart check` says so.
+fn check_file_path(full: &Path, field: &str, errs: &mut Errors) {
+    match full.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            errs.push(field, format!("directory {} does not exist", dir.display()));
+        }
+        _ if full.is_dir() => errs.push(field, format!("{} is a directory", full.display())),
+        _ => {}
+    }
+}
+
 fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) -> AccessLog {
     const FIELD: &str = "server.access_log";
     match v {
@@ -1335,15 +1344,7 @@ fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) 
         }
         Some(toml::Value::String(s)) => {
             let full = base.join(s);
-            // The file itself is opened (and created) at start and on reload, where a
-            // failure is reported; a directory that does not exist is certain to fail.
-            match full.parent() {
-                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-                    errs.push(FIELD, format!("directory {} does not exist", dir.display()));
-                }
-                _ if full.is_dir() => errs.push(FIELD, format!("{} is a directory", full.display())),
-                _ => {}
-            }
+            check_file_path(&full, FIELD, errs);
             AccessLog::File(full)
         }
         Some(other) => {

@@ -136,21 +136,17 @@ pub async fn forward(
         };
         tries.set(tries.get().saturating_add(1));
         let (bi, outcome) = attempt(ctx, pool, hash, bi, request, &mut attempts, opts, hedge, tries).await;
+        if let Outcome::Response(fwd) | Outcome::Gateway(_, fwd) = &outcome {
+            let status = fwd.response.status().as_u16();
+            pool.backends[bi].state.counters.count_response(status);
+        }
         let (err, unsent) = match outcome {
             Outcome::Response(mut fwd) => {
-                pool.backends[bi]
-                    .state
-                    .counters
-                    .count_response(fwd.response.status().as_u16());
                 attach_slot(&mut fwd, request_slot);
                 return Ok(fwd);
             }
             Outcome::Fatal(e) => return Err(e),
             Outcome::Gateway(err, mut fwd) => {
-                pool.backends[bi]
-                    .state
-                    .counters
-                    .count_response(fwd.response.status().as_u16());
                 let another = pool.pick(hash, &[attempts.tried(), &[bi]].concat()).is_some();
                 if !(retryable_after_send && another && attempts.has_tries_left()) {
                     attach_slot(&mut fwd, request_slot);

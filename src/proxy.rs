@@ -333,26 +333,27 @@ pub fn handle(
             p.metrics.record(response.status().as_u16(), elapsed);
         }
         if let Some(log) = log {
-            let answered = Answered {
+            let log = log.head_ready(Answered {
                 status: response.status().as_u16(),
                 pool: pool.cloned(),
                 backend,
                 head_time: elapsed,
                 tries: tries.get(),
                 error,
-            };
+            });
             match tunnel.take() {
+                // The line waits for the tunnel's end.
                 Some(t) => {
-                    tokio::task::spawn_local(t.logged(log.tunnel(answered)));
+                    tokio::task::spawn_local(t.run(Some(log)));
                 }
                 None => {
                     let body = std::mem::replace(response.body_mut(), RespBody::empty());
-                    *response.body_mut() = log.answered(answered, body);
+                    *response.body_mut() = log.into_body(body);
                 }
             }
         }
         if let Some(t) = tunnel {
-            tokio::task::spawn_local(t.unlogged());
+            tokio::task::spawn_local(t.run(None));
         }
         Answer {
             response,
@@ -408,8 +409,7 @@ fn direct<B>(
             let mut vars = conn.vars(req.method(), request_id, None);
             vars.host = host;
             vars.target = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
-            let fields = raw.map(|r| r.header_map());
-            match template.resolve(&vars, fields.as_ref().unwrap_or(req.headers())) {
+            match with_fields(req, raw, |headers| template.resolve(&vars, headers)) {
                 Some(l) => Some(l),
                 None => {
                     return ProxyError::Direct(Box::new(crate::error::DirectAnswer {
@@ -594,9 +594,8 @@ fn prepare(
         }
     }
 
-    let hash = match (&pool.balancer, &raw) {
-        (Balancer::ConsistentHash { .. }, None) => hash_key(&pool.config.hash_key, req.headers(), conn),
-        (Balancer::ConsistentHash { .. }, Some(r)) => hash_key(&pool.config.hash_key, &r.header_map(), conn),
+    let hash = match &pool.balancer {
+        Balancer::ConsistentHash { .. } => request_key(&pool.config.hash_key, &req, raw.as_ref(), conn),
         _ => None,
     };
 
@@ -698,15 +697,11 @@ enum Sticky {
 /// for it: only for sticky pools.
 #[cold]
 fn sticky_backend<B>(pool: &Pool, name: &str, req: &Request<B>, raw: Option<&RawRequest>) -> Sticky {
-    let id = |headers: &HeaderMap| {
+    let id = with_fields(req, raw, |headers| {
         cookie(headers, name)
             .filter(|v| v.len() == 16)
             .and_then(|v| u64::from_str_radix(v, 16).ok())
-    };
-    let id = match raw {
-        Some(r) => id(&r.header_map()),
-        None => id(req.headers()),
-    };
+    });
     match id.and_then(|id| pool.backends.iter().position(|b| b.sticky_id == id)) {
         Some(bi) => Sticky::Named(bi as u32),
         None => Sticky::Unnamed,
@@ -1266,9 +1261,18 @@ fn split_pool<B>(
 /// `hash_key` for a request whose fields may still be raw (the HTTP/1.1 fast path):
 /// parsed into a map only when the key is a field or a cookie.
 fn request_key<B>(key: &HashKey, req: &Request<B>, raw: Option<&RawRequest>, conn: &ConnInfo) -> Option<u64> {
-    match (key, raw) {
-        (HashKey::ClientIp, _) | (_, None) => hash_key(key, req.headers(), conn),
-        (_, Some(r)) => hash_key(key, &r.header_map(), conn),
+    match key {
+        HashKey::ClientIp => hash_key(key, req.headers(), conn),
+        _ => with_fields(req, raw, |headers| hash_key(key, headers, conn)),
+    }
+}
+
+/// `f` over the request's fields: its map, or on the HTTP/1.1 fast path (where the
+/// map is empty) its raw fields parsed into one.
+fn with_fields<B, T>(req: &Request<B>, raw: Option<&RawRequest>, f: impl FnOnce(&HeaderMap) -> T) -> T {
+    match raw {
+        Some(r) => f(&r.header_map()),
+        None => f(req.headers()),
     }
 }
 

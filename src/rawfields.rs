@@ -99,24 +99,36 @@ impl RawFields {
     }
 }
 
-/// Appends the field lines `head[start..end]` (whole lines, as httparse accepted them)
-/// to `map`.
-fn append_lines(map: &mut HeaderMap, head: &Bytes, start: usize, end: usize) {
+/// Each field line in `head[start..end]` (whole lines, as httparse accepted them):
+/// its name, and where its value (without surrounding whitespace) lies in `head`.
+fn field_lines(head: &Bytes, start: usize, end: usize) -> impl Iterator<Item = (&[u8], std::ops::Range<usize>)> {
     let mut at = start;
-    while at < end {
-        let line_end = at + head[at..end].iter().position(|&b| b == b'\n').unwrap_or(end - at - 1) + 1;
-        let line = &head[at..line_end];
-        if let Some(colon) = line.iter().position(|&b| b == b':') {
-            if let Some(name) = header_name(&line[..colon]) {
+    std::iter::from_fn(move || {
+        while at < end {
+            let line_start = at;
+            let line = &head[at..end];
+            at += line.iter().position(|&b| b == b'\n').map_or(line.len(), |p| p + 1);
+            let line = &head[line_start..at];
+            if let Some(colon) = line.iter().position(|&b| b == b':') {
                 let rest = &line[colon + 1..];
-                let start = at + colon + 1 + (rest.len() - rest.trim_ascii_start().len());
-                let v = head.slice(start..start + rest.trim_ascii().len());
-                // SAFETY: httparse accepted this line's value, as in
-                // `codec::parse_response`, which builds its map the same way.
-                map.append(name, unsafe { HeaderValue::from_maybe_shared_unchecked(v) });
+                let v = line_start + colon + 1 + (rest.len() - rest.trim_ascii_start().len());
+                return Some((&line[..colon], v..v + rest.trim_ascii().len()));
             }
         }
-        at = line_end;
+        None
+    })
+}
+
+/// Appends the field lines `head[start..end]` to `map`.
+fn append_lines(map: &mut HeaderMap, head: &Bytes, start: usize, end: usize) {
+    for (name, value) in field_lines(head, start, end) {
+        if let Some(name) = header_name(name) {
+            // SAFETY: httparse accepted this line's value, as in
+            // `codec::parse_response`, which builds its map the same way.
+            map.append(name, unsafe {
+                HeaderValue::from_maybe_shared_unchecked(head.slice(value))
+            });
+        }
     }
 }
 
@@ -145,22 +157,9 @@ impl RawRequest {
 /// `$http_NAME`), sharing the block's bytes.
 pub fn find(block: &Bytes, name: &HeaderName) -> Option<HeaderValue> {
     let want = name.as_str().as_bytes();
-    let mut at = 0;
-    while at < block.len() {
-        let line_end = at
-            + block[at..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(block.len() - at, |p| p + 1);
-        let line = &block[at..line_end];
-        if line.len() > want.len() && line[want.len()] == b':' && eq_lower(&line[..want.len()], want) {
-            let rest = &line[want.len() + 1..];
-            let start = at + want.len() + 1 + (rest.len() - rest.trim_ascii_start().len());
-            return HeaderValue::from_maybe_shared(block.slice(start..start + rest.trim_ascii().len())).ok();
-        }
-        at = line_end;
-    }
-    None
+    field_lines(block, 0, block.len())
+        .find(|(n, _)| eq_lower(n, want))
+        .and_then(|(_, value)| HeaderValue::from_maybe_shared(block.slice(value)).ok())
 }
 
 /// A `RawRequest::block` as a map (a route's request header rules need one).

@@ -604,10 +604,7 @@ impl Snapshot {
         let now = now_ms();
         let mut taken = 0;
         for h in handed {
-            let Some(pool) = self.pools.iter().find(|p| p.name == h.pool) else {
-                continue;
-            };
-            for b in pool.backends.iter().filter(|b| b.addr == h.addr) {
+            for b in self.backends_at(&h.pool, h.addr) {
                 let st = &b.state;
                 st.healthy.store(h.healthy, Ordering::Relaxed);
                 st.check_passes.store(h.check_passes, Ordering::Relaxed);
@@ -660,15 +657,22 @@ impl Snapshot {
     pub fn restore_admin_states(&self, saved: &[SavedState]) -> usize {
         let mut set = 0;
         for s in saved {
-            let Some(pool) = self.pools.iter().find(|p| p.name == s.pool) else {
-                continue;
-            };
-            for b in pool.backends.iter().filter(|b| b.addr == s.addr) {
+            for b in self.backends_at(&s.pool, s.addr) {
                 b.state.admin.store(s.state as u8, Ordering::Relaxed);
                 set += 1;
             }
         }
         set
+    }
+
+    /// The backends of pool `pool` at `addr`, as a handover or the state file names
+    /// them.
+    fn backends_at<'a>(&'a self, pool: &'a str, addr: SocketAddr) -> impl Iterator<Item = &'a Backend> {
+        self.pools
+            .iter()
+            .filter(move |p| p.name == pool)
+            .take(1)
+            .flat_map(move |p| p.backends.iter().filter(move |b| b.addr == addr))
     }
 }
 

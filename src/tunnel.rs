@@ -76,19 +76,17 @@ pub fn new(client: ClientSide, upstream: (UpIo, Bytes), backend: SocketAddr, idl
 }
 
 impl Tunnel {
-    /// Runs the tunnel to its end, then ends the request's access-log line with the
-    /// bytes the backend sent the client through it and how it closed.
-    pub async fn logged(self, log: Box<crate::accesslog::Pending>) {
-        let (to_client, how) = self.run().await;
-        log.tunnel_ended(to_client, how);
-    }
-
-    pub async fn unlogged(self) {
-        self.run().await;
+    /// Runs the tunnel to its end, then ends the request's access-log line, if it has
+    /// one, with the bytes the backend sent the client through it and how it closed.
+    pub async fn run(self, log: Option<Box<crate::accesslog::Pending>>) {
+        let (to_client, how) = self.splice().await;
+        if let Some(log) = log {
+            log.tunnel_ended(to_client, how);
+        }
     }
 
     /// Returns the bytes sent to the client and, for the log, how the tunnel ended.
-    async fn run(self) -> (u64, &'static str) {
+    async fn splice(self) -> (u64, &'static str) {
         let Tunnel {
             client,
             upstream,
