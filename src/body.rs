@@ -5,7 +5,7 @@
 //! - `RespBody`, what we send the client: the backend's body (`upstream::UpBody`, which
 //!   returns its pooled connection when it has been read to the end), or a small
 //!   generated page, either one carrying the request's access-log record when the log
-//!   is on.
+//!   is on, and either one gzipped on its way when the route compresses.
 //!
 //! Enums rather than boxed trait objects: no allocation per request.
 
@@ -198,6 +198,8 @@ pub enum RespBody {
     /// and writes the line when the body is dropped (`accesslog::Pending`). Only when
     /// the log is on.
     Logged(Box<crate::accesslog::Pending>),
+    /// Any of the others, gzipped on its way (`compress`). Boxed: rare, and large.
+    Gzip(Box<crate::compress::Gzip>),
 }
 
 pub struct H2Resp {
@@ -256,6 +258,7 @@ impl Body for RespBody {
             }
             RespBody::H2(h2) => h2.poll_frame(cx),
             RespBody::Logged(l) => l.poll_frame(cx),
+            RespBody::Gzip(z) => z.poll_frame(cx),
         }
     }
 
@@ -265,6 +268,7 @@ impl Body for RespBody {
             RespBody::Upstream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
             RespBody::H2(h2) => h2.is_end_stream(),
             RespBody::Logged(l) => l.is_end_stream(),
+            RespBody::Gzip(z) => z.is_end_stream(),
         }
     }
 
@@ -274,6 +278,7 @@ impl Body for RespBody {
             RespBody::Upstream { prefix, inner, .. } => with_prefix(prefix, inner.size_hint()),
             RespBody::H2(h2) => h2.size_hint(),
             RespBody::Logged(l) => l.size_hint(),
+            RespBody::Gzip(z) => z.size_hint(),
         }
     }
 }

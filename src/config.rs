@@ -145,6 +145,8 @@ pub struct ServerConfig {
     pub access_log_format: Arc<crate::accesslog::LogFormat>,
     /// The nameservers `dns_refresh` pools ask; `None`: /etc/resolv.conf's.
     pub resolvers: crate::dns::Nameservers,
+    /// `compress`: what every route without its own `compress` does (`None`: off).
+    pub compress: Option<Arc<CompressConfig>>,
 }
 
 /// Where the access log goes (`accesslog`).
@@ -245,7 +247,11 @@ pub struct RouteConfig {
     /// `return`: the route answers itself (nginx's `return`, Envoy's
     /// `direct_response` and `redirect`); `pool` is then unused.
     pub direct: Option<Arc<DirectResponse>>,
+    /// gzip for the route's responses: its own `compress`, else the server's.
+    pub compress: Option<Arc<CompressConfig>>,
 }
+
+pub use crate::compress::CompressConfig;
 
 /// A route's own answer (`return = { status = 301, location = "..." }`).
 #[derive(Debug, PartialEq, Eq)]
@@ -621,6 +627,7 @@ struct FileServer {
     access_log: Option<toml::Value>,
     access_log_format: Option<String>,
     resolvers: Option<Vec<String>>,
+    compress: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -682,6 +689,15 @@ struct FileRoute {
     rate_limit: Option<FileRateLimit>,
     methods: Option<Vec<String>>,
     headers: Option<toml::Table>,
+    compress: Option<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCompress {
+    types: Option<Vec<String>>,
+    min_length: Option<u64>,
+    level: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1138,6 +1154,10 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             .direct
             .as_ref()
             .and_then(|v| validate_return(v, &format!("{path}.return"), errs));
+        let compress = match &raw.compress {
+            Some(v) => validate_compress(v, &format!("{path}.compress"), errs),
+            None => server.as_ref().and_then(|s| s.compress.clone()),
+        };
         let target = match (&raw.pool, &raw.pools) {
             _ if raw.direct.is_some() => {
                 if raw.pool.is_some() || raw.pools.is_some() {
@@ -1183,6 +1203,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 response_timeout: raw.response_timeout,
                 access,
                 direct: direct.map(Arc::new),
+                compress,
             });
         }
     }
@@ -1286,7 +1307,65 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
             }
         },
         resolvers: validate_resolvers(raw.resolvers.as_deref(), errs),
+        compress: raw
+            .compress
+            .as_ref()
+            .and_then(|v| validate_compress(v, "server.compress", errs)),
     })
+}
+
+/// `compress = true`, `false`, or `{ types = [...], min_length = 256, level = 1 }`
+/// (what is left out keeps its default).
+fn validate_compress(value: &toml::Value, path: &str, errs: &mut Errors) -> Option<Arc<CompressConfig>> {
+    let raw: FileCompress = match value {
+        toml::Value::Boolean(false) => return None,
+        toml::Value::Boolean(true) => return Some(Arc::default()),
+        toml::Value::Table(_) => section(value, path, errs)?,
+        other => {
+            errs.push(
+                path,
+                format!(
+                    "expected true, false or a table ({{ types = [...], min_length = 256, level = 1 }}), got {}",
+                    other.type_str()
+                ),
+            );
+            return None;
+        }
+    };
+    let before = errs.0.len();
+    let mut cfg = CompressConfig::default();
+    if let Some(types) = raw.types {
+        if types.is_empty() {
+            errs.push(
+                format!("{path}.types"),
+                "must list at least one media type (compress = false turns compression off)",
+            );
+        }
+        cfg.types = Vec::with_capacity(types.len());
+        for (i, t) in types.iter().enumerate() {
+            let t = t.trim().to_ascii_lowercase();
+            if !crate::compress::is_media_range(&t) {
+                errs.push(
+                    format!("{path}.types[{i}]"),
+                    format!("expected a media type (\"text/html\", \"text/*\" or \"*\"), got {t:?}"),
+                );
+            }
+            cfg.types.push(t);
+        }
+    }
+    if let Some(n) = raw.min_length {
+        cfg.min_length = n;
+    }
+    if let Some(level) = raw.level {
+        if !(1..=9).contains(&level) {
+            errs.push(
+                format!("{path}.level"),
+                format!("must be from 1 (fastest) to 9 (smallest), got {level}"),
+            );
+        }
+        cfg.level = level;
+    }
+    (errs.0.len() == before).then(|| Arc::new(cfg))
 }
 
 /// `resolvers = ["10.0.0.2", "10.0.0.3:5353"]`: nameservers by IP, port 53 unless given.
@@ -2725,6 +2804,65 @@ connect_timeout = "soon"
             let errs = errors_of(&with(v)).join("\n");
             assert!(errs.contains(want), "{v}: {errs}");
         }
+    }
+
+    #[test]
+    fn compress_defaults_the_server_setting_and_every_mistake_is_named() {
+        let route = |v: &str| {
+            MINIMAL.replace(
+                "[[routes]]\npool = \"app\"",
+                &format!("[[routes]]\npool = \"app\"\n{v}"),
+            )
+        };
+        let c = Config::parse(&route("compress = true"), "t").unwrap();
+        assert_eq!(c.routes[0].compress.as_deref(), Some(&CompressConfig::default()));
+        let c = Config::parse(&route("compress = { level = 5, types = [\"Text/*\"] }"), "t").unwrap();
+        let z = c.routes[0].compress.as_deref().unwrap();
+        assert_eq!(
+            (z.level, z.min_length, z.types.as_slice()),
+            (5, 256, &["text/*".to_string()][..])
+        );
+        // The server's setting is every route's default; a route may turn it off.
+        let server = |v: &str| MINIMAL.replacen("[server]\n", &format!("[server]\n{v}\n"), 1);
+        let c = Config::parse(&server("compress = { min_length = 1000 }"), "t").unwrap();
+        assert_eq!(c.routes[0].compress.as_ref().unwrap().min_length, 1000);
+        let both = server("compress = true").replace(
+            "[[routes]]\npool = \"app\"",
+            "[[routes]]\npool = \"app\"\ncompress = false",
+        );
+        assert!(Config::parse(&both, "t").unwrap().routes[0].compress.is_none());
+        assert!(Config::parse(MINIMAL, "t").unwrap().routes[0].compress.is_none());
+        // Every mistake at once, each where it is.
+        let errs = errors_of(&route(
+            "compress = { level = 0, types = [\"text/html\", \"html\", \"*/*\"] }",
+        ))
+        .join("\n");
+        for want in [
+            "routes[0].compress.level: must be from 1 (fastest) to 9 (smallest), got 0",
+            "routes[0].compress.types[1]: expected a media type",
+            "routes[0].compress.types[2]: expected a media type",
+        ] {
+            assert!(errs.contains(want), "{want}: {errs}");
+        }
+        for (v, want) in [
+            (
+                "compress = \"gzip\"",
+                "routes[0].compress: expected true, false or a table",
+            ),
+            (
+                "compress = { types = [] }",
+                "routes[0].compress.types: must list at least one",
+            ),
+            (
+                "compress = { algo = \"br\" }",
+                "routes[0].compress.algo: unknown field `algo`",
+            ),
+        ] {
+            let errs = errors_of(&route(v)).join("\n");
+            assert!(errs.contains(want), "{v}: {errs}");
+        }
+        let errs = errors_of(&server("compress = { level = 10 }")).join("\n");
+        assert!(errs.contains("server.compress.level: must be from 1"), "{errs}");
     }
 
     #[test]

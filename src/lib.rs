@@ -16,6 +16,7 @@ pub mod body;
 pub mod breaker;
 pub mod clock;
 pub mod codec;
+pub mod compress;
 pub mod config;
 pub mod demo;
 pub mod dns;

@@ -32,6 +32,9 @@ pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_lines_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "rampart_tls_handshake_failures_total";
 pub const DNS_LOOKUPS: &str = "rampart_dns_lookups_total";
 pub const DNS_UPDATES: &str = "rampart_dns_updates_total";
+pub const COMPRESSED: &str = "rampart_compressed_responses_total";
+pub const COMPRESSION_IN: &str = "rampart_compression_input_bytes_total";
+pub const COMPRESSION_OUT: &str = "rampart_compression_output_bytes_total";
 /// Written by `admin` from the live config at each scrape, not kept in the recorder.
 pub const TLS_CERT_EXPIRY: &str = "rampart_tls_certificate_expiry_timestamp_seconds";
 
@@ -75,6 +78,20 @@ fn describe() {
         "Changes to a dns_refresh pool's backends from a new DNS answer, by pool"
     );
     describe_counter!(
+        COMPRESSED,
+        "Responses gzipped on their way to the client (compress), by pool"
+    );
+    describe_counter!(
+        COMPRESSION_IN,
+        Unit::Bytes,
+        "Bytes of response bodies that went into gzip, by pool"
+    );
+    describe_counter!(
+        COMPRESSION_OUT,
+        Unit::Bytes,
+        "Bytes that came out of gzip, by pool: over the input bytes, the compression ratio"
+    );
+    describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access-log lines lost because writing them failed (a full disk, say)"
     );
@@ -99,6 +116,7 @@ pub struct PoolMetrics {
     /// Index 0 is "other", 1..=5 are 1xx..5xx.
     by_class: [Counter; 6],
     pub duration: Histogram,
+    pub compression: crate::compress::Counters,
 }
 
 impl PoolMetrics {
@@ -107,6 +125,11 @@ impl PoolMetrics {
         PoolMetrics {
             by_class: [c("other"), c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
             duration: metrics::histogram!(REQUEST_DURATION, "pool" => pool.to_string()),
+            compression: crate::compress::Counters {
+                responses: metrics::counter!(COMPRESSED, "pool" => pool.to_string()),
+                bytes_in: metrics::counter!(COMPRESSION_IN, "pool" => pool.to_string()),
+                bytes_out: metrics::counter!(COMPRESSION_OUT, "pool" => pool.to_string()),
+            },
         }
     }
 

@@ -21,6 +21,7 @@ use crate::accesslog::{Answered, Pending};
 use crate::balancer::{hash64, Balancer};
 use crate::body::{InBody, RespBody};
 use crate::codec::{AddedFields, UpHead};
+use crate::compress::Want;
 use crate::config::{AccessLog, HashKey};
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
@@ -285,6 +286,9 @@ pub fn handle(
             };
             backend = Some(addr);
             backend_fields = fields;
+            if let (Some(want), Some(cfg)) = (p.compress, route_idx.and_then(|i| snap.routes[i].compress.as_ref())) {
+                crate::compress::apply(cfg, want, &method, &mut response, &pool.metrics.compression);
+            }
             if let Some(cookie) = sticky_cookie(pool, p.sticky, addr, conn.tls) {
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
@@ -604,6 +608,23 @@ fn prepare(
         Some(s) => sticky_backend(pool, &s.cookie, &req, raw.as_ref()),
     };
 
+    let compress = route.compress.as_ref().map(|_| {
+        let gzip = match &raw {
+            Some(r) => crate::compress::accepts_gzip(crate::rawfields::values(&r.block, b"accept-encoding")),
+            None => crate::compress::accepts_gzip(
+                req.headers()
+                    .get_all(header::ACCEPT_ENCODING)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            ),
+        };
+        if gzip {
+            Want::Gzip
+        } else {
+            Want::Identity
+        }
+    });
+
     let upgrade = fields.upgrade && is_upgrade(&req);
     if upgrade && pool.config.protocol == crate::config::UpstreamProtocol::H2 {
         return Err(ProxyError::NotImplemented(
@@ -630,9 +651,13 @@ fn prepare(
         headers,
         raw: raw.map(|r| r.block),
         added: AddedFields::default(),
-        // Response rules, and a `Location` to map back, need the backend's fields
-        // as a map.
-        raw_response: h1_writer && route.response_headers.is_none() && !route.rewrite_location,
+        // Response rules, and a `Location` to map back, need
+        // the backend's fields as a map, and so does compression (which may add
+        // `Vary` whether or not it compresses).
+        raw_response: h1_writer
+            && route.response_headers.is_none()
+            && !route.rewrite_location
+            && route.compress.is_none(),
     };
     let location_host = match (route.rewrite_location, host) {
         (true, Some(h)) => Some(Box::from(h)),
@@ -663,6 +688,7 @@ fn prepare(
         sticky,
         client_upgrade,
         location_host,
+        compress,
     })
 }
 
@@ -679,6 +705,8 @@ struct Prepared {
     /// For a route that maps a backend's `Location` back: the host the client asked
     /// for (with any port), whose absolute URLs are mapped. Boxed: rare.
     location_host: Option<Box<str>>,
+    /// A route that compresses: whether the client takes gzip.
+    compress: Option<Want>,
 }
 
 /// A request to a sticky pool (`sticky`): whether its cookie names one of the pool's

@@ -162,6 +162,13 @@ pub fn find(block: &Bytes, name: &HeaderName) -> Option<HeaderValue> {
         .and_then(|(_, value)| HeaderValue::from_maybe_shared(block.slice(value)).ok())
 }
 
+/// Every value of field `name` (lowercase) in a `RawRequest::block`, as written.
+pub fn values<'a>(block: &'a Bytes, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+    field_lines(block, 0, block.len())
+        .filter(move |(n, _)| eq_lower(n, name))
+        .map(move |(_, value)| &block[value])
+}
+
 /// A `RawRequest::block` as a map (a route's request header rules need one).
 pub fn block_map(block: &Bytes) -> HeaderMap {
     let mut map = HeaderMap::new();
