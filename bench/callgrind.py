@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout] [--access-log]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout] [--access-log] [--gzip]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -33,6 +33,13 @@ fixed-rate row, at 8,000 req/s over 64 connections, never does.
 to stdout): the difference is the log's cost in user-space instructions (the kernel's
 part, the write calls, is outside callgrind's count).
 
+--gzip requests a 16 KiB HTML page (bench/run.py's `page_html`) with `Accept-Encoding:
+gzip` from proxies that compress it: rampart with `compress = true` (level 1, zlib-rs),
+nginx with `gzip on` (`gzip_comp_level 1`, the system's zlib) and HAProxy with
+`compression algo gzip` (Debian's is built with libslz, a stateless compressor that
+trades ratio for speed and has no levels). Instructions per request are then mostly
+the compressor's, so each row also gives the compressed size of one response.
+
 --layout adds, for each rampart binary, the machine code of the request path's largest
 futures (LAYOUT) and how much of it sits on source lines the load never ran (from the
 binary's line table, `objdump -d -l`, against the lines the profile counted). Each of
@@ -50,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,6 +82,8 @@ H2 = []
 H2_PORT = {18081: 18091, 18082: 18092}
 # With --rate: oha at this many requests a second instead of wrk.
 RATE = []
+# The target requested (--gzip: the HTML page).
+TARGET = ["/"]
 
 
 def wrk_requests(port, seconds):
@@ -82,7 +92,7 @@ def wrk_requests(port, seconds):
     if RATE:
         return rate_requests(port, seconds, RATE[0])
     flags = [f for h in HEADERS for f in ("-H", h)]
-    out = bench.sh(["wrk", "-t1", "-c16", f"-d{seconds}s", *flags, f"http://127.0.0.1:{port}/"]).stdout
+    out = bench.sh(["wrk", "-t1", "-c16", f"-d{seconds}s", *flags, f"http://127.0.0.1:{port}{TARGET[0]}"]).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"error responses from port {port}: {out}")
     return int(re.search(r"(\d+) requests in", out).group(1))
@@ -108,6 +118,7 @@ def profile(name, cmd, port, out: Path, cache: bool):
     try:
         bench.wait_port(port, timeout=60)
         wrk_requests(port, WARM)
+        size = response_size(port)
         subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
         n = wrk_requests(port, MEASURE)
         subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
@@ -125,6 +136,8 @@ def profile(name, cmd, port, out: Path, cache: bool):
         raise RuntimeError(f"no callgrind dump for {name}: see {out.with_suffix('.log')}")
     t = totals(dump)
     row = {"requests": n, "Ir": t["Ir"] / n}
+    if TARGET[0] != "/":
+        row["body bytes"] = size
     if cache:
         row["I1 misses"] = t.get("I1mr", 0) / n
         row["D1 misses"] = (t.get("D1mr", 0) + t.get("D1mw", 0)) / n
@@ -154,6 +167,41 @@ def with_access_log(target, run: Path):
         conf.write_text(bench.replaced_once(text, "defaults\n", "defaults\n    log global\n    option httplog\n"))
         cmd = [*cmd[:3], str(conf)]
     return f"{name} + access log", cmd, port
+
+
+def response_size(port):
+    """The body size of one response to the bench's request, as sent (compressed)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{TARGET[0]}",
+                                 headers=dict(h.split(": ", 1) for h in HEADERS))
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+        if TARGET[0] != "/" and r.headers.get("Content-Encoding") != "gzip":
+            raise RuntimeError(f"port {port} did not compress {TARGET[0]}: {dict(r.headers)}")
+        return len(body)
+
+
+def with_gzip(target, run: Path):
+    """`target` (name, command, port) compressing the page: rampart's `compress = true`,
+    nginx's `gzip on` at level 1 (its default) with `Vary`, HAProxy's `compression`."""
+    name, cmd, port = target
+    if name.startswith("rampart "):
+        conf = run / "rampart-gzip.toml"
+        conf.write_text(bench.replaced_once((bench.PEERS / "rampart.toml").read_text(),
+                                            "[server]\n", "[server]\ncompress = true\n"))
+        cmd = [cmd[0], "--config", str(conf), *cmd[3:]]
+    elif name == "nginx":
+        conf = run / "nginx-gzip.conf"
+        conf.write_text(bench.replaced_once(Path(cmd[2]).read_text(), "access_log off;",
+                                            "access_log off;\n    gzip on;\n    gzip_comp_level 1;\n"
+                                            "    gzip_min_length 256;\n    gzip_vary on;"))
+        cmd = [cmd[0], "-c", str(conf), *cmd[3:]]
+    else:
+        conf = run / "haproxy-gzip.cfg"
+        conf.write_text(bench.replaced_once(Path(cmd[3]).read_text(), "\nbackend origins\n",
+                                            "\n    compression algo gzip\n    compression type text/html\n"
+                                            "backend origins\n"))
+        cmd = [*cmd[:3], str(conf)]
+    return f"{name} + gzip", cmd, port
 
 
 # The request path's futures whose code --layout reports (as callgrind and `nm -C` name them).
@@ -272,7 +320,12 @@ def main():
                     help="also report the request path's largest futures' code size and its share never run")
     ap.add_argument("--access-log", action="store_true",
                     help="profile each proxy a second time with its access log on")
+    ap.add_argument("--gzip", action="store_true",
+                    help="a 16 KiB HTML page, compressed by each proxy (gzip, level 1)")
     args = ap.parse_args()
+    if args.gzip:
+        TARGET[0] = "/page.html"
+        HEADERS.append("Accept-Encoding: gzip")
     if args.rate:
         RATE.append(args.rate)
     if args.browser:
@@ -304,6 +357,8 @@ def main():
             targets.append(("haproxy", ["haproxy", "-db", "-f", str(conf)], PORT["haproxy"]))
         if args.access_log:
             targets += [with_access_log(t, run) for t in targets]
+        if args.gzip:
+            targets = [with_gzip(t, run) for t in targets]
         for i, (name, cmd, port) in enumerate(targets):
             row, dump = profile(name, cmd, port, keep / f"callgrind-{i}.out", args.cache)
             rows.append((name, row, dump))
@@ -315,9 +370,11 @@ def main():
         origins.wait(timeout=10)
     print()
     base = rows[0][1]["Ir"]
-    print(f"{'':50} {'instr/req':>10} {'vs first':>9}")
+    sized = "body bytes" in rows[0][1]
+    print(f"{'':50} {'instr/req':>10} {'vs first':>9}" + (f" {'body bytes':>11}" if sized else ""))
     for name, row, _ in rows:
-        print(f"{name[-50:]:50} {row['Ir']:>10,.0f} {row['Ir'] / base:>8.3f}x")
+        print(f"{name[-50:]:50} {row['Ir']:>10,.0f} {row['Ir'] / base:>8.3f}x"
+              + (f" {row['body bytes']:>11,}" if sized else ""))
 
 
 if __name__ == "__main__":

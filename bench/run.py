@@ -264,9 +264,26 @@ def require_free(ports):
             raise RuntimeError(f"port {p} is already in use (a leftover proxy or origin?): stop it first")
 
 
+def page_html() -> bytes:
+    """A 16 KiB HTML page that compresses as pages do (bench/callgrind.py --gzip): a
+    table whose rows repeat their markup and vary their text and numbers."""
+    rows, i = [], 0
+    head = "<!doctype html>\n<html><head><title>Orders</title></head><body>\n<table>\n"
+    size = len(head)
+    while size < 16 * 1024 - 40:
+        row = (f'<tr class="r{i % 2}"><td>{10000 + i * 37}</td><td>item {(i * 7919) % 10007}</td>'
+               f'<td>category {i % 13}, shipped {1 + i % 28:02d}/{1 + i % 12:02d}</td><td>{(i * 6151) % 9973 / 100:.2f}</td></tr>\n')
+        rows.append(row)
+        size += len(row)
+        i += 1
+    return (head + "".join(rows) + "</table>\n</body></html>\n").encode()
+
+
 def start_origins(run: Path) -> subprocess.Popen:
-    """The three nginx origins (19001-19003) with the 64 KiB file, their files in `run`."""
+    """The three nginx origins (19001-19003) with the 64 KiB file and the HTML page,
+    their files in `run`."""
     (run / "64k.bin").write_bytes(b"x" * 65536)
+    (run / "page.html").write_bytes(page_html())
     return subprocess.Popen(
         ["nginx", "-g", "daemon off;", "-c", str(render(PEERS / "origin-nginx.conf", run))])
 
