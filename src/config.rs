@@ -147,6 +147,26 @@ pub struct ServerConfig {
     pub resolvers: crate::dns::Nameservers,
     /// `compress`: what every route without its own `compress` does (`None`: off).
     pub compress: Option<Arc<CompressConfig>>,
+    /// `trusted_proxies`: whose word on the client's address is taken (`None`: no one's).
+    pub real_ip: Option<Arc<RealIp>>,
+}
+
+/// `trusted_proxies` and `client_ip_header`: nginx's `set_real_ip_from`,
+/// `real_ip_header` and `real_ip_recursive on`; Envoy's `xff_num_trusted_hops`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RealIp {
+    pub trusted: Vec<ipnet::IpNet>,
+    /// Lowercase; `x-forwarded-for` unless set.
+    pub header: http::HeaderName,
+}
+
+impl RealIp {
+    /// Whether `ip` is one of the trusted proxies (an IPv4 address over a dual-stack
+    /// socket counts as IPv4).
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = crate::netio::canonical_ip(ip);
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// Where the access log goes (`accesslog`).
@@ -628,6 +648,8 @@ struct FileServer {
     access_log_format: Option<String>,
     resolvers: Option<Vec<String>>,
     compress: Option<toml::Value>,
+    trusted_proxies: Option<Vec<String>>,
+    client_ip_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1311,7 +1333,43 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
             .compress
             .as_ref()
             .and_then(|v| validate_compress(v, "server.compress", errs)),
+        real_ip: validate_real_ip(raw.trusted_proxies.as_deref(), raw.client_ip_header.as_deref(), errs),
     })
+}
+
+/// `trusted_proxies = ["10.0.0.0/8"]`, with `client_ip_header` (`X-Forwarded-For`
+/// unless set), which means nothing without them.
+fn validate_real_ip(trusted: Option<&[String]>, header: Option<&str>, errs: &mut Errors) -> Option<Arc<RealIp>> {
+    let set = header.is_some();
+    let header = match header {
+        None => http::HeaderName::from_static("x-forwarded-for"),
+        Some(h) => match http::HeaderName::from_bytes(h.trim().as_bytes()) {
+            Ok(name) => name,
+            Err(_) => {
+                errs.push("server.client_ip_header", format!("not a header name: {h:?}"));
+                return None;
+            }
+        },
+    };
+    let Some(list) = trusted else {
+        if set {
+            errs.push(
+                "server.client_ip_header",
+                "has no effect without trusted_proxies (the proxies whose word on the client is taken)",
+            );
+        }
+        return None;
+    };
+    if list.is_empty() {
+        errs.push(
+            "server.trusted_proxies",
+            "is empty: omit it to take no proxy's word on the client's address",
+        );
+        return None;
+    }
+    let before = errs.0.len();
+    let trusted = ip_nets(list, "server.trusted_proxies", errs);
+    (errs.0.len() == before).then(|| Arc::new(RealIp { trusted, header }))
 }
 
 /// `compress = true`, `false`, or `{ types = [...], min_length = 256, level = 1 }`
@@ -1442,6 +1500,32 @@ fn validate_access_log(v: Option<&toml::Value>, base: &Path, errs: &mut Errors) 
 /// `"client_ip"` (the default), `"header:NAME"` or `"cookie:NAME"`.
 /// A route's `allow` and `deny`: each item an address (`10.0.0.7`, `::1`) or a CIDR
 /// block (`10.0.0.0/8`).
+/// IP addresses and CIDR blocks (`10.0.0.0/8`, `192.0.2.7`, `::1`); each one that is
+/// neither, or a block with host bits set, is an error at `path[i]`.
+fn ip_nets(list: &[String], path: &str, errs: &mut Errors) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let text = item.trim();
+        match text.parse::<ipnet::IpNet>() {
+            // `10.0.0.7/8` names a host but means the block: nginx takes it as
+            // `10.0.0.0/8` with a warning; here it is an error.
+            Ok(net) if net.trunc() != net => errs.push(
+                format!("{path}[{i}]"),
+                format!("{text:?} has host bits set: the block is {}", net.trunc()),
+            ),
+            Ok(net) => out.push(net),
+            Err(_) => match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => out.push(ipnet::IpNet::from(ip)),
+                Err(_) => errs.push(
+                    format!("{path}[{i}]"),
+                    format!("{text:?} is not an IP address or CIDR block"),
+                ),
+            },
+        }
+    }
+    out
+}
+
 fn access_rules(
     allow: Option<&[String]>,
     deny: Option<&[String]>,
@@ -1456,27 +1540,7 @@ fn access_rules(
                 "is empty: it would admit nobody (omit it to admit every address; deny = [\"0.0.0.0/0\", \"::/0\"] to refuse all)",
             );
         }
-        let mut out = Vec::new();
-        for (i, item) in list.iter().enumerate() {
-            let text = item.trim();
-            match text.parse::<ipnet::IpNet>() {
-                // `10.0.0.7/8` names a host but means the block: nginx takes it as
-                // `10.0.0.0/8` with a warning; here it is an error.
-                Ok(net) if net.trunc() != net => errs.push(
-                    format!("{path}.{field}[{i}]"),
-                    format!("{text:?} has host bits set: the block is {}", net.trunc()),
-                ),
-                Ok(net) => out.push(net),
-                Err(_) => match text.parse::<std::net::IpAddr>() {
-                    Ok(ip) => out.push(ipnet::IpNet::from(ip)),
-                    Err(_) => errs.push(
-                        format!("{path}.{field}[{i}]"),
-                        format!("{text:?} is not an IP address or CIDR block"),
-                    ),
-                },
-            }
-        }
-        out
+        ip_nets(list, &format!("{path}.{field}"), errs)
     };
     let rules = AccessRules {
         allow: nets(allow, "allow"),
@@ -2863,6 +2927,45 @@ connect_timeout = "soon"
         }
         let errs = errors_of(&server("compress = { level = 10 }")).join("\n");
         assert!(errs.contains("server.compress.level: must be from 1"), "{errs}");
+    }
+
+    #[test]
+    fn trusted_proxies_and_their_header_say_what_is_wrong() {
+        let server = |v: &str| MINIMAL.replacen("[server]\n", &format!("[server]\n{v}\n"), 1);
+        let c = Config::parse(&server("trusted_proxies = [\"10.0.0.0/8\", \"::1\"]"), "t").unwrap();
+        let real = c.server.real_ip.unwrap();
+        assert_eq!(real.header, "x-forwarded-for");
+        assert!(real.trusts("10.2.3.4".parse().unwrap()));
+        assert!(real.trusts("::ffff:10.2.3.4".parse().unwrap()));
+        assert!(!real.trusts("192.0.2.1".parse().unwrap()));
+        let c = Config::parse(
+            &server("trusted_proxies = [\"::1\"]\nclient_ip_header = \"CF-Connecting-IP\""),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.server.real_ip.unwrap().header, "cf-connecting-ip");
+        assert!(Config::parse(MINIMAL, "t").unwrap().server.real_ip.is_none());
+        let errs = errors_of(&server("trusted_proxies = [\"10.0.0.1/8\", \"proxy.local\"]")).join("\n");
+        for want in [
+            "server.trusted_proxies[0]: \"10.0.0.1/8\" has host bits set: the block is 10.0.0.0/8",
+            "server.trusted_proxies[1]: \"proxy.local\" is not an IP address or CIDR block",
+        ] {
+            assert!(errs.contains(want), "{want}: {errs}");
+        }
+        for (v, want) in [
+            ("trusted_proxies = []", "server.trusted_proxies: is empty"),
+            (
+                "client_ip_header = \"X-Real-IP\"",
+                "server.client_ip_header: has no effect without trusted_proxies",
+            ),
+            (
+                "trusted_proxies = [\"::1\"]\nclient_ip_header = \"bad header\"",
+                "server.client_ip_header: not a header name",
+            ),
+        ] {
+            let errs = errors_of(&server(v)).join("\n");
+            assert!(errs.contains(want), "{v}: {errs}");
+        }
     }
 
     #[test]

@@ -61,11 +61,17 @@ const VIA_11: HeaderValue = HeaderValue::from_static("1.1 rampart");
 const VIA_2: HeaderValue = HeaderValue::from_static("2.0 rampart");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
 
-/// Facts about one client connection, computed once per connection.
+/// Facts about one client connection, computed once per connection. For a request
+/// that a trusted proxy forwarded (`[server] trusted_proxies`), a copy whose `peer` is
+/// the client that proxy named (`real_client`).
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The peer IP, pre-rendered for `X-Forwarded-For`.
     pub peer_ip: HeaderValue,
+    /// When `peer` is a client a trusted proxy named: that proxy's own address (the
+    /// connection's peer), which is what `X-Forwarded-For` appends, as every hop
+    /// appends the address it was connected from.
+    pub hop_ip: Option<HeaderValue>,
     /// `X-Forwarded-Proto`.
     pub proto: HeaderValue,
     /// The connection came in over TLS.
@@ -73,9 +79,9 @@ pub struct ConnInfo {
     /// `X-Forwarded-Client-Cert` for its requests: the client's certificate, on a
     /// listener with `forward_client_cert`.
     pub client_cert: Option<HeaderValue>,
-    /// What a TLS connection negotiated, for `$ssl_*` header-rule variables. Boxed:
-    /// plain connections carry a null pointer.
-    pub tls_facts: Option<Box<crate::tls::TlsFacts>>,
+    /// What a TLS connection negotiated, for `$ssl_*` header-rule variables. Behind a
+    /// pointer: plain connections carry a null one, and a request's copy shares it.
+    pub tls_facts: Option<Rc<crate::tls::TlsFacts>>,
     /// Set for HTTP/1.1 connections served through `idle::ParkIo`, whose upgrades
     /// are completed by hand.
     pub park: Option<Rc<ParkState>>,
@@ -83,10 +89,10 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
-        let ip = crate::netio::canonical_ip(peer.ip());
         ConnInfo {
             peer,
-            peer_ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
+            peer_ip: ip_value(peer.ip()),
+            hop_ip: None,
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             tls,
             client_cert: None,
@@ -112,7 +118,7 @@ impl ConnInfo {
     }
 
     pub fn with_tls_facts(mut self, facts: crate::tls::TlsFacts) -> ConnInfo {
-        self.tls_facts = Some(Box::new(facts));
+        self.tls_facts = Some(Rc::new(facts));
         self
     }
 
@@ -125,6 +131,80 @@ impl ConnInfo {
         self.park = Some(park);
         self
     }
+
+    /// This connection's facts for a request from `client`, whom the peer (a trusted
+    /// proxy) named. The client's port is unknown: 0.
+    fn for_client(&self, client: std::net::IpAddr) -> ConnInfo {
+        ConnInfo {
+            peer: SocketAddr::new(client, 0),
+            peer_ip: ip_value(client),
+            hop_ip: Some(self.hop_ip.clone().unwrap_or_else(|| self.peer_ip.clone())),
+            proto: self.proto.clone(),
+            tls: self.tls,
+            client_cert: self.client_cert.clone(),
+            tls_facts: self.tls_facts.clone(),
+            park: self.park.clone(),
+        }
+    }
+}
+
+/// An address as `X-Forwarded-For` and `$remote_addr` write it (IPv4 as IPv4 when it
+/// came over a dual-stack socket).
+fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    let ip = crate::netio::canonical_ip(ip);
+    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// The client a request came from when the connection's peer is one of `[server]
+/// trusted_proxies`: read from `client_ip_header` right to left, past every trusted
+/// address, as nginx's `real_ip_recursive on`; the first address not trusted is the
+/// client. A value that is not an address ends the walk at the address right of it
+/// (so a client cannot pass itself off as anyone by writing junk). `None`: the
+/// connection's peer stands, the peer not being trusted or the header naming no one.
+#[cold]
+fn real_client<B>(
+    real: &crate::config::RealIp,
+    conn: &ConnInfo,
+    req: &Request<B>,
+    raw: Option<&RawRequest>,
+) -> Option<std::net::IpAddr> {
+    if !real.trusts(conn.peer.ip()) {
+        return None;
+    }
+    let mut values: Vec<&[u8]> = match raw {
+        Some(r) => crate::rawfields::values(&r.block, real.header.as_str().as_bytes()).collect(),
+        None => req
+            .headers()
+            .get_all(&real.header)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect(),
+    };
+    let mut found = None;
+    while let Some(value) = values.pop() {
+        for item in value.rsplit(|&b| b == b',') {
+            let Some(ip) = parse_forwarded_ip(item.trim_ascii()) else {
+                return found;
+            };
+            found = Some(ip);
+            if !real.trusts(ip) {
+                return found;
+            }
+        }
+    }
+    found
+}
+
+/// One address of an `X-Forwarded-For`-style list: `192.0.2.7`, `2001:db8::1`, and
+/// the forms with a port some proxies write (`192.0.2.7:4711`, `[2001:db8::1]:4711`).
+fn parse_forwarded_ip(item: &[u8]) -> Option<std::net::IpAddr> {
+    let text = std::str::from_utf8(item).ok()?;
+    if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+        return Some(crate::netio::canonical_ip(ip));
+    }
+    text.parse::<SocketAddr>()
+        .ok()
+        .map(|a| crate::netio::canonical_ip(a.ip()))
 }
 
 /// Generates request ids: a random per-worker prefix and a counter, 24 hex digits.
@@ -223,6 +303,15 @@ pub fn handle(
             _ => ctx.ids.next(),
         };
         let method = req.method().clone();
+        // Behind a trusted proxy (a CDN, a layer-7 balancer), the client it names is
+        // the client: for the log, `allow`/`deny`, rate limits and hashing.
+        let conn = match &snap.config.server.real_ip {
+            Some(real) => match real_client(real, &conn, &req, raw.as_ref()) {
+                Some(client) => Rc::new(conn.for_client(client)),
+                None => conn,
+            },
+            None => conn,
+        };
         // The access-log record; boxed, so a request without one carries a null pointer.
         // Dropped with the request if it ends before an answer: a line saying so.
         let log = (!matches!(snap.config.server.access_log, AccessLog::Off)).then(|| {
@@ -1006,9 +1095,9 @@ fn rewrite_with(
     }
     let forwarded_for = if p.forwarded_for {
         // Several fields fold into one list, then our hop is appended.
-        fold_out(headers, X_FORWARDED_FOR, &conn.peer_ip)
+        fold_out(headers, X_FORWARDED_FOR, conn.hop_ip.as_ref().unwrap_or(&conn.peer_ip))
     } else {
-        conn.peer_ip.clone()
+        conn.hop_ip.clone().unwrap_or_else(|| conn.peer_ip.clone())
     };
     added.push("x-forwarded-for", forwarded_for);
     if p.forwarded_proto {
