@@ -337,31 +337,60 @@ impl PoolSplit {
     }
 }
 
-/// A route's conditions beyond host and path: its `methods` and `headers`. A route
-/// with conditions is tried before one without at the same host and prefix
-/// (`router`), as Envoy's and HAProxy's ordered rules let a canary route sit above
-/// its catch-all.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// A route's conditions beyond host and prefix: its `methods`, `headers` and
+/// `path_regex`. A route with conditions is tried before one without at the same host
+/// and prefix (`router`), as Envoy's and HAProxy's ordered rules let a canary route
+/// sit above its catch-all.
+#[derive(Debug, Clone, Default)]
 pub struct RouteMatch {
     /// Any of these (empty: any method).
     pub methods: Vec<http::Method>,
     /// Every one of these.
     pub headers: Vec<(http::HeaderName, HeaderCondition)>,
+    /// The path (without its query, dot segments removed) must contain a match.
+    pub path_regex: Option<regex::Regex>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Patterns compare by their text (a reload keeps a route whose conditions are the
+/// same, and two routes with the same ones are a config error).
+impl PartialEq for RouteMatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.methods == other.methods
+            && self.headers == other.headers
+            && self.path_regex.as_ref().map(regex::Regex::as_str) == other.path_regex.as_ref().map(regex::Regex::as_str)
+    }
+}
+
+#[derive(Debug, Clone)]
 pub enum HeaderCondition {
     /// A field of that name has exactly this value.
     Equals(http::HeaderValue),
     Present,
     Absent,
+    /// A field of that name has a value that contains a match.
+    Matches(regex::bytes::Regex),
+}
+
+impl PartialEq for HeaderCondition {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (HeaderCondition::Equals(a), HeaderCondition::Equals(b)) => a == b,
+            (HeaderCondition::Present, HeaderCondition::Present) => true,
+            (HeaderCondition::Absent, HeaderCondition::Absent) => true,
+            (HeaderCondition::Matches(a), HeaderCondition::Matches(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
 }
 
 impl RouteMatch {
-    /// Whether a request with `method` and the fields `headers` gives (asked only when
-    /// a header condition needs them) meets every condition.
-    pub fn fits<'h>(&self, method: &http::Method, headers: impl FnOnce() -> &'h http::HeaderMap) -> bool {
+    /// Whether a request with `method` and `path` and the fields `headers` gives
+    /// (asked only when a header condition needs them) meets every condition.
+    pub fn fits<'h>(&self, method: &http::Method, path: &str, headers: impl FnOnce() -> &'h http::HeaderMap) -> bool {
         if !self.methods.is_empty() && !self.methods.contains(method) {
+            return false;
+        }
+        if self.path_regex.as_ref().is_some_and(|r| !r.is_match(path)) {
             return false;
         }
         if self.headers.is_empty() {
@@ -372,6 +401,7 @@ impl RouteMatch {
             HeaderCondition::Present => fields.contains_key(name),
             HeaderCondition::Absent => !fields.contains_key(name),
             HeaderCondition::Equals(v) => fields.get_all(name).iter().any(|x| x == v),
+            HeaderCondition::Matches(r) => fields.get_all(name).iter().any(|x| r.is_match(x.as_bytes())),
         })
     }
 }
@@ -711,6 +741,7 @@ struct FileRoute {
     rate_limit: Option<FileRateLimit>,
     methods: Option<Vec<String>>,
     headers: Option<toml::Table>,
+    path_regex: Option<String>,
     compress: Option<toml::Value>,
 }
 
@@ -901,13 +932,46 @@ impl Config {
 
 /// Deserializes one section, recording the error under `path` (plus the inner path).
 /// A route's `methods` and `headers` conditions.
+/// A `path_regex` or header `regex`: Rust's `regex` syntax, with a compiled-size cap
+/// so that a pattern cannot make a config load take gigabytes.
+fn pattern<R>(
+    text: &str,
+    at: String,
+    errs: &mut Errors,
+    build: impl FnOnce(&str) -> Result<R, regex::Error>,
+) -> Option<R> {
+    match build(text) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            // The engine's message spans lines (the pattern, a caret, the reason).
+            let reason = e
+                .to_string()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            errs.push(at, format!("not a valid pattern: {reason}"));
+            None
+        }
+    }
+}
+
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
 fn route_match(
     methods: Option<&[String]>,
     headers: Option<&toml::Table>,
+    path_regex: Option<&str>,
     path: &str,
     errs: &mut Errors,
 ) -> Option<Arc<RouteMatch>> {
     let mut m = RouteMatch::default();
+    if let Some(text) = path_regex {
+        m.path_regex = pattern(text, format!("{path}.path_regex"), errs, |t| {
+            regex::RegexBuilder::new(t).size_limit(PATTERN_SIZE_LIMIT).build()
+        });
+    }
     if let Some(methods) = methods {
         if methods.is_empty() {
             errs.push(
@@ -939,12 +1003,30 @@ fn route_match(
             },
             toml::Value::Boolean(true) => HeaderCondition::Present,
             toml::Value::Boolean(false) => HeaderCondition::Absent,
+            toml::Value::Table(t) if t.len() == 1 && t.contains_key("regex") => {
+                let Some(toml::Value::String(text)) = t.get("regex") else {
+                    errs.push(format!("{at}.regex"), "expected a string (the pattern)");
+                    continue;
+                };
+                let built = pattern(text, format!("{at}.regex"), errs, |t| {
+                    regex::bytes::RegexBuilder::new(t)
+                        .size_limit(PATTERN_SIZE_LIMIT)
+                        .build()
+                });
+                match built {
+                    Some(r) => HeaderCondition::Matches(r),
+                    None => continue,
+                }
+            }
             other => {
                 errs.push(
                     at,
                     format!(
-                        "expected a string (the exact value) or true/false (present/absent), got {}",
-                        other.type_str()
+                        "expected a string (the exact value), true/false (present/absent) or {{ regex = \"...\" }}, got {}",
+                        match other {
+                            toml::Value::Table(_) => "another table",
+                            o => o.type_str(),
+                        }
                     ),
                 );
                 continue;
@@ -1088,7 +1170,13 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             .host
             .as_deref()
             .and_then(|h| parse_host(h, &format!("{path}.host"), errs));
-        let matches = route_match(raw.methods.as_deref(), raw.headers.as_ref(), &path, errs);
+        let matches = route_match(
+            raw.methods.as_deref(),
+            raw.headers.as_ref(),
+            raw.path_regex.as_deref(),
+            &path,
+            errs,
+        );
         let path_prefix = raw.path_prefix.unwrap_or_else(|| "/".to_string());
         if !path_prefix.starts_with('/') {
             errs.push(
@@ -2628,7 +2716,7 @@ connect_timeout = "soon"
             [
                 "routes[0].methods[0]: \"GE T\" is not a method",
                 "routes[0].headers.x y: \"x y\" is not a header field name",
-                "routes[0].headers.x-n: expected a string (the exact value) or true/false (present/absent), got integer",
+                "routes[0].headers.x-n: expected a string (the exact value), true/false (present/absent) or { regex = \"...\" }, got integer",
                 "routes[0].headers.x-v: \"a\\nb\" is not a valid field value",
             ]
         );
@@ -2927,6 +3015,49 @@ connect_timeout = "soon"
         }
         let errs = errors_of(&server("compress = { level = 10 }")).join("\n");
         assert!(errs.contains("server.compress.level: must be from 1"), "{errs}");
+    }
+
+    #[test]
+    fn patterns_are_compiled_and_a_bad_one_is_named() {
+        let with = |extra: &str| MINIMAL.replacen("[[routes]]\n", &format!("[[routes]]\n{extra}\n"), 1);
+        let c = Config::parse(
+            &with("path_regex = '^/v[0-9]+/'\nheaders = { user-agent = { regex = 'bot' } }"),
+            "t",
+        )
+        .unwrap();
+        let m = c.routes[0].matches.as_deref().unwrap();
+        let empty = http::HeaderMap::new();
+        assert!(!m.fits(&http::Method::GET, "/v2/x", || &empty), "no user-agent");
+        let mut h = http::HeaderMap::new();
+        h.insert("user-agent", http::HeaderValue::from_static("a bot"));
+        assert!(m.fits(&http::Method::GET, "/v2/x", || &h));
+        assert!(!m.fits(&http::Method::GET, "/x/v2/", || &h));
+        let errs = errors_of(&with(
+            "path_regex = '(unclosed'\nheaders = { a = { regex = '[z-a]' }, b = { regex = 3 }, c = { exact = 'x' } }",
+        ));
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(
+            errs[0].starts_with("routes[0].path_regex: not a valid pattern: "),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("routes[0].headers.a.regex: not a valid pattern: "),
+            "{errs:?}"
+        );
+        assert_eq!(errs[2], "routes[0].headers.b.regex: expected a string (the pattern)");
+        assert!(
+            errs[3].starts_with("routes[0].headers.c: expected a string"),
+            "{errs:?}"
+        );
+        // Two routes with the same pattern at the same place: the second never wins.
+        let twice = MINIMAL.replacen(
+            "[[routes]]\npool = \"app\"\n",
+            "[[routes]]\npool = \"app\"\npath_regex = 'x'\n[[routes]]\npool = \"app\"\npath_regex = 'x'\n",
+            1,
+        );
+        assert!(errors_of(&twice)
+            .join("\n")
+            .contains("routes[1]: matches exactly what routes[0] matches"));
     }
 
     #[test]

@@ -645,7 +645,7 @@ fn prepare(
     let parsed = std::cell::OnceCell::new();
     let fits = |i: usize| {
         snap.routes[i].matches.as_ref().is_none_or(|m| {
-            m.fits(req.method(), || match &raw {
+            m.fits(req.method(), path, || match &raw {
                 Some(r) => parsed.get_or_init(|| r.header_map()),
                 None => req.headers(),
             })

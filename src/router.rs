@@ -6,7 +6,7 @@
 //! group has no matching prefix the lookup falls through to the less specific groups,
 //! so a catch-all route still catches. Prefixes are plain string prefixes, as in nginx
 //! `location /api` and Envoy `prefix`. At the same prefix, routes with conditions
-//! (`methods`, `headers`) come first, in config order, and one whose conditions the
+//! (`methods`, `headers`, `path_regex`) come first, in config order, and one whose conditions the
 //! request does not meet is passed over, so a canary route sits above its catch-all.
 //!
 //! Also what a host is: `valid_host` checks a `Host` value before it is routed on;

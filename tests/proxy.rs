@@ -2219,6 +2219,54 @@ methods = ["PURGE"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_with_path_and_header_patterns_take_what_matches() {
+    let main = TestOrigin::start("main", Behavior::Healthy).await;
+    let canary = TestOrigin::start("canary", Behavior::Healthy).await;
+    let toml = two_pools(
+        r#"
+[[routes]]
+pool = "app"
+
+[[routes]]
+pool = "canary"
+path_regex = '\.(png|css)$'
+
+[[routes]]
+path_prefix = "/api/"
+pool = "canary"
+path_regex = '^/api/v[0-9]+/'
+headers = { user-agent = { regex = '(?i)mobile' } }
+"#,
+        main.addr,
+        canary.addr,
+    );
+    let (srv, addr) = start_proxy(&toml);
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 8] = [
+        ("/logo.png", &[], "canary"),
+        ("/a/site.css?v=3", &[], "canary"),
+        // The pattern is matched against the path, never the query.
+        ("/page?file=x.png", &[], "main"),
+        ("/logo.png.html", &[], "main"),
+        // Dot segments are gone before the match: the path the backend gets.
+        ("/img/../logo.png", &[], "canary"),
+        ("/api/v2/users", &[("user-agent", "Foo MOBILE Safari")], "canary"),
+        ("/api/v2/users", &[("user-agent", "Desktop")], "main"),
+        ("/api/vx/users", &[("user-agent", "Mobile")], "main"),
+    ];
+    for (target, fields, want) in cases {
+        assert_eq!(get_with(addr, target, fields).await.text(), want, "{target} {fields:?}");
+    }
+    // Over HTTP/2 alike.
+    let req = Request::get("http://test.local/api/v1/x")
+        .header("user-agent", "mobile")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send_h2(addr, req).await.text(), "canary");
+    stop_proxy(srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_under_the_rewritten_prefix_comes_back_under_the_routes() {
     // A 302 to a path under the rewritten prefix, to an absolute URL on the host the
     // test asks for, and to another site.
