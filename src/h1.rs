@@ -486,9 +486,11 @@ fn encode_head(
     }
     keep_alive &= !response_close && !informational;
     let framing = if !can_body {
-        // HEAD keeps the length the backend declared; 204 and 304 carry none.
+        // HEAD keeps the length the backend declared; 204 and 304 carry none. A
+        // page rampart made itself (an error, a `return`) still holds its body, so
+        // its length is the GET's (a proxied HEAD's body is empty).
         if facts.head_request {
-            if let Some(n) = declared {
+            if let Some(n) = declared.or_else(|| body.size_hint().exact().filter(|&n| n > 0)) {
                 write_length(out, n);
             }
         }

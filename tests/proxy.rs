@@ -2494,10 +2494,20 @@ pool = "app""#,
         "{head}"
     );
     assert!(!head.contains("ok\n"), "a HEAD gets no body: {head}");
+    // ... but the length a GET's body would have, as nginx sends for its own pages.
+    assert!(head.to_ascii_lowercase().contains("content-length: 3\r\n"), "{head}");
     let r = get_h2(addr, "/private/x").await;
     assert_eq!((r.status.as_u16(), r.body.len()), (403, 0));
     let r = get_h2(addr, "/old/h2").await;
     assert_eq!(r.headers["location"], "https://test.local/new/old/h2");
     assert_eq!(o.hits(), 0, "no return route reached the backend");
     assert_eq!(get(addr, "/other").await.text(), "o");
+    // A proxied HEAD keeps the length the backend declared (its body is "o").
+    let head = raw(
+        addr,
+        b"HEAD /other HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(head.to_ascii_lowercase().contains("content-length: 1\r\n"), "{head}");
 }
