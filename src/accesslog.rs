@@ -362,6 +362,8 @@ struct Record {
     body_failed: bool,
     /// How a tunnel ended (`tunnel_ended`), which wins over what the body shows.
     ended: Option<&'static str>,
+    /// hyper refused the request head (`unparsed`): no method, target or protocol.
+    unparsed: bool,
 }
 
 /// What is known once the response head is ready.
@@ -422,8 +424,48 @@ impl Pending {
                 sent: 0,
                 body_failed: false,
                 ended: None,
+                unparsed: false,
             },
         }))
+    }
+
+    /// A line for a request whose head hyper refused and answered itself (`status`:
+    /// 400, 414 or 431), as nginx logs them: `$request` and its parts are `-`.
+    #[cold]
+    pub fn unparsed(ctx: &Rc<WorkerCtx>, conn: &Rc<ConnInfo>, status: u16, kind: &'static str) {
+        let snap = ctx.shared.snapshot.load();
+        if matches!(snap.config.server.access_log, crate::config::AccessLog::Off) {
+            return;
+        }
+        let format = snap.config.server.access_log_format.clone();
+        let fields = vec![None; format.headers.len()].into_boxed_slice();
+        drop(Box::new(Pending {
+            ctx: ctx.clone(),
+            body: RespBody::empty(),
+            rec: Record {
+                conn: conn.clone(),
+                format,
+                start: crate::clock::now(),
+                method: Method::GET,
+                target: None,
+                version: Version::HTTP_11,
+                request_id: ctx.ids.next(),
+                host: None,
+                fields,
+                answer: Some(Answered {
+                    status,
+                    pool: None,
+                    backend: None,
+                    head_time: Duration::ZERO,
+                    tries: 0,
+                    error: Some(kind),
+                }),
+                sent: 0,
+                body_failed: false,
+                ended: None,
+                unparsed: true,
+            },
+        }));
     }
 
     /// The response head is ready: what it says.
@@ -537,6 +579,9 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
                 push_decimal(out, stamp.secs);
                 out.push(b'.');
                 push_padded(out, stamp.millis as u64, 3);
+            }
+            Var::Request | Var::RequestMethod | Var::RequestUri | Var::ServerProtocol if p.unparsed => {
+                put_str(out, json, None, false)
             }
             Var::Request => {
                 quote(out, json);
@@ -939,6 +984,7 @@ mod tests {
             sent: 13,
             body_failed: false,
             ended: None,
+            unparsed: false,
         }
     }
 

@@ -681,6 +681,19 @@ pub async fn run_h1(
             None
         }
         (Err(e), _) => {
+            // A head hyper could not parse, which it answered itself: logged, as
+            // nginx logs its 400s.
+            if e.is_parse_too_large() {
+                // hyper says which in its message only: 414 or 431.
+                let (status, kind) = if e.to_string().contains("URI too long") {
+                    (414, "uri_too_long")
+                } else {
+                    (431, "headers_too_large")
+                };
+                crate::accesslog::Pending::unparsed(&svc.ctx, &svc.info, status, kind);
+            } else if e.is_parse() {
+                crate::accesslog::Pending::unparsed(&svc.ctx, &svc.info, 400, "bad_request");
+            }
             tracing::debug!(client = %svc.info.peer, error = %e, "client connection ended with error");
             None
         }

@@ -125,6 +125,47 @@ async fn failed_requests_are_logged_with_their_status_error_and_tries() {
     assert_ne!(f[6], "0", "the error page's bytes: {}", got[0]);
 }
 
+/// A request head hyper refuses, and answers itself, is logged as nginx logs its 400s:
+/// the status, and `-` for the request it could not read; in JSON, `null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_unparsed_is_logged() {
+    let origin = TestOrigin::start("a", Behavior::Healthy).await;
+    let dir = temp_dir("unparsed");
+    let log = dir.join("access.log");
+    let (srv, addr) = start_proxy(&config(&[origin.addr], &log));
+    // A field line without a colon, after a good request on the same connection.
+    let answer = raw(
+        addr,
+        b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\nGET /bad HTTP/1.1\r\nHost t\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.contains("HTTP/1.1 400 Bad Request"), "{answer}");
+    let got = wait_for_lines(&log, 2).await;
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let f: Vec<&str> = got[1].split(' ').collect();
+    // time client request status bytes ...: the request is `"-"`, as nginx writes it.
+    assert_eq!(
+        [f[1], f[2], f[3], f[8], f[10]],
+        ["127.0.0.1", "\"-\"", "400", "-", "bad_request"],
+        "{}",
+        got[1]
+    );
+    assert_eq!(f.len(), 12, "{}", got[1]);
+
+    let json = with_server_setting(&config(&[origin.addr], &log), "access_log_format = \"json\"");
+    srv.reload(rampart::Config::parse(&json, "t").unwrap()).unwrap();
+    raw(addr, b"BAD\x01 / HTTP/1.1\r\nHost: t\r\n\r\n", Duration::from_secs(5)).await;
+    let got = wait_for_lines(&log, 3).await;
+    assert_eq!(got.len(), 3, "{got:#?}");
+    let v: serde_json::Value = serde_json::from_str(&got[2]).unwrap();
+    assert_eq!(v["status"], 400);
+    assert_eq!(v["request_method"], serde_json::Value::Null);
+    assert_eq!(v["request_uri"], serde_json::Value::Null);
+    assert_eq!(origin.hits(), 1);
+    stop_proxy(srv).await;
+}
+
 /// A request retried on another backend says so; one whose client left before the
 /// answer is logged as nginx logs it (499); one whose backend broke off mid-body is
 /// logged with the status it started with, the bytes that got through, and why.
