@@ -430,6 +430,11 @@ pub enum HashKey {
     Header(http::HeaderName),
     Cookie(String),
     ClientIp,
+    /// The target's path and query, as the backend gets it: nginx's `hash $request_uri
+    /// consistent` and HAProxy's `balance uri`, for caches, each URL on one backend.
+    Uri,
+    /// The path alone (HAProxy's `balance uri path-only`).
+    Path,
 }
 
 #[derive(Debug, Clone)]
@@ -1697,6 +1702,8 @@ const MAX_SPLIT_WEIGHT: i64 = 1_000_000;
 fn parse_key(value: Option<&str>, at: &str, errs: &mut Errors) -> HashKey {
     match value {
         None | Some("client_ip") => HashKey::ClientIp,
+        Some("uri") => HashKey::Uri,
+        Some("path") => HashKey::Path,
         Some(s) if s.starts_with("header:") => match http::HeaderName::from_bytes(s[7..].trim().as_bytes()) {
             Ok(h) => HashKey::Header(h),
             Err(_) => {
@@ -1708,7 +1715,7 @@ fn parse_key(value: Option<&str>, at: &str, errs: &mut Errors) -> HashKey {
         Some(s) => {
             errs.push(
                 at,
-                format!("expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got {s:?}"),
+                format!("expected \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\", got {s:?}"),
             );
             HashKey::ClientIp
         }
@@ -2824,7 +2831,7 @@ connect_timeout = "soon"
             ),
             (
                 "pools = { web = 1 }\nsplit_key = \"ip\"",
-                "routes[0].split_key: expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got \"ip\"",
+                "routes[0].split_key: expected \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\", got \"ip\"",
             ),
         ] {
             assert_eq!(errors_of(&with(route)), [want], "{route}");

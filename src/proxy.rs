@@ -1379,8 +1379,14 @@ fn split_pool<B>(
 /// parsed into a map only when the key is a field or a cookie.
 fn request_key<B>(key: &HashKey, req: &Request<B>, raw: Option<&RawRequest>, conn: &ConnInfo) -> Option<u64> {
     match key {
-        HashKey::ClientIp => hash_key(key, req.headers(), conn),
-        _ => with_fields(req, raw, |headers| hash_key(key, headers, conn)),
+        HashKey::ClientIp => Some(hash64(conn.peer_ip.as_bytes())),
+        // The target as the backend will get it: dot segments gone, any
+        // `prefix_rewrite` applied.
+        HashKey::Uri => Some(hash64(
+            req.uri().path_and_query().map_or("/", |pq| pq.as_str()).as_bytes(),
+        )),
+        HashKey::Path => Some(hash64(req.uri().path().as_bytes())),
+        HashKey::Header(_) | HashKey::Cookie(_) => with_fields(req, raw, |headers| field_key(key, headers)),
     }
 }
 
@@ -1393,11 +1399,12 @@ fn with_fields<B, T>(req: &Request<B>, raw: Option<&RawRequest>, f: impl FnOnce(
     }
 }
 
-fn hash_key(key: &HashKey, headers: &HeaderMap, conn: &ConnInfo) -> Option<u64> {
+/// A key read from the request's fields; the others `request_key` reads itself.
+fn field_key(key: &HashKey, headers: &HeaderMap) -> Option<u64> {
     match key {
-        HashKey::ClientIp => Some(hash64(conn.peer_ip.as_bytes())),
         HashKey::Header(name) => headers.get(name).map(|v| hash64(v.as_bytes())),
         HashKey::Cookie(name) => cookie(headers, name).map(|v| hash64(v.as_bytes())),
+        HashKey::ClientIp | HashKey::Uri | HashKey::Path => None,
     }
 }
 

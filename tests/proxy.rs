@@ -138,6 +138,50 @@ async fn consistent_hash_keeps_a_key_on_one_backend_and_spreads_keys() {
     assert_eq!(owners.len(), 3, "keys should spread over all backends: {owners:?}");
 }
 
+/// `hash_key = "uri"` (nginx's `hash $request_uri consistent`, HAProxy's `balance
+/// uri`): each URL stays on one backend, query included, whatever the client; with
+/// `"path"`, the query does not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_by_uri_or_path_keeps_each_url_on_one_backend() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let c = TestOrigin::start("c", Behavior::Healthy).await;
+    let backends = [a.addr, b.addr, c.addr];
+    let (srv, addr) = start_proxy(&pool_config(
+        &backends,
+        "balancer = \"consistent_hash\"\nhash_key = \"uri\"",
+    ));
+    let mut owners = std::collections::HashMap::new();
+    let mut by_query = std::collections::HashSet::new();
+    for n in 0..40 {
+        let target = format!("/img/{n}.png");
+        let first = get(addr, &target).await.text();
+        for _ in 0..2 {
+            assert_eq!(get(addr, &target).await.text(), first, "{target} moved");
+        }
+        // Over HTTP/2 too, and with dot segments that come to the same path.
+        assert_eq!(get_h2(addr, &target).await.text(), first, "{target} over h2");
+        assert_eq!(get(addr, &format!("/x/..{target}")).await.text(), first);
+        by_query.insert(get(addr, &format!("{target}?v=2")).await.text() == first);
+        *owners.entry(first).or_insert(0) += 1;
+    }
+    assert_eq!(owners.len(), 3, "URLs should spread over all backends: {owners:?}");
+    assert_eq!(by_query.len(), 2, "the query is part of the key");
+    stop_proxy(srv).await;
+
+    let (srv, addr) = start_proxy(&pool_config(
+        &backends,
+        "balancer = \"consistent_hash\"\nhash_key = \"path\"",
+    ));
+    for n in 0..20 {
+        let first = get(addr, &format!("/doc/{n}")).await.text();
+        for q in ["?a=1", "?b=2", "?c=3"] {
+            assert_eq!(get(addr, &format!("/doc/{n}{q}")).await.text(), first, "/doc/{n}{q}");
+        }
+    }
+    stop_proxy(srv).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_by_cookie_moves_only_a_removed_backends_keys() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
@@ -2159,7 +2203,7 @@ backends = ["127.0.0.1:1"]
     for want in [
         "routes[0].rate_limit.requests_per_second: must be above 0 and at most 1000000, got 0",
         "routes[0].rate_limit.burst: must be between 1 and 1000000, got 0",
-        "routes[0].rate_limit.key: expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\", got \"ip\"",
+        "routes[0].rate_limit.key: expected \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\", got \"ip\"",
         "routes[1].rate_limit: missing field `requests_per_second`",
     ] {
         assert!(e.contains(want), "{want:?} not in:\n{e}");
