@@ -575,6 +575,9 @@ pub struct HealthCheckConfig {
     pub host: Option<String>,
     /// Inclusive ranges of statuses that pass.
     pub expect_status: Vec<(u16, u16)>,
+    /// Text the response body must contain, within its first `health::BODY_LIMIT`
+    /// bytes (HAProxy's `http-check expect string`).
+    pub expect_body: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub jitter: Duration,
@@ -598,6 +601,7 @@ impl Default for HealthCheckConfig {
             method: "GET".into(),
             host: None,
             expect_status: vec![(200, 399)],
+            expect_body: None,
             interval: DEFAULT_HC_INTERVAL,
             timeout: DEFAULT_HC_TIMEOUT,
             jitter: DEFAULT_HC_INTERVAL / 10,
@@ -874,6 +878,7 @@ struct FileHealthCheck {
     method: Option<String>,
     host: Option<String>,
     expect_status: Option<String>,
+    expect_body: Option<String>,
     #[serde(default, with = "humantime_serde")]
     interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -2321,11 +2326,22 @@ fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -
     let d = HealthCheckConfig::default();
     let interval = raw.interval.unwrap_or(d.interval);
     let timeout = raw.timeout.unwrap_or(d.timeout.min(interval));
-    let kind = raw.kind.unwrap_or(if raw.path.is_some() {
+    let kind = raw.kind.unwrap_or(if raw.path.is_some() || raw.expect_body.is_some() {
         HealthCheckKind::Http
     } else {
         HealthCheckKind::Tcp
     });
+    match &raw.expect_body {
+        Some(b) if b.is_empty() => errs.push(
+            format!("{path}.expect_body"),
+            "is empty: every body contains it (omit it to judge by status alone)",
+        ),
+        Some(_) if kind != HealthCheckKind::Http => errs.push(
+            format!("{path}.expect_body"),
+            "only an HTTP check reads a body: set path (or type = \"http\")",
+        ),
+        _ => {}
+    }
     if interval < Duration::from_millis(10) {
         errs.push(format!("{path}.interval"), "must be at least 10ms");
     }
@@ -2374,6 +2390,7 @@ fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -
         method,
         host: raw.host,
         expect_status,
+        expect_body: raw.expect_body,
         interval,
         timeout,
         jitter,
@@ -3065,6 +3082,27 @@ connect_timeout = "soon"
         assert!(errors_of(&twice)
             .join("\n")
             .contains("routes[1]: matches exactly what routes[0] matches"));
+    }
+
+    #[test]
+    fn expect_body_makes_an_http_check_and_says_what_is_wrong() {
+        let hc = |v: &str| format!("{MINIMAL}health_check = {{ {v} }}\n");
+        let c = Config::parse(&hc("expect_body = \"ok\""), "t").unwrap();
+        let h = &c.pools[0].health_check;
+        assert_eq!(
+            (h.kind, h.expect_body.as_deref(), h.path.as_str()),
+            (HealthCheckKind::Http, Some("ok"), "/")
+        );
+        for (v, want) in [
+            ("expect_body = \"\"", "pools.app.health_check.expect_body: is empty"),
+            (
+                "type = \"tcp\", expect_body = \"ok\"",
+                "pools.app.health_check.expect_body: only an HTTP check reads a body",
+            ),
+        ] {
+            let errs = errors_of(&hc(v)).join("\n");
+            assert!(errs.contains(want), "{v}: {errs}");
+        }
     }
 
     #[test]

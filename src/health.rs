@@ -216,34 +216,93 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
     (base + Duration::from_micros(offset)).saturating_sub(jitter)
 }
 
-/// An HTTP check on a pool that speaks HTTP/2: one stream on a connection of its
-/// own, with the check's `host` as `:authority`.
-async fn probe_h2(
-    io: crate::netio::UpIo,
-    method: &str,
-    path: &str,
-    host: &str,
-    expect: &[(u16, u16)],
-) -> Result<(), String> {
+/// How far into a check's response body `expect_body` is looked for: the start of a
+/// status page, not a download.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// An HTTP check through hyper: on a pool that speaks HTTP/2 (one stream on a
+/// connection of its own, with the check's `host` as `:authority`), or over HTTP/1.1
+/// when the body must be read (`expect_body`), which then arrives decoded from any
+/// chunked framing.
+async fn probe_hyper(io: crate::netio::UpIo, h2: bool, cfg: &HealthCheckConfig, host: &str) -> Result<(), String> {
     let scheme = match io {
         crate::netio::UpIo::Tls(_) => "https",
         _ => "http",
     };
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(io))
-        .await
-        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-    let driver = tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method(method)
-        .uri(format!("{scheme}://{host}{path}"))
-        .header(http::header::USER_AGENT, "rampart-health-check")
-        .body(http_body_util::Empty::new())
-        .map_err(|e| format!("request: {e}"))?;
-    let result = send.send_request(req).await;
+    let io = hyper_util::rt::TokioIo::new(io);
+    let builder = http::Request::builder()
+        .method(cfg.method.as_str())
+        .header(http::header::USER_AGENT, "rampart-health-check");
+    let (mut send, driver) = if h2 {
+        let (send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        (Sender::H2(send), tokio::spawn(async move { drop(conn.await) }))
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(io)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        (Sender::H1(send), tokio::spawn(async move { drop(conn.await) }))
+    };
+    let req = if h2 {
+        builder.uri(format!("{scheme}://{host}{}", cfg.path))
+    } else {
+        builder
+            .uri(cfg.path.as_str())
+            .header(http::header::HOST, host)
+            .header(http::header::CONNECTION, "close")
+    }
+    .body(http_body_util::Empty::new())
+    .map_err(|e| format!("request: {e}"))?;
+    let result = async {
+        let resp = match &mut send {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+        .map_err(|e| format!("{}: {e}", if h2 { "HTTP/2" } else { "HTTP" }))?;
+        judged(resp.status().as_u16(), &cfg.expect_status)?;
+        match &cfg.expect_body {
+            Some(text) => body_holds(resp.into_body(), text.as_bytes()).await,
+            None => Ok(()),
+        }
+    }
+    .await;
     driver.abort();
-    let status = result.map_err(|e| format!("HTTP/2: {e}"))?.status().as_u16();
-    judged(status, expect)
+    result
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+}
+
+/// Whether `text` is in the first `BODY_LIMIT` bytes of `body`.
+async fn body_holds(mut body: hyper::body::Incoming, text: &[u8]) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    if text.is_empty() {
+        return Ok(());
+    }
+    let mut seen = Vec::new();
+    while seen.len() < BODY_LIMIT {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(format!("body: {e}")),
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    seen.extend_from_slice(&d);
+                    if seen.windows(text.len()).any(|w| w == text) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Err(format!(
+        "body without {:?} (read {} bytes)",
+        String::from_utf8_lossy(text),
+        seen.len().min(BODY_LIMIT)
+    ))
 }
 
 /// A check's verdict on the status a backend answered.
@@ -296,8 +355,9 @@ async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
         return Ok(());
     }
     let host = cfg.host.clone().unwrap_or_else(|| default_host(backend));
-    if pool.config.protocol == crate::config::UpstreamProtocol::H2 {
-        return probe_h2(stream, &cfg.method, &cfg.path, &host, &cfg.expect_status).await;
+    let h2 = pool.config.protocol == crate::config::UpstreamProtocol::H2;
+    if h2 || cfg.expect_body.is_some() {
+        return probe_hyper(stream, h2, cfg, &host).await;
     }
     let req = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rampart-health-check\r\nConnection: close\r\n\r\n",

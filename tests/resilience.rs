@@ -593,6 +593,37 @@ async fn http_health_checks_take_a_backend_out_and_bring_it_back() {
     assert!(saw_b, "a recovered backend gets traffic again");
 }
 
+/// `expect_body`: a backend that answers its check 200 but without the text (a status
+/// page saying it is still warming up) is marked down, over HTTP/1.1 and HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_check_can_require_text_in_the_body() {
+    for protocol in ["http1", "h2"] {
+        let ready = TestOrigin::start("ready: yes", Behavior::Healthy).await;
+        let warming = TestOrigin::start("ready: not yet", Behavior::Healthy).await;
+        let hc = format!(
+            "protocol = \"{protocol}\"\nhealth_check = {{ path = \"/healthz\", expect_body = \"ready: yes\", interval = \"50ms\", timeout = \"40ms\", rise = 1, fall = 1 }}"
+        );
+        let (srv, addr) = start_proxy(&pool_config(&[ready.addr, warming.addr], &hc));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while backend_field(&status_of(&srv).await, warming.addr, "healthy") == true {
+            assert!(
+                Instant::now() < deadline,
+                "{protocol}: the warming backend never marked down"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            backend_field(&status_of(&srv).await, ready.addr, "healthy"),
+            true,
+            "{protocol}"
+        );
+        for _ in 0..20 {
+            assert_eq!(get(addr, "/").await.text(), "ready: yes", "{protocol}");
+        }
+        stop_proxy(srv).await;
+    }
+}
+
 /// Under frequent reloads (or DNS updates), a backend failing its checks is still
 /// marked down: the checks failed in a row do not start again from zero, and a probe
 /// waiting on a frozen backend is not cut short, at each reload.
