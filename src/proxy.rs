@@ -171,15 +171,7 @@ fn real_client<B>(
     if !real.trusts(conn.peer.ip()) {
         return None;
     }
-    let mut values: Vec<&[u8]> = match raw {
-        Some(r) => crate::rawfields::values(&r.block, real.header.as_str().as_bytes()).collect(),
-        None => req
-            .headers()
-            .get_all(&real.header)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect(),
-    };
+    let mut values: Vec<&[u8]> = field_values(req, raw, &real.header).collect();
     let mut found = None;
     while let Some(value) = values.pop() {
         for item in value.rsplit(|&b| b == b',') {
@@ -701,16 +693,7 @@ fn prepare(
     };
 
     let compress = route.compress.as_ref().map(|_| {
-        let gzip = match &raw {
-            Some(r) => crate::compress::accepts_gzip(crate::rawfields::values(&r.block, b"accept-encoding")),
-            None => crate::compress::accepts_gzip(
-                req.headers()
-                    .get_all(header::ACCEPT_ENCODING)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            ),
-        };
-        if gzip {
+        if crate::compress::accepts_gzip(field_values(&req, raw.as_ref(), &header::ACCEPT_ENCODING)) {
             Want::Gzip
         } else {
             Want::Identity
@@ -1400,6 +1383,23 @@ fn with_fields<B, T>(req: &Request<B>, raw: Option<&RawRequest>, f: impl FnOnce(
         Some(r) => f(&r.header_map()),
         None => f(req.headers()),
     }
+}
+
+/// Every value of field `name`, as the client wrote it: from its map, or on the
+/// HTTP/1.1 fast path from its raw fields, without parsing them into one.
+fn field_values<'a, B>(
+    req: &'a Request<B>,
+    raw: Option<&'a RawRequest>,
+    name: &'a HeaderName,
+) -> impl Iterator<Item = &'a [u8]> {
+    let (from_raw, from_map) = match raw {
+        Some(r) => (Some(crate::rawfields::values(&r.block, name.as_str().as_bytes())), None),
+        None => (
+            None,
+            Some(req.headers().get_all(name).iter().map(HeaderValue::as_bytes)),
+        ),
+    };
+    from_raw.into_iter().flatten().chain(from_map.into_iter().flatten())
 }
 
 /// A key read from the request's fields; the others `request_key` reads itself.
