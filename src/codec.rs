@@ -559,7 +559,9 @@ pub enum Chunked {
 }
 
 impl Chunked {
-    /// Decodes from the front of `buf`, consuming what it uses.
+    /// Decodes from the front of `buf`, consuming what it uses. Always inlined: it was
+    /// into `upstream::UpBody` until a health check became its second caller.
+    #[inline(always)]
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
         loop {
             match *self {

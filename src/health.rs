@@ -403,20 +403,13 @@ fn http1_body(response: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
             .map(|(_, v)| v.trim().to_string())
     };
     if field("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        // The request path's own decoder; a malformed or cut-short body gives what
+        // came before the fault.
+        let mut buf = bytes::BytesMut::from(rest);
+        let mut chunked = crate::codec::Chunked::default();
         let mut out = Vec::new();
-        let mut at = rest;
-        while let Some(eol) = at.windows(2).position(|w| w == b"\r\n") {
-            let size = std::str::from_utf8(&at[..eol]).ok()?;
-            let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-            let data = &at[eol + 2..];
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(&data[..size.min(data.len())]);
-            if data.len() < size + 2 {
-                break;
-            }
-            at = &data[size + 2..];
+        while let Ok(crate::codec::Decoded::Data(d)) = chunked.decode(&mut buf) {
+            out.extend_from_slice(&d);
         }
         return Some(std::borrow::Cow::Owned(out));
     }
@@ -425,6 +418,7 @@ fn http1_body(response: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
         &rest[..len.map_or(rest.len(), |n| n.min(rest.len()))],
     ))
 }
+
 #[cfg(test)]
 mod tests {
     #[test]
