@@ -118,7 +118,7 @@ const RAMPART: &str = "$time_iso8601 $remote_addr \"$request\" $status $body_byt
                        $upstream_header_time $pool $upstream_addr $upstream_attempts $termination $request_id";
 /// nginx's and Apache's `combined`, which log analysers read as it is.
 const COMBINED: &str =
-    "$remote_addr - - [$time_local] \"$request\" $status $body_bytes_sent \"$http_referer\" \"$http_user_agent\"";
+    "$remote_addr - $remote_user [$time_local] \"$request\" $status $body_bytes_sent \"$http_referer\" \"$http_user_agent\"";
 /// One JSON object per line; each variable is a JSON value (a string, a number, or
 /// `null` when it has none), so the template holds no quotes around them.
 const JSON: &str = "{\"time\":$time_iso8601,\"remote_addr\":$remote_addr,\"request_method\":$request_method,\
@@ -174,6 +174,9 @@ enum Var {
     RequestId,
     /// `$http_NAME`: the request's first `NAME` field; an index into `LogFormat::headers`.
     Header(usize),
+    /// `$remote_user`: the user named by the request's `Authorization: Basic`, checked
+    /// or not, as nginx logs it; the index of `Authorization` in `LogFormat::headers`.
+    RemoteUser(usize),
 }
 
 #[derive(Debug)]
@@ -294,14 +297,10 @@ impl LogFormat {
             let Ok(h) = HeaderName::from_bytes(field.as_bytes()) else {
                 return Err(format!("${name}: {field:?} is not a header field name"));
             };
-            let i = match self.headers.iter().position(|x| *x == h) {
-                Some(i) => i,
-                None => {
-                    self.headers.push(h);
-                    self.headers.len() - 1
-                }
-            };
-            return Ok(Var::Header(i));
+            return Ok(Var::Header(self.header_index(h)));
+        }
+        if name == "remote_user" {
+            return Ok(Var::RemoteUser(self.header_index(http::header::AUTHORIZATION)));
         }
         match VARIABLES.iter().find(|(n, _)| *n == name) {
             Some(&(_, v)) => {
@@ -311,9 +310,20 @@ impl LogFormat {
             None => {
                 let known: Vec<String> = VARIABLES.iter().map(|(n, _)| format!("${n}")).collect();
                 Err(format!(
-                    "unknown variable ${name}; known: {}, and $http_NAME for any request field",
+                    "unknown variable ${name}; known: {}, $remote_user, and $http_NAME for any request field",
                     known.join(", ")
                 ))
+            }
+        }
+    }
+
+    /// Where `name` is among the fields captured as the request starts.
+    fn header_index(&mut self, name: HeaderName) -> usize {
+        match self.headers.iter().position(|x| *x == name) {
+            Some(i) => i,
+            None => {
+                self.headers.push(name);
+                self.headers.len() - 1
             }
         }
     }
@@ -625,6 +635,11 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
             Var::Termination => put_raw(out, json, termination.as_bytes()),
             Var::RequestId => put_str(out, json, Some(p.request_id.as_bytes()), true),
             Var::Header(i) => put_str(out, json, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
+            Var::RemoteUser(i) => {
+                let user = p.fields[i].as_ref().and_then(|v| crate::auth::user_of(v.as_bytes()));
+                // Unquoted in `combined`, so a space in it is escaped.
+                put_str(out, json, user.as_deref().filter(|u| !u.is_empty()), true)
+            }
         }
     }
     out.push(b'\n');
@@ -1039,6 +1054,26 @@ mod tests {
             line(&r, AT, COMPLETE),
             "192.0.2.7 - - [25/Nov/2026:00:12:17 +0000] \"GET /x HTTP/1.1\" 200 13 \"-\" \"curl/8.5.0 (x86_64)\"\n"
         );
+    }
+
+    #[test]
+    fn remote_user_is_the_basic_user() {
+        let mut r = record("combined", "/x", "id");
+        let at = r
+            .format
+            .headers
+            .iter()
+            .position(|h| h == http::header::AUTHORIZATION)
+            .unwrap();
+        // "alice b:pw": a space in the user is escaped, as the field is unquoted.
+        r.fields[at] = Some(HeaderValue::from_static("Basic YWxpY2UgYjpwdw=="));
+        assert!(line(&r, AT, COMPLETE).starts_with("192.0.2.7 - alice\\x20b [25/Nov/2026"));
+        r.fields[at] = Some(HeaderValue::from_static("Bearer abc"));
+        assert!(line(&r, AT, COMPLETE).starts_with("192.0.2.7 - - [25/Nov/2026"));
+        let mut j = record("{\"u\":$remote_user}", "/x", "id");
+        assert_eq!(line(&j, AT, COMPLETE), "{\"u\":-}\n");
+        j.fields[0] = Some(HeaderValue::from_static("Basic YWxpY2U6cHc="));
+        assert_eq!(line(&j, AT, COMPLETE), "{\"u\":alice}\n");
     }
 
     #[test]

@@ -269,6 +269,8 @@ pub struct RouteConfig {
     pub direct: Option<Arc<DirectResponse>>,
     /// gzip for the route's responses: its own `compress`, else the server's.
     pub compress: Option<Arc<CompressConfig>>,
+    /// `basic_auth`: requests must carry a user and password of its file, else 401.
+    pub basic_auth: Option<Arc<crate::auth::BasicAuth>>,
 }
 
 pub use crate::compress::CompressConfig;
@@ -752,6 +754,14 @@ struct FileRoute {
     headers: Option<toml::Table>,
     path_regex: Option<String>,
     compress: Option<toml::Value>,
+    basic_auth: Option<FileBasicAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBasicAuth {
+    realm: Option<String>,
+    user_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1278,6 +1288,19 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             Some(v) => validate_compress(v, &format!("{path}.compress"), errs),
             None => server.as_ref().and_then(|s| s.compress.clone()),
         };
+        let basic_auth = raw.basic_auth.as_ref().and_then(|a| {
+            let at = format!("{path}.basic_auth");
+            let realm = a.realm.as_deref().unwrap_or("Restricted");
+            match crate::auth::BasicAuth::load(realm, &base.join(&a.user_file), Path::new(&a.user_file)) {
+                Ok(auth) => Some(Arc::new(auth)),
+                Err(problems) => {
+                    for p in problems {
+                        errs.push(format!("{at}.user_file"), p);
+                    }
+                    None
+                }
+            }
+        });
         let target = match (&raw.pool, &raw.pools) {
             _ if raw.direct.is_some() => {
                 if raw.pool.is_some() || raw.pools.is_some() {
@@ -1324,6 +1347,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 access,
                 direct: direct.map(Arc::new),
                 compress,
+                basic_auth,
             });
         }
     }

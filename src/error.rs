@@ -46,6 +46,10 @@ pub enum ProxyError {
     /// The route's `allow`/`deny` refused the client's address.
     #[error("the route does not admit this client's address")]
     Forbidden,
+    /// The route's `basic_auth` found no valid user and password: 401 with this
+    /// `WWW-Authenticate` challenge.
+    #[error("no valid credentials for the route's basic_auth")]
+    Unauthorized(HeaderValue),
     /// Not a failure: a plain-HTTP request to an `https_redirect` route, answered
     /// with a redirect to this location (`proxy::redirect_response`), not an error page.
     #[error("redirected to {0:?}")]
@@ -130,6 +134,7 @@ impl ProxyError {
         match self {
             NoRoute => StatusCode::NOT_FOUND,
             Forbidden => StatusCode::FORBIDDEN,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
             HttpsRedirect(_) => StatusCode::MOVED_PERMANENTLY,
             Direct(d) => d.status,
             // Also `NotReceived`: like a refused connect, no application saw the
@@ -162,6 +167,7 @@ impl ProxyError {
         match self {
             NoRoute
             | Forbidden
+            | Unauthorized(_)
             | HttpsRedirect(_)
             | Direct(_)
             | BodyTooLarge { .. }
@@ -247,6 +253,7 @@ impl ProxyError {
         match self {
             NoRoute => "no_route",
             Forbidden => "forbidden",
+            Unauthorized(_) => "unauthorized",
             HttpsRedirect(_) => "https_redirect",
             Direct(_) => "return",
             NoHealthyBackend { .. } => "no_healthy_backend",
@@ -336,6 +343,9 @@ pub fn error_response<B: From<Bytes>>(
         let secs = retry_after.as_micros().div_ceil(1_000_000).max(1);
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
     }
+    if let ProxyError::Unauthorized(challenge) = err {
+        h.insert(header::WWW_AUTHENTICATE, challenge.clone());
+    }
     if err.closes_connection() {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -373,6 +383,7 @@ mod tests {
         let cases = [
             (ProxyError::NoRoute, 404),
             (ProxyError::Forbidden, 403),
+            (ProxyError::Unauthorized(HeaderValue::from_static("Basic")), 401),
             (ProxyError::NoHealthyBackend { pool: "p".into() }, 503),
             (
                 ProxyError::Connect {

@@ -64,6 +64,9 @@ pub enum Var {
     /// A request field's values, joined with ", ", as they go to the backend before
     /// the rules apply. Requests only.
     Http(HeaderName),
+    /// The user the request's `Authorization: Basic` names (checked when the route
+    /// has `basic_auth`). Requests only.
+    RemoteUser,
     /// The backend that answered, `IP:port`; empty for rampart's own answers.
     /// Responses only.
     UpstreamAddr,
@@ -200,6 +203,14 @@ impl Var {
                     out.extend_from_slice(v.as_bytes());
                 }
             }
+            Var::RemoteUser => {
+                if let Some(user) = request
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| crate::auth::user_of(v.as_bytes()))
+                {
+                    out.extend_from_slice(&user);
+                }
+            }
             Var::UpstreamAddr => {
                 if let Some(a) = vars.upstream {
                     let _ = write!(out, "{a}");
@@ -236,7 +247,7 @@ fn host_only(host: &[u8]) -> &[u8] {
 }
 
 /// The variables by name, for errors.
-const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $http_NAME, $upstream_addr, $ssl_protocol, $ssl_cipher, $ssl_server_name, $ssl_client_s_dn, $ssl_client_verify";
+const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $remote_user, $http_NAME, $upstream_addr, $ssl_protocol, $ssl_cipher, $ssl_server_name, $ssl_client_s_dn, $ssl_client_verify";
 
 /// Parses a rule's value: text with `$name` or `${name}` variables, and `$$` for a
 /// literal `$`.
@@ -301,6 +312,7 @@ fn variable(name: &str, dir: Direction) -> Result<Var, String> {
         "request_uri" => Var::RequestUri,
         "request_method" => Var::RequestMethod,
         "request_id" => Var::RequestId,
+        "remote_user" => Var::RemoteUser,
         "upstream_addr" => Var::UpstreamAddr,
         "ssl_protocol" => Var::SslProtocol,
         "ssl_cipher" => Var::SslCipher,
@@ -319,7 +331,7 @@ fn variable(name: &str, dir: Direction) -> Result<Var, String> {
         },
     };
     match (&var, dir) {
-        (Var::Host | Var::RequestUri | Var::Http(_), Direction::Response) => {
+        (Var::Host | Var::RequestUri | Var::Http(_) | Var::RemoteUser, Direction::Response) => {
             Err(format!("${name} is known only for requests (`request_headers`)"))
         }
         (Var::UpstreamAddr, Direction::Request) => Err(format!(

@@ -10,6 +10,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod alloc;
+pub mod auth;
 pub mod backend_tls;
 pub mod balancer;
 pub mod body;

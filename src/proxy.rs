@@ -661,6 +661,11 @@ fn prepare(
     if let Some(limiter) = &snap.limiters[route_idx] {
         rate_limit(limiter, &req, raw.as_ref(), conn)?;
     }
+    if let Some(auth) = &route.basic_auth {
+        if !auth.admits(field_values(&req, raw.as_ref(), &header::AUTHORIZATION)) {
+            return Err(ProxyError::Unauthorized(auth.challenge.clone()));
+        }
+    }
     if let Some(d) = &route.direct {
         return Err(direct(d, conn, &req, raw.as_ref(), host_value.as_ref(), request_id));
     }

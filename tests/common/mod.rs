@@ -756,3 +756,26 @@ pub async fn closed_soon<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
         Err(_) => panic!("the connection stayed open"),
     }
 }
+
+/// A directory of the test's own under the system's temp dir, removed with all it
+/// holds when dropped, so test runs leave nothing behind.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("rampart-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
