@@ -500,8 +500,10 @@ pub struct PoolConfig {
 pub struct StickyConfig {
     pub cookie: String,
     /// What follows `NAME=VALUE` in the `Set-Cookie` field: `; Path=/; HttpOnly`,
-    /// with `Max-Age` when one is set.
+    /// with `Domain`, `Max-Age` and `SameSite` when they are set.
     pub attributes: String,
+    /// `Secure` always (`true`), never (`false`), or when the client came over TLS.
+    pub secure: Option<bool>,
 }
 
 /// A pool's protocol to its backends.
@@ -827,6 +829,10 @@ struct FileSticky {
     #[serde(default, with = "humantime_serde")]
     max_age: Option<Duration>,
     path: Option<String>,
+    domain: Option<String>,
+    same_site: Option<String>,
+    secure: Option<bool>,
+    http_only: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -2117,6 +2123,18 @@ fn validate_sticky(value: &toml::Value, path: &str, errs: &mut Errors) -> Option
         ok = false;
     }
     let mut attributes = format!("; Path={cookie_path}");
+    if let Some(domain) = &raw.domain {
+        // A host name, or a parent domain with its leading dot (RFC 6265 §5.2.3).
+        let name = domain.strip_prefix('.').unwrap_or(domain);
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+            errs.push(
+                format!("{path}.domain"),
+                format!("must be a domain name (example.com), got {domain:?}"),
+            );
+            ok = false;
+        }
+        attributes.push_str(&format!("; Domain={domain}"));
+    }
     match raw.max_age {
         Some(d) if d.as_secs() == 0 => {
             errs.push(
@@ -2128,10 +2146,37 @@ fn validate_sticky(value: &toml::Value, path: &str, errs: &mut Errors) -> Option
         Some(d) => attributes.push_str(&format!("; Max-Age={}", d.as_secs())),
         None => {}
     }
-    attributes.push_str("; HttpOnly");
+    if raw.http_only.unwrap_or(true) {
+        attributes.push_str("; HttpOnly");
+    }
+    if let Some(same_site) = &raw.same_site {
+        match ["Strict", "Lax", "None"]
+            .iter()
+            .find(|v| v.eq_ignore_ascii_case(same_site))
+        {
+            Some(v) => {
+                if *v == "None" && raw.secure == Some(false) {
+                    errs.push(
+                        format!("{path}.same_site"),
+                        "\"None\" needs Secure (browsers drop such a cookie without it): remove secure = false",
+                    );
+                    ok = false;
+                }
+                attributes.push_str(&format!("; SameSite={v}"));
+            }
+            None => {
+                errs.push(
+                    format!("{path}.same_site"),
+                    format!("must be \"Strict\", \"Lax\" or \"None\", got {same_site:?}"),
+                );
+                ok = false;
+            }
+        }
+    }
     ok.then_some(StickyConfig {
         cookie: raw.cookie,
         attributes,
+        secure: raw.secure,
     })
 }
 
@@ -3197,6 +3242,16 @@ connect_timeout = "soon"
             c.pools[0].sticky.as_ref().unwrap().attributes,
             "; Path=/app; Max-Age=28800; HttpOnly"
         );
+        let c = Config::parse(
+            &with("{ cookie = \"srv\", domain = \".example.com\", same_site = \"lax\", secure = true, http_only = false }"),
+            "t",
+        )
+        .unwrap();
+        let s = c.pools[0].sticky.as_ref().unwrap();
+        assert_eq!(
+            (s.attributes.as_str(), s.secure),
+            ("; Path=/; Domain=.example.com; SameSite=Lax", Some(true))
+        );
         for (v, want) in [
             ("{ cookie = \"a b\" }", "pools.app.sticky.cookie: must be a cookie name"),
             ("{ cookie = \"\" }", "pools.app.sticky.cookie: must be a cookie name"),
@@ -3211,6 +3266,18 @@ connect_timeout = "soon"
             (
                 "{ cookie = \"s\", max_age = \"0s\" }",
                 "pools.app.sticky.max_age: must be at least 1s",
+            ),
+            (
+                "{ cookie = \"s\", domain = \"a;b\" }",
+                "pools.app.sticky.domain: must be a domain name",
+            ),
+            (
+                "{ cookie = \"s\", same_site = \"loose\" }",
+                "pools.app.sticky.same_site: must be \"Strict\", \"Lax\" or \"None\"",
+            ),
+            (
+                "{ cookie = \"s\", same_site = \"None\", secure = false }",
+                "pools.app.sticky.same_site: \"None\" needs Secure",
             ),
             ("{ name = \"s\" }", "pools.app.sticky"),
             ("\"srv\"", "pools.app.sticky"),

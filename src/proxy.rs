@@ -836,7 +836,7 @@ fn sticky_set_cookie(
     tls: bool,
 ) -> Option<HeaderValue> {
     let b = pool.backends.iter().find(|b| b.addr == answered)?;
-    let secure = if tls { "; Secure" } else { "" };
+    let secure = if cfg.secure.unwrap_or(tls) { "; Secure" } else { "" };
     let v = format!("{}={:016x}{}{secure}", cfg.cookie, b.sticky_id, cfg.attributes);
     HeaderValue::from_str(&v).ok()
 }

@@ -1239,6 +1239,29 @@ fn sticky_set(r: &Reply) -> Option<String> {
         })
 }
 
+/// The sticky cookie's attributes as configured: `Secure` forced on a plain-HTTP
+/// listener (TLS ended in front of rampart), `SameSite`, `Domain`, and `HttpOnly` or not.
+#[tokio::test]
+async fn a_sticky_cookie_carries_the_attributes_it_is_given() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    for (sticky, want) in [
+        (
+            "{ cookie = \"srv\", domain = \"example.com\", same_site = \"strict\", secure = true }",
+            "; Path=/; Domain=example.com; HttpOnly; SameSite=Strict; Secure",
+        ),
+        ("{ cookie = \"srv\", http_only = false }", "; Path=/"),
+    ] {
+        let extra = format!("{NO_HEALTH_CHECKS}\nsticky = {sticky}");
+        let (srv, addr) = start_proxy(&pool_config(&[a.addr], &extra));
+        let r = get(addr, "/").await;
+        let set = r.headers["set-cookie"].to_str().unwrap();
+        let (value, attributes) = set.split_at(set.find(';').unwrap());
+        assert!(value.starts_with("srv=") && value.len() == 20, "{set}");
+        assert_eq!(attributes, want);
+        stop_proxy(srv).await;
+    }
+}
+
 /// A sticky pool: a client's first answer sets a cookie naming its backend, and
 /// every request with it goes there, over HTTP/1.1 (as written, and with a body) and
 /// HTTP/2, among other cookies. A backend that cannot take it (refused, then in
