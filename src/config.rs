@@ -553,6 +553,20 @@ pub struct RetryConfig {
     pub backoff_max: Duration,
     pub hedge: bool,
     pub hedge_delay: HedgeDelay,
+    /// `on_status`: the 5xx statuses that mean the backend failed (retried for
+    /// idempotent requests, counted for ejection): bit `s - 500` for status `s`.
+    pub on_status: u128,
+}
+
+/// 502, 503 and 504: the gateway errors, as Envoy's `gateway-error`.
+pub const DEFAULT_ON_STATUS: u128 = 0b11100;
+
+impl RetryConfig {
+    /// Whether `status` is one of `on_status`.
+    #[inline(always)]
+    pub fn fails_on(&self, status: u16) -> bool {
+        status.wrapping_sub(500) < 100 && (self.on_status >> (status - 500)) & 1 == 1
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -874,6 +888,7 @@ struct FileRetry {
     backoff_max: Option<Duration>,
     hedge: Option<bool>,
     hedge_delay: Option<String>,
+    on_status: Option<Vec<u16>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -2326,6 +2341,25 @@ fn validate_retry(
         backoff_max: raw.backoff_max.unwrap_or(DEFAULT_BACKOFF_MAX),
         hedge: raw.hedge.unwrap_or(true),
         hedge_delay,
+        on_status: match &raw.on_status {
+            None => DEFAULT_ON_STATUS,
+            Some(list) => {
+                let mut mask = 0u128;
+                for &status in list {
+                    if (500..600).contains(&status) {
+                        mask |= 1 << (status - 500);
+                    } else {
+                        errs.push(
+                            format!("{path}.on_status"),
+                            format!(
+                                "{status} is not a 5xx status: only a server error (500-599) can mean the backend failed"
+                            ),
+                        );
+                    }
+                }
+                mask
+            }
+        },
     };
     if c.attempts == 0 || c.attempts > 10 {
         errs.push(
@@ -3226,6 +3260,24 @@ connect_timeout = "soon"
         assert!(errors_of(&with("\"/tmp\""))
             .join("\n")
             .contains("admin.state_file: /tmp is a directory"));
+    }
+
+    #[test]
+    fn on_status_lists_5xx_statuses() {
+        let with = |v: &str| format!("{MINIMAL}\nretry = {{ on_status = {v} }}\n");
+        let retry = |v: &str| Config::parse(&with(v), "t").unwrap().pools[0].retry.clone();
+        let default = Config::parse(MINIMAL, "t").unwrap().pools[0].retry.clone();
+        assert!([502, 503, 504].iter().all(|&s| default.fails_on(s)));
+        assert!(![500, 501, 505, 200, 404, 0, 65535].iter().any(|&s| default.fails_on(s)));
+        let r = retry("[500, 599]");
+        assert!(r.fails_on(500) && r.fails_on(599) && !r.fails_on(502));
+        assert!(!retry("[]").fails_on(503));
+        let errs = errors_of(&with("[503, 429, 600]")).join("\n");
+        assert!(
+            errs.contains("pools.app.retry.on_status: 429 is not a 5xx status")
+                && errs.contains("pools.app.retry.on_status: 600 is not a 5xx status"),
+            "{errs}"
+        );
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub struct Forwarded {
 /// How one try ended.
 enum Outcome {
     Response(Forwarded),
-    /// 502/503/504 from the backend: retried when safe, else passed to the client.
+    /// A status of the pool's `retry.on_status` (502/503/504 by default) from the
+    /// backend: retried when safe, else passed to the client.
     Gateway(ProxyError, Forwarded),
     /// Failed; `unsent` is the request when it was never written.
     Failed(ProxyError, Option<UpRequest>),
@@ -711,7 +712,7 @@ fn record_ttfb(pool: &Pool, bi: usize, body: &ReqBody, sent_at: Instant) {
     }
 }
 
-/// A try that got an answer: the client's, or a gateway error (502/503/504) the
+/// A try that got an answer: the client's, or a gateway error (`retry.on_status`) the
 /// attempt loop may retry elsewhere, holding the answer in case it cannot.
 #[inline]
 fn answered(gateway: Option<ProxyError>, fwd: Forwarded) -> Outcome {

@@ -1,6 +1,6 @@
 //! Passive outlier ejection: every real request's outcome is evidence about its backend.
 //! Consecutive connect failures, timeouts, resets (before or after the response's
-//! head) and gateway errors (502/503/504), and
+//! head) and gateway errors (502/503/504, or the pool's `retry.on_status`), and
 //! staying silent long after a hedge to another backend answered, eject a backend for a time that
 //! doubles with each ejection in a row (±10% jitter, capped). A cap on the ejected
 //! share keeps ejection from emptying a pool; the panic threshold (`state::Pool::pick`)
@@ -50,12 +50,13 @@ fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
     }
 }
 
-/// Judges a response's status: a 502-504 is recorded as a failure and returned, so
-/// the caller may retry elsewhere. Any other status is not yet a success: that is
-/// recorded when the body has ended whole (`state::InFlight::succeeded`).
+/// Judges a response's status: one of the pool's `retry.on_status` (502-504 by
+/// default) is recorded as a failure and returned, so the caller may retry
+/// elsewhere. Any other status is not yet a success: that is recorded when the body
+/// has ended whole (`state::InFlight::succeeded`).
 #[inline]
 pub fn on_status(pool: &Pool, bi: usize, status: StatusCode) -> Option<ProxyError> {
-    if matches!(status.as_u16(), 502..=504) {
+    if pool.config.retry.fails_on(status.as_u16()) {
         let err = ProxyError::BadStatus {
             backend: pool.backends[bi].addr,
             status: status.as_u16(),

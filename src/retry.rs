@@ -7,7 +7,8 @@
 //!   application. The last needs the body again, so small bodies of every method are
 //!   buffered up front (`retry.max_replay_bytes`), as nginx does by default.
 //! - Idempotent methods (or `Idempotency-Key`) only: resets, response timeouts and
-//!   502/503/504, because the application may have seen the request.
+//!   502/503/504 (the pool's `retry.on_status`), because the application may have
+//!   seen the request.
 //!
 //! Also here: the retry budget (retries after a send and hedges may add at most
 //! `budget_percent` of load plus `budget_min_per_sec`), the adaptive hedge delay

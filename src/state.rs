@@ -332,13 +332,14 @@ pub struct InFlight {
     pool: Arc<Pool>,
     /// u32, so the guard is 16 bytes: it is moved with every response body.
     bi: u32,
-    /// False once the head has judged the response (a 502-504, counted then).
+    /// False once the head has judged the response (a `retry.on_status`, counted then).
     report: bool,
 }
 
 impl InFlight {
-    /// Judges the response's status (`outlier::on_status`): a 502-504 is counted as a
-    /// failure and returned, and the response's end then adds nothing.
+    /// Judges the response's status (`outlier::on_status`): a 502-504 (the pool's
+    /// `retry.on_status`) is counted as a failure and returned, and the response's end
+    /// then adds nothing.
     #[inline]
     pub fn on_status(&mut self, status: http::StatusCode) -> Option<crate::error::ProxyError> {
         let gateway = crate::outlier::on_status(&self.pool, self.bi as usize, status);

@@ -564,6 +564,50 @@ async fn a_backend_that_stalls_mid_body_fails_the_response_after_read_timeout() 
     );
 }
 
+/// `retry.on_status`: a 500 means the backend failed only when it is listed. Listed,
+/// every GET is answered by the other backend (the 500s are retried there) and the
+/// backend that sends them is ejected; by default the client gets the 500 and nothing
+/// is ejected; and `on_status = []` passes even a 503 on, as nginx's default does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_status_names_the_statuses_that_mean_a_backend_failed() {
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    for (status, on_status, retried) in [
+        (500, "", false),
+        (500, "on_status = [500, 502, 503, 504], ", true),
+        (503, "on_status = [], ", false),
+    ] {
+        let bad = TestOrigin::start("bad", Behavior::Status(status)).await;
+        let extra = format!(
+            "balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}\nretry = {{ {on_status}hedge = false, budget_percent = 100 }}"
+        );
+        let (srv, addr) = start_proxy(&pool_config(&[good.addr, bad.addr], &extra));
+        let mut passed_on = 0;
+        for _ in 0..10 {
+            let r = get(addr, "/").await;
+            if r.status.as_u16() == status {
+                passed_on += 1;
+            } else {
+                assert_eq!((r.status.as_u16(), r.text()), (200, "good".to_string()), "{on_status}");
+            }
+        }
+        let ejected = backend_field(&status_of(&srv).await, bad.addr, "ejected") == true;
+        if retried {
+            assert_eq!(
+                (passed_on, ejected),
+                (0, true),
+                "{status} listed: retried, and the backend ejected"
+            );
+        } else {
+            assert!(
+                passed_on >= 3,
+                "{status} {on_status}: the client gets it ({passed_on} of 10)"
+            );
+            assert!(!ejected, "{status} {on_status}: not a failure, no ejection");
+        }
+        stop_proxy(srv).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_health_checks_take_a_backend_out_and_bring_it_back() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
