@@ -200,7 +200,8 @@ impl Part {
     }
 }
 
-/// A compiled `server.access_log_format`. Equal when written the same.
+/// A compiled `server.access_log_format`, with `server.access_log_filter`: what a
+/// line holds and which requests get one. Equal when written the same.
 #[derive(Debug)]
 pub struct LogFormat {
     source: String,
@@ -211,11 +212,32 @@ pub struct LogFormat {
     headers: Vec<HeaderName>,
     /// Whether `$host` is used, so the request's host is kept.
     host: bool,
+    /// `server.access_log_filter`: only the requests it wants get a line (`None`: all).
+    pub filter: Option<LogFilter>,
 }
 
 impl PartialEq for LogFormat {
     fn eq(&self, other: &Self) -> bool {
-        self.source == other.source
+        self.source == other.source && self.filter == other.filter
+    }
+}
+
+/// `access_log_filter = { min_status = 400, slower_than = "1s" }`: HAProxy's
+/// `option dontlog-normal`, Envoy's status and duration filters. A request gets a
+/// line when its status is `min_status` or above, or it took `slower_than` or longer,
+/// or it was retried (or hedged), or its response did not end whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogFilter {
+    pub min_status: Option<u16>,
+    pub slower_than: Option<Duration>,
+}
+
+impl LogFilter {
+    fn wants(&self, status: u16, took: Duration, tries: u8, termination: &str) -> bool {
+        self.min_status.is_some_and(|m| status >= m)
+            || self.slower_than.is_some_and(|t| took >= t)
+            || tries > 1
+            || matches!(termination, CLIENT_ABORTED | UPSTREAM_BODY_FAILED | TUNNEL_ERROR)
     }
 }
 
@@ -253,6 +275,7 @@ impl LogFormat {
             json,
             headers: Vec::new(),
             host: false,
+            filter: None,
         };
         let mut text = Vec::new();
         let mut rest = template;
@@ -344,6 +367,8 @@ const COMPLETE: &str = "-";
 const CLIENT_ABORTED: &str = "client_aborted";
 /// The backend's body broke off (a reset, or no bytes for `read_timeout`).
 const UPSTREAM_BODY_FAILED: &str = "upstream_body_failed";
+/// A tunnel (WebSocket) ended with an error on either side.
+pub const TUNNEL_ERROR: &str = "tunnel_error";
 
 /// A request on its way, for its log line. Created as the request starts (only when
 /// the log is on), filled in as it is answered, then carried in the response body
@@ -537,16 +562,16 @@ impl Drop for Pending {
             (None, Some(_)) if self.body.is_end_stream() => COMPLETE,
             (None, Some(_)) => CLIENT_ABORTED,
         };
+        let took = ended.saturating_duration_since(rec.start);
+        if let Some(filter) = &rec.format.filter {
+            let (status, tries) = rec.answer.as_ref().map_or((499, 0), |a| (a.status, a.tries));
+            if !filter.wants(status, took, tries, termination) {
+                return;
+            }
+        }
         let ctx = self.ctx.clone();
         ctx.access_log.record(&ctx.shared, |out, stamp, addrs| {
-            render(
-                out,
-                rec,
-                stamp,
-                addrs,
-                ended.saturating_duration_since(rec.start),
-                termination,
-            )
+            render(out, rec, stamp, addrs, took, termination)
         });
     }
 }
@@ -1054,6 +1079,30 @@ mod tests {
             line(&r, AT, COMPLETE),
             "192.0.2.7 - - [25/Nov/2026:00:12:17 +0000] \"GET /x HTTP/1.1\" 200 13 \"-\" \"curl/8.5.0 (x86_64)\"\n"
         );
+    }
+
+    #[test]
+    fn the_filter_keeps_errors_slow_retried_and_cut_requests() {
+        let f = LogFilter {
+            min_status: Some(400),
+            slower_than: Some(Duration::from_millis(500)),
+        };
+        let fast = Duration::from_millis(2);
+        assert!(!f.wants(200, fast, 1, COMPLETE));
+        assert!(!f.wants(304, fast, 1, COMPLETE));
+        assert!(f.wants(404, fast, 1, "no_route"));
+        assert!(f.wants(200, Duration::from_millis(500), 1, COMPLETE), "slow");
+        assert!(f.wants(200, fast, 2, COMPLETE), "retried");
+        assert!(f.wants(200, fast, 1, CLIENT_ABORTED));
+        assert!(f.wants(200, fast, 1, UPSTREAM_BODY_FAILED));
+        assert!(f.wants(101, fast, 1, TUNNEL_ERROR));
+        assert!(!f.wants(101, fast, 1, "tunnel_idle_timeout"));
+        let status_only = LogFilter {
+            min_status: Some(500),
+            slower_than: None,
+        };
+        assert!(!status_only.wants(404, Duration::from_secs(60), 1, "no_route"));
+        assert!(status_only.wants(503, fast, 1, "no_healthy_backend"));
     }
 
     #[test]

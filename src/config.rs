@@ -681,6 +681,14 @@ impl Errors {
 
 // ---- the raw file form ---------------------------------------------------------------
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLogFilter {
+    min_status: Option<u16>,
+    #[serde(default, with = "humantime_serde")]
+    slower_than: Option<Duration>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileServer {
@@ -703,6 +711,7 @@ struct FileServer {
     /// `true`, `false` or a file path: checked in `validate_server`.
     access_log: Option<toml::Value>,
     access_log_format: Option<String>,
+    access_log_filter: Option<FileLogFilter>,
     resolvers: Option<Vec<String>>,
     compress: Option<toml::Value>,
     trusted_proxies: Option<Vec<String>>,
@@ -1462,15 +1471,33 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         max_uri_bytes,
         max_headers,
         h2_max_concurrent_streams,
-        access_log: validate_access_log(raw.access_log.as_ref(), base, errs),
-        access_log_format: match raw.access_log_format.as_deref().map(crate::accesslog::LogFormat::parse) {
-            None => Arc::default(),
-            Some(Ok(f)) => Arc::new(f),
-            Some(Err(e)) => {
-                errs.push("server.access_log_format", e);
-                Arc::default()
-            }
+        access_log_format: {
+            let mut format = match raw.access_log_format.as_deref().map(crate::accesslog::LogFormat::parse) {
+                None => crate::accesslog::LogFormat::default(),
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    errs.push("server.access_log_format", e);
+                    crate::accesslog::LogFormat::default()
+                }
+            };
+            format.filter = raw.access_log_filter.as_ref().map(|f| {
+                if raw.access_log.as_ref().is_none_or(|v| v.as_bool() == Some(false)) {
+                    errs.push("server.access_log_filter", "has no effect without access_log");
+                }
+                if f.min_status.is_some_and(|s| !(100..=599).contains(&s)) {
+                    errs.push(
+                        "server.access_log_filter.min_status",
+                        "must be a status between 100 and 599",
+                    );
+                }
+                crate::accesslog::LogFilter {
+                    min_status: f.min_status,
+                    slower_than: f.slower_than,
+                }
+            });
+            Arc::new(format)
         },
+        access_log: validate_access_log(raw.access_log.as_ref(), base, errs),
         resolvers: validate_resolvers(raw.resolvers.as_deref(), errs),
         compress: raw
             .compress
@@ -3357,6 +3384,18 @@ connect_timeout = "soon"
                 "true\naccess_log_format = \"$status $bytes\"",
                 "server.access_log_format: unknown variable $bytes; known:",
             ),
+            (
+                "false\naccess_log_filter = { min_status = 500 }",
+                "server.access_log_filter: has no effect without access_log",
+            ),
+            (
+                "true\naccess_log_filter = { min_status = 600 }",
+                "server.access_log_filter.min_status: must be a status between 100 and 599",
+            ),
+            (
+                "true\naccess_log_filter = { status = 500 }",
+                "server.access_log_filter.status: unknown field `status`, expected `min_status` or `slower_than`",
+            ),
         ] {
             let errs = errors_of(&with(v)).join("\n");
             assert!(errs.contains(want), "{v}: {errs}");
@@ -3365,6 +3404,15 @@ connect_timeout = "soon"
         assert_eq!(c.server.access_log_format.source(), "combined");
         let c = Config::parse(MINIMAL, "t").unwrap();
         assert_eq!(c.server.access_log_format.source(), "rampart");
+        assert_eq!(c.server.access_log_format.filter, None);
+        let c = Config::parse(&with("true\naccess_log_filter = { slower_than = \"2s\" }"), "t").unwrap();
+        assert_eq!(
+            c.server.access_log_format.filter,
+            Some(crate::accesslog::LogFilter {
+                min_status: None,
+                slower_than: Some(Duration::from_secs(2))
+            })
+        );
     }
 
     #[test]

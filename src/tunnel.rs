@@ -130,7 +130,7 @@ impl Tunnel {
             }
             Err(e) => {
                 tracing::debug!(backend = %backend, error = %e, "tunnel closed with error");
-                "tunnel_error"
+                crate::accesslog::TUNNEL_ERROR
             }
         };
         (to_client.get(), how)

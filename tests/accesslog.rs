@@ -462,3 +462,83 @@ async fn a_websocket_is_logged_when_its_tunnel_closes() {
         idled[7]
     );
 }
+
+/// `access_log_filter` (HAProxy's `dontlog-normal`): only errors (here 400 and
+/// up), slow requests, retried ones and cut ones get a line; a quick 200 does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_log_keeps_only_the_requests_worth_a_look() {
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(400))).await;
+    let failing = TestOrigin::start("failing", Behavior::Status(500)).await;
+    let refused = refused_addr().await;
+    let dir = TempDir::new("accesslog-filter");
+    let log = dir.path().join("access.log");
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+access_log = "{}"
+access_log_filter = {{ min_status = 400, slower_than = "300ms" }}
+
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "good"
+
+[[routes]]
+path_prefix = "/slow"
+pool = "slow"
+
+[[routes]]
+path_prefix = "/failing"
+pool = "failing"
+
+[[routes]]
+path_prefix = "/retried"
+pool = "retried"
+
+[pools.good]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+
+[pools.slow]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+retry = {{ hedge = false }}
+
+[pools.failing]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+
+[pools.retried]
+backends = ["{refused}", "{}"]
+balancer = "round_robin"
+health_check = {{ type = "none" }}
+"#,
+        log.display(),
+        good.addr,
+        slow.addr,
+        failing.addr,
+        good.addr
+    );
+    let (srv, addr) = start_proxy(&toml);
+    for path in ["/quick", "/slow", "/failing", "/retried/1", "/retried/2", "/quick"] {
+        get(addr, path).await;
+    }
+    stop_proxy(srv).await;
+    let got = lines(&log);
+    let kept: Vec<(&str, &str, &str)> = got.iter().map(|l| fields(l)).map(|f| (f[3], f[5], f[11])).collect();
+    // Round robin tries the refused backend first for each /retried request (its
+    // retry takes the next pick), so both took two tries.
+    assert_eq!(
+        kept,
+        [
+            ("/slow", "200", "1"),
+            ("/failing", "500", "1"),
+            ("/retried/1", "200", "2"),
+            ("/retried/2", "200", "2")
+        ],
+        "{got:#?}"
+    );
+}
