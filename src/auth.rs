@@ -1,8 +1,11 @@
-//! HTTP Basic authentication for a route (`basic_auth`), as nginx's `auth_basic`,
-//! HAProxy's `http_auth` and Traefik's `basicAuth`: the user file (htpasswd, as
-//! Apache's `htpasswd` and `openssl passwd` write it), the check of a request's
-//! `Authorization`, and a per-worker cache of credentials already checked, so a slow
-//! password hash (bcrypt) is computed once per client and worker, not per request.
+//! Who may pass a route. `basic_auth`: HTTP Basic authentication, as nginx's
+//! `auth_basic`, HAProxy's `http_auth` and Traefik's `basicAuth`: the user file
+//! (htpasswd, as Apache's `htpasswd` and `openssl passwd` write it), the check of a
+//! request's `Authorization`, and a per-worker cache of credentials already checked,
+//! so a slow password hash (bcrypt) is computed once per client and worker, not per
+//! request. `forward_auth`: the request is first put to an auth service (Traefik's
+//! ForwardAuth, nginx's `auth_request`, Envoy's HTTP `ext_authz`), whose 2xx lets it
+//! pass and whose other answers go to the client.
 //!
 //! Hashes understood: bcrypt (`$2y$`, `$2b$`, `$2a$`), SHA-crypt (`$5$`, `$6$`),
 //! MD5-crypt (`$apr1$`, htpasswd's default, and `$1$`), `{SHA}`, `{SSHA}` and
@@ -13,9 +16,19 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use aws_lc_rs::digest;
 use base64::Engine as _;
-use http::HeaderValue;
+use http::{header, HeaderName, HeaderValue, Method};
+
+use crate::codec::UpHead;
+use crate::config::ForwardAuth;
+use crate::error::ProxyError;
+use crate::forward::Forwarded;
+use crate::state::Snapshot;
+use crate::worker::WorkerCtx;
 
 /// The stored hash of one user's password.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,6 +383,86 @@ fn md5_crypt(password: &[u8], magic: &[u8], salt: &[u8]) -> Vec<u8> {
     }
     put(f(11), 2);
     out
+}
+
+// ---- forward auth -----------------------------------------------------------------
+
+/// The request a route's `forward_auth` pool is asked: `GET path`, with the client's
+/// fields (its cookies, its `Authorization`) and those rampart adds to every request
+/// (`X-Forwarded-For`, `-Proto`, `-Host`, `x-request-id`), plus `X-Forwarded-Method`
+/// and `X-Forwarded-Uri`: the method and target the client asked for, under
+/// Traefik's names. No body goes.
+pub fn forward_auth_head(fa: &ForwardAuth, head: &UpHead, target: &str) -> UpHead {
+    let mut auth = UpHead {
+        method: Method::GET,
+        uri: http::Uri::from(fa.path.clone()),
+        headers: head.headers.clone(),
+        raw: head.raw.clone(),
+        added: head.added.clone(),
+        // Its answer's fields are read here, or go to a client as a map.
+        raw_response: false,
+    };
+    auth.added.upgrade = false;
+    auth.fields_to_map();
+    for name in [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::EXPECT,
+        header::CONNECTION,
+        header::UPGRADE,
+    ] {
+        auth.headers.remove(name);
+    }
+    auth.headers.insert(
+        HeaderName::from_static("x-forwarded-method"),
+        HeaderValue::from_str(head.method.as_str()).unwrap_or(HeaderValue::from_static("GET")),
+    );
+    if let Ok(v) = HeaderValue::from_str(target) {
+        auth.headers.insert(HeaderName::from_static("x-forwarded-uri"), v);
+    }
+    auth
+}
+
+/// What the auth pool said.
+pub enum Verdict {
+    /// A 2xx: the request goes on, with these of the answer's fields (`None`: the
+    /// answer had none, so the client's own is removed, which it could have forged).
+    Pass(Vec<(HeaderName, Option<HeaderValue>)>),
+    /// Anything else (401, a redirect to a sign-in page, 403, 5xx): the client gets
+    /// it, from this pool.
+    Answer(usize, Box<Forwarded>),
+}
+
+/// Asks the auth pool of the route `route` about a request, through the pool's own
+/// retries, hedging and breakers. A pool that cannot answer (every backend down, a
+/// timeout) fails the request as any pool would; the error names that pool.
+pub async fn forward_auth(
+    ctx: &Rc<WorkerCtx>,
+    snap: &Snapshot,
+    route: Option<usize>,
+    head: Rc<UpHead>,
+    tries: &Cell<u8>,
+) -> Result<Verdict, (Option<usize>, ProxyError)> {
+    let Some(fa) = route.and_then(|i| snap.routes[i].forward_auth.as_deref()) else {
+        return Err((None, ProxyError::NoRoute));
+    };
+    let pool = &snap.pools[fa.pool];
+    let req = crate::upstream::UpRequest {
+        head,
+        body: crate::body::ReqBody::empty(),
+    };
+    let answer = crate::forward::forward(ctx, pool, req, None, None, pool.config.try_timeout(), tries)
+        .await
+        .map_err(|e| (Some(fa.pool), e))?;
+    if !answer.response.status().is_success() {
+        return Ok(Verdict::Answer(fa.pool, Box::new(answer)));
+    }
+    let fields = fa
+        .response_headers
+        .iter()
+        .map(|name| (name.clone(), answer.response.headers().get(name).cloned()))
+        .collect();
+    Ok(Verdict::Pass(fields))
 }
 
 #[cfg(test)]

@@ -104,6 +104,26 @@ pub struct UpHead {
     pub raw_response: bool,
 }
 
+impl UpHead {
+    /// The client's fields as a map: those the HTTP/1.1 fast path kept as written
+    /// (`raw`) are parsed into it, after any already there.
+    pub fn fields_to_map(&mut self) {
+        let Some(raw) = self.raw.take() else {
+            return;
+        };
+        let mut map = crate::rawfields::block_map(&raw);
+        // `drain` names a field once, then yields its further values unnamed.
+        let mut name = None;
+        for (n, value) in self.headers.drain() {
+            name = n.or(name);
+            if let Some(n) = &name {
+                map.append(n.clone(), value);
+            }
+        }
+        self.headers = map;
+    }
+}
+
 /// Writes the request line and header block for an origin-form request to `backend`.
 pub fn encode_request_head(dst: &mut Vec<u8>, head: &UpHead, framing: ReqFraming, backend: SocketAddr) {
     dst.clear();

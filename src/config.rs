@@ -271,6 +271,20 @@ pub struct RouteConfig {
     pub compress: Option<Arc<CompressConfig>>,
     /// `basic_auth`: requests must carry a user and password of its file, else 401.
     pub basic_auth: Option<Arc<crate::auth::BasicAuth>>,
+    /// `forward_auth`: each request is first put to an auth pool, which lets it pass.
+    pub forward_auth: Option<Arc<ForwardAuth>>,
+}
+
+/// A route's `forward_auth = { pool, path, auth_response_headers }`: Traefik's
+/// ForwardAuth, nginx's `auth_request`, Envoy's HTTP `ext_authz`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ForwardAuth {
+    /// The pool that decides; index into the config's pools.
+    pub pool: usize,
+    /// Where it is asked (`GET path`), in origin form.
+    pub path: http::uri::PathAndQuery,
+    /// Fields of a 2xx answer that go on to the backend, replacing the client's.
+    pub response_headers: Vec<http::HeaderName>,
 }
 
 pub use crate::compress::CompressConfig;
@@ -780,6 +794,16 @@ struct FileRoute {
     path_regex: Option<String>,
     compress: Option<toml::Value>,
     basic_auth: Option<FileBasicAuth>,
+    forward_auth: Option<FileForwardAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileForwardAuth {
+    pool: String,
+    path: String,
+    #[serde(default)]
+    auth_response_headers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1331,6 +1355,45 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 }
             }
         });
+        let forward_auth = raw.forward_auth.as_ref().and_then(|fa| {
+            let at = format!("{path}.forward_auth");
+            let pool = known(&fa.pool, format!("{at}.pool"), errs);
+            let auth_path = match http::uri::PathAndQuery::try_from(fa.path.as_str()) {
+                Ok(p) if fa.path.starts_with('/') => Some(p),
+                _ => {
+                    errs.push(
+                        format!("{at}.path"),
+                        format!("must be a path starting with '/', got {:?}", fa.path),
+                    );
+                    None
+                }
+            };
+            let mut response_headers = Vec::new();
+            for name in &fa.auth_response_headers {
+                match http::HeaderName::from_bytes(name.trim().as_bytes()) {
+                    Ok(n) if n == http::header::HOST => errs.push(
+                        format!("{at}.auth_response_headers"),
+                        "Host: the backend's Host is the client's (or a request_headers rule's)",
+                    ),
+                    Ok(n) => match crate::header_rules::reserved(&n, Direction::Request, true) {
+                        Some(why) => errs.push(
+                            format!("{at}.auth_response_headers"),
+                            format!("{name}: rampart keeps it to itself: {why}"),
+                        ),
+                        None => response_headers.push(n),
+                    },
+                    Err(_) => errs.push(
+                        format!("{at}.auth_response_headers"),
+                        format!("not a header name: {name:?}"),
+                    ),
+                }
+            }
+            Some(Arc::new(ForwardAuth {
+                pool: pool?,
+                path: auth_path?,
+                response_headers,
+            }))
+        });
         let target = match (&raw.pool, &raw.pools) {
             _ if raw.direct.is_some() => {
                 if raw.pool.is_some() || raw.pools.is_some() {
@@ -1378,6 +1441,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 direct: direct.map(Arc::new),
                 compress,
                 basic_auth,
+                forward_auth,
             });
         }
     }

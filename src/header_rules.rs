@@ -342,7 +342,7 @@ fn variable(name: &str, dir: Direction) -> Result<Var, String> {
 }
 
 /// Why rampart keeps a field to itself, or `None` when a rule may touch it.
-fn reserved(name: &HeaderName, dir: Direction, setting: bool) -> Option<&'static str> {
+pub fn reserved(name: &HeaderName, dir: Direction, setting: bool) -> Option<&'static str> {
     match name.as_str() {
         "content-length" | "transfer-encoding" | "trailer" => Some("rampart frames every message itself"),
         "connection" | "keep-alive" | "proxy-connection" | "te" | "upgrade" => {

@@ -326,16 +326,48 @@ pub fn handle(
         let mut tunnel = None;
         let mut pool_idx = None;
         let mut route_idx = None;
+        // A `forward_auth` route's question to its auth pool (an out-parameter of
+        // `prepare`, as `route_idx` is).
+        let mut auth = None;
         let mut backend = None;
         let mut backend_fields = None;
         // The awaits sit here, not in a nested `async fn`: every level of future nesting
         // copies the request in and the response out, and holds its own copy of the
         // locals. (The service boxes this whole future: see `idle::Svc`.)
         let result = 'proxied: {
-            let p = match prepare(&conn, &snap, req, raw, fields, &request_id, h1_writer, &mut route_idx) {
+            let mut p = match prepare(
+                &conn,
+                &snap,
+                req,
+                raw,
+                fields,
+                &request_id,
+                h1_writer,
+                &mut route_idx,
+                &mut auth,
+            ) {
                 Ok(p) => p,
                 Err(e) => break 'proxied Err(e),
             };
+            if let Some(auth) = auth.take() {
+                // Boxed: the auth pool's forwarding would otherwise sit in every
+                // request's future.
+                let asked = Cell::new(0u8);
+                let gate = crate::auth::forward_auth(&ctx, &snap, route_idx, auth, &asked);
+                match Box::pin(gate).await {
+                    Ok(crate::auth::Verdict::Pass(fields)) => pass_auth_fields(&mut p.head, fields),
+                    Ok(crate::auth::Verdict::Answer(pool, answer)) => {
+                        (pool_idx, backend) = (Some(pool), Some(answer.backend));
+                        tries.set(asked.get());
+                        break 'proxied Ok(answer.response);
+                    }
+                    Err((pool, e)) => {
+                        pool_idx = pool;
+                        tries.set(asked.get());
+                        break 'proxied Err(e);
+                    }
+                }
+            }
             pool_idx = Some(p.pool);
             let pool = &snap.pools[p.pool];
             let try_timeout = route_idx
@@ -565,6 +597,7 @@ fn prepare(
     request_id: &HeaderValue,
     h1_writer: bool,
     routed: &mut Option<usize>,
+    auth: &mut Option<Rc<UpHead>>,
 ) -> Result<Prepared, ProxyError> {
     let server = &snap.config.server;
     if let Some(pq) = req.uri().path_and_query() {
@@ -753,6 +786,14 @@ fn prepare(
         request_id,
         upgrade,
     );
+    // The auth service sees the client's request as it came, before the route's rules.
+    if let Some(fa) = &route.forward_auth {
+        let target = routed_target
+            .as_ref()
+            .or(head.uri.path_and_query())
+            .map_or("/", |t| t.as_str());
+        *auth = Some(Rc::new(crate::auth::forward_auth_head(fa, &head, target)));
+    }
     if let Some(rules) = &route.request_headers {
         apply_request_rules(&mut head, rules, conn, request_id, routed_target.as_ref());
     }
@@ -1145,18 +1186,7 @@ fn apply_request_rules(
     request_id: &HeaderValue,
     routed_target: Option<&PathAndQuery>,
 ) {
-    if let Some(raw) = head.raw.take() {
-        let mut map = crate::rawfields::block_map(&raw);
-        // `drain` names a field once, then yields its further values unnamed.
-        let mut name = None;
-        for (n, value) in head.headers.drain() {
-            name = n.or(name);
-            if let Some(n) = &name {
-                map.append(n.clone(), value);
-            }
-        }
-        head.headers = map;
-    }
+    head.fields_to_map();
     let vars = Vars {
         host: head.added.get("x-forwarded-host"),
         target: routed_target.or(head.uri.path_and_query()).map(PathAndQuery::as_str),
@@ -1167,6 +1197,27 @@ fn apply_request_rules(
     if rules.sets_host() {
         head.added.host = None;
         head.added.host_from_backend = false;
+    }
+}
+
+/// A `forward_auth` pool let the request pass: the fields of its answer the route
+/// names go to the backend in place of the client's (removed when the answer had none).
+#[cold]
+fn pass_auth_fields(head: &mut Rc<UpHead>, fields: Vec<(HeaderName, Option<HeaderValue>)>) {
+    if fields.is_empty() {
+        return;
+    }
+    // The head is shared only once tries begin.
+    let Some(head) = Rc::get_mut(head) else {
+        debug_assert!(false, "the request head is shared before its first try");
+        return;
+    };
+    head.fields_to_map();
+    for (name, value) in fields {
+        head.headers.remove(&name);
+        if let Some(v) = value {
+            head.headers.insert(name, v);
+        }
     }
 }
 
