@@ -529,16 +529,15 @@ health_check = {{ type = "none" }}
     stop_proxy(srv).await;
     let got = lines(&log);
     let kept: Vec<(&str, &str, &str)> = got.iter().map(|l| fields(l)).map(|f| (f[3], f[5], f[11])).collect();
-    // Round robin tries the refused backend first for each /retried request (its
-    // retry takes the next pick), so both took two tries.
-    assert_eq!(
-        kept,
-        [
-            ("/slow", "200", "1"),
-            ("/failing", "500", "1"),
-            ("/retried/1", "200", "2"),
-            ("/retried/2", "200", "2")
-        ],
+    assert_eq!(kept[..2], [("/slow", "200", "1"), ("/failing", "500", "1")], "{got:#?}");
+    // Round robin starts at either backend, so one or both /retried requests tried
+    // the refused backend first: those, and only those, have a line.
+    let retried = &kept[2..];
+    assert!(
+        !retried.is_empty()
+            && retried
+                .iter()
+                .all(|(path, status, tries)| path.starts_with("/retried/") && (*status, *tries) == ("200", "2")),
         "{got:#?}"
     );
 }
