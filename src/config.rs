@@ -273,6 +273,17 @@ pub struct RouteConfig {
     pub basic_auth: Option<Arc<crate::auth::BasicAuth>>,
     /// `forward_auth`: each request is first put to an auth pool, which lets it pass.
     pub forward_auth: Option<Arc<ForwardAuth>>,
+    /// `mirror`: a copy of the route's requests goes to another pool (`mirror.rs`).
+    pub mirror: Option<Arc<Mirror>>,
+}
+
+/// A route's `mirror = { pool, percent }`.
+#[derive(Debug, PartialEq)]
+pub struct Mirror {
+    /// Index into the config's pools.
+    pub pool: usize,
+    /// The share of requests copied, above 0 and up to 100.
+    pub percent: f64,
 }
 
 /// A route's `forward_auth = { pool, path, auth_response_headers }`: Traefik's
@@ -795,6 +806,14 @@ struct FileRoute {
     compress: Option<toml::Value>,
     basic_auth: Option<FileBasicAuth>,
     forward_auth: Option<FileForwardAuth>,
+    mirror: Option<FileMirror>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMirror {
+    pool: String,
+    percent: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1394,6 +1413,21 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 response_headers,
             }))
         });
+        let mirror = raw.mirror.as_ref().and_then(|m| {
+            let at = format!("{path}.mirror");
+            let percent = m.percent.unwrap_or(100.0);
+            if !(percent > 0.0 && percent <= 100.0) {
+                errs.push(
+                    format!("{at}.percent"),
+                    format!("must be above 0 and at most 100, got {percent}"),
+                );
+            }
+            if raw.direct.is_some() {
+                errs.push(&at, "a route with return sends nothing to mirror");
+            }
+            let pool = known(&m.pool, format!("{at}.pool"), errs)?;
+            Some(Arc::new(Mirror { pool, percent }))
+        });
         let target = match (&raw.pool, &raw.pools) {
             _ if raw.direct.is_some() => {
                 if raw.pool.is_some() || raw.pools.is_some() {
@@ -1419,6 +1453,14 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             (Some(name), None) => known(name, format!("{path}.pool"), errs).map(|p| (p, None)),
             (None, Some(table)) => pool_split(table, raw.split_key.as_deref(), &path, &known, errs),
         };
+        if let (Some(m), Some((pool, None))) = (&mirror, &target) {
+            if m.pool == *pool {
+                errs.push(
+                    format!("{path}.mirror.pool"),
+                    "is the route's own pool: its backends would get every request twice",
+                );
+            }
+        }
         if raw.split_key.is_some() && raw.pools.is_none() {
             errs.push(format!("{path}.split_key"), "has no effect without pools");
         }
@@ -1442,6 +1484,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 compress,
                 basic_auth,
                 forward_auth,
+                mirror,
             });
         }
     }

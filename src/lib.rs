@@ -31,6 +31,7 @@ pub mod health;
 pub mod idle;
 pub mod listener;
 pub mod metrics;
+pub mod mirror;
 pub mod netio;
 pub mod outlier;
 pub mod proxy;

@@ -35,6 +35,7 @@ pub const DNS_UPDATES: &str = "rampart_dns_updates_total";
 pub const COMPRESSED: &str = "rampart_compressed_responses_total";
 pub const COMPRESSION_IN: &str = "rampart_compression_input_bytes_total";
 pub const COMPRESSION_OUT: &str = "rampart_compression_output_bytes_total";
+pub const MIRROR_SKIPPED: &str = "rampart_mirror_skipped_total";
 /// Written by `admin` from the live config at each scrape, not kept in the recorder.
 pub const TLS_CERT_EXPIRY: &str = "rampart_tls_certificate_expiry_timestamp_seconds";
 
@@ -104,6 +105,10 @@ fn describe() {
         "Open client connections, tunnels and dormant ones included"
     );
     describe_gauge!(TUNNELS, "Open WebSocket (upgraded) tunnels");
+    describe_counter!(
+        MIRROR_SKIPPED,
+        "Requests not mirrored to this pool because their body streamed (too large to keep, or chunked)"
+    );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS connections that failed before a request: error, timeout, or plain_http (plain HTTP sent to a TLS listener)"

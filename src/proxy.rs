@@ -329,6 +329,7 @@ pub fn handle(
         // A `forward_auth` route's question to its auth pool (an out-parameter of
         // `prepare`, as `route_idx` is).
         let mut auth = None;
+        let mut mirror = None;
         let mut backend = None;
         let mut backend_fields = None;
         // The awaits sit here, not in a nested `async fn`: every level of future nesting
@@ -345,6 +346,7 @@ pub fn handle(
                 h1_writer,
                 &mut route_idx,
                 &mut auth,
+                &mut mirror,
             ) {
                 Ok(p) => p,
                 Err(e) => break 'proxied Err(e),
@@ -386,6 +388,9 @@ pub fn handle(
                 Ok(b) => b,
                 Err(e) => break 'proxied Err(e),
             };
+            if let Some(m) = mirror {
+                crate::mirror::send(&ctx, &snap, m, &p.head, &body);
+            }
             let req = UpRequest { head: p.head, body };
             let prefer = match p.sticky {
                 Sticky::Named(bi) => Some(bi as usize),
@@ -588,9 +593,9 @@ fn redirect_response(location: HeaderValue, method: &Method) -> Response<RespBod
 /// route, pool, the backend request head. `routed` is the route, once found, even
 /// if the request then fails (its response rules still apply).
 #[allow(clippy::too_many_arguments)]
-fn prepare(
+fn prepare<'a>(
     conn: &ConnInfo,
-    snap: &Snapshot,
+    snap: &'a Snapshot,
     mut req: Request<InBody>,
     raw: Option<RawRequest>,
     mut fields: Fields,
@@ -598,6 +603,7 @@ fn prepare(
     h1_writer: bool,
     routed: &mut Option<usize>,
     auth: &mut Option<Rc<UpHead>>,
+    mirror: &mut Option<&'a crate::config::Mirror>,
 ) -> Result<Prepared, ProxyError> {
     let server = &snap.config.server;
     if let Some(pq) = req.uri().path_and_query() {
@@ -787,6 +793,7 @@ fn prepare(
         upgrade,
     );
     // The auth service sees the client's request as it came, before the route's rules.
+    *mirror = route.mirror.as_deref();
     if let Some(fa) = &route.forward_auth {
         let target = routed_target
             .as_ref()
