@@ -1387,6 +1387,12 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                     None
                 }
             };
+            if raw.direct.is_some() {
+                errs.push(
+                    &at,
+                    "a route with return answers before anything is asked: use basic_auth, or a route to a pool",
+                );
+            }
             let mut response_headers = Vec::new();
             for name in &fa.auth_response_headers {
                 match http::HeaderName::from_bytes(name.trim().as_bytes()) {

@@ -389,4 +389,14 @@ fn forward_auth_config_errors_name_the_field() {
     ] {
         assert!(err.contains(want), "{want}\n{err}");
     }
+    let answering = toml.replacen(
+        "prefix_rewrite = \"/\"\npool = \"app\"\n",
+        "return = { status = 200, body = \"hi\" }\n",
+        1,
+    );
+    let err = rampart::Config::parse(&answering, "test.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("routes[1].forward_auth: a route with return answers before anything is asked"),
+        "{err}"
+    );
 }
