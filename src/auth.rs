@@ -396,11 +396,9 @@ pub fn forward_auth_head(fa: &ForwardAuth, head: &UpHead, target: &str) -> UpHea
     let mut auth = UpHead {
         method: Method::GET,
         uri: http::Uri::from(fa.path.clone()),
-        headers: head.headers.clone(),
-        raw: head.raw.clone(),
-        added: head.added.clone(),
         // Its answer's fields are read here, or go to a client as a map.
         raw_response: false,
+        ..head.clone()
     };
     auth.added.upgrade = false;
     auth.fields_to_map();

@@ -86,7 +86,7 @@ impl AddedFields {
 
 /// A request head as it goes to backends. One per client request, shared (`Rc`) by
 /// every try and hedge of it, so a retry costs no copy of the head.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct UpHead {
     pub method: Method,
     /// In origin form.

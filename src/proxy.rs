@@ -792,8 +792,8 @@ fn prepare<'a>(
         request_id,
         upgrade,
     );
-    // The auth service sees the client's request as it came, before the route's rules.
     *mirror = route.mirror.as_deref();
+    // The auth service sees the client's request as it came, before the route's rules.
     if let Some(fa) = &route.forward_auth {
         let target = routed_target
             .as_ref()
@@ -1214,11 +1214,9 @@ fn pass_auth_fields(head: &mut Rc<UpHead>, fields: Vec<(HeaderName, Option<Heade
     if fields.is_empty() {
         return;
     }
-    // The head is shared only once tries begin.
-    let Some(head) = Rc::get_mut(head) else {
-        debug_assert!(false, "the request head is shared before its first try");
-        return;
-    };
+    // Not shared before the first try, so no copy is made; were it shared, a copy
+    // still gets the fields (never the client's forged ones).
+    let head = Rc::make_mut(head);
     head.fields_to_map();
     for (name, value) in fields {
         head.headers.remove(&name);
