@@ -200,6 +200,35 @@ pub enum RespBody {
     Logged(Box<crate::accesslog::Pending>),
     /// Any of the others, gzipped on its way (`compress`). Boxed: rare, and large.
     Gzip(Box<crate::compress::Gzip>),
+    /// Any of the others, with the request's place under its route's
+    /// `in_flight_limit`, given back when the body is dropped: sent, or the client gone.
+    Held(Box<Held>),
+}
+
+/// A response body and the place its request holds under `in_flight_limit`.
+pub struct Held {
+    pub body: RespBody,
+    pub _slot: crate::inflight::InFlightSlot,
+}
+
+/// Out of line, as `H2Resp`'s: inlined (or with `RespBody`'s methods calling
+/// themselves), they made those methods too large to inline into the request path
+/// (+30 instructions a request, with no limit set).
+impl Held {
+    #[inline(never)]
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    #[inline(never)]
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    #[inline(never)]
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 pub struct H2Resp {
@@ -259,6 +288,7 @@ impl Body for RespBody {
             RespBody::H2(h2) => h2.poll_frame(cx),
             RespBody::Logged(l) => l.poll_frame(cx),
             RespBody::Gzip(z) => z.poll_frame(cx),
+            RespBody::Held(h) => h.poll_frame(cx),
         }
     }
 
@@ -269,6 +299,7 @@ impl Body for RespBody {
             RespBody::H2(h2) => h2.is_end_stream(),
             RespBody::Logged(l) => l.is_end_stream(),
             RespBody::Gzip(z) => z.is_end_stream(),
+            RespBody::Held(h) => h.is_end_stream(),
         }
     }
 
@@ -279,6 +310,7 @@ impl Body for RespBody {
             RespBody::H2(h2) => h2.size_hint(),
             RespBody::Logged(l) => l.size_hint(),
             RespBody::Gzip(z) => z.size_hint(),
+            RespBody::Held(h) => h.size_hint(),
         }
     }
 }

@@ -254,6 +254,8 @@ pub struct RouteConfig {
     pub rewrite_location: bool,
     /// Requests per client (by `key`) past which the route answers 429.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Requests per client (by `key`) in flight at once past which the route answers 429.
+    pub in_flight_limit: Option<InFlightLimitConfig>,
     /// What else a request must have to take this route (`None`: nothing).
     pub matches: Option<Arc<RouteMatch>>,
     /// `pools`: the requests split over several pools by weight (`pool` is then the
@@ -439,6 +441,14 @@ impl RouteMatch {
 pub struct RateLimitConfig {
     pub requests_per_second: f64,
     pub burst: u32,
+    pub key: HashKey,
+}
+
+/// A route's `in_flight_limit`: each client (as `key` tells them apart) may have at
+/// most `max` requests in flight on the route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InFlightLimitConfig {
+    pub max: u32,
     pub key: HashKey,
 }
 
@@ -800,6 +810,7 @@ struct FileRoute {
     request_headers: Option<toml::Value>,
     response_headers: Option<toml::Value>,
     rate_limit: Option<FileRateLimit>,
+    in_flight_limit: Option<FileInFlightLimit>,
     methods: Option<Vec<String>>,
     headers: Option<toml::Table>,
     path_regex: Option<String>,
@@ -845,6 +856,13 @@ struct FileCompress {
 struct FileRateLimit {
     requests_per_second: f64,
     burst: Option<u32>,
+    key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInFlightLimit {
+    max: u32,
     key: Option<String>,
 }
 
@@ -1329,6 +1347,25 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 key,
             }
         });
+        let in_flight_limit = raw.in_flight_limit.as_ref().map(|l| {
+            let at = format!("{path}.in_flight_limit");
+            if l.max == 0 || l.max > 1_000_000 {
+                errs.push(
+                    format!("{at}.max"),
+                    format!("must be between 1 and 1000000, got {}", l.max),
+                );
+            }
+            if raw.direct.is_some() {
+                errs.push(
+                    &at,
+                    "a route with return answers at once and never has requests in flight: use rate_limit",
+                );
+            }
+            InFlightLimitConfig {
+                max: l.max,
+                key: parse_key(l.key.as_deref(), &format!("{at}.key"), errs),
+            }
+        });
         let mut rules = |value: &Option<toml::Value>, field: &str, dir| {
             let value = value.as_ref()?;
             let mut problems = Vec::new();
@@ -1482,6 +1519,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 request_headers,
                 response_headers,
                 rate_limit,
+                in_flight_limit,
                 matches,
                 split,
                 response_timeout: raw.response_timeout,

@@ -125,6 +125,9 @@ pub enum ProxyError {
     /// The route's `rate_limit` refused the client; it may try again after this long.
     #[error("rate limit: the client may send again in {retry_after:?}")]
     RateLimited { retry_after: std::time::Duration },
+    /// The route's `in_flight_limit`: the client already has this many requests open.
+    #[error("in-flight limit: the client already has {max} requests in flight on the route")]
+    TooManyInFlight { max: u32 },
 }
 
 impl ProxyError {
@@ -158,7 +161,7 @@ impl ProxyError {
             BadRequest(_) | ClientBody(_) => StatusCode::BAD_REQUEST,
             NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | TooManyInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -177,7 +180,8 @@ impl ProxyError {
             | NotImplemented(_)
             | ClientBody(_)
             | ClientBodyTimeout(_)
-            | RateLimited { .. } => Side::Client,
+            | RateLimited { .. }
+            | TooManyInFlight { .. } => Side::Client,
             NoHealthyBackend { .. } | CircuitOpen { .. } | ShuttingDown => Side::Internal,
             Connect { .. }
             | ConnectTimeout { .. }
@@ -277,6 +281,7 @@ impl ProxyError {
             ClientBodyTimeout(_) => "client_body_timeout",
             ShuttingDown => "shutting_down",
             RateLimited { .. } => "rate_limited",
+            TooManyInFlight { .. } => "in_flight_limited",
         }
     }
 

@@ -29,6 +29,7 @@ pub mod h2up;
 pub mod header_rules;
 pub mod health;
 pub mod idle;
+pub mod inflight;
 pub mod listener;
 pub mod metrics;
 pub mod mirror;

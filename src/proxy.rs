@@ -27,6 +27,7 @@ use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
 use crate::header_rules::{HeaderRules, Vars};
 use crate::idle::ParkState;
+use crate::inflight::InFlightSlot;
 use crate::rawfields::{RawFields, RawRequest};
 use crate::retry;
 use crate::router::host_without_port;
@@ -330,6 +331,7 @@ pub fn handle(
         // `prepare`, as `route_idx` is).
         let mut auth = None;
         let mut mirror = None;
+        let mut held = None;
         let mut backend = None;
         let mut backend_fields = None;
         // The awaits sit here, not in a nested `async fn`: every level of future nesting
@@ -347,6 +349,7 @@ pub fn handle(
                 &mut route_idx,
                 &mut auth,
                 &mut mirror,
+                &mut held,
             ) {
                 Ok(p) => p,
                 Err(e) => break 'proxied Err(e),
@@ -424,7 +427,8 @@ pub fn handle(
                     ClientUpgrade::Manual(park) => ClientSide::Manual(park.take_upgrade()),
                 };
                 let idle = pool.config.tunnel_idle_timeout;
-                let open = crate::tunnel::Counted::new(ctx.tracker.enter(), ctx.shared.clone());
+                // The tunnel holds the request's place under `in_flight_limit` too.
+                let open = crate::tunnel::Counted::new(ctx.tracker.enter(), ctx.shared.clone(), held.take());
                 // Spawned below, once the access-log record (if any) is complete: the
                 // tunnel's end is the request's.
                 tunnel = Some(crate::tunnel::new(client, *upstream, addr, idle, open));
@@ -456,6 +460,10 @@ pub fn handle(
         let elapsed = crate::clock::now().saturating_duration_since(start);
         if let Some(p) = pool {
             p.metrics.record(response.status().as_u16(), elapsed);
+        }
+        if let Some(slot) = held {
+            let body = std::mem::replace(response.body_mut(), RespBody::empty());
+            *response.body_mut() = RespBody::Held(Box::new(crate::body::Held { body, _slot: slot }));
         }
         if let Some(log) = log {
             let log = log.head_ready(Answered {
@@ -591,7 +599,8 @@ fn redirect_response(location: HeaderValue, method: &Method) -> Response<RespBod
 
 /// Everything about a request before its body is read and it goes out: limits,
 /// route, pool, the backend request head. `routed` is the route, once found, even
-/// if the request then fails (its response rules still apply).
+/// if the request then fails (its response rules still apply). `held`: the request's
+/// place under its route's `in_flight_limit`, kept until its response has been sent.
 #[allow(clippy::too_many_arguments)]
 fn prepare<'a>(
     conn: &ConnInfo,
@@ -604,6 +613,7 @@ fn prepare<'a>(
     routed: &mut Option<usize>,
     auth: &mut Option<Rc<UpHead>>,
     mirror: &mut Option<&'a crate::config::Mirror>,
+    held: &mut Option<InFlightSlot>,
 ) -> Result<Prepared, ProxyError> {
     let server = &snap.config.server;
     if let Some(pq) = req.uri().path_and_query() {
@@ -697,8 +707,12 @@ fn prepare<'a>(
     if route.https_redirect && !conn.tls {
         return Err(https_redirect(host, &req));
     }
-    if let Some(limiter) = &snap.limiters[route_idx] {
+    let limits = &snap.limiters[route_idx];
+    if let Some(limiter) = &limits.rate {
         rate_limit(limiter, &req, raw.as_ref(), conn)?;
+    }
+    if let Some(limiter) = &limits.in_flight {
+        *held = in_flight(limiter, &req, raw.as_ref(), conn)?;
     }
     if let Some(auth) = &route.basic_auth {
         if !auth.admits(field_values(&req, raw.as_ref(), &header::AUTHORIZATION)) {
@@ -1406,6 +1420,25 @@ fn rate_limit<B>(
             .check(k, crate::state::clock_ns() / 1000)
             .map_err(|retry_after| ProxyError::RateLimited { retry_after }),
         None => Ok(()),
+    }
+}
+
+/// A route's `in_flight_limit`: a place among the client's requests in flight, or 429.
+/// A request without the key (no such header or cookie) is not limited, as with
+/// `rate_limit`. Out of line: most routes have no limit.
+#[inline(never)]
+fn in_flight<B>(
+    limiter: &std::sync::Arc<crate::inflight::InFlightLimiter>,
+    req: &Request<B>,
+    raw: Option<&RawRequest>,
+    conn: &ConnInfo,
+) -> Result<Option<InFlightSlot>, ProxyError> {
+    match request_key(&limiter.key, req, raw, conn) {
+        Some(k) => match limiter.acquire(k) {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(ProxyError::TooManyInFlight { max: limiter.max() }),
+        },
+        None => Ok(None),
     }
 }
 

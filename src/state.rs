@@ -20,6 +20,7 @@ use crate::backend_tls::BackendTlsSpec;
 use crate::balancer::Balancer;
 use crate::breaker::Breakers;
 use crate::config::{BalancerKind, Config, PoolConfig, RouteConfig};
+use crate::inflight::InFlightLimiter;
 use crate::metrics::PoolMetrics;
 use crate::ratelimit::RateLimiter;
 use crate::retry::{LatencyTracker, RetryBudget};
@@ -520,36 +521,58 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub router: Router,
     pub routes: Vec<RouteConfig>,
-    /// Each route's `rate_limit` state, by route index.
-    pub limiters: Vec<Option<Arc<RateLimiter>>>,
+    /// Each route's `rate_limit` and `in_flight_limit` state, by route index.
+    pub limiters: Vec<RouteLimits>,
     pub pools: Vec<Arc<Pool>>,
 }
 
-/// The routes' rate limiters. A route a reload kept (same `host` and `path_prefix`)
-/// keeps its clients' state: the same limiter if the limit is unchanged, else a new
-/// one that takes over each client's debt, so a reload hands no one a fresh burst.
-fn limiters(routes: &[RouteConfig], previous: Option<&Snapshot>) -> Vec<Option<Arc<RateLimiter>>> {
+/// A route's per-client limits (each `None` where it has none).
+#[derive(Debug, Default)]
+pub struct RouteLimits {
+    pub rate: Option<Arc<RateLimiter>>,
+    pub in_flight: Option<Arc<InFlightLimiter>>,
+}
+
+/// The routes' limiters. A route a reload kept (same `host`, `path_prefix` and
+/// conditions) keeps its clients' state. Rate limits: the same limiter if the limit is
+/// unchanged, else a new one that takes over each client's debt, so a reload hands no
+/// one a fresh burst. In-flight limits: the same table if the key is unchanged (its
+/// counts are given back to it as requests end), with the new `max`.
+fn limiters(routes: &[RouteConfig], previous: Option<&Snapshot>) -> Vec<RouteLimits> {
     routes
         .iter()
         .map(|r| {
-            let limit = r.rate_limit.as_ref()?;
             let old = previous.and_then(|p| {
                 p.routes
                     .iter()
                     .zip(&p.limiters)
                     .find(|(o, _)| o.host == r.host && o.path_prefix == r.path_prefix && o.matches == r.matches)
-                    .and_then(|(_, l)| l.clone())
+                    .map(|(_, l)| l)
             });
-            Some(match old {
-                Some(old) if old.config == *limit => old,
-                old => {
-                    let new = RateLimiter::new(limit.clone());
-                    if let Some(old) = old {
-                        new.carry(&old);
+            let rate = r
+                .rate_limit
+                .as_ref()
+                .map(|limit| match old.and_then(|o| o.rate.as_ref()) {
+                    Some(old) if old.config == *limit => old.clone(),
+                    old => {
+                        let new = RateLimiter::new(limit.clone());
+                        if let Some(old) = old {
+                            new.carry(old);
+                        }
+                        Arc::new(new)
                     }
-                    Arc::new(new)
-                }
-            })
+                });
+            let in_flight = r
+                .in_flight_limit
+                .as_ref()
+                .map(|limit| match old.and_then(|o| o.in_flight.as_ref()) {
+                    Some(old) if old.key == limit.key => {
+                        old.set_max(limit.max);
+                        old.clone()
+                    }
+                    _ => Arc::new(InFlightLimiter::new(limit.key.clone(), limit.max)),
+                });
+            RouteLimits { rate, in_flight }
         })
         .collect()
 }

@@ -40,12 +40,19 @@ enum Ended {
 pub struct Counted {
     _conn: ConnGuard,
     shared: Arc<Shared>,
+    /// The request's place under its route's `in_flight_limit`: a tunnel is a
+    /// request in flight until it closes, as in nginx's `limit_conn`.
+    _held: Option<crate::inflight::InFlightSlot>,
 }
 
 impl Counted {
-    pub fn new(conn: ConnGuard, shared: Arc<Shared>) -> Counted {
+    pub fn new(conn: ConnGuard, shared: Arc<Shared>, held: Option<crate::inflight::InFlightSlot>) -> Counted {
         shared.tunnels.fetch_add(1, Ordering::Relaxed);
-        Counted { _conn: conn, shared }
+        Counted {
+            _conn: conn,
+            shared,
+            _held: held,
+        }
     }
 }
 

@@ -2184,6 +2184,137 @@ health_check = {{ type = "none" }}
     stop_proxy(srv).await;
 }
 
+/// A route's `in_flight_limit`: a client with `max` requests open gets 429 for the
+/// next, at once and without the backend seeing it, while another client (or another
+/// route) is served; a place comes back when a response ends, and a WebSocket holds
+/// its place until it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_flight_limit_answers_429_past_each_clients_open_requests() {
+    use tokio::io::AsyncWriteExt;
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(1500))).await;
+    let ws = TestOrigin::start("ws", Behavior::Healthy).await;
+    let toml = format!(
+        r#"
+[server]
+workers = 2
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/slow/"
+pool = "slow"
+in_flight_limit = {{ max = 2 }}
+[[routes]]
+path_prefix = "/ws"
+pool = "ws"
+in_flight_limit = {{ max = 1 }}
+[[routes]]
+pool = "slow"
+[pools.slow]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+[pools.ws]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+"#,
+        slow.addr, ws.addr
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let open: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get_from("127.0.0.1", addr, "/slow/x", "").await.0 }))
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while slow.hits() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two requests never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The third of this client's is refused at once; the backend never sees it.
+    let started = std::time::Instant::now();
+    let (status, head) = get_from("127.0.0.1", addr, "/slow/x", "").await;
+    assert_eq!(status, 429, "{head}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    assert!(head.contains("x-request-id: "), "{head}");
+    assert_eq!(slow.hits(), 2);
+    // A reload that keeps the route keeps its count of what is open.
+    srv.reload(rampart::Config::parse(&toml, "t").unwrap()).unwrap();
+    assert_eq!(get_from("127.0.0.1", addr, "/slow/x", "").await.0, 429);
+    assert_eq!(slow.hits(), 2);
+    // Another client, and another route, are served meanwhile.
+    let other = tokio::spawn(async move { get_from("127.0.0.2", addr, "/slow/x", "").await.0 });
+    let unlimited = tokio::spawn(async move { get_from("127.0.0.1", addr, "/elsewhere", "").await.0 });
+    for h in open {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(other.await.unwrap(), 200);
+    assert_eq!(unlimited.await.unwrap(), 200);
+    // Places come back as responses end (just after the client has the last byte).
+    let mut status = 0;
+    for _ in 0..50 {
+        status = get_from("127.0.0.1", addr, "/slow/x", "").await.0;
+        if status != 429 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200);
+    assert_eq!(metric("rampart_proxy_errors_total{kind=\"in_flight_limited\"}"), "2");
+
+    // A WebSocket is a request in flight until it closes.
+    let mut tunnel = tokio::net::TcpStream::connect(addr).await.unwrap();
+    upgrade_to_websocket(&mut tunnel).await;
+    // (`/ws` itself the origin answers with 101 whatever the request.)
+    let (status, _) = get_from("127.0.0.1", addr, "/wsx", "").await;
+    assert_eq!(status, 429, "a second request while the tunnel is open");
+    tunnel.shutdown().await.unwrap();
+    drop(tunnel);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = get_from("127.0.0.1", addr, "/wsx", "").await.0;
+        if status != 429 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "the tunnel's place came back when it closed");
+    stop_proxy(srv).await;
+}
+
+#[test]
+fn in_flight_limit_errors_name_their_field() {
+    let toml = r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+pool = "app"
+in_flight_limit = { max = 0, key = "ip" }
+[[routes]]
+path_prefix = "/x"
+pool = "app"
+in_flight_limit = { key = "client_ip" }
+[[routes]]
+path_prefix = "/r"
+return = { status = 204 }
+in_flight_limit = { max = 5 }
+[pools.app]
+backends = ["127.0.0.1:1"]
+"#;
+    let e = rampart::Config::parse(toml, "t.toml").unwrap_err().to_string();
+    for want in [
+        "routes[0].in_flight_limit.max: must be between 1 and 1000000, got 0",
+        "routes[0].in_flight_limit.key: expected \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\", got \"ip\"",
+        "routes[1].in_flight_limit: missing field `max`",
+        "routes[2].in_flight_limit: a route with return answers at once",
+    ] {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
+}
+
 #[test]
 fn rate_limit_errors_name_their_field() {
     let toml = r#"
