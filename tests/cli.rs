@@ -3,11 +3,13 @@
 //! bad one is rejected with its reason while the running config stays; SIGUSR2 hands
 //! the listening sockets to a new process without refusing a connection.
 
+mod common;
+
 use std::process::Command;
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("rampart-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+use common::TempDir;
+
+fn write(dir: &TempDir, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
@@ -15,7 +17,9 @@ fn write(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn check_reports_every_error_with_file_and_field_and_exits_1() {
+    let dir = TempDir::new("cli-check");
     let p = write(
+        &dir,
         "bad.toml",
         r#"
 colour = "red"
@@ -65,10 +69,12 @@ fn check_accepts_the_shipped_example_and_minimal_configs() {
 
 #[test]
 fn a_tls_pool_without_ca_trusts_the_system_store_as_ssl_cert_file_names_it() {
+    let dir = TempDir::new("cli-tls-pool");
     let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_string()]).unwrap();
-    let ca_file = write("system-ca.pem", &ca.cert.pem());
-    let empty = write("empty-ca.pem", "");
+    let ca_file = write(&dir, "system-ca.pem", &ca.cert.pem());
+    let empty = write(&dir, "empty-ca.pem", "");
     let conf = write(
+        &dir,
         "tls-pool.toml",
         r#"
 [[listeners]]
@@ -184,8 +190,13 @@ fn request(port: u16, path: &str) -> String {
 
 #[test]
 fn logs_go_to_stderr_without_colour_codes_and_the_access_log_to_stdout() {
+    let dir = TempDir::new("cli-stdout");
     let (port, dead) = (free_port(), free_port());
-    let p = write("stdout.toml", &dead_backend_config(port, dead, "access_log = true"));
+    let p = write(
+        &dir,
+        "stdout.toml",
+        &dead_backend_config(port, dead, "access_log = true"),
+    );
     let child = spawn_listening(&p, port, std::process::Stdio::piped());
     let answer = request(port, "/hello?x=1");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
@@ -213,9 +224,10 @@ fn logs_go_to_stderr_without_colour_codes_and_the_access_log_to_stdout() {
 
 #[test]
 fn sighup_rejects_a_bad_file_with_its_reason_and_installs_a_good_one() {
+    let dir = TempDir::new("cli-reload");
     let (port, dead) = (free_port(), free_port());
-    let p = write("reload.toml", &dead_backend_config(port, dead, ""));
-    let log = write("reload.stderr", "");
+    let p = write(&dir, "reload.toml", &dead_backend_config(port, dead, ""));
+    let log = write(&dir, "reload.stderr", "");
     let child = spawn_listening(&p, port, std::fs::File::create(&log).unwrap().into());
     let outcomes = || {
         let text = std::fs::read_to_string(&log).unwrap();
@@ -269,12 +281,17 @@ fn sighup_rejects_a_bad_file_with_its_reason_and_installs_a_good_one() {
 
 #[test]
 fn a_sighup_sent_as_soon_as_rampart_accepts_reloads_instead_of_killing_it() {
+    let dir = TempDir::new("cli-early");
     // The signal handlers were installed after the listeners, and a SIGHUP in between
     // met the default action: 18 of 20 such starts died. Five starts in a row.
     for round in 0..5 {
         let (port, dead) = (free_port(), free_port());
-        let p = write(&format!("early-{round}.toml"), &dead_backend_config(port, dead, ""));
-        let log = write(&format!("early-{round}.stderr"), "");
+        let p = write(
+            &dir,
+            &format!("early-{round}.toml"),
+            &dead_backend_config(port, dead, ""),
+        );
+        let log = write(&dir, &format!("early-{round}.stderr"), "");
         let mut child = spawn_listening(&p, port, std::fs::File::create(&log).unwrap().into());
         signal(&child, libc::SIGHUP);
         let start = std::time::Instant::now();
@@ -374,13 +391,14 @@ fn notified(socket: &std::os::unix::net::UnixDatagram) -> String {
 
 #[test]
 fn sigusr2_hands_the_sockets_to_a_new_process_without_refusing_a_connection() {
+    let dir = TempDir::new("cli-upgrade");
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let (port, admin, origin) = (free_port(), free_port(), thread_origin());
     // One worker taking one connection at a time before; two workers after, so the
     // new process binds one more socket.
-    let p = write("upgrade.toml", &upgrade_config(port, admin, origin, 1, 1));
-    let log = write("upgrade.stderr", "");
+    let p = write(&dir, "upgrade.toml", &upgrade_config(port, admin, origin, 1, 1));
+    let log = write(&dir, "upgrade.stderr", "");
     let notify_path = log.with_file_name("notify.sock");
     let _ = std::fs::remove_file(&notify_path);
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -456,9 +474,10 @@ fn sigusr2_hands_the_sockets_to_a_new_process_without_refusing_a_connection() {
 
 #[test]
 fn sigusr2_with_a_new_process_that_cannot_start_keeps_the_old_one() {
+    let dir = TempDir::new("cli-upgrade-bad");
     let (port, admin, origin) = (free_port(), free_port(), thread_origin());
-    let p = write("upgrade-bad.toml", &upgrade_config(port, admin, origin, 1, 1000));
-    let log = write("upgrade-bad.stderr", "");
+    let p = write(&dir, "upgrade-bad.toml", &upgrade_config(port, admin, origin, 1, 1000));
+    let log = write(&dir, "upgrade-bad.stderr", "");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
@@ -511,6 +530,7 @@ fn healthy(st: &serde_json::Value, backend: u16) -> bool {
 
 #[test]
 fn an_upgrade_hands_over_which_backends_are_down() {
+    let dir = TempDir::new("cli-upgrade-state");
     let (port, admin, origin, dead) = (free_port(), free_port(), thread_origin(), free_port());
     // Two failed checks 2 s apart mark a backend down: the new process, on its own,
     // would send it traffic for 2 s.
@@ -521,8 +541,8 @@ fn an_upgrade_hands_over_which_backends_are_down() {
         ),
     );
     assert!(config.contains(&dead.to_string()), "{config}");
-    let p = write("upgrade-state.toml", &config);
-    let log = write("upgrade-state.stderr", "");
+    let p = write(&dir, "upgrade-state.toml", &config);
+    let log = write(&dir, "upgrade-state.stderr", "");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());

@@ -1380,8 +1380,7 @@ async fn slowloris_connection_is_closed_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_error_pages_are_served_with_the_request_id() {
-    let dir = std::env::temp_dir().join(format!("rampart-pages-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("pages");
     let page = dir.join("503.html");
     std::fs::write(&page, "<h1>down for a moment</h1><p>ref {request_id}</p>").unwrap();
     let dead = refused_addr().await;

@@ -1519,9 +1519,7 @@ async fn a_backend_at_its_max_in_flight_is_passed_over() {
 async fn admin_states_survive_a_restart_through_the_state_file() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
     let b = TestOrigin::start("b", Behavior::Healthy).await;
-    let dir = std::env::temp_dir().join(format!("rampart-state-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("state");
     let file = dir.join("state.json");
     let toml = with_admin(
         &[a.addr, b.addr],

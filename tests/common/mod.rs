@@ -774,6 +774,14 @@ impl TempDir {
     }
 }
 
+/// So a `TempDir` stands wherever a path does: `dir.join("x")`, `&dir` for `&Path`.
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
