@@ -76,6 +76,10 @@ pub enum Var {
     SslServerName,
     SslClientSDn,
     SslClientVerify,
+    /// The time the value is made, in seconds since the epoch with milliseconds
+    /// (`1733580000.123`), as nginx's `$msec`: `X-Request-Start: t=${msec}` is how
+    /// New Relic, Datadog and Scout measure the time a request queued before the app.
+    Msec,
 }
 
 /// What one message's variables are made from.
@@ -216,6 +220,12 @@ impl Var {
                     let _ = write!(out, "{a}");
                 }
             }
+            Var::Msec => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let _ = write!(out, "{}.{:03}", now.as_secs(), now.subsec_millis());
+            }
             Var::SslProtocol | Var::SslCipher | Var::SslServerName | Var::SslClientSDn | Var::SslClientVerify => {
                 if let Some(t) = vars.tls {
                     out.extend_from_slice(match self {
@@ -247,7 +257,7 @@ fn host_only(host: &[u8]) -> &[u8] {
 }
 
 /// The variables by name, for errors.
-const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $remote_user, $http_NAME, $upstream_addr, $ssl_protocol, $ssl_cipher, $ssl_server_name, $ssl_client_s_dn, $ssl_client_verify";
+const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $remote_user, $http_NAME, $upstream_addr, $ssl_protocol, $ssl_cipher, $ssl_server_name, $ssl_client_s_dn, $ssl_client_verify, $msec";
 
 /// Parses a rule's value: text with `$name` or `${name}` variables, and `$$` for a
 /// literal `$`.
@@ -319,6 +329,7 @@ fn variable(name: &str, dir: Direction) -> Result<Var, String> {
         "ssl_server_name" => Var::SslServerName,
         "ssl_client_s_dn" => Var::SslClientSDn,
         "ssl_client_verify" => Var::SslClientVerify,
+        "msec" => Var::Msec,
         _ => match name.strip_prefix("http_") {
             Some(field) if !field.is_empty() => {
                 let field = field.replace('_', "-").to_ascii_lowercase();
@@ -510,6 +521,28 @@ mod tests {
         let mut h = HeaderMap::new();
         with_vars(|vars| rules.apply(&mut h, vars));
         assert_eq!(h["x-upstream"], "127.0.0.1:9001");
+
+        // `$msec`: now, in seconds with milliseconds, on either side.
+        for dir in [Direction::Request, Direction::Response] {
+            let (rules, errors) = parse_text(r#"{ set = { "X-Request-Start" = "t=${msec}" } }"#, dir);
+            assert!(errors.is_empty(), "{errors:?}");
+            let before = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            let mut h = HeaderMap::new();
+            with_vars(|vars| rules.apply(&mut h, vars));
+            let after = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            let v = h["x-request-start"].to_str().unwrap();
+            let (secs, millis) = v.strip_prefix("t=").unwrap().split_once('.').unwrap();
+            assert_eq!(millis.len(), 3, "{v}");
+            let at = secs.parse::<u64>().unwrap() * 1000 + millis.parse::<u64>().unwrap();
+            assert!(
+                (before.as_millis() as u64..=after.as_millis() as u64).contains(&at),
+                "{v} not between {before:?} and {after:?}"
+            );
+        }
     }
 
     #[test]
