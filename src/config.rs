@@ -149,6 +149,8 @@ pub struct ServerConfig {
     pub compress: Option<Arc<CompressConfig>>,
     /// `trusted_proxies`: whose word on the client's address is taken (`None`: no one's).
     pub real_ip: Option<Arc<RealIp>>,
+    /// `intercept_errors`: what every route without its own setting does.
+    pub intercept_errors: bool,
 }
 
 /// `trusted_proxies` and `client_ip_header`: nginx's `set_real_ip_from`,
@@ -275,6 +277,9 @@ pub struct RouteConfig {
     pub basic_auth: Option<Arc<crate::auth::BasicAuth>>,
     /// `forward_auth`: each request is first put to an auth pool, which lets it pass.
     pub forward_auth: Option<Arc<ForwardAuth>>,
+    /// `intercept_errors`: a backend's response whose status has an `[error_pages]`
+    /// page gets that page in place of its own body (nginx's `proxy_intercept_errors`).
+    pub intercept_errors: bool,
     /// `mirror`: a copy of the route's requests goes to another pool (`mirror.rs`).
     pub mirror: Option<Arc<Mirror>>,
 }
@@ -751,6 +756,7 @@ struct FileServer {
     compress: Option<toml::Value>,
     trusted_proxies: Option<Vec<String>>,
     client_ip_header: Option<String>,
+    intercept_errors: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -818,6 +824,7 @@ struct FileRoute {
     basic_auth: Option<FileBasicAuth>,
     forward_auth: Option<FileForwardAuth>,
     mirror: Option<FileMirror>,
+    intercept_errors: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1267,6 +1274,15 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         Some(_) => errs.push("pools", "must be a table of pools ([pools.NAME])"),
     }
 
+    // Before the routes, which check `intercept_errors` against it.
+    let error_pages = validate_error_pages(table, base, errs);
+    if server.as_ref().is_some_and(|s| s.intercept_errors) && error_pages.is_empty() {
+        errs.push(
+            "server.intercept_errors",
+            "has nothing to put in place of a backend's page: add [error_pages]",
+        );
+    }
+
     let mut routes = Vec::new();
     let route_items = array_items(table, "routes", errs);
     if route_items.is_empty() && !table.contains_key("routes") {
@@ -1504,6 +1520,24 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 );
             }
         }
+        let intercept_errors = match raw.intercept_errors {
+            Some(true) if raw.direct.is_some() => {
+                errs.push(
+                    format!("{path}.intercept_errors"),
+                    "a route with return sends its own answer: there is no backend's page to replace",
+                );
+                false
+            }
+            Some(true) if error_pages.is_empty() => {
+                errs.push(
+                    format!("{path}.intercept_errors"),
+                    "has nothing to put in place of a backend's page: add [error_pages]",
+                );
+                false
+            }
+            Some(set) => set,
+            None => raw.direct.is_none() && server.as_ref().is_some_and(|s| s.intercept_errors),
+        };
         if raw.split_key.is_some() && raw.pools.is_none() {
             errs.push(format!("{path}.split_key"), "has no effect without pools");
         }
@@ -1529,6 +1563,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 basic_auth,
                 forward_auth,
                 mirror,
+                intercept_errors,
             });
         }
     }
@@ -1543,8 +1578,6 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             );
         }
     }
-
-    let error_pages = validate_error_pages(table, base, errs);
 
     Some(Config {
         path: None,
@@ -1655,6 +1688,7 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
             .as_ref()
             .and_then(|v| validate_compress(v, "server.compress", errs)),
         real_ip: validate_real_ip(raw.trusted_proxies.as_deref(), raw.client_ip_header.as_deref(), errs),
+        intercept_errors: raw.intercept_errors.unwrap_or(false),
     })
 }
 

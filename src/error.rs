@@ -303,6 +303,39 @@ impl ProxyError {
 /// health checks restore capacity within seconds.
 pub const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
 
+/// A custom page's body: `{request_id}` in it is replaced (the page is read at load
+/// time).
+fn page_body(page: &ErrorPage, id: &str) -> Bytes {
+    let text = String::from_utf8_lossy(&page.body);
+    if text.contains("{request_id}") {
+        Bytes::from(text.replace("{request_id}", id))
+    } else {
+        page.body.clone()
+    }
+}
+
+/// A backend's response with its body replaced by the route's error page for its
+/// status (`intercept_errors`, as nginx's `proxy_intercept_errors`): the status stays;
+/// of the backend's fields only those a client needs to act on the status stay
+/// (`Retry-After`, `WWW-Authenticate`, `Allow`), so no stack trace, server banner or
+/// cookie of a failing backend reaches the client. The backend's body is dropped.
+#[cold]
+pub fn intercepted<B: From<Bytes>>(backend: Response<B>, page: &ErrorPage, request_id: &HeaderValue) -> Response<B> {
+    let id = request_id.to_str().unwrap_or("-");
+    let (parts, _) = backend.into_parts();
+    let mut resp = Response::new(B::from(page_body(page, id)));
+    *resp.status_mut() = parts.status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(page.content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::ALLOW] {
+        for v in parts.headers.get_all(&name) {
+            h.append(name.clone(), v.clone());
+        }
+    }
+    resp
+}
+
 /// Builds the error response: a custom page when configured, otherwise a small text page.
 /// Both carry the request id, in the body and in `x-request-id`.
 pub fn error_response<B: From<Bytes>>(
@@ -313,16 +346,7 @@ pub fn error_response<B: From<Bytes>>(
     let status = err.status();
     let id = request_id.to_str().unwrap_or("-");
     let (content_type, body) = match custom {
-        Some(page) => {
-            // `{request_id}` in a custom page is replaced; the page is read at load time.
-            let text = String::from_utf8_lossy(&page.body);
-            let body = if text.contains("{request_id}") {
-                Bytes::from(text.replace("{request_id}", id))
-            } else {
-                page.body.clone()
-            };
-            (page.content_type, body)
-        }
+        Some(page) => (page.content_type, page_body(page, id)),
         None => (
             "text/plain; charset=utf-8",
             Bytes::from(format!(

@@ -410,6 +410,10 @@ pub fn handle(
             };
             backend = Some(addr);
             backend_fields = fields;
+            // Error pages are 400-599: a success costs one comparison here.
+            if response.status().as_u16() >= 400 {
+                intercept_error(&snap, route_idx, &mut response, &mut backend_fields, &request_id);
+            }
             if let (Some(want), Some(cfg)) = (p.compress, route_idx.and_then(|i| snap.routes[i].compress.as_ref())) {
                 crate::compress::apply(cfg, want, &method, &mut response, &pool.metrics.compression);
             }
@@ -493,6 +497,26 @@ pub fn handle(
             raw: backend_fields,
             request_id,
         }
+    }
+}
+
+/// `intercept_errors`: the route's error page in place of the backend's, when the
+/// route asks for it and `[error_pages]` has one for the status.
+#[inline(never)]
+fn intercept_error(
+    snap: &Snapshot,
+    route_idx: Option<usize>,
+    response: &mut Response<RespBody>,
+    backend_fields: &mut Option<RawFields>,
+    request_id: &HeaderValue,
+) {
+    if !route_idx.is_some_and(|i| snap.routes[i].intercept_errors) {
+        return;
+    }
+    if let Some(page) = snap.config.error_pages.get(&response.status().as_u16()) {
+        let backend = std::mem::replace(response, Response::new(RespBody::empty()));
+        *response = crate::error::intercepted(backend, page, request_id);
+        *backend_fields = None;
     }
 }
 
@@ -786,11 +810,13 @@ fn prepare<'a>(
         added: AddedFields::default(),
         // Response rules, and a `Location` to map back, need
         // the backend's fields as a map, and so does compression (which may add
-        // `Vary` whether or not it compresses).
+        // `Vary` whether or not it compresses), and so do intercepted errors (which
+        // keep a few of them).
         raw_response: h1_writer
             && route.response_headers.is_none()
             && !route.rewrite_location
-            && route.compress.is_none(),
+            && route.compress.is_none()
+            && !route.intercept_errors,
     };
     let location_host = match (route.rewrite_location, host) {
         (true, Some(h)) => Some(Box::from(h)),

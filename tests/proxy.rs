@@ -1398,6 +1398,138 @@ async fn custom_error_pages_are_served_with_the_request_id() {
     assert_eq!(r.text(), format!("<h1>down for a moment</h1><p>ref {rid}</p>"));
 }
 
+/// `intercept_errors`: a backend's error whose status has an `[error_pages]` page gets
+/// that page in place of its own (no stack trace, banner or cookie of the failing
+/// backend reaches the client), keeping the status and the fields a client acts on;
+/// statuses without a page, and routes without the setting, pass as the backend wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercept_errors_puts_the_error_page_in_place_of_the_backends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = origin.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                let (status, extra, body) = match path.rsplit('/').next().unwrap_or("") {
+                    "boom" => (
+                        "500 Internal Server Error",
+                        "Server: Werkzeug/2.0.1\r\nSet-Cookie: debug=1\r\nX-Debug-Trace: app.py:42\r\n",
+                        "Traceback (most recent call last): secret",
+                    ),
+                    "auth" => (
+                        "401 Unauthorized",
+                        "WWW-Authenticate: Bearer realm=\"api\"\r\n",
+                        "no token",
+                    ),
+                    "busy" => ("503 Service Unavailable", "Retry-After: 30\r\n", "app busy"),
+                    "missing" => ("404 Not Found", "", "the app's own 404"),
+                    _ => ("200 OK", "", "fine"),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let dir = TempDir::new("intercept");
+    for (status, text) in [
+        ("500", "<h1>sorry</h1><p>ref {request_id}</p>"),
+        ("401", "<h1>sign in</h1>"),
+        ("503", "<h1>busy</h1>"),
+    ] {
+        std::fs::write(dir.join(format!("{status}.html")), text).unwrap();
+    }
+    let toml = format!(
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+pool = "app"
+intercept_errors = true
+[[routes]]
+path_prefix = "/raw/"
+pool = "app"
+[pools.app]
+backends = ["{origin_addr}"]
+health_check = {{ type = "none" }}
+retry = {{ on_status = [] }}
+[error_pages]
+"500" = "{d}/500.html"
+"401" = "{d}/401.html"
+"503" = "{d}/503.html"
+"#,
+        d = dir.display()
+    );
+    let (srv, addr) = start_proxy(&toml);
+
+    let r = get(addr, "/boom").await;
+    assert_eq!(r.status, 500);
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.text(), format!("<h1>sorry</h1><p>ref {rid}</p>"));
+    assert_eq!(r.headers["content-type"], "text/html; charset=utf-8");
+    for leak in ["server", "set-cookie", "x-debug-trace"] {
+        assert!(r.headers.get(leak).is_none(), "{leak} passed: {:?}", r.headers);
+    }
+    let r = get(addr, "/auth").await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (401, "<h1>sign in</h1>"));
+    assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"api\"");
+    let r = get(addr, "/busy").await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (503, "<h1>busy</h1>"));
+    assert_eq!(r.headers["retry-after"], "30", "the backend's Retry-After stays");
+    // No page for 404, nothing for 200: as the backend wrote them.
+    let r = get(addr, "/missing").await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (404, "the app's own 404"));
+    assert_eq!(get(addr, "/fine").await.text(), "fine");
+    // A route without the setting passes the backend's page.
+    let r = get(addr, "/raw/boom").await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (500, "Traceback (most recent call last): secret")
+    );
+    assert_eq!(r.headers["x-debug-trace"], "app.py:42");
+    stop_proxy(srv).await;
+}
+
+#[test]
+fn intercept_errors_needs_error_pages_and_a_backend() {
+    let toml = r#"
+[server]
+intercept_errors = true
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+pool = "app"
+intercept_errors = true
+[[routes]]
+path_prefix = "/r"
+return = { status = 204 }
+intercept_errors = true
+[pools.app]
+backends = ["127.0.0.1:1"]
+"#;
+    let e = rampart::Config::parse(toml, "t.toml").unwrap_err().to_string();
+    for want in [
+        "server.intercept_errors: has nothing to put in place of a backend's page: add [error_pages]",
+        "routes[0].intercept_errors: has nothing to put in place of a backend's page: add [error_pages]",
+        "routes[1].intercept_errors: a route with return sends its own answer",
+    ] {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_the_request_in_flight() {
     let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(700))).await;
