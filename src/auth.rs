@@ -84,6 +84,7 @@ impl BasicAuth {
     /// Reads the user file `full` (shown as `shown` in messages); each problem is a
     /// line of the file, by number, never the hash itself.
     pub fn load(realm: &str, full: &Path, shown: &Path) -> Result<BasicAuth, Vec<String>> {
+        crate::config::note_input(full);
         let text = std::fs::read(full).map_err(|e| vec![format!("cannot read {}: {e}", full.display())])?;
         let mut users: HashMap<Box<[u8]>, Stored> = HashMap::new();
         let mut first_line: HashMap<Box<[u8]>, usize> = HashMap::new();

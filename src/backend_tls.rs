@@ -174,6 +174,7 @@ pub fn server_name(written: &str, server_name: Option<&str>) -> Result<ServerNam
 
 /// A PEM bundle of CA certificates (a pool's `ca`, a listener's `client_ca`).
 pub fn load_roots_file(path: &Path) -> Result<RootCertStore, String> {
+    crate::config::note_input(path);
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| format!("{}: {}", path.display(), crate::tls::pem_error(e)))?;

@@ -125,6 +125,24 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Custom error pages by status code.
     pub error_pages: HashMap<u16, ErrorPage>,
+    /// Every other file the config named and loading read (certificates, keys, CA
+    /// bundles, user files, error pages): what `watch_config` watches besides `path`.
+    pub inputs: Vec<PathBuf>,
+}
+
+thread_local! {
+    /// The files read while a config loads on this thread (`Config::inputs`).
+    static INPUTS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Notes a file a config being loaded reads, for `Config::inputs`.
+pub fn note_input(path: &Path) {
+    INPUTS.with(|i| {
+        let mut i = i.borrow_mut();
+        if !i.iter().any(|p| p == path) {
+            i.push(path.to_path_buf());
+        }
+    });
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +169,8 @@ pub struct ServerConfig {
     pub real_ip: Option<Arc<RealIp>>,
     /// `intercept_errors`: what every route without its own setting does.
     pub intercept_errors: bool,
+    /// `watch_config`: reload when the config file, or a file it names, changes.
+    pub watch_config: bool,
 }
 
 /// `trusted_proxies` and `client_ip_header`: nginx's `set_real_ip_from`,
@@ -757,6 +777,7 @@ struct FileServer {
     trusted_proxies: Option<Vec<String>>,
     client_ip_header: Option<String>,
     intercept_errors: Option<bool>,
+    watch_config: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1013,8 +1034,12 @@ impl Config {
             }],
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut cfg = Config::parse_with_base(&text, &file, &base)?;
+        INPUTS.with(|i| i.borrow_mut().clear());
+        let cfg = Config::parse_with_base(&text, &file, &base);
+        let inputs = INPUTS.with(|i| std::mem::take(&mut *i.borrow_mut()));
+        let mut cfg = cfg?;
         cfg.path = Some(path.to_path_buf());
+        cfg.inputs = inputs;
         Ok(cfg)
     }
 
@@ -1587,6 +1612,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         routes,
         pools,
         error_pages,
+        inputs: Vec::new(),
     })
 }
 
@@ -1689,6 +1715,7 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
             .and_then(|v| validate_compress(v, "server.compress", errs)),
         real_ip: validate_real_ip(raw.trusted_proxies.as_deref(), raw.client_ip_header.as_deref(), errs),
         intercept_errors: raw.intercept_errors.unwrap_or(false),
+        watch_config: raw.watch_config.unwrap_or(false),
     })
 }
 
@@ -2835,6 +2862,7 @@ fn validate_error_pages(table: &toml::Table, base: &Path, errs: &mut Errors) -> 
             continue;
         };
         let full = base.join(file);
+        note_input(&full);
         match std::fs::read(&full) {
             Ok(body) => {
                 let content_type = match full.extension().and_then(|e| e.to_str()) {

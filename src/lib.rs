@@ -23,6 +23,7 @@ pub mod demo;
 pub mod dns;
 pub mod dormant;
 pub mod error;
+pub mod filewatch;
 pub mod forward;
 pub mod h1;
 pub mod h2up;

@@ -177,6 +177,10 @@ fn run(config: Config, path: Option<PathBuf>, mut inherited: rampart::upgrade::I
         )
     };
     let server = Server::start_with(config, &mut inherited).context("startup failed")?;
+    let mut watcher = None;
+    if path.is_some() {
+        sync_watch(&mut watcher, &server);
+    }
     // Serving: tell systemd, and the process we take over from, if any.
     inherited.serving();
     drop(inherited);
@@ -199,9 +203,23 @@ fn run(config: Config, path: Option<PathBuf>, mut inherited: rampart::upgrade::I
                             metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
                             tracing::error!("reload rejected, keeping the running config:\n{e}");
                         }
+                        sync_watch(&mut watcher, &server);
                     }
                     None => tracing::warn!("SIGHUP ignored: no config file"),
                 },
+                _ = async { match watcher.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                } } => {
+                    if let Some(p) = &path {
+                        tracing::info!("a watched file changed: reloading {}", p.display());
+                        if let Err(e) = reload(&server, p) {
+                            metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
+                            tracing::error!("reload rejected, keeping the running config:\n{e}");
+                        }
+                        sync_watch(&mut watcher, &server);
+                    }
+                }
                 _ = usr1.recv() => match server.reopen_logs() {
                     Ok(()) => tracing::info!("access log reopened"),
                     Err(e) => tracing::error!(error = %e, "cannot reopen the access log; still writing to the old file"),
@@ -239,6 +257,39 @@ fn run(config: Config, path: Option<PathBuf>, mut inherited: rampart::upgrade::I
     server.join();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts, follows or stops the watch on the config's files (`watch_config`), as the
+/// running config says: after start and after every reload, taken or not (a rejected
+/// file leaves the running config, and its files, as they were).
+fn sync_watch(watcher: &mut Option<rampart::filewatch::Watcher>, server: &Server) {
+    let config = server.shared().snapshot.load().config.clone();
+    if !config.server.watch_config {
+        if watcher.take().is_some() {
+            tracing::info!("watch_config is off: no longer watching the config's files");
+        }
+        return;
+    }
+    let before = watcher.as_ref().map(|w| w.dirs().to_vec());
+    let result = match watcher {
+        Some(w) => w.follow(&config),
+        None => rampart::filewatch::Watcher::start(&config).map(|w| {
+            *watcher = Some(w);
+        }),
+    };
+    match (result, watcher.as_ref()) {
+        // Said when the watch starts, and when a reload moves it.
+        (Ok(()), Some(w)) if before.as_deref() != Some(w.dirs()) => tracing::info!(
+            "watch_config: reloading when a file in {} changes",
+            w.dirs()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        (Ok(()), _) => {}
+        (Err(e), _) => tracing::error!("watch_config: {e}; reload with SIGHUP"),
+    }
 }
 
 /// How long a new process has to load its config and serve before it is stopped and

@@ -170,6 +170,8 @@ impl rustls::crypto::hmac::Key for HmacKey {
 /// Reads one certificate chain and its key, checks that they belong together, and
 /// returns them with what the leaf says of itself. Errors say which file and why.
 pub fn load_certificate(files: CertFiles, provider: &CryptoProvider) -> Result<(CertifiedKey, Certificate), String> {
+    crate::config::note_input(&files.cert);
+    crate::config::note_input(&files.key);
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|e| format!("{}: {}", files.cert.display(), pem_error(e)))?;

@@ -279,6 +279,89 @@ fn sighup_rejects_a_bad_file_with_its_reason_and_installs_a_good_one() {
     assert_eq!(stderr.matches("config reloaded").count(), 1, "{stderr}");
 }
 
+/// `watch_config`: a change to the config file, or to a file it names, reloads with no
+/// signal; a bad edit is rejected and the running config stays; a file replaced by a
+/// rename (as editors and Kubernetes do) counts; rewriting a file with the same
+/// content does not reload.
+#[test]
+fn watch_config_reloads_when_the_file_or_a_file_it_names_changes() {
+    let dir = TempDir::new("cli-watch");
+    let (port, dead) = (free_port(), free_port());
+    let config = |page: &str| {
+        format!(
+            "{}\n[error_pages]\n\"503\" = \"{page}\"\n",
+            dead_backend_config(port, dead, "watch_config = true")
+        )
+    };
+    write(&dir, "503.html", "<p>first</p>");
+    let p = write(&dir, "watch.toml", &config("503.html"));
+    let log = write(&dir, "watch.stderr", "");
+    let child = spawn_listening(&p, port, std::fs::File::create(&log).unwrap().into());
+    let logged = |what: &str| std::fs::read_to_string(&log).unwrap().matches(what).count();
+    let serves = |want: &str| {
+        let start = std::time::Instant::now();
+        loop {
+            let answer = request(port, "/");
+            if answer.contains(want) {
+                return;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "never served {want:?}; last answer:\n{answer}\nlog:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let until_logged = |what: &str, n: usize| {
+        let start = std::time::Instant::now();
+        while logged(what) < n {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "{what:?} not logged {n} times:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    serves("<p>first</p>");
+    // Said once the watch is on; only then do changes count.
+    until_logged("watch_config: reloading when a file in", 1);
+    // A file the config names.
+    std::fs::write(dir.join("503.html"), "<p>second</p>").unwrap();
+    serves("<p>second</p>");
+    assert_eq!(logged("config reloaded"), 1);
+    // A bad edit: rejected, and the running config stays.
+    std::fs::write(&p, "[server]\ncolour = 1\n").unwrap();
+    let start = std::time::Instant::now();
+    while logged("reload rejected") == 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no rejection logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(request(port, "/").contains("<p>second</p>"));
+    // Fixed by a rename over the file, naming a new page.
+    write(&dir, "other.html", "<p>third</p>");
+    let tmp = write(&dir, "watch.toml.tmp", &config("other.html"));
+    std::fs::rename(&tmp, &p).unwrap();
+    serves("<p>third</p>");
+    assert_eq!(logged("config reloaded"), 2);
+    // The same content written again: events, but no reload.
+    std::fs::write(&p, config("other.html")).unwrap();
+    std::thread::sleep(rampart::filewatch::QUIET * 3);
+    assert_eq!(
+        logged("config reloaded"),
+        2,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    signal(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
 #[test]
 fn a_sighup_sent_as_soon_as_rampart_accepts_reloads_instead_of_killing_it() {
     let dir = TempDir::new("cli-early");
