@@ -76,6 +76,9 @@ pub enum Var {
     SslServerName,
     SslClientSDn,
     SslClientVerify,
+    /// The port the client connected to, as nginx's `$server_port`:
+    /// `X-Forwarded-Port` for apps that build absolute URLs.
+    ServerPort,
     /// The time the value is made, in seconds since the epoch with milliseconds
     /// (`1733580000.123`), as nginx's `$msec`: `X-Request-Start: t=${msec}` is how
     /// New Relic, Datadog and Scout measure the time a request queued before the app.
@@ -86,6 +89,8 @@ pub enum Var {
 pub struct Vars<'a> {
     pub remote_ip: &'a HeaderValue,
     pub remote_port: u16,
+    /// The port the client connected to.
+    pub server_port: u16,
     pub scheme: &'a HeaderValue,
     pub method: &'a Method,
     pub request_id: &'a HeaderValue,
@@ -220,6 +225,9 @@ impl Var {
                     let _ = write!(out, "{a}");
                 }
             }
+            Var::ServerPort => {
+                let _ = write!(out, "{}", vars.server_port);
+            }
             Var::Msec => {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -257,7 +265,7 @@ fn host_only(host: &[u8]) -> &[u8] {
 }
 
 /// The variables by name, for errors.
-const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $remote_user, $http_NAME, $upstream_addr, $ssl_protocol, $ssl_cipher, $ssl_server_name, $ssl_client_s_dn, $ssl_client_verify, $msec";
+const VARIABLES: &str = "$remote_addr, $remote_port, $scheme, $host, $request_uri, $request_method, $request_id, $remote_user, $http_NAME, $upstream_addr, $ssl_protocol, $ssl_cipher, $ssl_server_name, $ssl_client_s_dn, $ssl_client_verify, $server_port, $msec";
 
 /// Parses a rule's value: text with `$name` or `${name}` variables, and `$$` for a
 /// literal `$`.
@@ -330,6 +338,7 @@ fn variable(name: &str, dir: Direction) -> Result<Var, String> {
         "ssl_client_s_dn" => Var::SslClientSDn,
         "ssl_client_verify" => Var::SslClientVerify,
         "msec" => Var::Msec,
+        "server_port" => Var::ServerPort,
         _ => match name.strip_prefix("http_") {
             Some(field) if !field.is_empty() => {
                 let field = field.replace('_', "-").to_ascii_lowercase();
@@ -481,6 +490,7 @@ mod tests {
         f(&Vars {
             remote_ip: &ip,
             remote_port: 5555,
+            server_port: 8443,
             scheme: &scheme,
             method: &Method::PUT,
             request_id: &id,
@@ -495,7 +505,7 @@ mod tests {
     #[test]
     fn variables_are_filled_per_message() {
         let (rules, errors) = parse_text(
-            r#"{ set = { "X-Real-IP" = "$remote_addr", "X-Who" = "${remote_addr}:$remote_port via $scheme", "X-Target" = "$request_method $host$request_uri", "X-Copy" = "[$http_x_tag]", "X-Id" = "$request_id", "X-Gone" = "$http_x_absent", "X-Cost" = "$$5" }, add = { "X-Tag" = "$http_x_absent" } }"#,
+            r#"{ set = { "X-Real-IP" = "$remote_addr", "X-Who" = "${remote_addr}:$remote_port via $scheme to $server_port", "X-Target" = "$request_method $host$request_uri", "X-Copy" = "[$http_x_tag]", "X-Id" = "$request_id", "X-Gone" = "$http_x_absent", "X-Cost" = "$$5" }, add = { "X-Tag" = "$http_x_absent" } }"#,
             Direction::Request,
         );
         assert!(errors.is_empty(), "{errors:?}");
@@ -506,7 +516,7 @@ mod tests {
         with_vars(|vars| rules.apply(&mut h, vars));
         let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string());
         assert_eq!(get("x-real-ip").as_deref(), Some("10.1.2.3"));
-        assert_eq!(get("x-who").as_deref(), Some("10.1.2.3:5555 via https"));
+        assert_eq!(get("x-who").as_deref(), Some("10.1.2.3:5555 via https to 8443"));
         assert_eq!(get("x-target").as_deref(), Some("PUT app.example/a/b?c=1"));
         // `$http_NAME` reads the fields before the rules change them.
         assert_eq!(get("x-copy").as_deref(), Some("[a, b]"));

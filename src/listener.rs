@@ -374,6 +374,8 @@ pub async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let tracker = &ctx.tracker;
+    // `$server_port`: the port bound, which a `:0` in the config does not say.
+    let port = listener.local_addr().map_or(cfg.bind.port(), |a| a.port());
     loop {
         if tracker.active() >= ctx.http_builder().max_connections {
             // At the cap: wait for a slot, or for a reload that may raise the cap
@@ -410,6 +412,7 @@ pub async fn accept_loop(
                     guard,
                     cfg.proxy_protocol,
                     tls,
+                    port,
                 )));
             }
             Err(e) => {
@@ -438,6 +441,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A client connection's task. Its own state is what an idle keep-alive connection
 /// costs, so everything busy (hyper's connection, h2) is boxed and awaited.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     ctx: Rc<WorkerCtx>,
     builder: Rc<HttpBuilder>,
@@ -446,6 +450,7 @@ async fn serve(
     guard: ConnGuard,
     proxy_protocol: bool,
     tls: Option<Arc<TlsSettings>>,
+    port: u16,
 ) {
     if proxy_protocol {
         // Boxed: its buffer must not size every connection's task.
@@ -462,21 +467,24 @@ async fn serve(
         return;
     };
     if let Some(tls) = tls {
-        return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls)).await;
+        return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls, port)).await;
     }
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     if H2_PREFACE.starts_with(&head[..n]) {
         let io = ClientIo::Plain(crate::netio::Gather::new(stream, builder.waits.send));
-        return boxed(|| serve_h2(ctx, &builder, io, ConnInfo::new(peer, false), tracker)).await;
+        return boxed(|| serve_h2(ctx, &builder, io, ConnInfo::new(peer, false).on_port(port), tracker)).await;
     }
-    serve_h1(ctx, builder, stream, peer, guard).await
+    serve_h1(ctx, builder, stream, peer, guard, port).await
 }
 
 /// Serves a connection that was dormant (`dormant::Dormant`) and has bytes again.
 pub fn resume(ctx: Rc<WorkerCtx>, w: crate::dormant::Woken) {
     let builder = ctx.http_builder();
+    // The port from the socket: a dormant slot does not keep it, and a wake is rare
+    // next to the requests it serves.
+    let port = w.stream.local_addr().map_or(0, |a| a.port());
     tokio::task::spawn_local(crate::clock::Polled::new(serve_h1(
-        ctx, builder, w.stream, w.peer, w.guard,
+        ctx, builder, w.stream, w.peer, w.guard, port,
     )));
 }
 
@@ -489,10 +497,11 @@ async fn serve_h1(
     mut stream: TcpStream,
     peer: SocketAddr,
     guard: ConnGuard,
+    port: u16,
 ) {
     let tracker = guard.tracker();
     let dormant = ctx.dormant.clone();
-    let (svc, state) = Svc::h1(ctx, ConnInfo::new(peer, false));
+    let (svc, state) = Svc::h1(ctx, ConnInfo::new(peer, false).on_port(port));
     let keepalive = builder.waits.after_park();
     let mut replay = Bytes::new();
     loop {
@@ -533,6 +542,7 @@ async fn serve_h1(
 /// A TLS connection whose first bytes arrived: the handshake, under
 /// `client_header_timeout` (nginx's default for it too), then HTTP/2 if ALPN chose
 /// it and HTTP/1.1 otherwise, both on hyper.
+#[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     ctx: Rc<WorkerCtx>,
     builder: &HttpBuilder,
@@ -541,6 +551,7 @@ async fn serve_tls(
     peer: SocketAddr,
     tracker: &ConnTracker,
     tls: Arc<TlsSettings>,
+    port: u16,
 ) {
     if first != crate::tls::HANDSHAKE_RECORD {
         return plain_http_to_tls(stream, peer, builder.waits.send).await;
@@ -578,6 +589,7 @@ async fn serve_tls(
     drop(tls);
     let facts = crate::tls::TlsFacts::of(stream.get_ref().1);
     let info = ConnInfo::new(peer, true)
+        .on_port(port)
         .with_client_cert(client_cert)
         .with_tls_facts(facts);
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());

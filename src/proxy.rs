@@ -86,6 +86,8 @@ pub struct ConnInfo {
     /// Set for HTTP/1.1 connections served through `idle::ParkIo`, whose upgrades
     /// are completed by hand.
     pub park: Option<Rc<ParkState>>,
+    /// The port the connection came in on (`$server_port`).
+    pub local_port: u16,
 }
 
 impl ConnInfo {
@@ -99,7 +101,13 @@ impl ConnInfo {
             client_cert: None,
             tls_facts: None,
             park: None,
+            local_port: 0,
         }
+    }
+
+    pub fn on_port(mut self, port: u16) -> ConnInfo {
+        self.local_port = port;
+        self
     }
 
     /// The header rules' variables that come from the connection and the request.
@@ -107,6 +115,7 @@ impl ConnInfo {
         Vars {
             remote_ip: &self.peer_ip,
             remote_port: self.peer.port(),
+            server_port: self.local_port,
             scheme: &self.proto,
             method,
             request_id,
@@ -145,6 +154,7 @@ impl ConnInfo {
             client_cert: self.client_cert.clone(),
             tls_facts: self.tls_facts.clone(),
             park: self.park.clone(),
+            local_port: self.local_port,
         }
     }
 }

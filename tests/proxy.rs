@@ -378,7 +378,7 @@ async fn a_routes_header_rules_change_requests_and_every_response_over_http1_and
 /// Values made per request from variables, as nginx's `proxy_set_header X-Real-IP
 /// $remote_addr` and `add_header X-Upstream $upstream_addr`.
 const VARIABLE_RULES: &str = r#"
-request_headers = { set = { "X-Real-IP" = "$remote_addr", "X-Client" = "$remote_addr:$remote_port", "X-Original-URL" = "$scheme://$host$request_uri", "X-UA" = "[$http_user_agent]", "X-Seen-For" = "$http_x_forwarded_for", "X-Absent" = "$http_x_nothing" } }
+request_headers = { set = { "X-Real-IP" = "$remote_addr", "X-Client" = "$remote_addr:$remote_port", "X-Original-URL" = "$scheme://$host$request_uri", "X-UA" = "[$http_user_agent]", "X-Seen-For" = "$http_x_forwarded_for", "X-Absent" = "$http_x_nothing", "X-Forwarded-Port" = "$server_port" } }
 response_headers = { set = { "X-Upstream" = "$upstream_addr" }, add = { "X-Trace" = "$request_method $request_id" } }
 "#;
 
@@ -416,6 +416,11 @@ async fn header_rule_variables_are_filled_per_request_over_http1_and_h2() {
         let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
         let got = |n: &str| seen.get(n).map(|v| v.to_str().unwrap().to_string());
         assert_eq!(got("x-real-ip").as_deref(), Some("127.0.0.1"), "{proto}: {seen:?}");
+        assert_eq!(
+            got("x-forwarded-port"),
+            Some(addr.port().to_string()),
+            "{proto}: {seen:?}"
+        );
         let client = got("x-client").unwrap_or_default();
         let port = client.strip_prefix("127.0.0.1:").map(str::parse::<u16>);
         assert!(matches!(port, Some(Ok(p)) if p > 0), "{proto}: {client:?}");
