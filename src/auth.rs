@@ -424,12 +424,21 @@ pub fn forward_auth_head(fa: &ForwardAuth, head: &UpHead, target: &str) -> UpHea
 
 /// What the auth pool said.
 pub enum Verdict {
-    /// A 2xx: the request goes on, with these of the answer's fields (`None`: the
-    /// answer had none, so the client's own is removed, which it could have forged).
-    Pass(Vec<(HeaderName, Option<HeaderValue>)>),
+    /// A 2xx: the request goes on.
+    Pass(Box<Passed>),
     /// Anything else (401, a redirect to a sign-in page, 403, 5xx): the client gets
     /// it, from this pool.
     Answer(usize, Box<Forwarded>),
+}
+
+/// What a 2xx from the auth pool hands on.
+pub struct Passed {
+    /// The answer's fields the route names, for the backend (`None`: the answer had
+    /// none, so the client's own is removed, which it could have forged).
+    pub fields: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// The answer's `Set-Cookie` fields for the cookies the route names, for the
+    /// client: a session the auth service refreshed.
+    pub cookies: Vec<HeaderValue>,
 }
 
 /// Asks the auth pool of the route `route` about a request, through the pool's own
@@ -456,17 +465,43 @@ pub async fn forward_auth(
     if !answer.response.status().is_success() {
         return Ok(Verdict::Answer(fa.pool, Box::new(answer)));
     }
+    let headers = answer.response.headers();
     let fields = fa
         .response_headers
         .iter()
-        .map(|name| (name.clone(), answer.response.headers().get(name).cloned()))
+        .map(|name| (name.clone(), headers.get(name).cloned()))
         .collect();
-    Ok(Verdict::Pass(fields))
+    let cookies = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| fa.response_cookies.iter().any(|n| sets_cookie(v.as_bytes(), n)))
+        .cloned()
+        .collect();
+    Ok(Verdict::Pass(Box::new(Passed { fields, cookies })))
+}
+
+/// Whether a `Set-Cookie` value sets the cookie `name` (`name=...`, the name as
+/// written, spaces around it allowed).
+fn sets_cookie(value: &[u8], name: &str) -> bool {
+    let pair = value.split(|&b| b == b';').next().unwrap_or_default();
+    match pair.iter().position(|&b| b == b'=') {
+        Some(eq) => pair[..eq].trim_ascii() == name.as_bytes(),
+        None => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_cookie_values_are_told_apart_by_name() {
+        assert!(sets_cookie(b"_oauth2_proxy=abc; Path=/; HttpOnly", "_oauth2_proxy"));
+        assert!(sets_cookie(b" _oauth2_proxy =abc", "_oauth2_proxy"));
+        assert!(!sets_cookie(b"_oauth2_proxy_csrf=x; Path=/", "_oauth2_proxy"));
+        assert!(!sets_cookie(b"other=x; _oauth2_proxy=y", "_oauth2_proxy"));
+        assert!(!sets_cookie(b"no-equals-sign", "no-equals-sign"));
+    }
 
     fn file(lines: &str) -> Result<BasicAuth, Vec<String>> {
         static FILES: AtomicU64 = AtomicU64::new(0);

@@ -323,6 +323,9 @@ pub struct ForwardAuth {
     pub path: http::uri::PathAndQuery,
     /// Fields of a 2xx answer that go on to the backend, replacing the client's.
     pub response_headers: Vec<http::HeaderName>,
+    /// Cookies a 2xx answer sets (a refreshed session) that go on to the client with
+    /// the response, by name (Traefik's `addAuthCookiesToResponse`).
+    pub response_cookies: Vec<String>,
 }
 
 pub use crate::compress::CompressConfig;
@@ -862,6 +865,8 @@ struct FileForwardAuth {
     path: String,
     #[serde(default)]
     auth_response_headers: Vec<String>,
+    #[serde(default)]
+    auth_response_cookies: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1491,10 +1496,24 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                     ),
                 }
             }
+            for name in &fa.auth_response_cookies {
+                // RFC 6265 §4.1.1: a cookie name is a token.
+                let token = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+                if !token {
+                    errs.push(
+                        format!("{at}.auth_response_cookies"),
+                        format!("not a cookie name: {name:?}"),
+                    );
+                }
+            }
             Some(Arc::new(ForwardAuth {
                 pool: pool?,
                 path: auth_path?,
                 response_headers,
+                response_cookies: fa.auth_response_cookies.clone(),
             }))
         });
         let mirror = raw.mirror.as_ref().and_then(|m| {

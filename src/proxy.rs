@@ -340,6 +340,9 @@ pub fn handle(
         // A `forward_auth` route's question to its auth pool (an out-parameter of
         // `prepare`, as `route_idx` is).
         let mut auth = None;
+        // Cookies the auth service set on its 2xx, for the client (`forward_auth`'s
+        // `auth_response_cookies`).
+        let mut auth_cookies: Option<Box<[HeaderValue]>> = None;
         let mut mirror = None;
         let mut held = None;
         let mut backend = None;
@@ -370,7 +373,13 @@ pub fn handle(
                 let asked = Cell::new(0u8);
                 let gate = crate::auth::forward_auth(&ctx, &snap, route_idx, auth, &asked);
                 match Box::pin(gate).await {
-                    Ok(crate::auth::Verdict::Pass(fields)) => pass_auth_fields(&mut p.head, fields),
+                    Ok(crate::auth::Verdict::Pass(passed)) => {
+                        let crate::auth::Passed { fields, cookies } = *passed;
+                        pass_auth_fields(&mut p.head, fields);
+                        if !cookies.is_empty() {
+                            auth_cookies = Some(cookies.into_boxed_slice());
+                        }
+                    }
                     Ok(crate::auth::Verdict::Answer(pool, answer)) => {
                         (pool_idx, backend) = (Some(pool), Some(answer.backend));
                         tries.set(asked.get());
@@ -463,6 +472,11 @@ pub fn handle(
                 error_response(&e, &request_id, custom)
             }
         };
+        if let Some(cookies) = auth_cookies {
+            for c in cookies.into_vec() {
+                response.headers_mut().append(header::SET_COOKIE, c);
+            }
+        }
         if let Some(rules) = route_idx.and_then(|i| snap.routes[i].response_headers.as_deref()) {
             rules.apply(response.headers_mut(), &conn.vars(&method, &request_id, backend));
         }

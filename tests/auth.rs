@@ -207,7 +207,13 @@ impl AuthServer {
                         let mut r = http::Response::builder();
                         let body = match auth.as_deref() {
                             Some("Bearer good") => {
-                                r = r.status(200).header("x-auth-user", "alice");
+                                // A refreshed session, as oauth2-proxy sends, and a
+                                // cookie of its own that is not the client's business.
+                                r = r
+                                    .status(200)
+                                    .header("x-auth-user", "alice")
+                                    .header("set-cookie", "_oauth2_proxy=refreshed; Path=/; HttpOnly")
+                                    .header("set-cookie", "_oauth2_proxy_csrf=x; Path=/");
                                 "ok"
                             }
                             Some("Bearer anon") => {
@@ -245,7 +251,7 @@ fn forward_auth_config(origin: std::net::SocketAddr, auth: std::net::SocketAddr)
     toml.replacen(
         "[[routes]]\npool = \"app\"\n",
         "[[routes]]\npool = \"app\"\n\n[[routes]]\npath_prefix = \"/app/\"\nprefix_rewrite = \"/\"\npool = \"app\"\n\
-         forward_auth = { pool = \"auth\", path = \"/verify\", auth_response_headers = [\"X-Auth-User\"] }\n",
+         forward_auth = { pool = \"auth\", path = \"/verify\", auth_response_headers = [\"X-Auth-User\"], auth_response_cookies = [\"_oauth2_proxy\"] }\n",
         1,
     ) + &format!("\n[pools.auth]\nbackends = [\"{auth}\"]\n{NO_HEALTH_CHECKS}\n")
 }
@@ -269,6 +275,11 @@ async fn forward_auth_asks_first_and_passes_on_what_it_says() {
     )
     .await;
     assert_eq!((r.status.as_u16(), r.text()), (200, "app".to_string()));
+    // The session the auth service refreshed reaches the client; its other cookie does not.
+    assert_eq!(
+        r.headers.get_all("set-cookie").iter().collect::<Vec<_>>(),
+        ["_oauth2_proxy=refreshed; Path=/; HttpOnly"]
+    );
     {
         let seen = origin.seen_headers.lock().unwrap();
         let h = seen.last().unwrap();
@@ -378,7 +389,8 @@ fn forward_auth_config_errors_name_the_field() {
         .replace(
             "[\"X-Auth-User\"]",
             "[\"X-Auth-User\", \"Content-Length\", \"Host\", \"a b\"]",
-        );
+        )
+        .replace("[\"_oauth2_proxy\"]", "[\"_oauth2_proxy\", \"a;b\", \"\"]");
     let err = rampart::Config::parse(&bad, "test.toml").unwrap_err().to_string();
     for want in [
         "routes[1].forward_auth.pool: unknown pool 'nope'",
@@ -386,6 +398,8 @@ fn forward_auth_config_errors_name_the_field() {
         "routes[1].forward_auth.auth_response_headers: Content-Length: rampart keeps it to itself",
         "routes[1].forward_auth.auth_response_headers: Host",
         "routes[1].forward_auth.auth_response_headers: not a header name: \"a b\"",
+        "routes[1].forward_auth.auth_response_cookies: not a cookie name: \"a;b\"",
+        "routes[1].forward_auth.auth_response_cookies: not a cookie name: \"\"",
     ] {
         assert!(err.contains(want), "{want}\n{err}");
     }
