@@ -223,7 +223,7 @@ async fn health_checks_speak_tls_and_fail_a_backend_whose_certificate_is_refused
     let toml = pool_config(
         &[good.addr, bad.addr],
         &format!(
-            "health_check = {{ path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}\ntls = {{ {} }}",
+            "health_check = {{ path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 3 }}\ntls = {{ {} }}",
             trusting(&pki)
         ),
     );

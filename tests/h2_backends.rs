@@ -432,7 +432,7 @@ async fn health_checks_speak_http2_to_an_http2_only_backend() {
     let down = H2Only::start("down", 503).await;
     let toml = pool_config(
         &[up.addr, down.addr],
-        "protocol = \"h2\"\nhealth_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }",
+        "protocol = \"h2\"\nhealth_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 3 }",
     );
     let (srv, addr) = start_proxy(&toml);
     let healthy = |i: usize| rampart::admin::status_json(srv.shared())["pools"][0]["backends"][i]["healthy"].clone();
