@@ -595,6 +595,12 @@ pub struct OutlierConfig {
     pub max_ejection: Duration,
     pub max_ejected_percent: u32,
     pub panic_threshold: u32,
+    /// Eject a backend whose share of failed tries over `failure_percentage_interval`
+    /// reaches this percentage (Envoy's `failure_percentage_threshold`); `None`: off.
+    pub failure_percentage: Option<u32>,
+    /// Tries a backend must have had in the interval to be judged by the percentage.
+    pub failure_percentage_min_requests: u32,
+    pub failure_percentage_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -973,6 +979,10 @@ struct FileOutlier {
     max_ejection: Option<Duration>,
     max_ejected_percent: Option<u32>,
     panic_threshold: Option<u32>,
+    failure_percentage: Option<u32>,
+    failure_percentage_min_requests: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    failure_percentage_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -2543,7 +2553,27 @@ fn validate_outlier(value: Option<&toml::Value>, path: &str, errs: &mut Errors) 
         max_ejection: raw.max_ejection.unwrap_or(DEFAULT_MAX_EJECTION),
         max_ejected_percent: raw.max_ejected_percent.unwrap_or(DEFAULT_MAX_EJECTED_PERCENT),
         panic_threshold: raw.panic_threshold.unwrap_or(DEFAULT_PANIC_THRESHOLD),
+        failure_percentage: raw.failure_percentage,
+        failure_percentage_min_requests: raw.failure_percentage_min_requests.unwrap_or(50),
+        failure_percentage_interval: raw.failure_percentage_interval.unwrap_or(Duration::from_secs(10)),
     };
+    if c.failure_percentage.is_some_and(|p| p == 0 || p > 100) {
+        errs.push(format!("{path}.failure_percentage"), "must be between 1 and 100");
+    }
+    if c.failure_percentage_min_requests == 0 {
+        errs.push(format!("{path}.failure_percentage_min_requests"), "must be at least 1");
+    }
+    if c.failure_percentage_interval < Duration::from_millis(100) {
+        errs.push(format!("{path}.failure_percentage_interval"), "must be at least 100ms");
+    }
+    if c.failure_percentage.is_none()
+        && (raw.failure_percentage_min_requests.is_some() || raw.failure_percentage_interval.is_some())
+    {
+        errs.push(
+            path,
+            "failure_percentage_min_requests and failure_percentage_interval have no effect without failure_percentage",
+        );
+    }
     if c.consecutive_failures == 0 {
         errs.push(format!("{path}.consecutive_failures"), "must be at least 1");
     }

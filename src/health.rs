@@ -35,6 +35,9 @@ const METRICS_UPKEEP_TICKS: u32 = 25;
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut tasks = JoinSet::new();
     let mut checkers = HashMap::new();
+    // When each pool's failures were last judged by percentage, by pool name (a
+    // reload keeps the window of a pool that stays).
+    let mut judged: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
         let snap = shared.snapshot.load_full();
         checkers = follow(&snap, checkers, &mut tasks);
@@ -50,6 +53,13 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             for pool in &snap.pools {
                 pool.latency.update();
                 pool.budget.refill(elapsed);
+                if pool.config.outlier.failure_percentage.is_some() {
+                    let since = judged.entry(pool.name.clone()).or_insert(last);
+                    if last.duration_since(*since) >= pool.config.outlier.failure_percentage_interval {
+                        *since = last;
+                        outlier::judge_failure_percentage(pool);
+                    }
+                }
             }
             upkeep_ticks += 1;
             if upkeep_ticks.is_multiple_of(METRICS_UPKEEP_TICKS) {

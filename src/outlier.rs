@@ -44,6 +44,9 @@ fn count_error(pool: &Pool, bi: usize, kind: &'static str) {
 fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
     count_error(pool, bi, kind);
     let backend = &pool.backends[bi];
+    if pool.config.outlier.failure_percentage.is_some() {
+        backend.state.outcomes.fetch_add(TRY | 1, Ordering::Relaxed);
+    }
     let n = backend.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
     if n >= pool.config.outlier.consecutive_failures {
         try_eject(pool, bi, kind);
@@ -81,9 +84,15 @@ pub fn on_body_failure(pool: &Pool, bi: usize, e: &std::io::Error) {
     record_failure(pool, bi, kind);
 }
 
+/// One try, in `BackendState::outcomes`.
+const TRY: u64 = 1 << 32;
+
 #[inline]
 pub fn on_success(pool: &Pool, bi: usize) {
     let st = &pool.backends[bi].state;
+    if pool.config.outlier.failure_percentage.is_some() {
+        st.outcomes.fetch_add(TRY, Ordering::Relaxed);
+    }
     if st.consecutive_failures.load(Ordering::Relaxed) != 0 {
         st.consecutive_failures.store(0, Ordering::Relaxed);
     }
@@ -135,6 +144,27 @@ pub fn try_eject(pool: &Pool, bi: usize, reason: &str) {
             .store(cfg.consecutive_failures.saturating_sub(1), Ordering::Relaxed);
         tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, reason, ejection_ms = until - now, ejections = k + 1, "backend ejected");
         st.counters.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `failure_percentage` (Envoy's failure-percentage detection): called by the control
+/// loop once per `failure_percentage_interval`, it ejects each backend whose failed
+/// tries since the last call reach the percentage, out of at least
+/// `failure_percentage_min_requests`. It catches the backend that fails one request
+/// in five, say, which consecutive failures rarely eject: they take a run of
+/// failures in a row. The ejection is `try_eject`'s, with its cap and backoff.
+pub fn judge_failure_percentage(pool: &Pool) {
+    let cfg = &pool.config.outlier;
+    let Some(threshold) = cfg.failure_percentage else {
+        return;
+    };
+    for (bi, b) in pool.backends.iter().enumerate() {
+        let w = b.state.outcomes.swap(0, Ordering::Relaxed);
+        let (tries, failures) = (w >> 32, w & (TRY - 1));
+        if tries >= u64::from(cfg.failure_percentage_min_requests) && failures * 100 >= u64::from(threshold) * tries {
+            tracing::warn!(pool = %pool.name, backend = %b.name, tries, failures, "failure percentage reached");
+            try_eject(pool, bi, "failure_percentage");
+        }
     }
 }
 

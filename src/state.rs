@@ -64,6 +64,9 @@ pub struct BackendState {
     /// start the count again (only the health loop writes them).
     pub check_passes: AtomicU32,
     pub check_failures: AtomicU32,
+    /// `outlier.failure_percentage`: tries (high 32 bits) and failed tries (low 32)
+    /// since the control loop last judged the backend, which swaps it to 0.
+    pub outcomes: AtomicU64,
     in_flight: AtomicU32,
     ewma_ns: AtomicU64,
     ewma_stamp_ns: AtomicU64,
@@ -190,6 +193,7 @@ impl BackendState {
             ramp_from: AtomicU64::new(0),
             check_passes: AtomicU32::new(0),
             check_failures: AtomicU32::new(0),
+            outcomes: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
             ewma_stamp_ns: AtomicU64::new(0),

@@ -750,6 +750,92 @@ async fn an_ejected_backend_is_probed_before_it_gets_traffic_again() {
     assert!(b2.hits() > 0, "restored backend gets traffic");
 }
 
+/// An origin whose every third request gets 502: a third of its tries fail, never
+/// three in a row.
+async fn every_third_fails() -> std::net::SocketAddr {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let n = n.clone();
+            let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let status = if i.is_multiple_of(3) { 502 } else { 200 };
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from_static(b"flaky")))
+                            .unwrap(),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `outlier.failure_percentage`: a backend that fails a third of its tries, never
+/// three in a row (so consecutive failures never eject it), is ejected once an
+/// interval's tries show it; without the setting it is not. Clients see no failure
+/// either way: each 502 of a GET is retried on the other backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_a_share_of_its_requests_is_ejected_by_failure_percentage() {
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let flaky = every_third_fails().await;
+    for judged in [false, true] {
+        let extra = if judged {
+            "balancer = \"round_robin\"\noutlier = { failure_percentage = 20, failure_percentage_min_requests = 10, failure_percentage_interval = \"500ms\" }"
+        } else {
+            "balancer = \"round_robin\""
+        };
+        let (srv, addr) = start_proxy(&pool_config(
+            &[good.addr, flaky],
+            &format!("{extra}\n{NO_HEALTH_CHECKS}"),
+        ));
+        let started = Instant::now();
+        let mut ejected = false;
+        while started.elapsed() < Duration::from_millis(2500) {
+            let r = get(addr, "/").await;
+            assert_eq!(r.status, 200, "the client never sees the 502");
+            if backend_field(&status_of(&srv).await, flaky, "ejected") == true {
+                ejected = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ejected, judged, "failure_percentage set: {judged}");
+        stop_proxy(srv).await;
+    }
+}
+
+#[test]
+fn failure_percentage_errors_name_their_field() {
+    let bad = |outlier: &str| {
+        rampart::Config::parse(&pool_config(&["127.0.0.1:1".parse().unwrap()], outlier), "t.toml")
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad("outlier = { failure_percentage = 0, failure_percentage_min_requests = 0, failure_percentage_interval = \"10ms\" }");
+    for want in [
+        "pools.app.outlier.failure_percentage: must be between 1 and 100",
+        "pools.app.outlier.failure_percentage_min_requests: must be at least 1",
+        "pools.app.outlier.failure_percentage_interval: must be at least 100ms",
+    ] {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
+    let e = bad("outlier = { failure_percentage_min_requests = 20 }");
+    assert!(e.contains("pools.app.outlier: failure_percentage_min_requests and failure_percentage_interval have no effect without failure_percentage"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_the_panic_threshold_traffic_goes_to_all_backends() {
     let a = TestOrigin::start("a", Behavior::Healthy).await;
