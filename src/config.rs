@@ -550,6 +550,10 @@ pub struct PoolConfig {
     pub protocol: UpstreamProtocol,
     /// With HTTP/2: streams one connection carries before another is opened.
     pub h2_max_streams: u32,
+    /// Requests one backend connection carries before it is closed (Envoy's
+    /// `max_requests_per_connection`, nginx's upstream `keepalive_requests`);
+    /// `u32::MAX`: no limit.
+    pub max_requests_per_connection: u32,
     /// With `dns_refresh`: the backends as written, looked up again every so often
     /// (`dns`); `backends` then holds the last answer's addresses.
     pub dns: Option<crate::dns::DnsPool>,
@@ -940,6 +944,7 @@ struct FilePool {
     tls: Option<toml::Value>,
     protocol: Option<String>,
     h2_max_streams: Option<u32>,
+    max_requests_per_connection: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     dns_refresh: Option<Duration>,
     sticky: Option<toml::Value>,
@@ -2072,6 +2077,12 @@ fn validate_pool(
     if h2_max_streams == 0 {
         errs.push(format!("{path}.h2_max_streams"), "must be at least 1");
     }
+    if raw.max_requests_per_connection == Some(0) {
+        errs.push(
+            format!("{path}.max_requests_per_connection"),
+            "must be at least 1 (omit it for no limit)",
+        );
+    }
     if raw.h2_max_streams.is_some() && protocol != UpstreamProtocol::H2 {
         errs.push(format!("{path}.h2_max_streams"), "only used with protocol = \"h2\"");
     }
@@ -2302,6 +2313,7 @@ fn validate_pool(
         tls,
         protocol,
         h2_max_streams,
+        max_requests_per_connection: raw.max_requests_per_connection.unwrap_or(u32::MAX),
         dns,
         sticky,
     })

@@ -459,7 +459,14 @@ async fn try_backend(
                     Err(e) => return Outcome::Fatal(e),
                 };
                 let tls = cfg.tls.as_deref().zip(backend.tls_name.as_ref());
-                let r = crate::upstream::connect(addr, tls, cfg.connect_timeout, conn_slot).await;
+                let r = crate::upstream::connect(
+                    addr,
+                    tls,
+                    cfg.connect_timeout,
+                    conn_slot,
+                    cfg.max_requests_per_connection,
+                )
+                .await;
                 drop(pending);
                 match r {
                     Ok(c) => (c, false),
@@ -586,7 +593,10 @@ async fn try_backend_h2(
         // From before the connection is found, as for HTTP/1.1.
         let mut in_flight = pool.start_request(bi);
         let (mut send, stream, reused) = loop {
-            match ctx.h2.checkout(backend.state.id, cfg.h2_max_streams) {
+            match ctx
+                .h2
+                .checkout(backend.state.id, cfg.h2_max_streams, cfg.max_requests_per_connection)
+            {
                 h2up::Checkout::Open(s, stream) => break (s, stream, true),
                 h2up::Checkout::Wait(pending) => {
                     if !pending.opened().await {

@@ -84,6 +84,9 @@ struct Entry {
     send: SendRequest<H2Body>,
     /// Streams open on it (requests whose responses have not ended).
     streams: Rc<Cell<u32>>,
+    /// Streams it has carried; at the pool's `max_requests_per_connection` it takes
+    /// no more, and closes once those open end.
+    served: u32,
     last_used: Instant,
     idle_timeout: Duration,
 }
@@ -134,6 +137,7 @@ impl Drop for Stream {
 
 fn stream_on(e: &mut Entry) -> (SendRequest<H2Body>, Stream) {
     e.streams.set(e.streams.get() + 1);
+    e.served = e.served.saturating_add(1);
     e.last_used = crate::clock::now();
     (e.send.clone(), Stream(e.streams.clone()))
 }
@@ -147,11 +151,12 @@ pub struct H2Conns {
 impl H2Conns {
     /// A connection to `backend` with fewer than `max_streams` streams open (the
     /// first such, so traffic packs onto few connections and the rest idle out),
-    /// or who is to open one.
-    pub fn checkout(self: &Rc<Self>, backend: u64, max_streams: u32) -> Checkout {
+    /// or who is to open one. A connection that has carried `max_requests` streams
+    /// is let go: hyper closes it once the streams still open on it end.
+    pub fn checkout(self: &Rc<Self>, backend: u64, max_streams: u32, max_requests: u32) -> Checkout {
         let mut conns = self.conns.borrow_mut();
         let held = conns.entry(backend).or_default();
-        held.open.retain(|e| !e.send.is_closed());
+        held.open.retain(|e| !e.send.is_closed() && e.served < max_requests);
         if let Some(e) = held.open.iter_mut().find(|e| e.streams.get() < max_streams) {
             let (send, stream) = stream_on(e);
             return Checkout::Open(send, stream);
@@ -202,6 +207,7 @@ impl Opening {
         let mut entry = Entry {
             send,
             streams: Rc::new(Cell::new(0)),
+            served: 0,
             last_used: crate::clock::now(),
             idle_timeout,
         };

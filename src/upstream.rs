@@ -72,6 +72,9 @@ pub struct Conn {
     /// The wait for more of a response body (`read_timeout`), set per response.
     /// Here rather than in `UpBody`, which every response carries by value.
     body_stall: Stall,
+    /// Responses it may still carry before it closes (`max_requests_per_connection`).
+    /// Here rather than in `Home`, which is kept small.
+    uses_left: u32,
 }
 
 /// One try's request: the head every try of the request shares, and this try's body
@@ -106,6 +109,7 @@ impl Conn {
             addr,
             _slot: slot,
             body_stall: Stall::new(Duration::MAX),
+            uses_left: u32::MAX,
         }
     }
 
@@ -561,9 +565,10 @@ impl UpBody {
             t.succeeded();
         }
         if let Some(mut conn) = self.conn.take() {
+            conn.uses_left = conn.uses_left.saturating_sub(1);
             // Bytes past the end of the response were never asked for: the
             // connection's state is unknown, so it closes.
-            if self.keep_alive && conn.buf.is_empty() {
+            if self.keep_alive && conn.buf.is_empty() && conn.uses_left > 0 {
                 if conn.buf.capacity() > 2 * READ_CHUNK {
                     // Do not keep a long body's buffer for an idle connection.
                     conn.buf = BytesMut::new();
@@ -755,15 +760,19 @@ impl ConnPool {
 /// Opens a connection to `addr`, with TLS for a pool that has it
 /// (`backend_tls::connect`). `slot` is the pool's connection breaker slot, held for
 /// the connection's life.
+/// `max_requests`: the responses it may carry before it closes.
 pub async fn connect(
     addr: SocketAddr,
     tls: Option<(&BackendTls, &ServerName<'static>)>,
     timeout: Duration,
     slot: Slot,
+    max_requests: u32,
 ) -> Result<Box<Conn>, ProxyError> {
     let stream = crate::backend_tls::connect(addr, tls, timeout).await?;
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
-    Ok(Box::new(Conn::new(stream, addr, Some(slot))))
+    let mut conn = Conn::new(stream, addr, Some(slot));
+    conn.uses_left = max_requests;
+    Ok(Box::new(conn))
 }
 
 #[cfg(test)]

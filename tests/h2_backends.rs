@@ -141,6 +141,37 @@ async fn requests_from_http1_and_h2_clients_share_one_http2_connection_per_backe
     stop_proxy(srv).await;
 }
 
+/// `max_requests_per_connection`: a backend connection carries that many requests,
+/// then closes and the next goes on a new one, over HTTP/1.1 and HTTP/2 alike;
+/// without it one connection carries them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_connection_closes_after_max_requests_per_connection() {
+    for (protocol, limit, want) in [
+        ("http1", "", 1),
+        ("http1", "max_requests_per_connection = 3", 3),
+        ("h2", "max_requests_per_connection = 3", 3),
+    ] {
+        let o = TestOrigin::start("o", Behavior::Healthy).await;
+        let toml = match protocol {
+            "h2" => h2_pool(&[o.addr], limit),
+            _ => pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\n{limit}")),
+        };
+        let (srv, addr) = start_proxy(&toml);
+        for _ in 0..7 {
+            assert_eq!(get(addr, "/").await.text(), "o", "{protocol} {limit}");
+        }
+        assert_eq!(o.hits(), 7);
+        assert_eq!(o.connections(), want, "{protocol} {limit:?}: 7 requests");
+        stop_proxy(srv).await;
+    }
+    let bad = pool_config(&["127.0.0.1:1".parse().unwrap()], "max_requests_per_connection = 0");
+    let err = rampart::Config::parse(&bad, "p.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("pools.app.max_requests_per_connection: must be at least 1 (omit it for no limit)"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_connection_gets_a_second_one_beside_it() {
     let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(300))).await;
