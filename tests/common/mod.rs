@@ -507,6 +507,14 @@ fn series_value(text: &str, series: &str) -> String {
         .to_string()
 }
 
+/// Asserts that `toml` fails to load and that its errors include each of `wants`.
+pub fn assert_config_errors(toml: &str, wants: &[&str]) {
+    let e = rampart::Config::parse(toml, "t.toml").unwrap_err().to_string();
+    for want in wants {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
+}
+
 /// `pool_config`'s extra line for a pool without active health checks.
 pub const NO_HEALTH_CHECKS: &str = "health_check = { type = \"none\" }";
 
