@@ -669,6 +669,9 @@ pub struct HealthCheckConfig {
     /// Text the response body must contain, within its first `health::BODY_LIMIT`
     /// bytes (HAProxy's `http-check expect string`).
     pub expect_body: Option<String>,
+    /// Fields every probe carries (a token the health endpoint wants, a
+    /// `User-Agent` the app's logs filter on), by name.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub interval: Duration,
     pub timeout: Duration,
     pub jitter: Duration,
@@ -693,6 +696,7 @@ impl Default for HealthCheckConfig {
             host: None,
             expect_status: vec![(200, 399)],
             expect_body: None,
+            headers: Vec::new(),
             interval: DEFAULT_HC_INTERVAL,
             timeout: DEFAULT_HC_TIMEOUT,
             jitter: DEFAULT_HC_INTERVAL / 10,
@@ -1028,6 +1032,7 @@ struct FileHealthCheck {
     host: Option<String>,
     expect_status: Option<String>,
     expect_body: Option<String>,
+    headers: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default, with = "humantime_serde")]
     interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -2787,6 +2792,29 @@ fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -
     if jitter >= interval {
         errs.push(format!("{path}.jitter"), "must be less than interval");
     }
+    let mut headers = Vec::new();
+    for (name, value) in raw.headers.iter().flatten() {
+        let at = format!("{path}.headers.{name}");
+        match (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            (Ok(_), _) if kind != HealthCheckKind::Http => {
+                errs.push(&at, "only an HTTP check sends fields: set path (or type = \"http\")")
+            }
+            (Ok(n), _)
+                if matches!(
+                    n.as_str(),
+                    "host" | "content-length" | "transfer-encoding" | "connection" | "te" | "upgrade" | "keep-alive"
+                ) =>
+            {
+                errs.push(&at, "rampart writes it itself (the check's host is health_check.host)")
+            }
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            (Err(_), _) => errs.push(&at, "not a header name"),
+            (_, Err(_)) => errs.push(&at, "not a valid header value"),
+        }
+    }
     Some(HealthCheckConfig {
         kind,
         path: health_path,
@@ -2794,6 +2822,7 @@ fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -
         host: raw.host,
         expect_status,
         expect_body: raw.expect_body,
+        headers,
         interval,
         timeout,
         jitter,

@@ -245,12 +245,15 @@ async fn probe_h2(io: crate::netio::UpIo, cfg: &HealthCheckConfig, host: &str) -
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     let driver = tokio::spawn(conn);
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(cfg.method.as_str())
         .uri(format!("{scheme}://{host}{}", cfg.path))
         .header(http::header::USER_AGENT, "rampart-health-check")
         .body(http_body_util::Empty::new())
         .map_err(|e| format!("request: {e}"))?;
+    for (name, value) in &cfg.headers {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
     let result = async {
         let resp = send.send_request(req).await.map_err(|e| format!("HTTP/2: {e}"))?;
         judged(resp.status().as_u16(), &cfg.expect_status)?;
@@ -345,14 +348,18 @@ async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
     if pool.config.protocol == crate::config::UpstreamProtocol::H2 {
         return probe_h2(stream, cfg, &host).await;
     }
-    let req = format!(
-        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rampart-health-check\r\nConnection: close\r\n\r\n",
-        cfg.method, cfg.path, host
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("write: {e}"))?;
+    let mut req = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", cfg.method, cfg.path, host).into_bytes();
+    if !cfg.headers.iter().any(|(n, _)| n == http::header::USER_AGENT) {
+        req.extend_from_slice(b"User-Agent: rampart-health-check\r\n");
+    }
+    for (name, value) in &cfg.headers {
+        req.extend_from_slice(name.as_str().as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(value.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"Connection: close\r\n\r\n");
+    stream.write_all(&req).await.map_err(|e| format!("write: {e}"))?;
     stream.flush().await.map_err(|e| format!("write: {e}"))?;
     // The status line, and with `expect_body` the rest (the request asked the
     // backend to close once it has answered).

@@ -670,6 +670,45 @@ async fn an_http_check_can_require_text_in_the_body() {
     }
 }
 
+/// `health_check.headers`: every probe carries them, over HTTP/1.1 and HTTP/2, and a
+/// `User-Agent` among them replaces rampart's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_send_the_configured_fields() {
+    for protocol in ["http1", "h2"] {
+        let o = TestOrigin::start("o", Behavior::Healthy).await;
+        let hc = format!(
+            "protocol = \"{protocol}\"\nhealth_check = {{ path = \"/healthz\", interval = \"50ms\", headers = {{ \"X-Health-Token\" = \"s3cret\", \"User-Agent\" = \"lb-probe/1\" }} }}"
+        );
+        let (srv, _addr) = start_proxy(&pool_config(&[o.addr], &hc));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while o.hits() < 2 {
+            assert!(Instant::now() < deadline, "{protocol}: no probe reached the origin");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(seen["x-health-token"], "s3cret", "{protocol}: {seen:?}");
+        assert_eq!(
+            seen.get_all("user-agent").iter().collect::<Vec<_>>(),
+            ["lb-probe/1"],
+            "{protocol}"
+        );
+        stop_proxy(srv).await;
+    }
+    let with = |hc: &str| pool_config(&["127.0.0.1:1".parse().unwrap()], hc);
+    assert_config_errors(
+        &with("health_check = { path = \"/h\", headers = { Host = \"x\", \"a b\" = \"1\", X-Ok = \"bad\\u0001\" } }"),
+        &[
+            "pools.app.health_check.headers.Host: rampart writes it itself (the check's host is health_check.host)",
+            "pools.app.health_check.headers.a b: not a header name",
+            "pools.app.health_check.headers.X-Ok: not a valid header value",
+        ],
+    );
+    assert_config_errors(
+        &with("health_check = { type = \"tcp\", headers = { X-Token = \"1\" } }"),
+        &["pools.app.health_check.headers.X-Token: only an HTTP check sends fields"],
+    );
+}
+
 /// Under frequent reloads (or DNS updates), a backend failing its checks is still
 /// marked down: the checks failed in a row do not start again from zero, and a probe
 /// waiting on a frozen backend is not cut short, at each reload.
