@@ -132,6 +132,10 @@ const JSON: &str = "{\"time\":$time_iso8601,\"remote_addr\":$remote_addr,\"reque
 const VARIABLES: &[(&str, Var)] = &[
     ("remote_addr", Var::RemoteAddr),
     ("remote_port", Var::RemotePort),
+    ("scheme", Var::Scheme),
+    ("server_port", Var::ServerPort),
+    ("ssl_protocol", Var::SslProtocol),
+    ("ssl_cipher", Var::SslCipher),
     ("time_iso8601", Var::TimeIso8601),
     ("time_local", Var::TimeLocal),
     ("msec", Var::Msec),
@@ -155,6 +159,13 @@ const VARIABLES: &[(&str, Var)] = &[
 enum Var {
     RemoteAddr,
     RemotePort,
+    /// `http` or `https`.
+    Scheme,
+    /// The port the client connected to.
+    ServerPort,
+    /// What a TLS connection negotiated; `-` (JSON `null`) over plain HTTP.
+    SslProtocol,
+    SslCipher,
     TimeIso8601,
     TimeLocal,
     Msec,
@@ -602,6 +613,15 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
         match var {
             Var::RemoteAddr => put_raw(out, json, p.conn.peer_ip.as_bytes()),
             Var::RemotePort => put_num(out, json, Some(p.conn.peer.port() as u64)),
+            Var::Scheme => put_raw(out, json, p.conn.proto.as_bytes()),
+            Var::ServerPort => put_num(out, json, Some(p.conn.local_port as u64)),
+            Var::SslProtocol => put_str(
+                out,
+                json,
+                p.conn.tls_facts.as_ref().map(|t| t.protocol.as_bytes()),
+                false,
+            ),
+            Var::SslCipher => put_str(out, json, p.conn.tls_facts.as_ref().map(|t| t.cipher.as_bytes()), false),
             Var::TimeIso8601 => {
                 quote(out, json);
                 out.extend_from_slice(&stamp.iso);
@@ -1045,6 +1065,26 @@ mod tests {
 
     // 2026-11-25T00:12:17.561Z
     const AT: u64 = 1_795_565_537_561;
+
+    #[test]
+    fn the_connection_s_scheme_port_and_tls_are_logged() {
+        let mut r = record("$scheme $server_port $ssl_protocol $ssl_cipher", "/", "x");
+        r.conn = Rc::new(ConnInfo::new("192.0.2.7:50123".parse().unwrap(), false).on_port(8080));
+        assert_eq!(line(&r, AT, COMPLETE), "http 8080 - -\n");
+        let tls = crate::tls::TlsFacts {
+            protocol: "TLSv1.3",
+            cipher: "TLS13_AES_128_GCM_SHA256",
+            server_name: None,
+            client_subject: None,
+            client_verify: "NONE",
+        };
+        r.conn = Rc::new(
+            ConnInfo::new("192.0.2.7:50123".parse().unwrap(), true)
+                .on_port(443)
+                .with_tls_facts(tls),
+        );
+        assert_eq!(line(&r, AT, COMPLETE), "https 443 TLSv1.3 TLS13_AES_128_GCM_SHA256\n");
+    }
 
     #[test]
     fn the_rampart_line_has_every_field_in_order() {

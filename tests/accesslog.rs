@@ -322,13 +322,17 @@ async fn formats_are_nginx_s_combined_json_or_a_template() {
     assert_eq!(v[2]["server_protocol"], "HTTP/2.0");
     assert!(v[2]["request_time"].as_f64().unwrap() > 0.0);
 
-    let template = "$status $request_method [$http_x_trace] ${pool}!";
+    let template = "$status $request_method [$http_x_trace] ${pool}! $scheme $server_port $ssl_protocol";
     srv.reload(rampart::Config::parse(&with_format(template), "t").unwrap())
         .unwrap();
     assert_eq!(get_with(addr, "/t", &[("x-trace", "t 1")]).await.status, 200);
     stop_proxy(srv).await;
     let got = lines(&log);
-    assert_eq!(got.last().unwrap(), "200 GET [t 1] app!", "{got:#?}");
+    assert_eq!(
+        got.last().unwrap(),
+        &format!("200 GET [t 1] app! http {} -", addr.port()),
+        "{got:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
