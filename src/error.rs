@@ -314,6 +314,17 @@ fn page_body(page: &ErrorPage, id: &str) -> Bytes {
     }
 }
 
+/// A page of rampart's own with `status`: its body, content type and
+/// `Cache-Control: no-store` (an error page must not be cached as the resource).
+fn page_response<B: From<Bytes>>(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<B> {
+    let mut resp = Response::new(B::from(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 /// A backend's response with its body replaced by the route's error page for its
 /// status (`intercept_errors`, as nginx's `proxy_intercept_errors`): the status stays;
 /// of the backend's fields only those a client needs to act on the status stay
@@ -323,11 +334,8 @@ fn page_body(page: &ErrorPage, id: &str) -> Bytes {
 pub fn intercepted<B: From<Bytes>>(backend: Response<B>, page: &ErrorPage, request_id: &HeaderValue) -> Response<B> {
     let id = request_id.to_str().unwrap_or("-");
     let (parts, _) = backend.into_parts();
-    let mut resp = Response::new(B::from(page_body(page, id)));
-    *resp.status_mut() = parts.status;
+    let mut resp = page_response(parts.status, page.content_type, page_body(page, id));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(page.content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::ALLOW] {
         for v in parts.headers.get_all(&name) {
             h.append(name.clone(), v.clone());
@@ -357,11 +365,8 @@ pub fn error_response<B: From<Bytes>>(
             )),
         ),
     };
-    let mut resp = Response::new(B::from(body));
-    *resp.status_mut() = status;
+    let mut resp = page_response(status, content_type, body);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(crate::proxy::X_REQUEST_ID, request_id.clone());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, RETRY_AFTER_SECS);
