@@ -144,10 +144,18 @@ fn init_logging(level: &str) {
 }
 
 /// Loads and validates `path`, then installs it: either failing leaves the running
-/// config in place, and the error says why (every config error, or the access log).
-fn reload(server: &Server, path: &std::path::Path) -> Result<(), String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
-    server.reload(config).map_err(|e| e.to_string())
+/// config in place, and the log says why (every config error, or the access log).
+/// Then the watch on the config's files (`watch_config`) follows the running config,
+/// whichever it is. For SIGHUP and for a watched file that changed alike.
+fn reload(server: &Server, path: &std::path::Path, watcher: &mut Option<rampart::filewatch::Watcher>) {
+    let installed = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| server.reload(config).map_err(|e| e.to_string()));
+    if let Err(e) = installed {
+        metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
+        tracing::error!("reload rejected, keeping the running config:\n{e}");
+    }
+    sync_watch(watcher, server);
 }
 
 /// Runs until SIGTERM or SIGINT, or until a new process took over after SIGUSR2;
@@ -198,13 +206,7 @@ fn run(config: Config, path: Option<PathBuf>, mut inherited: rampart::upgrade::I
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => match &path {
-                    Some(p) => {
-                        if let Err(e) = reload(&server, p) {
-                            metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
-                            tracing::error!("reload rejected, keeping the running config:\n{e}");
-                        }
-                        sync_watch(&mut watcher, &server);
-                    }
+                    Some(p) => reload(&server, p, &mut watcher),
                     None => tracing::warn!("SIGHUP ignored: no config file"),
                 },
                 _ = async { match watcher.as_mut() {
@@ -213,11 +215,7 @@ fn run(config: Config, path: Option<PathBuf>, mut inherited: rampart::upgrade::I
                 } } => {
                     if let Some(p) = &path {
                         tracing::info!("a watched file changed: reloading {}", p.display());
-                        if let Err(e) = reload(&server, p) {
-                            metrics::counter!(rampart::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
-                            tracing::error!("reload rejected, keeping the running config:\n{e}");
-                        }
-                        sync_watch(&mut watcher, &server);
+                        reload(&server, p, &mut watcher);
                     }
                 }
                 _ = usr1.recv() => match server.reopen_logs() {
