@@ -144,10 +144,13 @@ impl Watcher {
             // The quiet period: every further event starts it again.
             while let Ok(Some(())) = tokio::time::timeout(QUIET, self.events.recv()).await {}
             self.pending = false;
-            let now = match self.paths.lock() {
-                Ok(p) => fingerprint(&p.files),
+            // The list is copied out: the files are read without the lock, which the
+            // event handler on `notify`'s thread takes for every event.
+            let files = match self.paths.lock() {
+                Ok(p) => p.files.clone(),
                 Err(_) => return,
             };
+            let now = fingerprint(&files);
             if now != self.fingerprint {
                 // Taken now, so a file that fails to load is not tried again until
                 // it changes again.

@@ -54,10 +54,18 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 pool.latency.update();
                 pool.budget.refill(elapsed);
                 if pool.config.outlier.failure_percentage.is_some() {
-                    let since = judged.entry(pool.name.clone()).or_insert(last);
-                    if last.duration_since(*since) >= pool.config.outlier.failure_percentage_interval {
-                        *since = last;
-                        outlier::judge_failure_percentage(pool);
+                    // Looked up by `&str`: the name is copied only when a pool is first seen.
+                    match judged.get_mut(pool.name.as_str()) {
+                        None => {
+                            judged.insert(pool.name.clone(), last);
+                        }
+                        Some(since)
+                            if last.duration_since(*since) >= pool.config.outlier.failure_percentage_interval =>
+                        {
+                            *since = last;
+                            outlier::judge_failure_percentage(pool);
+                        }
+                        Some(_) => {}
                     }
                 }
             }
