@@ -269,8 +269,9 @@ pub struct RouteConfig {
     pub request_headers: Option<Arc<HeaderRules>>,
     /// The same on every response to a request this route matched.
     pub response_headers: Option<Arc<HeaderRules>>,
-    /// Replaces the matched `path_prefix` in the path the backend gets.
-    pub prefix_rewrite: Option<String>,
+    /// `prefix_rewrite` or `path_rewrite`: how the path the backend gets differs from
+    /// the one routed.
+    pub rewrite: Option<PathRewrite>,
     /// With `prefix_rewrite`: a backend's `Location` under the rewritten prefix is
     /// mapped back under `path_prefix` (nginx's `proxy_redirect default`).
     pub rewrite_location: bool,
@@ -392,6 +393,27 @@ impl PoolSplit {
         // `total` is the sum of the weights, so `at` always falls inside.
         self.pools.last().map_or(0, |p| p.0)
     }
+}
+
+/// How a route changes the path its backend gets.
+#[derive(Debug, Clone)]
+pub enum PathRewrite {
+    /// `prefix_rewrite`: the matched `path_prefix` is replaced by this.
+    Prefix(String),
+    /// `path_rewrite`: every match of a pattern in the path is replaced.
+    Regex(Arc<RegexRewrite>),
+}
+
+/// A route's `path_rewrite = { regex, replace }`: Envoy's `regex_rewrite`, nginx's
+/// `rewrite ... break`, HAProxy's `replace-path`.
+#[derive(Debug)]
+pub struct RegexRewrite {
+    pub regex: regex::Regex,
+    /// With `$1`, `${name}` for the groups (`regex`'s replacement syntax).
+    pub replace: String,
+    /// `replace` ends in `?`: the client's query is dropped, as in nginx's `rewrite`
+    /// (otherwise it follows any query `replace` makes, after `&`).
+    pub drops_query: bool,
 }
 
 /// A route's conditions beyond host and prefix: its `methods`, `headers` and
@@ -850,6 +872,7 @@ struct FileRoute {
     #[serde(rename = "return")]
     direct: Option<toml::Value>,
     prefix_rewrite: Option<String>,
+    path_rewrite: Option<FilePathRewrite>,
     rewrite_location: Option<bool>,
     request_headers: Option<toml::Value>,
     response_headers: Option<toml::Value>,
@@ -870,6 +893,13 @@ struct FileRoute {
 struct FileMirror {
     pool: String,
     percent: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePathRewrite {
+    regex: String,
+    replace: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1127,6 +1157,88 @@ fn pattern<R>(
 
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 
+/// A route's `path_rewrite`. Beyond the pattern, `replace` is checked here so that
+/// no request can find a mistake in it: each `$` reference must name a group of the
+/// pattern (`regex` would put nothing in silently), and its text must be valid in a
+/// path and query, since only it (never a captured piece of the path) can bring a
+/// character that is not.
+fn path_rewrite(raw: &FilePathRewrite, at: &str, errs: &mut Errors) -> Option<RegexRewrite> {
+    let regex = pattern(&raw.regex, format!("{at}.regex"), errs, |t| {
+        regex::RegexBuilder::new(t).size_limit(PATTERN_SIZE_LIMIT).build()
+    })?;
+    let mut ok = true;
+    let mut literal = String::with_capacity(raw.replace.len());
+    let mut rest = raw.replace.as_str();
+    while let Some(at_dollar) = rest.find('$') {
+        literal.push_str(&rest[..at_dollar]);
+        let after = &rest[at_dollar + 1..];
+        let (name, braced, next) = if let Some(inner) = after.strip_prefix('{') {
+            match inner.find('}') {
+                Some(end) => (&inner[..end], true, &inner[end + 1..]),
+                // `regex` reads an unclosed `${` as text.
+                None => ("", false, after),
+            }
+        } else {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..end], false, &after[end..])
+        };
+        if let Some(tail) = after.strip_prefix('$') {
+            literal.push('$');
+            rest = tail;
+            continue;
+        }
+        if name.is_empty() {
+            literal.push('$');
+            rest = after;
+            continue;
+        }
+        let known = match name.parse::<usize>() {
+            Ok(n) => n < regex.captures_len(),
+            Err(_) => regex.capture_names().flatten().any(|g| g == name),
+        };
+        if !known {
+            ok = false;
+            let groups = regex.captures_len() - 1;
+            let digits = name.bytes().take_while(u8::is_ascii_digit).count();
+            let hint = if !braced && digits > 0 && digits < name.len() {
+                format!(
+                    "; for group {} followed by {:?}, write ${{{}}}{}",
+                    &name[..digits],
+                    &name[digits..],
+                    &name[..digits],
+                    &name[digits..]
+                )
+            } else {
+                String::new()
+            };
+            errs.push(
+                format!("{at}.replace"),
+                format!("${name} names no group of the pattern, which has {groups} (and $0, the whole match){hint}"),
+            );
+        }
+        rest = next;
+    }
+    literal.push_str(rest);
+    // The `/` stands for the one a path that comes out without it is given.
+    if literal.contains('#') || http::uri::PathAndQuery::try_from(format!("/{literal}")).is_err() {
+        ok = false;
+        errs.push(
+            format!("{at}.replace"),
+            format!(
+                "{:?} is not valid in a path (percent-encode spaces and other special characters)",
+                raw.replace
+            ),
+        );
+    }
+    ok.then(|| RegexRewrite {
+        regex,
+        replace: raw.replace.clone(),
+        drops_query: raw.replace.ends_with('?'),
+    })
+}
+
 fn route_match(
     methods: Option<&[String]>,
     headers: Option<&toml::Table>,
@@ -1374,6 +1486,29 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 );
             }
         }
+        let regex_rewrite = raw
+            .path_rewrite
+            .as_ref()
+            .and_then(|r| path_rewrite(r, &format!("{path}.path_rewrite"), errs));
+        if raw.prefix_rewrite.is_some() && raw.path_rewrite.is_some() {
+            errs.push(
+                format!("{path}.path_rewrite"),
+                "and prefix_rewrite both rewrite the path: use one (path_rewrite = { regex = '^/prefix/', replace = '/new/' } does what prefix_rewrite does)",
+            );
+        }
+        if raw.direct.is_some() {
+            for (set, field) in [
+                (raw.prefix_rewrite.is_some(), "prefix_rewrite"),
+                (raw.path_rewrite.is_some(), "path_rewrite"),
+            ] {
+                if set {
+                    errs.push(
+                        format!("{path}.{field}"),
+                        "a route with return sends nothing to a backend: there is no path to rewrite",
+                    );
+                }
+            }
+        }
         if raw.rewrite_location.is_some() && raw.prefix_rewrite.is_none() {
             errs.push(
                 format!("{path}.rewrite_location"),
@@ -1613,7 +1748,11 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 max_body_bytes: raw.max_body_bytes,
                 https_redirect: raw.https_redirect.unwrap_or(false),
                 rewrite_location: raw.prefix_rewrite.is_some() && raw.rewrite_location.unwrap_or(true),
-                prefix_rewrite: raw.prefix_rewrite,
+                rewrite: match (raw.prefix_rewrite, regex_rewrite) {
+                    (Some(to), _) => Some(PathRewrite::Prefix(to)),
+                    (None, Some(r)) => Some(PathRewrite::Regex(Arc::new(r))),
+                    (None, None) => None,
+                },
                 request_headers,
                 response_headers,
                 rate_limit,

@@ -57,7 +57,7 @@ pub enum Var {
     Scheme,
     /// The request's host, lowercased, without its port. Requests only.
     Host,
-    /// The path and query as routed (before a `prefix_rewrite`). Requests only.
+    /// The path and query as routed (before a `prefix_rewrite` or `path_rewrite`). Requests only.
     RequestUri,
     RequestMethod,
     RequestId,
@@ -96,7 +96,7 @@ pub struct Vars<'a> {
     pub request_id: &'a HeaderValue,
     /// The host the request was routed on, as written (requests).
     pub host: Option<&'a HeaderValue>,
-    /// The path and query as routed, before any `prefix_rewrite` (requests).
+    /// The path and query as routed, before any `prefix_rewrite` or `path_rewrite` (requests).
     pub target: Option<&'a str>,
     /// The fields rampart adds to the request (requests).
     pub added: Option<&'a AddedFields>,

@@ -22,7 +22,7 @@ use crate::balancer::{hash64, Balancer};
 use crate::body::{InBody, RespBody};
 use crate::codec::{AddedFields, UpHead};
 use crate::compress::Want;
-use crate::config::{AccessLog, HashKey};
+use crate::config::{AccessLog, HashKey, PathRewrite, RegexRewrite};
 use crate::error::{error_response, ProxyError};
 use crate::forward::Forwarded;
 use crate::header_rules::{HeaderRules, Vars};
@@ -440,7 +440,7 @@ pub fn handle(
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
             if let (Some(host), Some(route)) = (&p.location_host, route_idx.map(|i| &snap.routes[i])) {
-                if let Some(to) = &route.prefix_rewrite {
+                if let Some(PathRewrite::Prefix(to)) = &route.rewrite {
                     map_location_back(response.headers_mut(), &route.path_prefix, to, host);
                 }
             }
@@ -776,8 +776,9 @@ fn prepare<'a>(
     };
     let pool = &snap.pools[pool_idx];
     // The target as routed, kept for `$request_uri` when the backend gets another.
-    let routed_target = match &route.prefix_rewrite {
-        Some(to) if !asterisk => rewrite_prefix(&mut req, &route.path_prefix, to)?,
+    let routed_target = match &route.rewrite {
+        Some(PathRewrite::Prefix(to)) if !asterisk => rewrite_prefix(&mut req, &route.path_prefix, to)?,
+        Some(PathRewrite::Regex(rw)) if !asterisk => rewrite_path(&mut req, rw)?,
         _ => None,
     };
 
@@ -1314,13 +1315,51 @@ fn rewrite_prefix<B>(req: &mut Request<B>, prefix: &str, to: &str) -> Result<Opt
         target.push('?');
         target.push_str(q);
     }
+    set_target(req, target)?;
+    Ok(Some(routed))
+}
+
+/// A route's `path_rewrite`: every match of its pattern in the path is replaced
+/// (Envoy's `regex_rewrite`). A `?` in the replacement makes a query, which the
+/// client's follows after `&` unless the replacement ends in `?`, as in nginx's
+/// `rewrite`. A path that comes out without its leading `/` gets one. Returns the
+/// target as it was routed, or `None` when the pattern did not match.
+#[cold]
+fn rewrite_path<B>(req: &mut Request<B>, rw: &RegexRewrite) -> Result<Option<PathAndQuery>, ProxyError> {
+    let Some(routed) = req.uri().path_and_query().cloned() else {
+        return Ok(None);
+    };
+    let std::borrow::Cow::Owned(new) = rw.regex.replace_all(routed.path(), rw.replace.as_str()) else {
+        return Ok(None);
+    };
+    // A `?` can only come from the replacement's text: the path has none.
+    let (path, args) = match new.split_once('?') {
+        Some((path, args)) => (path, Some(args)),
+        None => (new.as_str(), None),
+    };
+    let client = routed.query().filter(|_| !(rw.drops_query && args.is_some()));
+    let mut target = String::with_capacity(new.len() + 2 + client.map_or(0, str::len));
+    if !path.starts_with('/') {
+        target.push('/');
+    }
+    target.push_str(path);
+    for (i, part) in args.into_iter().chain(client).filter(|a| !a.is_empty()).enumerate() {
+        target.push(if i == 0 { '?' } else { '&' });
+        target.push_str(part);
+    }
+    set_target(req, target)?;
+    Ok(Some(routed))
+}
+
+/// Gives `req` the target `target`; `Err` (400) only for one that is not valid.
+fn set_target<B>(req: &mut Request<B>, target: String) -> Result<(), ProxyError> {
     let mut parts = req.uri().clone().into_parts();
     parts.path_and_query = Some(
         PathAndQuery::from_maybe_shared(Bytes::from(target))
             .map_err(|_| ProxyError::BadRequest("invalid request target"))?,
     );
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-    Ok(Some(routed))
+    Ok(())
 }
 
 /// nginx's `proxy_redirect default` for a route with `prefix_rewrite`: a `Location`

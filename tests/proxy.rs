@@ -518,6 +518,132 @@ pool = "app"
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_rewrite_replaces_each_match_of_its_pattern_in_the_path_the_backend_gets() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let routes = r#"
+[[routes]]
+path_prefix = "/users/"
+path_rewrite = { regex = '^/users/([0-9]+)/profile$', replace = '/profiles/${1}' }
+pool = "app"
+request_headers = { set = { "X-Original-URI" = "$request_uri" } }
+
+[[routes]]
+path_prefix = "/item/"
+path_rewrite = { regex = '^/item/(?<id>[0-9]+)$', replace = '/item.php?id=$id' }
+pool = "app"
+
+[[routes]]
+path_prefix = "/old/"
+path_rewrite = { regex = '^/old/(.*)$', replace = '/new/$1?' }
+pool = "app"
+
+[[routes]]
+path_prefix = "/strip"
+path_rewrite = { regex = '^/strip', replace = '' }
+pool = "app"
+
+[[routes]]
+path_prefix = "/docs/"
+path_rewrite = { regex = '/v1/', replace = '/v2/' }
+pool = "app"
+
+[[routes]]
+pool = "app"
+"#;
+    let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replacen("[[routes]]\npool = \"app\"\n", routes, 1);
+    let (srv, addr) = start_proxy(&toml);
+    let target = || {
+        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+        seen[SEEN_TARGET].to_str().unwrap().to_string()
+    };
+    for (sent, want) in [
+        ("/users/42/profile?tab=2", "/profiles/42?tab=2"),
+        // No match: the path goes as it came.
+        ("/users/bob/profile", "/users/bob/profile"),
+        // A query the replacement makes comes first; the client's follows (nginx).
+        ("/item/7?ref=mail", "/item.php?id=7&ref=mail"),
+        ("/item/7", "/item.php?id=7"),
+        // A replacement that ends in `?` drops the client's query.
+        ("/old/a/b?utm=x", "/new/a/b"),
+        // A path that comes out empty, or without its `/`, gets one.
+        ("/strip", "/"),
+        ("/strip/x?q", "/x?q"),
+        ("/stripped", "/ped"),
+        // Every match, not only the first.
+        ("/docs/v1/a/v1/b", "/docs/v2/a/v2/b"),
+        // Dot segments go before routing, so the pattern sees the routed path.
+        ("/x/../users/9/profile", "/profiles/9"),
+        ("/other?q", "/other?q"),
+    ] {
+        let r = get(addr, sent).await;
+        assert_eq!(r.status, 200, "{sent}");
+        assert_eq!(target(), want, "{sent}");
+    }
+    // HTTP/2 too, and `$request_uri` is the target as routed.
+    let h2 = Request::get("http://test.local/users/5/profile?x=1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send_h2(addr, h2).await.status, 200);
+    assert_eq!(target(), "/profiles/5?x=1");
+    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-original-uri"], "/users/5/profile?x=1");
+    stop_proxy(srv).await;
+}
+
+#[test]
+fn a_path_rewrite_that_could_go_wrong_on_a_request_is_refused_at_load() {
+    let route = |extra: &str| {
+        pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
+            "pool = \"app\"\n",
+            &format!("pool = \"app\"\n{extra}\n"),
+            1,
+        )
+    };
+    assert_config_errors(
+        &route("path_rewrite = { regex = '^/(a)/(?<rest>.*)$', replace = '/$3/$1x/${rest}/$name/$$/${1}x/$2' }"),
+        &[
+            "t.toml: routes[0].path_rewrite.replace: $3 names no group of the pattern, which has 2 (and $0, the whole match)",
+            "routes[0].path_rewrite.replace: $1x names no group of the pattern, which has 2 (and $0, the whole match); for group 1 followed by \"x\", write ${1}x",
+            "routes[0].path_rewrite.replace: $name names no group",
+        ],
+    );
+    assert_config_errors(
+        &route("path_rewrite = { regex = '(unclosed', replace = '/' }"),
+        &["routes[0].path_rewrite.regex: not a valid pattern: "],
+    );
+    assert_config_errors(
+        &route("path_rewrite = { regex = 'x', replace = '/a b' }"),
+        &["routes[0].path_rewrite.replace: \"/a b\" is not valid in a path (percent-encode"],
+    );
+    assert_config_errors(
+        &route("path_rewrite = { regex = 'x', replace = '/a#b' }\nrewrite_location = true"),
+        &[
+            "routes[0].path_rewrite.replace: \"/a#b\" is not valid in a path",
+            "routes[0].rewrite_location: has no effect without prefix_rewrite",
+        ],
+    );
+    assert_config_errors(
+        &route("path_rewrite = { regex = 'x', replace = '/' }\nprefix_rewrite = \"/\""),
+        &["routes[0].path_rewrite: and prefix_rewrite both rewrite the path: use one"],
+    );
+    let direct = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
+        "pool = \"app\"\n",
+        "return = { status = 200 }\npath_rewrite = { regex = 'x', replace = '/' }\nprefix_rewrite = \"/\"\n",
+        1,
+    );
+    assert_config_errors(
+        &direct,
+        &[
+            "routes[0].path_rewrite: a route with return sends nothing to a backend: there is no path to rewrite",
+            "routes[0].prefix_rewrite: a route with return sends nothing to a backend",
+        ],
+    );
+    // A good one parses, `$$` and `${name}` included.
+    let good = route("path_rewrite = { regex = '^/(?<rest>.*)$', replace = '/$$/${rest}/$0' }");
+    rampart::Config::parse(&good, "t.toml").unwrap();
+}
+
 #[test]
 fn header_rules_on_fields_rampart_writes_are_refused_with_their_path() {
     let toml = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
