@@ -593,8 +593,11 @@ fn sigusr2_with_a_new_process_that_cannot_start_keeps_the_old_one() {
 
 /// `/status`, parsed. Asked once: the old process of an upgrade drains the admin
 /// connections it accepted, as the workers drain theirs, so none breaks off.
-fn status(admin: u16) -> serde_json::Value {
-    let answer = try_request(admin, "/status").unwrap_or_else(|e| panic!("no /status: {e}"));
+fn status(admin: u16, log: &std::path::Path) -> serde_json::Value {
+    let answer = try_request(admin, "/status").unwrap_or_else(|e| {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("no /status: {e}; rampart's log:\n{text}")
+    });
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("/status: {e}: {answer:?}"))
 }
@@ -631,7 +634,7 @@ fn an_upgrade_hands_over_which_backends_are_down() {
         .stderr(std::fs::File::create(&log).unwrap());
     let mut old = start_listening(cmd, &p, port);
     let start = std::time::Instant::now();
-    while healthy(&status(admin), dead) {
+    while healthy(&status(admin, &log), dead) {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(15),
             "never marked down"
@@ -640,7 +643,7 @@ fn an_upgrade_hands_over_which_backends_are_down() {
     }
     signal(&old, libc::SIGUSR2);
     let new = loop {
-        let st = status(admin);
+        let st = status(admin, &log);
         let pid = st["pid"].as_u64().unwrap() as u32;
         if pid != old.id() {
             break st;
