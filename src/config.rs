@@ -677,6 +677,8 @@ pub struct BreakerConfig {
 pub enum HealthCheckKind {
     Tcp,
     Http,
+    /// gRPC's health checking protocol (`grpc.health.v1.Health/Check`), over HTTP/2.
+    Grpc,
     None,
 }
 
@@ -694,6 +696,8 @@ pub struct HealthCheckConfig {
     /// Fields every probe carries (a token the health endpoint wants, a
     /// `User-Agent` the app's logs filter on), by name.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// With `Grpc`: the service asked about (`""`: the server as a whole).
+    pub service: String,
     pub interval: Duration,
     pub timeout: Duration,
     pub jitter: Duration,
@@ -719,6 +723,7 @@ impl Default for HealthCheckConfig {
             expect_status: vec![(200, 399)],
             expect_body: None,
             headers: Vec::new(),
+            service: String::new(),
             interval: DEFAULT_HC_INTERVAL,
             timeout: DEFAULT_HC_TIMEOUT,
             jitter: DEFAULT_HC_INTERVAL / 10,
@@ -1063,6 +1068,7 @@ struct FileHealthCheck {
     expect_status: Option<String>,
     expect_body: Option<String>,
     headers: Option<std::collections::BTreeMap<String, String>>,
+    service: Option<String>,
     #[serde(default, with = "humantime_serde")]
     interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -2427,7 +2433,12 @@ fn validate_pool(
             errs.push(format!("{path}.{field}"), "must be greater than 0");
         }
     }
-    let health_check = validate_health(raw.health_check.as_ref(), &format!("{path}.health_check"), errs);
+    let health_check = validate_health(
+        raw.health_check.as_ref(),
+        &format!("{path}.health_check"),
+        protocol,
+        errs,
+    );
     let outlier = validate_outlier(raw.outlier.as_ref(), &format!("{path}.outlier"), errs);
     let retry = validate_retry(raw.retry.as_ref(), &format!("{path}.retry"), response_timeout, errs);
     let circuit_breaker = validate_breaker(raw.circuit_breaker.as_ref(), &format!("{path}.circuit_breaker"), errs);
@@ -2865,7 +2876,12 @@ fn validate_breaker(value: Option<&toml::Value>, path: &str, errs: &mut Errors) 
     Some(c)
 }
 
-fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -> Option<HealthCheckConfig> {
+fn validate_health(
+    value: Option<&toml::Value>,
+    path: &str,
+    protocol: UpstreamProtocol,
+    errs: &mut Errors,
+) -> Option<HealthCheckConfig> {
     let raw: FileHealthCheck = match value {
         None => FileHealthCheck::default(),
         Some(v) => section(v, path, errs)?,
@@ -2875,9 +2891,41 @@ fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -
     let timeout = raw.timeout.unwrap_or(d.timeout.min(interval));
     let kind = raw.kind.unwrap_or(if raw.path.is_some() || raw.expect_body.is_some() {
         HealthCheckKind::Http
+    } else if raw.service.is_some() {
+        HealthCheckKind::Grpc
     } else {
         HealthCheckKind::Tcp
     });
+    if kind == HealthCheckKind::Grpc {
+        if protocol != UpstreamProtocol::H2 {
+            errs.push(
+                format!("{path}.type"),
+                "a gRPC check speaks HTTP/2, as gRPC does: set the pool's protocol = \"h2\"",
+            );
+        }
+        for (set, field) in [
+            (raw.path.is_some(), "path"),
+            (raw.method.is_some(), "method"),
+            (raw.expect_status.is_some(), "expect_status"),
+            (raw.expect_body.is_some(), "expect_body"),
+        ] {
+            if set {
+                errs.push(
+                    format!("{path}.{field}"),
+                    "has no effect on a gRPC check, which asks grpc.health.v1.Health/Check and passes on SERVING",
+                );
+            }
+        }
+    } else if raw.service.is_some() {
+        errs.push(
+            format!("{path}.service"),
+            "only a gRPC check asks about a service: set type = \"grpc\"",
+        );
+    }
+    let service = raw.service.unwrap_or_default();
+    if service.len() > 1024 {
+        errs.push(format!("{path}.service"), "is longer than 1024 bytes");
+    }
     match &raw.expect_body {
         Some(b) if b.is_empty() => errs.push(
             format!("{path}.expect_body"),
@@ -2938,8 +2986,12 @@ fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -
             http::HeaderName::from_bytes(name.as_bytes()),
             http::HeaderValue::from_str(value),
         ) {
-            (Ok(_), _) if kind != HealthCheckKind::Http => {
-                errs.push(&at, "only an HTTP check sends fields: set path (or type = \"http\")")
+            (Ok(_), _) if !matches!(kind, HealthCheckKind::Http | HealthCheckKind::Grpc) => errs.push(
+                &at,
+                "only an HTTP or gRPC check sends fields: set path (or type = \"http\")",
+            ),
+            (Ok(n), _) if kind == HealthCheckKind::Grpc && n == http::header::CONTENT_TYPE => {
+                errs.push(&at, "rampart writes it itself (application/grpc)")
             }
             (Ok(n), _)
                 if matches!(
@@ -2962,6 +3014,7 @@ fn validate_health(value: Option<&toml::Value>, path: &str, errs: &mut Errors) -
         expect_status,
         expect_body: raw.expect_body,
         headers,
+        service,
         interval,
         timeout,
         jitter,

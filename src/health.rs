@@ -1,5 +1,6 @@
 //! Active health checks, run once per process on the control thread (not per worker).
-//! One task per backend probes at `interval` ± `jitter`, TCP connect or an HTTP request,
+//! One task per backend probes at `interval` ± `jitter`, TCP connect, an HTTP request
+//! or a gRPC health check (`grpc_health`),
 //! and flips the backend's `healthy` atomic after `fall` failures or `rise` successes
 //! in a row. Workers only read the atomic. When a reload or a DNS answer installs a new
 //! snapshot, each backend that stays keeps its task, which goes on with the new
@@ -238,8 +239,8 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
 /// status page, not a download.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
-/// An HTTP check on a pool that speaks HTTP/2: one stream on a connection of its
-/// own, with the check's `host` as `:authority`. (HTTP/1.1 checks are written and
+/// An HTTP or gRPC check on a pool that speaks HTTP/2: one stream on a connection of
+/// its own, with the check's `host` as `:authority`. (HTTP/1.1 checks are written and
 /// read by hand, `probe_inner`: hyper's HTTP/1.1 client would give `httparse`'s
 /// response parser a second caller, and the request path's copy, in `codec`, then
 /// stopped being inlined: +158 instructions a request.)
@@ -249,21 +250,36 @@ async fn probe_h2(io: crate::netio::UpIo, cfg: &HealthCheckConfig, host: &str) -
         _ => "http",
     };
     let (mut send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(io))
+        .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     let driver = tokio::spawn(conn);
+    let grpc = cfg.kind == HealthCheckKind::Grpc;
+    let (method, path, body) = match grpc {
+        true => (
+            "POST",
+            crate::grpc_health::PATH,
+            crate::grpc_health::request(&cfg.service),
+        ),
+        false => (cfg.method.as_str(), cfg.path.as_str(), bytes::Bytes::new()),
+    };
     let mut req = http::Request::builder()
-        .method(cfg.method.as_str())
-        .uri(format!("{scheme}://{host}{}", cfg.path))
+        .method(method)
+        .uri(format!("{scheme}://{host}{path}"))
         .header(http::header::USER_AGENT, "rampart-health-check")
-        .body(http_body_util::Empty::new())
+        .body(http_body_util::Full::new(body))
         .map_err(|e| format!("request: {e}"))?;
+    if grpc {
+        crate::grpc_health::add_fields(req.headers_mut());
+    }
     for (name, value) in &cfg.headers {
         req.headers_mut().insert(name.clone(), value.clone());
     }
     let result = async {
         let resp = send.send_request(req).await.map_err(|e| format!("HTTP/2: {e}"))?;
+        if grpc {
+            return crate::grpc_health::verdict(resp).await;
+        }
         judged(resp.status().as_u16(), &cfg.expect_status)?;
         match &cfg.expect_body {
             Some(text) => body_holds(resp.into_body(), text.as_bytes()).await,
@@ -348,8 +364,8 @@ async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
         Err(ProxyError::Connect { source, .. }) => return Err(format!("connect: {source}")),
         Err(e) => return Err(e.to_string()),
     };
-    // Without an HTTP check configured, a probation probe is a TCP connect.
-    if cfg.kind != HealthCheckKind::Http {
+    // Without an HTTP or gRPC check configured, a probation probe is a TCP connect.
+    if !matches!(cfg.kind, HealthCheckKind::Http | HealthCheckKind::Grpc) {
         return Ok(());
     }
     let host = cfg.host.clone().unwrap_or_else(|| default_host(backend));

@@ -25,6 +25,7 @@ pub mod dormant;
 pub mod error;
 pub mod filewatch;
 pub mod forward;
+pub mod grpc_health;
 pub mod h1;
 pub mod h2up;
 pub mod header_rules;

@@ -6,7 +6,7 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -566,4 +566,197 @@ async fn raw_exchange(s: &mut TcpStream, request: &[u8]) -> String {
         .unwrap()
         .unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// A gRPC server's health service, as grpc-go's serves it: `Check` answers the
+/// `serving` status (1 `SERVING`, 2 `NOT_SERVING`) for the server as a whole ("")
+/// and for `shop.Cart`, and `NOT_FOUND` for any other service; with `serving` at 12
+/// every call fails `UNIMPLEMENTED` in its head (Trailers-Only), as a server without
+/// the health service does. A call without gRPC's fields gets 415. Other paths
+/// answer the server's name.
+struct GrpcServer {
+    addr: SocketAddr,
+    serving: Arc<AtomicU8>,
+    services: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GrpcServer {
+    async fn start(name: &'static str, serving: u8) -> GrpcServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(AtomicU8::new(serving));
+        let services = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s2, seen) = (state.clone(), services.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (state, seen) = (s2.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (state, seen) = (state.clone(), seen.clone());
+                        async move { Ok::<_, Infallible>(grpc_answer(name, &state, &seen, req).await) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        GrpcServer {
+            addr,
+            serving: state,
+            services,
+            task,
+        }
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn grpc_answer(
+    name: &str,
+    state: &AtomicU8,
+    seen: &std::sync::Mutex<Vec<String>>,
+    req: Request<Incoming>,
+) -> Response<AnyBody> {
+    if req.uri().path() != "/grpc.health.v1.Health/Check" {
+        return Response::new(Full::new(Bytes::from(name.to_string())).boxed());
+    }
+    let grpc = req.method() == http::Method::POST
+        && req
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v == "application/grpc")
+        && req.headers().get("te").is_some_and(|v| v == "trailers");
+    if !grpc {
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        return r;
+    }
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    // `HealthCheckRequest`: a 5-byte frame head, then field 1 (a name under 128 bytes).
+    let service = match &body[5..] {
+        [] => String::new(),
+        [0x0a, n, rest @ ..] if *n as usize == rest.len() => String::from_utf8(rest.to_vec()).unwrap(),
+        other => panic!("not a HealthCheckRequest: {other:?}"),
+    };
+    seen.lock().unwrap().push(service.clone());
+    let head_only = |code: &str| {
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        r.headers_mut().insert("grpc-status", code.parse().unwrap());
+        r
+    };
+    let status = state.load(Ordering::SeqCst);
+    if status == 12 {
+        return head_only("12");
+    }
+    if !service.is_empty() && service != "shop.Cart" {
+        return head_only("5");
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    let frames = vec![
+        Ok::<_, Infallible>(Frame::data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut r = Response::new(StreamBody::new(futures_lite::stream::iter(frames)).boxed());
+    r.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_take_a_backend_out_while_it_is_not_serving() {
+    let a = GrpcServer::start("a", 1).await;
+    let b = GrpcServer::start("b", 2).await;
+    let toml = pool_config(
+        &[a.addr, b.addr],
+        "protocol = \"h2\"\nhealth_check = { type = \"grpc\", service = \"shop.Cart\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 2 }",
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let healthy = |i: usize| rampart::admin::status_json(srv.shared())["pools"][0]["backends"][i]["healthy"] == true;
+    let wait_for = |want: [bool; 2]| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while [healthy(0), healthy(1)] != want {
+            assert!(
+                Instant::now() < deadline,
+                "want {want:?}, have {:?}",
+                [healthy(0), healthy(1)]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // NOT_SERVING is down; SERVING is up, and takes every request.
+    wait_for([true, false]).await;
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").await.text(), "a");
+    }
+    // b comes up; a loses its health service (UNIMPLEMENTED) and goes down.
+    b.serving.store(1, Ordering::SeqCst);
+    wait_for([true, true]).await;
+    a.serving.store(12, Ordering::SeqCst);
+    wait_for([false, true]).await;
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").await.text(), "b");
+    }
+    assert!(b.services.lock().unwrap().iter().all(|s| s == "shop.Cart"));
+    stop_proxy(srv).await;
+
+    // A service the server does not know (NOT_FOUND) fails the check; the empty
+    // service, the server as a whole, is asked when none is named.
+    let c = GrpcServer::start("c", 1).await;
+    for (service, up) in [("shop.Nope", false), ("", true)] {
+        let field = match service {
+            "" => "type = \"grpc\"".to_string(),
+            s => format!("service = \"{s}\""),
+        };
+        let toml = pool_config(
+            &[c.addr],
+            &format!("protocol = \"h2\"\nhealth_check = {{ {field}, interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}"),
+        );
+        let (srv, _) = start_proxy(&toml);
+        let seen = c.services.lock().unwrap().len();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.services.lock().unwrap().len() < seen + 3 {
+            assert!(Instant::now() < deadline, "no checks");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let st = rampart::admin::status_json(srv.shared());
+        assert_eq!(st["pools"][0]["backends"][0]["healthy"], up, "{service:?}: {st}");
+        assert_eq!(c.services.lock().unwrap().last().unwrap(), service);
+        stop_proxy(srv).await;
+    }
+}
+
+#[test]
+fn a_grpc_health_check_is_refused_where_it_could_not_work() {
+    let at = ["127.0.0.1:9".parse().unwrap()];
+    assert_config_errors(
+        &pool_config(&at, "health_check = { type = \"grpc\" }"),
+        &["t.toml: pools.app.health_check.type: a gRPC check speaks HTTP/2, as gRPC does: set the pool's protocol = \"h2\""],
+    );
+    assert_config_errors(
+        &pool_config(
+            &at,
+            "protocol = \"h2\"\nhealth_check = { type = \"grpc\", path = \"/x\", expect_status = \"200\", headers = { content-type = \"x\", x-token = \"t\" } }",
+        ),
+        &[
+            "pools.app.health_check.path: has no effect on a gRPC check, which asks grpc.health.v1.Health/Check and passes on SERVING",
+            "pools.app.health_check.expect_status: has no effect on a gRPC check",
+            "pools.app.health_check.headers.content-type: rampart writes it itself (application/grpc)",
+        ],
+    );
+    assert_config_errors(
+        &pool_config(
+            &at,
+            "protocol = \"h2\"\nhealth_check = { type = \"http\", service = \"a\" }",
+        ),
+        &["pools.app.health_check.service: only a gRPC check asks about a service: set type = \"grpc\""],
+    );
 }

@@ -705,7 +705,7 @@ async fn health_checks_send_the_configured_fields() {
     );
     assert_config_errors(
         &with("health_check = { type = \"tcp\", headers = { X-Token = \"1\" } }"),
-        &["pools.app.health_check.headers.X-Token: only an HTTP check sends fields"],
+        &["pools.app.health_check.headers.X-Token: only an HTTP or gRPC check sends fields"],
     );
 }
 
