@@ -240,6 +240,8 @@ pub enum AdminControl {
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub bind: SocketAddr,
+    /// What routes' `listeners` call it (`None`: it serves only the routes without).
+    pub name: Option<Arc<str>>,
     pub backlog: u32,
     /// Each connection starts with a PROXY protocol header (`proxyproto`).
     pub proxy_protocol: bool,
@@ -428,6 +430,8 @@ pub struct RouteMatch {
     pub headers: Vec<(http::HeaderName, HeaderCondition)>,
     /// The path (without its query, dot segments removed) must contain a match.
     pub path_regex: Option<regex::Regex>,
+    /// The connection came in on a listener of one of these names (empty: any).
+    pub listeners: Vec<Arc<str>>,
 }
 
 /// Patterns compare by their text (a reload keeps a route whose conditions are the
@@ -435,6 +439,7 @@ pub struct RouteMatch {
 impl PartialEq for RouteMatch {
     fn eq(&self, other: &Self) -> bool {
         self.methods == other.methods
+            && self.listeners == other.listeners
             && self.headers == other.headers
             && self.path_regex.as_ref().map(regex::Regex::as_str) == other.path_regex.as_ref().map(regex::Regex::as_str)
     }
@@ -464,9 +469,19 @@ impl PartialEq for HeaderCondition {
 
 impl RouteMatch {
     /// Whether a request with `method` and `path` and the fields `headers` gives
-    /// (asked only when a header condition needs them) meets every condition.
-    pub fn fits<'h>(&self, method: &http::Method, path: &str, headers: impl FnOnce() -> &'h http::HeaderMap) -> bool {
+    /// (asked only when a header condition needs them), on a connection to the
+    /// listener named `listener`, meets every condition.
+    pub fn fits<'h>(
+        &self,
+        method: &http::Method,
+        path: &str,
+        listener: Option<&str>,
+        headers: impl FnOnce() -> &'h http::HeaderMap,
+    ) -> bool {
         if !self.methods.is_empty() && !self.methods.contains(method) {
+            return false;
+        }
+        if !self.listeners.is_empty() && !listener.is_some_and(|l| self.listeners.iter().any(|n| &**n == l)) {
             return false;
         }
         if self.path_regex.as_ref().is_some_and(|r| !r.is_match(path)) {
@@ -836,6 +851,7 @@ struct FileAdmin {
 #[serde(deny_unknown_fields)]
 struct FileListener {
     bind: String,
+    name: Option<String>,
     backlog: Option<u32>,
     proxy_protocol: Option<bool>,
     tls: Option<FileTls>,
@@ -886,6 +902,7 @@ struct FileRoute {
     methods: Option<Vec<String>>,
     headers: Option<toml::Table>,
     path_regex: Option<String>,
+    listeners: Option<Vec<String>>,
     compress: Option<toml::Value>,
     basic_auth: Option<FileBasicAuth>,
     forward_auth: Option<FileForwardAuth>,
@@ -1246,13 +1263,41 @@ fn path_rewrite(raw: &FilePathRewrite, at: &str, errs: &mut Errors) -> Option<Re
 }
 
 fn route_match(
-    methods: Option<&[String]>,
-    headers: Option<&toml::Table>,
-    path_regex: Option<&str>,
+    raw: &FileRoute,
+    listeners: &[ListenerConfig],
     path: &str,
     errs: &mut Errors,
 ) -> Option<Arc<RouteMatch>> {
+    let (methods, headers, path_regex) = (raw.methods.as_deref(), raw.headers.as_ref(), raw.path_regex.as_deref());
     let mut m = RouteMatch::default();
+    if let Some(names) = &raw.listeners {
+        if names.is_empty() {
+            errs.push(
+                format!("{path}.listeners"),
+                "is empty: no request could match (omit it for every listener)",
+            );
+        }
+        for (i, name) in names.iter().enumerate() {
+            match listeners
+                .iter()
+                .find_map(|l| l.name.as_ref().filter(|n| ***n == **name))
+            {
+                Some(n) => m.listeners.push(n.clone()),
+                None => {
+                    let named: Vec<&str> = listeners.iter().filter_map(|l| l.name.as_deref()).collect();
+                    errs.push(
+                        format!("{path}.listeners[{i}]"),
+                        match named.is_empty() {
+                            true => format!(
+                                "no listener is named {name:?}: give one a name (name = {name:?} under [[listeners]])"
+                            ),
+                            false => format!("no listener is named {name:?} (named: {})", named.join(", ")),
+                        },
+                    );
+                }
+            }
+        }
+    }
     if let Some(text) = path_regex {
         m.path_regex = pattern(text, format!("{path}.path_regex"), errs, |t| {
             regex::RegexBuilder::new(t).size_limit(PATTERN_SIZE_LIMIT).build()
@@ -1406,11 +1451,32 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         if admin.as_ref().is_some_and(|a| a.bind == bind && bind.port() != 0) {
             errs.push(format!("{path}.bind"), format!("{bind} is already bound by admin.bind"));
         }
+        let name = raw.name.and_then(|n| {
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                errs.push(
+                    format!("{path}.name"),
+                    format!("{n:?}: use letters, digits, '-', '_' and '.'"),
+                );
+                return None;
+            }
+            if let Some(j) = listeners
+                .iter()
+                .position(|l: &ListenerConfig| l.name.as_deref() == Some(&n))
+            {
+                errs.push(
+                    format!("{path}.name"),
+                    format!("{n:?} is already listeners[{j}]'s name"),
+                );
+                return None;
+            }
+            Some(Arc::<str>::from(n))
+        });
         let tls = raw
             .tls
             .and_then(|t| validate_tls(t, &format!("{path}.tls"), base, errs));
         listeners.push(ListenerConfig {
             bind,
+            name,
             backlog: raw.backlog.unwrap_or(DEFAULT_BACKLOG),
             proxy_protocol: raw.proxy_protocol.unwrap_or(false),
             tls,
@@ -1465,13 +1531,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             .host
             .as_deref()
             .and_then(|h| parse_host(h, &format!("{path}.host"), errs));
-        let matches = route_match(
-            raw.methods.as_deref(),
-            raw.headers.as_ref(),
-            raw.path_regex.as_deref(),
-            &path,
-            errs,
-        );
+        let matches = route_match(&raw, &listeners, &path, errs);
         let path_prefix = raw.path_prefix.unwrap_or_else(|| "/".to_string());
         if !path_prefix.starts_with('/') {
             errs.push(
@@ -3676,11 +3736,11 @@ connect_timeout = "soon"
         .unwrap();
         let m = c.routes[0].matches.as_deref().unwrap();
         let empty = http::HeaderMap::new();
-        assert!(!m.fits(&http::Method::GET, "/v2/x", || &empty), "no user-agent");
+        assert!(!m.fits(&http::Method::GET, "/v2/x", None, || &empty), "no user-agent");
         let mut h = http::HeaderMap::new();
         h.insert("user-agent", http::HeaderValue::from_static("a bot"));
-        assert!(m.fits(&http::Method::GET, "/v2/x", || &h));
-        assert!(!m.fits(&http::Method::GET, "/x/v2/", || &h));
+        assert!(m.fits(&http::Method::GET, "/v2/x", None, || &h));
+        assert!(!m.fits(&http::Method::GET, "/x/v2/", None, || &h));
         let errs = errors_of(&with(
             "path_regex = '(unclosed'\nheaders = { a = { regex = '[z-a]' }, b = { regex = 3 }, c = { exact = 'x' } }",
         ));

@@ -31,7 +31,7 @@ use crate::error::StartupError;
 use crate::h1::{self, Ended};
 use crate::idle::{self, IdleWaits, Svc};
 use crate::netio::ClientIo;
-use crate::proxy::ConnInfo;
+use crate::proxy::{ConnInfo, Local};
 use crate::state::Shared;
 use crate::tls::TlsSettings;
 use crate::worker::WorkerCtx;
@@ -375,7 +375,8 @@ pub async fn accept_loop(
 ) {
     let tracker = &ctx.tracker;
     // `$server_port`: the port bound, which a `:0` in the config does not say.
-    let port = listener.local_addr().map_or(cfg.bind.port(), |a| a.port());
+    let bound = listener.local_addr().unwrap_or(cfg.bind);
+    ctx.register_listener(bound, cfg.bind, cfg.name.clone());
     loop {
         if tracker.active() >= ctx.http_builder().max_connections {
             // At the cap: wait for a slot, or for a reload that may raise the cap
@@ -412,7 +413,7 @@ pub async fn accept_loop(
                     guard,
                     cfg.proxy_protocol,
                     tls,
-                    port,
+                    ctx.local_for(bound),
                 )));
             }
             Err(e) => {
@@ -450,7 +451,7 @@ async fn serve(
     guard: ConnGuard,
     proxy_protocol: bool,
     tls: Option<Arc<TlsSettings>>,
-    port: u16,
+    local: Local,
 ) {
     if proxy_protocol {
         // Boxed: its buffer must not size every connection's task.
@@ -467,24 +468,27 @@ async fn serve(
         return;
     };
     if let Some(tls) = tls {
-        return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls, port)).await;
+        return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls, local)).await;
     }
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     if H2_PREFACE.starts_with(&head[..n]) {
         let io = ClientIo::Plain(crate::netio::Gather::new(stream, builder.waits.send));
-        return boxed(|| serve_h2(ctx, &builder, io, ConnInfo::new(peer, false).on_port(port), tracker)).await;
+        return boxed(|| serve_h2(ctx, &builder, io, ConnInfo::new(peer, false).at(local), tracker)).await;
     }
-    serve_h1(ctx, builder, stream, peer, guard, port).await
+    serve_h1(ctx, builder, stream, peer, guard, local).await
 }
 
 /// Serves a connection that was dormant (`dormant::Dormant`) and has bytes again.
 pub fn resume(ctx: Rc<WorkerCtx>, w: crate::dormant::Woken) {
     let builder = ctx.http_builder();
-    // The port from the socket: a dormant slot does not keep it, and a wake is rare
-    // next to the requests it serves.
-    let port = w.stream.local_addr().map_or(0, |a| a.port());
+    // The listener from the socket's address: a dormant slot does not keep it, and
+    // a wake is rare next to the requests it serves.
+    let local = w
+        .stream
+        .local_addr()
+        .map_or_else(|_| Local::default(), |a| ctx.local_for(a));
     tokio::task::spawn_local(crate::clock::Polled::new(serve_h1(
-        ctx, builder, w.stream, w.peer, w.guard, port,
+        ctx, builder, w.stream, w.peer, w.guard, local,
     )));
 }
 
@@ -497,11 +501,11 @@ async fn serve_h1(
     mut stream: TcpStream,
     peer: SocketAddr,
     guard: ConnGuard,
-    port: u16,
+    local: Local,
 ) {
     let tracker = guard.tracker();
     let dormant = ctx.dormant.clone();
-    let (svc, state) = Svc::h1(ctx, ConnInfo::new(peer, false).on_port(port));
+    let (svc, state) = Svc::h1(ctx, ConnInfo::new(peer, false).at(local));
     let keepalive = builder.waits.after_park();
     let mut replay = Bytes::new();
     loop {
@@ -551,7 +555,7 @@ async fn serve_tls(
     peer: SocketAddr,
     tracker: &ConnTracker,
     tls: Arc<TlsSettings>,
-    port: u16,
+    local: Local,
 ) {
     if first != crate::tls::HANDSHAKE_RECORD {
         return plain_http_to_tls(stream, peer, builder.waits.send).await;
@@ -589,7 +593,7 @@ async fn serve_tls(
     drop(tls);
     let facts = crate::tls::TlsFacts::of(stream.get_ref().1);
     let info = ConnInfo::new(peer, true)
-        .on_port(port)
+        .at(local)
         .with_client_cert(client_cert)
         .with_tls_facts(facts);
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());

@@ -11,6 +11,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -88,6 +89,15 @@ pub struct ConnInfo {
     pub park: Option<Rc<ParkState>>,
     /// The port the connection came in on (`$server_port`).
     pub local_port: u16,
+    /// The name of the listener it came in on, for routes' `listeners`.
+    pub listener: Option<Arc<str>>,
+}
+
+/// Which listener a connection came in on: its port (`$server_port`) and name.
+#[derive(Debug, Clone, Default)]
+pub struct Local {
+    pub port: u16,
+    pub name: Option<Arc<str>>,
 }
 
 impl ConnInfo {
@@ -102,11 +112,18 @@ impl ConnInfo {
             tls_facts: None,
             park: None,
             local_port: 0,
+            listener: None,
         }
     }
 
     pub fn on_port(mut self, port: u16) -> ConnInfo {
         self.local_port = port;
+        self
+    }
+
+    pub fn at(mut self, local: Local) -> ConnInfo {
+        self.local_port = local.port;
+        self.listener = local.name;
         self
     }
 
@@ -155,6 +172,7 @@ impl ConnInfo {
             tls_facts: self.tls_facts.clone(),
             park: self.park.clone(),
             local_port: self.local_port,
+            listener: self.listener.clone(),
         }
     }
 }
@@ -737,7 +755,7 @@ fn prepare<'a>(
     let parsed = std::cell::OnceCell::new();
     let fits = |i: usize| {
         snap.routes[i].matches.as_ref().is_none_or(|m| {
-            m.fits(req.method(), path, || match &raw {
+            m.fits(req.method(), path, conn.listener.as_deref(), || match &raw {
                 Some(r) => parsed.get_or_init(|| r.header_map()),
                 None => req.headers(),
             })

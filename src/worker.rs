@@ -3,6 +3,7 @@
 //! read-mostly `Shared` state (config snapshot, backend atomics).
 
 use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -81,6 +82,18 @@ pub struct WorkerCtx {
     pub tracker: Rc<ConnTracker>,
     /// New connections' builders, and the config they were made from.
     builder: RefCell<(Arc<Config>, Rc<HttpBuilder>)>,
+    /// This worker's listening sockets, for `local_for`.
+    listeners: RefCell<Vec<ListeningOn>>,
+}
+
+/// A listening socket of this worker.
+struct ListeningOn {
+    /// The address bound (port 0 resolved).
+    bound: SocketAddr,
+    /// The `bind` it was configured with.
+    bind: SocketAddr,
+    /// Its name when it started.
+    name: Option<Arc<str>>,
 }
 
 /// Lines recorded after the worker's last flush (requests whose tasks were dropped with
@@ -92,6 +105,38 @@ impl Drop for WorkerCtx {
 }
 
 impl WorkerCtx {
+    /// Notes a listening socket this worker accepts on, for `local_for`.
+    pub fn register_listener(&self, bound: SocketAddr, bind: SocketAddr, name: Option<Arc<str>>) {
+        let mut table = self.listeners.borrow_mut();
+        table.retain(|l| l.bound != bound);
+        table.push(ListeningOn { bound, bind, name });
+    }
+
+    /// Which listener a connection whose local address is `addr` came in on: the
+    /// socket bound to it, or to the unspecified address on its port. The name is
+    /// the latest config's for that `bind`, so a reload that renames a listener
+    /// applies to the connections it accepts next; a listener on port 0 (tests)
+    /// keeps the name it started with.
+    pub fn local_for(&self, addr: SocketAddr) -> crate::proxy::Local {
+        let table = self.listeners.borrow();
+        let entry = table.iter().find(|l| l.bound == addr).or_else(|| {
+            table
+                .iter()
+                .find(|l| l.bound.ip().is_unspecified() && l.bound.port() == addr.port())
+        });
+        let name = entry.and_then(|on| {
+            let snap = self.shared.snapshot.load();
+            match snap.config.listeners.iter().find(|l| l.bind == on.bind) {
+                Some(l) if on.bind.port() != 0 => l.name.clone(),
+                _ => on.name.clone(),
+            }
+        });
+        crate::proxy::Local {
+            port: addr.port(),
+            name,
+        }
+    }
+
     /// The builders for a new connection (or a dormant one waking): remade after a
     /// reload changed `[server]`, so its timeouts and limits apply without a restart.
     /// Once per connection, not per request.
@@ -185,6 +230,7 @@ async fn run(
         access_log: Default::default(),
         tracker: tracker.clone(),
         builder,
+        listeners: RefCell::default(),
     });
     let floor_ctx = ctx.clone();
     let floor = tokio::task::spawn_local(async move { floor_ctx.timer_floor.run().await });

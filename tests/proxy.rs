@@ -644,6 +644,157 @@ fn a_path_rewrite_that_could_go_wrong_on_a_request_is_refused_at_load() {
     rampart::Config::parse(&good, "t.toml").unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_listeners_serves_only_the_listeners_it_names() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    let app = TestOrigin::start("app", Behavior::Healthy).await;
+    let admin = TestOrigin::start("admin", Behavior::Healthy).await;
+    let ops = TestOrigin::start("ops", Behavior::Healthy).await;
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+
+[[listeners]]
+bind = "127.0.0.1:0"
+name = "public"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+name = "internal"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "app"
+
+[[routes]]
+path_prefix = "/admin/"
+pool = "admin"
+listeners = ["internal"]
+
+[[routes]]
+host = "ops.test"
+pool = "ops"
+listeners = ["internal", "public"]
+
+[pools.app]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+
+[pools.admin]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+
+[pools.ops]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+"#,
+        app.addr, admin.addr, ops.addr
+    );
+    let (srv, _) = start_proxy(&toml);
+    let [public, internal, unnamed] = srv.listen_addrs()[..] else {
+        panic!("three listeners: {:?}", srv.listen_addrs());
+    };
+    for (addr, path, host, want) in [
+        (internal, "/admin/users", "t", "admin"),
+        // Elsewhere the route is not there: the catch-all takes the request.
+        (public, "/admin/users", "t", "app"),
+        (unnamed, "/admin/users", "t", "app"),
+        (internal, "/", "t", "app"),
+        (public, "/x", "ops.test", "ops"),
+        (internal, "/admin/", "ops.test", "ops"),
+        // A listener with no name serves only the routes without `listeners`.
+        (unnamed, "/x", "ops.test", "app"),
+    ] {
+        let r = get_with(addr, path, &[("host", host)]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text()),
+            (200, want.to_string()),
+            "{addr} {host}{path}"
+        );
+    }
+    assert_eq!(get_h2(internal, "/admin/a").await.text(), "admin");
+    assert_eq!(get_h2(public, "/admin/a").await.text(), "app");
+    // A keep-alive connection that went dormant still knows its listener when it wakes.
+    let shared = srv.shared().clone();
+    let dormant = move || shared.dormant_connections.load(Ordering::Relaxed);
+    let mut conns = Vec::new();
+    for addr in [internal, public] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /admin/a HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        conns.push(s);
+    }
+    let mut bodies = Vec::new();
+    for s in &mut conns {
+        bodies.push(read_one_response(s, &mut Vec::new(), false).await.1);
+    }
+    assert_eq!(bodies, [b"admin".to_vec(), b"app".to_vec()]);
+    assert!(eventually(|| dormant() == 2).await, "both dormant, saw {}", dormant());
+    let mut bodies = Vec::new();
+    for s in &mut conns {
+        s.write_all(b"GET /admin/b HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        bodies.push(read_one_response(s, &mut Vec::new(), false).await.1);
+    }
+    assert_eq!(bodies, [b"admin".to_vec(), b"app".to_vec()]);
+    stop_proxy(srv).await;
+
+    // Names that do not exist, or are not names, are config errors.
+    let bad = toml
+        .replacen("name = \"internal\"", "name = \"public\"", 1)
+        .replacen(
+            "bind = \"127.0.0.1:0\"\n\n[[routes]]",
+            "bind = \"127.0.0.1:0\"\nname = \"a b\"\n\n[[routes]]",
+            1,
+        )
+        .replacen(
+            "listeners = [\"internal\"]",
+            "listeners = [\"internal\", \"public\"]\n",
+            1,
+        )
+        .replacen("listeners = [\"internal\", \"public\"]\n", "listeners = []\n", 1);
+    assert_config_errors(
+        &bad,
+        &[
+            "t.toml: listeners[1].name: \"public\" is already listeners[0]'s name",
+            "listeners[2].name: \"a b\": use letters, digits, '-', '_' and '.'",
+            "routes[1].listeners: is empty: no request could match (omit it for every listener)",
+            "routes[2].listeners[0]: no listener is named \"internal\" (named: public)",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_renames_a_listener_applies_to_its_next_connections() {
+    let app = TestOrigin::start("app", Behavior::Healthy).await;
+    let admin = TestOrigin::start("admin", Behavior::Healthy).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |name: &str| {
+        format!(
+            "[server]\nworkers = 1\n[[listeners]]\nbind = \"127.0.0.1:{port}\"\nname = \"{name}\"\n\
+             [[routes]]\npool = \"app\"\n[[routes]]\npool = \"admin\"\nlisteners = [\"internal\"]\n\
+             [[listeners]]\nbind = \"127.0.0.1:0\"\nname = \"internal\"\n\
+             [pools.app]\nbackends = [\"{}\"]\nhealth_check = {{ type = \"none\" }}\n\
+             [pools.admin]\nbackends = [\"{}\"]\nhealth_check = {{ type = \"none\" }}\n",
+            app.addr, admin.addr
+        )
+    };
+    let (srv, addr) = start_proxy(&config("public"));
+    assert_eq!(addr.port(), port);
+    assert_eq!(get(addr, "/").await.text(), "app");
+    // The listener on port 0 gives its name up; the fixed one takes it.
+    let renamed = config("internal").replacen("name = \"internal\"\n[pools", "name = \"other\"\n[pools", 1);
+    srv.reload(rampart::Config::parse(&renamed, "t").unwrap()).unwrap();
+    assert_eq!(get(addr, "/").await.text(), "admin");
+    stop_proxy(srv).await;
+}
+
 #[test]
 fn header_rules_on_fields_rampart_writes_are_refused_with_their_path() {
     let toml = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
