@@ -713,6 +713,11 @@ pub struct HealthCheckConfig {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// With `Grpc`: the service asked about (`""`: the server as a whole).
     pub service: String,
+    /// Probe this port of each backend in place of the one traffic goes to.
+    pub port: Option<u16>,
+    /// Probe over the pool's TLS (false: in clear, for a pool with `tls` whose
+    /// backends answer checks on a plain port).
+    pub tls: bool,
     pub interval: Duration,
     pub timeout: Duration,
     pub jitter: Duration,
@@ -739,6 +744,8 @@ impl Default for HealthCheckConfig {
             expect_body: None,
             headers: Vec::new(),
             service: String::new(),
+            port: None,
+            tls: true,
             interval: DEFAULT_HC_INTERVAL,
             timeout: DEFAULT_HC_TIMEOUT,
             jitter: DEFAULT_HC_INTERVAL / 10,
@@ -1086,6 +1093,8 @@ struct FileHealthCheck {
     expect_body: Option<String>,
     headers: Option<std::collections::BTreeMap<String, String>>,
     service: Option<String>,
+    port: Option<u16>,
+    tls: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -2497,6 +2506,7 @@ fn validate_pool(
         raw.health_check.as_ref(),
         &format!("{path}.health_check"),
         protocol,
+        raw.tls.is_some(),
         errs,
     );
     let outlier = validate_outlier(raw.outlier.as_ref(), &format!("{path}.outlier"), errs);
@@ -2940,6 +2950,7 @@ fn validate_health(
     value: Option<&toml::Value>,
     path: &str,
     protocol: UpstreamProtocol,
+    pool_tls: bool,
     errs: &mut Errors,
 ) -> Option<HealthCheckConfig> {
     let raw: FileHealthCheck = match value {
@@ -2983,6 +2994,25 @@ fn validate_health(
         );
     }
     let service = raw.service.unwrap_or_default();
+    if raw.port == Some(0) {
+        errs.push(format!("{path}.port"), "must be between 1 and 65535");
+    }
+    if raw.tls == Some(true) && !pool_tls {
+        errs.push(
+            format!("{path}.tls"),
+            "the pool has no tls table: its checks are in clear already",
+        );
+    }
+    if kind == HealthCheckKind::None {
+        for (set, field) in [(raw.port.is_some(), "port"), (raw.tls.is_some(), "tls")] {
+            if set {
+                errs.push(
+                    format!("{path}.{field}"),
+                    "has no effect with type = \"none\": no check is sent",
+                );
+            }
+        }
+    }
     if service.len() > 1024 {
         errs.push(format!("{path}.service"), "is longer than 1024 bytes");
     }
@@ -3075,6 +3105,8 @@ fn validate_health(
         expect_body: raw.expect_body,
         headers,
         service,
+        port: raw.port,
+        tls: raw.tls.unwrap_or(true),
         interval,
         timeout,
         jitter,

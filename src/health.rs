@@ -356,9 +356,15 @@ async fn probe_inner(pool: &Pool, bi: usize) -> Result<(), String> {
     let addr = backend.addr;
     // For a pool with `tls` the probe completes the handshake too, even a `tcp`
     // check (as HAProxy's `check-ssl`): a backend whose certificate rampart would
-    // refuse is no more use than one that refuses connections. The timeout is the
-    // check's own, applied around the whole probe.
-    let tls = pool.config.tls.as_deref().zip(backend.tls_name.as_ref());
+    // refuse is no more use than one that refuses connections (`tls = false` probes
+    // in clear). The timeout is the check's own, applied around the whole probe.
+    let tls = pool
+        .config
+        .tls
+        .as_deref()
+        .zip(backend.tls_name.as_ref())
+        .filter(|_| cfg.tls);
+    let addr = cfg.port.map_or(addr, |port| std::net::SocketAddr::new(addr.ip(), port));
     let mut stream = match crate::backend_tls::connect(addr, tls, Duration::MAX).await {
         Ok(s) => s,
         Err(ProxyError::Connect { source, .. }) => return Err(format!("connect: {source}")),

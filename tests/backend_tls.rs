@@ -423,3 +423,78 @@ tls = {{ ca = {key:?}, cert = {cert:?}, key = {other_key:?}, colour = "blue" }}
         ],
     );
 }
+
+/// `health_check.port` and `tls = false`: backends that serve traffic over HTTPS and
+/// answer checks in clear on another port (an app's management port) are judged by
+/// that port. The two backends are on two loopback addresses, so that one port
+/// number is each one's check port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_go_to_the_check_port_in_clear_when_told() {
+    let pki = Pki::new();
+    let (ip2, ip3) = ("127.0.0.2", "127.0.0.3");
+    let any = |ip: &str| -> SocketAddr { format!("{ip}:0").parse().unwrap() };
+    // A free port there (`start_on` takes the address as given).
+    let free = |ip: &str| std::net::TcpListener::bind(any(ip)).unwrap().local_addr().unwrap();
+    let serve = |ip: &'static str| {
+        let leaf = pki.leaf(ip, &[ip]);
+        let acceptor = TlsAcceptor::from(Arc::new(leaf.server_config(None)));
+        TestOrigin::start_on_tls(ip, free(ip), Behavior::Healthy, acceptor)
+    };
+    let (traffic2, traffic3) = (serve(ip2).await, serve(ip3).await);
+    // One port free on both addresses.
+    let (down, up, port) = loop {
+        let port = std::net::TcpListener::bind(any(ip2))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if std::net::TcpListener::bind((ip3, port)).is_ok() {
+            let at = |ip: &str| format!("{ip}:{port}").parse().unwrap();
+            let down = TestOrigin::start_on("check2", at(ip2), Behavior::Status(503)).await;
+            let up = TestOrigin::start_on("check3", at(ip3), Behavior::Healthy).await;
+            break (down, up, port);
+        }
+    };
+    let toml = pool_config(
+        &[traffic2.addr, traffic3.addr],
+        &format!(
+            "health_check = {{ path = \"/healthz\", port = {port}, tls = false, interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 3 }}\ntls = {{ {} }}",
+            trusting(&pki)
+        ),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let healthy = |status: &serde_json::Value, i: usize| status["pools"][0]["backends"][i]["healthy"].clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = status_of(&srv).await;
+        if healthy(&status, 0) == false && up.hits() >= 3 {
+            assert_eq!(healthy(&status, 1), true, "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never judged by the check port: {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(down.hits() >= 3);
+    // The traffic ports saw no check, and requests go to the backend that passes.
+    assert_eq!((traffic2.hits(), traffic3.hits()), (0, 0));
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").await.text(), ip3);
+    }
+    stop_proxy(srv).await;
+}
+
+#[test]
+fn check_port_and_tls_settings_that_could_not_apply_are_refused() {
+    let at = ["127.0.0.1:9".parse().unwrap()];
+    assert_config_errors(
+        &pool_config(&at, "health_check = { port = 0, tls = true }"),
+        &[
+            "t.toml: pools.app.health_check.port: must be between 1 and 65535",
+            "pools.app.health_check.tls: the pool has no tls table: its checks are in clear already",
+        ],
+    );
+    assert_config_errors(
+        &pool_config(&at, "health_check = { type = \"none\", port = 8081 }"),
+        &["pools.app.health_check.port: has no effect with type = \"none\": no check is sent"],
+    );
+}
