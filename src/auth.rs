@@ -459,9 +459,17 @@ pub async fn forward_auth(
         head,
         body: crate::body::ReqBody::empty(),
     };
-    let answer = crate::forward::forward(ctx, pool, req, None, None, pool.config.try_timeout(), tries)
-        .await
-        .map_err(|e| (Some(fa.pool), e))?;
+    let answer = crate::forward::forward(
+        ctx,
+        pool,
+        req,
+        None,
+        None,
+        crate::forward::TryPolicy::of(&pool.config),
+        tries,
+    )
+    .await
+    .map_err(|e| (Some(fa.pool), e))?;
     if !answer.response.status().is_success() {
         return Ok(Verdict::Answer(fa.pool, Box::new(answer)));
     }

@@ -289,6 +289,8 @@ pub struct RouteConfig {
     /// Replaces the pool's time to response headers, per try, for this route's
     /// requests (nginx's `proxy_read_timeout` in one `location`).
     pub response_timeout: Option<Duration>,
+    /// `retry = { attempts, hedge }`: the pool's, changed for this route's requests.
+    pub retry: Option<RouteRetry>,
     /// `allow` and `deny`: which client addresses the route admits (`None`: all).
     pub access: Option<Arc<AccessRules>>,
     /// `return`: the route answers itself (nginx's `return`, Envoy's
@@ -395,6 +397,16 @@ impl PoolSplit {
         // `total` is the sum of the weights, so `at` always falls inside.
         self.pools.last().map_or(0, |p| p.0)
     }
+}
+
+/// A route's `retry`: what it changes of its pool's `retry` for its own requests
+/// (Envoy's route `retry_policy`, nginx's `proxy_next_upstream_tries` in one
+/// `location`). The rest (budget, backoff, buffers, `on_status`) stays the pool's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRetry {
+    pub attempts: Option<u32>,
+    pub hedge: Option<bool>,
 }
 
 /// How a route changes the path its backend gets.
@@ -910,6 +922,7 @@ struct FileRoute {
     headers: Option<toml::Table>,
     path_regex: Option<String>,
     listeners: Option<Vec<String>>,
+    retry: Option<toml::Value>,
     compress: Option<toml::Value>,
     basic_auth: Option<FileBasicAuth>,
     forward_auth: Option<FileForwardAuth>,
@@ -1590,6 +1603,23 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 "has no effect without prefix_rewrite",
             );
         }
+        let route_retry = raw.retry.as_ref().and_then(|v| {
+            let at = format!("{path}.retry");
+            let r: RouteRetry = section(v, &at, errs)?;
+            if r.attempts.is_some_and(|a| a == 0 || a > 10) {
+                errs.push(
+                    format!("{at}.attempts"),
+                    "must be between 1 and 10 (1 disables retries)",
+                );
+            }
+            if raw.direct.is_some() {
+                errs.push(
+                    &at,
+                    "a route with return sends nothing to a backend: there is nothing to retry",
+                );
+            }
+            Some(r)
+        });
         let access = access_rules(raw.allow.as_deref(), raw.deny.as_deref(), &path, errs);
         if raw.response_timeout.is_some_and(|t| t.is_zero()) {
             errs.push(format!("{path}.response_timeout"), "must be greater than 0");
@@ -1835,6 +1865,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 matches,
                 split,
                 response_timeout: raw.response_timeout,
+                retry: route_retry,
                 access,
                 direct: direct.map(Arc::new),
                 compress,

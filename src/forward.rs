@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::body::{ReqBody, RespBody};
 use crate::breaker::Limit;
 use crate::codec::{Head, RespFields};
-use crate::config::{HedgeDelay, UpstreamProtocol};
+use crate::config::{HedgeDelay, PoolConfig, RouteConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::h2up;
 use crate::outlier;
@@ -82,7 +82,43 @@ fn breaker_error(pool: &Pool, l: Limit) -> ProxyError {
     }
 }
 
-/// `try_timeout`: each try's time to response headers (the pool's, or the route's).
+/// How one request's tries go: its pool's `retry` with what its route changes.
+#[derive(Debug, Clone, Copy)]
+pub struct TryPolicy {
+    /// Each try's time to response headers.
+    pub timeout: Duration,
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    pub hedge: bool,
+}
+
+impl TryPolicy {
+    /// The pool's own.
+    pub fn of(pool: &PoolConfig) -> TryPolicy {
+        TryPolicy {
+            timeout: pool.try_timeout(),
+            attempts: pool.retry.attempts,
+            hedge: pool.retry.hedge,
+        }
+    }
+
+    /// The pool's, with the route's `response_timeout` and `retry` in place.
+    pub fn for_route(pool: &PoolConfig, route: Option<&RouteConfig>) -> TryPolicy {
+        let mut p = TryPolicy::of(pool);
+        if let Some(route) = route {
+            if let Some(t) = route.response_timeout {
+                p.timeout = t;
+            }
+            if let Some(r) = route.retry {
+                p.attempts = r.attempts.unwrap_or(p.attempts);
+                p.hedge = r.hedge.unwrap_or(p.hedge);
+            }
+        }
+        p
+    }
+}
+
+/// `policy`: the tries' timeout, number and hedging (the pool's, or the route's).
 /// `tries` counts the tries sent, hedges included, for the access log. `prefer`: the
 /// backend a sticky client's cookie names, tried first if it may be
 /// (`Pool::sticky_fit`); a retry goes where the balancer says.
@@ -93,7 +129,7 @@ pub async fn forward(
     req: UpRequest,
     hash: Option<u64>,
     prefer: Option<usize>,
-    try_timeout: Duration,
+    policy: TryPolicy,
     tries: &Cell<u8>,
 ) -> Result<Forwarded, ProxyError> {
     let cfg = &pool.config;
@@ -102,11 +138,11 @@ pub async fn forward(
         .acquire(Limit::Requests, &cfg.circuit_breaker)
         .map_err(|l| breaker_error(pool, l))?;
     pool.budget.deposit();
-    let mut attempts = Attempts::new(pool, &req);
+    let mut attempts = Attempts::new(pool, &req, policy.attempts);
     // A replay template exists only for replay-safe (idempotent) requests.
     let retryable_after_send = attempts.replayable();
     let opts = TryOpts {
-        timeout: try_timeout,
+        timeout: policy.timeout,
         buffer: if retryable_after_send {
             cfg.retry.response_buffer_bytes
         } else {
@@ -116,7 +152,7 @@ pub async fn forward(
     };
     // An upgrade (WebSocket) must reach one backend only: never hedged.
     let upgrade = req.head.added.upgrade;
-    let hedge = cfg.retry.hedge && retryable_after_send && !upgrade && pool.backends.len() > 1;
+    let hedge = policy.hedge && retryable_after_send && !upgrade && pool.backends.len() > 1;
     let mut req = Some(req);
     let mut gateway_reply: Option<Forwarded> = None;
     let mut prefer = prefer.filter(|&bi| pool.sticky_fit(bi));

@@ -41,8 +41,8 @@ pub fn send(ctx: &Rc<WorkerCtx>, snap: &Snapshot, m: &Mirror, head: &Rc<UpHead>,
     tokio::task::spawn_local(crate::clock::Polled::new(async move {
         let start = crate::clock::now();
         let tries = Cell::new(0u8);
-        let timeout = pool.config.try_timeout();
-        let status = match crate::forward::forward(&ctx, &pool, copy, None, None, timeout, &tries).await {
+        let policy = crate::forward::TryPolicy::of(&pool.config);
+        let status = match crate::forward::forward(&ctx, &pool, copy, None, None, policy, &tries).await {
             Ok(answer) => {
                 let status = answer.response.status().as_u16();
                 // To its end, so the connection goes back to the pool; the body's

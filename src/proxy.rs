@@ -412,16 +412,14 @@ pub fn handle(
             }
             pool_idx = Some(p.pool);
             let pool = &snap.pools[p.pool];
-            let try_timeout = route_idx
-                .and_then(|i| snap.routes[i].response_timeout)
-                .unwrap_or_else(|| pool.config.try_timeout());
+            let policy = crate::forward::TryPolicy::for_route(&pool.config, route_idx.map(|i| &snap.routes[i]));
             let body = match retry::prepare_body(
                 p.body,
                 p.content_length,
                 p.max_body_bytes,
                 &pool.config,
                 snap.config.server.client_body_timeout,
-                try_timeout,
+                policy,
             )
             .await
             {
@@ -441,7 +439,7 @@ pub fn handle(
                 backend: addr,
                 upgraded,
                 raw: fields,
-            } = match crate::forward::forward(&ctx, pool, req, p.hash, prefer, try_timeout, &tries).await {
+            } = match crate::forward::forward(&ctx, pool, req, p.hash, prefer, policy, &tries).await {
                 Ok(f) => f,
                 Err(e) => break 'proxied Err(e),
             };

@@ -56,11 +56,12 @@ pub async fn prepare_body(
     limit: Option<u64>,
     pool: &PoolConfig,
     idle: Duration,
-    // Bounds each wait for the backend to take more of a streamed body.
-    try_timeout: Duration,
+    // Tries and the bound on each wait for the backend to take more of a streamed body.
+    policy: crate::forward::TryPolicy,
 ) -> Result<ReqBody, ProxyError> {
+    let try_timeout = policy.timeout;
     // A body is kept for replay when a retry may happen and it is small enough.
-    let kept = |len: u64| pool.retry.attempts > 1 && len <= pool.retry.max_replay_bytes;
+    let kept = |len: u64| policy.attempts > 1 && len <= pool.retry.max_replay_bytes;
     let incoming = match body {
         InBody::Empty => return Ok(ReqBody::empty()),
         InBody::Full(b) if b.is_empty() => return Ok(ReqBody::empty()),
@@ -112,9 +113,10 @@ pub struct Attempts {
 }
 
 impl Attempts {
-    pub fn new(pool: &Pool, req: &UpRequest) -> Attempts {
+    /// `attempts`: tries in all (`TryPolicy::attempts`).
+    pub fn new(pool: &Pool, req: &UpRequest, attempts: u32) -> Attempts {
         let idempotent = is_replay_safe(&req.head.method, &req.head.headers);
-        let max_tries = (pool.config.retry.attempts as usize).min(pool.backends.len());
+        let max_tries = (attempts as usize).min(pool.backends.len());
         let template = match &req.body {
             ReqBody::Buffered(b) if max_tries > 1 => Some(Template {
                 head: req.head.clone(),
@@ -441,7 +443,7 @@ mod tests {
     fn a_post_the_backend_never_received_is_resent_but_one_it_may_have_read_is_not() {
         let pool = pool();
         let addr = "127.0.0.1:1".parse().unwrap();
-        let mut a = Attempts::new(&pool, &post());
+        let mut a = Attempts::new(&pool, &post(), pool.config.retry.attempts);
         assert!(!a.replayable(), "a POST is not replay-safe");
         assert!(
             a.failed(0, ProxyError::NotReceived { backend: addr }, false),
@@ -455,7 +457,7 @@ mod tests {
             "the backend may have read it: never sent twice"
         );
         // Reset before a byte of it was written: the request is still in hand.
-        let mut a = Attempts::new(&pool, &post());
+        let mut a = Attempts::new(&pool, &post(), pool.config.retry.attempts);
         let reset = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(
             a.failed(
@@ -479,7 +481,7 @@ mod tests {
             ),
             "written, may have been read: not sent twice"
         );
-        let mut a = Attempts::new(&pool, &post());
+        let mut a = Attempts::new(&pool, &post(), pool.config.retry.attempts);
         assert!(!a.failed(
             0,
             ProxyError::BadStatus {

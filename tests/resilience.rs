@@ -1684,3 +1684,83 @@ async fn admin_states_survive_a_restart_through_the_state_file() {
     assert_eq!(got, ["a", "b"]);
     stop_proxy(srv).await;
 }
+
+/// A route's `retry` changes its pool's for the route's requests only: `attempts = 1`
+/// passes a failing backend's 503 to the client where the pool would retry it, and
+/// `hedge = false` waits for a slow backend where the pool would hedge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_retry_and_hedge_less_than_its_pool() {
+    let bad = TestOrigin::start("bad", Behavior::Status(503)).await;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let routes = "[[routes]]\npool = \"app\"\n\n[[routes]]\npath_prefix = \"/report/\"\npool = \"app\"\nretry = { attempts = 1 }\n";
+    let pool = format!("balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}\noutlier = {{ consecutive_failures = 1000 }}");
+    let toml = pool_config(&[bad.addr, good.addr], &pool).replacen("[[routes]]\npool = \"app\"\n", routes, 1);
+    let (srv, addr) = start_proxy(&toml);
+    let mut failed = 0;
+    for _ in 0..6 {
+        let r = get(addr, "/report/x").await;
+        assert!(matches!(r.status.as_u16(), 200 | 503), "{}", r.status);
+        failed += usize::from(r.status == 503);
+    }
+    // Every try that reached the failing backend reached the client.
+    assert!(failed >= 1, "round robin sent none to the failing backend");
+    assert_eq!(bad.hits(), failed);
+    for _ in 0..6 {
+        assert_eq!(get(addr, "/x").await.status, 200);
+    }
+    assert!(
+        bad.hits() > failed,
+        "the pool's own route tried the failing backend too"
+    );
+    stop_proxy(srv).await;
+
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(600))).await;
+    let fast = TestOrigin::start("fast", Behavior::Healthy).await;
+    let routes = "[[routes]]\npool = \"app\"\n\n[[routes]]\npath_prefix = \"/one/\"\npool = \"app\"\nretry = { hedge = false }\n";
+    let pool = format!(
+        "balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}\nretry = {{ hedge_delay = \"50ms\", budget_percent = 100 }}"
+    );
+    let toml = pool_config(&[slow.addr, fast.addr], &pool).replacen("[[routes]]\npool = \"app\"\n", routes, 1);
+    let (srv, addr) = start_proxy(&toml);
+    let mut bodies = Vec::new();
+    for _ in 0..4 {
+        bodies.push(get(addr, "/one/x").await.text());
+    }
+    // Not hedged: one try each, and the slow backend's answers came from it.
+    assert_eq!(slow.hits() + fast.hits(), 4);
+    assert_eq!(bodies.iter().filter(|b| *b == "slow").count(), slow.hits());
+    let before = slow.hits() + fast.hits();
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/x").await.text(), "fast", "hedged past the slow backend");
+    }
+    assert!(slow.hits() + fast.hits() > before + 4, "the pool's own route hedged");
+    stop_proxy(srv).await;
+}
+
+#[test]
+fn a_route_retry_that_could_not_apply_is_refused() {
+    let route = |extra: &str| {
+        pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
+            "pool = \"app\"\n",
+            &format!("pool = \"app\"\n{extra}\n"),
+            1,
+        )
+    };
+    assert_config_errors(
+        &route("retry = { attempts = 0 }"),
+        &["t.toml: routes[0].retry.attempts: must be between 1 and 10 (1 disables retries)"],
+    );
+    assert_config_errors(
+        &route("retry = { on_status = [] }"),
+        &["routes[0].retry.on_status: unknown field `on_status`, expected `attempts` or `hedge`"],
+    );
+    let direct = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
+        "pool = \"app\"\n",
+        "return = { status = 204 }\nretry = { attempts = 1 }\n",
+        1,
+    );
+    assert_config_errors(
+        &direct,
+        &["routes[0].retry: a route with return sends nothing to a backend: there is nothing to retry"],
+    );
+}
