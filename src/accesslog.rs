@@ -410,6 +410,8 @@ struct Record {
     ended: Option<&'static str>,
     /// hyper refused the request head (`unparsed`): no method, target or protocol.
     unparsed: bool,
+    /// Its route has `access_log = false` (`discard`): no line.
+    discarded: bool,
 }
 
 /// What is known once the response head is ready.
@@ -471,8 +473,15 @@ impl Pending {
                 body_failed: false,
                 ended: None,
                 unparsed: false,
+                discarded: false,
             },
         }))
+    }
+
+    /// No line for this request: its route has `access_log = false` (nginx's
+    /// `access_log off` in a `location`).
+    pub fn discard(mut self: Box<Self>) {
+        self.rec.discarded = true;
     }
 
     /// A line for a request whose head hyper refused and answered itself (`status`:
@@ -510,6 +519,7 @@ impl Pending {
                 body_failed: false,
                 ended: None,
                 unparsed: true,
+                discarded: false,
             },
         }));
     }
@@ -563,6 +573,9 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        if self.rec.discarded {
+            return;
+        }
         let ended = crate::clock::now();
         let rec = &self.rec;
         let termination = match (rec.ended, &rec.answer) {
@@ -1045,6 +1058,7 @@ mod tests {
             body_failed: false,
             ended: None,
             unparsed: false,
+            discarded: false,
         }
     }
 

@@ -291,6 +291,8 @@ pub struct RouteConfig {
     pub response_timeout: Option<Duration>,
     /// `retry = { attempts, hedge }`: the pool's, changed for this route's requests.
     pub retry: Option<RouteRetry>,
+    /// `access_log = false`: the route's requests get no access-log line.
+    pub skip_access_log: bool,
     /// `allow` and `deny`: which client addresses the route admits (`None`: all).
     pub access: Option<Arc<AccessRules>>,
     /// `return`: the route answers itself (nginx's `return`, Envoy's
@@ -923,6 +925,7 @@ struct FileRoute {
     path_regex: Option<String>,
     listeners: Option<Vec<String>>,
     retry: Option<toml::Value>,
+    access_log: Option<bool>,
     compress: Option<toml::Value>,
     basic_auth: Option<FileBasicAuth>,
     forward_auth: Option<FileForwardAuth>,
@@ -1866,6 +1869,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 split,
                 response_timeout: raw.response_timeout,
                 retry: route_retry,
+                skip_access_log: raw.access_log == Some(false),
                 access,
                 direct: direct.map(Arc::new),
                 compress,

@@ -338,7 +338,7 @@ pub fn handle(
         };
         // The access-log record; boxed, so a request without one carries a null pointer.
         // Dropped with the request if it ends before an answer: a line saying so.
-        let log = (!matches!(snap.config.server.access_log, AccessLog::Off)).then(|| {
+        let mut log = (!matches!(snap.config.server.access_log, AccessLog::Off)).then(|| {
             let format = &snap.config.server.access_log_format;
             Pending::begin(
                 &ctx,
@@ -383,8 +383,13 @@ pub fn handle(
                 &mut held,
             ) {
                 Ok(p) => p,
-                Err(e) => break 'proxied Err(e),
+                Err(e) => {
+                    skip_log(&mut log, &snap, route_idx);
+                    break 'proxied Err(e);
+                }
             };
+            // Before any await: a client that goes mid-request gets no line either.
+            skip_log(&mut log, &snap, route_idx);
             if let Some(auth) = auth.take() {
                 // Boxed: the auth pool's forwarding would otherwise sit in every
                 // request's future.
@@ -1303,6 +1308,17 @@ fn pass_auth_fields(head: &mut Rc<UpHead>, fields: Vec<(HeaderName, Option<Heade
         head.headers.remove(&name);
         if let Some(v) = value {
             head.headers.insert(name, v);
+        }
+    }
+}
+
+/// Drops the access-log record, unwritten, of a request whose route has
+/// `access_log = false`.
+#[inline]
+fn skip_log(log: &mut Option<Box<Pending>>, snap: &Snapshot, route: Option<usize>) {
+    if log.is_some() && route.is_some_and(|i| snap.routes[i].skip_access_log) {
+        if let Some(l) = log.take() {
+            l.discard();
         }
     }
 }

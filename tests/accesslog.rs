@@ -542,3 +542,43 @@ health_check = {{ type = "none" }}
         "{got:#?}"
     );
 }
+
+/// `access_log = false` on a route: none of its requests get a line, answered,
+/// refused (403) or abandoned by the client mid-request; other routes' do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_access_log_false_writes_no_lines() {
+    use tokio::io::AsyncWriteExt;
+    let good = TestOrigin::start("good", Behavior::Healthy).await;
+    let frozen = TestOrigin::start("frozen", Behavior::Freeze).await;
+    let dir = temp_dir("quiet-route");
+    let log = dir.join("access.log");
+    let routes = "[[routes]]\npool = \"app\"\n\n\
+                  [[routes]]\npath_prefix = \"/healthz\"\npool = \"app\"\naccess_log = false\n\n\
+                  [[routes]]\npath_prefix = \"/private/\"\npool = \"app\"\nallow = [\"192.0.2.0/24\"]\naccess_log = false\n\n\
+                  [[routes]]\npath_prefix = \"/frozen\"\npool = \"frozen\"\naccess_log = false\n\n";
+    let toml = config(&[good.addr], &log).replacen("[[routes]]\npool = \"app\"\n", routes, 1)
+        + &format!(
+            "\n[pools.frozen]\nbackends = [\"{}\"]\nhealth_check = {{ type = \"none\" }}\n",
+            frozen.addr
+        );
+    let (srv, addr) = start_proxy(&toml);
+    assert_eq!(get(addr, "/a").await.status, 200);
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/healthz").await.status, 200);
+    }
+    assert_eq!(get(addr, "/private/x").await.status, 403);
+    // A client that gives up on a request to the frozen backend.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /frozen HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while frozen.hits() == 0 {
+        assert!(Instant::now() < deadline, "the request never reached the backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(s);
+    assert_eq!(get(addr, "/b").await.status, 200);
+    stop_proxy(srv).await;
+    let got = lines(&log);
+    let targets: Vec<&str> = got.iter().map(|l| fields(l)[3]).collect();
+    assert_eq!(targets, ["/a", "/b"], "{got:?}");
+}
