@@ -169,6 +169,8 @@ pub struct ServerConfig {
     pub real_ip: Option<Arc<RealIp>>,
     /// `intercept_errors`: what every route without its own setting does.
     pub intercept_errors: bool,
+    /// `max_body_bytes`: the limit of every route without its own (`None`: none).
+    pub max_body_bytes: Option<u64>,
     /// `watch_config`: reload when the config file, or a file it names, changes.
     pub watch_config: bool,
 }
@@ -857,6 +859,7 @@ struct FileServer {
     trusted_proxies: Option<Vec<String>>,
     client_ip_header: Option<String>,
     intercept_errors: Option<bool>,
+    max_body_bytes: Option<u64>,
     watch_config: Option<bool>,
 }
 
@@ -1627,12 +1630,12 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
         if raw.response_timeout.is_some_and(|t| t.is_zero()) {
             errs.push(format!("{path}.response_timeout"), "must be greater than 0");
         }
-        if raw.max_body_bytes == Some(0) {
-            errs.push(
-                format!("{path}.max_body_bytes"),
-                "must be greater than 0 (omit it for no limit)",
-            );
-        }
+        // 0: no limit, in place of the server's (nginx's `client_max_body_size 0`).
+        let max_body_bytes = match raw.max_body_bytes {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => server.as_ref().and_then(|s| s.max_body_bytes),
+        };
         let rate_limit = raw.rate_limit.as_ref().map(|r| {
             let at = format!("{path}.rate_limit");
             let rps = r.requests_per_second;
@@ -1853,7 +1856,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 host,
                 path_prefix,
                 pool,
-                max_body_bytes: raw.max_body_bytes,
+                max_body_bytes,
                 https_redirect: raw.https_redirect.unwrap_or(false),
                 rewrite_location: raw.prefix_rewrite.is_some() && raw.rewrite_location.unwrap_or(true),
                 rewrite: match (raw.prefix_rewrite, regex_rewrite) {
@@ -2003,6 +2006,13 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
             .and_then(|v| validate_compress(v, "server.compress", errs)),
         real_ip: validate_real_ip(raw.trusted_proxies.as_deref(), raw.client_ip_header.as_deref(), errs),
         intercept_errors: raw.intercept_errors.unwrap_or(false),
+        max_body_bytes: match raw.max_body_bytes {
+            Some(0) => {
+                errs.push("server.max_body_bytes", "must be greater than 0 (omit it for no limit)");
+                None
+            }
+            n => n,
+        },
         watch_config: raw.watch_config.unwrap_or(false),
     })
 }

@@ -1382,6 +1382,37 @@ async fn oversized_requests_get_413_414_and_431() {
     assert_eq!(r.status, 200);
 }
 
+/// `[server] max_body_bytes`: every route's limit unless it sets its own, and a
+/// route's 0 lifts it (nginx's `client_max_body_size`, and its `0`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_body_limit_applies_to_routes_without_their_own() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let routes = "[[routes]]\npool = \"app\"\n\n\
+                  [[routes]]\npath_prefix = \"/upload/\"\npool = \"app\"\nmax_body_bytes = 0\n\n\
+                  [[routes]]\npath_prefix = \"/small/\"\npool = \"app\"\nmax_body_bytes = 100\n";
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "max_body_bytes = 1000").replacen(
+        "[[routes]]\npool = \"app\"\n",
+        routes,
+        1,
+    );
+    let (srv, addr) = start_proxy(&toml);
+    for (path, size, want) in [
+        ("/echo", 1000, 200),
+        ("/echo", 1001, 413),
+        ("/upload/echo", 5000, 200),
+        ("/small/echo", 101, 413),
+        ("/small/echo", 100, 200),
+    ] {
+        let r = post_bytes(addr, path, Bytes::from(vec![1u8; size])).await.unwrap();
+        assert_eq!(r.status.as_u16(), want, "{path} {size}");
+    }
+    stop_proxy(srv).await;
+    assert_config_errors(
+        &with_server_setting(&pool_config(&[o.addr], ""), "max_body_bytes = 0"),
+        &["t.toml: server.max_body_bytes: must be greater than 0 (omit it for no limit)"],
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
