@@ -184,7 +184,7 @@ pub async fn forward(
             }
             Outcome::Fatal(e) => return Err(e),
             Outcome::Gateway(err, mut fwd) => {
-                let another = pool.pick(hash, &[attempts.tried(), &[bi]].concat()).is_some();
+                let another = pool.could_pick(&[attempts.tried(), &[bi]].concat());
                 if !(retryable_after_send && another && attempts.has_tries_left()) {
                     attach_slot(&mut fwd, request_slot);
                     return Ok(fwd);

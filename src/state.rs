@@ -457,6 +457,18 @@ impl Pool {
         b.state.admin_state() != AdminState::Maint && b.state.is_judged_fit(ms_of(clock_ns())) && b.has_room()
     }
 
+    /// Whether `pick` could choose a backend outside `exclude`, asked without
+    /// choosing one: a pick moves round robin's cursor, and a pick made only to ask
+    /// would skip a backend's turn (after every failed try of one backend, the next
+    /// in the order lost its turn, and got no traffic at all while a backend failed).
+    pub fn could_pick(&self, exclude: &[usize]) -> bool {
+        let now = ms_of(clock_ns());
+        let panic = self.panic.load(Ordering::Relaxed);
+        self.backends.iter().enumerate().any(|(i, b)| {
+            !exclude.contains(&i) && b.state.in_service() && b.has_room() && (panic || b.state.is_judged_fit(now))
+        })
+    }
+
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         // One clock read per pick: it was three (availability, two EWMA decays).
         let now_ns = clock_ns();

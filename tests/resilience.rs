@@ -856,6 +856,34 @@ async fn a_backend_failing_a_share_of_its_requests_is_ejected_by_failure_percent
     }
 }
 
+/// Round robin keeps every healthy backend's turn while another fails: deciding
+/// whether a 503 can be retried elsewhere must not use up the next backend's turn
+/// (it did, and the backend after the failing one in the order got nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_skips_no_healthy_backend_while_another_fails() {
+    let mut good = Vec::new();
+    for name in ["a", "b", "c"] {
+        good.push(TestOrigin::start(name, Behavior::Healthy).await);
+    }
+    let bad = TestOrigin::start("bad", Behavior::Status(503)).await;
+    let mut backends: Vec<_> = good.iter().map(|o| o.addr).collect();
+    backends.push(bad.addr);
+    let (srv, addr) = start_proxy(&pool_config(
+        &backends,
+        &format!("balancer = \"round_robin\"\noutlier = {{ consecutive_failures = 1000 }}\nretry = {{ budget_percent = 100, hedge = false }}\n{NO_HEALTH_CHECKS}"),
+    ));
+    for _ in 0..40 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    let hits: Vec<usize> = good.iter().map(|o| o.hits()).collect();
+    assert!(
+        hits.iter().all(|&h| h >= 8),
+        "hits of a, b, c: {hits:?} (bad: {})",
+        bad.hits()
+    );
+    stop_proxy(srv).await;
+}
+
 #[test]
 fn failure_percentage_errors_name_their_field() {
     let with = |outlier: &str| pool_config(&["127.0.0.1:1".parse().unwrap()], outlier);
