@@ -652,12 +652,23 @@ pub struct OutlierConfig {
     pub max_ejection: Duration,
     pub max_ejected_percent: u32,
     pub panic_threshold: u32,
-    /// Eject a backend whose share of failed tries over `failure_percentage_interval`
-    /// reaches this percentage (Envoy's `failure_percentage_threshold`); `None`: off.
+    /// Eject a backend whose share of failed tries over `interval` reaches this
+    /// percentage (Envoy's `failure_percentage_threshold`); `None`: off.
     pub failure_percentage: Option<u32>,
     /// Tries a backend must have had in the interval to be judged by the percentage.
     pub failure_percentage_min_requests: u32,
-    pub failure_percentage_interval: Duration,
+    /// Eject a backend whose success rate over `interval` is this many standard
+    /// deviations below the pool's mean (Envoy's `success_rate_stdev_factor`, / 1000
+    /// there); `None`: off.
+    pub success_rate_stdev_factor: Option<f64>,
+    /// Backends with enough tries (`success_rate_min_requests`) needed for a mean.
+    pub success_rate_min_hosts: u32,
+    /// Tries a backend must have had in the interval to count toward the mean.
+    pub success_rate_min_requests: u32,
+    /// The window each judgment by `failure_percentage` or `success_rate_*` covers.
+    pub interval: Duration,
+    /// Either judgment is on: workers count each try's outcome (`outcomes`).
+    pub counts_outcomes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1068,8 +1079,14 @@ struct FileOutlier {
     panic_threshold: Option<u32>,
     failure_percentage: Option<u32>,
     failure_percentage_min_requests: Option<u32>,
+    /// The older name of `interval`, from when only `failure_percentage` used it.
     #[serde(default, with = "humantime_serde")]
     failure_percentage_interval: Option<Duration>,
+    success_rate_stdev_factor: Option<f64>,
+    success_rate_min_hosts: Option<u32>,
+    success_rate_min_requests: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -2837,7 +2854,14 @@ fn validate_outlier(value: Option<&toml::Value>, path: &str, errs: &mut Errors) 
         panic_threshold: raw.panic_threshold.unwrap_or(DEFAULT_PANIC_THRESHOLD),
         failure_percentage: raw.failure_percentage,
         failure_percentage_min_requests: raw.failure_percentage_min_requests.unwrap_or(50),
-        failure_percentage_interval: raw.failure_percentage_interval.unwrap_or(Duration::from_secs(10)),
+        success_rate_stdev_factor: raw.success_rate_stdev_factor,
+        success_rate_min_hosts: raw.success_rate_min_hosts.unwrap_or(5),
+        success_rate_min_requests: raw.success_rate_min_requests.unwrap_or(100),
+        interval: raw
+            .interval
+            .or(raw.failure_percentage_interval)
+            .unwrap_or(Duration::from_secs(10)),
+        counts_outcomes: raw.failure_percentage.is_some() || raw.success_rate_stdev_factor.is_some(),
     };
     if c.failure_percentage.is_some_and(|p| p == 0 || p > 100) {
         errs.push(format!("{path}.failure_percentage"), "must be between 1 and 100");
@@ -2845,15 +2869,57 @@ fn validate_outlier(value: Option<&toml::Value>, path: &str, errs: &mut Errors) 
     if c.failure_percentage_min_requests == 0 {
         errs.push(format!("{path}.failure_percentage_min_requests"), "must be at least 1");
     }
-    if c.failure_percentage_interval < Duration::from_millis(100) {
-        errs.push(format!("{path}.failure_percentage_interval"), "must be at least 100ms");
-    }
-    if c.failure_percentage.is_none()
-        && (raw.failure_percentage_min_requests.is_some() || raw.failure_percentage_interval.is_some())
-    {
+    if raw.interval.is_some() && raw.failure_percentage_interval.is_some() {
         errs.push(
-            path,
-            "failure_percentage_min_requests and failure_percentage_interval have no effect without failure_percentage",
+            format!("{path}.failure_percentage_interval"),
+            "is the older name of interval: set one",
+        );
+    }
+    let interval_field = match raw.interval {
+        Some(_) => "interval",
+        None => "failure_percentage_interval",
+    };
+    if c.interval < Duration::from_millis(100) {
+        errs.push(format!("{path}.{interval_field}"), "must be at least 100ms");
+    }
+    if c.success_rate_stdev_factor.is_some_and(|f| !(f > 0.0 && f <= 10.0)) {
+        errs.push(
+            format!("{path}.success_rate_stdev_factor"),
+            "must be above 0 and at most 10 (Envoy's default, 1900, is 1.9 here)",
+        );
+    }
+    if c.success_rate_min_hosts < 2 {
+        errs.push(
+            format!("{path}.success_rate_min_hosts"),
+            "must be at least 2: a mean of one backend is its own rate",
+        );
+    }
+    if c.success_rate_min_requests == 0 {
+        errs.push(format!("{path}.success_rate_min_requests"), "must be at least 1");
+    }
+    if c.failure_percentage.is_none() && raw.failure_percentage_min_requests.is_some() {
+        errs.push(
+            format!("{path}.failure_percentage_min_requests"),
+            "has no effect without failure_percentage",
+        );
+    }
+    if c.success_rate_stdev_factor.is_none() {
+        for (set, field) in [
+            (raw.success_rate_min_hosts.is_some(), "success_rate_min_hosts"),
+            (raw.success_rate_min_requests.is_some(), "success_rate_min_requests"),
+        ] {
+            if set {
+                errs.push(
+                    format!("{path}.{field}"),
+                    "has no effect without success_rate_stdev_factor",
+                );
+            }
+        }
+    }
+    if !c.counts_outcomes && (raw.interval.is_some() || raw.failure_percentage_interval.is_some()) {
+        errs.push(
+            format!("{path}.{interval_field}"),
+            "has no effect without failure_percentage or success_rate_stdev_factor",
         );
     }
     if c.consecutive_failures == 0 {

@@ -54,17 +54,15 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             for pool in &snap.pools {
                 pool.latency.update();
                 pool.budget.refill(elapsed);
-                if pool.config.outlier.failure_percentage.is_some() {
+                if pool.config.outlier.counts_outcomes {
                     // Looked up by `&str`: the name is copied only when a pool is first seen.
                     match judged.get_mut(pool.name.as_str()) {
                         None => {
                             judged.insert(pool.name.clone(), last);
                         }
-                        Some(since)
-                            if last.duration_since(*since) >= pool.config.outlier.failure_percentage_interval =>
-                        {
+                        Some(since) if last.duration_since(*since) >= pool.config.outlier.interval => {
                             *since = last;
-                            outlier::judge_failure_percentage(pool);
+                            outlier::judge(pool);
                         }
                         Some(_) => {}
                     }

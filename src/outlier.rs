@@ -44,7 +44,7 @@ fn count_error(pool: &Pool, bi: usize, kind: &'static str) {
 fn record_failure(pool: &Pool, bi: usize, kind: &'static str) {
     count_error(pool, bi, kind);
     let backend = &pool.backends[bi];
-    if pool.config.outlier.failure_percentage.is_some() {
+    if pool.config.outlier.counts_outcomes {
         backend.state.outcomes.fetch_add(TRY | 1, Ordering::Relaxed);
     }
     let n = backend.state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -90,7 +90,7 @@ const TRY: u64 = 1 << 32;
 #[inline]
 pub fn on_success(pool: &Pool, bi: usize) {
     let st = &pool.backends[bi].state;
-    if pool.config.outlier.failure_percentage.is_some() {
+    if pool.config.outlier.counts_outcomes {
         st.outcomes.fetch_add(TRY, Ordering::Relaxed);
     }
     if st.consecutive_failures.load(Ordering::Relaxed) != 0 {
@@ -147,25 +147,82 @@ pub fn try_eject(pool: &Pool, bi: usize, reason: &str) {
     }
 }
 
-/// `failure_percentage` (Envoy's failure-percentage detection): called by the control
-/// loop once per `failure_percentage_interval`, it ejects each backend whose failed
-/// tries since the last call reach the percentage, out of at least
-/// `failure_percentage_min_requests`. It catches the backend that fails one request
-/// in five, say, which consecutive failures rarely eject: they take a run of
-/// failures in a row. The ejection is `try_eject`'s, with its cap and backoff.
-pub fn judge_failure_percentage(pool: &Pool) {
+/// Called by the control loop once per `outlier.interval`, with the tries each
+/// backend had since the last call (read and reset together, so both judgments see
+/// one window):
+///
+/// - `failure_percentage` (Envoy's failure-percentage detection) ejects each backend
+///   whose failed tries reach the percentage, out of at least
+///   `failure_percentage_min_requests`. It catches the backend that fails one request
+///   in five, say, which consecutive failures rarely eject: they take a run of
+///   failures in a row.
+/// - `success_rate_stdev_factor` (Envoy's success-rate detection) ejects each backend
+///   whose success rate is more than that many standard deviations below the mean of
+///   the backends with at least `success_rate_min_requests` tries, when there are at
+///   least `success_rate_min_hosts` of them. It needs no threshold: a backend is
+///   judged against its peers, so a pool whose every backend fails alike (a bad
+///   database behind them all) loses none.
+///
+/// The ejections are `try_eject`'s, with its cap and backoff.
+pub fn judge(pool: &Pool) {
     let cfg = &pool.config.outlier;
-    let Some(threshold) = cfg.failure_percentage else {
-        return;
-    };
-    for (bi, b) in pool.backends.iter().enumerate() {
-        let w = b.state.outcomes.swap(0, Ordering::Relaxed);
-        let (tries, failures) = (w >> 32, w & (TRY - 1));
-        if tries >= u64::from(cfg.failure_percentage_min_requests) && failures * 100 >= u64::from(threshold) * tries {
-            tracing::warn!(pool = %pool.name, backend = %b.name, tries, failures, "failure percentage reached");
-            try_eject(pool, bi, "failure_percentage");
+    let counts: Vec<(u64, u64)> = pool
+        .backends
+        .iter()
+        .map(|b| {
+            let w = b.state.outcomes.swap(0, Ordering::Relaxed);
+            (w >> 32, w & (TRY - 1))
+        })
+        .collect();
+    if let Some(threshold) = cfg.failure_percentage {
+        for (bi, &(tries, failures)) in counts.iter().enumerate() {
+            if tries >= u64::from(cfg.failure_percentage_min_requests) && failures * 100 >= u64::from(threshold) * tries
+            {
+                tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, tries, failures, "failure percentage reached");
+                try_eject(pool, bi, "failure_percentage");
+            }
         }
     }
+    if let Some(factor) = cfg.success_rate_stdev_factor {
+        for (bi, rate, mean, floor) in success_rate_outliers(
+            &counts,
+            cfg.success_rate_min_requests,
+            cfg.success_rate_min_hosts,
+            factor,
+        ) {
+            tracing::warn!(pool = %pool.name, backend = %pool.backends[bi].name, rate, mean, floor, "success rate below the pool's");
+            try_eject(pool, bi, "success_rate");
+        }
+    }
+}
+
+/// The backends (index, success rate %, the pool's mean, the floor) whose success
+/// rate, of `(tries, failures)`, is below the mean by more than `factor` standard
+/// deviations, among those with `min_requests` tries, if `min_hosts` have them.
+fn success_rate_outliers(
+    counts: &[(u64, u64)],
+    min_requests: u32,
+    min_hosts: u32,
+    factor: f64,
+) -> Vec<(usize, f64, f64, f64)> {
+    let rates: Vec<(usize, f64)> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, (tries, _))| *tries >= u64::from(min_requests).max(1))
+        .map(|(bi, &(tries, failures))| (bi, (tries - failures.min(tries)) as f64 * 100.0 / tries as f64))
+        .collect();
+    if rates.len() < min_hosts as usize {
+        return Vec::new();
+    }
+    let n = rates.len() as f64;
+    let mean = rates.iter().map(|r| r.1).sum::<f64>() / n;
+    let stdev = (rates.iter().map(|r| (r.1 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let floor = mean - factor * stdev;
+    rates
+        .into_iter()
+        .filter(|&(_, rate)| rate < floor)
+        .map(|(bi, rate)| (bi, rate, mean, floor))
+        .collect()
 }
 
 /// A probation probe passed after the ejection ended: traffic may return.
@@ -183,6 +240,23 @@ mod tests {
     use super::*;
     use crate::state::{AdminState, Snapshot};
     use std::sync::Arc;
+
+    #[test]
+    fn a_success_rate_is_judged_against_the_pool_s_mean() {
+        // Four at 100% and one at 0%: mean 80, deviation 40, floor 80 - 1.9 * 40 = 4.
+        let counts = [(100, 0), (100, 0), (100, 0), (100, 0), (100, 100)];
+        let out = success_rate_outliers(&counts, 100, 5, 1.9);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0, out[0].1, out[0].2), (4, 0.0, 80.0));
+        assert!((out[0].3 - 4.0).abs() < 1e-9);
+        // A factor of 2.1 puts the floor below 0: no one.
+        assert!(success_rate_outliers(&counts, 100, 5, 2.1).is_empty());
+        // Too few backends with enough tries: no judgment.
+        assert!(success_rate_outliers(&counts, 101, 5, 1.9).is_empty());
+        assert!(success_rate_outliers(&counts[..4], 100, 5, 1.9).is_empty());
+        // All failing alike: no deviation, no one below the mean.
+        assert!(success_rate_outliers(&[(50, 25); 6], 10, 5, 1.9).is_empty());
+    }
 
     #[test]
     fn the_ejection_cap_is_a_share_of_the_backends_in_service() {

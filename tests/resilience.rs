@@ -856,6 +856,48 @@ async fn a_backend_failing_a_share_of_its_requests_is_ejected_by_failure_percent
     }
 }
 
+/// `outlier.success_rate_stdev_factor`: among five backends, the one whose success
+/// rate is far below the others' is ejected, judged against them, not a threshold;
+/// consecutive failures are kept from ejecting it, and without the setting it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_far_below_its_peers_success_rate_is_ejected() {
+    let mut good = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        good.push(TestOrigin::start(name, Behavior::Healthy).await);
+    }
+    let bad = TestOrigin::start("bad", Behavior::Status(503)).await;
+    let mut backends: Vec<_> = good.iter().map(|o| o.addr).collect();
+    backends.push(bad.addr);
+    for judged in [false, true] {
+        let outlier = if judged {
+            "outlier = { consecutive_failures = 1000, success_rate_stdev_factor = 1.9, success_rate_min_requests = 5, interval = \"500ms\" }"
+        } else {
+            "outlier = { consecutive_failures = 1000 }"
+        };
+        let (srv, addr) = start_proxy(&pool_config(
+            &backends,
+            // Random: round robin's order, with each retry taking a turn, starved one.
+            &format!("balancer = \"random\"\n{outlier}\nretry = {{ budget_percent = 100 }}\n{NO_HEALTH_CHECKS}"),
+        ));
+        let started = Instant::now();
+        let mut ejected = false;
+        while started.elapsed() < Duration::from_millis(2500) {
+            let r = get(addr, "/").await;
+            assert_eq!(r.status, 200, "the client never sees the 503");
+            if backend_field(&status_of(&srv).await, bad.addr, "ejected") == true {
+                ejected = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(ejected, judged, "success_rate_stdev_factor set: {judged}");
+        for o in &good {
+            assert_eq!(backend_field(&status_of(&srv).await, o.addr, "ejected"), false);
+        }
+        stop_proxy(srv).await;
+    }
+}
+
 /// Round robin keeps every healthy backend's turn while another fails: deciding
 /// whether a 503 can be retried elsewhere must not use up the next backend's turn
 /// (it did, and the backend after the failing one in the order got nothing).
@@ -896,8 +938,21 @@ fn failure_percentage_errors_name_their_field() {
         ],
     );
     assert_config_errors(
-        &with("outlier = { failure_percentage_min_requests = 20 }"),
-        &["pools.app.outlier: failure_percentage_min_requests and failure_percentage_interval have no effect without failure_percentage"],
+        &with("outlier = { failure_percentage_min_requests = 20, interval = \"1s\", success_rate_min_hosts = 3 }"),
+        &[
+            "pools.app.outlier.failure_percentage_min_requests: has no effect without failure_percentage",
+            "pools.app.outlier.interval: has no effect without failure_percentage or success_rate_stdev_factor",
+            "pools.app.outlier.success_rate_min_hosts: has no effect without success_rate_stdev_factor",
+        ],
+    );
+    assert_config_errors(
+        &with("outlier = { success_rate_stdev_factor = 0.0, success_rate_min_hosts = 1, success_rate_min_requests = 0, interval = \"1s\", failure_percentage_interval = \"1s\" }"),
+        &[
+            "pools.app.outlier.success_rate_stdev_factor: must be above 0 and at most 10 (Envoy's default, 1900, is 1.9 here)",
+            "pools.app.outlier.success_rate_min_hosts: must be at least 2",
+            "pools.app.outlier.success_rate_min_requests: must be at least 1",
+            "pools.app.outlier.failure_percentage_interval: is the older name of interval: set one",
+        ],
     );
 }
 
