@@ -307,8 +307,12 @@ async fn attempt(
     }
     timer.as_mut().reset(deadline);
     let exclude = [attempts.tried(), &[bi]].concat();
-    let target = pool.pick(hash, &exclude);
-    let (Some(hb), Some(hreq)) = (target, attempts.replay()) else {
+    // The backend is picked last, once the hedge will be sent: a pick moves round
+    // robin's cursor, and one refused by the breaker or the budget would skip a turn.
+    if !pool.could_pick(&exclude) {
+        return (bi, by_deadline(pool, bi, first, timer).await);
+    }
+    let Some(hreq) = attempts.replay() else {
         return (bi, by_deadline(pool, bi, first, timer).await);
     };
     let Ok(_slot) = pool.breakers.acquire(Limit::Retries, &cfg.circuit_breaker) else {
@@ -317,6 +321,9 @@ async fn attempt(
     if !pool.budget.try_withdraw() {
         return (bi, by_deadline(pool, bi, first, timer).await);
     }
+    let Some(hb) = pool.pick(hash, &exclude) else {
+        return (bi, by_deadline(pool, bi, first, timer).await);
+    };
     metrics::counter!("rampart_hedges_total", "pool" => pool.name.clone()).increment(1);
     tries.set(tries.get().saturating_add(1));
     tracing::debug!(pool = %pool.name, slow = %pool.backends[bi].name, hedge = %pool.backends[hb].name, delay_ms = delay.as_millis() as u64, "hedging");

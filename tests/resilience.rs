@@ -926,6 +926,25 @@ async fn round_robin_skips_no_healthy_backend_while_another_fails() {
     stop_proxy(srv).await;
 }
 
+/// The same for a hedge the retry budget refuses: the backend after a slow one in
+/// round robin's order keeps its turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_skips_no_backend_when_a_hedge_is_refused() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let slow = TestOrigin::start("slow", Behavior::Slow(Duration::from_millis(100))).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let (srv, addr) = start_proxy(&pool_config(
+        &[a.addr, slow.addr, b.addr],
+        &format!("balancer = \"round_robin\"\nretry = {{ hedge_delay = \"20ms\", budget_percent = 0, budget_min_per_sec = 0 }}\n{NO_HEALTH_CHECKS}"),
+    ));
+    for _ in 0..15 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    let hits = [a.hits(), slow.hits(), b.hits()];
+    assert!(hits.iter().all(|&h| h >= 4), "hits of a, slow, b: {hits:?}");
+    stop_proxy(srv).await;
+}
+
 #[test]
 fn failure_percentage_errors_name_their_field() {
     let with = |outlier: &str| pool_config(&["127.0.0.1:1".parse().unwrap()], outlier);
