@@ -244,6 +244,9 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// What routes' `listeners` call it (`None`: it serves only the routes without).
     pub name: Option<Arc<str>>,
+    /// Every request gets a redirect to `https://`, bar routes with
+    /// `https_redirect = false` (nginx's `server { listen 80; return 301 ...; }`).
+    pub https_redirect: bool,
     pub backlog: u32,
     /// Each connection starts with a PROXY protocol header (`proxyproto`).
     pub proxy_protocol: bool,
@@ -269,6 +272,9 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     /// Requests that arrive over plain HTTP get a redirect to `https://` instead.
     pub https_redirect: bool,
+    /// `https_redirect = false`, set: served over plain HTTP even on a listener
+    /// with `https_redirect` (an ACME http-01 challenge route).
+    pub keeps_http: bool,
     /// Fields to remove, set and add on the request to the backend (`None`: none).
     pub request_headers: Option<Arc<HeaderRules>>,
     /// The same on every response to a request this route matched.
@@ -887,6 +893,7 @@ struct FileAdmin {
 struct FileListener {
     bind: String,
     name: Option<String>,
+    https_redirect: Option<bool>,
     backlog: Option<u32>,
     proxy_protocol: Option<bool>,
     tls: Option<FileTls>,
@@ -1516,12 +1523,21 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             }
             Some(Arc::<str>::from(n))
         });
+        let has_tls = raw.tls.is_some();
         let tls = raw
             .tls
             .and_then(|t| validate_tls(t, &format!("{path}.tls"), base, errs));
+        let https_redirect = raw.https_redirect.unwrap_or(false);
+        if https_redirect && has_tls {
+            errs.push(
+                format!("{path}.https_redirect"),
+                "a TLS listener's requests came over HTTPS already: set it on the plain-HTTP listener",
+            );
+        }
         listeners.push(ListenerConfig {
             bind,
             name,
+            https_redirect,
             backlog: raw.backlog.unwrap_or(DEFAULT_BACKLOG),
             proxy_protocol: raw.proxy_protocol.unwrap_or(false),
             tls,
@@ -1875,6 +1891,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 pool,
                 max_body_bytes,
                 https_redirect: raw.https_redirect.unwrap_or(false),
+                keeps_http: raw.https_redirect == Some(false),
                 rewrite_location: raw.prefix_rewrite.is_some() && raw.rewrite_location.unwrap_or(true),
                 rewrite: match (raw.prefix_rewrite, regex_rewrite) {
                     (Some(to), _) => Some(PathRewrite::Prefix(to)),

@@ -376,7 +376,7 @@ pub async fn accept_loop(
     let tracker = &ctx.tracker;
     // `$server_port`: the port bound, which a `:0` in the config does not say.
     let bound = listener.local_addr().unwrap_or(cfg.bind);
-    ctx.register_listener(bound, cfg.bind, cfg.name.clone());
+    ctx.register_listener(bound, &cfg);
     loop {
         if tracker.active() >= ctx.http_builder().max_connections {
             // At the cap: wait for a slot, or for a reload that may raise the cap

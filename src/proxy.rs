@@ -91,13 +91,17 @@ pub struct ConnInfo {
     pub local_port: u16,
     /// The name of the listener it came in on, for routes' `listeners`.
     pub listener: Option<Arc<str>>,
+    /// That listener has `https_redirect`.
+    pub redirect_http: bool,
 }
 
-/// Which listener a connection came in on: its port (`$server_port`) and name.
+/// Which listener a connection came in on: its port (`$server_port`), name and
+/// `https_redirect`.
 #[derive(Debug, Clone, Default)]
 pub struct Local {
     pub port: u16,
     pub name: Option<Arc<str>>,
+    pub https_redirect: bool,
 }
 
 impl ConnInfo {
@@ -113,6 +117,7 @@ impl ConnInfo {
             park: None,
             local_port: 0,
             listener: None,
+            redirect_http: false,
         }
     }
 
@@ -124,6 +129,7 @@ impl ConnInfo {
     pub fn at(mut self, local: Local) -> ConnInfo {
         self.local_port = local.port;
         self.listener = local.name;
+        self.redirect_http = local.https_redirect;
         self
     }
 
@@ -173,6 +179,7 @@ impl ConnInfo {
             park: self.park.clone(),
             local_port: self.local_port,
             listener: self.listener.clone(),
+            redirect_http: self.redirect_http,
         }
     }
 }
@@ -764,16 +771,20 @@ fn prepare<'a>(
             })
         })
     };
-    let route_idx = snap
-        .router
-        .find(host.map(host_without_port), path, &fits)
-        .ok_or(ProxyError::NoRoute)?;
+    let Some(route_idx) = snap.router.find(host.map(host_without_port), path, &fits) else {
+        // A listener that redirects sends everything away, routed or not (nginx's
+        // `return 301` in the port 80 `server`).
+        if conn.redirect_http && !conn.tls {
+            return Err(https_redirect(host, &req));
+        }
+        return Err(ProxyError::NoRoute);
+    };
     *routed = Some(route_idx);
     let route = &snap.routes[route_idx];
     if route.access.as_ref().is_some_and(|a| !a.admits(conn.peer.ip())) {
         return Err(ProxyError::Forbidden);
     }
-    if route.https_redirect && !conn.tls {
+    if (route.https_redirect || (conn.redirect_http && !route.keeps_http)) && !conn.tls {
         return Err(https_redirect(host, &req));
     }
     let limits = &snap.limiters[route_idx];

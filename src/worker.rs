@@ -92,8 +92,9 @@ struct ListeningOn {
     bound: SocketAddr,
     /// The `bind` it was configured with.
     bind: SocketAddr,
-    /// Its name when it started.
+    /// Its name and `https_redirect` when it started.
     name: Option<Arc<str>>,
+    https_redirect: bool,
 }
 
 /// Lines recorded after the worker's last flush (requests whose tasks were dropped with
@@ -106,17 +107,22 @@ impl Drop for WorkerCtx {
 
 impl WorkerCtx {
     /// Notes a listening socket this worker accepts on, for `local_for`.
-    pub fn register_listener(&self, bound: SocketAddr, bind: SocketAddr, name: Option<Arc<str>>) {
+    pub fn register_listener(&self, bound: SocketAddr, cfg: &crate::config::ListenerConfig) {
         let mut table = self.listeners.borrow_mut();
         table.retain(|l| l.bound != bound);
-        table.push(ListeningOn { bound, bind, name });
+        table.push(ListeningOn {
+            bound,
+            bind: cfg.bind,
+            name: cfg.name.clone(),
+            https_redirect: cfg.https_redirect,
+        });
     }
 
     /// Which listener a connection whose local address is `addr` came in on: the
-    /// socket bound to it, or to the unspecified address on its port. The name is
-    /// the latest config's for that `bind`, so a reload that renames a listener
-    /// applies to the connections it accepts next; a listener on port 0 (tests)
-    /// keeps the name it started with.
+    /// socket bound to it, or to the unspecified address on its port. The name and
+    /// `https_redirect` are the latest config's for that `bind`, so a reload that
+    /// changes them applies to the connections it accepts next; a listener on port
+    /// 0 (tests) keeps what it started with.
     pub fn local_for(&self, addr: SocketAddr) -> crate::proxy::Local {
         let table = self.listeners.borrow();
         let entry = table.iter().find(|l| l.bound == addr).or_else(|| {
@@ -124,16 +130,17 @@ impl WorkerCtx {
                 .iter()
                 .find(|l| l.bound.ip().is_unspecified() && l.bound.port() == addr.port())
         });
-        let name = entry.and_then(|on| {
+        let (name, https_redirect) = entry.map_or((None, false), |on| {
             let snap = self.shared.snapshot.load();
             match snap.config.listeners.iter().find(|l| l.bind == on.bind) {
-                Some(l) if on.bind.port() != 0 => l.name.clone(),
-                _ => on.name.clone(),
+                Some(l) if on.bind.port() != 0 => (l.name.clone(), l.https_redirect),
+                _ => (on.name.clone(), on.https_redirect),
             }
         });
         crate::proxy::Local {
             port: addr.port(),
             name,
+            https_redirect,
         }
     }
 

@@ -795,6 +795,82 @@ async fn a_reload_that_renames_a_listener_applies_to_its_next_connections() {
     stop_proxy(srv).await;
 }
 
+/// `https_redirect` on a listener: every request on it gets the redirect, routed
+/// or not (nginx's port 80 `server` with `return 301`), except on a route with
+/// `https_redirect = false` (the ACME challenge); other listeners serve as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_with_https_redirect_sends_every_request_to_https() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = format!(
+        r#"
+[server]
+workers = 1
+
+[[listeners]]
+bind = "127.0.0.1:0"
+https_redirect = true
+
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+host = "app.test"
+pool = "app"
+
+[[routes]]
+path_prefix = "/.well-known/acme-challenge/"
+pool = "app"
+https_redirect = false
+
+[pools.app]
+backends = ["{}"]
+health_check = {{ type = "none" }}
+"#,
+        o.addr
+    );
+    let (srv, _) = start_proxy(&toml);
+    let [redirecting, plain] = srv.listen_addrs()[..] else {
+        panic!("two listeners");
+    };
+    let r = get_with(redirecting, "/a?b=1", &[("host", "App.Test:8080")]).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.headers["location"], "https://app.test/a?b=1");
+    // No route for this host: redirected all the same, not a 404.
+    let r = get_with(redirecting, "/z", &[("host", "other.test")]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.headers["location"].to_str().unwrap()),
+        (301, "https://other.test/z")
+    );
+    let r = post_bytes(redirecting, "/form", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 308, "a POST keeps its method");
+    // The challenge is served over plain HTTP (for a host with routes of its own,
+    // the route must name it: the most specific host wins).
+    let r = get_with(
+        redirecting,
+        "/.well-known/acme-challenge/tok",
+        &[("host", "other.test")],
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "o".to_string()));
+    assert_eq!(o.hits(), 1);
+    // The other listener serves, and 404s what has no route.
+    assert_eq!(get_with(plain, "/a", &[("host", "app.test")]).await.text(), "o");
+    assert_eq!(get_with(plain, "/z", &[("host", "other.test")]).await.status, 404);
+    stop_proxy(srv).await;
+
+    let tls = toml.replacen(
+        "https_redirect = true\n",
+        "https_redirect = true\ntls = { certificates = [{ cert = \"c.pem\", key = \"k.pem\" }] }\n",
+        1,
+    );
+    assert_config_errors(
+        &tls,
+        &["listeners[0].https_redirect: a TLS listener's requests came over HTTPS already: set it on the plain-HTTP listener"],
+    );
+}
+
 #[test]
 fn header_rules_on_fields_rampart_writes_are_refused_with_their_path() {
     let toml = pool_config(&["127.0.0.1:9".parse().unwrap()], "").replacen(
