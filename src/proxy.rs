@@ -750,7 +750,9 @@ fn prepare<'a>(
         return Err(ProxyError::BadRequest("missing Host header"));
     }
     let host = match &host_value {
-        Some(v) => Some(crate::router::host_str(v.as_bytes()).ok_or(ProxyError::BadRequest("invalid Host header"))?),
+        Some(v) => {
+            Some(crate::router::host_str(v.as_bytes()).ok_or_else(|| ProxyError::BadRequest("invalid Host header"))?)
+        }
         None => None,
     };
     // The query is scanned too (a `/.` there only costs the slow path a look).
@@ -1000,7 +1002,7 @@ fn content_length(field: Option<&HeaderValue>) -> Result<Option<u64>, ProxyError
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Some)
-            .ok_or(ProxyError::BadRequest("invalid Content-Length")),
+            .ok_or_else(|| ProxyError::BadRequest("invalid Content-Length")),
     }
 }
 
