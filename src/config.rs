@@ -836,6 +836,15 @@ impl Errors {
             message: message.into(),
         });
     }
+
+    /// One error, `message`, for each of `fields` (under `at`) that is set.
+    fn each_set(&mut self, at: &str, fields: &[(bool, &str)], message: &str) {
+        for &(set, field) in fields {
+            if set {
+                self.push(format!("{at}.{field}"), message);
+            }
+        }
+    }
 }
 
 // ---- the raw file form ---------------------------------------------------------------
@@ -1624,17 +1633,14 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
             );
         }
         if raw.direct.is_some() {
-            for (set, field) in [
-                (raw.prefix_rewrite.is_some(), "prefix_rewrite"),
-                (raw.path_rewrite.is_some(), "path_rewrite"),
-            ] {
-                if set {
-                    errs.push(
-                        format!("{path}.{field}"),
-                        "a route with return sends nothing to a backend: there is no path to rewrite",
-                    );
-                }
-            }
+            errs.each_set(
+                &path,
+                &[
+                    (raw.prefix_rewrite.is_some(), "prefix_rewrite"),
+                    (raw.path_rewrite.is_some(), "path_rewrite"),
+                ],
+                "a route with return sends nothing to a backend: there is no path to rewrite",
+            );
         }
         if raw.rewrite_location.is_some() && raw.prefix_rewrite.is_none() {
             errs.push(
@@ -2921,17 +2927,14 @@ fn validate_outlier(value: Option<&toml::Value>, path: &str, errs: &mut Errors) 
         );
     }
     if c.success_rate_stdev_factor.is_none() {
-        for (set, field) in [
-            (raw.success_rate_min_hosts.is_some(), "success_rate_min_hosts"),
-            (raw.success_rate_min_requests.is_some(), "success_rate_min_requests"),
-        ] {
-            if set {
-                errs.push(
-                    format!("{path}.{field}"),
-                    "has no effect without success_rate_stdev_factor",
-                );
-            }
-        }
+        errs.each_set(
+            path,
+            &[
+                (raw.success_rate_min_hosts.is_some(), "success_rate_min_hosts"),
+                (raw.success_rate_min_requests.is_some(), "success_rate_min_requests"),
+            ],
+            "has no effect without success_rate_stdev_factor",
+        );
     }
     if !c.counts_outcomes && (raw.interval.is_some() || raw.failure_percentage_interval.is_some()) {
         errs.push(
@@ -3102,19 +3105,16 @@ fn validate_health(
                 "a gRPC check speaks HTTP/2, as gRPC does: set the pool's protocol = \"h2\"",
             );
         }
-        for (set, field) in [
-            (raw.path.is_some(), "path"),
-            (raw.method.is_some(), "method"),
-            (raw.expect_status.is_some(), "expect_status"),
-            (raw.expect_body.is_some(), "expect_body"),
-        ] {
-            if set {
-                errs.push(
-                    format!("{path}.{field}"),
-                    "has no effect on a gRPC check, which asks grpc.health.v1.Health/Check and passes on SERVING",
-                );
-            }
-        }
+        errs.each_set(
+            path,
+            &[
+                (raw.path.is_some(), "path"),
+                (raw.method.is_some(), "method"),
+                (raw.expect_status.is_some(), "expect_status"),
+                (raw.expect_body.is_some(), "expect_body"),
+            ],
+            "has no effect on a gRPC check, which asks grpc.health.v1.Health/Check and passes on SERVING",
+        );
     } else if raw.service.is_some() {
         errs.push(
             format!("{path}.service"),
@@ -3132,14 +3132,11 @@ fn validate_health(
         );
     }
     if kind == HealthCheckKind::None {
-        for (set, field) in [(raw.port.is_some(), "port"), (raw.tls.is_some(), "tls")] {
-            if set {
-                errs.push(
-                    format!("{path}.{field}"),
-                    "has no effect with type = \"none\": no check is sent",
-                );
-            }
-        }
+        errs.each_set(
+            path,
+            &[(raw.port.is_some(), "port"), (raw.tls.is_some(), "tls")],
+            "has no effect with type = \"none\": no check is sent",
+        );
     }
     if service.len() > 1024 {
         errs.push(format!("{path}.service"), "is longer than 1024 bytes");

@@ -473,11 +473,7 @@ pool = "app"
 "#;
     let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replacen("[[routes]]\npool = \"app\"\n", routes, 1);
     let (srv, addr) = start_proxy(&toml);
-    let target = || {
-        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
-        seen[SEEN_TARGET].to_str().unwrap().to_string()
-    };
-    for (sent, want) in [
+    let cases = [
         ("/api/users?id=7", "/users?id=7"),
         ("/api/", "/"),
         ("/v1/orders", "/internal/v2/orders"),
@@ -489,19 +485,8 @@ pool = "app"
         ("/x/../api/a", "/a"),
         // Other routes are untouched.
         ("/other?q", "/other?q"),
-    ] {
-        let r = get(addr, sent).await;
-        assert_eq!(r.status, 200, "{sent}");
-        assert_eq!(target(), want, "{sent}");
-    }
-    // HTTP/2 too, and `$request_uri` is the target as routed.
-    let h2 = Request::get("http://test.local/api/users?id=8")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(send_h2(addr, h2).await.status, 200);
-    assert_eq!(target(), "/users?id=8");
-    let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
-    assert_eq!(seen["x-original-uri"], "/api/users?id=8");
+    ];
+    assert_rewrites(addr, &o, &cases, ("/api/users?id=8", "/users?id=8")).await;
     stop_proxy(srv).await;
 
     let bad = pool_config(&[o.addr], "").replacen("pool = \"app\"\n", "pool = \"app\"\nprefix_rewrite = \"v2\"\n", 1);
@@ -553,11 +538,7 @@ pool = "app"
 "#;
     let toml = pool_config(&[o.addr], NO_HEALTH_CHECKS).replacen("[[routes]]\npool = \"app\"\n", routes, 1);
     let (srv, addr) = start_proxy(&toml);
-    let target = || {
-        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
-        seen[SEEN_TARGET].to_str().unwrap().to_string()
-    };
-    for (sent, want) in [
+    let cases = [
         ("/users/42/profile?tab=2", "/profiles/42?tab=2"),
         // No match: the path goes as it came.
         ("/users/bob/profile", "/users/bob/profile"),
@@ -575,20 +556,30 @@ pool = "app"
         // Dot segments go before routing, so the pattern sees the routed path.
         ("/x/../users/9/profile", "/profiles/9"),
         ("/other?q", "/other?q"),
-    ] {
+    ];
+    assert_rewrites(addr, &o, &cases, ("/users/5/profile?x=1", "/profiles/5?x=1")).await;
+    stop_proxy(srv).await;
+}
+
+/// Each `(sent, want)` over HTTP/1.1: the target `o` got; then `h2` the same over
+/// HTTP/2, whose route sets `X-Original-URI` to `$request_uri`, the target as routed.
+async fn assert_rewrites(addr: std::net::SocketAddr, o: &TestOrigin, cases: &[(&str, &str)], h2: (&str, &str)) {
+    let target = || {
+        let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
+        seen[SEEN_TARGET].to_str().unwrap().to_string()
+    };
+    for &(sent, want) in cases {
         let r = get(addr, sent).await;
         assert_eq!(r.status, 200, "{sent}");
         assert_eq!(target(), want, "{sent}");
     }
-    // HTTP/2 too, and `$request_uri` is the target as routed.
-    let h2 = Request::get("http://test.local/users/5/profile?x=1")
+    let req = Request::get(format!("http://test.local{}", h2.0))
         .body(Full::new(Bytes::new()))
         .unwrap();
-    assert_eq!(send_h2(addr, h2).await.status, 200);
-    assert_eq!(target(), "/profiles/5?x=1");
+    assert_eq!(send_h2(addr, req).await.status, 200);
+    assert_eq!(target(), h2.1);
     let seen = o.seen_headers.lock().unwrap().last().cloned().unwrap();
-    assert_eq!(seen["x-original-uri"], "/users/5/profile?x=1");
-    stop_proxy(srv).await;
+    assert_eq!(seen["x-original-uri"], h2.0);
 }
 
 #[test]
