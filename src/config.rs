@@ -270,11 +270,10 @@ pub struct RouteConfig {
     pub path_prefix: String,
     pub pool: usize,
     pub max_body_bytes: Option<u64>,
-    /// Requests that arrive over plain HTTP get a redirect to `https://` instead.
-    pub https_redirect: bool,
-    /// `https_redirect = false`, set: served over plain HTTP even on a listener
-    /// with `https_redirect` (an ACME http-01 challenge route).
-    pub keeps_http: bool,
+    /// `true`: requests that arrive over plain HTTP get a redirect to `https://`
+    /// instead. `false`: served over plain HTTP even on a listener with
+    /// `https_redirect` (an ACME http-01 challenge route). `None`: as the listener says.
+    pub https_redirect: Option<bool>,
     /// Fields to remove, set and add on the request to the backend (`None`: none).
     pub request_headers: Option<Arc<HeaderRules>>,
     /// The same on every response to a request this route matched.
@@ -1896,8 +1895,7 @@ fn validate(table: &toml::Table, base: &Path, errs: &mut Errors) -> Option<Confi
                 path_prefix,
                 pool,
                 max_body_bytes,
-                https_redirect: raw.https_redirect.unwrap_or(false),
-                keeps_http: raw.https_redirect == Some(false),
+                https_redirect: raw.https_redirect,
                 rewrite_location: raw.prefix_rewrite.is_some() && raw.rewrite_location.unwrap_or(true),
                 rewrite: match (raw.prefix_rewrite, regex_rewrite) {
                     (Some(to), _) => Some(PathRewrite::Prefix(to)),

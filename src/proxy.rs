@@ -786,7 +786,7 @@ fn prepare<'a>(
     if route.access.as_ref().is_some_and(|a| !a.admits(conn.peer.ip())) {
         return Err(ProxyError::Forbidden);
     }
-    if (route.https_redirect || (conn.redirect_http && !route.keeps_http)) && !conn.tls {
+    if route.https_redirect.unwrap_or(conn.redirect_http) && !conn.tls {
         return Err(https_redirect(host, &req));
     }
     let limits = &snap.limiters[route_idx];

@@ -100,7 +100,8 @@ pub enum SendError {
 }
 
 impl Conn {
-    fn new(stream: UpIo, addr: SocketAddr, slot: Option<Slot>) -> Conn {
+    /// `uses`: the responses it may carry before it closes.
+    fn new(stream: UpIo, addr: SocketAddr, slot: Option<Slot>, uses: u32) -> Conn {
         Conn {
             stream,
             buf: BytesMut::new(),
@@ -109,7 +110,7 @@ impl Conn {
             addr,
             _slot: slot,
             body_stall: Stall::new(Duration::MAX),
-            uses_left: u32::MAX,
+            uses_left: uses,
         }
     }
 
@@ -770,9 +771,7 @@ pub async fn connect(
 ) -> Result<Box<Conn>, ProxyError> {
     let stream = crate::backend_tls::connect(addr, tls, timeout).await?;
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
-    let mut conn = Conn::new(stream, addr, Some(slot));
-    conn.uses_left = max_requests;
-    Ok(Box::new(conn))
+    Ok(Box::new(Conn::new(stream, addr, Some(slot), max_requests)))
 }
 
 #[cfg(test)]
@@ -796,7 +795,11 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
-        (Box::new(Conn::new(UpIo::Plain(client), addr, None)), server, l)
+        (
+            Box::new(Conn::new(UpIo::Plain(client), addr, None, u32::MAX)),
+            server,
+            l,
+        )
     }
 
     /// Closes the backend's end with a reset and no FIN (`SO_LINGER` 0).
@@ -915,7 +918,7 @@ mod tests {
         };
         let connect = crate::backend_tls::connect(addr, Some((&client, &name)), Duration::from_secs(5));
         let (io, server) = tokio::join!(connect, accept);
-        (Box::new(Conn::new(io.unwrap(), addr, None)), server)
+        (Box::new(Conn::new(io.unwrap(), addr, None, u32::MAX)), server)
     }
 
     #[tokio::test]
