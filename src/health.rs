@@ -36,7 +36,7 @@ const METRICS_UPKEEP_TICKS: u32 = 25;
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut tasks = JoinSet::new();
     let mut checkers = HashMap::new();
-    // When each pool's failures were last judged by percentage, by pool name (a
+    // When each pool's outcomes were last judged (`outlier::judge`), by pool name (a
     // reload keeps the window of a pool that stays).
     let mut judged: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {

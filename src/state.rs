@@ -64,8 +64,9 @@ pub struct BackendState {
     /// start the count again (only the health loop writes them).
     pub check_passes: AtomicU32,
     pub check_failures: AtomicU32,
-    /// `outlier.failure_percentage`: tries (high 32 bits) and failed tries (low 32)
-    /// since the control loop last judged the backend, which swaps it to 0.
+    /// With `outlier.failure_percentage` or `success_rate_stdev_factor`: tries (high
+    /// 32 bits) and failed tries (low 32) since the control loop last judged the
+    /// backend, which swaps it to 0 (`outlier::judge`).
     pub outcomes: AtomicU64,
     in_flight: AtomicU32,
     ewma_ns: AtomicU64,
@@ -464,9 +465,10 @@ impl Pool {
     pub fn could_pick(&self, exclude: &[usize]) -> bool {
         let now = ms_of(clock_ns());
         let panic = self.panic.load(Ordering::Relaxed);
-        self.backends.iter().enumerate().any(|(i, b)| {
-            !exclude.contains(&i) && b.state.in_service() && b.has_room() && (panic || b.state.is_judged_fit(now))
-        })
+        self.backends
+            .iter()
+            .enumerate()
+            .any(|(i, b)| may_take(b, i, exclude, panic, now))
     }
 
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
@@ -504,22 +506,12 @@ impl Pool {
         let ramping = !panic && !window.is_zero() && self.config.balancer != BalancerKind::ConsistentHash;
         let tier = |backup: bool, ramp: bool| {
             let ok = |i: usize| {
-                if exclude.contains(&i) {
-                    return false;
-                }
                 let b = &self.backends[i];
-                // `max_in_flight` is the operator's limit: kept in panic mode too.
-                if b.backup != backup || !b.state.in_service() || !b.has_room() {
-                    return false;
-                }
-                if panic {
-                    return true;
-                }
-                if !b.state.is_judged_fit(now) {
-                    return false;
-                }
-                // Slow start: a ramping backend is passed over in proportion to its ramp.
-                !ramp || fastrand::f64() < b.state.ramp_factor(now, window)
+                b.backup == backup
+                    && may_take(b, i, exclude, panic, now)
+                    // Slow start: a ramping backend is passed over in proportion to its
+                    // ramp (never in panic mode: `ramping` is off then).
+                    && (!ramp || fastrand::f64() < b.state.ramp_factor(now, window))
             };
             self.balancer.pick(&self.backends, hash, now_ns, &ok)
         };
@@ -883,6 +875,15 @@ impl Shared {
         }
         installed
     }
+}
+
+/// Whether backend `b` (index `i`) may take a request, in `Pool::pick` and
+/// `Pool::could_pick` alike: not in `exclude`, in service, with room under
+/// `max_in_flight` (the operator's limit, kept in panic mode too), and judged fit
+/// unless the pool is in panic mode.
+#[inline]
+fn may_take(b: &Backend, i: usize, exclude: &[usize], panic: bool, now: u64) -> bool {
+    !exclude.contains(&i) && b.state.in_service() && b.has_room() && (panic || b.state.is_judged_fit(now))
 }
 
 #[cfg(test)]
