@@ -1240,15 +1240,20 @@ fn pattern<R>(
 
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 
+/// `pattern` for a text (not bytes) pattern: a path's.
+fn path_pattern(text: &str, at: String, errs: &mut Errors) -> Option<regex::Regex> {
+    pattern(text, at, errs, |t| {
+        regex::RegexBuilder::new(t).size_limit(PATTERN_SIZE_LIMIT).build()
+    })
+}
+
 /// A route's `path_rewrite`. Beyond the pattern, `replace` is checked here so that
 /// no request can find a mistake in it: each `$` reference must name a group of the
 /// pattern (`regex` would put nothing in silently), and its text must be valid in a
 /// path and query, since only it (never a captured piece of the path) can bring a
 /// character that is not.
 fn path_rewrite(raw: &FilePathRewrite, at: &str, errs: &mut Errors) -> Option<RegexRewrite> {
-    let regex = pattern(&raw.regex, format!("{at}.regex"), errs, |t| {
-        regex::RegexBuilder::new(t).size_limit(PATTERN_SIZE_LIMIT).build()
-    })?;
+    let regex = path_pattern(&raw.regex, format!("{at}.regex"), errs)?;
     let mut ok = true;
     let mut literal = String::with_capacity(raw.replace.len());
     let mut rest = raw.replace.as_str();
@@ -1359,9 +1364,7 @@ fn route_match(
         }
     }
     if let Some(text) = path_regex {
-        m.path_regex = pattern(text, format!("{path}.path_regex"), errs, |t| {
-            regex::RegexBuilder::new(t).size_limit(PATTERN_SIZE_LIMIT).build()
-        });
+        m.path_regex = path_pattern(text, format!("{path}.path_regex"), errs);
     }
     if let Some(methods) = methods {
         if methods.is_empty() {
