@@ -42,8 +42,8 @@ def main():
     procs = [bench.start_origins(run)]
     builds = {}
     for name, binary in (("A", args.a), ("B", args.b)):
-        cfg = run / f"rampart-{name}.toml"
-        cfg.write_text(config.replace("127.0.0.1:18080", f"127.0.0.1:{PORTS[name]}"))
+        cfg = bench.config_for(binary, config.replace("127.0.0.1:18080", f"127.0.0.1:{PORTS[name]}"),
+                               run / f"rampart-{name}.toml")
         p = subprocess.Popen([binary, "--config", str(cfg), "--log-level", "warn"])
         procs.append(p)
         builds[name] = p.pid

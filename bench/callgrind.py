@@ -152,9 +152,9 @@ def with_access_log(target, run: Path):
     datagram per line), which `profile` sends to the run's .log file."""
     name, cmd, port = target
     if name.startswith("rampart "):
-        conf = run / "rampart-access-log.toml"
-        conf.write_text(bench.replaced_once((bench.PEERS / "rampart.toml").read_text(),
-                                            "[server]\n", f'[server]\naccess_log = "{run}/rampart-access.log"\n'))
+        conf = bench.config_for(cmd[0], bench.replaced_once(
+            (bench.PEERS / "rampart.toml").read_text(),
+            "[server]\n", f'[server]\naccess_log = "{run}/rampart-access.log"\n'), run / "rampart-access-log.toml")
         cmd = [cmd[0], "--config", str(conf), *cmd[3:]]
     elif name == "nginx":
         conf = run / "nginx-access-log.conf"
@@ -185,9 +185,9 @@ def with_gzip(target, run: Path):
     nginx's `gzip on` at level 1 (its default) with `Vary`, HAProxy's `compression`."""
     name, cmd, port = target
     if name.startswith("rampart "):
-        conf = run / "rampart-gzip.toml"
-        conf.write_text(bench.replaced_once((bench.PEERS / "rampart.toml").read_text(),
-                                            "[server]\n", "[server]\ncompress = true\n"))
+        conf = bench.config_for(cmd[0], bench.replaced_once((bench.PEERS / "rampart.toml").read_text(),
+                                                            "[server]\n", "[server]\ncompress = true\n"),
+                                run / "rampart-gzip.toml")
         cmd = [cmd[0], "--config", str(conf), *cmd[3:]]
     elif name == "nginx":
         conf = run / "nginx-gzip.conf"
@@ -346,8 +346,9 @@ def main():
     try:
         for port in (19001, 19002, 19003):
             bench.wait_port(port)
-        targets = [(f"rampart {b}", [b, "--config", str(bench.PEERS / "rampart.toml"), "--log-level", "warn"],
-                    PORT["rampart"]) for b in args.binaries]
+        targets = [(f"rampart {b}", [b, "--config", str(bench.config_for(
+                        b, (bench.PEERS / "rampart.toml").read_text(), run / f"rampart-{i}.toml")), "--log-level", "warn"],
+                    PORT["rampart"]) for i, b in enumerate(args.binaries)]
         if args.nginx:
             conf = bench.render(bench.PEERS / "nginx.conf", run)
             targets.append(("nginx", ["nginx", "-c", str(conf), "-g", "daemon off; master_process off;"],
