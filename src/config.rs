@@ -38,6 +38,14 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle wait for the next request on a client keep-alive connection: nginx's
 /// `keepalive_timeout` default. An idle connection holds no buffers, so this is cheap.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Requests on one client connection before it closes (HTTP/2: streams before
+/// GOAWAY): nginx's `keepalive_requests` default. A client that never reconnects
+/// would otherwise stay on one worker, and behind an L4 balancer on one instance, for
+/// good; one new connection per thousand requests costs nothing measurable.
+pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
+/// Age of a client connection after which its next response closes it: nginx's
+/// `keepalive_time` default, for the same reason.
+pub const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(3600);
 /// Total request header bytes before 431; nginx's large_client_header_buffers is 4×8k.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Request target length before 414, nginx's one large header buffer.
@@ -154,6 +162,11 @@ pub struct ServerConfig {
     pub client_body_timeout: Duration,
     pub send_timeout: Duration,
     pub keepalive_timeout: Duration,
+    /// `keepalive_requests`: requests a client connection serves (`None`: no limit).
+    pub keepalive_requests: Option<std::num::NonZeroU32>,
+    /// `keepalive_time`: the age past which a connection serves no further request
+    /// (`None`: no limit).
+    pub keepalive_time: Option<Duration>,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     pub max_headers: usize,
@@ -871,6 +884,9 @@ struct FileServer {
     send_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     keepalive_timeout: Option<Duration>,
+    keepalive_requests: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_time: Option<Duration>,
     max_header_bytes: Option<usize>,
     max_uri_bytes: Option<usize>,
     max_headers: Option<usize>,
@@ -2009,6 +2025,10 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         client_body_timeout,
         send_timeout,
         keepalive_timeout,
+        // 0 lifts either limit, as a route's `max_body_bytes = 0` does: their
+        // defaults are limits, so leaving them out cannot.
+        keepalive_requests: std::num::NonZeroU32::new(raw.keepalive_requests.unwrap_or(DEFAULT_KEEPALIVE_REQUESTS)),
+        keepalive_time: Some(raw.keepalive_time.unwrap_or(DEFAULT_KEEPALIVE_TIME)).filter(|d| !d.is_zero()),
         max_header_bytes,
         max_uri_bytes,
         max_headers,
@@ -3737,6 +3757,27 @@ connect_timeout = "soon"
                 "{errs}"
             );
         }
+    }
+
+    #[test]
+    fn keepalive_requests_and_time_default_to_nginxs_and_zero_lifts_them() {
+        let with = |v: &str| MINIMAL.replacen("[server]\n", &format!("[server]\n{v}\n"), 1);
+        let s = Config::parse(MINIMAL, "t").unwrap().server;
+        assert_eq!(s.keepalive_requests.map(|n| n.get()), Some(1000));
+        assert_eq!(s.keepalive_time, Some(Duration::from_secs(3600)));
+        let s = Config::parse(&with("keepalive_requests = 5\nkeepalive_time = \"90s\""), "t")
+            .unwrap()
+            .server;
+        assert_eq!(s.keepalive_requests.map(|n| n.get()), Some(5));
+        assert_eq!(s.keepalive_time, Some(Duration::from_secs(90)));
+        let s = Config::parse(&with("keepalive_requests = 0\nkeepalive_time = \"0s\""), "t")
+            .unwrap()
+            .server;
+        assert_eq!((s.keepalive_requests, s.keepalive_time), (None, None));
+        let errs = errors_of(&with("keepalive_requests = -1")).join("\n");
+        assert!(errs.contains("server.keepalive_requests"), "{errs}");
+        let errs = errors_of(&with("keepalive_time = \"soon\"")).join("\n");
+        assert!(errs.contains("server.keepalive_time"), "{errs}");
     }
 
     #[test]

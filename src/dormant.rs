@@ -10,7 +10,7 @@
 //! or when a stopping worker closes its idle connections (`listener::DRAIN_IDLE`
 //! after the stop; one that sends a request before then is answered, and closed).
 //!
-//! Owns: the epoll set, the slots (40 bytes each, allocated `CHUNK` at a time) and
+//! Owns: the epoll set, the slots (48 bytes each, allocated `CHUNK` at a time) and
 //! their deadlines (checked by a scan every `SCAN_EVERY`, so a dormant connection
 //! closes up to that much after its deadline, and memory stays one slot per
 //! connection), and the task that serves them.
@@ -43,13 +43,18 @@ const SCAN_EVERY: Duration = Duration::from_millis(250);
 /// partly used chunk of spare room (a `Vec` doubling would hold up to 2x).
 const CHUNK: usize = 256;
 
-/// One dormant connection: 40 bytes.
+/// One dormant connection: 48 bytes.
 struct Slot {
     stream: Option<std::net::TcpStream>,
     /// Bumped on reuse, so stale events for an old tenant are ignored.
     generation: u32,
     /// Milliseconds since `Dormant::epoch` (wrapping; waits are far below 24 days).
     deadline_ms: u32,
+    /// When the connection was accepted, in whole seconds since `Dormant::epoch`
+    /// (rounded down: it wakes up to a second older), and the requests it has
+    /// begun: its `idle::Lifetime`.
+    born_s: u32,
+    begun: u32,
     peer: PeerAddr,
     guard: Option<ConnGuard>,
 }
@@ -95,11 +100,22 @@ impl PeerAddr {
 }
 
 /// A connection handed back to a task: its socket (registered with tokio again), its
-/// peer and its guard.
+/// peer, its guard and its `idle::Lifetime` so far.
 pub struct Woken {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub guard: ConnGuard,
+    pub born: std::time::Instant,
+    pub begun: u32,
+}
+
+/// A connection taken out of its slot, its socket not yet back with tokio.
+struct Taken {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+    born: std::time::Instant,
+    begun: u32,
 }
 
 pub struct Dormant {
@@ -159,6 +175,8 @@ impl Dormant {
                         stream: None,
                         generation: 0,
                         deadline_ms: 0,
+                        born_s: 0,
+                        begun: 0,
                         peer: PeerAddr::EMPTY,
                         guard: None,
                     })
@@ -177,8 +195,17 @@ impl Dormant {
     }
 
     /// Puts a connection to sleep until its next byte or `wait` passes. On failure
-    /// the connection is simply closed (it was idle).
-    pub fn park(&self, stream: TcpStream, peer: SocketAddr, guard: ConnGuard, wait: Duration) {
+    /// the connection is simply closed (it was idle). `born` and `begun` are its
+    /// `idle::Lifetime`, handed back when it wakes.
+    pub fn park(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        guard: ConnGuard,
+        wait: Duration,
+        born: std::time::Instant,
+        begun: u32,
+    ) {
         let Ok(stream) = stream.into_std() else {
             return;
         };
@@ -203,11 +230,17 @@ impl Dormant {
         let deadline_ms = self
             .now_ms()
             .wrapping_add(wait.as_millis().min(u32::MAX as u128 / 2) as u32);
+        let born_s = born
+            .saturating_duration_since(self.epoch.into_std())
+            .as_secs()
+            .min(u32::MAX as u64) as u32;
         self.with_slot(idx, |s| {
             s.stream = Some(stream);
             s.peer = PeerAddr::new(peer);
             s.guard = Some(guard);
             s.deadline_ms = deadline_ms;
+            s.born_s = born_s;
+            s.begun = begun;
         });
         self.shared.dormant_connections.fetch_add(1, Ordering::Relaxed);
         if self.len() == 1 {
@@ -216,13 +249,21 @@ impl Dormant {
     }
 
     /// Takes the connection out of its slot, if `generation` is still its tenant.
-    fn take(&self, idx: u32, generation: u32) -> Option<(std::net::TcpStream, SocketAddr, ConnGuard)> {
-        let (stream, peer, guard) = self.with_slot(idx, |s| {
+    fn take(&self, idx: u32, generation: u32) -> Option<Taken> {
+        let epoch = self.epoch.into_std();
+        let taken = self.with_slot(idx, |s| {
             if s.generation != generation {
                 return None;
             }
-            Some((s.stream.take()?, s.peer.get(), s.guard.take()?))
+            Some(Taken {
+                stream: s.stream.take()?,
+                peer: s.peer.get(),
+                guard: s.guard.take()?,
+                born: epoch + Duration::from_secs(s.born_s.into()),
+                begun: s.begun,
+            })
         })??;
+        let stream = &taken.stream;
         // SAFETY: both descriptors are open; DEL ignores the event argument.
         unsafe {
             libc::epoll_ctl(
@@ -234,7 +275,7 @@ impl Dormant {
         };
         self.free.borrow_mut().push(idx);
         self.shared.dormant_connections.fetch_sub(1, Ordering::Relaxed);
-        Some((stream, peer, guard))
+        Some(taken)
     }
 
     /// Connections whose socket became readable (a request, or the client closing).
@@ -245,11 +286,17 @@ impl Dormant {
         let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0) };
         for ev in events.iter().take(n.max(0) as usize) {
             let (idx, generation) = untoken(ev.u64);
-            let Some((stream, peer, guard)) = self.take(idx, generation) else {
+            let Some(t) = self.take(idx, generation) else {
                 continue;
             };
-            match TcpStream::from_std(stream) {
-                Ok(stream) => out.push(Woken { stream, peer, guard }),
+            match TcpStream::from_std(t.stream) {
+                Ok(stream) => out.push(Woken {
+                    stream,
+                    peer: t.peer,
+                    guard: t.guard,
+                    born: t.born,
+                    begun: t.begun,
+                }),
                 Err(e) => tracing::debug!(error = %e, "cannot resume connection"),
             }
         }
@@ -343,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_small_and_keeps_the_peer_address() {
-        assert!(std::mem::size_of::<Slot>() <= 40, "{}", std::mem::size_of::<Slot>());
+        assert!(std::mem::size_of::<Slot>() <= 48, "{}", std::mem::size_of::<Slot>());
         for a in [
             "192.0.2.7:51000",
             "[2001:db8::1]:443",

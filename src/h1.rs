@@ -41,7 +41,7 @@ use tokio::time::Instant;
 
 use crate::body::{InBody, RespBody};
 use crate::codec;
-use crate::idle::PARK_AFTER;
+use crate::idle::{Lifetime, PARK_AFTER};
 use crate::listener::ConnTracker;
 use crate::netio::write_all;
 use crate::proxy::{self, Answer, ConnInfo};
@@ -98,6 +98,7 @@ enum Parsed {
 pub async fn serve(
     ctx: &Rc<WorkerCtx>,
     info: &Rc<ConnInfo>,
+    life: &Lifetime,
     limits: Limits,
     tracker: &ConnTracker,
     mut stream: TcpStream,
@@ -187,7 +188,7 @@ pub async fn serve(
 
         // 3. Write it. The head is encoded here, not in the write's future, which
         // then holds the body alone rather than a copy of the whole answer.
-        let keep_alive = facts.keep_alive && !tracker.is_stopping();
+        let keep_alive = life.another() && facts.keep_alive && !tracker.is_stopping();
         out.clear();
         let (framing, keep_alive, body) = encode_answer(&mut out, answer, &facts, keep_alive);
         let keep_alive = match write_response(&mut stream, &out, body, framing, keep_alive, limits.send_timeout).await {

@@ -55,6 +55,52 @@ use crate::worker::WorkerCtx;
 /// sending back-to-back requests never pays for a new hyper connection.
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
+/// `keepalive_requests` and `keepalive_time`, from `[server]`.
+#[derive(Clone, Copy, Debug)]
+pub struct KeepLimits {
+    pub requests: Option<std::num::NonZeroU32>,
+    pub time: Option<Duration>,
+}
+
+/// A client connection's keep-alive budget: the requests it has begun and when it
+/// was accepted, carried across its busy periods and dormancy (`dormant::Slot`).
+/// Checked as each request begins, as nginx does: the request that reaches a limit
+/// is served, and its response closes the connection (HTTP/1.1 `Connection: close`,
+/// HTTP/2 GOAWAY).
+pub struct Lifetime {
+    /// `keepalive_requests`, or `u64::MAX` for none (one compare per request).
+    max: u64,
+    /// `born + keepalive_time`, past which a request is the last.
+    until: Option<std::time::Instant>,
+    born: std::time::Instant,
+    begun: Cell<u64>,
+}
+
+impl Lifetime {
+    pub fn new(limits: KeepLimits, born: std::time::Instant, begun: u32) -> Lifetime {
+        Lifetime {
+            max: limits.requests.map_or(u64::MAX, |n| n.get().into()),
+            until: limits.time.and_then(|t| born.checked_add(t)),
+            born,
+            begun: Cell::new(begun.into()),
+        }
+    }
+
+    /// Counts a request that begins; `false` when it must be the connection's last.
+    #[inline]
+    pub fn another(&self) -> bool {
+        let n = self.begun.get() + 1;
+        self.begun.set(n);
+        n < self.max && self.until.is_none_or(|t| crate::clock::now() <= t)
+    }
+
+    /// When the connection was accepted, and the requests it has begun (saturating:
+    /// past `u32::MAX` there can be no limit left to reach).
+    pub fn so_far(&self) -> (std::time::Instant, u32) {
+        (self.born, self.begun.get().min(u32::MAX.into()) as u32)
+    }
+}
+
 /// What a tunnel gets when hyper hands an upgraded connection back: the connection
 /// and any bytes the client sent after its request.
 pub type Upgraded = (ClientIo, Bytes);
@@ -309,6 +355,9 @@ pub struct ClientBody {
 pub struct Streams {
     open: Cell<usize>,
     idle_since: Cell<Instant>,
+    /// Notified when a stream begins that the connection's `Lifetime` allows no
+    /// further one after: the connection sends GOAWAY.
+    pub spent: tokio::sync::Notify,
 }
 
 impl Streams {
@@ -316,6 +365,7 @@ impl Streams {
         Rc::new(Streams {
             open: Cell::new(0),
             idle_since: Cell::new(Instant::now()),
+            spent: tokio::sync::Notify::new(),
         })
     }
 
@@ -475,7 +525,7 @@ impl Drop for ClientBody {
 impl Svc {
     /// The service of an HTTP/1.1 connection served through `ParkIo`, and the park
     /// state they share.
-    pub fn h1(ctx: Rc<WorkerCtx>, info: ConnInfo) -> (Svc, Rc<ParkState>) {
+    pub fn h1(ctx: Rc<WorkerCtx>, info: ConnInfo, life: Lifetime) -> (Svc, Rc<ParkState>) {
         let state = Rc::new(ParkState::new());
         let info = Rc::new(info.with_park(state.clone()));
         (
@@ -483,18 +533,20 @@ impl Svc {
                 ctx,
                 info,
                 streams: None,
+                life: Rc::new(life),
             },
             state,
         )
     }
 
     /// The service of an HTTP/2 connection, and its stream count.
-    pub fn counted(ctx: Rc<WorkerCtx>, info: ConnInfo) -> (Svc, Rc<Streams>) {
+    pub fn counted(ctx: Rc<WorkerCtx>, info: ConnInfo, life: Lifetime) -> (Svc, Rc<Streams>) {
         let streams = Streams::new();
         let svc = Svc {
             ctx,
             info: Rc::new(info),
             streams: Some(streams.clone()),
+            life: Rc::new(life),
         };
         (svc, streams)
     }
@@ -508,6 +560,8 @@ pub struct Svc {
     pub info: Rc<ConnInfo>,
     /// HTTP/2 connections count their open streams (`Streams`).
     pub streams: Option<Rc<Streams>>,
+    /// `keepalive_requests` and `keepalive_time`.
+    pub life: Rc<Lifetime>,
 }
 
 /// The service's future: the boxed request future (boxed once, so the large state
@@ -516,6 +570,9 @@ pub struct SvcFuture {
     inner: Pin<Box<dyn Future<Output = proxy::Answer>>>,
     state: Option<Rc<ParkState>>,
     stream: Option<StreamGuard>,
+    /// HTTP/1.1: the connection's last request (`Lifetime`); its response says
+    /// `Connection: close`, and hyper closes the connection after it.
+    last: bool,
 }
 
 impl Future for SvcFuture {
@@ -523,7 +580,12 @@ impl Future for SvcFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let resp = std::task::ready!(this.inner.as_mut().poll(cx)).into_response();
+        let mut resp = std::task::ready!(this.inner.as_mut().poll(cx)).into_response();
+        // Not on a 101: the connection then belongs to the tunnel.
+        if this.last && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
         let state = this.state.take();
         let stream = this.stream.take();
         Poll::Ready(Ok(resp.map(|inner| ClientBody {
@@ -547,6 +609,10 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             s.idle_since.set(None);
             s.requests.set(s.requests.get() + 1);
         }
+        let last = !self.life.another();
+        if let (true, Some(streams)) = (last, &self.streams) {
+            streams.spent.notify_one();
+        }
         SvcFuture {
             inner: crate::alloc::boxed(|| {
                 proxy::handle(
@@ -559,6 +625,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             }),
             state,
             stream: self.streams.as_ref().map(StreamGuard::open),
+            last: last && self.streams.is_none(),
         }
     }
 }

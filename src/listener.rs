@@ -29,7 +29,7 @@ use crate::alloc::boxed;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::error::StartupError;
 use crate::h1::{self, Ended};
-use crate::idle::{self, IdleWaits, Svc};
+use crate::idle::{self, IdleWaits, KeepLimits, Lifetime, Svc};
 use crate::netio::ClientIo;
 use crate::proxy::{ConnInfo, Local};
 use crate::state::Shared;
@@ -63,6 +63,7 @@ pub struct HttpBuilder {
     /// rampart's own HTTP/1.1 path (`h1`), tried first on every busy period.
     fast: h1::Limits,
     waits: IdleWaits,
+    keep: KeepLimits,
     max_connections: usize,
 }
 
@@ -202,6 +203,10 @@ pub fn http_builder(cfg: &ServerConfig) -> HttpBuilder {
             header: cfg.client_header_timeout,
             keepalive: cfg.keepalive_timeout,
             send: cfg.send_timeout,
+        },
+        keep: KeepLimits {
+            requests: cfg.keepalive_requests,
+            time: cfg.keepalive_time,
         },
         max_connections: cfg.max_connections,
     }
@@ -463,19 +468,21 @@ async fn serve(
     // Wait for the first bytes before choosing a protocol: a connection that sends
     // nothing holds no hyper state, and closes after `client_header_timeout`.
     let tracker = guard.tracker();
+    let life = Lifetime::new(builder.keep, crate::clock::now(), 0);
     let mut head = [0u8; H2_PREFACE.len()];
     let Some(n) = idle::wait_for_request(&stream, tracker, builder.waits.header, &mut head).await else {
         return;
     };
     if let Some(tls) = tls {
-        return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls, local)).await;
+        return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls, local, life)).await;
     }
     // A split preface (fewer bytes so far) also goes to the auto builder, which waits.
     if H2_PREFACE.starts_with(&head[..n]) {
         let io = ClientIo::Plain(crate::netio::Gather::new(stream, builder.waits.send));
-        return boxed(|| serve_h2(ctx, &builder, io, ConnInfo::new(peer, false).at(local), tracker)).await;
+        let info = ConnInfo::new(peer, false).at(local);
+        return boxed(|| serve_h2(ctx, &builder, io, info, life, tracker)).await;
     }
-    serve_h1(ctx, builder, stream, peer, guard, local).await
+    serve_h1(ctx, builder, stream, peer, guard, local, life).await
 }
 
 /// Serves a connection that was dormant (`dormant::Dormant`) and has bytes again.
@@ -487,8 +494,9 @@ pub fn resume(ctx: Rc<WorkerCtx>, w: crate::dormant::Woken) {
         .stream
         .local_addr()
         .map_or_else(|_| Local::default(), |a| ctx.local_for(a));
+    let life = Lifetime::new(builder.keep, w.born, w.begun);
     tokio::task::spawn_local(crate::clock::Polled::new(serve_h1(
-        ctx, builder, w.stream, w.peer, w.guard, local,
+        ctx, builder, w.stream, w.peer, w.guard, local, life,
     )));
 }
 
@@ -502,25 +510,27 @@ async fn serve_h1(
     peer: SocketAddr,
     guard: ConnGuard,
     local: Local,
+    life: Lifetime,
 ) {
     let tracker = guard.tracker();
     let dormant = ctx.dormant.clone();
-    let (svc, state) = Svc::h1(ctx, ConnInfo::new(peer, false).at(local));
+    let (svc, state) = Svc::h1(ctx, ConnInfo::new(peer, false).at(local), life);
     let keepalive = builder.waits.after_park();
     let mut replay = Bytes::new();
     loop {
         // Boxed: the busy state (buffers, the request) must not size the idle task.
-        (stream, replay) = match boxed(|| h1::serve(&svc.ctx, &svc.info, builder.fast, tracker, stream, replay)).await {
-            Ended::Closed => return,
-            Ended::Idle(s) => (s, Bytes::new()),
-            Ended::Hyper(s, bytes) => {
-                let io = idle::ParkIo::new(s, bytes, state.clone(), &builder.waits);
-                match boxed(|| idle::run_h1(&builder.h1, io, &svc, tracker)).await {
-                    Some((ClientIo::Plain(io), bytes)) => (io.into_inner(), bytes),
-                    _ => return,
+        (stream, replay) =
+            match boxed(|| h1::serve(&svc.ctx, &svc.info, &svc.life, builder.fast, tracker, stream, replay)).await {
+                Ended::Closed => return,
+                Ended::Idle(s) => (s, Bytes::new()),
+                Ended::Hyper(s, bytes) => {
+                    let io = idle::ParkIo::new(s, bytes, state.clone(), &builder.waits);
+                    match boxed(|| idle::run_h1(&builder.h1, io, &svc, tracker)).await {
+                        Some((ClientIo::Plain(io), bytes)) => (io.into_inner(), bytes),
+                        _ => return,
+                    }
                 }
-            }
-        };
+            };
         if !replay.is_empty() {
             continue;
         }
@@ -529,8 +539,9 @@ async fn serve_h1(
         // request or for the idle connections to close).
         if let Some(dormant) = &dormant {
             if !tracker.is_stopping() {
+                let (born, begun) = svc.life.so_far();
                 drop((svc, state));
-                dormant.park(stream, peer, guard, keepalive);
+                dormant.park(stream, peer, guard, keepalive, born, begun);
                 return;
             }
         }
@@ -556,6 +567,7 @@ async fn serve_tls(
     tracker: &ConnTracker,
     tls: Arc<TlsSettings>,
     local: Local,
+    life: Lifetime,
 ) {
     if first != crate::tls::HANDSHAKE_RECORD {
         return plain_http_to_tls(stream, peer, builder.waits.send).await;
@@ -599,9 +611,9 @@ async fn serve_tls(
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let io = ClientIo::Tls(Box::new(stream));
     if h2 {
-        serve_h2(ctx, builder, io, info, tracker).await
+        serve_h2(ctx, builder, io, info, life, tracker).await
     } else {
-        serve_tls_h1(ctx, builder, io, info, tracker).await
+        serve_tls_h1(ctx, builder, io, info, life, tracker).await
     }
 }
 
@@ -615,9 +627,10 @@ async fn serve_tls_h1(
     builder: &HttpBuilder,
     mut io: ClientIo,
     info: ConnInfo,
+    life: Lifetime,
     tracker: &ConnTracker,
 ) {
-    let (svc, state) = Svc::h1(ctx, info);
+    let (svc, state) = Svc::h1(ctx, info, life);
     let keepalive = builder.waits.after_park();
     let mut replay = Bytes::new();
     loop {
@@ -667,11 +680,19 @@ async fn plain_http_to_tls(mut stream: TcpStream, peer: SocketAddr, send_timeout
 
 /// An HTTP/2 connection (h2c, or TLS with ALPN h2) until it ends: closes it with a
 /// GOAWAY after `keepalive_timeout` with no stream open, as nginx closes an idle
-/// connection (hyper would keep it, pinging, for good), and finishes in-flight
+/// connection (hyper would keep it, pinging, for good), or once a stream began that
+/// `keepalive_requests` or `keepalive_time` makes its last, and finishes in-flight
 /// requests when the worker stops.
-async fn serve_h2(ctx: Rc<WorkerCtx>, builder: &HttpBuilder, io: ClientIo, info: ConnInfo, tracker: &ConnTracker) {
+async fn serve_h2(
+    ctx: Rc<WorkerCtx>,
+    builder: &HttpBuilder,
+    io: ClientIo,
+    info: ConnInfo,
+    life: Lifetime,
+    tracker: &ConnTracker,
+) {
     let peer = info.peer;
-    let (svc, streams) = Svc::counted(ctx, info);
+    let (svc, streams) = Svc::counted(ctx, info, life);
     let conn = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let stopped = tracker.stopped();
@@ -684,6 +705,13 @@ async fn serve_h2(ctx: Rc<WorkerCtx>, builder: &HttpBuilder, io: ClientIo, info:
             r = conn.as_mut() => break r,
             _ = stopped.as_mut() => {
                 // Finish in-flight requests; idle connections close now.
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            _ = streams.spent.notified() => {
+                // The streams begun so far are served; the client opens a new
+                // connection for the next ones (GOAWAY names the last stream taken).
+                tracing::debug!(client = %peer, "keepalive_requests or keepalive_time reached: GOAWAY");
                 conn.as_mut().graceful_shutdown();
                 break conn.await;
             }

@@ -158,7 +158,9 @@ fn allocations_per_request(conn: &mut TcpStream, request: &[u8]) -> f64 {
 #[test]
 fn plain_keep_alive_requests_cost_a_fixed_handful_of_allocations() {
     let backend = origin();
-    let (_server, addr) = common::start_proxy(&common::pool_config(&[backend], ""));
+    // 4,600 requests on one connection: past keepalive_requests' default of 1000.
+    let config = common::with_server_setting(&common::pool_config(&[backend], ""), "keepalive_requests = 0");
+    let (_server, addr) = common::start_proxy(&config);
     let mut conn = TcpStream::connect(addr).expect("connect to rampart");
     conn.set_nodelay(true).expect("TCP_NODELAY");
     let get = allocations_per_request(&mut conn, GET);

@@ -2247,6 +2247,127 @@ async fn idle_keep_alive_connections_close_after_keepalive_timeout() {
     );
 }
 
+/// Sends `req` on `s` and reads its answer: whether it said `Connection: close`.
+async fn closes_after(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, req: &str) -> bool {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (h, _) = read_one_response(s, buf, false).await;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    h.contains("connection: close")
+}
+
+/// Reads the end of a connection the proxy closes: no further bytes.
+async fn closed_by_proxy(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(buf))
+        .await
+        .expect("connection closed by the proxy")
+        .unwrap();
+    assert_eq!(
+        n,
+        0,
+        "bytes after the last response: {:?}",
+        String::from_utf8_lossy(buf)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_requests_counts_across_both_paths_and_dormancy_and_closes_after_the_last() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 4");
+    let (_srv, addr) = start_proxy(&toml);
+    let get = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    // A chunked body goes to hyper's path (idle::Svc); a bodiless GET takes rampart's.
+    let chunked = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n0\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    assert!(!closes_after(&mut s, &mut buf, get).await);
+    assert!(!closes_after(&mut s, &mut buf, chunked).await);
+    // Idle past PARK_AFTER: the connection goes dormant and wakes with its count.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!closes_after(&mut s, &mut buf, get).await);
+    assert!(closes_after(&mut s, &mut buf, get).await, "the 4th request is the last");
+    closed_by_proxy(&mut s, &mut buf).await;
+
+    // The last request on hyper's path: its response closes the connection too.
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 2");
+    let (_srv2, addr) = start_proxy(&toml);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    assert!(!closes_after(&mut s, &mut buf, get).await);
+    assert!(closes_after(&mut s, &mut buf, chunked).await);
+    closed_by_proxy(&mut s, &mut buf).await;
+    assert_eq!(o.hits(), 6, "every request reached the backend once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_requests_0_lifts_the_limit() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 0");
+    let (_srv, addr) = start_proxy(&toml);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    // Past nginx's default of 1000, which is rampart's too.
+    for i in 0..1005 {
+        assert!(
+            !closes_after(&mut s, &mut buf, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").await,
+            "closed after request {}",
+            i + 1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_older_than_keepalive_time_closes_after_its_next_response() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_time = \"1s\"");
+    let (_srv, addr) = start_proxy(&toml);
+    let get = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    assert!(!closes_after(&mut s, &mut buf, get).await);
+    assert!(!closes_after(&mut s, &mut buf, get).await);
+    // Idle past it (and dormant meanwhile): nothing closes the connection until a
+    // request comes, as in nginx; that request is served, and is the last.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(closes_after(&mut s, &mut buf, get).await);
+    closed_by_proxy(&mut s, &mut buf).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_sends_goaway_after_keepalive_requests_streams() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 3");
+    let (_srv, addr) = start_proxy(&toml);
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get("http://test.local/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = tx.send_request(req).await.unwrap();
+        assert_eq!(r.status(), 200);
+        use http_body_util::BodyExt;
+        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "o");
+    }
+    // The third stream was the last: GOAWAY, and the connection ends long before
+    // keepalive_timeout (75 s) would end it.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "the HTTP/2 connection is still open after 3 streams");
+    let req = Request::get("http://test.local/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert!(
+        tx.send_request(req).await.is_err(),
+        "a 4th stream on the closed connection"
+    );
+    assert_eq!(o.hits(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_nothing_closes_after_the_header_timeout() {
     use tokio::io::AsyncReadExt;

@@ -357,6 +357,26 @@ async fn https_keepalive_outlives_client_header_timeout_but_a_slow_head_does_not
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_connection_closes_after_keepalive_requests() {
+    let (pki, o, _srv, addr) = site("keepalive_requests = 3", "").await;
+    let mut s = served_once(addr, &pki).await;
+    let (head, _) = get_on(&mut s, "t").await;
+    assert!(
+        head.starts_with("http/1.1 200") && !head.contains("connection: close"),
+        "{head}"
+    );
+    // Idle past PARK_AFTER: the count survives the connection parking.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (head, _) = get_on(&mut s, "t").await;
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("connection: close"),
+        "{head}"
+    );
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert_eq!(o.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_https_connection_closes_after_keepalive_timeout() {
     let (pki, _origin, _srv, addr) = site("keepalive_timeout = \"500ms\"", "").await;
     let mut s = served_once(addr, &pki).await;
