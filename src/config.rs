@@ -72,6 +72,11 @@ pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// limit servers commonly announce (nginx 128, hyper 200, Go 250), so requests do not
 /// queue behind a full connection.
 pub const DEFAULT_UPSTREAM_H2_MAX_STREAMS: u32 = 100;
+/// Age after which a backend connection is not reused: nginx's upstream
+/// `keepalive_time` default. A backend address that is itself a balancer (a
+/// Kubernetes Service, a cloud load balancer) spreads only new connections, so a
+/// pool that never reconnects stays on the instances it first reached.
+pub const DEFAULT_MAX_CONNECTION_DURATION: Duration = Duration::from_secs(3600);
 /// Idle upstream connections kept per backend per worker (nginx `keepalive 32` is common).
 pub const DEFAULT_MAX_IDLE_PER_BACKEND: usize = 64;
 /// Health-check period: TCP connect once a second is cheap and finds a dead host fast.
@@ -625,6 +630,9 @@ pub struct PoolConfig {
     /// `max_requests_per_connection`, nginx's upstream `keepalive_requests`);
     /// `u32::MAX`: no limit.
     pub max_requests_per_connection: u32,
+    /// Age past which a backend connection takes no further request (Envoy's
+    /// `max_connection_duration`, nginx's upstream `keepalive_time`); `None`: none.
+    pub max_connection_duration: Option<Duration>,
     /// With `dns_refresh`: the backends as written, looked up again every so often
     /// (`dns`); `backends` then holds the last answer's addresses.
     pub dns: Option<crate::dns::DnsPool>,
@@ -1069,6 +1077,8 @@ struct FilePool {
     protocol: Option<String>,
     h2_max_streams: Option<u32>,
     max_requests_per_connection: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    max_connection_duration: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     dns_refresh: Option<Duration>,
     sticky: Option<toml::Value>,
@@ -2645,6 +2655,9 @@ fn validate_pool(
         protocol,
         h2_max_streams,
         max_requests_per_connection: raw.max_requests_per_connection.unwrap_or(u32::MAX),
+        // "0s" lifts it: the default is a limit, so leaving it out cannot.
+        max_connection_duration: Some(raw.max_connection_duration.unwrap_or(DEFAULT_MAX_CONNECTION_DURATION))
+            .filter(|d| !d.is_zero()),
         dns,
         sticky,
     })
@@ -3778,6 +3791,18 @@ connect_timeout = "soon"
         assert!(errs.contains("server.keepalive_requests"), "{errs}");
         let errs = errors_of(&with("keepalive_time = \"soon\"")).join("\n");
         assert!(errs.contains("server.keepalive_time"), "{errs}");
+    }
+
+    #[test]
+    fn max_connection_duration_defaults_to_an_hour_and_0s_lifts_it() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.pools[0].max_connection_duration, Some(Duration::from_secs(3600)));
+        let c = Config::parse(&format!("{MINIMAL}max_connection_duration = \"10m\"\n"), "t").unwrap();
+        assert_eq!(c.pools[0].max_connection_duration, Some(Duration::from_secs(600)));
+        let c = Config::parse(&format!("{MINIMAL}max_connection_duration = \"0s\"\n"), "t").unwrap();
+        assert_eq!(c.pools[0].max_connection_duration, None);
+        let errs = errors_of(&format!("{MINIMAL}max_connection_duration = 5\n")).join("\n");
+        assert!(errs.contains("pools.app.max_connection_duration"), "{errs}");
     }
 
     #[test]

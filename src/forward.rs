@@ -508,6 +508,7 @@ async fn try_backend(
                     cfg.connect_timeout,
                     conn_slot,
                     cfg.max_requests_per_connection,
+                    cfg.max_connection_duration,
                 )
                 .await;
                 drop(pending);
@@ -659,7 +660,7 @@ async fn try_backend_h2(
                     drop(pending);
                     match r {
                         Ok(s) => {
-                            let stream = opening.opened(s.clone(), cfg.idle_timeout);
+                            let stream = opening.opened(s.clone(), cfg.idle_timeout, cfg.max_connection_duration);
                             break (s, stream, false);
                         }
                         Err(e) => return Outcome::Failed(e, Some(request)),

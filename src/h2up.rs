@@ -89,6 +89,9 @@ struct Entry {
     served: u32,
     last_used: Instant,
     idle_timeout: Duration,
+    /// From then on it takes no new stream (`max_connection_duration`), and closes
+    /// once those open end.
+    retire_at: Option<Instant>,
 }
 
 /// A backend's connections, and whether one is being opened.
@@ -151,12 +154,15 @@ pub struct H2Conns {
 impl H2Conns {
     /// A connection to `backend` with fewer than `max_streams` streams open (the
     /// first such, so traffic packs onto few connections and the rest idle out),
-    /// or who is to open one. A connection that has carried `max_requests` streams
-    /// is let go: hyper closes it once the streams still open on it end.
+    /// or who is to open one. A connection that has carried `max_requests` streams,
+    /// or reached its `retire_at`, is let go: hyper closes it once the streams still
+    /// open on it end.
     pub fn checkout(self: &Rc<Self>, backend: u64, max_streams: u32, max_requests: u32) -> Checkout {
         let mut conns = self.conns.borrow_mut();
         let held = conns.entry(backend).or_default();
-        held.open.retain(|e| !e.send.is_closed() && e.served < max_requests);
+        let now = crate::clock::now();
+        held.open
+            .retain(|e| !e.send.is_closed() && e.served < max_requests && e.retire_at.is_none_or(|at| now < at));
         if let Some(e) = held.open.iter_mut().find(|e| e.streams.get() < max_streams) {
             let (send, stream) = stream_on(e);
             return Checkout::Open(send, stream);
@@ -203,13 +209,16 @@ pub struct Opening {
 impl Opening {
     /// Keeps `send` as one of the backend's connections, with this request's stream
     /// on it.
-    pub fn opened(mut self, send: SendRequest<H2Body>, idle_timeout: Duration) -> Stream {
+    /// `max_age`: how long it may take new streams.
+    pub fn opened(mut self, send: SendRequest<H2Body>, idle_timeout: Duration, max_age: Option<Duration>) -> Stream {
+        let now = crate::clock::now();
         let mut entry = Entry {
             send,
             streams: Rc::new(Cell::new(0)),
             served: 0,
-            last_used: crate::clock::now(),
+            last_used: now,
             idle_timeout,
+            retire_at: max_age.and_then(|d| now.checked_add(d)),
         };
         let (_, stream) = stream_on(&mut entry);
         let mut conns = self.conns.conns.borrow_mut();

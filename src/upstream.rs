@@ -75,6 +75,8 @@ pub struct Conn {
     /// Responses it may still carry before it closes (`max_requests_per_connection`).
     /// Here rather than in `Home`, which is kept small.
     uses_left: u32,
+    /// When it stops being reused (`max_connection_duration`).
+    retire_at: Option<Instant>,
 }
 
 /// One try's request: the head every try of the request shares, and this try's body
@@ -100,8 +102,9 @@ pub enum SendError {
 }
 
 impl Conn {
-    /// `uses`: the responses it may carry before it closes.
-    fn new(stream: UpIo, addr: SocketAddr, slot: Option<Slot>, uses: u32) -> Conn {
+    /// `uses`: the responses it may carry before it closes; `max_age`: how long it
+    /// may be reused.
+    fn new(stream: UpIo, addr: SocketAddr, slot: Option<Slot>, uses: u32, max_age: Option<Duration>) -> Conn {
         Conn {
             stream,
             buf: BytesMut::new(),
@@ -111,6 +114,7 @@ impl Conn {
             _slot: slot,
             body_stall: Stall::new(Duration::MAX),
             uses_left: uses,
+            retire_at: max_age.and_then(|d| crate::clock::now().checked_add(d)),
         }
     }
 
@@ -730,16 +734,21 @@ impl ConnPool {
         if max_idle == 0 {
             return;
         }
+        // Past `max_connection_duration` a connection closes; nearer it than
+        // `idle_timeout`, it expires then.
+        let now = crate::clock::now();
+        let expires = match conn.retire_at {
+            Some(at) if at <= now => return,
+            Some(at) => at.min(now + idle_timeout),
+            None => now + idle_timeout,
+        };
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(backend).or_default();
         if list.len() >= max_idle {
             // Drop the oldest; the newest is the one most likely to stay open.
             list.remove(0);
         }
-        list.push(Idle {
-            conn,
-            expires: crate::clock::now() + idle_timeout,
-        });
+        list.push(Idle { conn, expires });
     }
 
     /// Closes expired connections and those the backend closed; run periodically so
@@ -761,17 +770,19 @@ impl ConnPool {
 /// Opens a connection to `addr`, with TLS for a pool that has it
 /// (`backend_tls::connect`). `slot` is the pool's connection breaker slot, held for
 /// the connection's life.
-/// `max_requests`: the responses it may carry before it closes.
+/// `max_requests`: the responses it may carry before it closes; `max_age`: how long
+/// it may be reused (from when it opened).
 pub async fn connect(
     addr: SocketAddr,
     tls: Option<(&BackendTls, &ServerName<'static>)>,
     timeout: Duration,
     slot: Slot,
     max_requests: u32,
+    max_age: Option<Duration>,
 ) -> Result<Box<Conn>, ProxyError> {
     let stream = crate::backend_tls::connect(addr, tls, timeout).await?;
     metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
-    Ok(Box::new(Conn::new(stream, addr, Some(slot), max_requests)))
+    Ok(Box::new(Conn::new(stream, addr, Some(slot), max_requests, max_age)))
 }
 
 #[cfg(test)]
@@ -796,7 +807,7 @@ mod tests {
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
         (
-            Box::new(Conn::new(UpIo::Plain(client), addr, None, u32::MAX)),
+            Box::new(Conn::new(UpIo::Plain(client), addr, None, u32::MAX, None)),
             server,
             l,
         )
@@ -918,7 +929,7 @@ mod tests {
         };
         let connect = crate::backend_tls::connect(addr, Some((&client, &name)), Duration::from_secs(5));
         let (io, server) = tokio::join!(connect, accept);
-        (Box::new(Conn::new(io.unwrap(), addr, None, u32::MAX)), server)
+        (Box::new(Conn::new(io.unwrap(), addr, None, u32::MAX, None)), server)
     }
 
     #[tokio::test]

@@ -141,6 +141,38 @@ async fn requests_from_http1_and_h2_clients_share_one_http2_connection_per_backe
     stop_proxy(srv).await;
 }
 
+/// `max_connection_duration`: a backend connection older than that takes no further
+/// request, over HTTP/1.1 (idle in the pool) and HTTP/2 alike; by default (1 h) and
+/// with "0s" (no limit) the same requests share one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_connection_is_not_reused_past_max_connection_duration() {
+    for (protocol, limit, want) in [
+        ("http1", "max_connection_duration = \"1s\"", 2),
+        ("h2", "max_connection_duration = \"1s\"", 2),
+        ("http1", "", 1),
+        ("h2", "max_connection_duration = \"0s\"", 1),
+    ] {
+        let o = TestOrigin::start("o", Behavior::Healthy).await;
+        let toml = match protocol {
+            "h2" => h2_pool(&[o.addr], limit),
+            _ => pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\n{limit}")),
+        };
+        let (srv, addr) = start_proxy(&toml);
+        for _ in 0..3 {
+            assert_eq!(get(addr, "/").await.text(), "o", "{protocol} {limit}");
+        }
+        assert_eq!(o.connections(), 1, "{protocol} {limit:?}: 3 requests at once");
+        // Past the limit, within idle_timeout (4 s).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for _ in 0..3 {
+            assert_eq!(get(addr, "/").await.text(), "o", "{protocol} {limit}");
+        }
+        assert_eq!(o.hits(), 6);
+        assert_eq!(o.connections(), want, "{protocol} {limit:?}: 3 more requests 1.5 s on");
+        stop_proxy(srv).await;
+    }
+}
+
 /// `max_requests_per_connection`: a backend connection carries that many requests,
 /// then closes and the next goes on a new one, over HTTP/1.1 and HTTP/2 alike;
 /// without it one connection carries them all.
