@@ -141,6 +141,14 @@ async fn requests_from_http1_and_h2_clients_share_one_http2_connection_per_backe
     stop_proxy(srv).await;
 }
 
+/// A pool of `o` alone, speaking `protocol` ("http1" or "h2") to it, with `extra`.
+fn pool_speaking(protocol: &str, o: &TestOrigin, extra: &str) -> String {
+    match protocol {
+        "h2" => h2_pool(&[o.addr], extra),
+        _ => pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\n{extra}")),
+    }
+}
+
 /// `max_connection_duration`: a backend connection older than that takes no further
 /// request, over HTTP/1.1 (idle in the pool) and HTTP/2 alike; by default (1 h) and
 /// with "0s" (no limit) the same requests share one connection.
@@ -153,11 +161,7 @@ async fn a_backend_connection_is_not_reused_past_max_connection_duration() {
         ("h2", "max_connection_duration = \"0s\"", 1),
     ] {
         let o = TestOrigin::start("o", Behavior::Healthy).await;
-        let toml = match protocol {
-            "h2" => h2_pool(&[o.addr], limit),
-            _ => pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\n{limit}")),
-        };
-        let (srv, addr) = start_proxy(&toml);
+        let (srv, addr) = start_proxy(&pool_speaking(protocol, &o, limit));
         for _ in 0..3 {
             assert_eq!(get(addr, "/").await.text(), "o", "{protocol} {limit}");
         }
@@ -184,11 +188,7 @@ async fn a_backend_connection_closes_after_max_requests_per_connection() {
         ("h2", "max_requests_per_connection = 3", 3),
     ] {
         let o = TestOrigin::start("o", Behavior::Healthy).await;
-        let toml = match protocol {
-            "h2" => h2_pool(&[o.addr], limit),
-            _ => pool_config(&[o.addr], &format!("{NO_HEALTH_CHECKS}\n{limit}")),
-        };
-        let (srv, addr) = start_proxy(&toml);
+        let (srv, addr) = start_proxy(&pool_speaking(protocol, &o, limit));
         for _ in 0..7 {
             assert_eq!(get(addr, "/").await.text(), "o", "{protocol} {limit}");
         }

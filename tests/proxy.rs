@@ -1517,26 +1517,41 @@ async fn a_request_with_two_host_fields_gets_400_and_reaches_no_backend() {
     assert_eq!(o.hits(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_http2_connection_closes_after_keepalive_timeout_and_a_busy_one_does_not() {
+/// An HTTP/2 connection to `addr`: its sender, and the task driving it (which ends
+/// when the connection does).
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(1500))).await;
-    let toml = with_server_setting(&pool_config(&[o.addr], ""), "keepalive_timeout = \"500ms\"");
-    let (_srv, addr) = start_proxy(&toml);
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .unwrap();
-    let conn = tokio::spawn(conn);
-    // A request that outlasts keepalive_timeout three times over: the connection is
-    // busy, not idle, and the answer arrives.
+    (tx, tokio::spawn(conn))
+}
+
+/// A GET on `tx`'s connection: its status and body.
+async fn h2_get(tx: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>) -> (u16, Bytes) {
+    use http_body_util::BodyExt;
     let req = Request::get("http://test.local/")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let r = tx.send_request(req).await.unwrap();
-    assert_eq!(r.status(), 200);
-    use http_body_util::BodyExt;
-    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "o");
+    (r.status().as_u16(), r.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_closes_after_keepalive_timeout_and_a_busy_one_does_not() {
+    let o = TestOrigin::start("o", Behavior::Slow(Duration::from_millis(1500))).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], ""), "keepalive_timeout = \"500ms\"");
+    let (_srv, addr) = start_proxy(&toml);
+    let (mut tx, conn) = h2_connection(addr).await;
+    // A request that outlasts keepalive_timeout three times over: the connection is
+    // busy, not idle, and the answer arrives.
+    assert_eq!(h2_get(&mut tx).await, (200, Bytes::from("o")));
     // Then idle: rampart closes it (hyper's pings alone would keep it for good).
     let t = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
@@ -2256,6 +2271,14 @@ async fn closes_after(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, req: &st
     h.contains("connection: close")
 }
 
+const KEEPALIVE_GET: &str = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+
+/// A proxy in front of `o` with `setting` under `[server]`, and a connection to it.
+async fn connected_with(o: &TestOrigin, setting: &str) -> (rampart::Server, tokio::net::TcpStream) {
+    let (srv, addr) = start_proxy(&with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), setting));
+    (srv, tokio::net::TcpStream::connect(addr).await.unwrap())
+}
+
 /// Reads the end of a connection the proxy closes: no further bytes.
 async fn closed_by_proxy(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
     use tokio::io::AsyncReadExt;
@@ -2274,12 +2297,10 @@ async fn closed_by_proxy(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_requests_counts_across_both_paths_and_dormancy_and_closes_after_the_last() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 4");
-    let (_srv, addr) = start_proxy(&toml);
-    let get = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (_srv, mut s) = connected_with(&o, "keepalive_requests = 4").await;
+    let get = KEEPALIVE_GET;
     // A chunked body goes to hyper's path (idle::Svc); a bodiless GET takes rampart's.
     let chunked = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n0\r\n\r\n";
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
     assert!(!closes_after(&mut s, &mut buf, get).await);
     assert!(!closes_after(&mut s, &mut buf, chunked).await);
@@ -2290,9 +2311,7 @@ async fn keepalive_requests_counts_across_both_paths_and_dormancy_and_closes_aft
     closed_by_proxy(&mut s, &mut buf).await;
 
     // The last request on hyper's path: its response closes the connection too.
-    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 2");
-    let (_srv2, addr) = start_proxy(&toml);
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (_srv2, mut s) = connected_with(&o, "keepalive_requests = 2").await;
     let mut buf = Vec::new();
     assert!(!closes_after(&mut s, &mut buf, get).await);
     assert!(closes_after(&mut s, &mut buf, chunked).await);
@@ -2303,14 +2322,12 @@ async fn keepalive_requests_counts_across_both_paths_and_dormancy_and_closes_aft
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_requests_0_lifts_the_limit() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 0");
-    let (_srv, addr) = start_proxy(&toml);
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (_srv, mut s) = connected_with(&o, "keepalive_requests = 0").await;
     let mut buf = Vec::new();
     // Past nginx's default of 1000, which is rampart's too.
     for i in 0..1005 {
         assert!(
-            !closes_after(&mut s, &mut buf, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").await,
+            !closes_after(&mut s, &mut buf, KEEPALIVE_GET).await,
             "closed after request {}",
             i + 1
         );
@@ -2320,10 +2337,8 @@ async fn keepalive_requests_0_lifts_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_older_than_keepalive_time_closes_after_its_next_response() {
     let o = TestOrigin::start("o", Behavior::Healthy).await;
-    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_time = \"1s\"");
-    let (_srv, addr) = start_proxy(&toml);
-    let get = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (_srv, mut s) = connected_with(&o, "keepalive_time = \"1s\"").await;
+    let get = KEEPALIVE_GET;
     let mut buf = Vec::new();
     assert!(!closes_after(&mut s, &mut buf, get).await);
     assert!(!closes_after(&mut s, &mut buf, get).await);
@@ -2336,23 +2351,12 @@ async fn a_connection_older_than_keepalive_time_closes_after_its_next_response()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_sends_goaway_after_keepalive_requests_streams() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let o = TestOrigin::start("o", Behavior::Healthy).await;
     let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 3");
     let (_srv, addr) = start_proxy(&toml);
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut tx, conn) = h2_connection(addr).await;
     for _ in 0..3 {
-        let req = Request::get("http://test.local/")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let r = tx.send_request(req).await.unwrap();
-        assert_eq!(r.status(), 200);
-        use http_body_util::BodyExt;
-        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "o");
+        assert_eq!(h2_get(&mut tx).await, (200, Bytes::from("o")));
     }
     // The third stream was the last: GOAWAY, and the connection ends long before
     // keepalive_timeout (75 s) would end it.
