@@ -185,6 +185,9 @@ enum Var {
     RequestId,
     /// `$http_NAME`: the request's first `NAME` field; an index into `LogFormat::headers`.
     Header(usize),
+    /// `$sent_http_NAME`: the response's first `NAME` field; an index into
+    /// `LogFormat::sent_headers`.
+    SentHeader(usize),
     /// `$remote_user`: the user named by the request's `Authorization: Basic`, checked
     /// or not, as nginx logs it; the index of `Authorization` in `LogFormat::headers`.
     RemoteUser(usize),
@@ -221,6 +224,8 @@ pub struct LogFormat {
     json: bool,
     /// The request fields `$http_NAME` variables read, captured as the request starts.
     headers: Vec<HeaderName>,
+    /// The response fields `$sent_http_NAME` variables read, captured with its head.
+    sent_headers: Vec<HeaderName>,
     /// Whether `$host` is used, so the request's host is kept.
     host: bool,
     /// `server.access_log_filter`: only the requests it wants get a line (`None`: all).
@@ -285,6 +290,7 @@ impl LogFormat {
             parts: Vec::new(),
             json,
             headers: Vec::new(),
+            sent_headers: Vec::new(),
             host: false,
             filter: None,
         };
@@ -327,14 +333,19 @@ impl LogFormat {
 
     fn variable(&mut self, name: &str) -> Result<Var, String> {
         if let Some(field) = name.strip_prefix("http_") {
-            let field = field.replace('_', "-").to_ascii_lowercase();
-            let Ok(h) = HeaderName::from_bytes(field.as_bytes()) else {
-                return Err(format!("${name}: {field:?} is not a header field name"));
-            };
-            return Ok(Var::Header(self.header_index(h)));
+            return Ok(Var::Header(index_of(&mut self.headers, field_name(name, field)?)));
+        }
+        if let Some(field) = name.strip_prefix("sent_http_") {
+            return Ok(Var::SentHeader(index_of(
+                &mut self.sent_headers,
+                field_name(name, field)?,
+            )));
         }
         if name == "remote_user" {
-            return Ok(Var::RemoteUser(self.header_index(http::header::AUTHORIZATION)));
+            return Ok(Var::RemoteUser(index_of(
+                &mut self.headers,
+                http::header::AUTHORIZATION,
+            )));
         }
         match VARIABLES.iter().find(|(n, _)| *n == name) {
             Some(&(_, v)) => {
@@ -344,20 +355,10 @@ impl LogFormat {
             None => {
                 let known: Vec<String> = VARIABLES.iter().map(|(n, _)| format!("${n}")).collect();
                 Err(format!(
-                    "unknown variable ${name}; known: {}, $remote_user, and $http_NAME for any request field",
+                    "unknown variable ${name}; known: {}, $remote_user, $http_NAME for any request field \
+                     and $sent_http_NAME for any response field",
                     known.join(", ")
                 ))
-            }
-        }
-    }
-
-    /// Where `name` is among the fields captured as the request starts.
-    fn header_index(&mut self, name: HeaderName) -> usize {
-        match self.headers.iter().position(|x| *x == name) {
-            Some(i) => i,
-            None => {
-                self.headers.push(name);
-                self.headers.len() - 1
             }
         }
     }
@@ -365,6 +366,23 @@ impl LogFormat {
     /// The spec as written, for messages.
     pub fn source(&self) -> &str {
         &self.source
+    }
+}
+
+/// The field `$http_NAME` or `$sent_http_NAME` names (`var`): `_` for `-`, any case.
+fn field_name(var: &str, field: &str) -> Result<HeaderName, String> {
+    let field = field.replace('_', "-").to_ascii_lowercase();
+    HeaderName::from_bytes(field.as_bytes()).map_err(|_| format!("${var}: {field:?} is not a header field name"))
+}
+
+/// Where `name` is among `fields` (those captured for the line), added if new.
+fn index_of(fields: &mut Vec<HeaderName>, name: HeaderName) -> usize {
+    match fields.iter().position(|x| *x == name) {
+        Some(i) => i,
+        None => {
+            fields.push(name);
+            fields.len() - 1
+        }
     }
 }
 
@@ -402,6 +420,9 @@ struct Record {
     host: Option<HeaderValue>,
     /// `$http_NAME` values, in `format.headers` order.
     fields: Box<[Option<HeaderValue>]>,
+    /// `$sent_http_NAME` values, in `format.sent_headers` order: empty until the
+    /// response head is ready.
+    sent_fields: Box<[Option<HeaderValue>]>,
     /// `None` until the response head is ready.
     answer: Option<Answered>,
     sent: u64,
@@ -412,6 +433,25 @@ struct Record {
     unparsed: bool,
     /// Its route has `access_log = false` (`discard`): no line.
     discarded: bool,
+}
+
+/// The first value of response field `name`: a `Content-Length` not written in the
+/// head is the body's exact size, which the client side will write.
+fn sent_field(
+    response: &http::Response<RespBody>,
+    raw: Option<&crate::rawfields::RawFields>,
+    name: &HeaderName,
+) -> Option<HeaderValue> {
+    response
+        .headers()
+        .get(name)
+        .cloned()
+        .or_else(|| raw.and_then(|r| r.find(name)))
+        .or_else(|| {
+            (name == http::header::CONTENT_LENGTH)
+                .then(|| response.body().size_hint().exact().map(HeaderValue::from))
+                .flatten()
+        })
 }
 
 /// What is known once the response head is ready.
@@ -468,6 +508,7 @@ impl Pending {
                 request_id: request_id.clone(),
                 host,
                 fields,
+                sent_fields: Box::new([]),
                 answer: None,
                 sent: 0,
                 body_failed: false,
@@ -507,6 +548,7 @@ impl Pending {
                 request_id: ctx.ids.next(),
                 host: None,
                 fields,
+                sent_fields: Box::new([]),
                 answer: Some(Answered {
                     status,
                     pool: None,
@@ -524,9 +566,25 @@ impl Pending {
         }));
     }
 
-    /// The response head is ready: what it says.
-    pub fn head_ready(mut self: Box<Self>, a: Answered) -> Box<Self> {
+    /// The response head is ready: what it says, and its fields `$sent_http_NAME`
+    /// reads (from `raw`, the backend's as written, or else the map, where rampart's
+    /// own are).
+    pub fn head_ready(
+        mut self: Box<Self>,
+        a: Answered,
+        response: &http::Response<RespBody>,
+        raw: Option<&crate::rawfields::RawFields>,
+    ) -> Box<Self> {
         self.rec.answer = Some(a);
+        if !self.rec.format.sent_headers.is_empty() {
+            self.rec.sent_fields = self
+                .rec
+                .format
+                .sent_headers
+                .iter()
+                .map(|n| sent_field(response, raw, n))
+                .collect();
+        }
         self
     }
 
@@ -693,6 +751,12 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
             Var::Termination => put_raw(out, json, termination.as_bytes()),
             Var::RequestId => put_str(out, json, Some(p.request_id.as_bytes()), true),
             Var::Header(i) => put_str(out, json, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
+            Var::SentHeader(i) => put_str(
+                out,
+                json,
+                p.sent_fields.get(i).and_then(|v| v.as_ref()).map(|v| v.as_bytes()),
+                false,
+            ),
             Var::RemoteUser(i) => {
                 let user = p.fields[i].as_ref().and_then(|v| crate::auth::user_of(v.as_bytes()));
                 // Unquoted in `combined`, so a space in it is escaped.
@@ -1046,6 +1110,7 @@ mod tests {
             request_id: HeaderValue::from_bytes(request_id.as_bytes()).unwrap(),
             host: Some(HeaderValue::from_static("Example.COM:8080")),
             fields,
+            sent_fields: Box::new([]),
             answer: Some(Answered {
                 status: 200,
                 pool: None,
@@ -1228,6 +1293,27 @@ mod tests {
     }
 
     #[test]
+    fn sent_http_takes_a_response_field_from_the_map_the_backends_fields_or_the_body() {
+        let mut r = record("rampart", "/", "i");
+        r.format = Arc::new(
+            LogFormat::parse("[$sent_http_Content_Type] [$sent_http_content_length] [$sent_http_x_none]").unwrap(),
+        );
+        assert_eq!(r.format.sent_headers.len(), 3);
+        // No head yet (a request hyper refused): none.
+        assert_eq!(line(&r, AT, COMPLETE), "[-] [-] [-]\n");
+        let mut resp = http::Response::new(RespBody::from(Bytes::from_static(b"hello")));
+        resp.headers_mut()
+            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r.sent_fields = r
+            .format
+            .sent_headers
+            .iter()
+            .map(|n| sent_field(&resp, None, n))
+            .collect();
+        assert_eq!(line(&r, AT, COMPLETE), "[text/plain] [5] [-]\n");
+    }
+
+    #[test]
     fn a_bad_format_says_what_is_wrong() {
         for (spec, want) in [
             ("main", "must be \"rampart\", \"combined\", \"json\" or a template"),
@@ -1239,6 +1325,7 @@ mod tests {
             ("${status", "with no closing"),
             ("$status\n$pool", "control characters"),
             ("${http_a b}", "is not a header field name"),
+            ("${sent_http_a b}", "is not a header field name"),
         ] {
             let e = LogFormat::parse(spec).unwrap_err();
             assert!(e.contains(want), "{spec:?}: {e}");

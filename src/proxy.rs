@@ -522,14 +522,18 @@ pub fn handle(
             *response.body_mut() = RespBody::Held(Box::new(crate::body::Held { body, _slot: slot }));
         }
         if let Some(log) = log {
-            let log = log.head_ready(Answered {
-                status: response.status().as_u16(),
-                pool: pool.cloned(),
-                backend,
-                head_time: elapsed,
-                tries: tries.get(),
-                error,
-            });
+            let log = log.head_ready(
+                Answered {
+                    status: response.status().as_u16(),
+                    pool: pool.cloned(),
+                    backend,
+                    head_time: elapsed,
+                    tries: tries.get(),
+                    error,
+                },
+                &response,
+                backend_fields.as_ref(),
+            );
             match tunnel.take() {
                 // The line waits for the tunnel's end.
                 Some(t) => {

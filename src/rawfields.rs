@@ -70,6 +70,19 @@ impl RawFields {
         Some(raw)
     }
 
+    /// The first value of field `name`; `Content-Length` is the one declared.
+    pub fn find(&self, name: &HeaderName) -> Option<HeaderValue> {
+        if name == CONTENT_LENGTH {
+            return self.declared.map(HeaderValue::from);
+        }
+        let want = name.as_str().as_bytes();
+        self.runs[..self.len as usize].iter().find_map(|&(s, e)| {
+            field_lines(&self.head, s as usize, e as usize)
+                .find(|(n, _)| eq_lower(n, want))
+                .and_then(|(_, value)| HeaderValue::from_maybe_shared(self.head.slice(value)).ok())
+        })
+    }
+
     /// Appends the field lines to a head being written.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         for &(s, e) in &self.runs[..self.len as usize] {

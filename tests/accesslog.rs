@@ -322,6 +322,22 @@ async fn formats_are_nginx_s_combined_json_or_a_template() {
     assert_eq!(v[2]["server_protocol"], "HTTP/2.0");
     assert!(v[2]["request_time"].as_f64().unwrap() > 0.0);
 
+    // Response fields: the backend's as written (`Date`, and `Content-Length` as it
+    // declared it), over HTTP/1.1 and HTTP/2 clients alike; none for one not sent.
+    let template = "[$sent_http_content_length] [$sent_http_date] [$sent_http_x_none] $server_protocol";
+    srv.reload(rampart::Config::parse(&with_format(template), "t").unwrap())
+        .unwrap();
+    assert_eq!(get(addr, "/s").await.status, 200);
+    assert_eq!(get_h2(addr, "/s2").await.status, 200);
+    let got = wait_for_lines(&log, 6).await;
+    assert_eq!(got.len(), 6, "{got:#?}");
+    for (l, protocol) in got[4..].iter().zip(["HTTP/1.1", "HTTP/2.0"]) {
+        assert!(
+            l.starts_with("[1] [") && l.ends_with(&format!(" GMT] [-] {protocol}")),
+            "{l}"
+        );
+    }
+
     let template = "$status $request_method [$http_x_trace] ${pool}! $scheme $server_port $ssl_protocol";
     srv.reload(rampart::Config::parse(&with_format(template), "t").unwrap())
         .unwrap();
