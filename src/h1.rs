@@ -200,6 +200,10 @@ pub async fn serve(
         };
         if !keep_alive {
             let _ = stream.shutdown().await;
+            // Pipelined requests came after this one: the client may still be sending.
+            if !rbuf.is_empty() {
+                crate::alloc::boxed(|| crate::idle::linger(&stream, tracker)).await;
+            }
             return Ended::Closed;
         }
         idle_since = crate::clock::tokio_now();

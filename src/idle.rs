@@ -55,6 +55,41 @@ use crate::worker::WorkerCtx;
 /// sending back-to-back requests never pays for a new hyper connection.
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
+/// nginx's `lingering_time`: the longest a closing connection goes on reading what
+/// its client still sends (`linger`)...
+const LINGER_TIME: Duration = Duration::from_secs(30);
+/// ...and nginx's `lingering_timeout`: the longest it waits for more.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A closing connection, after its last response and our FIN: reads and discards what
+/// the client still sends (the rest of a request body answered without being read: a
+/// 413, a 401; the head past a 431; pipelined requests), until the client closes,
+/// stays quiet for `LINGER_TIMEOUT`, `LINGER_TIME` passes, or the stopping worker
+/// closes its idle connections. Closing a socket with unread bytes sends a reset, and
+/// a client still sending then loses the answer before it reads it (RFC 9112 §9.6).
+/// nginx's `lingering_close` does the same.
+pub async fn linger(tcp: &TcpStream, tracker: &ConnTracker) {
+    let until = Instant::now() + LINGER_TIME;
+    // On the heap: lingering is rare, and its caller's future stays small.
+    let mut sink = vec![0u8; 16 * 1024];
+    loop {
+        let wait = until.saturating_duration_since(Instant::now()).min(LINGER_TIMEOUT);
+        tokio::select! {
+            biased;
+            _ = tracker.idle_closed() => return,
+            r = tokio::time::timeout(wait, tcp.readable()) => match r {
+                Ok(Ok(())) => match tcp.try_read(&mut sink) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                },
+                _ => return,
+            },
+        }
+    }
+}
+
 /// `keepalive_requests` and `keepalive_time`, from `[server]`.
 #[derive(Clone, Copy, Debug)]
 pub struct KeepLimits {
@@ -745,6 +780,7 @@ pub async fn run_h1(
         (Ok(()), None) => {
             // hyper ended the connection (Connection: close, shutdown, client EOF).
             let _ = stream.shutdown().await;
+            crate::alloc::boxed(|| linger(stream.tcp(), tracker)).await;
             None
         }
         (Err(e), _) => {
@@ -762,6 +798,11 @@ pub async fn run_h1(
                 crate::accesslog::Pending::unparsed(&svc.ctx, &svc.info, 400, "bad_request");
             }
             tracing::debug!(client = %svc.info.peer, error = %e, "client connection ended with error");
+            if e.is_parse() || e.is_parse_too_large() {
+                // The client may still be sending the head hyper refused.
+                let _ = stream.shutdown().await;
+                crate::alloc::boxed(|| linger(stream.tcp(), tracker)).await;
+            }
             None
         }
     }

@@ -2372,6 +2372,102 @@ async fn an_http2_connection_sends_goaway_after_keepalive_requests_streams() {
     assert_eq!(o.hits(), 3);
 }
 
+/// Writes all of `request`, closes the sending side, and reads the whole answer: as
+/// a client that sends its upload before it reads does. `Err` if the proxy reset it.
+async fn send_all_then_read(addr: std::net::SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    s.shutdown().await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed in time")?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_whole_body_first_still_reads_the_413_or_431() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "max_body_bytes = 1000");
+    let (_srv, addr) = start_proxy(&toml);
+    // 5 MB: more than the sockets' buffers hold, so the client is still sending when
+    // the answer is written. Closing then, with the body unread, would reset the
+    // connection and lose the answer; rampart reads the rest and discards it first,
+    // as nginx's lingering close does.
+    const N: usize = 5_000_000;
+    let body = vec![b'x'; N];
+    let mut length = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {N}\r\n\r\n").into_bytes();
+    length.extend_from_slice(&body);
+    let mut chunked = format!("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{N:x}\r\n").into_bytes();
+    chunked.extend_from_slice(&body);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut huge_head = b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+    huge_head.extend_from_slice(&body);
+    huge_head.extend_from_slice(b"\r\n\r\n");
+    for (what, request, status) in [
+        ("Content-Length", &length, "413"),
+        ("chunked", &chunked, "413"),
+        ("a head past max_header_bytes", &huge_head, "431"),
+    ] {
+        for _ in 0..3 {
+            let answer = send_all_then_read(addr, request)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {answer:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_client_past_keepalive_requests_reads_every_answer_it_was_given() {
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "keepalive_requests = 2");
+    let (_srv, addr) = start_proxy(&toml);
+    // 4 MB of pipelined GETs on rampart's own path: two are answered, the second with
+    // `Connection: close`; the rest is read and discarded, not reset under the client.
+    let pipelined = KEEPALIVE_GET.repeat(4_000_000 / KEEPALIVE_GET.len());
+    let answer = send_all_then_read(addr, pipelined.as_bytes()).await.expect("no reset");
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    assert_eq!(answer.matches("connection: close").count(), 1, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_connection_discards_what_its_client_sends_until_it_goes_quiet() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = TestOrigin::start("o", Behavior::Healthy).await;
+    let toml = with_server_setting(&pool_config(&[o.addr], NO_HEALTH_CHECKS), "max_body_bytes = 10");
+    let (_srv, addr) = start_proxy(&toml);
+    // A tenth of a declared body: the 413, then rampart's FIN.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 413 "));
+    // More of the body: read and discarded, so no reset comes back.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(&[b'x'; 1000]).await.expect("rampart still reading");
+    }
+    // Quiet past lingering_timeout (5 s): rampart closes, and bytes sent then are
+    // refused (the first draws a reset, a later one sees it).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut refused = false;
+    for _ in 0..10 {
+        if s.write_all(b"late").await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the connection was still open 7 s after its client went quiet");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_nothing_closes_after_the_header_timeout() {
     use tokio::io::AsyncReadExt;

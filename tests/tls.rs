@@ -377,6 +377,25 @@ async fn an_https_connection_closes_after_keepalive_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_client_that_sends_its_whole_body_first_still_reads_the_413() {
+    let (pki, o, _srv, addr) = site("max_body_bytes = 1000", "").await;
+    // As over plain HTTP (tests/proxy.rs): more than the buffers hold, sent before
+    // anything is read; rampart discards the rest rather than reset the connection.
+    const N: usize = 5_000_000;
+    let mut request = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {N}\r\n\r\n").into_bytes();
+    request.extend_from_slice(&vec![b'x'; N]);
+    for _ in 0..3 {
+        let mut s = connect(addr, "site.test", &[b"http/1.1"], Trust::Ca(&pki))
+            .await
+            .unwrap();
+        s.write_all(&request).await.expect("the whole body written");
+        let (head, _) = read_one_response(&mut s, &mut Vec::new(), false).await;
+        assert!(head.starts_with("http/1.1 413 "), "{head}");
+    }
+    assert_eq!(o.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_https_connection_closes_after_keepalive_timeout() {
     let (pki, _origin, _srv, addr) = site("keepalive_timeout = \"500ms\"", "").await;
     let mut s = served_once(addr, &pki).await;
