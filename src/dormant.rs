@@ -50,7 +50,7 @@ struct Slot {
     generation: u32,
     /// Milliseconds since `Dormant::epoch` (wrapping; waits are far below 24 days).
     deadline_ms: u32,
-    /// When the connection was accepted, in whole seconds since `Dormant::epoch`
+    /// When the connection's first bytes came, in whole seconds since `Dormant::epoch`
     /// (rounded down: it wakes up to a second older), and the requests it has
     /// begun: its `idle::Lifetime`.
     born_s: u32,

@@ -23,6 +23,10 @@
 //! buffered comes back in `Parts::read_buf` and is replayed to the next connection.
 //! Upgrades (WebSocket) are completed by hand: hyper hands back the socket and the
 //! proxy's tunnel receives it through `ParkState::take_upgrade`.
+//!
+//! Also owns what every client connection's life between and after requests needs:
+//! its keep-alive budget (`Lifetime`: `keepalive_requests`, `keepalive_time`) and
+//! the lingering close after its last answer (`linger`).
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
@@ -97,8 +101,8 @@ pub struct KeepLimits {
     pub time: Option<Duration>,
 }
 
-/// A client connection's keep-alive budget: the requests it has begun and when it
-/// was accepted, carried across its busy periods and dormancy (`dormant::Slot`).
+/// A client connection's keep-alive budget: the requests it has begun and when its
+/// first bytes came, carried across its busy periods and dormancy (`dormant::Slot`).
 /// Checked as each request begins, as nginx does: the request that reaches a limit
 /// is served, and its response closes the connection (HTTP/1.1 `Connection: close`,
 /// HTTP/2 GOAWAY).
@@ -129,7 +133,7 @@ impl Lifetime {
         n < self.max && self.until.is_none_or(|t| crate::clock::now() <= t)
     }
 
-    /// When the connection was accepted, and the requests it has begun (saturating:
+    /// When the connection's first bytes came, and the requests it has begun (saturating:
     /// past `u32::MAX` there can be no limit left to reach).
     pub fn so_far(&self) -> (std::time::Instant, u32) {
         (self.born, self.begun.get().min(u32::MAX.into()) as u32)

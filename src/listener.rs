@@ -468,11 +468,13 @@ async fn serve(
     // Wait for the first bytes before choosing a protocol: a connection that sends
     // nothing holds no hyper state, and closes after `client_header_timeout`.
     let tracker = guard.tracker();
-    let life = Lifetime::new(builder.keep, crate::clock::now(), 0);
     let mut head = [0u8; H2_PREFACE.len()];
     let Some(n) = idle::wait_for_request(&stream, tracker, builder.waits.header, &mut head).await else {
         return;
     };
+    // Its age counts from its first bytes: made before the wait, it would size every
+    // connection's task while it waits for them.
+    let life = Lifetime::new(builder.keep, crate::clock::now(), 0);
     if let Some(tls) = tls {
         return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls, local, life)).await;
     }
