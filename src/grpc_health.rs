@@ -35,10 +35,29 @@ pub fn request(service: &str) -> Bytes {
     Bytes::from(frame)
 }
 
-/// The fields a gRPC call carries beyond `:method POST` and its path.
-pub fn add_fields(headers: &mut HeaderMap) {
+/// The fields a gRPC call carries beyond `:method POST` and its path; `timeout` (the
+/// check's) goes as `grpc-timeout`, the call's deadline, which the server's handler
+/// sees and a proxy in between enforces, as any gRPC client with a deadline sends it
+/// (`grpc_health_probe -rpc-timeout`).
+pub fn add_fields(headers: &mut HeaderMap, timeout: std::time::Duration) {
     headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    headers.insert("grpc-timeout", grpc_timeout(timeout));
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit; milliseconds when they fit
+/// (the check's timeout is rarely above a few seconds), else whole seconds, rounded
+/// up so the server never gets less time than the check allows.
+fn grpc_timeout(d: std::time::Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let ms = d.as_millis().max(1);
+    let text = if ms <= MAX {
+        format!("{ms}m")
+    } else {
+        let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        format!("{}S", secs.min(MAX as u64))
+    };
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("99999999S"))
 }
 
 /// Whether the answer says the service is `SERVING`; else why not, for the log.
@@ -195,6 +214,17 @@ fn code_name(n: u32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_check_timeout_goes_as_grpc_timeout_in_8_digits_at_most() {
+        let t = |ms: u64| grpc_timeout(std::time::Duration::from_millis(ms));
+        assert_eq!(t(500), "500m");
+        assert_eq!(t(2_000), "2000m");
+        assert_eq!(t(0), "1m");
+        assert_eq!(t(99_999_999), "99999999m");
+        assert_eq!(t(100_000_000), "100000S");
+        assert_eq!(t(100_000_001), "100001S");
+    }
 
     #[test]
     fn the_request_is_a_framed_message_naming_the_service() {

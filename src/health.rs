@@ -268,7 +268,7 @@ async fn probe_h2(io: crate::netio::UpIo, cfg: &HealthCheckConfig, host: &str) -
         .body(http_body_util::Full::new(body))
         .map_err(|e| format!("request: {e}"))?;
     if grpc {
-        crate::grpc_health::add_fields(req.headers_mut());
+        crate::grpc_health::add_fields(req.headers_mut(), cfg.timeout);
     }
     for (name, value) in &cfg.headers {
         req.headers_mut().insert(name.clone(), value.clone());
