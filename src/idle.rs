@@ -769,24 +769,20 @@ pub async fn run_h1(
     let parts = conn.into_parts();
     let mut stream = parts.io.io;
     let upgrade = state.upgrade.borrow_mut().take();
-    match (result, upgrade) {
+    let answered = match (result, upgrade) {
         (Ok(()), Some(tx)) => {
             let _ = tx.send((stream, parts.read_buf));
-            None
+            return None;
         }
         // An empty `read_buf` still pins hyper's whole read buffer: drop it.
-        (Ok(()), None) if state.parked.get() && !stopping => Some((stream, nonempty(parts.read_buf))),
+        (Ok(()), None) if state.parked.get() && !stopping => return Some((stream, nonempty(parts.read_buf))),
         // The client had sent part of a pipelined request when we parked: hyper saw
         // "end of stream" mid-request, but wrote nothing; replay its bytes.
         (Err(e), _) if state.parked.get() && !stopping && e.is_incomplete_message() && !parts.read_buf.is_empty() => {
-            Some((stream, nonempty(parts.read_buf)))
+            return Some((stream, nonempty(parts.read_buf)));
         }
-        (Ok(()), None) => {
-            // hyper ended the connection (Connection: close, shutdown, client EOF).
-            let _ = stream.shutdown().await;
-            crate::alloc::boxed(|| linger(stream.tcp(), tracker)).await;
-            None
-        }
+        // hyper ended the connection (Connection: close, shutdown, client EOF).
+        (Ok(()), None) => true,
         (Err(e), _) => {
             // A head hyper could not parse, which it answered itself: logged, as
             // nginx logs its 400s.
@@ -802,12 +798,14 @@ pub async fn run_h1(
                 crate::accesslog::Pending::unparsed(&svc.ctx, &svc.info, 400, "bad_request");
             }
             tracing::debug!(client = %svc.info.peer, error = %e, "client connection ended with error");
-            if e.is_parse() || e.is_parse_too_large() {
-                // The client may still be sending the head hyper refused.
-                let _ = stream.shutdown().await;
-                crate::alloc::boxed(|| linger(stream.tcp(), tracker)).await;
-            }
-            None
+            // `is_parse` covers the too-large heads too: the client may still be
+            // sending the head hyper refused.
+            e.is_parse()
         }
+    };
+    if answered {
+        let _ = stream.shutdown().await;
+        crate::alloc::boxed(|| linger(stream.tcp(), tracker)).await;
     }
+    None
 }

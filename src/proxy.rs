@@ -1333,10 +1333,8 @@ fn pass_auth_fields(head: &mut Rc<UpHead>, fields: Vec<(HeaderName, Option<Heade
 /// `access_log = false`.
 #[inline]
 fn skip_log(log: &mut Option<Box<Pending>>, snap: &Snapshot, route: Option<usize>) {
-    if log.is_some() && route.is_some_and(|i| snap.routes[i].skip_access_log) {
-        if let Some(l) = log.take() {
-            l.discard();
-        }
+    if let Some(l) = log.take_if(|_| route.is_some_and(|i| snap.routes[i].skip_access_log)) {
+        l.discard();
     }
 }
 

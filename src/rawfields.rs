@@ -75,12 +75,9 @@ impl RawFields {
         if name == CONTENT_LENGTH {
             return self.declared.map(HeaderValue::from);
         }
-        let want = name.as_str().as_bytes();
-        self.runs[..self.len as usize].iter().find_map(|&(s, e)| {
-            field_lines(&self.head, s as usize, e as usize)
-                .find(|(n, _)| eq_lower(n, want))
-                .and_then(|(_, value)| HeaderValue::from_maybe_shared(self.head.slice(value)).ok())
-        })
+        self.runs[..self.len as usize]
+            .iter()
+            .find_map(|&(s, e)| first_value(&self.head, s as usize, e as usize, name))
     }
 
     /// Appends the field lines to a head being written.
@@ -169,10 +166,15 @@ impl RawRequest {
 /// The first value of field `name` in a `RawRequest::block` (for the access log's
 /// `$http_NAME`), sharing the block's bytes.
 pub fn find(block: &Bytes, name: &HeaderName) -> Option<HeaderValue> {
+    first_value(block, 0, block.len(), name)
+}
+
+/// The first value of field `name` among the lines `head[start..end]`.
+fn first_value(head: &Bytes, start: usize, end: usize, name: &HeaderName) -> Option<HeaderValue> {
     let want = name.as_str().as_bytes();
-    field_lines(block, 0, block.len())
+    field_lines(head, start, end)
         .find(|(n, _)| eq_lower(n, want))
-        .and_then(|(_, value)| HeaderValue::from_maybe_shared(block.slice(value)).ok())
+        .and_then(|(_, value)| HeaderValue::from_maybe_shared(head.slice(value)).ok())
 }
 
 /// Every value of field `name` (lowercase) in a `RawRequest::block`, as written.
