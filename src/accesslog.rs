@@ -566,9 +566,9 @@ impl Pending {
         }));
     }
 
-    /// The response head is ready: what it says, and its fields `$sent_http_NAME`
-    /// reads (from `raw`, the backend's as written, or else the map, where rampart's
-    /// own are).
+    /// The response head is ready: what it says, and the fields `$sent_http_NAME`
+    /// reads (`sent_field`: the map first, where rampart's own are, then `raw`, the
+    /// backend's as written).
     pub fn head_ready(
         mut self: Box<Self>,
         a: Answered,
