@@ -10,45 +10,33 @@ use std::sync::Arc;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Version};
 use rampart::balancer::Balancer;
-use rampart::config::{BackendConfig, BalancerKind, HostMatch, RouteConfig};
+use rampart::config::{BalancerKind, HostMatch, RouteConfig};
 use rampart::proxy::{rewrite_request_headers, ConnInfo, RequestIds};
 use rampart::router::Router;
 use rampart::state::{Backend, BackendState};
 
-fn backends(n: usize) -> (Vec<BackendConfig>, Vec<Backend>) {
-    let cfg: Vec<BackendConfig> = (0..n)
+fn backends(n: usize) -> Vec<Backend> {
+    (0..n)
         .map(|i| {
             let addr: SocketAddr = format!("10.0.0.{}:80", i + 1).parse().unwrap();
-            BackendConfig {
+            Backend {
                 name: addr.to_string(),
                 written: addr.to_string(),
                 addr,
                 weight: 1,
+                config_weight: 1,
                 backup: false,
-                max_in_flight: None,
+                max_in_flight: u32::MAX,
                 tls_name: None,
+                state: Arc::new(BackendState::new()),
+                sticky_id: 0,
             }
         })
-        .collect();
-    let live = cfg
-        .iter()
-        .map(|c| Backend {
-            name: c.name.clone(),
-            written: c.written.clone(),
-            addr: c.addr,
-            weight: 1,
-            backup: false,
-            max_in_flight: u32::MAX,
-            tls_name: None,
-            state: Arc::new(BackendState::new()),
-            sticky_id: 0,
-        })
-        .collect();
-    (cfg, live)
+        .collect()
 }
 
 fn balancers(c: &mut Criterion) {
-    let (cfg, live) = backends(3);
+    let live = backends(3);
     let ok = |_: usize| true;
     for kind in [
         BalancerKind::RoundRobin,
@@ -57,7 +45,7 @@ fn balancers(c: &mut Criterion) {
         BalancerKind::ConsistentHash,
         BalancerKind::Random,
     ] {
-        let b = Balancer::new(kind, &cfg);
+        let b = Balancer::new(kind, &live);
         c.bench_function(&format!("pick/{}", b.kind()), |bench| {
             bench.iter(|| b.pick(black_box(&live), Some(0x1234_5678), rampart::state::clock_ns(), &ok))
         });

@@ -7,6 +7,9 @@
 //! - `POST /backends/POOL/BACKEND/STATE`: an operator drains a backend, puts it in
 //!   maintenance or makes it ready again (`state::AdminState`), from loopback only
 //!   unless `[admin] control` says otherwise.
+//! - `POST /backends/POOL/BACKEND/weight/WEIGHT`: an operator sets a backend's
+//!   weight (a canary's share) without editing the config, as HAProxy's
+//!   `set weight`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -87,7 +90,7 @@ async fn serve_connection(
 
 fn route(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     if let Some(rest) = req.uri().path().strip_prefix("/backends/") {
-        return set_backend_state(shared, req.method(), rest, peer);
+        return change_backends(shared, req.method(), rest, peer);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -119,7 +122,7 @@ fn route(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /metrics /status /healthz /ready, POST /backends/POOL/BACKEND/{ready,drain,maint}\n",
+            "endpoints: GET /metrics /status /healthz /ready, POST /backends/POOL/BACKEND/{ready,drain,maint}, POST /backends/POOL/BACKEND/weight/WEIGHT\n",
         ),
     }
 }
@@ -163,36 +166,99 @@ pub fn load_states(snap: &crate::state::Snapshot) {
     }
 }
 
-const BACKENDS_USAGE: &str = "POST /backends/POOL/BACKEND/STATE: POOL a pool's name or *, BACKEND its label or address (ip:port) or as written in backends, STATE ready, drain or maint";
+const BACKENDS_USAGE: &str = "POST /backends/POOL/BACKEND/STATE or POST /backends/POOL/BACKEND/weight/WEIGHT: POOL a pool's name or *, BACKEND its label or address (ip:port) or as written in backends, STATE ready, drain or maint, WEIGHT 1 to 1000, N% of the configured weight, or config (the configured weight again)";
 
-/// `POST /backends/POOL/BACKEND/STATE`: sets the operator's state of every backend
-/// that matches, and answers what each was, as JSON.
-fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
+/// What `POST /backends/...` changes on the backends it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    State(crate::state::AdminState),
+    /// A weight, 1 to `config::MAX_WEIGHT`.
+    Weight(u32),
+    /// Percent of each backend's configured weight.
+    WeightPercent(u32),
+    /// Back to the configured weight.
+    ConfigWeight,
+}
+
+impl Change {
+    /// The weight backend `b` gets, for a weight change.
+    fn weight_for(self, configured: u32) -> u32 {
+        match self {
+            Change::Weight(w) => w,
+            Change::WeightPercent(p) => {
+                let w = (configured as u64 * p as u64 + 50) / 100;
+                w.clamp(1, crate::config::MAX_WEIGHT as u64) as u32
+            }
+            Change::State(_) | Change::ConfigWeight => configured,
+        }
+    }
+}
+
+/// Splits `POOL/BACKEND/STATE` or `POOL/BACKEND/weight/WEIGHT` (percent-decoded
+/// pool and backend). The change is the last segment, or the last two, and the pool
+/// the first, so a backend's label may hold anything between.
+fn parse_change(rest: &str) -> Result<(String, String, Change), String> {
+    let Some((head, last)) = rest.rsplit_once('/') else {
+        return Err(format!("no state in /backends/{rest}"));
+    };
+    let (head, change) = match head.strip_suffix("/weight") {
+        Some(head) => (head, parse_weight(last)?),
+        None => match crate::state::AdminState::parse(last) {
+            Some(to) => (head, Change::State(to)),
+            None => return Err(format!("unknown state {last:?}")),
+        },
+    };
+    let Some((pool, backend)) = head.split_once('/') else {
+        return Err(format!("no backend in /backends/{rest}"));
+    };
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    Ok((decode(pool), decode(backend), change))
+}
+
+fn parse_weight(w: &str) -> Result<Change, String> {
+    if w == "config" {
+        return Ok(Change::ConfigWeight);
+    }
+    let (digits, percent) = match w.strip_suffix('%') {
+        Some(d) => (d, true),
+        None => (w, false),
+    };
+    let max = crate::config::MAX_WEIGHT;
+    match digits.parse::<u32>() {
+        // Weight 0 would be a drain by another name, one `/status` and the state
+        // file would not show as such.
+        Ok(0) => Err(format!(
+            "weight {w:?}: to stop sending a backend new requests, set its state to drain"
+        )),
+        Ok(p) if percent && p <= 100 * max => Ok(Change::WeightPercent(p)),
+        Ok(n) if !percent && n <= max => Ok(Change::Weight(n)),
+        _ => Err(format!(
+            "weight {w:?}: must be 1 to {max}, N% of the configured weight, or config"
+        )),
+    }
+}
+
+/// `POST /backends/POOL/BACKEND/STATE` or `.../weight/WEIGHT`: sets the operator's
+/// state, or weight, of every backend that matches, and answers what each was, as
+/// JSON. A weight takes effect through a new snapshot, whose balancers are built
+/// with it (`Shared::rebuild`), and holds until a reload changes the backend's
+/// configured weight.
+fn change_backends(shared: &Shared, method: &Method, rest: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
     if method != Method::POST {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, format!("{BACKENDS_USAGE}\n"));
         r.headers_mut()
             .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
         return r;
     }
-    let snap = shared.snapshot.load();
+    let snap = shared.snapshot.load_full();
     let control = snap.config.admin.as_ref().map(|a| a.control).unwrap_or_default();
     if let Some(why) = refusal(control, peer) {
-        tracing::warn!(%peer, path = %rest, "admin: backend state change refused");
+        tracing::warn!(%peer, path = %rest, "admin: backend change refused");
         return text(StatusCode::FORBIDDEN, why);
     }
-    let bad = |msg: String| text(StatusCode::BAD_REQUEST, format!("{msg}\n{BACKENDS_USAGE}\n"));
-    // The state is the last segment and the pool the first, so a backend's label may
-    // hold anything between.
-    let Some((head, state)) = rest.rsplit_once('/') else {
-        return bad(format!("no state in /backends/{rest}"));
-    };
-    let Some((pool, backend)) = head.split_once('/') else {
-        return bad(format!("no backend in /backends/{rest}"));
-    };
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    let (pool, backend) = (decode(pool), decode(backend));
-    let Some(to) = crate::state::AdminState::parse(state) else {
-        return bad(format!("unknown state {state:?}"));
+    let (pool, backend, change) = match parse_change(rest) {
+        Ok(c) => c,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, format!("{msg}\n{BACKENDS_USAGE}\n")),
     };
     let pools: Vec<_> = snap.pools.iter().filter(|p| pool == "*" || p.name == pool).collect();
     if pools.is_empty() {
@@ -202,26 +268,12 @@ fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketA
             format!("no pool {pool:?}; pools: {}\n", names.join(", ")),
         );
     }
-    let mut changed = Vec::new();
-    for p in &pools {
-        for b in &p.backends {
-            if b.name != backend && b.written != backend && b.addr.to_string() != backend {
-                continue;
-            }
-            let was = b.state.set_admin_state(to);
-            if was != to {
-                tracing::info!(pool = %p.name, backend = %b.name, from = was.as_str(), to = to.as_str(), %peer, "admin: backend state set");
-            }
-            changed.push(serde_json::json!({
-                "pool": p.name,
-                "backend": b.name,
-                "was": was.as_str(),
-                "admin_state": to.as_str(),
-                "in_flight": b.state.in_flight(),
-            }));
-        }
-    }
-    if changed.is_empty() {
+    let matched: Vec<_> = pools
+        .iter()
+        .flat_map(|p| p.backends.iter().map(move |b| (p, b)))
+        .filter(|(_, b)| b.name == backend || b.written == backend || b.addr.to_string() == backend)
+        .collect();
+    if matched.is_empty() {
         let names: Vec<_> = pools
             .iter()
             .flat_map(|p| p.backends.iter().map(|b| b.name.as_str()))
@@ -234,6 +286,55 @@ fn set_backend_state(shared: &Shared, method: &Method, rest: &str, peer: SocketA
             ),
         );
     }
+    let changed: Vec<_> = match change {
+        Change::State(to) => matched
+            .iter()
+            .map(|(p, b)| {
+                let was = b.state.set_admin_state(to);
+                if was != to {
+                    tracing::info!(pool = %p.name, backend = %b.name, from = was.as_str(), to = to.as_str(), %peer, "admin: backend state set");
+                }
+                serde_json::json!({
+                    "pool": p.name,
+                    "backend": b.name,
+                    "was": was.as_str(),
+                    "admin_state": to.as_str(),
+                    "in_flight": b.state.in_flight(),
+                })
+            })
+            .collect(),
+        _ => {
+            for (p, b) in &matched {
+                let w = change.weight_for(b.config_weight);
+                b.state
+                    .set_weight(b.config_weight, (w != b.config_weight).then_some(w));
+                if w != b.weight {
+                    tracing::info!(pool = %p.name, backend = %b.name, from = b.weight, to = w, configured = b.config_weight, %peer, "admin: backend weight set");
+                }
+            }
+            let now = shared.rebuild();
+            matched
+                .iter()
+                .map(|(p, b)| {
+                    // As the new snapshot has it (a reload meanwhile may have
+                    // changed the configured weight, or removed the backend).
+                    let live = now
+                        .pools
+                        .iter()
+                        .filter(|np| np.name == p.name)
+                        .flat_map(|np| &np.backends)
+                        .find(|nb| Arc::ptr_eq(&nb.state, &b.state));
+                    serde_json::json!({
+                        "pool": p.name,
+                        "backend": b.name,
+                        "was": b.weight,
+                        "weight": live.map(|nb| nb.weight),
+                        "config_weight": live.map(|nb| nb.config_weight),
+                    })
+                })
+                .collect()
+        }
+    };
     let mut body = serde_json::json!({ "backends": changed });
     if let Err(e) = save_states(&snap) {
         // The change holds in this process; only a restart would forget it.
@@ -296,7 +397,7 @@ fn update_gauges(shared: &Shared) {
     }
 }
 
-/// Every per-backend series: the `rampart_backend_{healthy,ejected,in_flight}` gauges
+/// Every per-backend series: the `rampart_backend_{healthy,ejected,in_flight,weight}` gauges
 /// and the `rampart_{upstream_errors,ejections,restores}_total` counters. They are
 /// written from the live snapshot at each scrape rather than kept in the recorder,
 /// where a backend a reload or a DNS answer removed would stay, frozen at its last
@@ -305,57 +406,59 @@ fn backend_series(shared: &Shared, out: &mut String) {
     use std::fmt::Write;
     let now = now_ms();
     let snap = shared.snapshot.load();
-    type Value = fn(&crate::state::BackendState, u64) -> u64;
-    let series: [(&str, &str, &str, Value); 5] = [
+    type Value = fn(&crate::state::Backend, u64) -> u64;
+    let series: [(&str, &str, &str, Value); 6] = [
         (
             crate::metrics::BACKEND_HEALTHY,
             "gauge",
             "1 when the backend passes active health checks",
-            |st, _| st.is_healthy() as u64,
+            |b, _| b.state.is_healthy() as u64,
         ),
         (
             crate::metrics::BACKEND_EJECTED,
             "gauge",
             "1 while the backend is ejected by outlier detection",
-            |st, now| st.is_ejected(now) as u64,
+            |b, now| b.state.is_ejected(now) as u64,
         ),
         (
             crate::metrics::BACKEND_IN_FLIGHT,
             "gauge",
             "Requests in flight to the backend",
-            |st, _| st.in_flight() as u64,
+            |b, _| b.state.in_flight() as u64,
+        ),
+        (
+            crate::metrics::BACKEND_WEIGHT,
+            "gauge",
+            "The weight the balancer gives the backend: as configured, or as set through the admin API",
+            |b, _| b.weight as u64,
         ),
         (
             crate::metrics::EJECTIONS,
             "counter",
             "Times outlier detection ejected the backend",
-            |st, _| st.counters.ejections.load(std::sync::atomic::Ordering::Relaxed),
+            |b, _| b.state.counters.ejections.load(std::sync::atomic::Ordering::Relaxed),
         ),
         (
             crate::metrics::RESTORES,
             "counter",
             "Times an ejected backend passed its probation probe and took traffic again",
-            |st, _| st.counters.restores.load(std::sync::atomic::Ordering::Relaxed),
+            |b, _| b.state.counters.restores.load(std::sync::atomic::Ordering::Relaxed),
         ),
     ];
-    // Labels escaped once, for all six series.
+    // Labels escaped once, for all the series.
     let backends: Vec<_> = snap
         .pools
         .iter()
         .flat_map(|p| {
             p.backends
                 .iter()
-                .map(move |b| (label_value(&p.name), label_value(&b.name), &b.state))
+                .map(move |b| (label_value(&p.name), label_value(&b.name), b))
         })
         .collect();
     for (name, kind, help, value) in series {
         describe(out, name, kind, help);
-        for (pool, backend, st) in &backends {
-            let _ = writeln!(
-                out,
-                "{name}{{pool=\"{pool}\",backend=\"{backend}\"}} {}",
-                value(st, now)
-            );
+        for (pool, backend, b) in &backends {
+            let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{backend}\"}} {}", value(b, now));
         }
     }
     // The operator's state, one series per state (1 for the one set), as Prometheus
@@ -367,8 +470,8 @@ fn backend_series(shared: &Shared, out: &mut String) {
         "gauge",
         "1 for the state an operator set on the backend (ready, drain, maint)",
     );
-    for (pool, backend, st) in &backends {
-        let set = st.admin_state();
+    for (pool, backend, b) in &backends {
+        let set = b.state.admin_state();
         for state in crate::state::AdminState::ALL {
             let _ = writeln!(
                 out,
@@ -385,8 +488,8 @@ fn backend_series(shared: &Shared, out: &mut String) {
         "counter",
         "Responses a backend sent, by status class (those a retry replaced included)",
     );
-    for (pool, backend, st) in &backends {
-        for (code, n) in st.counters.responses() {
+    for (pool, backend, b) in &backends {
+        for (code, n) in b.state.counters.responses() {
             let _ = writeln!(
                 out,
                 "{name}{{pool=\"{pool}\",backend=\"{backend}\",code=\"{code}\"}} {n}"
@@ -400,11 +503,11 @@ fn backend_series(shared: &Shared, out: &mut String) {
         "gauge",
         "The balancer's estimate of the backend's time to response headers (peak EWMA, decaying while idle)",
     );
-    for (pool, backend, st) in &backends {
+    for (pool, backend, b) in &backends {
         let _ = writeln!(
             out,
             "{name}{{pool=\"{pool}\",backend=\"{backend}\"}} {}",
-            st.ewma() / 1e9
+            b.state.ewma() / 1e9
         );
     }
     // Only the kinds a backend has had: twelve zeros per backend would bury the rest.
@@ -415,8 +518,8 @@ fn backend_series(shared: &Shared, out: &mut String) {
         "counter",
         "Failed attempts to a backend, by pool, backend and kind",
     );
-    for (pool, backend, st) in &backends {
-        for (kind, n) in st.counters.errors().filter(|(_, n)| *n > 0) {
+    for (pool, backend, b) in &backends {
+        for (kind, n) in b.state.counters.errors().filter(|(_, n)| *n > 0) {
             let _ = writeln!(
                 out,
                 "{name}{{pool=\"{pool}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}"
@@ -482,6 +585,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     serde_json::json!({
                         "addr": b.name,
                         "weight": b.weight,
+                        "config_weight": b.config_weight,
                         "backup": b.backup,
                         "max_in_flight": (b.max_in_flight != u32::MAX).then_some(b.max_in_flight),
                         "healthy": b.state.is_healthy(),

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::config::{BackendConfig, BalancerKind};
+use crate::config::BalancerKind;
 use crate::state::Backend;
 
 /// Virtual nodes per unit of weight on the hash ring.
@@ -31,7 +31,7 @@ pub enum Balancer {
 }
 
 impl Balancer {
-    pub fn new(kind: BalancerKind, backends: &[BackendConfig]) -> Balancer {
+    pub fn new(kind: BalancerKind, backends: &[Backend]) -> Balancer {
         match kind {
             BalancerKind::RoundRobin => Balancer::RoundRobin {
                 seq: smooth_wrr_sequence(&backends.iter().map(|b| b.weight).collect::<Vec<_>>()),
@@ -201,7 +201,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 
 /// Ring points are derived from the backend's address text, so the same backend lands
 /// on the same points in every process and across reloads.
-fn build_ring(backends: &[BackendConfig]) -> Vec<(u64, u32)> {
+fn build_ring(backends: &[Backend]) -> Vec<(u64, u32)> {
     let mut ring = Vec::new();
     for (i, b) in backends.iter().enumerate() {
         for v in 0..b.weight * RING_POINTS_PER_WEIGHT {
@@ -253,14 +253,17 @@ mod tests {
         let cfg = |addrs: &[&str]| {
             addrs
                 .iter()
-                .map(|a| BackendConfig {
+                .map(|a| Backend {
                     name: a.to_string(),
                     written: a.to_string(),
                     addr: a.parse().unwrap(),
                     weight: 1,
+                    config_weight: 1,
                     backup: false,
-                    max_in_flight: None,
+                    max_in_flight: u32::MAX,
                     tls_name: None,
+                    state: Default::default(),
+                    sticky_id: 0,
                 })
                 .collect::<Vec<_>>()
         };

@@ -143,6 +143,11 @@ impl Server {
                 Err(e) => tracing::warn!(error = %e, "cannot read the old process's backend state; starting afresh"),
             }
         }
+        // Weights an operator set (saved or handed over) reach the balancers through
+        // a snapshot built with them.
+        if shared.snapshot.load().has_set_weights() {
+            shared.rebuild();
+        }
         let (tx, rx) = watch::channel(false);
 
         let mut threads = Vec::new();

@@ -24,6 +24,7 @@ pub const BACKEND_IN_FLIGHT: &str = "rampart_backend_in_flight";
 pub const BACKEND_RESPONSES: &str = "rampart_backend_responses_total";
 pub const BACKEND_LATENCY: &str = "rampart_backend_latency_ewma_seconds";
 pub const BACKEND_ADMIN_STATE: &str = "rampart_backend_admin_state";
+pub const BACKEND_WEIGHT: &str = "rampart_backend_weight";
 pub const CONFIG_RELOADS: &str = "rampart_config_reloads_total";
 pub const DORMANT_CONNECTIONS: &str = "rampart_dormant_connections";
 pub const CLIENT_CONNECTIONS: &str = "rampart_client_connections";

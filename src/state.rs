@@ -75,6 +75,11 @@ pub struct BackendState {
     pub counters: BackendCounters,
     /// What an operator set through the admin API (`AdminState`, as `u8`).
     admin: std::sync::atomic::AtomicU8,
+    /// A weight an operator set through the admin API, in the low 32 bits, and the
+    /// configured weight it was set against in the high 32; 0 when none is set. The
+    /// snapshot's balancers are built from it (`Snapshot::build`), and a reload
+    /// that changes the backend's configured weight drops it (`Shared::swap`).
+    weight_set: AtomicU64,
     /// Wakes the backend's health-check loop at once (a backend leaving `maint`).
     pub check_now: tokio::sync::Notify,
 }
@@ -200,6 +205,7 @@ impl BackendState {
             ewma_stamp_ns: AtomicU64::new(0),
             counters: BackendCounters::default(),
             admin: std::sync::atomic::AtomicU8::new(AdminState::Ready as u8),
+            weight_set: AtomicU64::new(0),
             check_now: tokio::sync::Notify::new(),
         }
     }
@@ -224,6 +230,31 @@ impl BackendState {
             self.check_now.notify_one();
         }
         was
+    }
+
+    /// Sets (`Some`) or drops (`None`) the operator's weight, set against the
+    /// configured weight `config`. Takes effect when the snapshot is next built
+    /// (`Shared::rebuild`).
+    pub fn set_weight(&self, config: u32, weight: Option<u32>) {
+        let packed = weight.map_or(0, |w| (config as u64) << 32 | w as u64);
+        self.weight_set.store(packed, Ordering::Relaxed);
+    }
+
+    /// The operator's weight and the configured weight it was set against, if any.
+    pub fn weight_set(&self) -> Option<(u32, u32)> {
+        match self.weight_set.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(((v & u32::MAX as u64) as u32, (v >> 32) as u32)),
+        }
+    }
+
+    /// The weight a backend configured with `config` gets: the operator's, while it
+    /// was set against that configured weight, else `config`.
+    fn weight_for(&self, config: u32) -> u32 {
+        match self.weight_set() {
+            Some((w, against)) if against == config => w,
+            _ => config,
+        }
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -397,7 +428,11 @@ pub struct Backend {
     /// As written in the config.
     pub written: String,
     pub addr: SocketAddr,
+    /// What the balancer weighs it by: `config_weight`, or the weight an operator
+    /// set through the admin API.
     pub weight: u32,
+    /// As configured (`BackendConfig::weight`).
+    pub config_weight: u32,
     /// Picked only when no other backend can be (`BackendConfig::backup`).
     pub backup: bool,
     /// Not picked while this many requests are in flight to it, all workers
@@ -603,6 +638,11 @@ pub struct Handed {
     /// What the operator set; absent from an older process's handover.
     #[serde(default)]
     pub admin: AdminState,
+    /// The weight the operator set, and the configured weight it was set against.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub config_weight: Option<u32>,
 }
 
 impl Snapshot {
@@ -624,6 +664,8 @@ impl Snapshot {
                     ejected_for_ms: st.ejected_until.load(Ordering::Relaxed).saturating_sub(now),
                     probation: st.probation.load(Ordering::Relaxed),
                     admin: st.admin_state(),
+                    weight: st.weight_set().map(|(w, _)| w),
+                    config_weight: st.weight_set().map(|(_, c)| c),
                 });
             }
         }
@@ -651,10 +693,26 @@ impl Snapshot {
                 st.ejected_until.store(until, Ordering::Relaxed);
                 st.probation.store(h.probation, Ordering::Relaxed);
                 st.admin.store(h.admin as u8, Ordering::Relaxed);
+                restore_weight(b, &h.pool, h.weight, h.config_weight);
                 taken += 1;
             }
         }
         taken
+    }
+}
+
+/// Sets a weight saved (state file) or handed over (upgrade) on backend `b`, unless
+/// the config now gives the backend another weight than the one it was set against:
+/// then the config wins, as on a reload (`Shared::swap`).
+fn restore_weight(b: &Backend, pool: &str, weight: Option<u32>, against: Option<u32>) {
+    let (Some(w), Some(against)) = (weight, against) else {
+        return;
+    };
+    if against == b.config_weight {
+        b.state.set_weight(against, Some(w));
+    } else {
+        b.state.set_weight(b.config_weight, None);
+        tracing::info!(pool, backend = %b.name, dropped = w, weight = b.config_weight, "the config changed the backend's weight: the weight set through the admin API is dropped");
     }
 }
 
@@ -664,37 +722,57 @@ pub struct SavedState {
     pub pool: String,
     pub addr: SocketAddr,
     pub state: AdminState,
+    /// A weight set through the admin API, and the configured weight it was set
+    /// against (absent from the files of versions before weights could be set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_weight: Option<u32>,
 }
 
 impl Snapshot {
-    /// Every backend an operator took out of service, for the state file.
+    /// Every backend an operator took out of service or set a weight on, for the
+    /// state file.
     pub fn admin_states(&self) -> Vec<SavedState> {
         self.pools
             .iter()
             .flat_map(|p| {
                 p.backends
                     .iter()
-                    .filter(|b| b.state.admin_state() != AdminState::Ready)
+                    .filter(|b| b.state.admin_state() != AdminState::Ready || b.state.weight_set().is_some())
                     .map(|b| SavedState {
                         pool: p.name.clone(),
                         addr: b.addr,
                         state: b.state.admin_state(),
+                        weight: b.state.weight_set().map(|(w, _)| w),
+                        config_weight: b.state.weight_set().map(|(_, c)| c),
                     })
             })
             .collect()
     }
 
     /// Sets the saved states on the backends still in the config (matched by pool
-    /// and address); returns how many were set.
+    /// and address); returns how many were set. A saved weight takes effect once
+    /// the snapshot is built again (`has_set_weights`, `Shared::rebuild`).
     pub fn restore_admin_states(&self, saved: &[SavedState]) -> usize {
         let mut set = 0;
         for s in saved {
             for b in self.backends_at(&s.pool, s.addr) {
                 b.state.admin.store(s.state as u8, Ordering::Relaxed);
+                restore_weight(b, &s.pool, s.weight, s.config_weight);
                 set += 1;
             }
         }
         set
+    }
+
+    /// Whether an operator set the weight of any backend, which the balancers
+    /// take only from a snapshot built since (`Shared::rebuild`).
+    pub fn has_set_weights(&self) -> bool {
+        self.pools
+            .iter()
+            .flat_map(|p| &p.backends)
+            .any(|b| b.state.weight_set().is_some_and(|(w, _)| w != b.weight))
     }
 
     /// The backends of pool `pool` at `addr`, as a handover or the state file names
@@ -743,25 +821,19 @@ impl Snapshot {
                 let backends = pc
                     .backends
                     .iter()
-                    .map(|bc| Backend {
-                        sticky_id: crate::balancer::hash64(bc.addr.to_string().as_bytes()),
-                        name: bc.name.clone(),
-                        written: bc.written.clone(),
-                        addr: bc.addr,
-                        weight: bc.weight,
-                        backup: bc.backup,
-                        max_in_flight: bc.max_in_flight.unwrap_or(u32::MAX),
-                        tls_name: bc.tls_name.clone(),
-                        state: carried
+                    .map(|bc| {
+                        let state = carried
                             .get(&(pc.name.as_str(), bc.addr))
                             .filter(|(_, t)| *t == transport(pc, &bc.tls_name))
                             .map(|(st, _)| st.clone())
                             .unwrap_or_else(|| {
                                 let st = BackendState::new();
                                 if let Some((old, _)) = carried.get(&(pc.name.as_str(), bc.addr)) {
-                                    // New TLS settings make it a new backend, but one
-                                    // the operator drained stays drained.
+                                    // New TLS settings make it a new backend, but what
+                                    // the operator set (drained, a weight) stays.
                                     st.admin.store(old.admin_state() as u8, Ordering::Relaxed);
+                                    st.weight_set
+                                        .store(old.weight_set.load(Ordering::Relaxed), Ordering::Relaxed);
                                 }
                                 if previous.is_some() {
                                     // Added by a reload: slow start applies (if configured).
@@ -771,9 +843,21 @@ impl Snapshot {
                                     st.healthy.store(false, Ordering::Relaxed);
                                 }
                                 Arc::new(st)
-                            }),
+                            });
+                        Backend {
+                            sticky_id: crate::balancer::hash64(bc.addr.to_string().as_bytes()),
+                            name: bc.name.clone(),
+                            written: bc.written.clone(),
+                            addr: bc.addr,
+                            weight: state.weight_for(bc.weight),
+                            config_weight: bc.weight,
+                            backup: bc.backup,
+                            max_in_flight: bc.max_in_flight.unwrap_or(u32::MAX),
+                            tls_name: bc.tls_name.clone(),
+                            state,
+                        }
                     })
-                    .collect();
+                    .collect::<Vec<_>>();
                 // The pool's own counters go on from the pool it replaces: the
                 // circuit breaker's counts (the requests and connections still open
                 // hold the old pool's slots, and release them there), the retry
@@ -786,10 +870,11 @@ impl Snapshot {
                     budget.carry(&old.budget);
                     latency.carry(&old.latency);
                 }
+                let balancer = Balancer::new(pc.balancer, &backends);
                 Arc::new(Pool {
                     name: pc.name.clone(),
                     backends,
-                    balancer: Balancer::new(pc.balancer, &pc.backends),
+                    balancer,
                     config: pc.clone(),
                     metrics: PoolMetrics::new(&pc.name),
                     budget,
@@ -856,11 +941,38 @@ impl Shared {
         }
     }
 
-    /// Installs a new config, carrying over backend state.
+    /// Installs a new config, carrying over backend state. A weight an operator set
+    /// on a backend whose configured weight this config changes is dropped: the
+    /// file is the newer word, as HAProxy's `server-state-file` reads it.
     pub fn swap(&self, config: Arc<Config>) {
         let prev = self.snapshot.load_full();
-        self.snapshot.store(Arc::new(Snapshot::build(config, Some(&prev))));
+        let next = Snapshot::build(config, Some(&prev));
+        for (p, b) in next.pools.iter().flat_map(|p| p.backends.iter().map(move |b| (p, b))) {
+            if let Some((w, against)) = b.state.weight_set() {
+                if against != b.config_weight {
+                    b.state.set_weight(b.config_weight, None);
+                    tracing::info!(pool = %p.name, backend = %b.name, dropped = w, weight = b.config_weight, "the config changed the backend's weight: the weight set through the admin API is dropped");
+                }
+            }
+        }
+        self.snapshot.store(Arc::new(next));
         self.reloaded.notify_waiters();
+    }
+
+    /// Builds the snapshot again from its own config, so the balancers take the
+    /// weights an operator set (`BackendState::set_weight`). Retried when a reload or
+    /// a DNS update installs another snapshot meanwhile, which would otherwise be
+    /// lost; returns the snapshot installed.
+    pub fn rebuild(&self) -> Arc<Snapshot> {
+        loop {
+            let cur = self.snapshot.load_full();
+            let next = Arc::new(Snapshot::build(cur.config.clone(), Some(&cur)));
+            let prev = self.snapshot.compare_and_swap(&cur, next.clone());
+            if Arc::ptr_eq(&prev, &cur) {
+                self.reloaded.notify_waiters();
+                return next;
+            }
+        }
     }
 
     /// Installs `config`, `expected`'s config with backends a DNS answer changed,
@@ -941,6 +1053,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(older[2].admin, AdminState::Ready);
+    }
+
+    #[test]
+    fn an_upgrade_carries_an_operators_weight_unless_the_config_changed_the_backends() {
+        let old = pool_of(2, "balancer = \"round_robin\"\n");
+        old.pools[0].backends[1].state.set_weight(1, Some(3));
+        let handed: Vec<Handed> = serde_json::from_slice(&serde_json::to_vec(&old.hand_over()).unwrap()).unwrap();
+        let new = pool_of(2, "balancer = \"round_robin\"\n");
+        assert_eq!(new.take_over(&handed), 2);
+        // Taken, but the balancers are built with it only in the next snapshot.
+        assert!(new.has_set_weights());
+        let next = Snapshot::build(new.config.clone(), Some(&new));
+        assert!(!next.has_set_weights());
+        let pool = &next.pools[0];
+        assert_eq!((pool.backends[1].weight, pool.backends[1].config_weight), (3, 1));
+        let picks: Vec<_> = (0..8).filter_map(|_| pool.pick(None, &[])).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 6, "{picks:?}");
+        // A new process whose config weighs the backend otherwise keeps its config.
+        let reweighed = pool_of(
+            0,
+            "backends = [\"127.0.0.1:1\", { addr = \"127.0.0.1:2\", weight = 2 }]\nbalancer = \"round_robin\"\n",
+        );
+        assert_eq!(reweighed.take_over(&handed), 2);
+        assert!(!reweighed.has_set_weights());
+        assert_eq!(reweighed.pools[0].backends[1].state.weight_set(), None);
     }
 
     /// A pool of `backends` backends (none: `extra` lists them).

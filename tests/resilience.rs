@@ -1787,6 +1787,116 @@ async fn admin_states_survive_a_restart_through_the_state_file() {
     stop_proxy(srv).await;
 }
 
+/// How many of `names` are `name`.
+fn count(names: &[String], name: &str) -> usize {
+    names.iter().filter(|n| *n == name).count()
+}
+
+/// `POST /backends/POOL/BACKEND/weight/W` (HAProxy's `set weight`): the balancer
+/// weighs the backend by it at once, a reload that leaves the backend's configured
+/// weight alone keeps it, as does a restart through the state file, and a reload
+/// that changes the configured weight drops it. Round robin's order is exact, so
+/// the counts are too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_s_weight_holds_until_the_config_changes_the_backend_s() {
+    let a = TestOrigin::start("a", Behavior::Healthy).await;
+    let b = TestOrigin::start("b", Behavior::Healthy).await;
+    let dir = TempDir::new("weights");
+    let file = dir.join("state.json");
+    let toml = with_admin(
+        &[a.addr, b.addr],
+        &format!("balancer = \"round_robin\"\n{NO_HEALTH_CHECKS}"),
+        &format!("state_file = \"{}\"", file.display()),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let set = |w: &str| format!("/backends/app/{}/weight/{w}", b.addr);
+    let r = admin(&srv, "POST", &set("3")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    assert_eq!(
+        body["backends"][0],
+        serde_json::json!({ "pool": "app", "backend": b.addr.to_string(), "was": 1, "weight": 3, "config_weight": 1 })
+    );
+    let got = answers(addr, "/x", 8).await;
+    assert_eq!((count(&got, "a"), count(&got, "b")), (2, 6), "{got:?}");
+    let status = status_of(&srv).await;
+    assert_eq!(
+        (
+            backend_field(&status, b.addr, "weight"),
+            backend_field(&status, b.addr, "config_weight")
+        ),
+        (3.into(), 1.into())
+    );
+    let metrics = rampart::admin::metrics_text(srv.shared());
+    assert!(
+        metrics.contains(&format!(
+            "rampart_backend_weight{{pool=\"app\",backend=\"{}\"}} 3",
+            b.addr
+        )),
+        "{metrics}"
+    );
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        saved,
+        serde_json::json!([{ "pool": "app", "addr": b.addr.to_string(), "state": "ready", "weight": 3, "config_weight": 1 }])
+    );
+    // A reload that leaves the weights alone keeps the operator's.
+    srv.reload(rampart::config::Config::parse(&toml, "test.toml").unwrap())
+        .unwrap();
+    let got = answers(addr, "/x", 8).await;
+    assert_eq!((count(&got, "a"), count(&got, "b")), (2, 6), "{got:?}");
+    stop_proxy(srv).await;
+
+    // So does a restart, through the state file.
+    let (srv, addr) = start_proxy(&toml);
+    assert_eq!(backend_field(&status_of(&srv).await, b.addr, "weight"), 3);
+    let got = answers(addr, "/x", 8).await;
+    assert_eq!((count(&got, "a"), count(&got, "b")), (2, 6), "{got:?}");
+
+    // A reload that gives b a weight of its own drops the operator's.
+    let weighted = toml.replace(
+        &format!("\"{}\"]", b.addr),
+        &format!("{{ addr = \"{}\", weight = 2 }}]", b.addr),
+    );
+    assert_ne!(weighted, toml);
+    srv.reload(rampart::config::Config::parse(&weighted, "test.toml").unwrap())
+        .unwrap();
+    assert_eq!(backend_field(&status_of(&srv).await, b.addr, "weight"), 2);
+    let got = answers(addr, "/x", 6).await;
+    assert_eq!((count(&got, "a"), count(&got, "b")), (2, 4), "{got:?}");
+    // Dropped for good: the config going back to the weight it was set against
+    // does not bring it back.
+    for (config, weight) in [(&toml, 1), (&weighted, 2)] {
+        srv.reload(rampart::config::Config::parse(config, "test.toml").unwrap())
+            .unwrap();
+        assert_eq!(backend_field(&status_of(&srv).await, b.addr, "weight"), weight);
+    }
+
+    // A share of the configured weight, and back to it.
+    let r = admin(&srv, "POST", &set("50%")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = answers(addr, "/x", 4).await;
+    assert_eq!((count(&got, "a"), count(&got, "b")), (2, 2), "{got:?}");
+    let r = admin(&srv, "POST", &set("config")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(backend_field(&status_of(&srv).await, b.addr, "weight"), 2);
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved, serde_json::json!([]));
+
+    for (w, says) in [
+        ("0", "set its state to drain"),
+        ("1001", "must be 1 to 1000"),
+        ("0%", "set its state to drain"),
+        ("heavy", "must be 1 to 1000"),
+    ] {
+        let r = admin(&srv, "POST", &set(w)).await;
+        assert_eq!(r.status, 400, "{w}: {}", r.text());
+        assert!(r.text().contains(says), "{w}: {}", r.text());
+    }
+    assert_eq!(backend_field(&status_of(&srv).await, b.addr, "weight"), 2);
+    stop_proxy(srv).await;
+}
+
 /// A route's `retry` changes its pool's for the route's requests only: `attempts = 1`
 /// passes a failing backend's 503 to the client where the pool would retry it, and
 /// `hedge = false` waits for a slow backend where the pool would hedge.
