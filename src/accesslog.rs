@@ -153,6 +153,16 @@ const VARIABLES: &[(&str, Var)] = &[
     ("pool", Var::Pool),
     ("termination", Var::Termination),
     ("request_id", Var::RequestId),
+    ("uri", Var::Uri),
+    ("args", Var::Args),
+    ("query_string", Var::Args),
+    ("is_args", Var::IsArgs),
+    ("upstream_status", Var::UpstreamStatus),
+    ("upstream_response_time", Var::UpstreamResponseTime),
+    ("connection", Var::Connection),
+    ("connection_requests", Var::ConnectionRequests),
+    ("pid", Var::Pid),
+    ("hostname", Var::Hostname),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +193,21 @@ enum Var {
     Pool,
     Termination,
     RequestId,
+    /// The target's path (`$uri`) and query (`$args`, `$query_string`), as received;
+    /// `$is_args` is `?` when there is a query.
+    Uri,
+    Args,
+    IsArgs,
+    /// The status of the backend's response; `-` when rampart answered itself.
+    UpstreamStatus,
+    /// From the request's start to the end of the backend's response body.
+    UpstreamResponseTime,
+    /// The connection's serial number, and the requests it has begun, this one
+    /// included.
+    Connection,
+    ConnectionRequests,
+    Pid,
+    Hostname,
     /// `$http_NAME`: the request's first `NAME` field; an index into `LogFormat::headers`.
     Header(usize),
     /// `$sent_http_NAME`: the response's first `NAME` field; an index into
@@ -228,6 +253,9 @@ pub struct LogFormat {
     sent_headers: Vec<HeaderName>,
     /// Whether `$host` is used, so the request's host is kept.
     host: bool,
+    /// Whether `$upstream_response_time` is used, so the end of the response body is
+    /// timed.
+    body_end: bool,
     /// `server.access_log_filter`: only the requests it wants get a line (`None`: all).
     pub filter: Option<LogFilter>,
 }
@@ -292,6 +320,7 @@ impl LogFormat {
             headers: Vec::new(),
             sent_headers: Vec::new(),
             host: false,
+            body_end: false,
             filter: None,
         };
         let mut text = Vec::new();
@@ -350,6 +379,7 @@ impl LogFormat {
         match VARIABLES.iter().find(|(n, _)| *n == name) {
             Some(&(_, v)) => {
                 self.host |= v == Var::Host;
+                self.body_end |= v == Var::UpstreamResponseTime;
                 Ok(v)
             }
             None => {
@@ -418,6 +448,11 @@ struct Record {
     version: Version,
     request_id: HeaderValue,
     host: Option<HeaderValue>,
+    /// Requests the connection had begun when this one began, this one included (0:
+    /// not known).
+    conn_requests: u64,
+    /// When the response body ended, with `LogFormat::body_end`.
+    body_end: Option<Instant>,
     /// `$http_NAME` values, in `format.headers` order.
     fields: Box<[Option<HeaderValue>]>,
     /// `$sent_http_NAME` values, in `format.sent_headers` order: empty until the
@@ -507,6 +542,8 @@ impl Pending {
                 version: req.version(),
                 request_id: request_id.clone(),
                 host,
+                conn_requests: conn.life.as_ref().map_or(0, |l| l.begun()),
+                body_end: None,
                 fields,
                 sent_fields: Box::new([]),
                 answer: None,
@@ -547,6 +584,9 @@ impl Pending {
                 version: Version::HTTP_11,
                 request_id: ctx.ids.next(),
                 host: None,
+                // Refused before it was counted (`idle::Lifetime::another`).
+                conn_requests: conn.life.as_ref().map_or(0, |l| l.begun() + 1),
+                body_end: None,
                 fields,
                 sent_fields: Box::new([]),
                 answer: Some(Answered {
@@ -611,8 +651,14 @@ impl Pending {
                 if let Some(d) = f.data_ref() {
                     self.rec.sent += d.len() as u64;
                 }
+                if self.rec.format.body_end && self.body.is_end_stream() {
+                    self.rec.body_end = Some(crate::clock::now());
+                }
             }
             Poll::Ready(Some(Err(_))) => self.rec.body_failed = true,
+            Poll::Ready(None) if self.rec.format.body_end && self.rec.body_end.is_none() => {
+                self.rec.body_end = Some(crate::clock::now())
+            }
             _ => {}
         }
         res
@@ -750,6 +796,34 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
             ),
             Var::Termination => put_raw(out, json, termination.as_bytes()),
             Var::RequestId => put_str(out, json, Some(p.request_id.as_bytes()), true),
+            Var::Uri | Var::Args | Var::IsArgs if p.unparsed => put_str(out, json, None, false),
+            Var::Uri => put_str(
+                out,
+                json,
+                Some(p.target.as_ref().map_or("/", |t| t.path()).as_bytes()),
+                false,
+            ),
+            Var::Args => put_str(
+                out,
+                json,
+                p.target.as_ref().and_then(|t| t.query()).map(str::as_bytes),
+                false,
+            ),
+            Var::IsArgs => {
+                let query = p.target.as_ref().is_some_and(|t| t.query().is_some());
+                put_raw(out, json, if query { b"?" } else { b"" })
+            }
+            Var::UpstreamStatus => put_num(out, json, a.filter(|a| a.backend.is_some()).map(|a| a.status as u64)),
+            Var::UpstreamResponseTime => put_secs(
+                out,
+                json,
+                a.filter(|a| a.backend.is_some())
+                    .map(|_| p.body_end.map_or(took, |e| e.saturating_duration_since(p.start))),
+            ),
+            Var::Connection => put_num(out, json, p.conn.life.as_ref().map(|l| l.serial())),
+            Var::ConnectionRequests => put_num(out, json, (p.conn_requests > 0).then_some(p.conn_requests)),
+            Var::Pid => put_num(out, json, Some(pid().into())),
+            Var::Hostname => put_str(out, json, Some(hostname().as_bytes()), true),
             Var::Header(i) => put_str(out, json, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
             Var::SentHeader(i) => put_str(
                 out,
@@ -765,6 +839,24 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
         }
     }
     out.push(b'\n');
+}
+
+/// The process id (`$pid`), read once: glibc makes `getpid` a system call.
+fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
+/// This machine's name (`$hostname`), read once.
+fn hostname() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|n| n.trim().to_string())
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    })
 }
 
 fn target(p: &Record) -> &str {
@@ -1109,6 +1201,8 @@ mod tests {
             version: Version::HTTP_11,
             request_id: HeaderValue::from_bytes(request_id.as_bytes()).unwrap(),
             host: Some(HeaderValue::from_static("Example.COM:8080")),
+            conn_requests: 0,
+            body_end: None,
             fields,
             sent_fields: Box::new([]),
             answer: Some(Answered {
@@ -1144,6 +1238,30 @@ mod tests {
 
     // 2026-11-25T00:12:17.561Z
     const AT: u64 = 1_795_565_537_561;
+
+    #[test]
+    fn the_upstream_response_time_ends_with_the_backend_s_body() {
+        let spec = "$upstream_status $upstream_response_time $request_time [$uri] [$args] [$is_args] $connection";
+        let mut r = record(spec, "/p/a%20b?q=1&r", "x");
+        // Its body ended 1 ms in; the request, 2.5 ms in (the last write).
+        r.body_end = Some(r.start + Duration::from_millis(1));
+        assert_eq!(
+            line(&r, AT, COMPLETE),
+            "200 0.001000 0.002500 [/p/a%20b] [q=1&r] [?] -\n"
+        );
+        // Without a body's end seen (a tunnel, a body never polled): the request's end.
+        r.body_end = None;
+        assert!(line(&r, AT, COMPLETE).starts_with("200 0.002500 0.002500 "));
+        // rampart's own answer: no backend, so neither.
+        r.answer.as_mut().unwrap().backend = None;
+        assert!(line(&r, AT, COMPLETE).starts_with("- - 0.002500 "));
+        // In JSON: null for what does not exist, and `$is_args` an empty string.
+        let mut j = record("json", "/", "x");
+        let template = LogFormat::parse("{\"s\":$upstream_status,\"a\":$args,\"i\":$is_args}").unwrap();
+        j.format = Arc::new(LogFormat { json: true, ..template });
+        j.answer.as_mut().unwrap().backend = None;
+        assert_eq!(line(&j, AT, COMPLETE), "{\"s\":null,\"a\":null,\"i\":\"\"}\n");
+    }
 
     #[test]
     fn the_connection_s_scheme_port_and_tls_are_logged() {

@@ -10,7 +10,7 @@
 //! or when a stopping worker closes its idle connections (`listener::DRAIN_IDLE`
 //! after the stop; one that sends a request before then is answered, and closed).
 //!
-//! Owns: the epoll set, the slots (48 bytes each, allocated `CHUNK` at a time) and
+//! Owns: the epoll set, the slots (56 bytes each, allocated `CHUNK` at a time) and
 //! their deadlines (checked by a scan every `SCAN_EVERY`, so a dormant connection
 //! closes up to that much after its deadline, and memory stays one slot per
 //! connection), and the task that serves them.
@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::idle::Tally;
 use crate::listener::{ConnGuard, ConnTracker};
 use crate::state::Shared;
 
@@ -43,7 +44,7 @@ const SCAN_EVERY: Duration = Duration::from_millis(250);
 /// partly used chunk of spare room (a `Vec` doubling would hold up to 2x).
 const CHUNK: usize = 256;
 
-/// One dormant connection: 48 bytes.
+/// One dormant connection: 56 bytes.
 struct Slot {
     stream: Option<std::net::TcpStream>,
     /// Bumped on reuse, so stale events for an old tenant are ignored.
@@ -51,10 +52,11 @@ struct Slot {
     /// Milliseconds since `Dormant::epoch` (wrapping; waits are far below 24 days).
     deadline_ms: u32,
     /// When the connection's first bytes came, in whole seconds since `Dormant::epoch`
-    /// (rounded down: it wakes up to a second older), and the requests it has
-    /// begun: its `idle::Lifetime`.
+    /// (rounded down: it wakes up to a second older), the requests it has begun and
+    /// its serial number: its `idle::Tally`.
     born_s: u32,
     begun: u32,
+    serial: u64,
     peer: PeerAddr,
     guard: Option<ConnGuard>,
 }
@@ -105,8 +107,7 @@ pub struct Woken {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub guard: ConnGuard,
-    pub born: std::time::Instant,
-    pub begun: u32,
+    pub tally: Tally,
 }
 
 /// A connection taken out of its slot, its socket not yet back with tokio.
@@ -114,8 +115,7 @@ struct Taken {
     stream: std::net::TcpStream,
     peer: SocketAddr,
     guard: ConnGuard,
-    born: std::time::Instant,
-    begun: u32,
+    tally: Tally,
 }
 
 pub struct Dormant {
@@ -177,6 +177,7 @@ impl Dormant {
                         deadline_ms: 0,
                         born_s: 0,
                         begun: 0,
+                        serial: 0,
                         peer: PeerAddr::EMPTY,
                         guard: None,
                     })
@@ -195,17 +196,9 @@ impl Dormant {
     }
 
     /// Puts a connection to sleep until its next byte or `wait` passes. On failure
-    /// the connection is simply closed (it was idle). `born` and `begun` are its
-    /// `idle::Lifetime`, handed back when it wakes.
-    pub fn park(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        guard: ConnGuard,
-        wait: Duration,
-        born: std::time::Instant,
-        begun: u32,
-    ) {
+    /// the connection is simply closed (it was idle). `tally` is handed back when it
+    /// wakes.
+    pub fn park(&self, stream: TcpStream, peer: SocketAddr, guard: ConnGuard, wait: Duration, tally: Tally) {
         let Ok(stream) = stream.into_std() else {
             return;
         };
@@ -230,7 +223,8 @@ impl Dormant {
         let deadline_ms = self
             .now_ms()
             .wrapping_add(wait.as_millis().min(u32::MAX as u128 / 2) as u32);
-        let born_s = born
+        let born_s = tally
+            .born
             .saturating_duration_since(self.epoch.into_std())
             .as_secs()
             .min(u32::MAX as u64) as u32;
@@ -240,7 +234,8 @@ impl Dormant {
             s.guard = Some(guard);
             s.deadline_ms = deadline_ms;
             s.born_s = born_s;
-            s.begun = begun;
+            s.begun = tally.begun;
+            s.serial = tally.serial;
         });
         self.shared.dormant_connections.fetch_add(1, Ordering::Relaxed);
         if self.len() == 1 {
@@ -259,8 +254,11 @@ impl Dormant {
                 stream: s.stream.take()?,
                 peer: s.peer.get(),
                 guard: s.guard.take()?,
-                born: epoch + Duration::from_secs(s.born_s.into()),
-                begun: s.begun,
+                tally: Tally {
+                    born: epoch + Duration::from_secs(s.born_s.into()),
+                    begun: s.begun,
+                    serial: s.serial,
+                },
             })
         })??;
         let stream = &taken.stream;
@@ -294,8 +292,7 @@ impl Dormant {
                     stream,
                     peer: t.peer,
                     guard: t.guard,
-                    born: t.born,
-                    begun: t.begun,
+                    tally: t.tally,
                 }),
                 Err(e) => tracing::debug!(error = %e, "cannot resume connection"),
             }
@@ -390,7 +387,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_small_and_keeps_the_peer_address() {
-        assert!(std::mem::size_of::<Slot>() <= 48, "{}", std::mem::size_of::<Slot>());
+        assert!(std::mem::size_of::<Slot>() <= 56, "{}", std::mem::size_of::<Slot>());
         for a in [
             "192.0.2.7:51000",
             "[2001:db8::1]:443",

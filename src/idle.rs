@@ -101,8 +101,31 @@ pub struct KeepLimits {
     pub time: Option<Duration>,
 }
 
+/// What a client connection carries across its busy periods and dormancy
+/// (`dormant::Slot`): when its first bytes came, the requests it has begun, and its
+/// serial number (the access log's `$connection`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tally {
+    pub born: std::time::Instant,
+    pub begun: u32,
+    pub serial: u64,
+}
+
+impl Tally {
+    /// A connection whose first bytes came now: the next serial number, counted over
+    /// every worker, as nginx counts `$connection`.
+    pub fn fresh() -> Tally {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Tally {
+            born: crate::clock::now(),
+            begun: 0,
+            serial: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
 /// A client connection's keep-alive budget: the requests it has begun and when its
-/// first bytes came, carried across its busy periods and dormancy (`dormant::Slot`).
+/// first bytes came, carried across its busy periods and dormancy (`Tally`).
 /// Checked as each request begins, as nginx does: the request that reaches a limit
 /// is served, and its response closes the connection (HTTP/1.1 `Connection: close`,
 /// HTTP/2 GOAWAY).
@@ -113,15 +136,17 @@ pub struct Lifetime {
     until: Option<std::time::Instant>,
     born: std::time::Instant,
     begun: Cell<u64>,
+    serial: u64,
 }
 
 impl Lifetime {
-    pub fn new(limits: KeepLimits, born: std::time::Instant, begun: u32) -> Lifetime {
+    pub fn new(limits: KeepLimits, tally: Tally) -> Lifetime {
         Lifetime {
             max: limits.requests.map_or(u64::MAX, |n| n.get().into()),
-            until: limits.time.and_then(|t| born.checked_add(t)),
-            born,
-            begun: Cell::new(begun.into()),
+            until: limits.time.and_then(|t| tally.born.checked_add(t)),
+            born: tally.born,
+            begun: Cell::new(tally.begun.into()),
+            serial: tally.serial,
         }
     }
 
@@ -133,10 +158,24 @@ impl Lifetime {
         n < self.max && self.until.is_none_or(|t| crate::clock::now() <= t)
     }
 
-    /// When the connection's first bytes came, and the requests it has begun (saturating:
+    /// The requests begun so far (`$connection_requests`).
+    pub fn begun(&self) -> u64 {
+        self.begun.get()
+    }
+
+    /// The connection's serial number (`$connection`).
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// What the connection carries into dormancy (the requests begun saturating:
     /// past `u32::MAX` there can be no limit left to reach).
-    pub fn so_far(&self) -> (std::time::Instant, u32) {
-        (self.born, self.begun.get().min(u32::MAX.into()) as u32)
+    pub fn so_far(&self) -> Tally {
+        Tally {
+            born: self.born,
+            begun: self.begun.get().min(u32::MAX.into()) as u32,
+            serial: self.serial,
+        }
     }
 }
 
@@ -564,28 +603,32 @@ impl Drop for ClientBody {
 impl Svc {
     /// The service of an HTTP/1.1 connection served through `ParkIo`, and the park
     /// state they share.
-    pub fn h1(ctx: Rc<WorkerCtx>, info: ConnInfo, life: Lifetime) -> (Svc, Rc<ParkState>) {
+    pub fn h1(ctx: Rc<WorkerCtx>, mut info: ConnInfo, life: Lifetime) -> (Svc, Rc<ParkState>) {
         let state = Rc::new(ParkState::new());
+        let life = Rc::new(life);
+        info.life = Some(life.clone());
         let info = Rc::new(info.with_park(state.clone()));
         (
             Svc {
                 ctx,
                 info,
                 streams: None,
-                life: Rc::new(life),
+                life,
             },
             state,
         )
     }
 
     /// The service of an HTTP/2 connection, and its stream count.
-    pub fn counted(ctx: Rc<WorkerCtx>, info: ConnInfo, life: Lifetime) -> (Svc, Rc<Streams>) {
+    pub fn counted(ctx: Rc<WorkerCtx>, mut info: ConnInfo, life: Lifetime) -> (Svc, Rc<Streams>) {
         let streams = Streams::new();
+        let life = Rc::new(life);
+        info.life = Some(life.clone());
         let svc = Svc {
             ctx,
             info: Rc::new(info),
             streams: Some(streams.clone()),
-            life: Rc::new(life),
+            life,
         };
         (svc, streams)
     }

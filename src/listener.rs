@@ -474,7 +474,7 @@ async fn serve(
     };
     // Its age counts from its first bytes: made before the wait, it would size every
     // connection's task while it waits for them.
-    let life = Lifetime::new(builder.keep, crate::clock::now(), 0);
+    let life = Lifetime::new(builder.keep, idle::Tally::fresh());
     if let Some(tls) = tls {
         return boxed(|| serve_tls(ctx, &builder, stream, head[0], peer, tracker, tls, local, life)).await;
     }
@@ -496,7 +496,7 @@ pub fn resume(ctx: Rc<WorkerCtx>, w: crate::dormant::Woken) {
         .stream
         .local_addr()
         .map_or_else(|_| Local::default(), |a| ctx.local_for(a));
-    let life = Lifetime::new(builder.keep, w.born, w.begun);
+    let life = Lifetime::new(builder.keep, w.tally);
     tokio::task::spawn_local(crate::clock::Polled::new(serve_h1(
         ctx, builder, w.stream, w.peer, w.guard, local, life,
     )));
@@ -541,9 +541,9 @@ async fn serve_h1(
         // request or for the idle connections to close).
         if let Some(dormant) = &dormant {
             if !tracker.is_stopping() {
-                let (born, begun) = svc.life.so_far();
+                let tally = svc.life.so_far();
                 drop((svc, state));
-                dormant.park(stream, peer, guard, keepalive, born, begun);
+                dormant.park(stream, peer, guard, keepalive, tally);
                 return;
             }
         }

@@ -93,6 +93,9 @@ pub struct ConnInfo {
     pub listener: Option<Arc<str>>,
     /// That listener has `https_redirect`.
     pub redirect_http: bool,
+    /// The connection's keep-alive budget and serial number, for the access log's
+    /// `$connection` and `$connection_requests` (`idle::Svc` sets it).
+    pub life: Option<Rc<crate::idle::Lifetime>>,
 }
 
 /// Which listener a connection came in on: its port (`$server_port`), name and
@@ -118,6 +121,7 @@ impl ConnInfo {
             local_port: 0,
             listener: None,
             redirect_http: false,
+            life: None,
         }
     }
 
@@ -180,6 +184,7 @@ impl ConnInfo {
             local_port: self.local_port,
             listener: self.listener.clone(),
             redirect_http: self.redirect_http,
+            life: self.life.clone(),
         }
     }
 }

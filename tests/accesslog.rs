@@ -351,6 +351,102 @@ async fn formats_are_nginx_s_combined_json_or_a_template() {
     );
 }
 
+/// nginx's connection and upstream variables: `$connection` (a serial number, kept
+/// while the connection sleeps dormant) and `$connection_requests` (this one
+/// included) over rampart's own HTTP/1.1 path, hyper's and HTTP/2; `$uri`, `$args`,
+/// `$is_args`; `$upstream_status` and `$upstream_response_time` (`-` when rampart
+/// answered itself); `$pid` and `$hostname`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_s_connection_and_upstream_variables() {
+    use tokio::io::AsyncWriteExt;
+    let origin = TestOrigin::start("a", Behavior::Healthy).await;
+    let dir = temp_dir("nginx-vars");
+    let log = dir.join("access.log");
+    let template =
+        "$connection $connection_requests $request_method [$uri] [$args] [$is_args] $upstream_status $status \
+                    $upstream_header_time $upstream_response_time $request_time $pid $hostname";
+    let toml = with_server_setting(
+        &config(&[origin.addr], &log),
+        &format!("access_log_format = {template:?}"),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let mut exchange = async |s: &mut tokio::net::TcpStream, request: &str| {
+        s.write_all(request.as_bytes()).await.unwrap();
+        read_one_response(s, &mut buf, false).await.0
+    };
+    assert!(exchange(&mut s, "GET /a?x=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .contains(" 200 "));
+    // A chunked body goes to hyper's path (idle::Svc); a bodiless GET takes rampart's.
+    let chunked = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n0\r\n\r\n";
+    assert!(exchange(&mut s, chunked).await.contains(" 200 "));
+    // Dormant, then woken with its serial number and count.
+    let dormant = || {
+        srv.shared()
+            .dormant_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let start = Instant::now();
+    while dormant() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the connection never went dormant"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(exchange(&mut s, "GET /b? HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .contains(" 200 "));
+    let mut s2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(exchange(&mut s2, "GET /c HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .contains(" 200 "));
+    let mut s3 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(exchange(&mut s3, "GET /d HTTP/1.1\r\nHost: t\r\nno colon\r\n\r\n")
+        .await
+        .contains(" 400 "));
+    assert_eq!(get_h2(addr, "/h2").await.status, 200);
+    let got = wait_for_lines(&log, 6).await;
+    stop_proxy(srv).await;
+    assert_eq!(got.len(), 6, "{got:#?}");
+    let f: Vec<Vec<&str>> = got.iter().map(|l| l.split(' ').collect()).collect();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let pid = std::process::id().to_string();
+    for (l, f) in got.iter().zip(&f) {
+        assert_eq!(f.len(), 13, "{l}");
+        assert_eq!((f[11], f[12]), (pid.as_str(), host.trim()), "{l}");
+    }
+    let picked = |i: usize| f[i][1..8].join(" ");
+    assert_eq!(picked(0), "1 GET [/a] [x=1] [?] 200 200", "{}", got[0]);
+    assert_eq!(picked(1), "2 POST [/echo] [-] [] 200 200", "{}", got[1]);
+    assert_eq!(picked(2), "3 GET [/b] [] [?] 200 200", "{}", got[2]);
+    assert_eq!(picked(3), "1 GET [/c] [-] [] 200 200", "{}", got[3]);
+    assert_eq!(picked(4), "1 - [-] [-] [-] - 400", "{}", got[4]);
+    assert_eq!(picked(5), "1 GET [/h2] [-] [] 200 200", "{}", got[5]);
+    // One connection for the first three, dormancy notwithstanding; then each its own.
+    let serials: Vec<u64> = f.iter().map(|f| f[0].parse().unwrap()).collect();
+    assert_eq!(
+        (serials[0], serials[1], serials[2]),
+        (serials[0], serials[0], serials[0]),
+        "{got:#?}"
+    );
+    assert!(
+        serials[0] < serials[3] && serials[3] < serials[4] && serials[4] < serials[5],
+        "{got:#?}"
+    );
+    // The backend's head, then the end of its body, then the request's end.
+    for (l, f) in got.iter().zip(&f) {
+        if f[6] == "-" {
+            assert_eq!((f[8], f[9]), ("-", "-"), "{l}");
+            continue;
+        }
+        let t: Vec<f64> = f[8..11].iter().map(|v| v.parse().unwrap()).collect();
+        assert!(t[0] <= t[1] && t[1] <= t[2], "{l}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_are_written_within_seconds_and_reopening_follows_log_rotation() {
     let origin = TestOrigin::start("a", Behavior::Healthy).await;
