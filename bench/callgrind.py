@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout] [--access-log] [--gzip]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout] [--access-log] [--gzip | --zstd]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -39,6 +39,8 @@ nginx with `gzip on` (`gzip_comp_level 1`, the system's zlib) and HAProxy with
 `compression algo gzip` (Debian's is built with libslz, a stateless compressor that
 trades ratio for speed and has no levels). Instructions per request are then mostly
 the compressor's, so each row also gives the compressed size of one response.
+--zstd does the same with `Accept-Encoding: zstd` and rampart's
+`compress = { encodings = ["zstd"] }` (level 1); rampart alone, as neither peer has zstd.
 
 --layout adds, for each rampart binary, the machine code of the request path's largest
 futures (LAYOUT) and how much of it sits on source lines the load never ran (from the
@@ -82,6 +84,8 @@ H2 = []
 H2_PORT = {18081: 18091, 18082: 18092}
 # With --rate: oha at this many requests a second instead of wrk.
 RATE = []
+# The coding asked for with --gzip or --zstd.
+CODING = ["gzip"]
 # The target requested (--gzip: the HTML page).
 TARGET = ["/"]
 
@@ -175,19 +179,21 @@ def response_size(port):
                                  headers=dict(h.split(": ", 1) for h in HEADERS))
     with urllib.request.urlopen(req, timeout=30) as r:
         body = r.read()
-        if TARGET[0] != "/" and r.headers.get("Content-Encoding") != "gzip":
+        if TARGET[0] != "/" and r.headers.get("Content-Encoding") != CODING[0]:
             raise RuntimeError(f"port {port} did not compress {TARGET[0]}: {dict(r.headers)}")
         return len(body)
 
 
 def with_gzip(target, run: Path):
-    """`target` (name, command, port) compressing the page: rampart's `compress = true`,
-    nginx's `gzip on` at level 1 (its default) with `Vary`, HAProxy's `compression`."""
+    """`target` (name, command, port) compressing the page: rampart's `compress = true`
+    (with --zstd, `encodings = ["zstd"]`), nginx's `gzip on` at level 1 (its default)
+    with `Vary`, HAProxy's `compression`."""
     name, cmd, port = target
     if name.startswith("rampart "):
+        setting = "compress = true" if CODING[0] == "gzip" else 'compress = { encodings = ["zstd"] }'
         conf = bench.config_for(cmd[0], bench.replaced_once((bench.PEERS / "rampart.toml").read_text(),
-                                                            "[server]\n", "[server]\ncompress = true\n"),
-                                run / "rampart-gzip.toml")
+                                                            "[server]\n", f"[server]\n{setting}\n"),
+                                run / f"rampart-{CODING[0]}.toml")
         cmd = [cmd[0], "--config", str(conf), *cmd[3:]]
     elif name == "nginx":
         conf = run / "nginx-gzip.conf"
@@ -201,7 +207,7 @@ def with_gzip(target, run: Path):
                                             "\n    compression algo gzip\n    compression type text/html\n"
                                             "backend origins\n"))
         cmd = [*cmd[:3], str(conf)]
-    return f"{name} + gzip", cmd, port
+    return f"{name} + {CODING[0]}", cmd, port
 
 
 # The request path's futures whose code --layout reports (as callgrind and `nm -C` name them).
@@ -322,10 +328,17 @@ def main():
                     help="profile each proxy a second time with its access log on")
     ap.add_argument("--gzip", action="store_true",
                     help="a 16 KiB HTML page, compressed by each proxy (gzip, level 1)")
+    ap.add_argument("--zstd", action="store_true",
+                    help="--gzip's page compressed with zstd (rampart alone: level 1)")
     args = ap.parse_args()
+    if args.zstd and (args.nginx or args.haproxy):
+        ap.error("--zstd: neither nginx nor HAProxy compresses with zstd")
+    if args.zstd:
+        CODING[0] = "zstd"
+        args.gzip = True
     if args.gzip:
         TARGET[0] = "/page.html"
-        HEADERS.append("Accept-Encoding: gzip")
+        HEADERS.append(f"Accept-Encoding: {CODING[0]}")
     if args.rate:
         RATE.append(args.rate)
     if args.browser:

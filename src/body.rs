@@ -198,8 +198,8 @@ pub enum RespBody {
     /// and writes the line when the body is dropped (`accesslog::Pending`). Only when
     /// the log is on.
     Logged(Box<crate::accesslog::Pending>),
-    /// Any of the others, gzipped on its way (`compress`). Boxed: rare, and large.
-    Gzip(Box<crate::compress::Gzip>),
+    /// Any of the others, compressed on its way (`compress`). Boxed: rare, and large.
+    Compressed(Box<crate::compress::Compressor>),
     /// Any of the others, with the request's place under its route's
     /// `in_flight_limit`, given back when the body is dropped: sent, or the client gone.
     Held(Box<Held>),
@@ -287,7 +287,7 @@ impl Body for RespBody {
             }
             RespBody::H2(h2) => h2.poll_frame(cx),
             RespBody::Logged(l) => l.poll_frame(cx),
-            RespBody::Gzip(z) => z.poll_frame(cx),
+            RespBody::Compressed(z) => z.poll_frame(cx),
             RespBody::Held(h) => h.poll_frame(cx),
         }
     }
@@ -298,7 +298,7 @@ impl Body for RespBody {
             RespBody::Upstream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
             RespBody::H2(h2) => h2.is_end_stream(),
             RespBody::Logged(l) => l.is_end_stream(),
-            RespBody::Gzip(z) => z.is_end_stream(),
+            RespBody::Compressed(z) => z.is_end_stream(),
             RespBody::Held(h) => h.is_end_stream(),
         }
     }
@@ -309,7 +309,7 @@ impl Body for RespBody {
             RespBody::Upstream { prefix, inner, .. } => with_prefix(prefix, inner.size_hint()),
             RespBody::H2(h2) => h2.size_hint(),
             RespBody::Logged(l) => l.size_hint(),
-            RespBody::Gzip(z) => z.size_hint(),
+            RespBody::Compressed(z) => z.size_hint(),
             RespBody::Held(h) => h.size_hint(),
         }
     }

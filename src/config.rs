@@ -1024,6 +1024,8 @@ struct FileCompress {
     types: Option<Vec<String>>,
     min_length: Option<u64>,
     level: Option<u32>,
+    encodings: Option<Vec<String>>,
+    zstd_level: Option<i32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2173,6 +2175,37 @@ fn validate_compress(value: &toml::Value, path: &str, errs: &mut Errors) -> Opti
             );
         }
         cfg.level = level;
+    }
+    if let Some(list) = raw.encodings {
+        if list.is_empty() {
+            errs.push(
+                format!("{path}.encodings"),
+                "must list at least one of \"zstd\", \"gzip\" (compress = false turns compression off)",
+            );
+        }
+        cfg.encodings = Vec::with_capacity(list.len());
+        for (i, name) in list.iter().enumerate() {
+            match crate::compress::Coding::parse(&name.trim().to_ascii_lowercase()) {
+                Some(c) if cfg.encodings.contains(&c) => {
+                    errs.push(format!("{path}.encodings[{i}]"), format!("{name:?} is listed twice"))
+                }
+                Some(c) => cfg.encodings.push(c),
+                None => errs.push(
+                    format!("{path}.encodings[{i}]"),
+                    format!("expected \"zstd\" or \"gzip\", got {name:?}"),
+                ),
+            }
+        }
+    }
+    if let Some(level) = raw.zstd_level {
+        let max = crate::compress::MAX_ZSTD_LEVEL;
+        if !(1..=max).contains(&level) {
+            errs.push(
+                format!("{path}.zstd_level"),
+                format!("must be from 1 (fastest) to {max} (smallest), got {level}"),
+            );
+        }
+        cfg.zstd_level = level;
     }
     (errs.0.len() == before).then(|| Arc::new(cfg))
 }
@@ -3917,6 +3950,33 @@ connect_timeout = "soon"
         );
         assert!(Config::parse(&both, "t").unwrap().routes[0].compress.is_none());
         assert!(Config::parse(MINIMAL, "t").unwrap().routes[0].compress.is_none());
+        // zstd is offered when asked for, in the order given.
+        let c = Config::parse(
+            &route("compress = { encodings = [\"zstd\", \"GZIP\"], zstd_level = 7 }"),
+            "t",
+        )
+        .unwrap();
+        let z = c.routes[0].compress.as_deref().unwrap();
+        use crate::compress::Coding;
+        assert_eq!(
+            (z.encodings.as_slice(), z.zstd_level),
+            (&[Coding::Zstd, Coding::Gzip][..], 7)
+        );
+        assert_eq!(CompressConfig::default().encodings, [Coding::Gzip]);
+        let errs = errors_of(&route(
+            "compress = { encodings = [\"gzip\", \"br\", \"gzip\"], zstd_level = 20 }",
+        ))
+        .join("\n");
+        for want in [
+            "routes[0].compress.encodings[1]: expected \"zstd\" or \"gzip\", got \"br\"",
+            "routes[0].compress.encodings[2]: \"gzip\" is listed twice",
+            "routes[0].compress.zstd_level: must be from 1 (fastest) to 19 (smallest), got 20",
+        ] {
+            assert!(errs.contains(want), "{want}: {errs}");
+        }
+        assert!(errors_of(&route("compress = { encodings = [] }"))
+            .join("\n")
+            .contains("routes[0].compress.encodings: must list at least one"));
         // Every mistake at once, each where it is.
         let errs = errors_of(&route(
             "compress = { level = 0, types = [\"text/html\", \"html\", \"*/*\"] }",

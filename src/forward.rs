@@ -256,7 +256,7 @@ fn attach_slot(fwd: &mut Forwarded, slot: crate::breaker::Slot) {
     match fwd.response.body_mut() {
         RespBody::Upstream { request_slot, .. } => *request_slot = Some(slot),
         RespBody::H2(h2) => h2.request_slot = Some(slot),
-        RespBody::Full(_) | RespBody::Logged(_) | RespBody::Gzip(_) | RespBody::Held(_) => {}
+        RespBody::Full(_) | RespBody::Logged(_) | RespBody::Compressed(_) | RespBody::Held(_) => {}
     }
 }
 

@@ -842,11 +842,13 @@ fn prepare<'a>(
         Some(s) => sticky_backend(pool, &s.cookie, &req, raw.as_ref()),
     };
 
-    let compress = route.compress.as_ref().map(|_| {
-        if crate::compress::accepts_gzip(field_values(&req, raw.as_ref(), &header::ACCEPT_ENCODING)) {
-            Want::Gzip
-        } else {
-            Want::Identity
+    let compress = route.compress.as_ref().map(|cfg| {
+        match crate::compress::choose(
+            field_values(&req, raw.as_ref(), &header::ACCEPT_ENCODING),
+            &cfg.encodings,
+        ) {
+            Some(coding) => Want::Encode(coding),
+            None => Want::Identity,
         }
     });
 

@@ -1,4 +1,4 @@
-//! gzip (`compress`) over real sockets: a page is compressed whole (read inside the
+//! gzip and zstd (`compress`) over real sockets: a page is compressed whole (read inside the
 //! retry buffer) or as it streams, and a backend's pause flushes what it has sent so
 //! far to the client; what must not be compressed is not (a client that does not ask,
 //! a short body, a type not listed, a body already encoded, `no-transform`, a 206, a
@@ -244,6 +244,78 @@ async fn text_is_gzipped_for_clients_that_ask_and_only_then() {
     stop_proxy(srv).await;
 }
 
+fn unzstd(z: &[u8]) -> String {
+    String::from_utf8(zstd::stream::decode_all(z).expect("a whole zstd frame")).unwrap()
+}
+
+/// A browser's `Accept-Encoding` over HTTPS (Chrome's, Firefox's).
+const BROWSER: &[(&str, &str)] = &[("accept-encoding", "gzip, deflate, br, zstd")];
+
+/// `encodings = ["zstd", "gzip"]`: a client that takes both gets zstd (equal
+/// weights: the order offered), one that weighs gzip higher or takes only gzip gets
+/// gzip, whole (inside the retry buffer) or streamed, over HTTP/1.1 and HTTP/2, and
+/// the counters count both. The default offers gzip alone.
+#[tokio::test]
+async fn zstd_is_offered_first_when_listed_and_the_client_s_weights_decide() {
+    let origins = [
+        origin(Arc::new(Notify::new())).await,
+        origin(Arc::new(Notify::new())).await,
+    ];
+    let (srv, addr) = start_proxy(&config(
+        "zstd",
+        &origins,
+        "",
+        "compress = { encodings = [\"zstd\", \"gzip\"] }",
+    ));
+    let r = get_with(addr, "/page", BROWSER).await;
+    assert_eq!(r.headers["content-encoding"], "zstd", "{:?}", r.headers);
+    assert_eq!(
+        r.headers.get("content-length").map(|v| v.to_str().unwrap().to_string()),
+        Some(r.body.len().to_string())
+    );
+    assert!(r.body.len() < 1000, "{} bytes", r.body.len());
+    assert_eq!(unzstd(&r.body), page_text(4000));
+    assert_eq!(r.headers["etag"], "W/\"v1\"");
+    let r = get_with(addr, "/big", BROWSER).await;
+    assert_eq!(r.headers["content-encoding"], "zstd");
+    assert_eq!(r.headers["transfer-encoding"], "chunked");
+    assert_eq!(unzstd(&r.body), page_text(300_000));
+    assert!(r.body.len() < 60_000, "{} bytes", r.body.len());
+    // The client's weights come first.
+    for weights in ["zstd;q=0.5, gzip", "gzip", "x-gzip, zstd;q=0"] {
+        let r = get_with(addr, "/page", &[("accept-encoding", weights)]).await;
+        assert_eq!(r.headers["content-encoding"], "gzip", "{weights}");
+        assert_eq!(gunzip(&r.body), page_text(4000));
+    }
+    let req = Request::get("http://test.local/page")
+        .header("accept-encoding", "zstd")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send_h2(addr, req).await;
+    assert_eq!(r.headers["content-encoding"], "zstd");
+    assert_eq!(unzstd(&r.body), page_text(4000));
+    let counted: u64 = metric("rampart_compressed_responses_total{pool=\"zstd\"}")
+        .parse()
+        .unwrap();
+    assert_eq!(counted, 6);
+    let bytes_in: u64 = metric("rampart_compression_input_bytes_total{pool=\"zstd\"}")
+        .parse()
+        .unwrap();
+    assert_eq!(bytes_in, 5 * 4000 + 300_000);
+    stop_proxy(srv).await;
+
+    // Not listed, not offered: the default is gzip alone.
+    let (srv, addr) = start_proxy(&config("zstd-off", &origins, "", "compress = true"));
+    let r = get_with(addr, "/page", &[("accept-encoding", "zstd")]).await;
+    assert!(r.headers.get("content-encoding").is_none(), "{:?}", r.headers);
+    assert_eq!(r.text(), page_text(4000));
+    assert_eq!(
+        get_with(addr, "/page", BROWSER).await.headers["content-encoding"],
+        "gzip"
+    );
+    stop_proxy(srv).await;
+}
+
 #[tokio::test]
 async fn what_must_not_be_compressed_goes_as_it_is() {
     let origin = origin(Arc::new(Notify::new())).await;
@@ -307,54 +379,98 @@ async fn a_head_says_what_a_get_would_get() {
     stop_proxy(srv).await;
 }
 
-#[tokio::test]
-async fn a_backend_pause_flushes_what_it_sent_so_far() {
-    let go = Arc::new(Notify::new());
-    let origin = origin(go.clone()).await;
-    let (srv, addr) = start_proxy(&config(
-        "paused",
-        &[origin],
-        "retry = { response_buffer_bytes = 0 }",
-        "compress = true",
-    ));
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get("/stream")
-        .header("host", "t")
-        .header("accept-encoding", "gzip")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = tx.send_request(req).await.unwrap();
-    assert_eq!(resp.headers()["content-encoding"], "gzip");
-    let mut body = resp.into_body();
-    let mut z = flate2::write::GzDecoder::new(Vec::new());
-    let first = page_text(3000);
-    // The origin holds its second half until the client has decoded the first: a
-    // compressor that waited for more input, or for the end, would hang here.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while z.get_ref().len() < first.len() {
-            let frame = body.frame().await.expect("more body").expect("no error");
-            if let Ok(d) = frame.into_data() {
-                std::io::Write::write_all(&mut z, &d).unwrap();
-                std::io::Write::flush(&mut z).unwrap();
-            }
-        }
-    })
-    .await
-    .expect("the first half arrives before the origin sends the rest");
-    assert_eq!(z.get_ref().as_slice(), first.as_bytes());
-    go.notify_one();
-    while let Some(frame) = body.frame().await {
-        if let Ok(d) = frame.unwrap().into_data() {
-            std::io::Write::write_all(&mut z, &d).unwrap();
+/// A streaming decoder of either coding, written to as the body arrives.
+enum Decoder {
+    Gzip(Box<flate2::write::GzDecoder<Vec<u8>>>),
+    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+}
+
+impl Decoder {
+    fn of(coding: &str) -> Decoder {
+        match coding {
+            "gzip" => Decoder::Gzip(Box::new(flate2::write::GzDecoder::new(Vec::new()))),
+            _ => Decoder::Zstd(zstd::stream::write::Decoder::new(Vec::new()).unwrap()),
         }
     }
-    let all = z.finish().expect("a whole gzip stream");
-    assert_eq!(String::from_utf8(all).unwrap(), format!("{first}<p>the end</p>"));
-    stop_proxy(srv).await;
+
+    /// Decodes `d`, and everything it completes.
+    fn write(&mut self, d: &[u8]) {
+        use std::io::Write;
+        match self {
+            Decoder::Gzip(z) => z.write_all(d).and_then(|()| z.flush()).unwrap(),
+            Decoder::Zstd(z) => z.write_all(d).and_then(|()| z.flush()).unwrap(),
+        }
+    }
+
+    fn decoded(&self) -> &[u8] {
+        match self {
+            Decoder::Gzip(z) => z.get_ref(),
+            Decoder::Zstd(z) => z.get_ref(),
+        }
+    }
+
+    /// Everything, once the stream has ended whole.
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Decoder::Gzip(z) => z.finish().expect("a whole gzip stream"),
+            Decoder::Zstd(z) => z.into_inner(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_backend_pause_flushes_what_it_sent_so_far() {
+    for coding in ["gzip", "zstd"] {
+        let go = Arc::new(Notify::new());
+        let origin = origin(go.clone()).await;
+        let (srv, addr) = start_proxy(&config(
+            &format!("paused-{coding}"),
+            &[origin],
+            "retry = { response_buffer_bytes = 0 }",
+            &format!("compress = {{ encodings = [\"{coding}\"] }}"),
+        ));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/stream")
+            .header("host", "t")
+            .header("accept-encoding", coding)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.headers()["content-encoding"], coding);
+        let mut body = resp.into_body();
+        let mut z = Decoder::of(coding);
+        let first = page_text(3000);
+        // The origin holds its second half until the client has decoded the first: a
+        // compressor that waited for more input, or for the end, would hang here.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while z.decoded().len() < first.len() {
+                let frame = body.frame().await.expect("more body").expect("no error");
+                if let Ok(d) = frame.into_data() {
+                    z.write(&d);
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{coding}: the first half arrives before the origin sends the rest"));
+        assert_eq!(z.decoded(), first.as_bytes(), "{coding}");
+        go.notify_one();
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.unwrap().into_data() {
+                z.write(&d);
+            }
+        }
+        let all = z.finish();
+        assert_eq!(
+            String::from_utf8(all).unwrap(),
+            format!("{first}<p>the end</p>"),
+            "{coding}"
+        );
+        stop_proxy(srv).await;
+    }
 }
 
 /// An origin that sends a chunked page's head and first chunk, then resets.
