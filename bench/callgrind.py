@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request under callgrind: the repeatable measure.
 
-Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout] [--access-log] [--gzip | --zstd]
+Usage:  python3 bench/callgrind.py [BINARY ...] [--nginx] [--haproxy] [--cache] [--keep DIR] [--browser] [--h2] [--rate N] [--layout] [--access-log] [--gzip | --zstd | --br]
 e.g.    python3 bench/callgrind.py target/release/rampart /tmp/old/rampart --nginx
 
 Wall-clock CPU per request on a shared 2-CPU machine swings by 2x between 5 s samples;
@@ -39,8 +39,9 @@ nginx with `gzip on` (`gzip_comp_level 1`, the system's zlib) and HAProxy with
 `compression algo gzip` (Debian's is built with libslz, a stateless compressor that
 trades ratio for speed and has no levels). Instructions per request are then mostly
 the compressor's, so each row also gives the compressed size of one response.
---zstd does the same with `Accept-Encoding: zstd` and rampart's
-`compress = { encodings = ["zstd"] }` (level 1); rampart alone, as neither peer has zstd.
+--zstd and --br do the same with `Accept-Encoding: zstd` (or `br`) and rampart's
+`compress = { encodings = ["zstd"] }` (level 1; or `["br"]`, quality 1); rampart alone,
+as neither peer has zstd or brotli.
 
 --layout adds, for each rampart binary, the machine code of the request path's largest
 futures (LAYOUT) and how much of it sits on source lines the load never ran (from the
@@ -84,7 +85,7 @@ H2 = []
 H2_PORT = {18081: 18091, 18082: 18092}
 # With --rate: oha at this many requests a second instead of wrk.
 RATE = []
-# The coding asked for with --gzip or --zstd.
+# The coding asked for with --gzip, --zstd or --br.
 CODING = ["gzip"]
 # The target requested (--gzip: the HTML page).
 TARGET = ["/"]
@@ -190,7 +191,7 @@ def with_gzip(target, run: Path):
     with `Vary`, HAProxy's `compression`."""
     name, cmd, port = target
     if name.startswith("rampart "):
-        setting = "compress = true" if CODING[0] == "gzip" else 'compress = { encodings = ["zstd"] }'
+        setting = "compress = true" if CODING[0] == "gzip" else f'compress = {{ encodings = ["{CODING[0]}"] }}'
         conf = bench.config_for(cmd[0], bench.replaced_once((bench.PEERS / "rampart.toml").read_text(),
                                                             "[server]\n", f"[server]\n{setting}\n"),
                                 run / f"rampart-{CODING[0]}.toml")
@@ -330,11 +331,13 @@ def main():
                     help="a 16 KiB HTML page, compressed by each proxy (gzip, level 1)")
     ap.add_argument("--zstd", action="store_true",
                     help="--gzip's page compressed with zstd (rampart alone: level 1)")
+    ap.add_argument("--br", action="store_true",
+                    help="--gzip's page compressed with brotli (rampart alone: quality 1)")
     args = ap.parse_args()
-    if args.zstd and (args.nginx or args.haproxy):
-        ap.error("--zstd: neither nginx nor HAProxy compresses with zstd")
-    if args.zstd:
-        CODING[0] = "zstd"
+    if (args.zstd or args.br) and (args.nginx or args.haproxy):
+        ap.error("--zstd, --br: neither nginx nor HAProxy (as Debian builds them) has zstd or brotli")
+    if args.zstd or args.br:
+        CODING[0] = "zstd" if args.zstd else "br"
         args.gzip = True
     if args.gzip:
         TARGET[0] = "/page.html"

@@ -1026,6 +1026,7 @@ struct FileCompress {
     level: Option<u32>,
     encodings: Option<Vec<String>>,
     zstd_level: Option<i32>,
+    brotli_level: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -2180,7 +2181,7 @@ fn validate_compress(value: &toml::Value, path: &str, errs: &mut Errors) -> Opti
         if list.is_empty() {
             errs.push(
                 format!("{path}.encodings"),
-                "must list at least one of \"zstd\", \"gzip\" (compress = false turns compression off)",
+                "must list at least one of \"zstd\", \"br\", \"gzip\" (compress = false turns compression off)",
             );
         }
         cfg.encodings = Vec::with_capacity(list.len());
@@ -2192,7 +2193,7 @@ fn validate_compress(value: &toml::Value, path: &str, errs: &mut Errors) -> Opti
                 Some(c) => cfg.encodings.push(c),
                 None => errs.push(
                     format!("{path}.encodings[{i}]"),
-                    format!("expected \"zstd\" or \"gzip\", got {name:?}"),
+                    format!("expected \"zstd\", \"br\" or \"gzip\", got {name:?}"),
                 ),
             }
         }
@@ -2206,6 +2207,16 @@ fn validate_compress(value: &toml::Value, path: &str, errs: &mut Errors) -> Opti
             );
         }
         cfg.zstd_level = level;
+    }
+    if let Some(level) = raw.brotli_level {
+        let max = crate::compress::MAX_BROTLI_LEVEL;
+        if level > max {
+            errs.push(
+                format!("{path}.brotli_level"),
+                format!("must be from 0 (fastest) to {max} (smallest), got {level}"),
+            );
+        }
+        cfg.brotli_level = level;
     }
     (errs.0.len() == before).then(|| Arc::new(cfg))
 }
@@ -3952,23 +3963,24 @@ connect_timeout = "soon"
         assert!(Config::parse(MINIMAL, "t").unwrap().routes[0].compress.is_none());
         // zstd is offered when asked for, in the order given.
         let c = Config::parse(
-            &route("compress = { encodings = [\"zstd\", \"GZIP\"], zstd_level = 7 }"),
+            &route("compress = { encodings = [\"zstd\", \"br\", \"GZIP\"], zstd_level = 7, brotli_level = 0 }"),
             "t",
         )
         .unwrap();
         let z = c.routes[0].compress.as_deref().unwrap();
         use crate::compress::Coding;
         assert_eq!(
-            (z.encodings.as_slice(), z.zstd_level),
-            (&[Coding::Zstd, Coding::Gzip][..], 7)
+            (z.encodings.as_slice(), z.zstd_level, z.brotli_level),
+            (&[Coding::Zstd, Coding::Brotli, Coding::Gzip][..], 7, 0)
         );
         assert_eq!(CompressConfig::default().encodings, [Coding::Gzip]);
         let errs = errors_of(&route(
-            "compress = { encodings = [\"gzip\", \"br\", \"gzip\"], zstd_level = 20 }",
+            "compress = { encodings = [\"gzip\", \"deflate\", \"gzip\"], zstd_level = 20, brotli_level = 12 }",
         ))
         .join("\n");
         for want in [
-            "routes[0].compress.encodings[1]: expected \"zstd\" or \"gzip\", got \"br\"",
+            "routes[0].compress.encodings[1]: expected \"zstd\", \"br\" or \"gzip\", got \"deflate\"",
+            "routes[0].compress.brotli_level: must be from 0 (fastest) to 11 (smallest), got 12",
             "routes[0].compress.encodings[2]: \"gzip\" is listed twice",
             "routes[0].compress.zstd_level: must be from 1 (fastest) to 19 (smallest), got 20",
         ] {

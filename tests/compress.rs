@@ -1,4 +1,4 @@
-//! gzip and zstd (`compress`) over real sockets: a page is compressed whole (read inside the
+//! gzip, zstd and brotli (`compress`) over real sockets: a page is compressed whole (read inside the
 //! retry buffer) or as it streams, and a backend's pause flushes what it has sent so
 //! far to the client; what must not be compressed is not (a client that does not ask,
 //! a short body, a type not listed, a body already encoded, `no-transform`, a 206, a
@@ -304,9 +304,33 @@ async fn zstd_is_offered_first_when_listed_and_the_client_s_weights_decide() {
     assert_eq!(bytes_in, 5 * 4000 + 300_000);
     stop_proxy(srv).await;
 
+    // brotli for the browsers without zstd (Safari's `gzip, deflate, br`), where
+    // listed after zstd.
+    let (srv, addr) = start_proxy(&config(
+        "br",
+        &origins,
+        "",
+        "compress = { encodings = [\"zstd\", \"br\", \"gzip\"] }",
+    ));
+    let safari = [("accept-encoding", "gzip, deflate, br")];
+    for path in ["/page", "/big"] {
+        let r = get_with(addr, path, &safari).await;
+        assert_eq!(r.headers["content-encoding"], "br", "{path}");
+        let mut plain = String::new();
+        brotli::Decompressor::new(&r.body[..], 4096)
+            .read_to_string(&mut plain)
+            .expect("a whole brotli stream");
+        assert_eq!(plain, page_text(if path == "/page" { 4000 } else { 300_000 }));
+    }
+    assert_eq!(
+        get_with(addr, "/page", BROWSER).await.headers["content-encoding"],
+        "zstd"
+    );
+    stop_proxy(srv).await;
+
     // Not listed, not offered: the default is gzip alone.
     let (srv, addr) = start_proxy(&config("zstd-off", &origins, "", "compress = true"));
-    let r = get_with(addr, "/page", &[("accept-encoding", "zstd")]).await;
+    let r = get_with(addr, "/page", &[("accept-encoding", "zstd, br")]).await;
     assert!(r.headers.get("content-encoding").is_none(), "{:?}", r.headers);
     assert_eq!(r.text(), page_text(4000));
     assert_eq!(
@@ -383,12 +407,14 @@ async fn a_head_says_what_a_get_would_get() {
 enum Decoder {
     Gzip(Box<flate2::write::GzDecoder<Vec<u8>>>),
     Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
 }
 
 impl Decoder {
     fn of(coding: &str) -> Decoder {
         match coding {
             "gzip" => Decoder::Gzip(Box::new(flate2::write::GzDecoder::new(Vec::new()))),
+            "br" => Decoder::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096))),
             _ => Decoder::Zstd(zstd::stream::write::Decoder::new(Vec::new()).unwrap()),
         }
     }
@@ -399,6 +425,7 @@ impl Decoder {
         match self {
             Decoder::Gzip(z) => z.write_all(d).and_then(|()| z.flush()).unwrap(),
             Decoder::Zstd(z) => z.write_all(d).and_then(|()| z.flush()).unwrap(),
+            Decoder::Brotli(z) => z.write_all(d).and_then(|()| z.flush()).unwrap(),
         }
     }
 
@@ -406,6 +433,7 @@ impl Decoder {
         match self {
             Decoder::Gzip(z) => z.get_ref(),
             Decoder::Zstd(z) => z.get_ref(),
+            Decoder::Brotli(z) => z.get_ref(),
         }
     }
 
@@ -414,13 +442,14 @@ impl Decoder {
         match self {
             Decoder::Gzip(z) => z.finish().expect("a whole gzip stream"),
             Decoder::Zstd(z) => z.into_inner(),
+            Decoder::Brotli(z) => z.into_inner().expect("a whole brotli stream"),
         }
     }
 }
 
 #[tokio::test]
 async fn a_backend_pause_flushes_what_it_sent_so_far() {
-    for coding in ["gzip", "zstd"] {
+    for coding in ["gzip", "zstd", "br"] {
         let go = Arc::new(Notify::new());
         let origin = origin(go.clone()).await;
         let (srv, addr) = start_proxy(&config(
