@@ -98,9 +98,8 @@ impl Server {
         disable_transparent_huge_pages();
         let workers = config.server.workers;
         let mut inventory = upgrade::Inventory::default();
-        let bound = listener::bind_all(&config.listeners, workers, inherited)?;
-        let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.addr).collect();
-        inventory.add(&bound)?;
+        // The admin socket first: once a client port answers, so does the admin one
+        // (a probe or a script that waits for the first may ask the second at once).
         let admin = match &config.admin {
             Some(a) => {
                 let l = match inherited.take_admin(a.bind) {
@@ -121,6 +120,9 @@ impl Server {
             }
             None => None,
         };
+        let bound = listener::bind_all(&config.listeners, workers, inherited)?;
+        let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.addr).collect();
+        inventory.add(&bound)?;
         for addr in inherited.left_over() {
             tracing::info!(bind = %addr, "inherited listener not in the config: closed");
         }
