@@ -159,6 +159,7 @@ const VARIABLES: &[(&str, Var)] = &[
     ("is_args", Var::IsArgs),
     ("upstream_status", Var::UpstreamStatus),
     ("upstream_response_time", Var::UpstreamResponseTime),
+    ("upstream_connect_time", Var::UpstreamConnectTime),
     ("connection", Var::Connection),
     ("connection_requests", Var::ConnectionRequests),
     ("pid", Var::Pid),
@@ -202,6 +203,8 @@ enum Var {
     UpstreamStatus,
     /// From the request's start to the end of the backend's response body.
     UpstreamResponseTime,
+    /// The answering try's connect: 0 on a connection reused.
+    UpstreamConnectTime,
     /// The connection's serial number, and the requests it has begun, this one
     /// included.
     Connection,
@@ -496,6 +499,8 @@ pub struct Answered {
     pub backend: Option<SocketAddr>,
     /// From the request's start to the backend's response head.
     pub head_time: Duration,
+    /// The answering try's connect (0: a connection reused).
+    pub connect_time: Duration,
     pub tries: u8,
     /// The kind of the error rampart answered with (`ProxyError::kind`).
     pub error: Option<&'static str>,
@@ -594,6 +599,7 @@ impl Pending {
                     pool: None,
                     backend: None,
                     head_time: Duration::ZERO,
+                    connect_time: Duration::ZERO,
                     tries: 0,
                     error: Some(kind),
                 }),
@@ -820,6 +826,7 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
                 a.filter(|a| a.backend.is_some())
                     .map(|_| p.body_end.map_or(took, |e| e.saturating_duration_since(p.start))),
             ),
+            Var::UpstreamConnectTime => put_secs(out, json, a.filter(|a| a.backend.is_some()).map(|a| a.connect_time)),
             Var::Connection => put_num(out, json, p.conn.life.as_ref().map(|l| l.serial())),
             Var::ConnectionRequests => put_num(out, json, (p.conn_requests > 0).then_some(p.conn_requests)),
             Var::Pid => put_num(out, json, Some(pid().into())),
@@ -1210,6 +1217,7 @@ mod tests {
                 pool: None,
                 backend: Some("10.0.0.5:8080".parse().unwrap()),
                 head_time: Duration::from_micros(1_412),
+                connect_time: Duration::from_micros(250),
                 tries: 2,
                 error: None,
             }),
@@ -1241,20 +1249,22 @@ mod tests {
 
     #[test]
     fn the_upstream_response_time_ends_with_the_backend_s_body() {
-        let spec = "$upstream_status $upstream_response_time $request_time [$uri] [$args] [$is_args] $connection";
+        let spec = "$upstream_status $upstream_response_time $request_time [$uri] [$args] [$is_args] $connection \
+                    $upstream_connect_time";
         let mut r = record(spec, "/p/a%20b?q=1&r", "x");
         // Its body ended 1 ms in; the request, 2.5 ms in (the last write).
         r.body_end = Some(r.start + Duration::from_millis(1));
         assert_eq!(
             line(&r, AT, COMPLETE),
-            "200 0.001000 0.002500 [/p/a%20b] [q=1&r] [?] -\n"
+            "200 0.001000 0.002500 [/p/a%20b] [q=1&r] [?] - 0.000250\n"
         );
         // Without a body's end seen (a tunnel, a body never polled): the request's end.
         r.body_end = None;
         assert!(line(&r, AT, COMPLETE).starts_with("200 0.002500 0.002500 "));
-        // rampart's own answer: no backend, so neither.
+        // rampart's own answer: no backend, so none of them.
         r.answer.as_mut().unwrap().backend = None;
-        assert!(line(&r, AT, COMPLETE).starts_with("- - 0.002500 "));
+        let l = line(&r, AT, COMPLETE);
+        assert!(l.starts_with("- - 0.002500 ") && l.ends_with(" - -\n"), "{l}");
         // In JSON: null for what does not exist, and `$is_args` an empty string.
         let mut j = record("json", "/", "x");
         let template = LogFormat::parse("{\"s\":$upstream_status,\"a\":$args,\"i\":$is_args}").unwrap();
@@ -1297,6 +1307,7 @@ mod tests {
             pool: None,
             backend: None,
             head_time: Duration::ZERO,
+            connect_time: Duration::ZERO,
             tries: 3,
             error: Some("connect_failed"),
         });

@@ -376,6 +376,8 @@ pub fn handle(
         let mut mirror = None;
         let mut held = None;
         let mut backend = None;
+        // The answering try's connect, for `$upstream_connect_time`.
+        let mut connect_us = 0;
         let mut backend_fields = None;
         // The awaits sit here, not in a nested `async fn`: every level of future nesting
         // copies the request in and the response out, and holds its own copy of the
@@ -416,7 +418,7 @@ pub fn handle(
                         }
                     }
                     Ok(crate::auth::Verdict::Answer(pool, answer)) => {
-                        (pool_idx, backend) = (Some(pool), Some(answer.backend));
+                        (pool_idx, backend, connect_us) = (Some(pool), Some(answer.backend), answer.connect_us);
                         tries.set(asked.get());
                         break 'proxied Ok(answer.response);
                     }
@@ -456,11 +458,12 @@ pub fn handle(
                 backend: addr,
                 upgraded,
                 raw: fields,
+                connect_us: connected,
             } = match crate::forward::forward(&ctx, pool, req, p.hash, prefer, policy, &tries).await {
                 Ok(f) => f,
                 Err(e) => break 'proxied Err(e),
             };
-            backend = Some(addr);
+            (backend, connect_us) = (Some(addr), connected);
             backend_fields = fields;
             // Error pages are 400-599: a success costs one comparison here.
             if response.status().as_u16() >= 400 {
@@ -533,6 +536,7 @@ pub fn handle(
                     pool: pool.cloned(),
                     backend,
                     head_time: elapsed,
+                    connect_time: std::time::Duration::from_micros(connect_us.into()),
                     tries: tries.get(),
                     error,
                 },

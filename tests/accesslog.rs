@@ -354,8 +354,9 @@ async fn formats_are_nginx_s_combined_json_or_a_template() {
 /// nginx's connection and upstream variables: `$connection` (a serial number, kept
 /// while the connection sleeps dormant) and `$connection_requests` (this one
 /// included) over rampart's own HTTP/1.1 path, hyper's and HTTP/2; `$uri`, `$args`,
-/// `$is_args`; `$upstream_status` and `$upstream_response_time` (`-` when rampart
-/// answered itself); `$pid` and `$hostname`.
+/// `$is_args`; `$upstream_status`, `$upstream_response_time` and
+/// `$upstream_connect_time` (`-` when rampart answered itself; 0 on a connection
+/// reused); `$pid` and `$hostname`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_s_connection_and_upstream_variables() {
     use tokio::io::AsyncWriteExt;
@@ -364,7 +365,7 @@ async fn nginx_s_connection_and_upstream_variables() {
     let log = dir.join("access.log");
     let template =
         "$connection $connection_requests $request_method [$uri] [$args] [$is_args] $upstream_status $status \
-                    $upstream_header_time $upstream_response_time $request_time $pid $hostname";
+                    $upstream_header_time $upstream_response_time $request_time $pid $hostname $upstream_connect_time";
     let toml = with_server_setting(
         &config(&[origin.addr], &log),
         &format!("access_log_format = {template:?}"),
@@ -415,7 +416,7 @@ async fn nginx_s_connection_and_upstream_variables() {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let pid = std::process::id().to_string();
     for (l, f) in got.iter().zip(&f) {
-        assert_eq!(f.len(), 13, "{l}");
+        assert_eq!(f.len(), 14, "{l}");
         assert_eq!((f[11], f[12]), (pid.as_str(), host.trim()), "{l}");
     }
     let picked = |i: usize| f[i][1..8].join(" ");
@@ -436,6 +437,16 @@ async fn nginx_s_connection_and_upstream_variables() {
         serials[0] < serials[3] && serials[3] < serials[4] && serials[4] < serials[5],
         "{got:#?}"
     );
+    // A connection opened for the try (the first request; the streamed upload,
+    // which never takes a pooled one) took some time; one reused took none.
+    let connect: Vec<&str> = f.iter().map(|f| f[13]).collect();
+    assert_eq!(connect[4], "-", "{got:#?}");
+    for i in [0, 1] {
+        assert!(connect[i].parse::<f64>().unwrap() > 0.0, "{got:#?}");
+    }
+    for i in [2, 3, 5] {
+        assert_eq!(connect[i], "0.000000", "{got:#?}");
+    }
     // The backend's head, then the end of its body, then the request's end.
     for (l, f) in got.iter().zip(&f) {
         if f[6] == "-" {
