@@ -2169,13 +2169,7 @@ fn validate_compress(value: &toml::Value, path: &str, errs: &mut Errors) -> Opti
         cfg.min_length = n;
     }
     if let Some(level) = raw.level {
-        if !(1..=9).contains(&level) {
-            errs.push(
-                format!("{path}.level"),
-                format!("must be from 1 (fastest) to 9 (smallest), got {level}"),
-            );
-        }
-        cfg.level = level;
+        cfg.level = compress_level(level, 1..=9, &format!("{path}.level"), errs);
     }
     if let Some(list) = raw.encodings {
         if list.is_empty() {
@@ -2200,25 +2194,33 @@ fn validate_compress(value: &toml::Value, path: &str, errs: &mut Errors) -> Opti
     }
     if let Some(level) = raw.zstd_level {
         let max = crate::compress::MAX_ZSTD_LEVEL;
-        if !(1..=max).contains(&level) {
-            errs.push(
-                format!("{path}.zstd_level"),
-                format!("must be from 1 (fastest) to {max} (smallest), got {level}"),
-            );
-        }
-        cfg.zstd_level = level;
+        cfg.zstd_level = compress_level(level, 1..=max, &format!("{path}.zstd_level"), errs);
     }
     if let Some(level) = raw.brotli_level {
         let max = crate::compress::MAX_BROTLI_LEVEL;
-        if level > max {
-            errs.push(
-                format!("{path}.brotli_level"),
-                format!("must be from 0 (fastest) to {max} (smallest), got {level}"),
-            );
-        }
-        cfg.brotli_level = level;
+        cfg.brotli_level = compress_level(level, 0..=max, &format!("{path}.brotli_level"), errs);
     }
     (errs.0.len() == before).then(|| Arc::new(cfg))
+}
+
+/// A compressor's level, with an error naming `field` when it is outside `range`.
+fn compress_level<T: PartialOrd + std::fmt::Display>(
+    level: T,
+    range: std::ops::RangeInclusive<T>,
+    field: &str,
+    errs: &mut Errors,
+) -> T {
+    if !range.contains(&level) {
+        errs.push(
+            field,
+            format!(
+                "must be from {} (fastest) to {} (smallest), got {level}",
+                range.start(),
+                range.end()
+            ),
+        );
+    }
+    level
 }
 
 /// `resolvers = ["10.0.0.2", "10.0.0.3:5353"]`: nameservers by IP, port 53 unless given.

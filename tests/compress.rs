@@ -131,6 +131,11 @@ fn gunzip(z: &[u8]) -> String {
     out
 }
 
+/// A pool's counter, from the test binary's metrics.
+fn counter(name: &str, pool: &str) -> u64 {
+    metric(&format!("{name}{{pool=\"{pool}\"}}")).parse().unwrap()
+}
+
 /// Each test its own pool name: the counters are the test binary's, shared.
 fn config(pool: &str, origins: &[SocketAddr], pool_extra: &str, route_extra: &str) -> String {
     let origins: Vec<String> = origins.iter().map(|a| format!("\"{a}\"")).collect();
@@ -229,17 +234,10 @@ async fn text_is_gzipped_for_clients_that_ask_and_only_then() {
     assert_eq!(r.headers["content-encoding"], "gzip");
     assert_eq!(gunzip(&r.body), page_text(4000));
 
-    let counted: u64 = metric("rampart_compressed_responses_total{pool=\"whole\"}")
-        .parse()
-        .unwrap();
-    assert_eq!(counted, 5);
-    let bytes_in: u64 = metric("rampart_compression_input_bytes_total{pool=\"whole\"}")
-        .parse()
-        .unwrap();
+    assert_eq!(counter("rampart_compressed_responses_total", "whole"), 5);
+    let bytes_in = counter("rampart_compression_input_bytes_total", "whole");
     assert_eq!(bytes_in, 4 * 4000 + 300_000);
-    let bytes_out: u64 = metric("rampart_compression_output_bytes_total{pool=\"whole\"}")
-        .parse()
-        .unwrap();
+    let bytes_out = counter("rampart_compression_output_bytes_total", "whole");
     assert!(bytes_out > 0 && bytes_out < bytes_in / 4, "{bytes_out} of {bytes_in}");
     stop_proxy(srv).await;
 }
@@ -294,14 +292,11 @@ async fn zstd_is_offered_first_when_listed_and_the_client_s_weights_decide() {
     let r = send_h2(addr, req).await;
     assert_eq!(r.headers["content-encoding"], "zstd");
     assert_eq!(unzstd(&r.body), page_text(4000));
-    let counted: u64 = metric("rampart_compressed_responses_total{pool=\"zstd\"}")
-        .parse()
-        .unwrap();
-    assert_eq!(counted, 6);
-    let bytes_in: u64 = metric("rampart_compression_input_bytes_total{pool=\"zstd\"}")
-        .parse()
-        .unwrap();
-    assert_eq!(bytes_in, 5 * 4000 + 300_000);
+    assert_eq!(counter("rampart_compressed_responses_total", "zstd"), 6);
+    assert_eq!(
+        counter("rampart_compression_input_bytes_total", "zstd"),
+        5 * 4000 + 300_000
+    );
     stop_proxy(srv).await;
 
     // brotli for the browsers without zstd (Safari's `gzip, deflate, br`), where
