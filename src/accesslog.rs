@@ -715,6 +715,8 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
     let json = p.format.json;
     out.reserve(256);
     let a = p.answer.as_ref();
+    // A backend's answer, for the `$upstream_*` variables (`-` for rampart's own).
+    let up = a.filter(|a| a.backend.is_some());
     for part in &p.format.parts {
         let var = match part {
             Part::Text(t) => {
@@ -784,7 +786,7 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
             Var::Status => put_num(out, json, Some(a.map_or(499, |a| a.status as u64))),
             Var::BodyBytesSent => put_num(out, json, Some(p.sent)),
             Var::RequestTime => put_secs(out, json, Some(took)),
-            Var::UpstreamHeaderTime => put_secs(out, json, a.filter(|a| a.backend.is_some()).map(|a| a.head_time)),
+            Var::UpstreamHeaderTime => put_secs(out, json, up.map(|a| a.head_time)),
             Var::UpstreamAddr => match a.and_then(|a| a.backend) {
                 Some(b) => {
                     quote(out, json);
@@ -819,14 +821,13 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
                 let query = p.target.as_ref().is_some_and(|t| t.query().is_some());
                 put_raw(out, json, if query { b"?" } else { b"" })
             }
-            Var::UpstreamStatus => put_num(out, json, a.filter(|a| a.backend.is_some()).map(|a| a.status as u64)),
+            Var::UpstreamStatus => put_num(out, json, up.map(|a| a.status as u64)),
             Var::UpstreamResponseTime => put_secs(
                 out,
                 json,
-                a.filter(|a| a.backend.is_some())
-                    .map(|_| p.body_end.map_or(took, |e| e.saturating_duration_since(p.start))),
+                up.map(|_| p.body_end.map_or(took, |e| e.saturating_duration_since(p.start))),
             ),
-            Var::UpstreamConnectTime => put_secs(out, json, a.filter(|a| a.backend.is_some()).map(|a| a.connect_time)),
+            Var::UpstreamConnectTime => put_secs(out, json, up.map(|a| a.connect_time)),
             Var::Connection => put_num(out, json, p.conn.life.as_ref().map(|l| l.serial())),
             Var::ConnectionRequests => put_num(out, json, (p.conn_requests > 0).then_some(p.conn_requests)),
             Var::Pid => put_num(out, json, Some(pid().into())),

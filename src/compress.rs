@@ -1,4 +1,4 @@
-//! gzip and zstd for responses (`compress`, on `[server]` or a route): nginx's `gzip`,
+//! gzip, zstd and brotli for responses (`compress`, on `[server]` or a route): nginx's `gzip`,
 //! HAProxy's `compression`, Envoy's compressor filter. Owns what decides whether a
 //! response is compressed, and how (the client's `Accept-Encoding` against the
 //! `encodings` offered; the response's status, type, length, `Content-Encoding` and
@@ -403,7 +403,7 @@ enum Flush {
     /// As the compressor likes: it may hold input back.
     None,
     /// Everything fed so far, decodable by the client now (deflate's sync flush,
-    /// zstd's flush).
+    /// zstd's and brotli's flush).
     Sync,
     /// Everything, and the stream's end.
     Finish,
@@ -481,9 +481,7 @@ fn brotli_run(b: &mut BrotliState, input: &[u8], out: &mut Vec<u8>, flush: Flush
     };
     let (mut avail_in, mut in_at) = (input.len(), 0);
     loop {
-        if out.capacity() - out.len() < 64 {
-            out.reserve((avail_in / 2).max(8 * 1024));
-        }
+        make_room(out, avail_in);
         let at = out.len();
         out.resize(out.capacity(), 0);
         let (mut avail_out, mut out_at, taken) = (out.len() - at, at, in_at);
@@ -549,7 +547,7 @@ fn give_back(kind: Kind, mut e: Engine) {
     });
 }
 
-/// `data` compressed whole: one gzip member, or one zstd frame.
+/// `data` compressed whole: one gzip member, zstd frame or brotli stream.
 fn compress_whole(kind: Kind, data: &[u8]) -> io::Result<Bytes> {
     let mut e = take_state(kind)?;
     // Text rarely grows, and either format's worst case is a few bytes per block.
@@ -559,12 +557,18 @@ fn compress_whole(kind: Kind, data: &[u8]) -> io::Result<Bytes> {
     r.map(|()| Bytes::from(out))
 }
 
+/// Room in `out` for a compressor's next step, with `left` bytes of input still to
+/// take: half of them (text rarely compresses worse), and at least 8 KiB.
+fn make_room(out: &mut Vec<u8>, left: usize) {
+    if out.capacity() - out.len() < 64 {
+        out.reserve((left / 2).max(8 * 1024));
+    }
+}
+
 /// `Engine::run` for deflate.
 fn deflate(z: &mut Compress, mut input: &[u8], out: &mut Vec<u8>, flush: FlushCompress) -> io::Result<()> {
     loop {
-        if out.capacity() - out.len() < 64 {
-            out.reserve((input.len() / 2).max(8 * 1024));
-        }
+        make_room(out, input.len());
         let (taken, written) = (z.total_in(), out.len());
         let status = z.compress_vec(input, out, flush).map_err(io::Error::other)?;
         let consumed = (z.total_in() - taken) as usize;
@@ -592,15 +596,10 @@ fn zstd_run(
     flush: Flush,
 ) -> io::Result<()> {
     use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-    let room = |out: &mut Vec<u8>, hint: usize| {
-        if out.capacity() - out.len() < 64 {
-            out.reserve(hint.max(8 * 1024));
-        }
-    };
     let stuck = || io::Error::other("zstd made no progress");
     let mut input = InBuffer::around(input);
     while input.pos() < input.src.len() {
-        room(out, (input.src.len() - input.pos()) / 2);
+        make_room(out, input.src.len() - input.pos());
         let (at, taken) = (out.len(), input.pos());
         let mut o = OutBuffer::around_pos(out, at);
         z.run(&mut input, &mut o)?;
@@ -612,7 +611,7 @@ fn zstd_run(
         return Ok(());
     }
     loop {
-        room(out, 0);
+        make_room(out, 0);
         let at = out.len();
         let mut o = OutBuffer::around_pos(out, at);
         let left = match flush {
@@ -731,8 +730,8 @@ impl Compressor {
         }
     }
 
-    /// The inner body ended: the stream's end (gzip's trailer, zstd's last block),
-    /// and the state back to the worker.
+    /// The inner body ended: the stream's end (gzip's trailer, zstd's and brotli's
+    /// last block), and the state back to the worker.
     fn end(&mut self) -> io::Result<()> {
         self.compress(&[], Flush::Finish)?;
         self.finished = true;

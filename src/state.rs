@@ -419,6 +419,19 @@ impl Backend {
     pub fn has_room(&self) -> bool {
         self.max_in_flight == u32::MAX || self.state.in_flight() < self.max_in_flight
     }
+
+    /// Drops the operator's weight when the config gives the backend another weight
+    /// than the one it was set against: the file is the newer word, as HAProxy reads
+    /// its `server-state-file`. On a reload (`Shared::swap`), and on a weight saved or
+    /// handed over (`restore_weight`).
+    fn drop_stale_weight(&self, pool: &str) {
+        if let Some((w, against)) = self.state.weight_set() {
+            if against != self.config_weight {
+                self.state.set_weight(self.config_weight, None);
+                tracing::info!(pool, backend = %self.name, dropped = w, weight = self.config_weight, "the config changed the backend's weight: the weight set through the admin API is dropped");
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -703,16 +716,11 @@ impl Snapshot {
 
 /// Sets a weight saved (state file) or handed over (upgrade) on backend `b`, unless
 /// the config now gives the backend another weight than the one it was set against:
-/// then the config wins, as on a reload (`Shared::swap`).
+/// then the config wins, as on a reload (`Backend::drop_stale_weight`).
 fn restore_weight(b: &Backend, pool: &str, weight: Option<u32>, against: Option<u32>) {
-    let (Some(w), Some(against)) = (weight, against) else {
-        return;
-    };
-    if against == b.config_weight {
+    if let (Some(w), Some(against)) = (weight, against) {
         b.state.set_weight(against, Some(w));
-    } else {
-        b.state.set_weight(b.config_weight, None);
-        tracing::info!(pool, backend = %b.name, dropped = w, weight = b.config_weight, "the config changed the backend's weight: the weight set through the admin API is dropped");
+        b.drop_stale_weight(pool);
     }
 }
 
@@ -947,12 +955,9 @@ impl Shared {
     pub fn swap(&self, config: Arc<Config>) {
         let prev = self.snapshot.load_full();
         let next = Snapshot::build(config, Some(&prev));
-        for (p, b) in next.pools.iter().flat_map(|p| p.backends.iter().map(move |b| (p, b))) {
-            if let Some((w, against)) = b.state.weight_set() {
-                if against != b.config_weight {
-                    b.state.set_weight(b.config_weight, None);
-                    tracing::info!(pool = %p.name, backend = %b.name, dropped = w, weight = b.config_weight, "the config changed the backend's weight: the weight set through the admin API is dropped");
-                }
+        for p in &next.pools {
+            for b in &p.backends {
+                b.drop_stale_weight(&p.name);
             }
         }
         self.snapshot.store(Arc::new(next));
