@@ -221,6 +221,20 @@ enum Var {
     RemoteUser(usize),
 }
 
+/// How a format writes its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Style {
+    /// Text: bytes that could split or forge a field as `\xHH`, `-` for a value that
+    /// does not exist.
+    Text,
+    /// The `json` preset: each value a JSON value (a quoted string, a number, `null`).
+    Json,
+    /// A template with `access_log_escape = "json"`: values escaped for the inside of
+    /// the template's JSON strings, nothing for a value that does not exist (nginx's
+    /// `escape=json`).
+    JsonEscaped,
+}
+
 #[derive(Debug)]
 enum Part {
     Text(Box<[u8]>),
@@ -248,8 +262,9 @@ impl Part {
 pub struct LogFormat {
     source: String,
     parts: Vec<Part>,
-    /// Variables are written as JSON values (the `json` preset).
-    json: bool,
+    /// How values are written: as text, as JSON values (the `json` preset), or
+    /// escaped for the inside of a template's JSON strings.
+    style: Style,
     /// The request fields `$http_NAME` variables read, captured as the request starts.
     headers: Vec<HeaderName>,
     /// The response fields `$sent_http_NAME` variables read, captured with its head.
@@ -265,7 +280,7 @@ pub struct LogFormat {
 
 impl PartialEq for LogFormat {
     fn eq(&self, other: &Self) -> bool {
-        self.source == other.source && self.filter == other.filter
+        self.source == other.source && self.style == other.style && self.filter == other.filter
     }
 }
 
@@ -300,11 +315,11 @@ impl LogFormat {
     /// `"rampart"`, `"combined"`, `"json"`, or a template of text and `$variables`
     /// (nginx's `log_format`). The error says what is wrong, for `rampart check`.
     pub fn parse(spec: &str) -> Result<LogFormat, String> {
-        let (template, json) = match spec {
-            "rampart" => (RAMPART, false),
-            "combined" => (COMBINED, false),
-            "json" => (JSON, true),
-            t if t.contains('$') => (t, false),
+        let (template, style) = match spec {
+            "rampart" => (RAMPART, Style::Text),
+            "combined" => (COMBINED, Style::Text),
+            "json" => (JSON, Style::Json),
+            t if t.contains('$') => (t, Style::Text),
             _ => {
                 return Err(format!(
                     "must be \"rampart\", \"combined\", \"json\" or a template with $variables, got {spec:?}"
@@ -319,7 +334,7 @@ impl LogFormat {
         let mut format = LogFormat {
             source: spec.to_string(),
             parts: Vec::new(),
-            json,
+            style,
             headers: Vec::new(),
             sent_headers: Vec::new(),
             host: false,
@@ -392,6 +407,24 @@ impl LogFormat {
                      and $sent_http_NAME for any response field",
                     known.join(", ")
                 ))
+            }
+        }
+    }
+
+    /// `access_log_escape = "json"` (nginx's `log_format ... escape=json`): a
+    /// template's values are written for the inside of its JSON strings (`\"`,
+    /// `\u0001`), and a value that does not exist as nothing, so a template of the
+    /// form `{"ua":"$http_user_agent"}` gives a line that parses whatever the client
+    /// sent. The presets already write what they need.
+    pub fn escape_json(&mut self) -> Result<(), String> {
+        match self.source.as_str() {
+            "rampart" | "combined" | "json" => Err(format!(
+                "\"json\" applies to a template of access_log_format; the {:?} preset escapes its own values",
+                self.source
+            )),
+            _ => {
+                self.style = Style::JsonEscaped;
+                Ok(())
             }
         }
     }
@@ -712,7 +745,7 @@ impl Drop for Pending {
 
 /// Writes `p`'s line into `out`.
 fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, took: Duration, termination: &str) {
-    let json = p.format.json;
+    let style = p.format.style;
     out.reserve(256);
     let a = p.answer.as_ref();
     // A backend's answer, for the `$upstream_*` variables (`-` for rampart's own).
@@ -736,113 +769,118 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
             Part::Var(v) => *v,
         };
         match var {
-            Var::RemoteAddr => put_raw(out, json, p.conn.peer_ip.as_bytes()),
-            Var::RemotePort => put_num(out, json, Some(p.conn.peer.port() as u64)),
-            Var::Scheme => put_raw(out, json, p.conn.proto.as_bytes()),
-            Var::ServerPort => put_num(out, json, Some(p.conn.local_port as u64)),
+            Var::RemoteAddr => put_raw(out, style, p.conn.peer_ip.as_bytes()),
+            Var::RemotePort => put_num(out, style, Some(p.conn.peer.port() as u64)),
+            Var::Scheme => put_raw(out, style, p.conn.proto.as_bytes()),
+            Var::ServerPort => put_num(out, style, Some(p.conn.local_port as u64)),
             Var::SslProtocol => put_str(
                 out,
-                json,
+                style,
                 p.conn.tls_facts.as_ref().map(|t| t.protocol.as_bytes()),
                 false,
             ),
-            Var::SslCipher => put_str(out, json, p.conn.tls_facts.as_ref().map(|t| t.cipher.as_bytes()), false),
+            Var::SslCipher => put_str(
+                out,
+                style,
+                p.conn.tls_facts.as_ref().map(|t| t.cipher.as_bytes()),
+                false,
+            ),
             Var::TimeIso8601 => {
-                quote(out, json);
+                quote(out, style);
                 out.extend_from_slice(&stamp.iso);
                 push_padded(out, stamp.millis as u64, 3);
                 out.push(b'Z');
-                quote(out, json);
+                quote(out, style);
             }
-            Var::TimeLocal => put_raw(out, json, &stamp.local),
+            Var::TimeLocal => put_raw(out, style, &stamp.local),
             Var::Msec => {
                 push_decimal(out, stamp.secs);
                 out.push(b'.');
                 push_padded(out, stamp.millis as u64, 3);
             }
             Var::Request | Var::RequestMethod | Var::RequestUri | Var::ServerProtocol if p.unparsed => {
-                put_str(out, json, None, false)
+                put_str(out, style, None, false)
             }
             Var::Request => {
-                quote(out, json);
+                quote(out, style);
                 out.extend_from_slice(p.method.as_str().as_bytes());
                 out.push(b' ');
-                escape(out, json, target(p).as_bytes(), false);
+                escape(out, style, target(p).as_bytes(), false);
                 out.push(b' ');
                 out.extend_from_slice(protocol(p.version));
-                quote(out, json);
+                quote(out, style);
             }
-            Var::RequestMethod => put_raw(out, json, p.method.as_str().as_bytes()),
-            Var::RequestUri => put_str(out, json, Some(target(p).as_bytes()), false),
-            Var::ServerProtocol => put_raw(out, json, protocol(p.version)),
+            Var::RequestMethod => put_raw(out, style, p.method.as_str().as_bytes()),
+            Var::RequestUri => put_str(out, style, Some(target(p).as_bytes()), false),
+            Var::ServerProtocol => put_raw(out, style, protocol(p.version)),
             Var::Host => match &p.host {
                 Some(h) => {
                     let h = std::str::from_utf8(h.as_bytes()).unwrap_or("");
                     let h = crate::router::host_without_port(h).to_ascii_lowercase();
-                    put_str(out, json, Some(h.as_bytes()), true)
+                    put_str(out, style, Some(h.as_bytes()), true)
                 }
-                None => put_str(out, json, None, true),
+                None => put_str(out, style, None, true),
             },
-            Var::Status => put_num(out, json, Some(a.map_or(499, |a| a.status as u64))),
-            Var::BodyBytesSent => put_num(out, json, Some(p.sent)),
-            Var::RequestTime => put_secs(out, json, Some(took)),
-            Var::UpstreamHeaderTime => put_secs(out, json, up.map(|a| a.head_time)),
+            Var::Status => put_num(out, style, Some(a.map_or(499, |a| a.status as u64))),
+            Var::BodyBytesSent => put_num(out, style, Some(p.sent)),
+            Var::RequestTime => put_secs(out, style, Some(took)),
+            Var::UpstreamHeaderTime => put_secs(out, style, up.map(|a| a.head_time)),
             Var::UpstreamAddr => match a.and_then(|a| a.backend) {
                 Some(b) => {
-                    quote(out, json);
+                    quote(out, style);
                     addrs.push(out, b);
-                    quote(out, json);
+                    quote(out, style);
                 }
-                None => put_str(out, json, None, false),
+                None => put_str(out, style, None, false),
             },
-            Var::UpstreamAttempts => put_num(out, json, Some(a.map_or(0, |a| a.tries as u64))),
+            Var::UpstreamAttempts => put_num(out, style, Some(a.map_or(0, |a| a.tries as u64))),
             Var::Pool => put_str(
                 out,
-                json,
+                style,
                 a.and_then(|a| a.pool.as_ref()).map(|p| p.name.as_bytes()),
                 false,
             ),
-            Var::Termination => put_raw(out, json, termination.as_bytes()),
-            Var::RequestId => put_str(out, json, Some(p.request_id.as_bytes()), true),
-            Var::Uri | Var::Args | Var::IsArgs if p.unparsed => put_str(out, json, None, false),
+            Var::Termination => put_raw(out, style, termination.as_bytes()),
+            Var::RequestId => put_str(out, style, Some(p.request_id.as_bytes()), true),
+            Var::Uri | Var::Args | Var::IsArgs if p.unparsed => put_str(out, style, None, false),
             Var::Uri => put_str(
                 out,
-                json,
+                style,
                 Some(p.target.as_ref().map_or("/", |t| t.path()).as_bytes()),
                 false,
             ),
             Var::Args => put_str(
                 out,
-                json,
+                style,
                 p.target.as_ref().and_then(|t| t.query()).map(str::as_bytes),
                 false,
             ),
             Var::IsArgs => {
                 let query = p.target.as_ref().is_some_and(|t| t.query().is_some());
-                put_raw(out, json, if query { b"?" } else { b"" })
+                put_raw(out, style, if query { b"?" } else { b"" })
             }
-            Var::UpstreamStatus => put_num(out, json, up.map(|a| a.status as u64)),
+            Var::UpstreamStatus => put_num(out, style, up.map(|a| a.status as u64)),
             Var::UpstreamResponseTime => put_secs(
                 out,
-                json,
+                style,
                 up.map(|_| p.body_end.map_or(took, |e| e.saturating_duration_since(p.start))),
             ),
-            Var::UpstreamConnectTime => put_secs(out, json, up.map(|a| a.connect_time)),
-            Var::Connection => put_num(out, json, p.conn.life.as_ref().map(|l| l.serial())),
-            Var::ConnectionRequests => put_num(out, json, (p.conn_requests > 0).then_some(p.conn_requests)),
-            Var::Pid => put_num(out, json, Some(pid().into())),
-            Var::Hostname => put_str(out, json, Some(hostname().as_bytes()), true),
-            Var::Header(i) => put_str(out, json, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
+            Var::UpstreamConnectTime => put_secs(out, style, up.map(|a| a.connect_time)),
+            Var::Connection => put_num(out, style, p.conn.life.as_ref().map(|l| l.serial())),
+            Var::ConnectionRequests => put_num(out, style, (p.conn_requests > 0).then_some(p.conn_requests)),
+            Var::Pid => put_num(out, style, Some(pid().into())),
+            Var::Hostname => put_str(out, style, Some(hostname().as_bytes()), true),
+            Var::Header(i) => put_str(out, style, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
             Var::SentHeader(i) => put_str(
                 out,
-                json,
+                style,
                 p.sent_fields.get(i).and_then(|v| v.as_ref()).map(|v| v.as_bytes()),
                 false,
             ),
             Var::RemoteUser(i) => {
                 let user = p.fields[i].as_ref().and_then(|v| crate::auth::user_of(v.as_bytes()));
                 // Unquoted in `combined`, so a space in it is escaped.
-                put_str(out, json, user.as_deref().filter(|u| !u.is_empty()), true)
+                put_str(out, style, user.as_deref().filter(|u| !u.is_empty()), true)
             }
         }
     }
@@ -881,8 +919,8 @@ fn protocol(v: Version) -> &'static [u8] {
     }
 }
 
-fn quote(out: &mut Vec<u8>, json: bool) {
-    if json {
+fn quote(out: &mut Vec<u8>, style: Style) {
+    if style == Style::Json {
         out.push(b'"');
     }
 }
@@ -890,39 +928,47 @@ fn quote(out: &mut Vec<u8>, json: bool) {
 /// A string value: escaped, quoted in JSON; `-` (JSON `null`) when there is none.
 /// `space`: spaces are escaped too, in text, for a value a client chose that is
 /// logged unquoted (the request id).
-fn put_str(out: &mut Vec<u8>, json: bool, v: Option<&[u8]>, space: bool) {
+fn put_str(out: &mut Vec<u8>, style: Style, v: Option<&[u8]>, space: bool) {
     match v {
-        None if json => out.extend_from_slice(b"null"),
-        None => out.push(b'-'),
+        None => put_none(out, style),
         Some(v) => {
-            quote(out, json);
-            escape(out, json, v, space);
-            quote(out, json);
+            quote(out, style);
+            escape(out, style, v, space);
+            quote(out, style);
         }
+    }
+}
+
+/// A value that does not exist: `-`, JSON's `null`, or nothing inside a template's
+/// JSON string (as nginx's `escape=json` writes it).
+fn put_none(out: &mut Vec<u8>, style: Style) {
+    match style {
+        Style::Text => out.push(b'-'),
+        Style::Json => out.extend_from_slice(b"null"),
+        Style::JsonEscaped => {}
     }
 }
 
 /// A value rampart made, which holds nothing to escape: an address, a method (an HTTP
 /// token), a protocol, a date, a termination.
-fn put_raw(out: &mut Vec<u8>, json: bool, v: &[u8]) {
-    quote(out, json);
+fn put_raw(out: &mut Vec<u8>, style: Style, v: &[u8]) {
+    quote(out, style);
     out.extend_from_slice(v);
-    quote(out, json);
+    quote(out, style);
 }
 
-fn put_num(out: &mut Vec<u8>, json: bool, n: Option<u64>) {
+fn put_num(out: &mut Vec<u8>, style: Style, n: Option<u64>) {
     match n {
         Some(n) => push_decimal(out, n),
-        None if json => out.extend_from_slice(b"null"),
-        None => out.push(b'-'),
+        None => put_none(out, style),
     }
 }
 
 /// Seconds with microseconds (`0.000412`): nginx's times have milliseconds, too coarse
 /// for a proxy that adds tens of microseconds.
-fn put_secs(out: &mut Vec<u8>, json: bool, d: Option<Duration>) {
+fn put_secs(out: &mut Vec<u8>, style: Style, d: Option<Duration>) {
     let Some(d) = d else {
-        return put_num(out, json, None);
+        return put_num(out, style, None);
     };
     push_decimal(out, d.as_secs());
     out.push(b'.');
@@ -968,11 +1014,10 @@ fn push_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     }
 }
 
-fn escape(out: &mut Vec<u8>, json: bool, s: &[u8], space: bool) {
-    if json {
-        push_json_escaped(out, s)
-    } else {
-        push_escaped(out, s, space)
+fn escape(out: &mut Vec<u8>, style: Style, s: &[u8], space: bool) {
+    match style {
+        Style::Text => push_escaped(out, s, space),
+        Style::Json | Style::JsonEscaped => push_json_escaped(out, s),
     }
 }
 
@@ -1269,7 +1314,10 @@ mod tests {
         // In JSON: null for what does not exist, and `$is_args` an empty string.
         let mut j = record("json", "/", "x");
         let template = LogFormat::parse("{\"s\":$upstream_status,\"a\":$args,\"i\":$is_args}").unwrap();
-        j.format = Arc::new(LogFormat { json: true, ..template });
+        j.format = Arc::new(LogFormat {
+            style: Style::Json,
+            ..template
+        });
         j.answer.as_mut().unwrap().backend = None;
         assert_eq!(line(&j, AT, COMPLETE), "{\"s\":null,\"a\":null,\"i\":\"\"}\n");
     }
@@ -1420,6 +1468,32 @@ mod tests {
             line(&r, AT, UPSTREAM_BODY_FAILED),
             "192.0.2.7:50123 200ok [a\\x22b] 1795565537.561 example.com upstream_body_failed\n"
         );
+    }
+
+    #[test]
+    fn a_json_template_with_json_escaping_parses_whatever_the_client_sent() {
+        let spec = r#"{"ua":"$http_user_agent","uri":"$request_uri","req":"$request","status":$status,"pool":"$pool","rt":$request_time,"t":"$time_iso8601"}"#;
+        let mut r = record(spec, "/q?a=%22x%22", "i");
+        let mut f = LogFormat::parse(spec).unwrap();
+        f.escape_json().unwrap();
+        r.format = Arc::new(f);
+        r.fields = vec![Some(HeaderValue::from_bytes(b"a\"b\\c\td \xff").unwrap())].into();
+        let l = line(&r, AT, COMPLETE);
+        assert_eq!(l.matches('\n').count(), 1, "{l}");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["ua"], "a\"b\\c\td \u{fffd}");
+        assert_eq!(v["req"], "GET /q?a=%22x%22 HTTP/1.1");
+        assert_eq!(v["status"], 200);
+        // No pool: nothing, as nginx's `escape=json` writes a value that is not there.
+        assert_eq!(v["pool"], "");
+        assert_eq!(v["rt"], 0.0025);
+        assert_eq!(v["t"], "2026-11-25T00:12:17.561Z");
+        // Without it, the same template writes nginx's default escapes: not JSON.
+        r.format = Arc::new(LogFormat::parse(spec).unwrap());
+        let l = line(&r, AT, COMPLETE);
+        assert!(l.contains(r#""ua":"a\x22b\x5Cc\x09d \xFF""#), "{l}");
+        assert!(serde_json::from_str::<serde_json::Value>(&l).is_err());
+        assert!(LogFormat::parse("json").unwrap().escape_json().is_err());
     }
 
     #[test]

@@ -902,6 +902,7 @@ struct FileServer {
     /// `true`, `false` or a file path: checked in `validate_server`.
     access_log: Option<toml::Value>,
     access_log_format: Option<String>,
+    access_log_escape: Option<String>,
     access_log_filter: Option<FileLogFilter>,
     resolvers: Option<Vec<String>>,
     compress: Option<toml::Value>,
@@ -2055,6 +2056,18 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
                     crate::accesslog::LogFormat::default()
                 }
             };
+            match raw.access_log_escape.as_deref() {
+                None | Some("default") => {}
+                Some("json") => {
+                    if let Err(e) = format.escape_json() {
+                        errs.push("server.access_log_escape", e);
+                    }
+                }
+                Some(other) => errs.push(
+                    "server.access_log_escape",
+                    format!("must be \"default\" or \"json\", got {other:?}"),
+                ),
+            }
             format.filter = raw.access_log_filter.as_ref().map(|f| {
                 if raw.access_log.as_ref().is_none_or(|v| v.as_bool() == Some(false)) {
                     errs.push("server.access_log_filter", "has no effect without access_log");
@@ -4248,6 +4261,14 @@ connect_timeout = "soon"
             (
                 "true\naccess_log_filter = { status = 500 }",
                 "server.access_log_filter.status: unknown field `status`, expected `min_status` or `slower_than`",
+            ),
+            (
+                "true\naccess_log_escape = \"json\"",
+                "server.access_log_escape: \"json\" applies to a template of access_log_format; the \"rampart\" preset",
+            ),
+            (
+                "true\naccess_log_format = \"$status\"\naccess_log_escape = \"xml\"",
+                "server.access_log_escape: must be \"default\" or \"json\", got \"xml\"",
             ),
         ] {
             let errs = errors_of(&with(v)).join("\n");

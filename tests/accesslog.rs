@@ -351,6 +351,47 @@ async fn formats_are_nginx_s_combined_json_or_a_template() {
     );
 }
 
+/// A template written as JSON, with `access_log_escape = "json"` (nginx's
+/// `escape=json`): every line parses, whatever the client put in its fields, and a
+/// value that does not exist is an empty string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_template_with_json_escaping_gives_lines_that_parse() {
+    let origin = TestOrigin::start("a", Behavior::Healthy).await;
+    let dir = temp_dir("json-escape");
+    let log = dir.join("access.log");
+    let template =
+        r#"{"status":$status,"req":"$request","ua":"$http_user_agent","up":"$upstream_addr","rt":$request_time}"#;
+    let toml = with_server_setting(
+        &config(&[origin.addr], &log),
+        &format!("access_log_format = '{template}'\naccess_log_escape = \"json\"\nmax_body_bytes = 4"),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let ua = "evil\", \"status\": 0, \"x\\\t\u{e9}";
+    assert_eq!(get_with(addr, "/a?q=%22", &[("user-agent", ua)]).await.status, 200);
+    // A body past `max_body_bytes`: answered by rampart itself, no backend.
+    let refused = send(
+        addr,
+        http::Request::post("/t")
+            .header("host", "t")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"too long a body")))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status, 413);
+    stop_proxy(srv).await;
+    let got = lines(&log);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let v: Vec<serde_json::Value> = got.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(v[0]["status"], 200);
+    assert_eq!(v[0]["req"], "GET /a?q=%22 HTTP/1.1");
+    assert_eq!(v[0]["ua"], ua);
+    assert_eq!(v[0]["up"], origin.addr.to_string());
+    assert!(v[0]["rt"].as_f64().unwrap() > 0.0);
+    assert_eq!(v[1]["status"], 413);
+    assert_eq!(v[1]["up"], "");
+}
+
 /// nginx's connection and upstream variables: `$connection` (a serial number, kept
 /// while the connection sleeps dormant) and `$connection_requests` (this one
 /// included) over rampart's own HTTP/1.1 path, hyper's and HTTP/2; `$uri`, `$args`,
