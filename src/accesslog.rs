@@ -164,6 +164,16 @@ const VARIABLES: &[(&str, Var)] = &[
     ("connection_requests", Var::ConnectionRequests),
     ("pid", Var::Pid),
     ("hostname", Var::Hostname),
+    ("request_length", Var::RequestLength),
+    ("bytes_sent", Var::BytesSent),
+    ("server_name", Var::ServerName),
+    ("request_completion", Var::RequestCompletion),
+    ("upstream_response_length", Var::UpstreamResponseLength),
+    ("gzip_ratio", Var::GzipRatio),
+    ("upstream_cache_status", Var::UpstreamCacheStatus),
+    ("ssl_server_name", Var::SslServerName),
+    ("ssl_client_s_dn", Var::SslClientSDn),
+    ("ssl_client_verify", Var::SslClientVerify),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +221,26 @@ enum Var {
     ConnectionRequests,
     Pid,
     Hostname,
+    /// The request's head (as received on rampart's HTTP/1.1 path; as HTTP/1.1 would
+    /// carry it otherwise) and the body bytes read.
+    RequestLength,
+    /// The response head (as written on rampart's HTTP/1.1 path; as HTTP/1.1 would
+    /// carry it otherwise) and `$body_bytes_sent`.
+    BytesSent,
+    /// The matched route's `host`, as configured.
+    ServerName,
+    /// `OK` when the response was sent whole, else empty.
+    RequestCompletion,
+    /// The backend's body bytes passed on (before compression).
+    UpstreamResponseLength,
+    /// The body's bytes before compression over those after, `-` uncompressed.
+    GzipRatio,
+    /// Always `-`: rampart keeps no cache. Accepted so nginx formats that name it run.
+    UpstreamCacheStatus,
+    /// The SNI, client certificate subject and verification of a TLS connection.
+    SslServerName,
+    SslClientSDn,
+    SslClientVerify,
     /// `$http_NAME`: the request's first `NAME` field; an index into `LogFormat::headers`.
     Header(usize),
     /// `$sent_http_NAME`: the response's first `NAME` field; an index into
@@ -274,6 +304,13 @@ pub struct LogFormat {
     /// Whether `$upstream_response_time` is used, so the end of the response body is
     /// timed.
     body_end: bool,
+    /// Whether `$request_length` is used, so the request's head is measured and its
+    /// streamed body counted.
+    request_length: bool,
+    /// Whether `$bytes_sent` is used, so the response head is measured.
+    bytes_sent: bool,
+    /// Whether `$server_name` is used, so the record keeps the config its route is in.
+    server_name: bool,
     /// `server.access_log_filter`: only the requests it wants get a line (`None`: all).
     pub filter: Option<LogFilter>,
 }
@@ -339,6 +376,9 @@ impl LogFormat {
             sent_headers: Vec::new(),
             host: false,
             body_end: false,
+            request_length: false,
+            bytes_sent: false,
+            server_name: false,
             filter: None,
         };
         let mut text = Vec::new();
@@ -398,6 +438,9 @@ impl LogFormat {
             Some(&(_, v)) => {
                 self.host |= v == Var::Host;
                 self.body_end |= v == Var::UpstreamResponseTime;
+                self.request_length |= v == Var::RequestLength;
+                self.bytes_sent |= v == Var::BytesSent;
+                self.server_name |= v == Var::ServerName;
                 Ok(v)
             }
             None => {
@@ -494,6 +537,15 @@ struct Record {
     /// `$sent_http_NAME` values, in `format.sent_headers` order: empty until the
     /// response head is ready.
     sent_fields: Box<[Option<HeaderValue>]>,
+    /// With `LogFormat::request_length`: the request head's bytes and its body's read
+    /// whole with it; `body_in` counts a streamed body's as they are read.
+    head_in: u64,
+    body_in: Option<Rc<Cell<u64>>>,
+    /// With `LogFormat::bytes_sent`: the response head's bytes, and on rampart's
+    /// HTTP/1.1 path its chunked framing.
+    head_out: u64,
+    /// With `LogFormat::server_name`: the config the request was routed in.
+    snap: Option<Arc<crate::state::Snapshot>>,
     /// `None` until the response head is ready.
     answer: Option<Answered>,
     sent: u64,
@@ -537,6 +589,8 @@ pub struct Answered {
     pub tries: u8,
     /// The kind of the error rampart answered with (`ProxyError::kind`).
     pub error: Option<&'static str>,
+    /// The route it took, an index into the snapshot's routes.
+    pub route: Option<usize>,
 }
 
 impl Pending {
@@ -567,6 +621,10 @@ impl Pending {
             (true, Some(a)) => HeaderValue::from_str(a.as_str()).ok(),
             (true, None) => host.cloned(),
         };
+        let (head_in, body_in) = match format.request_length {
+            false => (0, None),
+            true => request_size(req, raw),
+        };
         // Built in its box: on the stack first, it was copied in.
         std::pin::Pin::into_inner(crate::alloc::boxed(|| Pending {
             ctx: ctx.clone(),
@@ -584,6 +642,10 @@ impl Pending {
                 body_end: None,
                 fields,
                 sent_fields: Box::new([]),
+                head_in,
+                body_in,
+                head_out: 0,
+                snap: None,
                 answer: None,
                 sent: 0,
                 body_failed: false,
@@ -592,6 +654,12 @@ impl Pending {
                 discarded: false,
             },
         }))
+    }
+
+    /// With `$request_length`, the counter of a body that streams from the client
+    /// (`body::StreamBody` adds to it as it reads).
+    pub fn body_counter(&self) -> Option<Rc<Cell<u64>>> {
+        self.rec.body_in.clone()
     }
 
     /// No line for this request: its route has `access_log = false` (nginx's
@@ -627,6 +695,10 @@ impl Pending {
                 body_end: None,
                 fields,
                 sent_fields: Box::new([]),
+                head_in: 0,
+                body_in: None,
+                head_out: 0,
+                snap: None,
                 answer: Some(Answered {
                     status,
                     pool: None,
@@ -635,6 +707,7 @@ impl Pending {
                     connect_time: Duration::ZERO,
                     tries: 0,
                     error: Some(kind),
+                    route: None,
                 }),
                 sent: 0,
                 body_failed: false,
@@ -653,8 +726,17 @@ impl Pending {
         a: Answered,
         response: &http::Response<RespBody>,
         raw: Option<&crate::rawfields::RawFields>,
+        snap: &Arc<crate::state::Snapshot>,
     ) -> Box<Self> {
         self.rec.answer = Some(a);
+        if self.rec.format.bytes_sent {
+            // rampart's HTTP/1.1 path tells the exact size as it writes it
+            // (`head_written`); hyper's and HTTP/2's do not.
+            self.rec.head_out = head_size(response, raw, &self.rec.request_id);
+        }
+        if self.rec.format.server_name {
+            self.rec.snap = Some(snap.clone());
+        }
         if !self.rec.format.sent_headers.is_empty() {
             self.rec.sent_fields = self
                 .rec
@@ -665,6 +747,18 @@ impl Pending {
                 .collect();
         }
         self
+    }
+
+    /// rampart's HTTP/1.1 path wrote a head of `n` bytes for this response: the
+    /// exact size, in place of `head_size`'s.
+    pub fn head_written(&mut self, n: usize) {
+        self.rec.head_out = n as u64;
+    }
+
+    /// rampart's HTTP/1.1 path wrote `n` bytes of chunked framing (counted in nginx's
+    /// `$bytes_sent`, not in `$body_bytes_sent`).
+    pub fn framing_written(&mut self, n: usize) {
+        self.rec.head_out += n as u64;
     }
 
     /// The response's body, whose end ends the request (unless a tunnel follows: then
@@ -737,14 +831,25 @@ impl Drop for Pending {
             }
         }
         let ctx = self.ctx.clone();
+        let body_in_out = self.body.compressed_bytes();
         ctx.access_log.record(&ctx.shared, |out, stamp, addrs| {
-            render(out, rec, stamp, addrs, took, termination)
+            render(out, rec, stamp, addrs, took, termination, body_in_out)
         });
     }
 }
 
 /// Writes `p`'s line into `out`.
-fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, took: Duration, termination: &str) {
+#[allow(clippy::too_many_arguments)]
+fn render(
+    out: &mut Vec<u8>,
+    p: &Record,
+    stamp: &Stamp,
+    addrs: &mut AddrTexts,
+    took: Duration,
+    termination: &str,
+    // A compressed body's bytes taken and given (`$gzip_ratio`, `$upstream_response_length`).
+    body_in_out: Option<(u64, u64)>,
+) {
     let style = p.format.style;
     out.reserve(256);
     let a = p.answer.as_ref();
@@ -868,6 +973,64 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
             Var::UpstreamConnectTime => put_secs(out, style, up.map(|a| a.connect_time)),
             Var::Connection => put_num(out, style, p.conn.life.as_ref().map(|l| l.serial())),
             Var::ConnectionRequests => put_num(out, style, (p.conn_requests > 0).then_some(p.conn_requests)),
+            Var::RequestLength => put_num(out, style, Some(p.head_in + p.body_in.as_ref().map_or(0, |c| c.get()))),
+            Var::BytesSent => put_num(out, style, Some(p.head_out + p.sent)),
+            Var::ServerName => {
+                let host = p
+                    .snap
+                    .as_ref()
+                    .zip(a.and_then(|a| a.route))
+                    .and_then(|(s, i)| s.routes.get(i))
+                    .and_then(|r| r.host.as_ref());
+                match host {
+                    Some(crate::config::HostMatch::Exact(h)) => put_str(out, style, Some(h.as_bytes()), true),
+                    Some(crate::config::HostMatch::Suffix(h)) => {
+                        quote(out, style);
+                        out.push(b'*');
+                        escape(out, style, h.as_bytes(), true);
+                        quote(out, style);
+                    }
+                    None => put_none(out, style),
+                }
+            }
+            Var::RequestCompletion => put_raw(out, style, if termination == COMPLETE { b"OK" } else { b"" }),
+            Var::UpstreamResponseLength => put_num(out, style, up.map(|_| body_in_out.map_or(p.sent, |(i, _)| i))),
+            Var::GzipRatio => match body_in_out {
+                Some((i, o)) if o > 0 => {
+                    let hundredths = i * 100 / o;
+                    push_decimal(out, hundredths / 100);
+                    out.push(b'.');
+                    push_padded(out, hundredths % 100, 2);
+                }
+                _ => put_none(out, style),
+            },
+            Var::UpstreamCacheStatus => put_none(out, style),
+            Var::SslServerName => put_str(
+                out,
+                style,
+                p.conn
+                    .tls_facts
+                    .as_ref()
+                    .and_then(|t| t.server_name.as_ref())
+                    .map(|v| v.as_bytes()),
+                true,
+            ),
+            Var::SslClientSDn => put_str(
+                out,
+                style,
+                p.conn
+                    .tls_facts
+                    .as_ref()
+                    .and_then(|t| t.client_subject.as_ref())
+                    .map(|v| v.as_bytes()),
+                false,
+            ),
+            Var::SslClientVerify => put_str(
+                out,
+                style,
+                p.conn.tls_facts.as_ref().map(|t| t.client_verify.as_bytes()),
+                false,
+            ),
             Var::Pid => put_num(out, style, Some(pid().into())),
             Var::Hostname => put_str(out, style, Some(hostname().as_bytes()), true),
             Var::Header(i) => put_str(out, style, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
@@ -885,6 +1048,75 @@ fn render(out: &mut Vec<u8>, p: &Record, stamp: &Stamp, addrs: &mut AddrTexts, t
         }
     }
     out.push(b'\n');
+}
+
+/// `$request_length`'s parts known as the request starts: its head's size (as
+/// received: the request line and the field block as written, when rampart's HTTP/1.1
+/// path read them; else as HTTP/1.1 would carry them) plus a body read whole with it,
+/// and a counter for a body that streams.
+fn request_size(req: &Request<InBody>, raw: Option<&RawRequest>) -> (u64, Option<Rc<Cell<u64>>>) {
+    let target = match req.uri().path_and_query() {
+        Some(pq) if req.version() != Version::HTTP_2 && req.uri().authority().is_none() => pq.as_str().len(),
+        _ => req.uri().to_string().len(),
+    };
+    // "GET /x HTTP/1.1\r\n", then the fields and the empty line.
+    let line = req.method().as_str().len() + 1 + target + 1 + 8 + 2;
+    let fields = match raw {
+        Some(r) => r.block.len(),
+        None => req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+            .sum(),
+    };
+    let head = (line + fields + 2) as u64;
+    match req.body() {
+        InBody::Empty => (head, None),
+        InBody::Full(b) => (head + b.len() as u64, None),
+        InBody::Incoming(i) if i.is_end_stream() => (head, None),
+        InBody::Incoming(_) => (head, Some(Rc::new(Cell::new(0)))),
+    }
+}
+
+/// `$bytes_sent`'s head where the writer does not tell: the response head as
+/// rampart's HTTP/1.1 path writes it (`h1::encode_head`), less a `Connection` field.
+pub(crate) fn head_size(
+    response: &http::Response<RespBody>,
+    raw: Option<&crate::rawfields::RawFields>,
+    request_id: &HeaderValue,
+) -> u64 {
+    let status = response.status();
+    let line = 9 + 4 + status.canonical_reason().map_or(6, str::len) + 2;
+    let map: usize = response
+        .headers()
+        .iter()
+        .filter(|(n, _)| **n != http::header::CONTENT_LENGTH && **n != http::header::TRANSFER_ENCODING)
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    let id = 14 + request_id.len() + 2;
+    let declared = raw.and_then(|r| r.declared).or_else(|| {
+        response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.trim().parse().ok())
+    });
+    let framing = match response.body().size_hint().exact().or(declared) {
+        _ if status.is_informational() || status == http::StatusCode::NO_CONTENT => 0,
+        Some(n) => 16 + decimal_len(n) + 2,
+        None => 28,
+    };
+    let has_date = raw.is_some_and(|r| r.has_date) || response.headers().contains_key(http::header::DATE);
+    let date = if has_date { 0 } else { 37 };
+    (line + raw.map_or(0, |r| r.len()) + map + id + framing + date + 2) as u64
+}
+
+fn decimal_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
 }
 
 /// The process id (`$pid`), read once: glibc makes `getpid` a system call.
@@ -1258,6 +1490,10 @@ mod tests {
             body_end: None,
             fields,
             sent_fields: Box::new([]),
+            head_in: 0,
+            body_in: None,
+            head_out: 0,
+            snap: None,
             answer: Some(Answered {
                 status: 200,
                 pool: None,
@@ -1266,6 +1502,7 @@ mod tests {
                 connect_time: Duration::from_micros(250),
                 tries: 2,
                 error: None,
+                route: None,
             }),
             sent: 13,
             body_failed: false,
@@ -1286,6 +1523,7 @@ mod tests {
             &mut AddrTexts::default(),
             Duration::from_micros(2_500),
             termination,
+            None,
         );
         String::from_utf8(out).unwrap()
     }
@@ -1324,22 +1562,27 @@ mod tests {
 
     #[test]
     fn the_connection_s_scheme_port_and_tls_are_logged() {
-        let mut r = record("$scheme $server_port $ssl_protocol $ssl_cipher", "/", "x");
+        let spec =
+            "$scheme $server_port $ssl_protocol $ssl_cipher $ssl_server_name $ssl_client_verify [$ssl_client_s_dn]";
+        let mut r = record(spec, "/", "x");
         r.conn = Rc::new(ConnInfo::new("192.0.2.7:50123".parse().unwrap(), false).on_port(8080));
-        assert_eq!(line(&r, AT, COMPLETE), "http 8080 - -\n");
+        assert_eq!(line(&r, AT, COMPLETE), "http 8080 - - - - [-]\n");
         let tls = crate::tls::TlsFacts {
             protocol: "TLSv1.3",
             cipher: "TLS13_AES_128_GCM_SHA256",
-            server_name: None,
-            client_subject: None,
-            client_verify: "NONE",
+            server_name: Some(HeaderValue::from_static("api.example.com")),
+            client_subject: Some(HeaderValue::from_static("CN=alice,O=Example Org")),
+            client_verify: "SUCCESS",
         };
         r.conn = Rc::new(
             ConnInfo::new("192.0.2.7:50123".parse().unwrap(), true)
                 .on_port(443)
                 .with_tls_facts(tls),
         );
-        assert_eq!(line(&r, AT, COMPLETE), "https 443 TLSv1.3 TLS13_AES_128_GCM_SHA256\n");
+        assert_eq!(
+            line(&r, AT, COMPLETE),
+            "https 443 TLSv1.3 TLS13_AES_128_GCM_SHA256 api.example.com SUCCESS [CN=alice,O=Example Org]\n"
+        );
     }
 
     #[test]
@@ -1359,6 +1602,7 @@ mod tests {
             connect_time: Duration::ZERO,
             tries: 3,
             error: Some("connect_failed"),
+            route: None,
         });
         r.sent = 0;
         assert_eq!(
@@ -1522,8 +1766,8 @@ mod tests {
         for (spec, want) in [
             ("main", "must be \"rampart\", \"combined\", \"json\" or a template"),
             (
-                "$status $bytes_sent",
-                "unknown variable $bytes_sent; known: $remote_addr",
+                "$status $geoip_country_code",
+                "unknown variable $geoip_country_code; known: $remote_addr",
             ),
             ("$ status", "a \"$\" must start a variable name"),
             ("${status", "with no closing"),

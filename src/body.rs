@@ -9,8 +9,10 @@
 //!
 //! Enums rather than boxed trait objects: no allocation per request.
 
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -93,6 +95,8 @@ pub struct StreamBody {
     inner: Source,
     limit: Option<u64>,
     seen: u64,
+    /// The access log's count of the body's bytes (`$request_length`), when it has one.
+    counted: Option<Rc<Cell<u64>>>,
     /// `client_body_timeout`: the longest wait for the client's next frame. Time
     /// spent waiting on the backend between frames is not the client's.
     idle: Stall,
@@ -108,11 +112,18 @@ enum Source {
 }
 
 impl StreamBody {
-    pub fn new(inner: Incoming, limit: Option<u64>, idle: Duration, try_timeout: Duration) -> StreamBody {
+    pub fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        idle: Duration,
+        try_timeout: Duration,
+        counted: Option<Rc<Cell<u64>>>,
+    ) -> StreamBody {
         StreamBody {
             inner: Source::Incoming(inner),
             limit,
             seen: 0,
+            counted,
             idle: Stall::new(idle),
             try_timeout,
         }
@@ -124,6 +135,7 @@ impl StreamBody {
             inner: Source::Once(Some(bytes).filter(|b| !b.is_empty())),
             limit: None,
             seen: 0,
+            counted: None,
             idle: Stall::new(Duration::MAX),
             try_timeout,
         }
@@ -149,6 +161,9 @@ impl Body for StreamBody {
                 this.idle.progressed();
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
+                    if let Some(c) = &this.counted {
+                        c.set(this.seen);
+                    }
                     if let Some(l) = this.limit {
                         if this.seen > l {
                             return Poll::Ready(Some(Err(ReqBodyError::TooLarge(l))));
@@ -260,6 +275,32 @@ impl RespBody {
             prefix: prefix.filter(|p| !p.is_empty()),
             inner,
             request_slot: None,
+        }
+    }
+
+    /// rampart's HTTP/1.1 path wrote this response's head, of `n` bytes: for the
+    /// access log's `$bytes_sent` (the record is outermost, when there is one).
+    #[inline]
+    pub fn head_written(&mut self, n: usize) {
+        if let RespBody::Logged(p) = self {
+            p.head_written(n);
+        }
+    }
+
+    /// The same for `n` bytes of chunked framing around the body.
+    #[inline]
+    pub fn framing_written(&mut self, n: usize) {
+        if let RespBody::Logged(p) = self {
+            p.framing_written(n);
+        }
+    }
+
+    /// A compressed body's bytes taken and given so far, for the access log.
+    pub fn compressed_bytes(&self) -> Option<(u64, u64)> {
+        match self {
+            RespBody::Compressed(c) => Some(c.bytes()),
+            RespBody::Held(h) => h.body.compressed_bytes(),
+            _ => None,
         }
     }
 }

@@ -650,6 +650,11 @@ pub struct Compressor {
 }
 
 impl Compressor {
+    /// Bytes taken from the backend's body and given to the client so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.taken, self.emitted)
+    }
+
     fn new(kind: Kind, z: Engine, inner: RespBody, counters: Counters) -> Compressor {
         Compressor {
             inner,

@@ -193,7 +193,8 @@ pub async fn serve(
         // then holds the body alone rather than a copy of the whole answer.
         let keep_alive = more && facts.keep_alive && !tracker.is_stopping();
         out.clear();
-        let (framing, keep_alive, body) = encode_answer(&mut out, answer, &facts, keep_alive);
+        let (framing, keep_alive, mut body) = encode_answer(&mut out, answer, &facts, keep_alive);
+        body.head_written(out.len());
         let keep_alive = match write_response(&mut stream, &out, body, framing, keep_alive, limits.send_timeout).await {
             Ok(k) => k,
             Err(e) => {
@@ -600,6 +601,7 @@ async fn write_response(
                 let (size, n) = codec::chunk_header(data.len());
                 let size = &size[..n];
                 let tail: &[u8] = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
+                body.framing_written(n + tail.len());
                 write_all(
                     stream,
                     &mut [
@@ -623,7 +625,10 @@ async fn write_response(
     }
     let head: &[u8] = if head_pending { out } else { &[] };
     match framing {
-        Framing::Chunked => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")], stall).await?,
+        Framing::Chunked => {
+            body.framing_written(5);
+            write_all(stream, &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")], stall).await?
+        }
         Framing::Length(n) if sent != n => {
             return Err(io::Error::other("response body shorter than its Content-Length"));
         }
@@ -846,6 +851,51 @@ mod tests {
         let mut out = Vec::new();
         encode_head(&mut out, &Response::new(RespBody::empty()), extra, &facts, true);
         assert!(String::from_utf8(out).unwrap().contains("content-length: 42\r\n"));
+    }
+
+    /// The access log's `$bytes_sent` measures a head this path did not write (hyper's,
+    /// HTTP/2's) as this path would write it: the same size, for the same response.
+    #[test]
+    fn the_access_log_s_head_size_is_the_size_written_here() {
+        let mut buf = bytes::BytesMut::from("HTTP/1.1 200 OK\r\nServer: o\r\nContent-Length: 5\r\n\r\n");
+        let head = codec::parse_response(&mut buf, false, true, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        let codec::RespFields::Raw(raw) = head.fields else {
+            panic!("passed as written");
+        };
+        let id = HeaderValue::from_static("0123456789abcdef01234567");
+        let facts = HeadFacts {
+            keep_alive: true,
+            version: Version::HTTP_11,
+            head_request: false,
+        };
+        let own = || {
+            let mut r = Response::new(RespBody::from(Bytes::from_static(b"hello")));
+            r.headers_mut().insert("x-own", HeaderValue::from_static("1"));
+            r
+        };
+        let mut not_found = Response::new(RespBody::from(Bytes::from_static(b"no such page\n")));
+        *not_found.status_mut() = StatusCode::NOT_FOUND;
+        not_found
+            .headers_mut()
+            .insert(header::DATE, HeaderValue::from_static("x"));
+        let mut empty = Response::new(RespBody::empty());
+        *empty.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        for (r, raw) in [(own(), Some(&raw)), (own(), None), (not_found, None), (empty, None)] {
+            let extra = Extra {
+                raw,
+                request_id: Some(&id),
+            };
+            let mut out = Vec::new();
+            encode_head(&mut out, &r, extra, &facts, true);
+            assert_eq!(
+                crate::accesslog::head_size(&r, raw, &id),
+                out.len() as u64,
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        }
     }
 
     #[test]

@@ -439,6 +439,7 @@ pub fn handle(
                 &pool.config,
                 snap.config.server.client_body_timeout,
                 policy,
+                log.as_ref().and_then(|l| l.body_counter()),
             )
             .await
             {
@@ -539,9 +540,11 @@ pub fn handle(
                     connect_time: std::time::Duration::from_micros(connect_us.into()),
                     tries: tries.get(),
                     error,
+                    route: route_idx,
                 },
                 &response,
                 backend_fields.as_ref(),
+                &snap,
             );
             match tunnel.take() {
                 // The line waits for the tunnel's end.

@@ -58,6 +58,8 @@ pub async fn prepare_body(
     idle: Duration,
     // Tries and the bound on each wait for the backend to take more of a streamed body.
     policy: crate::forward::TryPolicy,
+    // The access log's count of the body's bytes, for `$request_length`.
+    counted: Option<std::rc::Rc<std::cell::Cell<u64>>>,
 ) -> Result<ReqBody, ProxyError> {
     let try_timeout = policy.timeout;
     // A body is kept for replay when a retry may happen and it is small enough.
@@ -71,7 +73,7 @@ pub async fn prepare_body(
         InBody::Incoming(i) if i.is_end_stream() => return Ok(ReqBody::empty()),
         InBody::Incoming(i) => i,
     };
-    let mut stream = StreamBody::new(incoming, limit, idle, try_timeout);
+    let mut stream = StreamBody::new(incoming, limit, idle, try_timeout, counted);
     if let Some(len) = content_length.filter(|&l| kept(l)) {
         let cap = limit.map_or(len, |l| l.min(len)) as usize;
         if let Some(bytes) = collect_limited(&mut stream, cap).await? {

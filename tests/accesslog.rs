@@ -392,6 +392,71 @@ async fn a_json_template_with_json_escaping_gives_lines_that_parse() {
     assert_eq!(v[1]["up"], "");
 }
 
+/// nginx's size variables: `$request_length` and `$bytes_sent` are the bytes on the
+/// wire on rampart's own HTTP/1.1 path (chunked framing included), and on hyper's
+/// path the request's too; `$server_name` is the route's host as configured;
+/// `$request_completion`, `$upstream_response_length` (the backend's body),
+/// `$gzip_ratio` and `$upstream_cache_status` (`-`: no cache), and `$ssl_server_name`
+/// (`-` over plain HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_s_size_and_server_variables() {
+    use tokio::io::AsyncWriteExt;
+    let origin = TestOrigin::start("a", Behavior::Healthy).await;
+    let dir = temp_dir("nginx-sizes");
+    let log = dir.join("access.log");
+    let template = "$request_length $bytes_sent $body_bytes_sent [$server_name] [$request_completion] \
+                    $upstream_response_length $gzip_ratio $upstream_cache_status $ssl_server_name";
+    let routes = "[[routes]]\nhost = \"site.test\"\npool = \"app\"\n\n[[routes]]\nhost = \"*.wild.test\"\npool = \"app\"\n\n[pools.app]\n";
+    let toml = with_server_setting(
+        &config(&[origin.addr], &log).replacen("[pools.app]\n", routes, 1),
+        &format!("access_log_format = {template:?}"),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let mut s = CountingReader {
+        inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+        read: 0,
+    };
+    let mut buf = Vec::new();
+    // Each request as sent, and the bytes its response took.
+    let mut exchange = async |s: &mut CountingReader<tokio::net::TcpStream>, request: &str| {
+        s.inner.write_all(request.as_bytes()).await.unwrap();
+        let before = s.read - buf.len();
+        let (head, body) = read_one_response(s, &mut buf, false).await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        (s.read - buf.len() - before, body.len())
+    };
+    let get = "GET /a?x=1 HTTP/1.1\r\nHost: site.test\r\nUser-Agent: raw/1.0\r\n\r\n";
+    let (get_sent, get_body) = exchange(&mut s, get).await;
+    // A body that came whole with its head, echoed back chunked.
+    let post = "POST /echo HTTP/1.1\r\nHost: x.wild.test\r\nContent-Length: 5\r\n\r\nhello";
+    let (post_sent, post_body) = exchange(&mut s, post).await;
+    // A chunked body: hyper's path, which measures the head as HTTP/1.1 carries it.
+    let chunked_head = "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunked = format!("{chunked_head}7\r\nchunked\r\n0\r\n\r\n");
+    let (chunked_sent, chunked_body) = exchange(&mut s, &chunked).await;
+    assert_eq!((get_body, post_body, chunked_body), (1, 5, 7));
+    let got = wait_for_lines(&log, 3).await;
+    stop_proxy(srv).await;
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(
+        got[0],
+        format!("{} {get_sent} 1 [site.test] [OK] 1 - - -", get.len()),
+        "{got:#?}"
+    );
+    assert_eq!(
+        got[1],
+        format!("{} {post_sent} 5 [*.wild.test] [OK] 5 - - -", post.len()),
+        "{got:#?}"
+    );
+    // hyper's head and chunk framing are its own: the size logged is the head as
+    // rampart would write it, and the body.
+    let f: Vec<&str> = got[2].split(' ').collect();
+    assert_eq!(f[0], (chunked_head.len() + 7).to_string(), "{got:#?}");
+    assert_eq!(f[2..].join(" "), "7 [-] [OK] 7 - - -", "{got:#?}");
+    let logged: usize = f[1].parse().unwrap();
+    assert!(logged > 7 + 60 && logged <= chunked_sent, "{logged} of {chunked_sent}");
+}
+
 /// nginx's connection and upstream variables: `$connection` (a serial number, kept
 /// while the connection sleeps dormant) and `$connection_requests` (this one
 /// included) over rampart's own HTTP/1.1 path, hyper's and HTTP/2; `$uri`, `$args`,

@@ -563,3 +563,67 @@ async fn server_wide_compress_and_a_route_that_turns_it_off() {
     assert_eq!(r.headers["vary"], "Origin");
     stop_proxy(srv).await;
 }
+
+/// The access log of compressed responses: `$gzip_ratio` (the backend's bytes over
+/// those sent), `$upstream_response_length` (the backend's), `$body_bytes_sent` (the
+/// client's) and `$bytes_sent`, which on rampart's HTTP/1.1 path is what the response
+/// took on the wire, chunked framing included.
+#[tokio::test]
+async fn the_access_log_counts_what_compression_took_and_gave() {
+    use tokio::io::AsyncWriteExt;
+    let origin = origin(Arc::new(Notify::new())).await;
+    let dir = TempDir::new("compress-log");
+    let log = dir.join("access.log");
+    let toml = with_server_setting(
+        &config("logged", &[origin], "", "compress = true"),
+        &format!(
+            "access_log = \"{}\"\naccess_log_format = \"$bytes_sent $body_bytes_sent $upstream_response_length $gzip_ratio\"",
+            log.display()
+        ),
+    );
+    let (srv, addr) = start_proxy(&toml);
+    let mut s = CountingReader {
+        inner: TcpStream::connect(addr).await.unwrap(),
+        read: 0,
+    };
+    let mut buf = Vec::new();
+    let mut sizes = Vec::new();
+    for request in [
+        // Compressed as they stream (one backend: no retry, so nothing is read
+        // whole first): chunked.
+        "GET /big HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n",
+        "GET /page HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n",
+        // Not asked for.
+        "GET /page HTTP/1.1\r\nHost: t\r\n\r\n",
+    ] {
+        s.inner.write_all(request.as_bytes()).await.unwrap();
+        let before = s.read - buf.len();
+        let (head, body) = read_one_response(&mut s, &mut buf, false).await;
+        sizes.push((head, s.read - buf.len() - before, body.len()));
+    }
+    stop_proxy(srv).await;
+    assert!(sizes[0].0.contains("transfer-encoding: chunked"), "{sizes:?}");
+    assert!(sizes[2].0.contains("content-length: 4000"), "{sizes:?}");
+    let got: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ratio = |of: usize, to: usize| {
+        let h = of * 100 / to;
+        format!("{}.{:02}", h / 100, h % 100)
+    };
+    let want: Vec<String> = sizes
+        .iter()
+        .zip([300_000, 4000, 4000])
+        .map(|((head, wire, body), of)| {
+            let ratio = match head.contains("content-encoding: gzip") {
+                true => ratio(of, *body),
+                false => "-".to_string(),
+            };
+            format!("{wire} {body} {of} {ratio}")
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(want[0].ends_with(&ratio(300_000, sizes[0].2)) && sizes[0].2 < 60_000);
+}

@@ -753,6 +753,25 @@ pub async fn read_one_response<S: tokio::io::AsyncRead + Unpin>(
     (head, body)
 }
 
+/// Counts the bytes read through it: what a response took on the wire.
+pub struct CountingReader<S> {
+    pub inner: S,
+    pub read: usize,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReader<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += buf.filled().len() - before;
+        r
+    }
+}
+
 /// Asserts that the peer closes `s` (a read returns end of stream, or an error) within
 /// a few seconds, with no bytes before it.
 pub async fn closed_soon<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
