@@ -855,6 +855,8 @@ fn render(
     let a = p.answer.as_ref();
     // A backend's answer, for the `$upstream_*` variables (`-` for rampart's own).
     let up = a.filter(|a| a.backend.is_some());
+    let tls = p.conn.tls_facts.as_deref();
+    let value = HeaderValue::as_bytes;
     for part in &p.format.parts {
         let var = match part {
             Part::Text(t) => {
@@ -1005,32 +1007,14 @@ fn render(
                 _ => put_none(out, style),
             },
             Var::UpstreamCacheStatus => put_none(out, style),
-            Var::SslServerName => put_str(
-                out,
-                style,
-                p.conn
-                    .tls_facts
-                    .as_ref()
-                    .and_then(|t| t.server_name.as_ref())
-                    .map(|v| v.as_bytes()),
-                true,
-            ),
+            Var::SslServerName => put_str(out, style, tls.and_then(|t| t.server_name.as_ref()).map(value), true),
             Var::SslClientSDn => put_str(
                 out,
                 style,
-                p.conn
-                    .tls_facts
-                    .as_ref()
-                    .and_then(|t| t.client_subject.as_ref())
-                    .map(|v| v.as_bytes()),
+                tls.and_then(|t| t.client_subject.as_ref()).map(value),
                 false,
             ),
-            Var::SslClientVerify => put_str(
-                out,
-                style,
-                p.conn.tls_facts.as_ref().map(|t| t.client_verify.as_bytes()),
-                false,
-            ),
+            Var::SslClientVerify => put_str(out, style, tls.map(|t| t.client_verify.as_bytes()), false),
             Var::Pid => put_num(out, style, Some(pid().into())),
             Var::Hostname => put_str(out, style, Some(hostname().as_bytes()), true),
             Var::Header(i) => put_str(out, style, p.fields[i].as_ref().map(|v| v.as_bytes()), false),
