@@ -2048,7 +2048,9 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
         max_headers,
         h2_max_concurrent_streams,
         access_log_format: {
-            let mut format = match raw.access_log_format.as_deref().map(crate::accesslog::LogFormat::parse) {
+            let parsed = raw.access_log_format.as_deref().map(crate::accesslog::LogFormat::parse);
+            let unreadable = matches!(parsed, Some(Err(_)));
+            let mut format = match parsed {
                 None => crate::accesslog::LogFormat::default(),
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
@@ -2058,6 +2060,8 @@ fn validate_server(table: &toml::Table, base: &Path, errs: &mut Errors) -> Optio
             };
             match raw.access_log_escape.as_deref() {
                 None | Some("default") => {}
+                // Not checked against a format that did not parse: its error says why.
+                Some("json") if unreadable => {}
                 Some("json") => {
                     if let Err(e) = format.escape_json() {
                         errs.push("server.access_log_escape", e);
@@ -4267,6 +4271,10 @@ connect_timeout = "soon"
                 "server.access_log_escape: \"json\" applies to a template of access_log_format; the \"rampart\" preset",
             ),
             (
+                "true\naccess_log_format = '{\"s\":\"$status\",\"p\":\"$pipe\"}'\naccess_log_escape = \"json\"",
+                "server.access_log_format: unknown variable $pipe",
+            ),
+            (
                 "true\naccess_log_format = \"$status\"\naccess_log_escape = \"xml\"",
                 "server.access_log_escape: must be \"default\" or \"json\", got \"xml\"",
             ),
@@ -4274,6 +4282,9 @@ connect_timeout = "soon"
             let errs = errors_of(&with(v)).join("\n");
             assert!(errs.contains(want), "{v}: {errs}");
         }
+        // A template that does not parse is the one error, not also a preset's.
+        let errs = errors_of(&with("true\naccess_log_format = '$pipe'\naccess_log_escape = \"json\""));
+        assert_eq!(errs.len(), 1, "{errs:?}");
         let c = Config::parse(&with("true\naccess_log_format = \"combined\""), "t").unwrap();
         assert_eq!(c.server.access_log_format.source(), "combined");
         let c = Config::parse(MINIMAL, "t").unwrap();
