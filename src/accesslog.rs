@@ -727,12 +727,13 @@ impl Pending {
         response: &http::Response<RespBody>,
         raw: Option<&crate::rawfields::RawFields>,
         snap: &Arc<crate::state::Snapshot>,
+        // rampart's HTTP/1.1 path writes the head, and tells its size (`head_written`).
+        h1_writer: bool,
     ) -> Box<Self> {
         self.rec.answer = Some(a);
-        if self.rec.format.bytes_sent {
-            // rampart's HTTP/1.1 path tells the exact size as it writes it
-            // (`head_written`); hyper's and HTTP/2's do not.
-            self.rec.head_out = head_size(response, raw, &self.rec.request_id);
+        if self.rec.format.bytes_sent && !h1_writer {
+            // hyper's and HTTP/2's heads are measured as that path would write them.
+            self.rec.head_out = crate::h1::head_len(response, raw, &self.rec.request_id);
         }
         if self.rec.format.server_name {
             self.rec.snap = Some(snap.clone());
@@ -749,8 +750,7 @@ impl Pending {
         self
     }
 
-    /// rampart's HTTP/1.1 path wrote a head of `n` bytes for this response: the
-    /// exact size, in place of `head_size`'s.
+    /// rampart's HTTP/1.1 path wrote a head of `n` bytes for this response.
     pub fn head_written(&mut self, n: usize) {
         self.rec.head_out = n as u64;
     }
@@ -880,18 +880,8 @@ fn render(
             Var::RemotePort => put_num(out, style, Some(p.conn.peer.port() as u64)),
             Var::Scheme => put_raw(out, style, p.conn.proto.as_bytes()),
             Var::ServerPort => put_num(out, style, Some(p.conn.local_port as u64)),
-            Var::SslProtocol => put_str(
-                out,
-                style,
-                p.conn.tls_facts.as_ref().map(|t| t.protocol.as_bytes()),
-                false,
-            ),
-            Var::SslCipher => put_str(
-                out,
-                style,
-                p.conn.tls_facts.as_ref().map(|t| t.cipher.as_bytes()),
-                false,
-            ),
+            Var::SslProtocol => put_str(out, style, tls.map(|t| t.protocol.as_bytes()), false),
+            Var::SslCipher => put_str(out, style, tls.map(|t| t.cipher.as_bytes()), false),
             Var::TimeIso8601 => {
                 quote(out, style);
                 out.extend_from_slice(&stamp.iso);
@@ -1060,47 +1050,6 @@ fn request_size(req: &Request<InBody>, raw: Option<&RawRequest>) -> (u64, Option
         InBody::Incoming(i) if i.is_end_stream() => (head, None),
         InBody::Incoming(_) => (head, Some(Rc::new(Cell::new(0)))),
     }
-}
-
-/// `$bytes_sent`'s head where the writer does not tell: the response head as
-/// rampart's HTTP/1.1 path writes it (`h1::encode_head`), less a `Connection` field.
-pub(crate) fn head_size(
-    response: &http::Response<RespBody>,
-    raw: Option<&crate::rawfields::RawFields>,
-    request_id: &HeaderValue,
-) -> u64 {
-    let status = response.status();
-    let line = 9 + 4 + status.canonical_reason().map_or(6, str::len) + 2;
-    let map: usize = response
-        .headers()
-        .iter()
-        .filter(|(n, _)| **n != http::header::CONTENT_LENGTH && **n != http::header::TRANSFER_ENCODING)
-        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
-        .sum();
-    let id = 14 + request_id.len() + 2;
-    let declared = raw.and_then(|r| r.declared).or_else(|| {
-        response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.trim().parse().ok())
-    });
-    let framing = match response.body().size_hint().exact().or(declared) {
-        _ if status.is_informational() || status == http::StatusCode::NO_CONTENT => 0,
-        Some(n) => 16 + decimal_len(n) + 2,
-        None => 28,
-    };
-    let has_date = raw.is_some_and(|r| r.has_date) || response.headers().contains_key(http::header::DATE);
-    let date = if has_date { 0 } else { 37 };
-    (line + raw.map_or(0, |r| r.len()) + map + id + framing + date + 2) as u64
-}
-
-fn decimal_len(mut n: u64) -> usize {
-    let mut len = 1;
-    while n >= 10 {
-        n /= 10;
-        len += 1;
-    }
-    len
 }
 
 /// The process id (`$pid`), read once: glibc makes `getpid` a system call.

@@ -545,6 +545,7 @@ pub fn handle(
                 &response,
                 backend_fields.as_ref(),
                 &snap,
+                h1_writer,
             );
             match tunnel.take() {
                 // The line waits for the tunnel's end.

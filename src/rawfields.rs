@@ -80,15 +80,6 @@ impl RawFields {
             .find_map(|&(s, e)| first_value(&self.head, s as usize, e as usize, name))
     }
 
-    /// The field lines' bytes, as `write_to` writes them.
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> usize {
-        self.runs[..self.len as usize]
-            .iter()
-            .map(|&(s, e)| (e - s) as usize)
-            .sum()
-    }
-
     /// Appends the field lines to a head being written.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         for &(s, e) in &self.runs[..self.len as usize] {
